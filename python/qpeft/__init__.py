@@ -1,0 +1,75 @@
+"""qpeft: fused CUDA C++ / Triton kernels for quantized parameter-efficient fine-tuning.
+
+Public names are resolved lazily from the modules in `_PUBLIC_MODULES` (each lists its public
+names in `__all__`), so `import qpeft` is cheap, compiles nothing and needs neither nvcc nor a GPU.
+"""
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+# Submodules that are part of the API as modules (qpeft.codes.nf4(), ...).
+_SUBMODULES = ("codes", "methods", "ops", "reference", "modules", "autograd")
+
+# Modules whose `__all__` names are re-exported at top level, searched in this order.
+_PUBLIC_MODULES = (
+    "qpeft._backend",
+    "qpeft.quant_state",
+    "qpeft.quantize",
+    "qpeft.autograd.nf4_matmul",
+    "qpeft.modules.qlinear_nf4",
+    "qpeft.quantize_model",
+    "qpeft.autograd.lora",
+    "qpeft.modules.lora_linear",
+    "qpeft.lora_model",
+    "qpeft.params",
+    "qpeft.adapter_io",
+    "qpeft.methods.prompt_tuning",
+    "qpeft.methods.p_tuning",
+    "qpeft.methods.prefix_tuning",
+    "qpeft.methods.p_tuning_v2",
+    "qpeft.methods.dect",
+    "qpeft.methods.bottleneck",
+    "qpeft.methods.bitfit",
+    "qpeft.methods.adalora",
+    "qpeft.methods.unipelt",
+)
+
+_index: dict[str, str] | None = None
+
+
+def _build_index() -> dict[str, str]:
+    index: dict[str, str] = {"backend_info": "qpeft._backend"}
+    for mod_name in _PUBLIC_MODULES:
+        try:
+            mod = importlib.import_module(mod_name)
+        except ModuleNotFoundError as e:
+            if e.name == mod_name:  # module not written (yet): skip it, surface any other error
+                continue
+            raise
+        for name in getattr(mod, "__all__", ()):
+            index.setdefault(name, mod_name)
+    return index
+
+
+def __getattr__(name: str):
+    global _index
+    if name in _SUBMODULES:
+        return importlib.import_module(f"qpeft.{name}")
+    if name.startswith("__"):
+        raise AttributeError(name)
+    if _index is None:
+        _index = _build_index()
+    if name in _index:
+        value = getattr(importlib.import_module(_index[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'qpeft' has no attribute {name!r}")
+
+
+def __dir__():
+    global _index
+    if _index is None:
+        _index = _build_index()
+    return sorted({*globals(), *_index, *_SUBMODULES})

@@ -1,0 +1,126 @@
+"""Backend selection per op: QPEFT_BACKEND=auto|cuda|triton|torch.
+
+Selection happens inside the opaque torch.library op implementations, so it never causes graph
+breaks, and fake/meta tracing never triggers a build.
+- CPU (and any non-CUDA) tensors always use the PyTorch reference.
+- `auto`: the CUDA extension when it builds, else Triton, else the reference; warns once per
+  fallback reason.
+- An explicit choice that cannot run raises with the reason (e.g. "nvcc not found").
+"""
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+
+import torch
+
+__all__ = ["backend_info"]
+
+BACKENDS = ("auto", "cuda", "triton", "torch")
+
+
+def requested() -> str:
+    b = os.environ.get("QPEFT_BACKEND", "auto").strip().lower()
+    if b not in BACKENDS:
+        raise ValueError(f"QPEFT_BACKEND must be one of {BACKENDS}, got {b!r}")
+    return b
+
+
+@functools.cache
+def cuda_ext_status() -> tuple[bool, str]:
+    """(available, reason). Builds the extension on first call (only ever called for CUDA tensors)."""
+    if os.environ.get("QPEFT_DISABLE_CUDA_EXT") == "1":
+        return False, "disabled by QPEFT_DISABLE_CUDA_EXT=1"
+    if not torch.cuda.is_available():
+        return False, "no CUDA device"
+    try:
+        from . import _jit
+
+        _jit.load()
+        return True, "built"
+    except Exception as e:  # no nvcc / ninja, compile error
+        return False, f"{type(e).__name__}: {e}"
+
+
+@functools.cache
+def triton_status() -> tuple[bool, str]:
+    try:
+        import triton  # noqa: F401
+    except Exception as e:
+        return False, f"triton not importable ({e})"
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return True, "interpreter (TRITON_INTERPRET=1)"
+    if not torch.cuda.is_available():
+        return False, "no CUDA device"
+    return True, "available"
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(msg: str) -> None:
+    if msg not in _warned:
+        _warned.add(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+def select(op: str, device: torch.device, *, cuda: bool = True, triton: bool = True) -> str:
+    """Return "cuda", "triton" or "torch" for `op` on `device`.
+
+    cuda / triton: whether this op has that implementation (some ops are Triton-only).
+    """
+    if device.type != "cuda":
+        # CPU tensors use the reference, except the Triton interpreter when explicitly asked for
+        # (CI runs the Triton kernels this way: QPEFT_BACKEND=triton TRITON_INTERPRET=1).
+        if requested() == "triton" and os.environ.get("TRITON_INTERPRET") == "1" and triton:
+            return "triton"
+        return "torch"
+    want = requested()
+    if want == "torch":
+        return "torch"
+    if want == "cuda":
+        if not cuda:
+            raise RuntimeError(f"qpeft: op {op} has no CUDA C++ implementation (QPEFT_BACKEND=cuda)")
+        ok, why = cuda_ext_status()
+        if not ok:
+            raise RuntimeError(f"qpeft: QPEFT_BACKEND=cuda but the CUDA extension is unavailable: {why}")
+        return "cuda"
+    if want == "triton":
+        if not triton:
+            raise RuntimeError(f"qpeft: op {op} has no Triton implementation (QPEFT_BACKEND=triton)")
+        ok, why = triton_status()
+        if not ok:
+            raise RuntimeError(f"qpeft: QPEFT_BACKEND=triton but Triton is unavailable: {why}")
+        return "triton"
+    # auto
+    if cuda:
+        ok, why = cuda_ext_status()
+        if ok:
+            return "cuda"
+        _warn_once(f"qpeft: CUDA extension unavailable ({why}); falling back to Triton/PyTorch")
+    if triton:
+        ok, why = triton_status()
+        if ok:
+            return "triton"
+        _warn_once(f"qpeft: Triton unavailable ({why}); falling back to the PyTorch reference")
+    return "torch"
+
+
+def backend_info() -> dict:
+    """What is available and why not: {"requested", "cuda_ext": (ok, why), "triton": (ok, why), ...}."""
+    info = {
+        "requested": requested(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "triton": triton_status(),
+    }
+    if torch.cuda.is_available():
+        info["cuda_ext"] = cuda_ext_status()
+    else:
+        from . import _jit
+
+        nvcc = _jit.find_nvcc()
+        info["cuda_ext"] = (False, "no CUDA device" + ("" if nvcc else "; nvcc not found"))
+    return info

@@ -1,0 +1,124 @@
+"""Lazy JIT build of the CUDA extension `qpeft_C` (csrc/) with torch.utils.cpp_extension + ninja.
+
+Nothing here runs at import time. `load()` compiles on first use into a cache directory keyed by
+torch version, CUDA version and target arch (torch's own cache does not key on its version), then
+loads the shared library, whose TORCH_LIBRARY block registers the raw ops `torch.ops.qpeft_C.*`.
+
+Environment: QPEFT_BUILD_DIR (cache root, default ~/.cache/qpeft), QPEFT_VERBOSE_BUILD=1,
+TORCH_CUDA_ARCH_LIST (e.g. "9.0"; default: the visible GPU), MAX_JOBS.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+from pathlib import Path
+
+_PKG_CSRC = Path(__file__).resolve().parent / "csrc"          # non-editable install (package data)
+_REPO_CSRC = Path(__file__).resolve().parents[2] / "csrc"     # editable install / source tree
+
+
+def csrc_dir() -> Path:
+    for d in (_PKG_CSRC, _REPO_CSRC):
+        if d.is_dir() and any(d.glob("*.cu")):
+            return d
+    raise RuntimeError(f"qpeft: CUDA sources not found (looked in {_PKG_CSRC} and {_REPO_CSRC})")
+
+
+def sources() -> list[Path]:
+    d = csrc_dir()
+    return sorted([*d.glob("*.cpp"), *d.glob("*.cu")])
+
+
+def find_nvcc() -> str | None:
+    cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if cuda_home and (Path(cuda_home) / "bin" / "nvcc").exists():
+        return str(Path(cuda_home) / "bin" / "nvcc")
+    return shutil.which("nvcc")
+
+
+def _cuda_home() -> str | None:
+    """CUDA_HOME for cpp_extension: the env var, else the root above `nvcc` (<root>/bin/nvcc)."""
+    if os.environ.get("CUDA_HOME"):
+        return os.environ["CUDA_HOME"]
+    nvcc = find_nvcc()
+    if nvcc is None:
+        return None
+    root = Path(os.path.realpath(nvcc)).parent.parent
+    return str(root)
+
+
+def target_arch() -> str:
+    import torch
+
+    env = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if env:
+        return env
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        return f"{major}.{minor}"
+    raise RuntimeError("qpeft: no CUDA device visible and TORCH_CUDA_ARCH_LIST is not set; "
+                       "set TORCH_CUDA_ARCH_LIST (e.g. '9.0') to build without a GPU")
+
+
+def _extra_include_paths() -> list[str]:
+    """Headers of the pip CUDA runtime (nvidia/cu13/include) when the toolkit lacks them."""
+    paths = []
+    try:
+        import nvidia  # namespace package of the pip CUDA wheels
+
+        for root in getattr(nvidia, "__path__", []):
+            for sub in ("cu13", "cuda_runtime", "cu12"):
+                inc = Path(root) / sub / "include"
+                if inc.is_dir():
+                    paths.append(str(inc))
+    except ImportError:
+        pass
+    return paths
+
+
+def build_dir() -> Path:
+    """<QPEFT_BUILD_DIR>/torch<ver>-cu<ver>-sm<arch>: torch's own build cache does not key on torch."""
+    import torch
+
+    arch = target_arch().replace(";", "_").replace(".", "").replace(" ", "_")
+    tag = f"torch{torch.__version__.split('+')[0]}-cu{torch.version.cuda}-sm{arch}"
+    root = Path(os.environ.get("QPEFT_BUILD_DIR", Path.home() / ".cache" / "qpeft"))
+    return root / tag
+
+
+@functools.cache
+def load() -> Path:
+    """Build (if needed) and load `qpeft_C`; returns the build directory. Raises with the reason."""
+    import torch
+
+    if torch.version.cuda is None:
+        raise RuntimeError("qpeft: this torch build has no CUDA support (torch.version.cuda is None)")
+    if find_nvcc() is None:
+        raise RuntimeError("qpeft: nvcc not found (set CUDA_HOME or put nvcc on PATH)")
+    from torch.utils import cpp_extension
+
+    cuda_home = _cuda_home()
+    os.environ.setdefault("CUDA_HOME", cuda_home)
+    if cpp_extension.CUDA_HOME is None:  # resolved at torch import time, before we set CUDA_HOME
+        cpp_extension.CUDA_HOME = cuda_home
+    cpp_extension.verify_ninja_availability()
+    arch = target_arch()
+    os.environ["TORCH_CUDA_ARCH_LIST"] = arch
+    out = build_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    cpp_extension.load(
+        name="qpeft_C",
+        sources=[str(p) for p in sources()],
+        extra_include_paths=[str(csrc_dir()), *_extra_include_paths()],
+        build_directory=str(out),
+        extra_cflags=["-O3", "-std=c++17"],
+        extra_cuda_cflags=[
+            "-O3", "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr",
+            "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
+            "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "-U__CUDA_NO_BFLOAT16_OPERATORS__",
+        ],
+        is_python_module=False,
+        verbose=os.environ.get("QPEFT_VERBOSE_BUILD") == "1",
+    )
+    return out

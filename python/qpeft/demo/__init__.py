@@ -1,0 +1,1 @@
+"""qpeft demo: see qpeft.demo.main."""

@@ -1,0 +1,18 @@
+import os
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def pytest_report_header(config):
+    return (f"qpeft: torch {torch.__version__}, cuda {torch.cuda.is_available()}, "
+            f"QPEFT_BACKEND={os.environ.get('QPEFT_BACKEND', 'auto')}, "
+            f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}")

@@ -1,0 +1,90 @@
+"""Shared test helpers: dtypes, tolerances, devices, tiny random Hugging Face models, the 2x error rule."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# (atol, rtol): PyTorch's own test defaults (vLLM allclose_default.py)
+TOL = {torch.float32: (1e-5, 1.3e-6), torch.float16: (1e-3, 1e-3), torch.bfloat16: (1e-3, 1.6e-2)}
+
+HAS_CUDA = torch.cuda.is_available()
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def has_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+        return True
+    except Exception:
+        return False
+
+
+requires_triton = pytest.mark.skipif(not has_triton(), reason="needs triton")
+# Triton kernels run either on a GPU or on CPU tensors under the interpreter.
+requires_triton_runtime = pytest.mark.skipif(
+    not has_triton() or not (HAS_CUDA or TRITON_INTERPRET),
+    reason="Triton kernels need a CUDA device or TRITON_INTERPRET=1")
+
+
+def triton_device() -> str:
+    """Where Triton kernels run in this session: cuda, else cpu under the interpreter."""
+    return "cuda" if HAS_CUDA else "cpu"
+
+
+def triton_dtypes() -> list:
+    """The interpreter cannot do bf16 arithmetic: test fp16/fp32 there, bf16 on GPU only."""
+    return DTYPES if HAS_CUDA else [torch.float32, torch.float16]
+
+
+def devices() -> list[str]:
+    env = os.environ.get("QPEFT_TEST_DEVICE")
+    if env:
+        return [env]
+    return ["cpu", "cuda"] if HAS_CUDA else ["cpu"]
+
+
+def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+def assert_close_2x(out: torch.Tensor, ref32: torch.Tensor, same_dtype: torch.Tensor, factor: float = 2.0,
+                    eps: float = 1e-6, what: str = "output") -> None:
+    """FA's rule: max|out - ref32| <= factor * max|same_dtype - ref32| + eps.
+
+    `ref32` is the fp32 reference, `same_dtype` plain PyTorch computed in the output's dtype.
+    """
+    err = max_err(out, ref32)
+    base = max_err(same_dtype, ref32)
+    assert err <= factor * base + eps, (
+        f"{what}: max error {err:.3e} > {factor} x torch's {base:.3e} (+{eps:g})")
+
+
+def tiny_llama(seed: int = 0, vocab_size: int = 128, hidden_size: int = 64, layers: int = 2,
+               heads: int = 4, kv_heads: int = 2, intermediate_size: int = 96):
+    """A small random LlamaForCausalLM (grouped-query attention) in fp32, eval mode."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                      max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                      tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_bert(seed: int = 0, vocab_size: int = 128, hidden_size: int = 64, layers: int = 2, heads: int = 4,
+              num_labels: int | None = None):
+    """A small random BertModel (or BertForSequenceClassification with num_labels) in fp32, eval mode."""
+    from transformers import BertConfig, BertForSequenceClassification, BertModel
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=layers,
+                     num_attention_heads=heads, intermediate_size=4 * hidden_size, max_position_embeddings=128)
+    if num_labels is not None:
+        cfg.num_labels = num_labels
+        return BertForSequenceClassification(cfg).eval()
+    return BertModel(cfg).eval()
