@@ -1,0 +1,119 @@
+"""Shared benchmark plumbing: timing (median of many runs), environment record, CSV output.
+
+Benchmarks live here and never in tests. On a GPU, times come from triton.testing.do_bench (L2 flushed
+between runs) or do_bench_cudagraph; on the CPU (small shapes, so the suites always run) from a
+perf_counter loop. Results go to benchmarks/results/<gpu-or-cpu-name>/<suite>.csv with the versions.
+"""
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import os
+import platform
+import re
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS_ROOT = Path(__file__).resolve().parent / "results"
+
+
+def on_gpu() -> bool:
+    return torch.cuda.is_available()
+
+
+def device_name() -> str:
+    if on_gpu():
+        return torch.cuda.get_device_name()
+    return f"cpu-{platform.machine()}-{os.cpu_count()}cores"
+
+
+def _version(mod: str) -> str:
+    try:
+        m = __import__(mod)
+        return str(getattr(m, "__version__", "?"))
+    except Exception:
+        return "n/a"
+
+
+def git_revision() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
+                                       stderr=subprocess.DEVNULL, text=True).strip()
+    except Exception:
+        return "unknown"
+
+
+def env_info() -> dict:
+    return {
+        "device": device_name(),
+        "torch": torch.__version__,
+        "cuda": str(torch.version.cuda),
+        "triton": _version("triton"),
+        "bitsandbytes": _version("bitsandbytes"),
+        "peft": _version("peft"),
+        "transformers": _version("transformers"),
+        "qpeft_git": git_revision(),
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+
+
+def bench(fn, *, warmup: int = 3, reps: int = 20, cuda_graph: bool = False) -> dict:
+    """Median / p20 / p80 time of fn() in milliseconds."""
+    if on_gpu():
+        import triton.testing as tt
+
+        if cuda_graph:
+            ms = tt.do_bench_cudagraph(fn, rep=100)
+            return {"ms": ms, "p20": ms, "p80": ms}
+        med, p20, p80 = tt.do_bench(fn, quantiles=[0.5, 0.2, 0.8], warmup=25, rep=100)
+        return {"ms": med, "p20": p20, "p80": p80}
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return {"ms": statistics.median(times), "p20": times[int(0.2 * (len(times) - 1))],
+            "p80": times[int(0.8 * (len(times) - 1))]}
+
+
+def results_dir() -> Path:
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", device_name())
+    d = RESULTS_ROOT / safe
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def write_csv(suite: str, rows: list[dict]) -> Path:
+    """Write rows (dicts with the same keys) plus the environment columns to results/<device>/<suite>.csv."""
+    path = results_dir() / f"{suite}.csv"
+    env = env_info()
+    rows = [{**r, **env} for r in rows]
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def print_table(rows: list[dict], cols: list[str] | None = None) -> None:
+    if not rows:
+        return
+    cols = cols or list(rows[0])
+
+    def fmt(v):
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    widths = {c: max(len(c), *(len(fmt(r.get(c, ""))) for r in rows)) for c in cols}
+    print("  ".join(c.rjust(widths[c]) for c in cols))
+    for r in rows:
+        print("  ".join(fmt(r.get(c, "")).rjust(widths[c]) for c in cols))
