@@ -13,10 +13,14 @@ echo "== install"
 $PY -m pip install -q -e ".[dev]"
 
 echo "== tests (CPU reference paths)"
-$PY -m pytest tests -q -p no:cacheprovider -m "not triton"
+run_pytest() {  # pytest exits 5 when a selection is empty: not an error for a pass split by marker
+  set +e; "$@"; rc=$?; set -e
+  if [ "$rc" -ne 0 ] && [ "$rc" -ne 5 ]; then exit "$rc"; fi
+}
+run_pytest $PY -m pytest tests -q -p no:cacheprovider -m "not triton"
 
 echo "== Triton kernels under TRITON_INTERPRET=1"
-TRITON_INTERPRET=1 QPEFT_BACKEND=triton $PY -m pytest tests -q -p no:cacheprovider -m triton
+TRITON_INTERPRET=1 QPEFT_BACKEND=triton run_pytest $PY -m pytest tests -q -p no:cacheprovider -m triton
 
 echo "== CUDA extension: compile and link (sm_90)"
 if command -v nvcc >/dev/null 2>&1 || [ -n "${CUDA_HOME:-}" ]; then

@@ -1,0 +1,320 @@
+// y = x @ W^T (+ bias + s * xa @ B^T) and dx = dy @ W (+ s * dyb @ A) for a 4-bit (NF4/FP4) weight
+// W (N, K) in bitsandbytes' layout, fp32 or double-quantized absmax decoded in-kernel.
+//
+// Dispatch by M (rows of x):
+//   M <= 16 (decode / small batch): nf4_gemv_kernel. At these M the op is bound by streaming W
+//     (4.127 bits per weight with double quant; an 8192 x 28672 layer is 121 MB of bf16 but 30 MB
+//     of NF4), so the kernel reads each packed byte exactly once with 16-byte loads, keeps all M rows'
+//     sums in registers and re-reads x (M x K, <= 256 KB at K = 8192, bf16) from L1/L2. A 64-row
+//     tensor-core tile would waste >= 75% of its MMAs at these M, and its 64-wide N tiles launch only
+//     N / 64 CTAs (64 for N = 4096: half of the H100's 132 SMs idle).
+//   M > 16, or K % 32 != 0, or unaligned pointers: the tiled GEMM of tile_gemm.cuh (tensor cores
+//     for fp16/bf16, SIMT for fp32) that dequantizes W tiles into shared memory in its main loop.
+// dx always uses the tiled GEMM with transposed access (it is only needed in training, where M is
+// the token count, in the thousands).
+// No host synchronization and no allocation: every launch is CUDA-graph capturable.
+#include "common.h"
+#include "ops.h"
+#include "tile_gemm.cuh"
+
+namespace qpeft {
+
+// ---------------------------------------------------------------- small-M GEMV
+constexpr int kGemvRows = 4;   // W rows per warp: each x load feeds 4 rows (x:W bytes from L1 = M:1)
+constexpr int kGemvWarps = 4;  // 128 threads per CTA
+constexpr int kGemvMaxM = 16;
+
+template <typename T>
+__device__ __forceinline__ void load8_f(const T* __restrict__ p, float* v) {
+  if constexpr (std::is_same_v<T, float>) {
+    const float4 a = __ldg(reinterpret_cast<const float4*>(p));
+    const float4 b = __ldg(reinterpret_cast<const float4*>(p) + 1);
+    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+  } else {
+    const uint4 u = __ldg(reinterpret_cast<const uint4*>(p));
+    const T* h = reinterpret_cast<const T*>(&u);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = Cvt<T>::to_f(h[i]);
+  }
+}
+
+// One warp computes out[0:M, n0:n0+4]. Lane l streams 32-element chunks c = l, l+32, ... of each of
+// the 4 W rows (16 packed bytes = one uint4 per row and chunk, coalesced across the warp: 512 bytes
+// per row per step), decodes them with the 16-entry LUT in shared memory and the chunk's absmax,
+// and accumulates x[m, chunk] * w in fp32 for every m < M. A butterfly reduction then gives every
+// lane the 4*M sums; lane (m*4 + r) % 32 applies the epilogue and stores out[m, n0 + r].
+// Requires K % 32 == 0 (chunks never straddle a row or an absmax block: blocksize >= 32) and 16-byte
+// aligned packed and x (checked by the host).
+template <typename T, int MT, bool NESTED>
+__global__ void __launch_bounds__(kGemvWarps * 32)
+nf4_gemv_kernel(const T* __restrict__ x, Weight4 w, int64_t M, T* __restrict__ out, LoraEpilogue ep) {
+  __shared__ float s_lut[16];
+  __shared__ float s_ncode[NESTED ? 256 : 1];
+  if (threadIdx.x < 16) s_lut[threadIdx.x] = w.code[threadIdx.x];
+  if constexpr (NESTED) {
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) s_ncode[i] = w.nested_code[i];
+  }
+  float off = 0.f;
+  if constexpr (NESTED) off = __ldg(w.offset);
+  __syncthreads();
+
+  const int lane = threadIdx.x & 31;
+  const int64_t N = w.rows, K = w.cols;
+  const int64_t n0 = (int64_t(blockIdx.x) * kGemvWarps + (threadIdx.x >> 5)) * kGemvRows;
+  if (n0 >= N) return;  // whole warp; no barrier follows
+  const int64_t chunks = K >> 5;
+  const uint4* wp = reinterpret_cast<const uint4*>(w.packed);
+
+  float acc[MT][kGemvRows];
+#pragma unroll
+  for (int m = 0; m < MT; ++m)
+#pragma unroll
+    for (int r = 0; r < kGemvRows; ++r) acc[m][r] = 0.f;
+
+#pragma unroll 2
+  for (int64_t c = lane; c < chunks; c += 32) {
+    uint4 raw[kGemvRows];
+    float sc[kGemvRows];
+#pragma unroll
+    for (int r = 0; r < kGemvRows; ++r) {
+      const int64_t n = n0 + r;
+      if (n < N) {
+        raw[r] = __ldcs(wp + n * chunks + c);  // W is read once: stream it past L1
+        sc[r] = block_scale<NESTED>(w, s_ncode, off, (n * K + (c << 5)) >> w.log2bs);
+      } else {
+        raw[r] = make_uint4(0u, 0u, 0u, 0u);
+        sc[r] = 0.f;
+      }
+    }
+    const T* xc = x + (c << 5);
+#pragma unroll
+    for (int s = 0; s < 4; ++s) {  // 8 elements = one 32-bit word of each row's chunk
+      float wv[kGemvRows][8];
+#pragma unroll
+      for (int r = 0; r < kGemvRows; ++r) {
+        const uint32_t word = s == 0 ? raw[r].x : s == 1 ? raw[r].y : s == 2 ? raw[r].z : raw[r].w;
+#pragma unroll
+        for (int b = 0; b < 4; ++b) {
+          const uint32_t byte = (word >> (8 * b)) & 0xFF;
+          wv[r][2 * b] = __fmul_rn(s_lut[byte >> 4], sc[r]);
+          wv[r][2 * b + 1] = __fmul_rn(s_lut[byte & 0xF], sc[r]);
+        }
+      }
+#pragma unroll
+      for (int m = 0; m < MT; ++m) {
+        if (m < M) {
+          float xv[8];
+          load8_f(xc + m * K + 8 * s, xv);
+#pragma unroll
+          for (int r = 0; r < kGemvRows; ++r)
+#pragma unroll
+            for (int e = 0; e < 8; ++e) acc[m][r] = fmaf(xv[e], wv[r][e], acc[m][r]);
+        }
+      }
+    }
+  }
+
+#pragma unroll
+  for (int m = 0; m < MT; ++m)
+#pragma unroll
+    for (int r = 0; r < kGemvRows; ++r)
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) acc[m][r] += __shfl_xor_sync(0xffffffffu, acc[m][r], o);
+
+#pragma unroll
+  for (int m = 0; m < MT; ++m)
+#pragma unroll
+    for (int r = 0; r < kGemvRows; ++r) {
+      const int64_t n = n0 + r;
+      if (((m * kGemvRows + r) & 31) == lane && m < M && n < N)
+        out[m * N + n] = Cvt<T>::from_f(apply_epilogue(ep, acc[m][r], m, n));
+    }
+}
+
+template <typename T, bool NESTED>
+void launch_gemv(const T* x, const Weight4& w, int64_t M, T* out, const LoraEpilogue& ep, cudaStream_t stream) {
+  const int64_t warps = ceil_div(w.rows, kGemvRows);
+  const int64_t grid = ceil_div(warps, kGemvWarps);
+  TORCH_CHECK(grid <= 0x7fffffff, "N too large for the GEMV kernel: ", w.rows);
+  const int threads = kGemvWarps * 32;
+  // Smallest power-of-two register tile >= M: acc is MT x 4 floats per lane.
+  if (M <= 1) nf4_gemv_kernel<T, 1, NESTED><<<grid, threads, 0, stream>>>(x, w, M, out, ep);
+  else if (M <= 2) nf4_gemv_kernel<T, 2, NESTED><<<grid, threads, 0, stream>>>(x, w, M, out, ep);
+  else if (M <= 4) nf4_gemv_kernel<T, 4, NESTED><<<grid, threads, 0, stream>>>(x, w, M, out, ep);
+  else if (M <= 8) nf4_gemv_kernel<T, 8, NESTED><<<grid, threads, 0, stream>>>(x, w, M, out, ep);
+  else nf4_gemv_kernel<T, 16, NESTED><<<grid, threads, 0, stream>>>(x, w, M, out, ep);
+}
+
+// ---------------------------------------------------------------- host-side validation
+Weight4 make_weight4(const at::Tensor& ref, const at::Tensor& packed, const at::Tensor& absmax,
+                     const at::Tensor& code, int64_t blocksize, int64_t rows, int64_t cols,
+                     const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& nested_code,
+                     const std::optional<at::Tensor>& offset, bool* nested) {
+  const int log2bs = check_blocksize(blocksize);
+  const int64_t n = rows * cols;
+  QPEFT_CHECK_DTYPE(packed, at::kByte, "packed");
+  QPEFT_CHECK_SAME_DEVICE(packed, ref, "packed", "the activation");
+  QPEFT_CHECK_CONTIGUOUS(packed, "packed");
+  TORCH_CHECK(packed.numel() == (n + 1) / 2, "packed must hold (N*K+1)//2 = ", (n + 1) / 2, " bytes for W (", rows,
+              ", ", cols, "), got shape ", packed.sizes());
+  const int64_t blocks = ceil_div(n, blocksize);
+  const bool has_nested = nested_absmax.has_value();
+  TORCH_CHECK(has_nested == nested_code.has_value() && has_nested == offset.has_value(),
+              "nested_absmax, nested_code and offset must be given together (double quant)");
+  QPEFT_CHECK_DTYPE(absmax, has_nested ? at::kByte : at::kFloat, "absmax");
+  QPEFT_CHECK_SAME_DEVICE(absmax, ref, "absmax", "the activation");
+  QPEFT_CHECK_CONTIGUOUS(absmax, "absmax");
+  TORCH_CHECK(absmax.numel() == blocks, "absmax must have ceil(N*K/blocksize) = ", blocks, " entries for W (", rows,
+              ", ", cols, ") and blocksize ", blocksize, ", got shape ", absmax.sizes());
+  QPEFT_CHECK_DTYPE(code, at::kFloat, "code");
+  QPEFT_CHECK_SAME_DEVICE(code, ref, "code", "the activation");
+  QPEFT_CHECK_CONTIGUOUS(code, "code");
+  TORCH_CHECK(code.numel() == 16, "code must have 16 entries, got shape ", code.sizes());
+  Weight4 w{};
+  w.packed = packed.data_ptr<uint8_t>();
+  w.code = code.data_ptr<float>();
+  w.rows = rows;
+  w.cols = cols;
+  w.log2bs = log2bs;
+  if (has_nested) {
+    const at::Tensor& na = *nested_absmax;
+    const at::Tensor& nc = *nested_code;
+    const at::Tensor& of = *offset;
+    QPEFT_CHECK_DTYPE(na, at::kFloat, "nested_absmax");
+    QPEFT_CHECK_SAME_DEVICE(na, ref, "nested_absmax", "the activation");
+    QPEFT_CHECK_CONTIGUOUS(na, "nested_absmax");
+    TORCH_CHECK(na.numel() == ceil_div(blocks, 256), "nested_absmax must have ceil(blocks/256) = ",
+                ceil_div(blocks, 256), " entries, got shape ", na.sizes());
+    QPEFT_CHECK_DTYPE(nc, at::kFloat, "nested_code");
+    QPEFT_CHECK_SAME_DEVICE(nc, ref, "nested_code", "the activation");
+    QPEFT_CHECK_CONTIGUOUS(nc, "nested_code");
+    TORCH_CHECK(nc.numel() == 256, "nested_code must have 256 entries, got shape ", nc.sizes());
+    QPEFT_CHECK_DTYPE(of, at::kFloat, "offset");
+    QPEFT_CHECK_SAME_DEVICE(of, ref, "offset", "the activation");
+    TORCH_CHECK(of.numel() == 1, "offset must be a float32 scalar, got shape ", of.sizes());
+    w.absmax_u8 = absmax.data_ptr<uint8_t>();
+    w.nested_absmax = na.data_ptr<float>();
+    w.nested_code = nc.data_ptr<float>();
+    w.offset = of.data_ptr<float>();
+  } else {
+    w.absmax_f32 = absmax.data_ptr<float>();
+  }
+  *nested = has_nested;
+  return w;
+}
+
+// bias (Nout) and the LoRA pair rows (M, r) @ cols^T with cols (Nout, r), or (r, Nout) when transposed.
+LoraEpilogue make_epilogue(const at::Tensor& a, int64_t M, int64_t Nout, const std::optional<at::Tensor>& bias,
+                           const std::optional<at::Tensor>& rows, const char* rows_name,
+                           const std::optional<at::Tensor>& cols, const char* cols_name, bool cols_transposed,
+                           double scale) {
+  LoraEpilogue ep;
+  if (bias.has_value()) {
+    const at::Tensor& b = *bias;
+    QPEFT_CHECK_FLOAT(b, "bias");
+    QPEFT_CHECK_SAME_DEVICE(b, a, "bias", "the activation");
+    QPEFT_CHECK_CONTIGUOUS(b, "bias");
+    TORCH_CHECK(b.dim() == 1 && b.size(0) == Nout, "bias must have shape (", Nout, ",), got ", b.sizes());
+    ep.bias = b.data_ptr();
+    ep.bias_tag = dtype_tag(b.scalar_type());
+  }
+  TORCH_CHECK(rows.has_value() == cols.has_value(), rows_name, " and ", cols_name, " must be given together");
+  if (rows.has_value()) {
+    const at::Tensor& R = *rows;
+    const at::Tensor& C = *cols;
+    QPEFT_CHECK_FLOAT(R, rows_name);
+    QPEFT_CHECK_FLOAT(C, cols_name);
+    QPEFT_CHECK_SAME_DEVICE(R, a, rows_name, "the activation");
+    QPEFT_CHECK_SAME_DEVICE(C, a, cols_name, "the activation");
+    QPEFT_CHECK_CONTIGUOUS(R, rows_name);
+    QPEFT_CHECK_CONTIGUOUS(C, cols_name);
+    TORCH_CHECK(R.dim() == 2 && R.size(0) == M, rows_name, " must be (", M, ", r), got shape ", R.sizes());
+    const int64_t r = R.size(1);
+    const int64_t want0 = cols_transposed ? r : Nout, want1 = cols_transposed ? Nout : r;
+    TORCH_CHECK(C.dim() == 2 && C.size(0) == want0 && C.size(1) == want1, cols_name, " must be (", want0, ", ",
+                want1, "), got shape ", C.sizes());
+    ep.rows = R.data_ptr();
+    ep.rows_tag = dtype_tag(R.scalar_type());
+    ep.cols = C.data_ptr();
+    ep.cols_tag = dtype_tag(C.scalar_type());
+    ep.rank = r;
+    ep.s_n = cols_transposed ? 1 : r;
+    ep.s_r = cols_transposed ? Nout : 1;
+    ep.scale = static_cast<float>(scale);
+  }
+  return ep;
+}
+
+void nf4_matmul_out(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                    const at::Tensor& code, int64_t blocksize, const std::optional<at::Tensor>& nested_absmax,
+                    const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset,
+                    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& lora_xa,
+                    const std::optional<at::Tensor>& lora_B, double lora_scale, at::Tensor& out) {
+  check_activation(x, "x");
+  const int64_t M = x.size(0), K = x.size(1);
+  check_output(out, "out", x, "x", M);
+  const int64_t N = out.size(1);
+  bool nested = false;
+  const Weight4 w = make_weight4(x, packed, absmax, code, blocksize, N, K, nested_absmax, nested_code, offset, &nested);
+  const LoraEpilogue ep = make_epilogue(x, M, N, bias, lora_xa, "lora_xa", lora_B, "lora_B", false, lora_scale);
+  if (M == 0 || N == 0) return;
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const bool gemv = M <= kGemvMaxM && K % 32 == 0 && aligned(packed.data_ptr(), 16) && aligned(x.data_ptr(), 16);
+  QPEFT_DISPATCH_FLOAT(x.scalar_type(), "nf4_matmul_out", [&] {
+    const auto* xp = reinterpret_cast<const scalar_t*>(x.data_ptr());
+    auto* op = reinterpret_cast<scalar_t*>(out.data_ptr());
+    if (gemv) {
+      if (nested) launch_gemv<scalar_t, true>(xp, w, M, op, ep, stream);
+      else launch_gemv<scalar_t, false>(xp, w, M, op, ep, stream);
+    } else {
+      TileArgs args{};
+      args.A = xp;
+      args.w = w;
+      args.C = op;
+      args.M = M;
+      args.Nout = N;
+      args.R = K;
+      args.a_vec = K % 8 == 0 && aligned(xp, 16);
+      args.b_vec = K % 16 == 0 && aligned(packed.data_ptr(), 8);
+      args.ep = ep;
+      launch_tile_gemm<scalar_t, kB4NK>(args, nested, stream);
+    }
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void nf4_matmul_dx_out(const at::Tensor& dy, const at::Tensor& packed, const at::Tensor& absmax,
+                       const at::Tensor& code, int64_t blocksize, const std::optional<at::Tensor>& nested_absmax,
+                       const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset,
+                       const std::optional<at::Tensor>& lora_dyb, const std::optional<at::Tensor>& lora_A,
+                       double lora_scale, at::Tensor& dx) {
+  check_activation(dy, "dy");
+  const int64_t M = dy.size(0), N = dy.size(1);
+  check_output(dx, "dx", dy, "dy", M);
+  const int64_t K = dx.size(1);
+  bool nested = false;
+  const Weight4 w =
+      make_weight4(dy, packed, absmax, code, blocksize, N, K, nested_absmax, nested_code, offset, &nested);
+  const LoraEpilogue ep =
+      make_epilogue(dy, M, K, std::nullopt, lora_dyb, "lora_dyb", lora_A, "lora_A", true, lora_scale);
+  if (M == 0 || K == 0) return;
+  const c10::cuda::CUDAGuard guard(dy.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  QPEFT_DISPATCH_FLOAT(dy.scalar_type(), "nf4_matmul_dx_out", [&] {
+    TileArgs args{};
+    args.A = dy.data_ptr();
+    args.w = w;
+    args.C = dx.data_ptr();
+    args.M = M;
+    args.Nout = K;
+    args.R = N;
+    args.a_vec = N % 8 == 0 && aligned(dy.data_ptr(), 16);
+    args.b_vec = K % 16 == 0 && aligned(packed.data_ptr(), 8);
+    args.ep = ep;
+    launch_tile_gemm<scalar_t, kB4T>(args, nested, stream);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace qpeft

@@ -1,0 +1,324 @@
+"""`LoraLinear`: a frozen `nn.Linear` or `QLinearNF4` plus one or more named LoRA adapters (PEFT semantics).
+
+Parameter names follow PEFT's in-memory layout, so state-dict keys match a PEFT model's:
+`base_layer.weight`, `lora_A.<adapter>.weight` (r, in_features), `lora_B.<adapter>.weight` (out_features, r).
+Defaults and scaling follow PEFT's `LoraConfig`: r=8, lora_alpha=8, scaling alpha/r (alpha/sqrt(r) with
+rsLoRA), kaiming-uniform(a=sqrt(5)) A and zero B, so the layer equals its base at initialisation.
+Adapters are kept in fp32 whatever the base dtype, as PEFT does by default (autocast_adapter_dtype=True):
+their gradients and optimizer state then stay fp32, and the fused kernels read them at activation precision.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+
+import torch
+import torch.nn as nn
+
+from ..autograd.lora import lora_linear
+
+__all__ = ["LoraLinear"]
+
+INITS = ("kaiming", "gaussian", "random")
+
+
+def is_nf4_layer(layer: nn.Module) -> bool:
+    """A 4-bit layer (QLinearNF4 or anything holding a packed weight + `quant_state`)."""
+    return hasattr(layer, "quant_state") and not isinstance(layer, nn.Linear)
+
+
+def base_shape(layer: nn.Module) -> tuple[int, int]:
+    """(out_features, in_features) of an nn.Linear or QLinearNF4."""
+    if isinstance(layer, nn.Linear):
+        return layer.out_features, layer.in_features
+    if is_nf4_layer(layer):
+        shape = layer.quant_state.shape
+        return int(shape[0]), int(shape[1])
+    raise TypeError(f"LoraLinear wraps nn.Linear or QLinearNF4, got {type(layer).__name__}")
+
+
+class LoraLinear(nn.Module):
+    """y = base_layer(x) + sum over active adapters of scaling_a * B_a(A_a(dropout_a(x))), fused per call.
+
+    base_layer: nn.Linear (any float dtype) or QLinearNF4; its parameters are frozen.
+    r: rank, 1 <= r <= min(in_features, out_features); lora_alpha: scaling numerator.
+    lora_dropout: dropout probability on the adapter input (training only; the mask is regenerated in
+        backward from a seed, never stored).
+    init: "kaiming" (PEFT default: kaiming-uniform A, zero B), "gaussian" (A ~ N(0, 1/r), zero B, as in the
+        LoRA paper), or "random" (nn.Linear's default init for A *and* B: not a no-op; for tests, like PEFT's
+        init_lora_weights=False).
+    use_rslora: scaling lora_alpha / sqrt(r) instead of lora_alpha / r.
+    """
+
+    def __init__(self, base_layer: nn.Module, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
+                 init: str | bool = "kaiming", use_rslora: bool = False, adapter_name: str = "default"):
+        super().__init__()
+        self.out_features, self.in_features = base_shape(base_layer)
+        self.base_layer = base_layer
+        for p in base_layer.parameters():
+            p.requires_grad_(False)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.lora_dropout: dict[str, float] = {}
+        self.use_rslora: dict[str, bool] = {}
+        self.scaling: dict[str, float] = {}
+        self.init: dict[str, str] = {}
+        self.merged_adapters: list[str] = []
+        self.last_merge_error: dict[str, float] = {}
+        self._active: list[str] = []
+        self._disabled = False
+        self.add_adapter(adapter_name, r, lora_alpha, lora_dropout, init, use_rslora)
+        self._active = [adapter_name]
+
+    # ------------------------------------------------------------------ adapters
+    @property
+    def is_nf4(self) -> bool:
+        return is_nf4_layer(self.base_layer)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active)
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    def add_adapter(self, adapter_name: str, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
+                    init: str | bool = "kaiming", use_rslora: bool = False) -> None:
+        """Add a new adapter (not activated unless it is the layer's first; see set_adapter)."""
+        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+            raise ValueError(f"adapter_name must be a non-empty string without '.', got {adapter_name!r}")
+        if adapter_name in self.lora_A:
+            raise ValueError(f"adapter {adapter_name!r} already exists in this layer")
+        K, N = self.in_features, self.out_features
+        if isinstance(r, bool) or not isinstance(r, int) or r <= 0 or r > min(K, N):
+            raise ValueError(f"r must be an int in [1, min(in_features, out_features)] = [1, {min(K, N)}] for a "
+                             f"layer of shape (out={N}, in={K}), got {r!r}")
+        if not 0.0 <= float(lora_dropout) < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
+        if init is True:
+            init = "kaiming"
+        if init is False:
+            init = "random"
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        device = self._device()
+        self.lora_A[adapter_name] = nn.Linear(K, r, bias=False, device=device, dtype=torch.float32)
+        self.lora_B[adapter_name] = nn.Linear(r, N, bias=False, device=device, dtype=torch.float32)
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = lora_alpha
+        self.lora_dropout[adapter_name] = float(lora_dropout)
+        self.use_rslora[adapter_name] = bool(use_rslora)
+        self.scaling[adapter_name] = lora_alpha / (math.sqrt(r) if use_rslora else r)
+        self.init[adapter_name] = init
+        self.reset_lora_parameters(adapter_name)
+
+    def reset_lora_parameters(self, adapter_name: str) -> None:
+        A = self.lora_A[adapter_name].weight
+        B = self.lora_B[adapter_name].weight
+        with torch.no_grad():
+            init = self.init[adapter_name]
+            if init == "kaiming":  # PEFT/loralib: the nn.Linear default for A, zero B
+                nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+                B.zero_()
+            elif init == "gaussian":  # PEFT's "gaussian": std 1/r
+                nn.init.normal_(A, std=1.0 / self.r[adapter_name])
+                B.zero_()
+            else:
+                self.lora_A[adapter_name].reset_parameters()
+                self.lora_B[adapter_name].reset_parameters()
+
+    def set_adapter(self, adapter_names: str | list[str]) -> None:
+        """Activate one adapter or several (outputs summed); active ones become trainable, others frozen."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        missing = [n for n in names if n not in self.lora_A]
+        if missing:
+            raise ValueError(f"unknown adapter(s) {missing}; this layer has {list(self.lora_A)}")
+        for n in self.lora_A:
+            self.lora_A[n].weight.requires_grad_(n in names)
+            self.lora_B[n].weight.requires_grad_(n in names)
+        self._active = names
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.lora_A:
+            raise ValueError(f"unknown adapter {adapter_name!r}; this layer has {list(self.lora_A)}")
+        if adapter_name in self.merged_adapters:
+            raise ValueError(f"adapter {adapter_name!r} is merged into the base weight; unmerge() it first")
+        for d in (self.r, self.lora_alpha, self.lora_dropout, self.use_rslora, self.scaling, self.init):
+            del d[adapter_name]
+        del self.lora_A[adapter_name]
+        del self.lora_B[adapter_name]
+        self._active = [n for n in self._active if n != adapter_name]
+
+    @contextlib.contextmanager
+    def disable_adapters(self):
+        """Inside the context the layer computes its base output only (merged adapters are unmerged for the
+        duration and merged back on exit)."""
+        merged = list(self.merged_adapters)
+        if merged:
+            self.unmerge()
+        prev, self._disabled = self._disabled, True
+        try:
+            yield self
+        finally:
+            self._disabled = prev
+            if merged:
+                self.merge(merged)
+
+    # ------------------------------------------------------------------ forward
+    def _device(self) -> torch.device:
+        for t in (*self.base_layer.parameters(), *self.base_layer.buffers()):
+            return t.device
+        return torch.device("cpu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        names = [n for n in self._active if n not in self.merged_adapters]
+        if self._disabled or not names:
+            return self.base_layer(x)
+        base, bias, compute_dtype, out_dtype = self._base_operand(x)
+        xc = x.to(compute_dtype)
+        dropping = self.training and any(self.lora_dropout[n] > 0.0 for n in names)
+        if len(names) == 1 or not dropping:
+            # one fused call: several adapters stack along the rank, scalings folded into B
+            if len(names) == 1:
+                n = names[0]
+                A, B, scale = self.lora_A[n].weight, self.lora_B[n].weight, self.scaling[n]
+                p = self.lora_dropout[n]
+            else:
+                A = torch.cat([self.lora_A[n].weight.float() for n in names], 0)
+                B = torch.cat([self.lora_B[n].weight.float() * self.scaling[n] for n in names], 1)
+                scale, p = 1.0, 0.0
+            y = lora_linear(xc, base, A, B, scale, bias, dropout_p=p, training=self.training)
+        else:
+            # several adapters with independent dropout masks (PEFT semantics): first one fused with the
+            # base GEMM, the others as plain rank-r products (training-only path)
+            n0 = names[0]
+            y = lora_linear(xc, base, self.lora_A[n0].weight, self.lora_B[n0].weight, self.scaling[n0], bias,
+                            dropout_p=self.lora_dropout[n0], training=True)
+            for n in names[1:]:
+                xd = nn.functional.dropout(xc.float(), self.lora_dropout[n], training=True)
+                y = y + (self.lora_B[n](self.lora_A[n](xd)) * self.scaling[n]).to(y.dtype)
+        return y if out_dtype is None or y.dtype == out_dtype else y.to(out_dtype)
+
+    def _base_operand(self, x: torch.Tensor):
+        """(base for lora_linear, bias, compute dtype, output dtype or None to keep the compute dtype).
+
+        Mirrors the base layer: nn.Linear computes in its weight's dtype, QLinearNF4 in its compute_dtype
+        (None: x's) and casts back to x's dtype; under autocast both compute in and return the autocast dtype.
+        """
+        layer = self.base_layer
+        autocast = torch.is_autocast_enabled(x.device.type)
+        if self.is_nf4:
+            if autocast:
+                return layer, layer.bias, torch.get_autocast_dtype(x.device.type), None
+            return layer, layer.bias, layer.compute_dtype or x.dtype, x.dtype
+        w = layer.weight
+        if autocast:
+            dtype = torch.get_autocast_dtype(x.device.type)
+            return w.to(dtype), layer.bias, dtype, None
+        return w, layer.bias, w.dtype, None
+
+    # ------------------------------------------------------------------ merging
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """scaling * B @ A in fp32 (out_features, in_features)."""
+        A = self.lora_A[adapter_name].weight.detach().float()
+        B = self.lora_B[adapter_name].weight.detach().float()
+        return (B @ A) * self.scaling[adapter_name]
+
+    def _dense_weight_fp32(self) -> torch.Tensor:
+        if self.is_nf4:
+            return _dequantize_nf4(self.base_layer)
+        return self.base_layer.weight.detach().float()
+
+    def _store_weight(self, w: torch.Tensor) -> torch.Tensor:
+        """Write fp32 w into the base (re-quantizing an NF4 base); returns what is stored, as fp32."""
+        if self.is_nf4:
+            _requantize_nf4(self.base_layer, w)
+            return _dequantize_nf4(self.base_layer)
+        weight = self.base_layer.weight
+        with torch.no_grad():
+            weight.copy_(w.to(weight.dtype))
+        return weight.detach().float()
+
+    def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> dict[str, float]:
+        """Add the adapters' deltas into the base weight (default: the active, not yet merged adapters).
+
+        Returns {adapter: max |W_stored - (W + delta)|}: the rounding of the base dtype, or for an NF4 base
+        the re-quantization error (dequantize, add, re-quantize; NF4 cannot represent W + delta exactly).
+        safe_merge: check the merged weight is finite before writing it.
+        """
+        names = self._active if adapter_names is None else list(adapter_names)
+        names = [n for n in names if n not in self.merged_adapters]
+        unknown = [n for n in names if n not in self.lora_A]
+        if unknown:
+            raise ValueError(f"unknown adapter(s) {unknown}; this layer has {list(self.lora_A)}")
+        errors = {}
+        for n in names:
+            target = self._dense_weight_fp32() + self.get_delta_weight(n)
+            if safe_merge and not torch.isfinite(target).all():
+                raise ValueError(f"merging adapter {n!r} gives non-finite weights; the base was left unchanged")
+            stored = self._store_weight(target)
+            errors[n] = (stored - target).abs().max().item()
+            self.merged_adapters.append(n)
+        if self.is_nf4 and errors:
+            warnings.warn(f"LoraLinear.merge into an NF4 base re-quantizes the weight: max abs error {errors}; "
+                          "outputs will differ slightly (use merge_and_unload for a dense merged layer)",
+                          UserWarning, stacklevel=2)
+        self.last_merge_error = errors
+        return errors
+
+    def unmerge(self) -> dict[str, float]:
+        """Subtract the merged adapters' deltas again (exact up to rounding on a dense base; an NF4 base is
+        re-quantized once more). Returns the errors as `merge` does."""
+        errors = {}
+        while self.merged_adapters:
+            n = self.merged_adapters.pop()
+            target = self._dense_weight_fp32() - self.get_delta_weight(n)
+            errors[n] = (self._store_weight(target) - target).abs().max().item()
+        return errors
+
+    def merge_and_unload(self, dtype: torch.dtype | None = None) -> nn.Module:
+        """A plain layer with the active adapters merged in.
+
+        Dense base: the base nn.Linear, merged in place (cast to `dtype` when given).
+        NF4 base: a new dense nn.Linear holding dequant(W) + deltas computed in fp32, in `dtype`
+        (default torch.bfloat16, QLoRA's compute dtype); the NF4 layer is not modified.
+        """
+        if not self.is_nf4:
+            self.merge()
+            layer = self.base_layer
+            return layer.to(dtype) if dtype is not None else layer
+        dtype = torch.bfloat16 if dtype is None else dtype
+        w = self._dense_weight_fp32()
+        merged = set(self.merged_adapters)  # already inside the quantized weight
+        for n in self._active:
+            if n not in merged:
+                w = w + self.get_delta_weight(n)
+        bias = getattr(self.base_layer, "bias", None)
+        layer = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device=w.device, dtype=dtype)
+        with torch.no_grad():
+            layer.weight.copy_(w.to(dtype))
+            if bias is not None:
+                layer.bias.copy_(bias.detach().to(dtype))
+        layer.requires_grad_(False)
+        return layer
+
+    def extra_repr(self) -> str:
+        ad = ", ".join(f"{n}(r={self.r[n]}, alpha={self.lora_alpha[n]}, dropout={self.lora_dropout[n]}"
+                       f"{', rslora' if self.use_rslora[n] else ''})" for n in self.lora_A)
+        return (f"in_features={self.in_features}, out_features={self.out_features}, adapters=[{ad}], "
+                f"active={self._active}, merged={self.merged_adapters}")
+
+
+def _dequantize_nf4(layer: nn.Module) -> torch.Tensor:
+    """fp32 (N, K) weight of a QLinearNF4."""
+    return layer.dequantize(torch.float32)
+
+
+def _requantize_nf4(layer: nn.Module, w: torch.Tensor) -> None:
+    """Quantize fp32 w into the QLinearNF4's buffers with its own format (quant type, blocksize, double quant)."""
+    parts = type(layer)._quantize(w.detach(), layer.quant_type, layer.blocksize, layer.double_quant)
+    layer._set_quantized(**parts)

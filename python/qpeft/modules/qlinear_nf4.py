@@ -1,0 +1,250 @@
+"""QLinearNF4: a drop-in nn.Linear whose weight is stored as 4-bit NF4/FP4 (bitsandbytes' format).
+
+Storage is plain buffers (no tensor subclass): `weight` packed uint8 [(N*K+1)//2, 1], `absmax` (fp32, or
+uint8 codes with double quant), `quant_map` (16-entry code book) and, with double quant, `nested_absmax`,
+`nested_quant_map`, `offset`. The state dict uses bitsandbytes' Linear4bit keys exactly (`weight`,
+`weight.absmax`, `weight.quant_map`, `weight.nested_absmax`, `weight.nested_quant_map`,
+`weight.quant_state.bitsandbytes__nf4|fp4`, `bias`), so checkpoints move both ways.
+
+Moving the module (.to / .cuda / .half) moves the buffers but never changes their dtypes and never
+re-quantizes: the packed bytes and scales are the quantized weight.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from .. import codes
+from ..autograd.nf4_matmul import nf4_matmul_parts
+from ..ops import quantize as quant_ops  # noqa: F401  (registers qpeft::quantize_4bit / quantize_blockwise)
+from ..quant_state import QuantState
+from ..reference.nf4_matmul import NESTED_BLOCKSIZE
+
+__all__ = ["QLinearNF4"]
+
+QUANT_TYPES = ("nf4", "fp4")
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+# Quantize at most this many weights at a time in from_linear: 2^24 fp32 elements = 64 MiB of
+# temporaries, instead of ~5x the layer (fp32 copy, scaled copy, codes) for a 28672 x 8192 layer (2.3 GB).
+QUANT_CHUNK = 1 << 24
+_QUANT_BUFFERS = ("weight", "absmax", "quant_map", "nested_absmax", "nested_quant_map", "offset")
+_BLOB = "quant_state.bitsandbytes__"
+
+
+def parse_bnb_state(state_dict: dict, prefix: str, out_features: int, in_features: int) -> dict:
+    """Validate the Linear4bit keys under `prefix` (through QuantState.from_dict) and return the buffers
+    {"weight" (uint8 [(n+1)//2, 1]), "absmax", "quant_map", "nested_absmax", "nested_quant_map", "offset"} plus
+    "quant_type", "blocksize", "dtype"; nothing is modified. Raises KeyError/ValueError naming the key."""
+    if prefix + "weight" not in state_dict:
+        raise KeyError(f"missing {prefix}weight")
+    items = {k[len(prefix) + len("weight."):]: v for k, v in state_dict.items() if k.startswith(prefix + "weight.")}
+    if not any(k.startswith(_BLOB) for k in items):
+        raise KeyError(f"missing {prefix}weight.{_BLOB}nf4|fp4 (not a bitsandbytes 4-bit layer)")
+    weight = state_dict[prefix + "weight"]
+    state = QuantState.from_dict(items, packed=weight)
+    if state.quant_type not in QUANT_TYPES:
+        raise ValueError(f"{prefix}weight: quant_type must be nf4 or fp4, got {state.quant_type!r}")
+    if tuple(state.shape) != (out_features, in_features):
+        raise ValueError(f"{prefix}weight: quantized shape {tuple(state.shape)} does not match this layer's "
+                         f"(out_features, in_features) = {(out_features, in_features)}")
+    if state.nested and state.state2.blocksize != NESTED_BLOCKSIZE:
+        raise ValueError(f"{prefix}weight.nested_blocksize must be {NESTED_BLOCKSIZE}, got {state.state2.blocksize}")
+    packed = weight.contiguous().view(torch.uint8).reshape(-1, 1)
+    s2 = state.state2
+    return dict(weight=packed, absmax=state.absmax.reshape(-1), quant_map=state.code.reshape(-1),
+                nested_absmax=s2.absmax.reshape(-1) if s2 else None, nested_quant_map=s2.code.reshape(-1) if s2 else None,
+                offset=state.offset.reshape(()) if s2 else None, quant_type=state.quant_type,
+                blocksize=state.blocksize, dtype=state.dtype)
+
+
+class QLinearNF4(nn.Module):
+    """y = x @ W^T + bias with W (out_features, in_features) stored in 4 bits (NF4 or FP4, blocks of
+    `blocksize`, optionally double-quantized absmax). x: (..., in_features), any float dtype; the matmul runs
+    in `compute_dtype` (None: x's dtype; under autocast: the autocast dtype) with fp32 accumulation and the
+    result is cast back to x's dtype (kept in the autocast dtype under autocast)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 compute_dtype: torch.dtype | None = torch.bfloat16, quant_type: str = "nf4", blocksize: int = 64,
+                 double_quant: bool = True, device=None, dtype: torch.dtype | None = None):
+        super().__init__()
+        if quant_type not in QUANT_TYPES:
+            raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
+        if blocksize not in BLOCKSIZES:
+            raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize}")
+        if in_features <= 0 or out_features <= 0:
+            raise ValueError(f"in_features and out_features must be positive, got {in_features}, {out_features}")
+        self.in_features, self.out_features = in_features, out_features
+        self.compute_dtype, self.quant_type, self.blocksize = compute_dtype, quant_type, blocksize
+        self.weight_dtype = dtype or torch.get_default_dtype()
+        dense = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=self.weight_dtype)
+        self.bias = dense.bias
+        self._set_quantized(**self._quantize(dense.weight.detach(), quant_type, blocksize, double_quant))
+
+    # --- construction -------------------------------------------------------------------------------------
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, compute_dtype: torch.dtype | None = torch.bfloat16,
+                    quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True) -> "QLinearNF4":
+        """Quantize an existing nn.Linear on its own device, QUANT_CHUNK weights at a time."""
+        w = linear.weight
+        self = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                   compute_dtype=compute_dtype, quant_type=quant_type, blocksize=blocksize,
+                   double_quant=double_quant, device="meta", dtype=w.dtype)
+        self._set_quantized(**cls._quantize(w.detach(), quant_type, blocksize, double_quant))
+        if linear.bias is not None:
+            self.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)
+        return self
+
+    @staticmethod
+    def _quantize(w: torch.Tensor, quant_type: str, blocksize: int, double_quant: bool) -> dict:
+        n = w.numel()
+        blocks = math.ceil(n / blocksize)
+        if w.device.type == "meta":  # shapes only (from_linear fills them; load_state_dict may too)
+            packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device="meta")
+            absmax = torch.empty(blocks, dtype=torch.uint8 if double_quant else torch.float32, device="meta")
+            nested = {}
+            if double_quant:
+                nested = dict(nested_absmax=torch.empty(math.ceil(blocks / NESTED_BLOCKSIZE), device="meta"),
+                              nested_quant_map=torch.empty(256, device="meta"), offset=torch.empty((), device="meta"))
+            return dict(weight=packed, absmax=absmax, quant_map=torch.empty(16, device="meta"), **nested)
+        flat = w.reshape(-1)
+        packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=w.device)
+        absmax = torch.empty(blocks, dtype=torch.float32, device=w.device)
+        chunk = max(blocksize, QUANT_CHUNK // blocksize * blocksize)  # whole blocks, so bytes never split
+        for start in range(0, n, chunk):
+            part = flat[start:start + chunk]
+            if not torch.isfinite(part).all():
+                raise ValueError(f"weight has non-finite values (inf/nan) in elements {start}..{start + part.numel() - 1}; "
+                                 "cannot quantize")
+            p, a = torch.ops.qpeft.quantize_4bit(part.contiguous(), blocksize, quant_type)
+            packed[start // 2:start // 2 + p.numel()] = p.reshape(-1, 1)
+            absmax[start // blocksize:start // blocksize + a.numel()] = a.reshape(-1)
+        out = dict(weight=packed, absmax=absmax, quant_map=(codes.nf4 if quant_type == "nf4" else codes.fp4)(w.device))
+        if double_quant:  # bitsandbytes' compress_statistics: offset = mean, 8-bit dynamic code per 256 blocks
+            offset = absmax.mean()
+            code2 = codes.dynamic_map(device=w.device)
+            q, absmax2 = torch.ops.qpeft.quantize_blockwise(absmax - offset, code2, NESTED_BLOCKSIZE)
+            out.update(absmax=q.reshape(-1), nested_absmax=absmax2.reshape(-1).float(), nested_quant_map=code2,
+                       offset=offset)
+        return out
+
+    def _set_quantized(self, weight, absmax, quant_map, nested_absmax=None, nested_quant_map=None, offset=None,
+                       **_):
+        for name, t in zip(_QUANT_BUFFERS, (weight, absmax, quant_map, nested_absmax, nested_quant_map, offset)):
+            # not persistent: _save_to_state_dict writes bitsandbytes' keys itself
+            self.register_buffer(name, t, persistent=False)
+
+    # --- properties ---------------------------------------------------------------------------------------
+    @property
+    def double_quant(self) -> bool:
+        return self.nested_absmax is not None
+
+    def quantized_numel(self) -> int:
+        """Logical number of weights held in 4 bits (qpeft.params counts it, the packed bytes are buffers)."""
+        return self.in_features * self.out_features
+
+    def memory_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (getattr(self, n) for n in _QUANT_BUFFERS) if t is not None)
+
+    @property
+    def quant_state(self):
+        """The weight's QuantState (qpeft.quant_state.QuantState), sharing this module's buffers."""
+        state2 = None
+        if self.double_quant:
+            state2 = QuantState(absmax=self.nested_absmax, shape=torch.Size([self.nested_absmax.numel()]),
+                                dtype=torch.float32, blocksize=NESTED_BLOCKSIZE, quant_type="blockwise8",
+                                code=self.nested_quant_map, offset=None, state2=None)
+        return QuantState(absmax=self.absmax, shape=torch.Size([self.out_features, self.in_features]),
+                          dtype=self.weight_dtype, blocksize=self.blocksize, quant_type=self.quant_type,
+                          code=self.quant_map, offset=self.offset, state2=state2)
+
+    # --- compute ------------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_autocast_enabled(x.device.type):
+            cdt, out_dtype = torch.get_autocast_dtype(x.device.type), None
+        else:
+            cdt, out_dtype = self.compute_dtype or x.dtype, x.dtype
+        y = nf4_matmul_parts(x.to(cdt), self.weight, self.absmax, self.quant_map, self.blocksize,
+                             self.out_features, self.in_features, self.nested_absmax, self.nested_quant_map,
+                             self.offset, bias=self.bias)
+        return y if out_dtype is None else y.to(out_dtype)
+
+    @torch.no_grad()
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Dense (out_features, in_features) weight in `dtype` (default: the dtype it was quantized from)."""
+        from ..quantize import dequantize_4bit
+
+        return dequantize_4bit(self.weight, self.quant_state, dtype or self.weight_dtype)
+
+    def _apply(self, fn, recurse=True):
+        # .to(dtype) / .half() / .type() would cast the fp32 absmax and code books: keep every quantization
+        # buffer's dtype and only take the device the function moves it to (no re-quantization either).
+        saved = {n: self._buffers[n] for n in _QUANT_BUFFERS if self._buffers.get(n) is not None}
+        for n in saved:
+            self._buffers[n] = None
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for n, t in saved.items():
+                moved = fn(t)
+                self._buffers[n] = moved if moved.dtype == t.dtype else t.to(device=moved.device)
+        return self
+
+    def extra_repr(self) -> str:
+        dense = self.in_features * self.out_features * 2
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"quant_type={self.quant_type}, blocksize={self.blocksize}, double_quant={self.double_quant}, "
+                f"compute_dtype={self.compute_dtype}, memory={self.memory_bytes() / 2**20:.3f} MiB "
+                f"(bf16: {dense / 2**20:.3f} MiB)")
+
+    # --- bitsandbytes-compatible state dict ------------------------------------------------------------------
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        def put(key, t):
+            destination[prefix + key] = t if keep_vars else t.detach()
+
+        put("weight", self.weight)
+        if self.bias is not None:
+            put("bias", self.bias)
+        for key, t in self.quant_state.as_dict(packed=True).items():  # bitsandbytes' keys and JSON header
+            put("weight." + key, t)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # Validate everything first; touch the module only when the whole layer is consistent.
+        ours = {k for k in state_dict if k.startswith(prefix)}  # no child modules: every such key is ours
+        if not any(k.startswith(prefix + "weight") for k in ours):
+            missing_keys.append(prefix + "weight")
+            if self.bias is not None and prefix + "bias" not in state_dict:
+                missing_keys.append(prefix + "bias")
+            return
+        try:
+            parsed = parse_bnb_state(state_dict, prefix, self.out_features, self.in_features)
+        except (KeyError, ValueError) as e:
+            error_msgs.append(f"QLinearNF4 {prefix[:-1] or '<root>'}: {e.args[0]}")
+            return
+        bias = state_dict.get(prefix + "bias")
+        if self.bias is not None:
+            if bias is None:
+                missing_keys.append(prefix + "bias")
+                return
+            if tuple(bias.shape) != (self.out_features,):
+                error_msgs.append(f"size mismatch for {prefix}bias: expected ({self.out_features},), "
+                                  f"got {tuple(bias.shape)}")
+                return
+        elif bias is not None and strict:
+            unexpected_keys.append(prefix + "bias")
+        known = {prefix + "weight", prefix + "bias", *(prefix + "weight." + s for s in (
+            "absmax", "quant_map", "nested_absmax", "nested_quant_map", _BLOB + "nf4", _BLOB + "fp4"))}
+        if strict:
+            unexpected_keys.extend(sorted(k for k in ours if k not in known))
+        device = self.weight.device if self.weight.device.type != "meta" else parsed["weight"].device
+        self.quant_type, self.blocksize, self.weight_dtype = parsed["quant_type"], parsed["blocksize"], parsed["dtype"]
+        self._set_quantized(**{n: (parsed[n].to(device).clone() if parsed[n] is not None else None)
+                               for n in _QUANT_BUFFERS})
+        if self.bias is not None:
+            with torch.no_grad():
+                if self.bias.device.type == "meta":
+                    self.bias = nn.Parameter(bias.to(device).clone(), requires_grad=self.bias.requires_grad)
+                else:
+                    self.bias.copy_(bias)

@@ -1,0 +1,144 @@
+"""Adapter files in PEFT's format, both ways, against the installed `peft` on a small random Llama (CPU)."""
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import qpeft
+from qpeft.lora_model import add_lora, lora_layers
+from utils import tiny_llama
+
+peft = pytest.importorskip("peft")
+
+
+def _ids():
+    return torch.randint(3, 128, (2, 13), generator=torch.Generator().manual_seed(1))
+
+
+def _logits(model):
+    with torch.no_grad():
+        out = model(_ids())
+    return out.logits
+
+
+@pytest.mark.parametrize("kw", [
+    dict(target_modules="all-linear", r=4, lora_alpha=8),
+    dict(target_modules=["q_proj", "v_proj"], r=8, lora_alpha=32, use_rslora=True),
+])
+def test_qpeft_saved_loads_in_peft(tmp_path, kw):
+    model = add_lora(tiny_llama(), init="random", **kw)
+    with torch.no_grad():  # random B as well: the adapter is not a no-op
+        for m in lora_layers(model).values():
+            m.lora_B["default"].weight.normal_(0, 0.05)
+    y = _logits(model)
+    assert not torch.allclose(y, _logits(tiny_llama()))
+    qpeft.save_adapter(model, tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == kw["r"] and cfg["lora_alpha"] == kw["lora_alpha"]
+    assert cfg["bias"] == "none" and cfg["fan_in_fan_out"] is False and cfg["task_type"] == "CAUSAL_LM"
+    tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    assert key in tensors and tensors[key].shape == (kw["r"], 64)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*missing adapter keys.*")
+        pm = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path))
+    torch.testing.assert_close(_logits(pm), y, rtol=1e-5, atol=1e-5)
+    # PEFT's own state dict holds exactly our tensors
+    ours = {k: v for k, v in tensors.items()}
+    theirs = peft.get_peft_model_state_dict(pm)
+    assert ours.keys() == theirs.keys()
+    for k in ours:
+        torch.testing.assert_close(theirs[k], ours[k], rtol=0, atol=0)
+
+
+def _peft_saved(tmp_path, adapter_name="default", **cfg):
+    pm = peft.get_peft_model(tiny_llama(), peft.LoraConfig(init_lora_weights=False, **cfg),
+                             adapter_name=adapter_name)
+    pm.save_pretrained(str(tmp_path))
+    return pm
+
+
+@pytest.mark.parametrize("cfg", [
+    dict(target_modules="all-linear", r=4, lora_alpha=16),
+    dict(target_modules=["k_proj", "down_proj"], r=2, lora_alpha=4, use_rslora=True, lora_dropout=0.1),
+    dict(target_modules=["q_proj", "o_proj"], r=4, lora_alpha=8, rank_pattern={"o_proj": 2},
+         alpha_pattern={"o_proj": 6}),
+])
+def test_peft_saved_loads_in_qpeft(tmp_path, cfg):
+    pm = _peft_saved(tmp_path, **cfg)
+    pm.eval()
+    y = _logits(pm)
+    model = qpeft.load_adapter(tiny_llama(), tmp_path)
+    torch.testing.assert_close(_logits(model), y, rtol=1e-5, atol=1e-5)
+    assert len(lora_layers(model)) == sum(1 for n, _ in pm.named_modules() if n.endswith("lora_A"))
+    # and back: qpeft re-saves the same tensors under the same keys
+    out = tmp_path / "resaved"
+    qpeft.save_adapter(model, out)
+    a = load_file(str(tmp_path / "adapter_model.safetensors"))
+    b = load_file(str(out / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    pm2 = peft.PeftModel.from_pretrained(tiny_llama(), str(out))
+    torch.testing.assert_close(_logits(pm2), y, rtol=1e-5, atol=1e-5)
+
+
+def test_named_adapter_subfolder_and_second_adapter(tmp_path):
+    model = add_lora(tiny_llama(), ["q_proj"], r=2, init="random", adapter_name="one")
+    model = add_lora(model, ["v_proj"], r=2, init="random", adapter_name="two")
+    qpeft.save_adapter(model, tmp_path, adapter_name="two")
+    assert (tmp_path / "two" / "adapter_config.json").is_file()
+    pm = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "two"))
+    fresh = qpeft.load_adapter(tiny_llama(), tmp_path / "two")
+    torch.testing.assert_close(_logits(fresh), _logits(pm), rtol=1e-5, atol=1e-5)
+
+
+def _snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}, {n: type(m) for n, m in model.named_modules()}
+
+
+def _assert_unchanged(model, snap):
+    state, types = snap
+    assert {n: type(m) for n, m in model.named_modules()} == types
+    now = model.state_dict()
+    assert now.keys() == state.keys() and all(torch.equal(now[k], state[k]) for k in state)
+
+
+def test_mismatched_shapes_raise_and_leave_model_unchanged(tmp_path):
+    _peft_saved(tmp_path, target_modules=["q_proj", "v_proj"], r=4)
+    wide = tiny_llama(hidden_size=96)  # every lora_A has the wrong in_features
+    snap = _snapshot(wide)
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.q_proj.*expected lora_A \(4, 96\).*"
+                                         r"the file has lora_A \(4, 64\)"):
+        qpeft.load_adapter(wide, tmp_path)
+    _assert_unchanged(wide, snap)
+    # one bad tensor among good ones: still nothing applied, also on a model that already has LoRA layers
+    tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
+    bad = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
+    tensors[bad] = torch.randn(32, 3)
+    save_file(tensors, str(tmp_path / "adapter_model.safetensors"), metadata={"format": "pt"})
+    model = add_lora(tiny_llama(), ["q_proj"], r=4, init="random", adapter_name="other")
+    snap = _snapshot(model)
+    with pytest.raises(ValueError, match=r"layers\.1\.self_attn\.v_proj.*lora_B \(32, 4\).*lora_B \(32, 3\)"):
+        qpeft.load_adapter(model, tmp_path)
+    _assert_unchanged(model, snap)
+
+
+def test_unknown_module_and_unsupported_config_raise(tmp_path):
+    _peft_saved(tmp_path, target_modules=["q_proj"], r=2)
+    tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
+    tensors["base_model.model.model.layers.9.self_attn.q_proj.lora_A.weight"] = torch.randn(2, 64)
+    tensors["base_model.model.model.layers.9.self_attn.q_proj.lora_B.weight"] = torch.randn(64, 2)
+    save_file(tensors, str(tmp_path / "adapter_model.safetensors"), metadata={"format": "pt"})
+    model = tiny_llama()
+    snap = _snapshot(model)
+    with pytest.raises(ValueError, match=r"model\.layers\.9\.self_attn\.q_proj.*does not exist"):
+        qpeft.load_adapter(model, tmp_path)
+    _assert_unchanged(model, snap)
+    dora = tmp_path / "dora"
+    _peft_saved(dora, target_modules=["q_proj"], r=2, use_dora=True)
+    with pytest.raises(ValueError, match="use_dora=True is not supported"):
+        qpeft.load_adapter(model, dora)
+    _assert_unchanged(model, snap)

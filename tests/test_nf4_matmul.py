@@ -1,0 +1,240 @@
+"""qpeft.nf4_matmul (L3) and the qpeft::nf4_matmul / qpeft::nf4_matmul_dx ops (L2) against an fp32 matmul on
+the dequantized weight and plain PyTorch in the same dtype (the 2x rule), on random data, odd M/N/K
+(K % blocksize != 0 included), NF4 and FP4, with and without double quant, bias and the LoRA epilogue.
+
+CPU runs use the reference; the `triton` tests run the Triton kernels (TRITON_INTERPRET=1 QPEFT_BACKEND=triton
+on CPU with fp16/fp32, or on a GPU)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import qpeft
+from qpeft.autograd.nf4_matmul import nf4_matmul, weight_args
+from qpeft.reference import nf4_matmul as ref
+from utils import DTYPES, assert_close_2x, requires_triton_runtime, triton_device, triton_dtypes
+
+# (M, N, K): single row, odd everything, K % 64 != 0 (blocks span rows), odd K (rows start mid-byte)
+SHAPES = [(1, 33, 70), (5, 17, 131), (20, 48, 96), (3, 40, 128)]
+FORMATS = [("nf4", 64, True), ("nf4", 32, False), ("fp4", 128, True), ("fp4", 64, False)]
+
+
+def make_weight(N, K, quant_type="nf4", blocksize=64, nested=True, device="cpu", seed=0):
+    """(packed, state, W fp32 dequantized) for a random (N, K) weight quantized with qpeft."""
+    g = torch.Generator().manual_seed(seed)
+    W = (torch.randn(N, K, generator=g) / K ** 0.5).to(device)
+    packed, state = qpeft.quantize_4bit(W, blocksize=blocksize, quant_type=quant_type, double_quant=nested)
+    return packed, state, qpeft.dequantize_4bit(packed, state, torch.float32)
+
+
+def _inputs(M, N, K, dtype, device="cpu", r=0, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    t = lambda *s: torch.randn(*s, generator=g).to(device, dtype)  # noqa: E731
+    lora = (t(M, r), t(N, r) / r, t(r, K) / K ** 0.5) if r else (None, None, None)
+    return t(M, K), t(N), t(M, N), lora
+
+
+# --- the reference itself ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("quant_type,blocksize,nested", FORMATS)
+def test_reference_dequantizes_like_bitsandbytes(quant_type, blocksize, nested):
+    bnbf = pytest.importorskip("bitsandbytes.functional")
+    W = torch.randn(48, 4 * blocksize)  # K % blocksize == 0: bnb 0.50.2's CPU dequant mis-handles the rest
+    packed, st = bnbf.quantize_4bit(W, blocksize=blocksize, compress_statistics=nested, quant_type=quant_type)
+    nested_args = (st.state2.absmax, st.state2.code, st.offset) if nested else (None, None, None)
+    got = ref.dequantize_weight_ref(packed, ref.decode_absmax_ref(st.absmax, *nested_args), st.code, blocksize,
+                                    *W.shape)
+    assert torch.equal(got, bnbf.dequantize_4bit(packed, st))
+
+
+def test_reference_blocks_span_rows():
+    """K % blocksize != 0: block b covers flat elements [b*bs, (b+1)*bs) across the row boundary."""
+    N, K, bs = 3, 40, 32
+    W = torch.randn(N, K)
+    packed, state = qpeft.quantize_4bit(W, blocksize=bs, double_quant=False)
+    deq = ref.dequantize_weight_ref(packed, state.absmax, state.code, bs, N, K).reshape(-1)
+    flat = W.reshape(-1)
+    for b in range(state.absmax.numel()):
+        blk = slice(b * bs, (b + 1) * bs)
+        assert deq[blk].abs().max() == pytest.approx(flat[blk].abs().max().item(), rel=1e-6)
+
+
+# --- forward / backward accuracy (2x rule) ------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,N,K", SHAPES)
+@pytest.mark.parametrize("quant_type,blocksize,nested", FORMATS)
+def test_forward_backward_accuracy(M, N, K, dtype, quant_type, blocksize, nested):
+    packed, state, W = make_weight(N, K, quant_type, blocksize, nested)
+    x, b, dy, _ = _inputs(M, N, K, dtype)
+    x.requires_grad_(True)
+    b.requires_grad_(True)
+    y = nf4_matmul(x, packed, state, b)
+    y.backward(dy)
+    assert y.dtype == dtype and y.shape == (M, N)
+    ref32 = x.detach().float() @ W.t() + b.detach().float()
+    same = x.detach() @ W.to(dtype).t() + b.detach()
+    assert_close_2x(y, ref32, same, what="forward")
+    assert_close_2x(x.grad, dy.float() @ W, dy @ W.to(dtype), what="dx")
+    assert_close_2x(b.grad, dy.float().sum(0), dy.sum(0), what="dbias")
+
+
+def test_leading_dims_and_non_contiguous_x():
+    packed, state, W = make_weight(24, 64)
+    x = torch.randn(2, 3, 64)
+    y = nf4_matmul(x, packed, state)
+    assert y.shape == (2, 3, 24)
+    torch.testing.assert_close(y, x @ W.t(), rtol=1e-5, atol=1e-5)
+    xt = torch.randn(64, 5).t()  # non-contiguous view
+    torch.testing.assert_close(nf4_matmul(xt, packed, state), nf4_matmul(xt.contiguous(), packed, state),
+                               rtol=0, atol=0)
+
+
+def test_no_grad_for_weight_and_saved_tensors_are_packed():
+    packed, state, _ = make_weight(16, 64)
+    x = torch.randn(4, 64, requires_grad=True)
+    y = nf4_matmul(x, packed, state)
+    node = y.grad_fn
+    while type(node).__name__ != "NF4MatmulFunctionBackward":
+        node = node.next_functions[0][0]
+    saved = [t for t in node.saved_tensors if t is not None]
+    assert packed.data_ptr() in {t.data_ptr() for t in saved}
+    assert all(t.dtype == torch.uint8 or t.numel() <= 256 for t in saved)  # no dequantized (16, 64) weight
+    y.sum().backward()
+    assert x.grad is not None and not packed.requires_grad
+
+
+def test_accepts_bitsandbytes_state_and_storage_view():
+    bnbf = pytest.importorskip("bitsandbytes.functional")
+    W = torch.randn(32, 128)
+    x = torch.randn(3, 128)
+    p_bnb, s_bnb = bnbf.quantize_4bit(W, blocksize=64, compress_statistics=True, quant_type="nf4")
+    p_q, s_q = qpeft.quantize_4bit(W, blocksize=64, double_quant=True)
+    assert torch.equal(p_bnb.view(-1), p_q.view(-1))
+    ours = nf4_matmul(x, p_q, s_q)
+    torch.testing.assert_close(nf4_matmul(x, p_bnb, s_bnb), ours, rtol=0, atol=0)
+    torch.testing.assert_close(nf4_matmul(x, p_q.reshape(-1).view(torch.float16).reshape(-1, 1), s_q), ours, rtol=0, atol=0)
+
+
+# --- LoRA epilogue (the LoRA op family's contract) -----------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("nested", [True, False])
+def test_lora_epilogue(dtype, nested):
+    M, N, K, r, scale = 7, 37, 96, 5, 0.75
+    packed, state, W = make_weight(N, K, nested=nested)
+    args = weight_args(packed, state)
+    x, b, dy, (xa, lB, lA) = _inputs(M, N, K, dtype, r=r)
+    nest = args[6:]
+    y = torch.ops.qpeft.nf4_matmul(x, args[0], args[1], args[2], args[3], N, *nest, b, xa, lB, scale)
+    ref32 = x.float() @ W.t() + b.float() + scale * (xa.float() @ lB.float().t())
+    same = x @ W.to(dtype).t() + b + scale * (xa @ lB.t())
+    assert_close_2x(y, ref32, same, what="forward + lora")
+    dx = torch.ops.qpeft.nf4_matmul_dx(dy, args[0], args[1], args[2], args[3], K, *nest, xa, lA, scale)
+    assert_close_2x(dx, dy.float() @ W + scale * (xa.float() @ lA.float()), dy @ W.to(dtype) + scale * (xa @ lA),
+                    what="dx + lora")
+
+
+# --- torch.library registration -------------------------------------------------------------------------------
+@pytest.mark.parametrize("nested", [True, False])
+def test_opcheck(nested):
+    M, N, K = 3, 20, 72
+    packed, state, _ = make_weight(N, K, nested=nested)
+    p, a, c, bs, _, _, na, nc, off = weight_args(packed, state)
+    x, b, dy, (xa, lB, lA) = _inputs(M, N, K, torch.float32, r=4)
+    torch.library.opcheck(torch.ops.qpeft.nf4_matmul.default, (x, p, a, c, bs, N, na, nc, off, b, xa, lB, 0.5))
+    torch.library.opcheck(torch.ops.qpeft.nf4_matmul.default, (x, p, a, c, bs, N, na, nc, off, None, None, None, 0.0))
+    torch.library.opcheck(torch.ops.qpeft.nf4_matmul_dx.default, (dy, p, a, c, bs, K, na, nc, off, xa, lA, 0.5))
+
+
+# --- bad input ----------------------------------------------------------------------------------------------------
+def test_bad_inputs_raise_with_shapes_and_dtypes():
+    packed, state, _ = make_weight(16, 64)
+    with pytest.raises(ValueError, match=r"\(\.\.\., 64\).*\(16, 64\).*\(4, 60\)"):
+        nf4_matmul(torch.randn(4, 60), packed, state)
+    with pytest.raises(TypeError, match="float16, bfloat16 or float32, got torch.int32"):
+        nf4_matmul(torch.ones(4, 64, dtype=torch.int32), packed, state)
+    with pytest.raises(ValueError, match="x is on meta but the weight is on cpu"):
+        nf4_matmul(torch.empty(4, 64, device="meta"), packed, state)
+    with pytest.raises(ValueError, match=r"bias must have shape \(16,\), got \(15,\)"):
+        nf4_matmul(torch.randn(4, 64), packed, state, torch.randn(15))
+    bad_state = qpeft.QuantState.from_dict(state.as_dict(packed=True))
+    bad_state.state2.blocksize = 128
+    with pytest.raises(ValueError, match="state2.blocksize must be 256, got 128"):
+        nf4_matmul(torch.randn(4, 64), packed, bad_state)
+
+
+def test_op_level_checks():
+    packed, state, _ = make_weight(16, 64, nested=False)
+    p, a, c, bs, N, K, *_ = weight_args(packed, state)
+    x = torch.randn(4, 64)
+    op = torch.ops.qpeft.nf4_matmul
+    with pytest.raises(RuntimeError, match=r"absmax must have ceil\(N\*K/blocksize\) = 16 entries"):
+        op(x, p, a[:-1].contiguous(), c, bs, N, None, None, None, None, None, None, 0.0)
+    with pytest.raises(RuntimeError, match="blocksize must be one of"):
+        op(x, p, a, c, 48, N, None, None, None, None, None, None, 0.0)
+    with pytest.raises(RuntimeError, match=r"packed must hold \(N\*K\+1\)//2 = 544 bytes for W \(17, 64\), got shape \(512, 1\)"):
+        op(x, p, a, c, bs, N + 1, None, None, None, None, None, None, 0.0)
+    with pytest.raises(RuntimeError, match="x must be contiguous"):
+        op(torch.randn(64, 4).t(), p, a, c, bs, N, None, None, None, None, None, None, 0.0)
+    with pytest.raises(RuntimeError, match="bias must have x's dtype torch.float32, got torch.float16"):
+        op(x, p, a, c, bs, N, None, None, None, torch.randn(N).half(), None, None, 0.0)
+    with pytest.raises(RuntimeError, match=r"lora_B must be \(16, 3\), got \(16, 4\)"):
+        op(x, p, a, c, bs, N, None, None, None, None, torch.randn(4, 3), torch.randn(N, 4), 1.0)
+
+
+# --- Triton kernels (interpreter on CPU: fp16/fp32, small shapes) -------------------------------------------------
+TRITON_SHAPES = [(1, 33, 70), (5, 17, 131), (20, 48, 96)]
+
+
+@pytest.mark.triton
+@requires_triton_runtime
+@pytest.mark.parametrize("dtype", triton_dtypes())
+@pytest.mark.parametrize("M,N,K", TRITON_SHAPES)
+@pytest.mark.parametrize("quant_type,blocksize,nested", [("nf4", 64, True), ("fp4", 32, False)])
+def test_triton_forward_dx(M, N, K, dtype, quant_type, blocksize, nested, monkeypatch):
+    monkeypatch.setenv("QPEFT_BACKEND", "triton")
+    dev = triton_device()
+    packed, state, W = make_weight(N, K, quant_type, blocksize, nested, device=dev)
+    x, b, dy, _ = _inputs(M, N, K, dtype, device=dev)
+    x.requires_grad_(True)
+    y = nf4_matmul(x, packed, state, b)
+    y.backward(dy)
+    assert_close_2x(y, x.detach().float() @ W.t() + b.float(), x.detach() @ W.to(dtype).t() + b, what="forward")
+    assert_close_2x(x.grad, dy.float() @ W, dy @ W.to(dtype), what="dx")
+
+
+@pytest.mark.triton
+@requires_triton_runtime
+@pytest.mark.parametrize("dtype", triton_dtypes())
+@pytest.mark.parametrize("config", [
+    dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=32, SPLIT_K=3),    # GEMV multiply-reduce, split-K with atomics
+    dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, SPLIT_K=2),   # decode tl.dot, split-K
+    dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, SPLIT_K=1),   # tiled GEMM
+])
+def test_triton_forward_configs_with_lora(config, dtype):
+    from qpeft.triton_kernels.nf4_matmul import nf4_matmul_triton
+
+    M = 1 if config["BLOCK_M"] == 1 else 9
+    N, K, r, scale = 37, 160, 6, 0.5
+    dev = triton_device()
+    packed, state, W = make_weight(N, K, "nf4", 64, True, device=dev)
+    p, a, c, bs, _, _, na, nc, off = weight_args(packed, state)
+    x, b, _, (xa, lB, _) = _inputs(M, N, K, dtype, device=dev, r=r)
+    y = nf4_matmul_triton(x, p, a, c, bs, N, na, nc, off, b, xa, lB, scale, config=config)
+    ref32 = x.float() @ W.t() + b.float() + scale * (xa.float() @ lB.float().t())
+    assert_close_2x(y, ref32, x @ W.to(dtype).t() + b + scale * (xa @ lB.t()), what=f"forward {config}")
+
+
+@pytest.mark.triton
+@requires_triton_runtime
+@pytest.mark.parametrize("dtype", triton_dtypes())
+def test_triton_dx_with_lora(dtype):
+    from qpeft.triton_kernels.nf4_matmul import nf4_matmul_dx_triton
+
+    M, N, K, r, scale = 6, 45, 100, 3, 2.0
+    dev = triton_device()
+    packed, state, W = make_weight(N, K, "fp4", 32, False, device=dev)
+    p, a, c, bs, _, _, na, nc, off = weight_args(packed, state)
+    _, _, dy, (dyb, _, lA) = _inputs(M, N, K, dtype, device=dev, r=r)
+    dx = nf4_matmul_dx_triton(dy, p, a, c, bs, K, na, nc, off, dyb, lA, scale,
+                              config=dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32))
+    ref32 = dy.float() @ W + scale * (dyb.float() @ lA.float())
+    assert_close_2x(dx, ref32, dy @ W.to(dtype) + scale * (dyb @ lA), what="dx + lora")

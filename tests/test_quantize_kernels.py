@@ -1,0 +1,161 @@
+"""Triton and CUDA quantizers against the PyTorch reference: the same bytes, the same values.
+
+Triton runs on a GPU or on CPU tensors under TRITON_INTERPRET=1 (small odd shapes, fp16/fp32: the
+interpreter cannot do bf16 arithmetic). The CUDA C++ kernels and bf16 need a GPU (requires_cuda).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import qpeft
+from qpeft import codes
+from qpeft.reference import quantize as ref
+from utils import DTYPES, HAS_CUDA, requires_cuda, requires_triton_runtime, triton_device, triton_dtypes
+
+BLOCKSIZES = [32, 64, 128, 256, 512, 1024, 2048, 4096]
+
+
+def _inputs(bs: int, dtype: torch.dtype, device: str, seed: int) -> list[torch.Tensor]:
+    """numel not a multiple of bs (with a partial tail), odd numel below one block, an all-zero block."""
+    g = torch.Generator().manual_seed(seed)
+    odd = torch.randn(2, bs + 5, generator=g) * 3
+    odd[0, 0] = 50.0
+    tiny = torch.randn(7, generator=g)
+    zero_block = torch.randn(bs * 2 + 1, generator=g)
+    zero_block[bs:2 * bs] = 0
+    return [t.to(device=device, dtype=dtype) for t in (odd, tiny, zero_block)]
+
+
+def _check_4bit(A: torch.Tensor, bs: int, qt: str, quantize, dequantize, out_dtypes) -> None:
+    what = f"{qt} bs={bs} {A.dtype} {tuple(A.shape)}"
+    A_cpu = A.cpu()
+    packed_ref, absmax_ref = ref.quantize_4bit_ref(A_cpu, bs, qt)
+    packed, absmax = quantize(A.contiguous(), bs, qt)
+    assert torch.equal(packed.cpu(), packed_ref), f"packed bytes differ: {what}"
+    assert torch.equal(absmax.cpu(), absmax_ref), f"absmax differs: {what}"
+    code = (codes.nf4() if qt == "nf4" else codes.fp4()).to(A.device)
+    for dt in out_dtypes:
+        out = dequantize(packed, absmax, code, bs, list(A.shape), dt)
+        want = ref.dequantize_4bit_ref(packed_ref, absmax_ref, code.cpu(), bs, list(A.shape), dt)
+        assert out.dtype == dt and torch.equal(out.cpu(), want), f"dequantized values differ: {what} -> {dt}"
+
+
+def _check_8bit(A: torch.Tensor, bs: int, code: torch.Tensor, quantize, dequantize, out_dtypes) -> None:
+    what = f"8-bit bs={bs} {A.dtype} {tuple(A.shape)} code[{code.numel()}]"
+    q_ref, absmax_ref = ref.quantize_blockwise_ref(A.cpu(), code, bs)
+    q, absmax = quantize(A.contiguous(), code.to(A.device), bs)
+    assert torch.equal(q.cpu(), q_ref), f"codes differ: {what}"
+    assert torch.equal(absmax.cpu(), absmax_ref), f"absmax differs: {what}"
+    for dt in out_dtypes:
+        out = dequantize(q, absmax, code.to(A.device), bs, dt)
+        want = ref.dequantize_blockwise_ref(q_ref, absmax_ref, code, bs, dt)
+        assert torch.equal(out.cpu(), want), f"dequantized values differ: {what} -> {dt}"
+
+
+def _triton_launchers():
+    from qpeft.triton_kernels import quantize as tk
+
+    return tk
+
+
+# --- Triton (GPU, or CPU under the interpreter) --------------------------------------------------------------
+@pytest.mark.triton
+@requires_triton_runtime
+@pytest.mark.parametrize("blocksize", BLOCKSIZES)
+def test_triton_4bit_matches_reference(blocksize):
+    tk = _triton_launchers()
+    for dtype in triton_dtypes():
+        for A in _inputs(blocksize, dtype, triton_device(), seed=blocksize + dtype.itemsize):
+            for qt in ("nf4", "fp4"):
+                _check_4bit(A, blocksize, qt, tk.quantize_4bit_triton, tk.dequantize_4bit_triton, triton_dtypes())
+
+
+@pytest.mark.triton
+@requires_triton_runtime
+@pytest.mark.parametrize("blocksize", BLOCKSIZES)
+def test_triton_8bit_matches_reference(blocksize):
+    tk = _triton_launchers()
+    short = codes.quantile_code(torch.randn(500, generator=torch.Generator().manual_seed(1)), 4)
+    for dtype in triton_dtypes():
+        for A in _inputs(blocksize, dtype, triton_device(), seed=2 * blocksize):
+            for code in (codes.dynamic_map(), short):
+                _check_8bit(A, blocksize, code, tk.quantize_blockwise_triton, tk.dequantize_blockwise_triton,
+                            triton_dtypes())
+
+
+@pytest.mark.triton
+@requires_triton_runtime
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_public_api_on_triton_backend(quant_type, monkeypatch):
+    """quantize_4bit with double quant through the L2 ops on the Triton backend == the reference backend."""
+    A = torch.randn(37, 53, generator=torch.Generator().manual_seed(11)).to(triton_device(), torch.float16)
+    monkeypatch.setenv("QPEFT_BACKEND", "triton")
+    packed, st = qpeft.quantize_4bit(A, 64, quant_type, double_quant=True)
+    out = qpeft.dequantize_4bit(packed, st)
+    monkeypatch.setenv("QPEFT_BACKEND", "torch")
+    packed_r, st_r = qpeft.quantize_4bit(A.cpu(), 64, quant_type, double_quant=True)
+    assert torch.equal(packed.cpu(), packed_r)
+    assert torch.equal(st.absmax.cpu(), st_r.absmax) and torch.equal(st.state2.absmax.cpu(), st_r.state2.absmax)
+    assert torch.equal(st.offset.cpu(), st_r.offset)
+    assert torch.equal(out.cpu(), qpeft.dequantize_4bit(packed_r, st_r))
+
+
+@pytest.mark.triton
+@requires_triton_runtime
+def test_triton_launchers_reject_bad_input():
+    tk = _triton_launchers()
+    A = torch.randn(8, 64, device=triton_device())
+    with pytest.raises(ValueError, match="A must be contiguous"):
+        tk.quantize_4bit_triton(A.t(), 64, "nf4")
+    with pytest.raises(ValueError, match="blocksize must be one of"):
+        tk.quantize_blockwise_triton(A, codes.dynamic_map().to(A.device), 96)
+    packed, absmax = tk.quantize_4bit_triton(A, 64, "nf4")
+    with pytest.raises(ValueError, match="absmax must be contiguous float32 with 8 entries"):
+        tk.dequantize_4bit_triton(packed, absmax[:4], codes.nf4().to(A.device), 64, [8, 64], torch.float32)
+    with pytest.raises(ValueError, match="code must have 16 entries"):
+        tk.dequantize_4bit_triton(packed, absmax, codes.dynamic_map().to(A.device), 64, [8, 64], torch.float32)
+
+
+# --- GPU: CUDA C++ and Triton vs the reference (and bitsandbytes' CUDA kernels) ------------------------------
+@requires_cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("blocksize", BLOCKSIZES)
+def test_gpu_backends_match_reference(backend, dtype, blocksize, monkeypatch):
+    monkeypatch.setenv("QPEFT_BACKEND", backend)
+    ops = torch.ops.qpeft
+    q4 = lambda A, bs, qt: ops.quantize_4bit(A, bs, qt)  # noqa: E731
+    dq4 = lambda p, a, c, bs, shape, dt: ops.dequantize_4bit(p, a, c, bs, shape, dt)  # noqa: E731
+    q8 = lambda A, c, bs: ops.quantize_blockwise(A, c, bs)  # noqa: E731
+    dq8 = lambda q, a, c, bs, dt: ops.dequantize_blockwise(q, a, c, bs, dt)  # noqa: E731
+    inputs = _inputs(blocksize, dtype, "cuda", seed=blocksize)
+    inputs.append((torch.randn(1021, 997, device="cuda") * 2).to(dtype))  # ~1M values, odd everything
+    for A in inputs:
+        for qt in ("nf4", "fp4"):
+            _check_4bit(A, blocksize, qt, q4, dq4, DTYPES)
+        _check_8bit(A, blocksize, codes.dynamic_map(), q8, dq8, DTYPES)
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_public_api_matches_bitsandbytes_cuda(backend, monkeypatch):
+    """NF4 on whole blocks (bnb's CUDA kernel multiplies by 1/absmax everywhere, our tail block divides like its
+    CPU backend; its FP4 tree and ours differ in the sign of values within 1/384 of zero)."""
+    F = pytest.importorskip("bitsandbytes.functional")
+    monkeypatch.setenv("QPEFT_BACKEND", backend)
+    A = torch.randn(512, 768, device="cuda", dtype=torch.bfloat16)
+    for bs in BLOCKSIZES:
+        packed, st = qpeft.quantize_4bit(A, bs, "nf4", double_quant=False)
+        bpacked, bst = F.quantize_4bit(A, blocksize=bs, quant_type="nf4")
+        assert torch.equal(packed, bpacked) and torch.equal(st.absmax, bst.absmax), bs
+        assert torch.equal(qpeft.dequantize_4bit(packed, st), F.dequantize_4bit(bpacked, bst)), bs
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the CPU dispatch rule")
+def test_cpu_tensors_use_the_reference_without_the_interpreter(monkeypatch):
+    from qpeft import _backend
+
+    monkeypatch.setenv("QPEFT_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert _backend.select("quantize_4bit", torch.device("cpu")) == "torch"

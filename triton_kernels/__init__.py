@@ -1,0 +1,1 @@
+"""Triton kernels (installed as qpeft.triton_kernels); imported lazily, never at `import qpeft`."""

@@ -1,0 +1,246 @@
+"""Triton kernels for y = x @ W^T (forward) and dx = dy @ W (input gradient) on a 4-bit NF4/FP4 weight.
+
+The weight W (N, K) is never materialized: each program dequantizes the (BLOCK_N, BLOCK_K) tile it needs
+in registers (code-book lookup x absmax, the double-quantized absmax decoded in-kernel) and feeds it to
+tl.dot (or to a multiply-reduce for a single activation row). Accumulation is fp32.
+
+Layout (bitsandbytes): element e = n*K + k of the flattened W lives in byte e // 2, HIGH nibble when e is
+even; its scale is absmax[e // BLOCKSIZE]. Working from the flat element index handles K % blocksize != 0
+(a block spanning two rows) and odd K (a row starting in the middle of a byte) with the same code.
+
+Configurations (one kernel per direction, picked by M in `_fwd_config` / `_dx_config`):
+- decode, M <= 16: a split-K GEMV. BLOCK_M is 1 for one row (multiply-reduce, no padding to 16 rows);
+  2..16 rows use tl.dot with BLOCK_M = 16. K is split so that about 2 programs per SM stream the packed
+  weight once; partial sums go into an fp32 buffer with atomics.
+- prefill/training, M > 16: a tiled GEMM, tl.dot on dequantized tiles in the K loop, no split.
+The tile sizes below are starting points; the GPU measurements that should set them (and the M crossover)
+are owed: this code was written and tested on a machine without a GPU, under TRITON_INTERPRET=1.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["nf4_matmul_triton", "nf4_matmul_dx_triton"]
+
+NESTED_BLOCKSIZE = 256
+DECODE_MAX_M = 16
+
+
+@triton.jit
+def _dequant_tile(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset,
+                  rows, cols, mask, K,
+                  BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr):
+    """fp32 W[rows, cols] (broadcast shapes), 0 where ~mask. rows/cols are int64."""
+    e = rows * K + cols
+    byte = tl.load(packed_ptr + (e >> 1), mask=mask, other=0).to(tl.int32)
+    shift = (4 - (e & 1) * 4).to(tl.int32)  # even element -> high nibble
+    nibble = (byte >> shift) & 0xF
+    value = tl.load(code_ptr + nibble)
+    block = e // BLOCKSIZE
+    if NESTED:
+        q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
+        scale2 = tl.load(nested_absmax_ptr + block // NESTED_BLOCKSIZE, mask=mask, other=0.0)
+        scale = tl.load(nested_code_ptr + q) * scale2 + offset
+    else:
+        scale = tl.load(absmax_ptr + block, mask=mask, other=0.0)
+    return tl.where(mask, value * scale, 0.0)
+
+
+@triton.jit
+def _nf4_matmul_kernel(
+    # activations (M, K) and output (M, N), row-major
+    x_ptr, out_ptr, M, N, K, stride_xm, stride_om,
+    # 4-bit weight (N, K)
+    packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
+    # epilogue: bias (N,), LoRA xa (M, R) @ lora_B (N, R)^T * lora_scale
+    bias_ptr, xa_ptr, lb_ptr, lora_scale, R, stride_xam, stride_lbn,
+    # meta-parameters
+    BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
+    R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    offset = 0.0
+    if NESTED:
+        offset = tl.load(offset_ptr)
+
+    # each split owns a contiguous, BLOCK_K-aligned range of K
+    k_span = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K
+    k_begin = pid_k * k_span
+    k_end = tl.minimum(k_begin + k_span, K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        offs_k = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+        mask_k = offs_k < k_end
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        w = _dequant_tile(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset,
+                          offs_n[:, None], offs_k[None, :], mask_n[:, None] & mask_k[None, :], K,
+                          BLOCKSIZE, NESTED)
+        if USE_DOT:
+            acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=DOT_PRECISION)
+        else:
+            acc += tl.sum(x.to(tl.float32)[:, None, :] * w[None, :, :], axis=2)
+
+    # bias and LoRA are added once, by the first K split
+    first = (pid_k == 0).to(tl.float32)
+    if HAS_BIAS:
+        b = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        acc += b[None, :] * first
+    if HAS_LORA:
+        offs_r = tl.arange(0, R_PAD)
+        mask_r = offs_r < R
+        xa = tl.load(xa_ptr + offs_m[:, None] * stride_xam + offs_r[None, :],
+                     mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+        lb = tl.load(lb_ptr + offs_n[:, None] * stride_lbn + offs_r[None, :],
+                     mask=mask_n[:, None] & mask_r[None, :], other=0.0)
+        if USE_DOT:
+            lora = tl.dot(xa, tl.trans(lb), input_precision=DOT_PRECISION)
+        else:
+            lora = tl.sum(xa.to(tl.float32)[:, None, :] * lb.to(tl.float32)[None, :, :], axis=2)
+        acc += (lora_scale * first) * lora
+
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    out_mask = mask_m[:, None] & mask_n[None, :]
+    if SPLIT_K == 1:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        tl.atomic_add(out_ptrs, acc, mask=out_mask)
+
+
+@triton.jit
+def _nf4_matmul_dx_kernel(
+    # output gradient (M, N) and input gradient (M, K), row-major
+    dy_ptr, dx_ptr, M, N, K, stride_dym, stride_dxm,
+    # 4-bit weight (N, K)
+    packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
+    # epilogue: LoRA dyb (M, R) @ lora_A (R, K) * lora_scale
+    dyb_ptr, la_ptr, lora_scale, R, stride_dybm, stride_lar,
+    # meta-parameters
+    BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, HAS_LORA: tl.constexpr, R_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_k = (pid_k * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
+    mask_m = offs_m < M
+    mask_k = offs_k < K
+    offset = 0.0
+    if NESTED:
+        offset = tl.load(offset_ptr)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+        mask_n = offs_n < N
+        dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :],
+                     mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+        # transposed use of the same (BLOCK_N, BLOCK_K) weight tile: dx += dy @ W
+        w = _dequant_tile(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset,
+                          offs_n[:, None], offs_k[None, :], mask_n[:, None] & mask_k[None, :], K,
+                          BLOCKSIZE, NESTED)
+        acc += tl.dot(dy, w.to(dy.dtype), input_precision=DOT_PRECISION)
+
+    if HAS_LORA:
+        offs_r = tl.arange(0, R_PAD)
+        mask_r = offs_r < R
+        dyb = tl.load(dyb_ptr + offs_m[:, None] * stride_dybm + offs_r[None, :],
+                      mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+        la = tl.load(la_ptr + offs_r[:, None] * stride_lar + offs_k[None, :],
+                     mask=mask_r[:, None] & mask_k[None, :], other=0.0)
+        acc += lora_scale * tl.dot(dyb, la, input_precision=DOT_PRECISION)
+
+    tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :], acc.to(dx_ptr.dtype.element_ty),
+             mask=mask_m[:, None] & mask_k[None, :])
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132  # interpreter: pretend H100 so the split-K path is exercised the same way
+
+
+def _fwd_config(M: int, N: int, K: int, device: torch.device) -> dict:
+    """Tile choice by M. Decode (M <= 16) is bandwidth bound: split K until ~2 programs per SM stream the
+    weight. Larger M is a plain tiled GEMM. Numbers are unmeasured starting points (GPU tuning owed)."""
+    if M <= DECODE_MAX_M:
+        block_m = 1 if M == 1 else 16
+        block_n, block_k = (32, 256) if M == 1 else (32, 128)
+        tiles = triton.cdiv(N, block_n)
+        split = max(1, min(triton.cdiv(2 * _num_sms(device), tiles), triton.cdiv(K, 4 * block_k)))
+        return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, num_warps=4)
+    block_m = 64 if M <= 64 else 128
+    return dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=64, SPLIT_K=1, num_warps=4)
+
+
+def _dx_config(M: int, N: int, K: int) -> dict:
+    block_m = 16 if M <= DECODE_MAX_M else (64 if M <= 64 else 128)
+    return dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=64, num_warps=4)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs: full-precision products ("ieee"); tf32 would lose ~3 decimal digits vs torch's fp32 matmul.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def nf4_matmul_triton(x2d, packed, absmax, code, blocksize, N, nested_absmax=None, nested_code=None, offset=None,
+                      bias=None, lora_xa=None, lora_B=None, lora_scale=0.0, config: dict | None = None):
+    """(M, N) = x2d @ W^T (+ bias, + LoRA epilogue). Inputs are validated by the L2 op (contiguous).
+    `config` overrides the tile choice (tests and benchmarks use it to force a path)."""
+    M, K = x2d.shape
+    cfg = dict(config or _fwd_config(M, N, K, x2d.device))
+    num_warps = cfg.pop("num_warps", 4)
+    use_dot = cfg["BLOCK_M"] >= 16
+    split = cfg["SPLIT_K"]
+    # split-K partial sums are added with fp32 atomics; one (M, N) fp32 buffer (M <= 16 rows: tiny)
+    if split == 1:
+        out = torch.empty((M, N), dtype=x2d.dtype, device=x2d.device)
+    else:
+        out = torch.zeros((M, N), dtype=torch.float32, device=x2d.device)
+    nested = nested_absmax is not None
+    has_lora = lora_xa is not None
+    r = lora_xa.shape[1] if has_lora else 0
+    dummy = code
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]), split)
+    _nf4_matmul_kernel[grid](
+        x2d, out, M, N, K, x2d.stride(0), out.stride(0),
+        packed, absmax, code, nested_absmax if nested else dummy, nested_code if nested else dummy,
+        offset if nested else dummy,
+        bias if bias is not None else dummy, lora_xa if has_lora else dummy, lora_B if has_lora else dummy,
+        float(lora_scale), r, lora_xa.stride(0) if has_lora else 0, lora_B.stride(0) if has_lora else 0,
+        BLOCKSIZE=blocksize, NESTED=nested, HAS_BIAS=bias is not None, HAS_LORA=has_lora,
+        R_PAD=max(16, triton.next_power_of_2(max(r, 1))), USE_DOT=use_dot, DOT_PRECISION=_dot_precision(x2d.dtype),
+        num_warps=num_warps, **cfg)
+    return out if split == 1 else out.to(x2d.dtype)
+
+
+def nf4_matmul_dx_triton(dy2d, packed, absmax, code, blocksize, K, nested_absmax=None, nested_code=None,
+                         offset=None, lora_dyb=None, lora_A=None, lora_scale=0.0, config: dict | None = None):
+    """(M, K) = dy2d (M, N) @ W (+ lora_scale * lora_dyb @ lora_A). Inputs validated by the L2 op."""
+    M, N = dy2d.shape
+    cfg = dict(config or _dx_config(M, N, K))
+    num_warps = cfg.pop("num_warps", 4)
+    dx = torch.empty((M, K), dtype=dy2d.dtype, device=dy2d.device)
+    nested = nested_absmax is not None
+    has_lora = lora_dyb is not None
+    r = lora_dyb.shape[1] if has_lora else 0
+    dummy = code
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(K, cfg["BLOCK_K"]))
+    _nf4_matmul_dx_kernel[grid](
+        dy2d, dx, M, N, K, dy2d.stride(0), dx.stride(0),
+        packed, absmax, code, nested_absmax if nested else dummy, nested_code if nested else dummy,
+        offset if nested else dummy,
+        lora_dyb if has_lora else dummy, lora_A if has_lora else dummy, float(lora_scale), r,
+        lora_dyb.stride(0) if has_lora else 0, lora_A.stride(0) if has_lora else 0,
+        BLOCKSIZE=blocksize, NESTED=nested, HAS_LORA=has_lora, R_PAD=max(16, triton.next_power_of_2(max(r, 1))),
+        DOT_PRECISION=_dot_precision(dy2d.dtype), num_warps=num_warps, **cfg)
+    return dx
