@@ -5,6 +5,8 @@
   qpeft_qlora  qpeft.LoraLinear on QLinearNF4 (NF4, blocksize 64, double quant)
   peft_lora    PEFT LoRA on the nn.Linear (fp32 adapters, PEFT's default)
   peft_qlora   PEFT LoRA on bitsandbytes Linear4bit (NF4, double quant)
+  torch_compile  the plain PyTorch LoRA layer (adapters in the activation dtype) under torch.compile: the bar
+               a fused kernel has to beat (style guide)
 
 x requires grad (as inside a network), so every provider computes dx too. alpha = 2 r, dropout 0.
 GPU (the issue's grid): bf16, r in {8, 16, 64}, (K, N) in {(4096, 4096), (4096, 14336)}, M in {512, 4096, 16384};
@@ -25,7 +27,23 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import bench, env_info, on_gpu, print_table, write_csv  # noqa: E402
 
-PROVIDERS = ("frozen", "qpeft_lora", "qpeft_qlora", "peft_lora", "peft_qlora")
+PROVIDERS = ("frozen", "qpeft_lora", "qpeft_qlora", "peft_lora", "peft_qlora", "torch_compile")
+
+
+class TorchLora(nn.Module):
+    """y = x W^T + s (x A^T) B^T in plain PyTorch (the reference math), for torch.compile."""
+
+    def __init__(self, base: nn.Linear, r: int, scale: float):
+        super().__init__()
+        self.base = base
+        self.lora_A = nn.Parameter(torch.randn(r, base.in_features, device=base.weight.device,
+                                               dtype=base.weight.dtype) / base.in_features**0.5)
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=base.weight.device,
+                                               dtype=base.weight.dtype))
+        self.scale = scale
+
+    def forward(self, x):
+        return self.base(x) + self.scale * nn.functional.linear(nn.functional.linear(x, self.lora_A), self.lora_B)
 
 
 def grid(quick: bool) -> list[tuple[int, int, int, int]]:
@@ -71,6 +89,8 @@ def build(provider: str, linear: nn.Linear, r: int, dtype: torch.dtype, device) 
         return _peft(base, r)
     if provider == "peft_qlora":
         return _peft(_bnb_linear4bit(base, dtype, device), r)
+    if provider == "torch_compile":
+        return torch.compile(TorchLora(base, r, 2.0))
     raise ValueError(provider)
 
 

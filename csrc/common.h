@@ -164,16 +164,26 @@ struct Weight4 {
   const float* code;           // 16 entries
   int64_t rows, cols;
   int log2bs;
+  bool nested;  // a runtime flag, not a template parameter: it halves the instantiations (build time)
 };
 
 constexpr int kNestedLog2 = 8;  // 256 absmax values per second-level block
 
+// Shared-memory tables of the 4-bit kernels: the 16-entry code and, with double quant, the 256-entry
+// nested code; returns the offset (0 without double quant). Call before a __syncthreads.
+__device__ __forceinline__ float load_weight_tables(const Weight4& w, float* s_lut, float* s_ncode) {
+  if (threadIdx.x < 16) s_lut[threadIdx.x] = w.code[threadIdx.x];
+  if (w.nested) {
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) s_ncode[i] = w.nested_code[i];
+    return __ldg(w.offset);
+  }
+  return 0.f;
+}
+
 // Per-block scale. __fmul_rn/__fadd_rn stop nvcc from contracting into an FMA: the reference does
 // the multiply and the add as two fp32 roundings, and dequantized weights must match it bit for bit.
-template <bool NESTED>
-__device__ __forceinline__ float block_scale(const Weight4& w, const float* s_ncode, float offset,
-                                             int64_t blk) {
-  if constexpr (NESTED) {
+__device__ __forceinline__ float block_scale(const Weight4& w, const float* s_ncode, float offset, int64_t blk) {
+  if (w.nested) {
     return __fadd_rn(__fmul_rn(s_ncode[w.absmax_u8[blk]], __ldg(w.nested_absmax + (blk >> kNestedLog2))),
                      offset);
   } else {
@@ -182,12 +192,11 @@ __device__ __forceinline__ float block_scale(const Weight4& w, const float* s_nc
 }
 
 // One element by flat index (the slow, alignment-free path).
-template <bool NESTED>
 __device__ __forceinline__ float dequant_elem(const Weight4& w, const float* s_lut, const float* s_ncode,
                                               float offset, int64_t idx) {
   const uint32_t byte = __ldg(w.packed + (idx >> 1));
   const uint32_t nib = (idx & 1) ? (byte & 0xF) : (byte >> 4);
-  return __fmul_rn(s_lut[nib], block_scale<NESTED>(w, s_ncode, offset, idx >> w.log2bs));
+  return __fmul_rn(s_lut[nib], block_scale(w, s_ncode, offset, idx >> w.log2bs));
 }
 
 // Checks shared by nf4_matmul_out / nf4_matmul_dx_out: the 4-bit weight (rows, cols) and its state.
@@ -195,7 +204,7 @@ Weight4 make_weight4(const at::Tensor& ref, const at::Tensor& packed, const at::
                      const at::Tensor& code, int64_t blocksize, int64_t rows, int64_t cols,
                      const std::optional<at::Tensor>& nested_absmax,
                      const std::optional<at::Tensor>& nested_code,
-                     const std::optional<at::Tensor>& offset, bool* nested);
+                     const std::optional<at::Tensor>& offset);
 
 // LoRA epilogue operands: out[m, n] += scale * sum_r rows[m, r] * cols[n * s_n + r * s_r].
 struct LoraEpilogue {

@@ -37,7 +37,7 @@ void dense_lora_matmul_out(const at::Tensor& x, const at::Tensor& weight, const 
     args.a_vec = K % 8 == 0 && aligned(x.data_ptr(), 16);
     args.b_vec = K % 8 == 0 && aligned(weight.data_ptr(), 16);
     args.ep = ep;
-    launch_tile_gemm<scalar_t, kDense>(args, false, stream);
+    launch_tile_gemm<scalar_t, kDense>(args, stream);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -45,17 +45,12 @@ __device__ __forceinline__ void load8_f(const T* __restrict__ p, float* v) {
 // lane the 4*M sums; lane (m*4 + r) % 32 applies the epilogue and stores out[m, n0 + r].
 // Requires K % 32 == 0 (chunks never straddle a row or an absmax block: blocksize >= 32) and 16-byte
 // aligned packed and x (checked by the host).
-template <typename T, int MT, bool NESTED>
+template <typename T, int MT>
 __global__ void __launch_bounds__(kGemvWarps * 32)
 nf4_gemv_kernel(const T* __restrict__ x, Weight4 w, int64_t M, T* __restrict__ out, LoraEpilogue ep) {
   __shared__ float s_lut[16];
-  __shared__ float s_ncode[NESTED ? 256 : 1];
-  if (threadIdx.x < 16) s_lut[threadIdx.x] = w.code[threadIdx.x];
-  if constexpr (NESTED) {
-    for (int i = threadIdx.x; i < 256; i += blockDim.x) s_ncode[i] = w.nested_code[i];
-  }
-  float off = 0.f;
-  if constexpr (NESTED) off = __ldg(w.offset);
+  __shared__ float s_ncode[256];
+  const float off = load_weight_tables(w, s_lut, s_ncode);
   __syncthreads();
 
   const int lane = threadIdx.x & 31;
@@ -80,7 +75,7 @@ nf4_gemv_kernel(const T* __restrict__ x, Weight4 w, int64_t M, T* __restrict__ o
       const int64_t n = n0 + r;
       if (n < N) {
         raw[r] = __ldcs(wp + n * chunks + c);  // W is read once: stream it past L1
-        sc[r] = block_scale<NESTED>(w, s_ncode, off, (n * K + (c << 5)) >> w.log2bs);
+        sc[r] = block_scale(w, s_ncode, off, (n * K + (c << 5)) >> w.log2bs);
       } else {
         raw[r] = make_uint4(0u, 0u, 0u, 0u);
         sc[r] = 0.f;
@@ -131,25 +126,24 @@ nf4_gemv_kernel(const T* __restrict__ x, Weight4 w, int64_t M, T* __restrict__ o
     }
 }
 
-template <typename T, bool NESTED>
+template <typename T>
 void launch_gemv(const T* x, const Weight4& w, int64_t M, T* out, const LoraEpilogue& ep, cudaStream_t stream) {
   const int64_t warps = ceil_div(w.rows, kGemvRows);
   const int64_t grid = ceil_div(warps, kGemvWarps);
   TORCH_CHECK(grid <= 0x7fffffff, "N too large for the GEMV kernel: ", w.rows);
   const int threads = kGemvWarps * 32;
-  // Smallest power-of-two register tile >= M: acc is MT x 4 floats per lane.
-  if (M <= 1) nf4_gemv_kernel<T, 1, NESTED><<<grid, threads, 0, stream>>>(x, w, M, out, ep);
-  else if (M <= 2) nf4_gemv_kernel<T, 2, NESTED><<<grid, threads, 0, stream>>>(x, w, M, out, ep);
-  else if (M <= 4) nf4_gemv_kernel<T, 4, NESTED><<<grid, threads, 0, stream>>>(x, w, M, out, ep);
-  else if (M <= 8) nf4_gemv_kernel<T, 8, NESTED><<<grid, threads, 0, stream>>>(x, w, M, out, ep);
-  else nf4_gemv_kernel<T, 16, NESTED><<<grid, threads, 0, stream>>>(x, w, M, out, ep);
+  // Register tile of MT rows (acc is MT x 4 floats per lane); rows m >= M are skipped by a uniform
+  // branch. Three sizes only: each instantiation costs ~20 s of nvcc time on 2 cores.
+  if (M <= 1) nf4_gemv_kernel<T, 1><<<grid, threads, 0, stream>>>(x, w, M, out, ep);
+  else if (M <= 4) nf4_gemv_kernel<T, 4><<<grid, threads, 0, stream>>>(x, w, M, out, ep);
+  else nf4_gemv_kernel<T, 16><<<grid, threads, 0, stream>>>(x, w, M, out, ep);
 }
 
 // ---------------------------------------------------------------- host-side validation
 Weight4 make_weight4(const at::Tensor& ref, const at::Tensor& packed, const at::Tensor& absmax,
                      const at::Tensor& code, int64_t blocksize, int64_t rows, int64_t cols,
                      const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& nested_code,
-                     const std::optional<at::Tensor>& offset, bool* nested) {
+                     const std::optional<at::Tensor>& offset) {
   const int log2bs = check_blocksize(blocksize);
   const int64_t n = rows * cols;
   QPEFT_CHECK_DTYPE(packed, at::kByte, "packed");
@@ -199,7 +193,7 @@ Weight4 make_weight4(const at::Tensor& ref, const at::Tensor& packed, const at::
   } else {
     w.absmax_f32 = absmax.data_ptr<float>();
   }
-  *nested = has_nested;
+  w.nested = has_nested;
   return w;
 }
 
@@ -254,8 +248,7 @@ void nf4_matmul_out(const at::Tensor& x, const at::Tensor& packed, const at::Ten
   const int64_t M = x.size(0), K = x.size(1);
   check_output(out, "out", x, "x", M);
   const int64_t N = out.size(1);
-  bool nested = false;
-  const Weight4 w = make_weight4(x, packed, absmax, code, blocksize, N, K, nested_absmax, nested_code, offset, &nested);
+  const Weight4 w = make_weight4(x, packed, absmax, code, blocksize, N, K, nested_absmax, nested_code, offset);
   const LoraEpilogue ep = make_epilogue(x, M, N, bias, lora_xa, "lora_xa", lora_B, "lora_B", false, lora_scale);
   if (M == 0 || N == 0) return;
   const c10::cuda::CUDAGuard guard(x.device());
@@ -265,8 +258,7 @@ void nf4_matmul_out(const at::Tensor& x, const at::Tensor& packed, const at::Ten
     const auto* xp = reinterpret_cast<const scalar_t*>(x.data_ptr());
     auto* op = reinterpret_cast<scalar_t*>(out.data_ptr());
     if (gemv) {
-      if (nested) launch_gemv<scalar_t, true>(xp, w, M, op, ep, stream);
-      else launch_gemv<scalar_t, false>(xp, w, M, op, ep, stream);
+      launch_gemv<scalar_t>(xp, w, M, op, ep, stream);
     } else {
       TileArgs args{};
       args.A = xp;
@@ -278,7 +270,7 @@ void nf4_matmul_out(const at::Tensor& x, const at::Tensor& packed, const at::Ten
       args.a_vec = K % 8 == 0 && aligned(xp, 16);
       args.b_vec = K % 16 == 0 && aligned(packed.data_ptr(), 8);
       args.ep = ep;
-      launch_tile_gemm<scalar_t, kB4NK>(args, nested, stream);
+      launch_tile_gemm<scalar_t, kB4NK>(args, stream);
     }
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -293,9 +285,7 @@ void nf4_matmul_dx_out(const at::Tensor& dy, const at::Tensor& packed, const at:
   const int64_t M = dy.size(0), N = dy.size(1);
   check_output(dx, "dx", dy, "dy", M);
   const int64_t K = dx.size(1);
-  bool nested = false;
-  const Weight4 w =
-      make_weight4(dy, packed, absmax, code, blocksize, N, K, nested_absmax, nested_code, offset, &nested);
+  const Weight4 w = make_weight4(dy, packed, absmax, code, blocksize, N, K, nested_absmax, nested_code, offset);
   const LoraEpilogue ep =
       make_epilogue(dy, M, K, std::nullopt, lora_dyb, "lora_dyb", lora_A, "lora_A", true, lora_scale);
   if (M == 0 || K == 0) return;
@@ -312,7 +302,7 @@ void nf4_matmul_dx_out(const at::Tensor& dy, const at::Tensor& packed, const at:
     args.a_vec = N % 8 == 0 && aligned(dy.data_ptr(), 16);
     args.b_vec = K % 16 == 0 && aligned(packed.data_ptr(), 8);
     args.ep = ep;
-    launch_tile_gemm<scalar_t, kB4T>(args, nested, stream);
+    launch_tile_gemm<scalar_t, kB4T>(args, stream);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

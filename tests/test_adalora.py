@@ -250,3 +250,26 @@ def test_failed_load_leaves_model_unchanged(tmp_path):
     assert [n for n, _ in model.named_modules()] == names_before and not adalora_layers(model)
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, before, atol=0, rtol=0)
+
+
+def test_nf4_base_uses_lora_path():
+    """AdaLoRA on a QLinearNF4 base (QLoRA-style): base output + the SVD-form update, gradients on A, E, B."""
+    from qpeft.modules.qlinear_nf4 import QLinearNF4
+
+    torch.manual_seed(0)
+    q = QLinearNF4.from_linear(torch.nn.Linear(48, 40), compute_dtype=torch.float32)
+    layer = AdaLoraLinear(q, r=5, lora_alpha=16)
+    with torch.no_grad():
+        layer.lora_E.normal_()
+    x = torch.randn(3, 7, 48)
+    y = layer(x)
+    with torch.no_grad():
+        expect = q(x) + x @ (layer.lora_A * layer.lora_E).T @ layer.lora_B.T * (16 / (5 + 1e-5))
+    torch.testing.assert_close(y, expect, atol=1e-5, rtol=1e-5)
+    y.square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in (layer.lora_A, layer.lora_E, layer.lora_B))
+    model = torch.nn.Sequential()
+    model.add_module("proj", layer)
+    model._qpeft_adalora = None
+    with pytest.raises(TypeError, match="QLinearNF4"):
+        merge_adalora(model)

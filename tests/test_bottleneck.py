@@ -110,6 +110,16 @@ def test_opcheck():
                           (torch.randn_like(x), x, h, wd, wu, "relu", 1.0))
 
 
+@pytest.mark.triton
+@requires_triton_runtime
+def test_opcheck_triton():
+    x, wd, bd, wu, bu = _params(19, 40, 6, torch.float16, triton_device())
+    torch.library.opcheck(torch.ops.qpeft.bottleneck_adapter.default, (x, wd, bd, wu, bu, "swish", 0.5))
+    _, h = bottleneck_adapter_ref(x, wd, bd, wu, bu, "swish", 0.5)
+    torch.library.opcheck(torch.ops.qpeft.bottleneck_adapter_backward.default,
+                          (torch.randn_like(x), x, h, wd, wu, "swish", 0.5))
+
+
 def test_functional_non_contiguous_and_3d():
     x, wd, bd, wu, bu = _params(12, 24, 5, torch.float32)
     x3 = x.reshape(3, 4, 24).transpose(0, 1)  # non-contiguous (4, 3, 24)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import qpeft
 from qpeft.autograd.lora import lora_linear
 from qpeft.reference import lora as ref
-from utils import DTYPES, assert_close_2x, requires_triton_runtime, triton_device, triton_dtypes
+from utils import DTYPES, assert_close_2x, requires_cuda, requires_triton_runtime, triton_device, triton_dtypes
 
 # (M, K, N, r): odd sizes, r below / above the 16-wide MMA minimum, rank-1
 SHAPES = [(1, 8, 8, 1), (37, 45, 53, 5), (64, 96, 80, 16), (19, 33, 130, 20)]
@@ -254,7 +254,8 @@ def test_triton_dropout_mask_bit_exact(p):
     eye = torch.eye(K, device=dev)
     xd = lora_matmul_triton(x, eye, out_dtype=torch.float32, M=M, N=K, seed=seed, dropout_p=p, drop_a=True)
     torch.testing.assert_close(xd, ref.lora_dropout_ref(x, seed, p), rtol=1.3e-6, atol=1e-6)
-    assert torch.equal(xd != 0, ref.lora_dropout_keep_ref(seed, M, K, p, dev) if p > 0 else torch.ones_like(xd, dtype=torch.bool))
+    keep = ref.lora_dropout_keep_ref(seed, M, K, p, dev) if p > 0 else torch.ones_like(xd, dtype=torch.bool)
+    assert torch.equal(xd != 0, keep)
     eyeM = torch.eye(M, device=dev)
     xdt = lora_tn_triton(eyeM, x, scale=1.0, seed=seed, dropout_p=p, drop_q=True)
     torch.testing.assert_close(xdt, ref.lora_dropout_ref(x, seed, p), rtol=1.3e-6, atol=1e-6)
@@ -295,3 +296,33 @@ def test_triton_tn_split_reduction():
     dev = triton_device()
     p, q = torch.randn(1100, 5, device=dev), torch.randn(1100, 40, device=dev)
     torch.testing.assert_close(lora_tn_triton(p, q, scale=0.5), 0.5 * p.t() @ q, rtol=1e-5, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------ GPU (default backend)
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES + [(512, 4096, 4096, 16), (300, 1024, 14336 // 4, 64)])
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_cuda_lora_linear_matches_reference(shape, dtype, p):
+    # whatever QPEFT_BACKEND picks on the GPU (CUDA C++ forward when the extension builds, Triton otherwise)
+    _check_against_reference(*shape, dtype, p, bias=True, device="cuda")
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_cuda_nf4_lora_matches_reference(dtype, p):
+    from qpeft.modules.qlinear_nf4 import QLinearNF4
+
+    torch.manual_seed(0)
+    q = QLinearNF4.from_linear(torch.nn.Linear(1024, 768).cuda(), compute_dtype=dtype)
+    W = q.dequantize(torch.float32)
+    x, _, A, B, _, dy = _inputs(333, 1024, 768, 16, dtype, "cuda", bias=False)
+    seed = torch.tensor([11], dtype=torch.int64, device="cuda")
+    out = _run(lambda x_, A_, B_, b_: lora_linear(x_, q, A_, B_, 2.0, dropout_p=p, training=True, seed=seed),
+               x, A, B, dy)
+    r32 = _run(lambda x_, A_, B_, b_: ref.lora_linear_ref(x_.float(), W, A_, B_, 2.0, q.bias, seed, p),
+               x, A, B, dy.float())
+    same = _run(_plain_torch(W.to(dtype), 2.0, seed, p), x, A, B, dy, q.bias.to(dtype))[:4]
+    for name, o, e, s in zip(["y", "dx", "dA", "dB"], out, r32, same):
+        assert_close_2x(o, e, s, factor=2.0 if name == "y" else 3.0, eps=1e-5, what=name)

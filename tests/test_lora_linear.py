@@ -281,9 +281,11 @@ def test_triton_nf4_base_matches_reference(dtype, dropout):
     seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=dev)  # what the layer drew
     A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
     W = q.dequantize(torch.float32)
-    xr, Ar, Br = x.detach().float().requires_grad_(), A.detach().clone().requires_grad_(), B.detach().clone().requires_grad_()
+    xr = x.detach().float().requires_grad_()
+    Ar, Br = A.detach().clone().requires_grad_(), B.detach().clone().requires_grad_()
     yr = lora_linear_ref(xr, W, Ar, Br, 2.0, q.bias, seed, dropout)
-    xs, As, Bs = x.detach().clone().requires_grad_(), A.detach().to(dtype).requires_grad_(), B.detach().to(dtype).requires_grad_()
+    xs = x.detach().clone().requires_grad_()
+    As, Bs = A.detach().to(dtype).requires_grad_(), B.detach().to(dtype).requires_grad_()
     xd = ref_dropout(xs.reshape(-1, 80), seed, dropout).to(dtype).reshape(xs.shape) if dropout else xs
     ys = xs @ W.to(dtype).t() + q.bias.to(dtype) + 2.0 * (xd @ As.t()) @ Bs.t()
     dy = torch.randn_like(y)

@@ -142,3 +142,20 @@ def test_unknown_module_and_unsupported_config_raise(tmp_path):
     with pytest.raises(ValueError, match="use_dora=True is not supported"):
         qpeft.load_adapter(model, dora)
     _assert_unchanged(model, snap)
+
+
+def test_qlora_adapter_roundtrip(tmp_path):
+    from qpeft.lora_model import prepare_for_qlora
+
+    model = prepare_for_qlora(tiny_llama(), r=4, lora_alpha=8, init="random")
+    with torch.no_grad():
+        for m in lora_layers(model).values():
+            m.lora_B["default"].weight.normal_(0, 0.05)
+    qpeft.save_adapter(model, tmp_path)
+    other = qpeft.load_adapter(prepare_for_qlora(tiny_llama(), r=4, lora_alpha=8), tmp_path)
+    torch.testing.assert_close(_logits(other), _logits(model), rtol=0, atol=0)
+    # the same file on the unquantized model through PEFT: the adapter tensors are PEFT's
+    pm = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path))
+    theirs = peft.get_peft_model_state_dict(pm)
+    ours = load_file(str(tmp_path / "adapter_model.safetensors"))
+    assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in ours)

@@ -12,7 +12,7 @@ import torch
 import qpeft
 from qpeft.autograd.nf4_matmul import nf4_matmul, weight_args
 from qpeft.reference import nf4_matmul as ref
-from utils import DTYPES, assert_close_2x, requires_triton_runtime, triton_device, triton_dtypes
+from utils import DTYPES, assert_close_2x, requires_cuda, requires_triton_runtime, triton_device, triton_dtypes
 
 # (M, N, K): single row, odd everything, K % 64 != 0 (blocks span rows), odd K (rows start mid-byte)
 SHAPES = [(1, 33, 70), (5, 17, 131), (20, 48, 96), (3, 40, 128)]
@@ -111,7 +111,8 @@ def test_accepts_bitsandbytes_state_and_storage_view():
     assert torch.equal(p_bnb.view(-1), p_q.view(-1))
     ours = nf4_matmul(x, p_q, s_q)
     torch.testing.assert_close(nf4_matmul(x, p_bnb, s_bnb), ours, rtol=0, atol=0)
-    torch.testing.assert_close(nf4_matmul(x, p_q.reshape(-1).view(torch.float16).reshape(-1, 1), s_q), ours, rtol=0, atol=0)
+    as_fp16_storage = p_q.reshape(-1).view(torch.float16).reshape(-1, 1)  # bnb quant_storage=torch.float16
+    torch.testing.assert_close(nf4_matmul(x, as_fp16_storage, s_q), ours, rtol=0, atol=0)
 
 
 # --- LoRA epilogue (the LoRA op family's contract) -----------------------------------------------------------
@@ -170,7 +171,8 @@ def test_op_level_checks():
         op(x, p, a[:-1].contiguous(), c, bs, N, None, None, None, None, None, None, 0.0)
     with pytest.raises(RuntimeError, match="blocksize must be one of"):
         op(x, p, a, c, 48, N, None, None, None, None, None, None, 0.0)
-    with pytest.raises(RuntimeError, match=r"packed must hold \(N\*K\+1\)//2 = 544 bytes for W \(17, 64\), got shape \(512, 1\)"):
+    with pytest.raises(RuntimeError,
+                       match=r"packed must hold \(N\*K\+1\)//2 = 544 bytes for W \(17, 64\), got shape \(512, 1\)"):
         op(x, p, a, c, bs, N + 1, None, None, None, None, None, None, 0.0)
     with pytest.raises(RuntimeError, match="x must be contiguous"):
         op(torch.randn(64, 4).t(), p, a, c, bs, N, None, None, None, None, None, None, 0.0)
@@ -181,7 +183,8 @@ def test_op_level_checks():
 
 
 # --- Triton kernels (interpreter on CPU: fp16/fp32, small shapes) -------------------------------------------------
-TRITON_SHAPES = [(1, 33, 70), (5, 17, 131), (20, 48, 96)]
+# generic loader (K % blocksize != 0, odd K) and aligned loader (K % blocksize == 0) shapes
+TRITON_SHAPES = [(1, 33, 70), (5, 17, 131), (20, 48, 96), (2, 21, 256)]
 
 
 @pytest.mark.triton
@@ -204,16 +207,18 @@ def test_triton_forward_dx(M, N, K, dtype, quant_type, blocksize, nested, monkey
 @pytest.mark.triton
 @requires_triton_runtime
 @pytest.mark.parametrize("dtype", triton_dtypes())
+@pytest.mark.parametrize("K,aligned", [(160, False), (320, True), (320, False)])
 @pytest.mark.parametrize("config", [
     dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=32, SPLIT_K=3),    # GEMV multiply-reduce, split-K with atomics
-    dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, SPLIT_K=2),   # decode tl.dot, split-K
+    dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, SPLIT_K=2),  # decode tl.dot, split-K, 2 scale groups per tile
     dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, SPLIT_K=1),   # tiled GEMM
 ])
-def test_triton_forward_configs_with_lora(config, dtype):
+def test_triton_forward_configs_with_lora(config, K, aligned, dtype):
     from qpeft.triton_kernels.nf4_matmul import nf4_matmul_triton
 
+    config = {**config, "ALIGNED": aligned}
     M = 1 if config["BLOCK_M"] == 1 else 9
-    N, K, r, scale = 37, 160, 6, 0.5
+    N, r, scale = 37, 6, 0.5
     dev = triton_device()
     packed, state, W = make_weight(N, K, "nf4", 64, True, device=dev)
     p, a, c, bs, _, _, na, nc, off = weight_args(packed, state)
@@ -226,10 +231,11 @@ def test_triton_forward_configs_with_lora(config, dtype):
 @pytest.mark.triton
 @requires_triton_runtime
 @pytest.mark.parametrize("dtype", triton_dtypes())
-def test_triton_dx_with_lora(dtype):
+@pytest.mark.parametrize("K", [100, 128])
+def test_triton_dx_with_lora(dtype, K):
     from qpeft.triton_kernels.nf4_matmul import nf4_matmul_dx_triton
 
-    M, N, K, r, scale = 6, 45, 100, 3, 2.0
+    M, N, r, scale = 6, 45, 3, 2.0
     dev = triton_device()
     packed, state, W = make_weight(N, K, "fp4", 32, False, device=dev)
     p, a, c, bs, _, _, na, nc, off = weight_args(packed, state)
@@ -238,3 +244,21 @@ def test_triton_dx_with_lora(dtype):
                               config=dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32))
     ref32 = dy.float() @ W + scale * (dyb.float() @ lA.float())
     assert_close_2x(dx, ref32, dy @ W.to(dtype) + scale * (dyb @ lA), what="dx + lora")
+
+
+# --- CUDA C++ extension (GPU only): the raw qpeft_C ops behind the same L2 op ---------------------------------
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,N,K", SHAPES + [(64, 256, 512), (300, 128, 4096)])
+@pytest.mark.parametrize("quant_type,blocksize,nested", FORMATS)
+def test_cuda_forward_dx_lora(M, N, K, dtype, quant_type, blocksize, nested, monkeypatch):
+    monkeypatch.setenv("QPEFT_BACKEND", "cuda")
+    packed, state, W = make_weight(N, K, quant_type, blocksize, nested, device="cuda")
+    p, a, c, bs, _, _, na, nc, off = weight_args(packed, state)
+    x, b, dy, (xa, lB, lA) = _inputs(M, N, K, dtype, device="cuda", r=8)
+    y = torch.ops.qpeft.nf4_matmul(x, p, a, c, bs, N, na, nc, off, b, xa, lB, 0.5)
+    assert_close_2x(y, x.float() @ W.t() + b.float() + 0.5 * (xa.float() @ lB.float().t()),
+                    x @ W.to(dtype).t() + b + 0.5 * (xa @ lB.t()), what="cuda forward")
+    dx = torch.ops.qpeft.nf4_matmul_dx(dy, p, a, c, bs, K, na, nc, off, xa, lA, 0.5)
+    assert_close_2x(dx, dy.float() @ W + 0.5 * (xa.float() @ lA.float()), dy @ W.to(dtype) + 0.5 * (xa @ lA),
+                    what="cuda dx")

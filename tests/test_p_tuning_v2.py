@@ -50,12 +50,14 @@ def test_layer_subset_leaves_other_layers_unchanged(layers):
     assert (hw[first + 1] - hb[first + 1]).abs().max() > 1e-3
 
 
-def test_unprompted_layers_ignore_prefix_values():
+@pytest.mark.parametrize("make", [tiny_llama, tiny_bert])
+def test_unprompted_layers_ignore_prefix_values(make):
     """In a layer outside `layers` the prefix slot is masked: even non-zero K/V there change nothing."""
     ids, mask = _batch()
-    model = add_p_tuning_v2(tiny_llama(), 3, layers=[1])
+    model = add_p_tuning_v2(make(), 3, layers=[1])
+    key = "logits" if make is tiny_llama else "last_hidden_state"
     with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=mask).logits
+        out = model(input_ids=ids, attention_mask=mask)[key]
         enc = model.prompt_encoders["default"]
         orig = enc.prompt
 
@@ -65,8 +67,11 @@ def test_unprompted_layers_ignore_prefix_values():
             return p.view(3, -1)
 
         enc.prompt = noisy_prompt
-        out2 = model(input_ids=ids, attention_mask=mask).logits
+        out2 = model(input_ids=ids, attention_mask=mask)[key]
+        enc.prompt = orig
+        out3 = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
     torch.testing.assert_close(out, out2, rtol=1e-5, atol=1e-5)
+    assert torch.equal(out3[key], out)
 
 
 @pytest.mark.parametrize("make,pool", [(tiny_bert, "first"), (tiny_llama, "last")])

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import qpeft
 from qpeft.modules import qlinear_nf4
 from qpeft.modules.qlinear_nf4 import QLinearNF4
+from utils import assert_close_2x, requires_triton_runtime, triton_device
 
 BNB_KEYS = {"weight", "bias", "weight.absmax", "weight.quant_map", "weight.nested_absmax", "weight.nested_quant_map"}
 # (quant_type, double_quant); bnb shapes keep K % 64 == 0: bitsandbytes 0.50.2's CPU dequantize kernel
@@ -200,3 +201,20 @@ def test_bad_arguments():
         q(torch.randn(3, 65))
     with pytest.raises(TypeError, match="torch.int64"):
         QLinearNF4(64, 8, compute_dtype=None)(torch.ones(3, 64, dtype=torch.long))
+
+
+@pytest.mark.triton
+@requires_triton_runtime
+def test_module_on_triton_kernels(monkeypatch):
+    monkeypatch.setenv("QPEFT_BACKEND", "triton")
+    dev = triton_device()
+    q = QLinearNF4.from_linear(_linear(128, 40).to(dev), compute_dtype=torch.float16)
+    W = q.dequantize(torch.float32)
+    x = torch.randn(3, 5, 128, device=dev, requires_grad=True)
+    y = q(x)
+    xh = x.detach().half()
+    assert_close_2x(y, x.detach() @ W.t() + q.bias.detach(),
+                    (xh @ W.half().t() + q.bias.detach().half()).float(), what="forward")
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    assert_close_2x(x.grad, dy @ W, (dy.half() @ W.half()).float(), what="dx")

@@ -16,6 +16,29 @@ from utils import DTYPES, HAS_CUDA, requires_cuda, requires_triton_runtime, trit
 BLOCKSIZES = [32, 64, 128, 256, 512, 1024, 2048, 4096]
 
 
+@pytest.fixture(autouse=True)
+def _single_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small tensors on a shared 2-core box: OpenMP spin-waiting only costs time
+    yield
+    torch.set_num_threads(threads)
+
+
+def _check_rejects_non_finite(device: str) -> None:
+    """The public API finds NaN/Inf through the absmax the backend returns (every backend must propagate)."""
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for dtype in (torch.float32, torch.float16):
+            A = torch.randn(3, 100, dtype=dtype, device=device)
+            A[2, 77] = bad  # in the partial tail block (300 = 4 x 64 + 44)
+            B = torch.randn(3, 100, dtype=dtype, device=device)
+            B[0, 5] = bad   # in a full block
+            for X in (A, B):
+                with pytest.raises(ValueError, match="1 non-finite values"):
+                    qpeft.quantize_4bit(X, 64, "nf4")
+                with pytest.raises(ValueError, match="1 non-finite values"):
+                    qpeft.quantize_blockwise(X, blocksize=64)
+
+
 def _inputs(bs: int, dtype: torch.dtype, device: str, seed: int) -> list[torch.Tensor]:
     """numel not a multiple of bs (with a partial tail), odd numel below one block, an all-zero block."""
     g = torch.Generator().manual_seed(seed)
@@ -86,6 +109,7 @@ def test_triton_8bit_matches_reference(blocksize):
 
 @pytest.mark.triton
 @requires_triton_runtime
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter on NaN input
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 def test_public_api_on_triton_backend(quant_type, monkeypatch):
     """quantize_4bit with double quant through the L2 ops on the Triton backend == the reference backend."""
@@ -99,6 +123,8 @@ def test_public_api_on_triton_backend(quant_type, monkeypatch):
     assert torch.equal(st.absmax.cpu(), st_r.absmax) and torch.equal(st.state2.absmax.cpu(), st_r.state2.absmax)
     assert torch.equal(st.offset.cpu(), st_r.offset)
     assert torch.equal(out.cpu(), qpeft.dequantize_4bit(packed_r, st_r))
+    monkeypatch.setenv("QPEFT_BACKEND", "triton")
+    _check_rejects_non_finite(triton_device())
 
 
 @pytest.mark.triton
@@ -135,6 +161,13 @@ def test_gpu_backends_match_reference(backend, dtype, blocksize, monkeypatch):
         for qt in ("nf4", "fp4"):
             _check_4bit(A, blocksize, qt, q4, dq4, DTYPES)
         _check_8bit(A, blocksize, codes.dynamic_map(), q8, dq8, DTYPES)
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_backends_reject_non_finite(backend, monkeypatch):
+    monkeypatch.setenv("QPEFT_BACKEND", backend)
+    _check_rejects_non_finite("cuda")
 
 
 @requires_cuda

@@ -55,6 +55,8 @@ def test_target_modules_list_and_regex():
     assert len(report.converted) == 3
     with pytest.raises(ValueError, match="matched no nn.Linear"):
         quantize_model(tiny_llama(), target_modules=["nope"])
+    report = qpeft.quantize_model(tiny_llama(), target_modules=["o_proj"])  # the top-level API
+    assert len(report.converted) == 2
 
 
 def test_parameter_count_is_logical():

@@ -83,12 +83,12 @@ def _lora_matmul_kernel(
     out_ptr, stride_om, stride_on,
     # dropout
     seed_ptr, mask_cols, drop_scale,
-    # sizes and scalars
-    M, N, K, R, scale,
+    # sizes and scalars (m_bucket: next power of two of M, only the autotuning key)
+    M, N, K, R, scale, m_bucket,
     # meta-parameters
     HAS_MAIN: tl.constexpr, HAS_ADDEND: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
     DROP_A: tl.constexpr, DROP_LORA: tl.constexpr, DROP_THRESH: tl.constexpr, DOT_KIND: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
     # grouped tile order: GROUP_M row tiles share the same b column tiles while they sit in L2
@@ -118,7 +118,7 @@ def _lora_matmul_kernel(
                 a = tl.where(keep, a.to(tl.float32) * drop_scale, 0.0)
             b = tl.load(b_ptr + rk[:, None] * stride_bk + rn[None, :] * stride_bn,
                         mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            acc = tl.dot(_to_dot(a, DOT_KIND), _to_dot(b, DOT_KIND), acc, input_precision="ieee")
+            acc = tl.dot(_to_dot(a, DOT_KIND), _to_dot(b, DOT_KIND), acc, input_precision=PRECISION)
 
     if HAS_LORA:
         lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -129,7 +129,7 @@ def _lora_matmul_kernel(
                          mask=m_ok[:, None] & r_ok[None, :], other=0.0)
             qt = tl.load(q_ptr + rr[:, None] * stride_qr + rn[None, :] * stride_qn,
                          mask=r_ok[:, None] & n_ok[None, :], other=0.0)
-            lora = tl.dot(_to_dot(pt, DOT_KIND), _to_dot(qt, DOT_KIND), lora, input_precision="ieee")
+            lora = tl.dot(_to_dot(pt, DOT_KIND), _to_dot(qt, DOT_KIND), lora, input_precision=PRECISION)
         if DROP_LORA:
             keep = _keep_mask(seed_ptr, rm, rn, mask_cols, DROP_THRESH)
             lora = tl.where(keep, lora * drop_scale, 0.0)
@@ -152,7 +152,7 @@ def _lora_tn_kernel(
     out_ptr, stride_os, stride_oi, stride_oj,
     seed_ptr, mask_cols, drop_scale,
     M, I, J, rows_per_split, scale,
-    DROP_Q: tl.constexpr, DROP_THRESH: tl.constexpr, DOT_KIND: tl.constexpr,
+    DROP_Q: tl.constexpr, DROP_THRESH: tl.constexpr, DOT_KIND: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     pid_i = tl.program_id(0)
@@ -175,7 +175,7 @@ def _lora_tn_kernel(
         if DROP_Q:
             keep = _keep_mask(seed_ptr, rm, rj, mask_cols, DROP_THRESH)
             qt = tl.where(keep, qt.to(tl.float32) * drop_scale, 0.0)
-        acc = tl.dot(_to_dot(pt, DOT_KIND), _to_dot(qt, DOT_KIND), acc, input_precision="ieee")
+        acc = tl.dot(_to_dot(pt, DOT_KIND), _to_dot(qt, DOT_KIND), acc, input_precision=PRECISION)
     tl.store(out_ptr + split * stride_os + ri[:, None] * stride_oi + rj[None, :] * stride_oj,
              acc * scale, mask=i_ok[:, None] & j_ok[None, :])
 
@@ -190,11 +190,20 @@ _GPU_CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
 ]
-_lora_matmul_kernel_tuned = triton.autotune(configs=_GPU_CONFIGS, key=["M", "N", "K", "R"])(_lora_matmul_kernel)
+# keyed on M's power-of-two bucket, not M: training with variable sequence lengths would otherwise re-tune
+# (4 timed launches) for every new token count
+_lora_matmul_kernel_tuned = triton.autotune(configs=_GPU_CONFIGS, key=["m_bucket", "N", "K", "R"])(
+    _lora_matmul_kernel)
 
 
 def _pow2_at_least(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
+
+
+def _precision(dot_dtype: torch.dtype) -> str:
+    # fp32 operands: exact IEEE products (TF32 would cost ~1e-3 relative error, far above fp32 PyTorch's);
+    # 16-bit operands always run on the tensor cores and ignore the setting
+    return "ieee" if dot_dtype == torch.float32 else "tf32"
 
 
 def _dummy(device) -> torch.Tensor:
@@ -245,11 +254,11 @@ def lora_matmul_triton(a: torch.Tensor | None, b_t: torch.Tensor | None, *, out_
         q_t.stride(0) if has_lora else 0, q_t.stride(1) if has_lora else 0,
         out, out.stride(0), out.stride(1),
         seed if use_drop else d, mask_cols, 1.0 / (1.0 - dropout_p),
-        M, N, K, R, float(scale),
+        M, N, K, R, float(scale), triton.next_power_of_2(M),
         HAS_MAIN=has_main, HAS_ADDEND=addend is not None, HAS_BIAS=bias is not None, HAS_LORA=has_lora,
         DROP_A=use_drop and drop_a, DROP_LORA=use_drop and drop_lora,
         DROP_THRESH=dropout_threshold(dropout_p) if use_drop else 0, DOT_KIND=_DOT_KIND[dot_dtype],
-        BLOCK_R=BR, GROUP_M=8, **meta,
+        PRECISION=_precision(dot_dtype), BLOCK_R=BR, GROUP_M=8, **meta,
     )
     return out
 
@@ -266,7 +275,10 @@ def lora_tn_triton(p: torch.Tensor, q: torch.Tensor, *, scale: float, seed: torc
     if _INTERPRET:
         BI, BJ, BM, warps = 32, 32, 32, 4
     else:
-        BI, BJ, BM, warps = (_pow2_at_least(I, 16, 64) if I <= 64 else 128), 128, 64, 8
+        # one side is the rank (<= 64 typically): size that side's tile to it, 128 on the long side
+        BI = _pow2_at_least(I, 16, 64) if I <= 64 else 128
+        BJ = _pow2_at_least(J, 16, 64) if J <= 64 else 128
+        BM, warps = 64, (8 if BI * BJ >= 128 * 64 else 4)
     tiles = triton.cdiv(I, BI) * triton.cdiv(J, BJ)
     # split the M reduction so that about 2 programs per SM run (264 on an H100), each over >= 512 rows
     target = 4 if _INTERPRET else 264
@@ -281,6 +293,7 @@ def lora_tn_triton(p: torch.Tensor, q: torch.Tensor, *, scale: float, seed: torc
         seed if use_drop else d, J, 1.0 / (1.0 - dropout_p),
         M, I, J, rows_per_split, float(scale),
         DROP_Q=use_drop, DROP_THRESH=dropout_threshold(dropout_p) if use_drop else 0,
-        DOT_KIND=_DOT_KIND[dot_dtype], BLOCK_I=BI, BLOCK_J=BJ, BLOCK_M=BM, num_warps=warps,
+        DOT_KIND=_DOT_KIND[dot_dtype], PRECISION=_precision(dot_dtype), BLOCK_I=BI, BLOCK_J=BJ, BLOCK_M=BM,
+        num_warps=warps,
     )
     return part[0] if split == 1 else part.sum(0)

@@ -8,13 +8,20 @@ Layout (bitsandbytes): element e = n*K + k of the flattened W lives in byte e //
 even; its scale is absmax[e // BLOCKSIZE]. Working from the flat element index handles K % blocksize != 0
 (a block spanning two rows) and odd K (a row starting in the middle of a byte) with the same code.
 
+Tile loaders: when K % blocksize == 0 (every real model shape) `_dequant_tile_aligned` loads one byte per two
+weights and one absmax per block; otherwise `_dequant_tile` gathers per element (any K, odd K included).
+
 Configurations (one kernel per direction, picked by M in `_fwd_config` / `_dx_config`):
 - decode, M <= 16: a split-K GEMV. BLOCK_M is 1 for one row (multiply-reduce, no padding to 16 rows);
   2..16 rows use tl.dot with BLOCK_M = 16. K is split so that about 2 programs per SM stream the packed
   weight once; partial sums go into an fp32 buffer with atomics.
 - prefill/training, M > 16: a tiled GEMM, tl.dot on dequantized tiles in the K loop, no split.
-The tile sizes below are starting points; the GPU measurements that should set them (and the M crossover)
-are owed: this code was written and tested on a machine without a GPU, under TRITON_INTERPRET=1.
+Compiled offline for sm_90 (triton.compile with GPUTarget("cuda", 90, 32), no GPU here), the bf16/fp16 GEMM
+and dx configurations issue HGMMA.64x64x16 (wgmma), decode issues HMMA.16816 (mma.sync) and the M = 1 GEMV
+FMAs only, as intended. The tile sizes, num_warps/num_stages and the M crossover are unmeasured starting
+points: the GPU measurements that should set them are owed (this was written on a machine without a GPU and
+tested under TRITON_INTERPRET=1). Known headroom: the 16-entry code book is gathered from global memory (L1)
+per nibble; a register/shared-memory LUT and wider byte loads are the first things to try on the GPU.
 """
 from __future__ import annotations
 
@@ -24,7 +31,8 @@ import triton.language as tl
 
 __all__ = ["nf4_matmul_triton", "nf4_matmul_dx_triton"]
 
-NESTED_BLOCKSIZE = 256
+# compiled kernels may only read globals declared constexpr
+NESTED_BLOCKSIZE = tl.constexpr(256)  # absmax values per second-level (double-quant) block, as bitsandbytes
 DECODE_MAX_M = 16
 
 
@@ -49,6 +57,40 @@ def _dequant_tile(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_co
 
 
 @triton.jit
+def _dequant_tile_aligned(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset,
+                          offs_n, mask_n, k0, K,
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr,
+                          NESTED: tl.constexpr):
+    """fp32 W[offs_n, k0:k0+BLOCK_K] when K % BLOCKSIZE == 0 (so rows start on a byte and a block boundary)
+    and k0 % BLOCK_K == 0: one byte load per 2 weights (split into hi/lo nibbles and interleaved) and one
+    absmax per BLOCKSIZE weights instead of one of each per weight in `_dequant_tile`."""
+    half_k = K // 2
+    offs_b = (k0 // 2 + tl.arange(0, BLOCK_K // 2)).to(tl.int64)
+    byte = tl.load(packed_ptr + offs_n[:, None] * half_k + offs_b[None, :],
+                   mask=mask_n[:, None] & (offs_b[None, :] < half_k), other=0).to(tl.int32)
+    hi = tl.load(code_ptr + (byte >> 4))   # element 2j: high nibble
+    lo = tl.load(code_ptr + (byte & 0xF))  # element 2j + 1
+    values = tl.reshape(tl.join(hi, lo), (BLOCK_N, BLOCK_K))
+    GROUPS: tl.constexpr = BLOCK_K // BLOCKSIZE if BLOCK_K >= BLOCKSIZE else 1
+    offs_g = tl.arange(0, GROUPS)
+    block = (offs_n[:, None] * K + k0) // BLOCKSIZE + offs_g[None, :]
+    gmask = mask_n[:, None] & (k0 + offs_g[None, :] * BLOCKSIZE < K)
+    if NESTED:
+        q = tl.load(absmax_ptr + block, mask=gmask, other=0).to(tl.int32)
+        scale2 = tl.load(nested_absmax_ptr + block // NESTED_BLOCKSIZE, mask=gmask, other=0.0)
+        scale = tl.load(nested_code_ptr + q) * scale2 + offset
+    else:
+        scale = tl.load(absmax_ptr + block, mask=gmask, other=0.0)
+    if GROUPS == 1:
+        w = values * scale
+    else:
+        w = values * tl.reshape(tl.broadcast_to(scale[:, :, None], (BLOCK_N, GROUPS, BLOCK_K // GROUPS)),
+                                (BLOCK_N, BLOCK_K))
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    return tl.where(mask_n[:, None] & (offs_k[None, :] < K), w, 0.0)
+
+
+@triton.jit
 def _nf4_matmul_kernel(
     # activations (M, K) and output (M, N), row-major
     x_ptr, out_ptr, M, N, K, stride_xm, stride_om,
@@ -59,7 +101,7 @@ def _nf4_matmul_kernel(
     # meta-parameters
     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
     R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -82,9 +124,13 @@ def _nf4_matmul_kernel(
         mask_k = offs_k < k_end
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        w = _dequant_tile(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset,
-                          offs_n[:, None], offs_k[None, :], mask_n[:, None] & mask_k[None, :], K,
-                          BLOCKSIZE, NESTED)
+        if ALIGNED:
+            w = _dequant_tile_aligned(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset,
+                                      offs_n, mask_n, k0, K, BLOCK_N, BLOCK_K, BLOCKSIZE, NESTED)
+        else:
+            w = _dequant_tile(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset,
+                              offs_n[:, None], offs_k[None, :], mask_n[:, None] & mask_k[None, :], K,
+                              BLOCKSIZE, NESTED)
         if USE_DOT:
             acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=DOT_PRECISION)
         else:
@@ -127,6 +173,7 @@ def _nf4_matmul_dx_kernel(
     # meta-parameters
     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, HAS_LORA: tl.constexpr, R_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -145,9 +192,13 @@ def _nf4_matmul_dx_kernel(
         dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :],
                      mask=mask_m[:, None] & mask_n[None, :], other=0.0)
         # transposed use of the same (BLOCK_N, BLOCK_K) weight tile: dx += dy @ W
-        w = _dequant_tile(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset,
-                          offs_n[:, None], offs_k[None, :], mask_n[:, None] & mask_k[None, :], K,
-                          BLOCKSIZE, NESTED)
+        if ALIGNED:
+            w = _dequant_tile_aligned(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset,
+                                      offs_n, mask_n, pid_k * BLOCK_K, K, BLOCK_N, BLOCK_K, BLOCKSIZE, NESTED)
+        else:
+            w = _dequant_tile(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset,
+                              offs_n[:, None], offs_k[None, :], mask_n[:, None] & mask_k[None, :], K,
+                              BLOCKSIZE, NESTED)
         acc += tl.dot(dy, w.to(dy.dtype), input_precision=DOT_PRECISION)
 
     if HAS_LORA:
@@ -187,6 +238,13 @@ def _dx_config(M: int, N: int, K: int) -> dict:
     return dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=64, num_warps=4)
 
 
+def _aligned(K: int, blocksize: int, cfg: dict) -> bool:
+    """Rows start on a block (hence byte) boundary: the byte-pair / one-scale-per-block tile loader applies.
+    K is split on BLOCK_K boundaries and both are powers of two, so no tile straddles a block edge either.
+    cfg["ALIGNED"] = False forces the generic per-element loader (tests use it)."""
+    return cfg.pop("ALIGNED", True) and K % blocksize == 0
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     # fp32 inputs: full-precision products ("ieee"); tf32 would lose ~3 decimal digits vs torch's fp32 matmul.
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -199,6 +257,7 @@ def nf4_matmul_triton(x2d, packed, absmax, code, blocksize, N, nested_absmax=Non
     M, K = x2d.shape
     cfg = dict(config or _fwd_config(M, N, K, x2d.device))
     num_warps = cfg.pop("num_warps", 4)
+    aligned = _aligned(K, blocksize, cfg)
     use_dot = cfg["BLOCK_M"] >= 16
     split = cfg["SPLIT_K"]
     # split-K partial sums are added with fp32 atomics; one (M, N) fp32 buffer (M <= 16 rows: tiny)
@@ -219,7 +278,7 @@ def nf4_matmul_triton(x2d, packed, absmax, code, blocksize, N, nested_absmax=Non
         float(lora_scale), r, lora_xa.stride(0) if has_lora else 0, lora_B.stride(0) if has_lora else 0,
         BLOCKSIZE=blocksize, NESTED=nested, HAS_BIAS=bias is not None, HAS_LORA=has_lora,
         R_PAD=max(16, triton.next_power_of_2(max(r, 1))), USE_DOT=use_dot, DOT_PRECISION=_dot_precision(x2d.dtype),
-        num_warps=num_warps, **cfg)
+        ALIGNED=aligned, num_warps=num_warps, **cfg)
     return out if split == 1 else out.to(x2d.dtype)
 
 
@@ -229,6 +288,7 @@ def nf4_matmul_dx_triton(dy2d, packed, absmax, code, blocksize, K, nested_absmax
     M, N = dy2d.shape
     cfg = dict(config or _dx_config(M, N, K))
     num_warps = cfg.pop("num_warps", 4)
+    aligned = _aligned(K, blocksize, cfg)
     dx = torch.empty((M, K), dtype=dy2d.dtype, device=dy2d.device)
     nested = nested_absmax is not None
     has_lora = lora_dyb is not None
@@ -242,5 +302,5 @@ def nf4_matmul_dx_triton(dy2d, packed, absmax, code, blocksize, K, nested_absmax
         lora_dyb if has_lora else dummy, lora_A if has_lora else dummy, float(lora_scale), r,
         lora_dyb.stride(0) if has_lora else 0, lora_A.stride(0) if has_lora else 0,
         BLOCKSIZE=blocksize, NESTED=nested, HAS_LORA=has_lora, R_PAD=max(16, triton.next_power_of_2(max(r, 1))),
-        DOT_PRECISION=_dot_precision(dy2d.dtype), num_warps=num_warps, **cfg)
+        DOT_PRECISION=_dot_precision(dy2d.dtype), ALIGNED=aligned, num_warps=num_warps, **cfg)
     return dx

@@ -3,7 +3,10 @@ qpeft.reference.quantize (see its docstring for the exact semantics, which are b
 
 Layout: each program handles GROUP consecutive quantization blocks as a [GROUP, BLOCKSIZE] tile (about
 4096 elements: 8 KB of bf16 in, 2 KB packed out), so blocksize 32 does not mean 32-element programs and
-blocksize 4096 is still one tile; rows are contiguous, so loads and stores vectorize to 16 bytes. Offsets
+blocksize 4096 is still one tile; rows are contiguous, so loads and stores vectorize to 16 bytes. When
+n % 8 == 0 (every real weight) the packed bytes move as int32 words of 8 codes (WORDS): compiled for sm_90,
+a thread then stores its 16 packed bytes with one st.global.v4 instead of 16 st.global.b8, and dequantize
+reads them with one ld.global.v4 instead of 16 ld.global.b8; the byte path handles any other n. Offsets
 are int64 (tensors beyond 2^31 elements). All arithmetic is fp32. Division uses tl.math.div_rn: Triton's
 plain fp32 `/` is the approximate div.full.f32 (2 ulp) on NVIDIA GPUs, which would change codes next to a
 midpoint; the product x * (1/absmax) has no add to fuse, so no FMA contraction can creep in.
@@ -50,8 +53,11 @@ def _scale_tile(a_ptr, absmax_ptr, pid, n, num_blocks, BLOCKSIZE: tl.constexpr, 
     blk = pid * GROUP + tl.arange(0, GROUP).to(tl.int64)
     offs = blk[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
     x = tl.load(a_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
-    amax = tl.max(tl.abs(x), axis=1)
-    floor = tl.maximum(amax, ABSMAX_FLOOR)
+    # a NaN must reach the stored absmax (the public API rejects non-finite input by checking absmax), and
+    # whether tl.max propagates NaN depends on the target's max instruction: make it explicit
+    has_nan = tl.max((x != x).to(tl.int32), axis=1) > 0
+    amax = tl.where(has_nan, float("nan"), tl.max(tl.abs(x), axis=1))
+    floor = tl.maximum(amax, ABSMAX_FLOOR, propagate_nan=tl.PropagateNan.ALL)  # torch.clamp keeps NaN too
     # bnb's default backend handles the partial tail block separately: x / absmax (not x * (1/absmax)),
     # and it stores the floored absmax for it.
     tail = (blk + 1) * BLOCKSIZE > n
@@ -63,14 +69,27 @@ def _scale_tile(a_ptr, absmax_ptr, pid, n, num_blocks, BLOCKSIZE: tl.constexpr, 
 
 
 @triton.jit
+def _or(a, b):
+    return a | b
+
+
+@triton.jit
+def _nibble_shifts():
+    """Bit offset of element k (0..7) inside a little-endian int32 of 4 packed bytes: element 2j sits in the
+    high nibble of byte j, element 2j + 1 in its low nibble."""
+    k = tl.arange(0, 8)
+    return 8 * (k // 2) + 4 * (1 - k % 2)
+
+
+@triton.jit
 def _quantize_4bit_kernel(
-    # pointers
+    # pointers (packed_ptr: uint8, or int32 words when WORDS)
     a_ptr, packed_ptr, absmax_ptr, mid_ptr,
     # sizes
     n, num_blocks,
     # meta
     BLOCKSIZE: tl.constexpr, GROUP: tl.constexpr, IS_FP4: tl.constexpr, FP4_LO: tl.constexpr,
-    FP4_HI: tl.constexpr, ABSMAX_FLOOR: tl.constexpr,
+    FP4_HI: tl.constexpr, ABSMAX_FLOOR: tl.constexpr, WORDS: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     scaled, blk = _scale_tile(a_ptr, absmax_ptr, pid, n, num_blocks, BLOCKSIZE, GROUP, ABSMAX_FLOOR)
@@ -81,26 +100,38 @@ def _quantize_4bit_kernel(
         code = tl.where(pos < 8, (FP4_LO >> (4 * pos)) & 15, (FP4_HI >> (4 * (pos - 8))) & 15)
     else:
         code = pos
-    hi, lo = tl.split(tl.reshape(code, [GROUP, BLOCKSIZE // 2, 2]))
-    byte = ((hi << 4) | lo).to(tl.uint8)
-    boffs = blk[:, None] * (BLOCKSIZE // 2) + tl.arange(0, BLOCKSIZE // 2)[None, :]
-    tl.store(packed_ptr + boffs, byte, mask=boffs < (n + 1) // 2)
+    if WORDS:  # n % 8 == 0: 8 codes -> one int32, so each thread stores whole 16-byte vectors
+        shifted = tl.reshape(code, [GROUP, BLOCKSIZE // 8, 8]) << _nibble_shifts()[None, None, :]
+        word = tl.reduce(shifted, 2, _or)
+        woffs = blk[:, None] * (BLOCKSIZE // 8) + tl.arange(0, BLOCKSIZE // 8)[None, :]
+        tl.store(packed_ptr + woffs, word, mask=woffs < n // 8)
+    else:
+        hi, lo = tl.split(tl.reshape(code, [GROUP, BLOCKSIZE // 2, 2]))
+        byte = ((hi << 4) | lo).to(tl.uint8)
+        boffs = blk[:, None] * (BLOCKSIZE // 2) + tl.arange(0, BLOCKSIZE // 2)[None, :]
+        tl.store(packed_ptr + boffs, byte, mask=boffs < (n + 1) // 2)
 
 
 @triton.jit
 def _dequantize_4bit_kernel(
     packed_ptr, absmax_ptr, code_ptr, out_ptr,
     n, num_blocks,
-    BLOCKSIZE: tl.constexpr, GROUP: tl.constexpr,
+    BLOCKSIZE: tl.constexpr, GROUP: tl.constexpr, WORDS: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     blk = pid * GROUP + tl.arange(0, GROUP).to(tl.int64)
-    boffs = blk[:, None] * (BLOCKSIZE // 2) + tl.arange(0, BLOCKSIZE // 2)[None, :]
-    byte = tl.load(packed_ptr + boffs, mask=boffs < (n + 1) // 2, other=0).to(tl.int32)
     scale = tl.load(absmax_ptr + blk, mask=blk < num_blocks, other=0.0)
-    v_hi = tl.load(code_ptr + (byte >> 4)) * scale[:, None]  # the 16-entry code book stays in L1
-    v_lo = tl.load(code_ptr + (byte & 15)) * scale[:, None]
-    vals = tl.reshape(tl.join(v_hi, v_lo), [GROUP, BLOCKSIZE])
+    if WORDS:  # n % 8 == 0: read int32 words (16-byte vector loads), 8 codes each
+        woffs = blk[:, None] * (BLOCKSIZE // 8) + tl.arange(0, BLOCKSIZE // 8)[None, :]
+        word = tl.load(packed_ptr + woffs, mask=woffs < n // 8, other=0)
+        nib = (word[:, :, None] >> _nibble_shifts()[None, None, :]) & 15
+        vals = tl.reshape(tl.load(code_ptr + nib) * scale[:, None, None], [GROUP, BLOCKSIZE])
+    else:
+        boffs = blk[:, None] * (BLOCKSIZE // 2) + tl.arange(0, BLOCKSIZE // 2)[None, :]
+        byte = tl.load(packed_ptr + boffs, mask=boffs < (n + 1) // 2, other=0).to(tl.int32)
+        v_hi = tl.load(code_ptr + (byte >> 4)) * scale[:, None]  # the 16-entry code book stays in L1
+        v_lo = tl.load(code_ptr + (byte & 15)) * scale[:, None]
+        vals = tl.reshape(tl.join(v_hi, v_lo), [GROUP, BLOCKSIZE])
     offs = blk[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
     tl.store(out_ptr + offs, vals.to(out_ptr.dtype.element_ty), mask=offs < n)
 
@@ -115,10 +146,9 @@ def _quantize_blockwise_kernel(
     scaled, blk = _scale_tile(a_ptr, absmax_ptr, pid, n, num_blocks, BLOCKSIZE, GROUP, ABSMAX_FLOOR)
     # midpoints padded to 256 with +inf: after the 8 steps pos = #midpoints < scaled
     pos = tl.zeros([GROUP, BLOCKSIZE], dtype=tl.int32)
-    for s in tl.static_range(8):
-        step: tl.constexpr = 128 >> s
-        m = tl.load(mid_ptr + pos + (step - 1))
-        pos += tl.where(scaled > m, step, 0)
+    for s in tl.static_range(8):  # steps 128, 64, ..., 1
+        m = tl.load(mid_ptr + pos + ((128 >> s) - 1))
+        pos += tl.where(scaled > m, 128 >> s, 0)
     offs = blk[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
     tl.store(q_ptr + offs, pos.to(tl.uint8), mask=offs < n)
 
@@ -175,9 +205,11 @@ def quantize_4bit_triton(A: torch.Tensor, blocksize: int, quant_type: str) -> tu
     sorted_values, _ = codes.sorted_codebook(quant_type, A.device)
     mids = midpoints(sorted_values)
     group, grid = _grid(num_blocks, blocksize)
-    _quantize_4bit_kernel[(grid,)](A, packed, absmax, mids, n, num_blocks, BLOCKSIZE=blocksize, GROUP=group,
-                                   IS_FP4=quant_type == "fp4", FP4_LO=_FP4_LO, FP4_HI=_FP4_HI,
-                                   ABSMAX_FLOOR=ABSMAX_FLOOR, num_warps=_num_warps(blocksize))
+    words = n % 8 == 0
+    _quantize_4bit_kernel[(grid,)](A, packed.view(torch.int32) if words else packed, absmax, mids, n, num_blocks,
+                                   BLOCKSIZE=blocksize, GROUP=group, IS_FP4=quant_type == "fp4", FP4_LO=_FP4_LO,
+                                   FP4_HI=_FP4_HI, ABSMAX_FLOOR=ABSMAX_FLOOR, WORDS=words,
+                                   num_warps=_num_warps(blocksize))
     return packed, absmax
 
 
@@ -211,8 +243,9 @@ def dequantize_4bit_triton(packed: torch.Tensor, absmax: torch.Tensor, code: tor
     out = torch.empty(shape, dtype=dtype, device=packed.device)
     num_blocks = triton.cdiv(n, blocksize)
     group, grid = _grid(num_blocks, blocksize)
-    _dequantize_4bit_kernel[(grid,)](packed, absmax, code, out, n, num_blocks, BLOCKSIZE=blocksize, GROUP=group,
-                                     num_warps=_num_warps(blocksize))
+    words = n % 8 == 0 and packed.data_ptr() % 4 == 0
+    _dequantize_4bit_kernel[(grid,)](packed.view(torch.int32) if words else packed, absmax, code, out, n, num_blocks,
+                                     BLOCKSIZE=blocksize, GROUP=group, WORDS=words, num_warps=_num_warps(blocksize))
     return out
 
 

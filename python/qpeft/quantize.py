@@ -5,8 +5,8 @@
     q, state = qpeft.quantize_blockwise(x)              # 8-bit dynamic code, blocksize 256
     q, lstate = qpeft.quantize_linear(x, bits=4, symmetric=False)
 
-Quantizing is a one-off step, so these functions check the data itself (dtype, emptiness, NaN/Inf: one
-device sync) and accept any strides (they call .contiguous()); the L2 ops in qpeft.ops.quantize do the work
+Quantizing is a one-off step, so these functions check the data itself (dtype, emptiness, NaN/Inf through
+the per-block scales: one small device sync) and accept any strides (they call .contiguous()); the L2 ops in qpeft.ops.quantize do the work
 on the backend chosen per call (CUDA C++, Triton or the PyTorch reference on CPU).
 """
 from __future__ import annotations
@@ -34,8 +34,14 @@ def _check_tensor(A, name: str = "A") -> None:
         raise TypeError(f"{name} must be float32, float16 or bfloat16, got {A.dtype}")
     if A.numel() == 0:
         raise ValueError(f"{name} is empty (shape {tuple(A.shape)}); nothing to quantize")
-    if not bool(torch.isfinite(A).all()):
-        bad = (~torch.isfinite(A)).sum().item()
+
+
+def _check_finite(A: torch.Tensor, scales: torch.Tensor, name: str = "A") -> None:
+    """Reject NaN/Inf in A by looking at the per-block scales the op returned: every backend propagates a
+    NaN or Inf of a block into its absmax/scale (an op contract, tested), so this reads blocks/64 of the data
+    instead of a second pass over A (which would cost as much as the quantization: 2n bytes read)."""
+    if not bool(torch.isfinite(scales).all()):
+        bad = int((~torch.isfinite(A)).sum())
         raise ValueError(f"{name} has {bad} non-finite values (inf/nan); cannot quantize")
 
 
@@ -73,6 +79,7 @@ def quantize_4bit(A: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4",
         raise ValueError(f"quant_storage={quant_storage}: {nbytes} packed bytes are not a multiple of its "
                          f"{itemsize}-byte elements; use quant_storage=torch.uint8 for this tensor")
     packed, absmax = torch.ops.qpeft.quantize_4bit(A.contiguous(), blocksize, quant_type)
+    _check_finite(A, absmax)
     code = codes.nf4(A.device) if quant_type == "nf4" else codes.fp4(A.device)
     state = QuantState(absmax=absmax, shape=A.shape, dtype=A.dtype, blocksize=blocksize, quant_type=quant_type,
                        code=code)
@@ -129,6 +136,7 @@ def quantize_blockwise(A: torch.Tensor, code: torch.Tensor | None = None,
     if not bool(torch.isfinite(code).all()) or bool((code[1:] < code[:-1]).any()) or bool(code.abs().max() > 1):
         raise ValueError("code must be finite, sorted ascending and within [-1, 1]")
     q, absmax = torch.ops.qpeft.quantize_blockwise(A.contiguous(), code, blocksize)
+    _check_finite(A, absmax)
     state = QuantState(absmax=absmax, shape=A.shape, dtype=A.dtype, blocksize=blocksize, quant_type="blockwise8",
                        code=code)
     return q.reshape(A.shape), state
@@ -179,6 +187,7 @@ def quantize_linear(A: torch.Tensor, bits: int = 8, blocksize: int = 64,
     if not isinstance(symmetric, bool):
         raise TypeError(f"symmetric must be a bool, got {type(symmetric).__name__}")
     q, scale, zero = torch.ops.qpeft.quantize_linear(A.contiguous(), bits, blocksize, symmetric)
+    _check_finite(A, scale)
     return q, LinearQuantState(scale, zero, bits, blocksize, symmetric, A.shape, A.dtype)
 
 

@@ -93,7 +93,8 @@ def kv_dims(model: nn.Module) -> tuple[int, int, int]:
     """(num_layers, num_kv_heads, head_dim) of the attention KV cache, as PEFT computes them for prefixes
     (grouped-query attention: KV heads, not query heads; `head_dim` from the config when it has one)."""
     cfg = _text_config(model.config)
-    layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "num_layers", None) or getattr(cfg, "n_layer", None)
+    layers = (getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "num_layers", None)
+              or getattr(cfg, "n_layer", None))
     heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None)
     if layers is None or heads is None:
         raise ValueError(f"model type {model_type(model)!r}: config has no num_hidden_layers / num_attention_heads")
@@ -259,8 +260,10 @@ class PromptLearningModel(nn.Module):
                 **kwargs):
         enc = self._active()
         if enc is None:
+            if labels is not None:
+                kwargs["labels"] = labels
             return self.base_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                                   labels=labels, **_with_token_types(kwargs, token_type_ids))
+                                   **_with_token_types(kwargs, token_type_ids))
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if kwargs.get("past_key_values") is not None:

@@ -256,9 +256,9 @@ def _mask_to_budget(model: nn.Module, st: AdaLoraState, budget: int) -> dict[str
     k = st.init_bgt - budget
     all_scores = torch.cat([v for v in scores.values()])
     if k >= 1:
-        threshold = torch.kthvalue(all_scores.float().cpu(), k=k)[0]
+        threshold = torch.kthvalue(all_scores.float(), k=k)[0]
     else:  # nothing to prune (PEFT would call kthvalue with k=0 and fail)
-        threshold = torch.tensor(-math.inf)
+        threshold = torch.tensor(-math.inf, device=all_scores.device)
     pattern = {}
     for name, layer in layers.items():
         drop = scores[name].float() <= threshold.to(scores[name].device)

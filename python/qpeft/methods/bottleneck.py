@@ -24,7 +24,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..ops.bottleneck import bottleneck_adapter
 from ..reference.bottleneck import activation_id, activation_ref
@@ -123,7 +122,8 @@ def find_adapter_sites(model: nn.Module) -> list[tuple[str, str, nn.Module, nn.M
     sites = []
     for name, mod in model.named_modules():
         attn, mlp = getattr(mod, "self_attn", None), getattr(mod, "mlp", None)
-        if isinstance(getattr(attn, "o_proj", None), nn.Linear) and isinstance(getattr(mlp, "down_proj", None), nn.Linear):
+        o_proj, down_proj = getattr(attn, "o_proj", None), getattr(mlp, "down_proj", None)
+        if isinstance(o_proj, nn.Linear) and isinstance(down_proj, nn.Linear):
             prefix = f"{name}." if name else ""
             sites.append((prefix + "self_attn", "attn", attn, attn.o_proj, attn.o_proj.out_features))
             sites.append((prefix + "mlp", "ffn", mlp, mlp.down_proj, mlp.down_proj.out_features))
@@ -231,7 +231,7 @@ def merge_bottleneck_adapters(model: nn.Module):
 
 
 def bottleneck_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Adapter parameters keyed by their full names in `model` (e.g. model.layers.0.mlp.bottleneck_adapter.up.weight)."""
+    """Adapter parameters by their full names in `model` (model.layers.0.mlp.bottleneck_adapter.up.weight, ...)."""
     return {f"{n}.{k}": v for n, a in _adapters(model) for k, v in a.state_dict().items()}
 
 
@@ -273,7 +273,8 @@ def load_bottleneck_adapters(model: nn.Module, path: str | os.PathLike) -> nn.Mo
         current = bottleneck_state_dict(model)
         missing, unexpected = sorted(set(current) - set(tensors)), sorted(set(tensors) - set(current))
         if missing or unexpected:
-            raise ValueError(f"load_bottleneck_adapters: key mismatch; missing {missing[:4]}, unexpected {unexpected[:4]}")
+            raise ValueError(f"load_bottleneck_adapters: key mismatch; missing {missing[:4]}, "
+                             f"unexpected {unexpected[:4]}")
         for k, v in tensors.items():
             if v.shape != current[k].shape:
                 raise ValueError(f"load_bottleneck_adapters: {k} has shape {tuple(v.shape)}, model expects "

@@ -118,7 +118,8 @@ class DecT(nn.Module):
         if kind == "mlm":
             mask_token = getattr(tokenizer, "mask_token", None)
             if mask_token is None or mask_token not in template:
-                raise ValueError(f"template must contain the mask token {mask_token!r} for a masked LM, got {template!r}")
+                raise ValueError(f"template must contain the mask token {mask_token!r} for a masked LM, "
+                                 f"got {template!r}")
         was_training = model.training
         model.eval()
         try:

@@ -22,12 +22,13 @@ class PTuningEncoder(PromptEncoder):
     kind = EMBEDDINGS
     peft_type = "P_TUNING"
 
-    def __init__(self, num_virtual_tokens: int, hidden: int, encoder: str = "mlp", encoder_hidden_size: int | None = None,
-                 encoder_num_layers: int = 2, encoder_dropout: float = 0.0):
+    def __init__(self, num_virtual_tokens: int, hidden: int, encoder: str = "mlp",
+                 encoder_hidden_size: int | None = None, encoder_num_layers: int = 2, encoder_dropout: float = 0.0):
         super().__init__(num_virtual_tokens)
         if encoder not in ("mlp", "lstm"):
             raise ValueError(f"encoder must be 'mlp' or 'lstm', got {encoder!r}")
-        h = check_positive_int("encoder_hidden_size", encoder_hidden_size if encoder_hidden_size is not None else hidden)
+        h = check_positive_int("encoder_hidden_size",
+                               encoder_hidden_size if encoder_hidden_size is not None else hidden)
         self.encoder_type, self.encoder_hidden_size = encoder, h
         self.encoder_num_layers = check_positive_int("encoder_num_layers", encoder_num_layers)
         self.encoder_dropout = check_dropout("encoder_dropout", encoder_dropout)
@@ -52,8 +53,8 @@ class PTuningEncoder(PromptEncoder):
                 "encoder_num_layers": self.encoder_num_layers, "encoder_dropout": self.encoder_dropout}
 
 
-def add_p_tuning(model: nn.Module, num_virtual_tokens: int, encoder: str = "mlp", encoder_hidden_size: int | None = None,
-                 encoder_num_layers: int = 2, encoder_dropout: float = 0.0,
+def add_p_tuning(model: nn.Module, num_virtual_tokens: int, encoder: str = "mlp",
+                 encoder_hidden_size: int | None = None, encoder_num_layers: int = 2, encoder_dropout: float = 0.0,
                  adapter_name: str = "default") -> PromptLearningModel:
     """Add P-tuning (v1) to a Hugging Face model; returns the wrapper (base frozen).
 
@@ -61,7 +62,8 @@ def add_p_tuning(model: nn.Module, num_virtual_tokens: int, encoder: str = "mlp"
     (PEFT's default); encoder_num_layers / encoder_dropout apply to the LSTM only.
     """
     check_new_adapter(model, adapter_name)
-    enc = PTuningEncoder(num_virtual_tokens, hidden_size(base_of(model)), encoder, encoder_hidden_size, encoder_num_layers, encoder_dropout)
+    enc = PTuningEncoder(num_virtual_tokens, hidden_size(base_of(model)), encoder, encoder_hidden_size,
+                         encoder_num_layers, encoder_dropout)
     wrapped = wrap(model)
     wrapped.add_adapter(adapter_name, enc.to(wrapped.base_model.get_input_embeddings().weight.device))
     return wrapped

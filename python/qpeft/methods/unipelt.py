@@ -154,7 +154,9 @@ class GatedPrefix(nn.Module):
             return None
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         inner = kwargs.get("past_key_values")
-        past = int(inner.get_seq_length(attn.layer_idx)) if inner is not None and hasattr(inner, "get_seq_length") else 0
+        past = 0
+        if inner is not None and hasattr(inner, "get_seq_length"):  # a real generation cache under the prefix
+            past = int(inner.get_seq_length(attn.layer_idx))
         k, v = self.kv(hidden)
         kwargs = dict(kwargs)
         kwargs["past_key_values"] = _PrefixKV(k, v, inner)
@@ -355,7 +357,8 @@ def load_unipelt(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             raise ValueError(f"load_unipelt: key mismatch; missing {missing[:4]}, unexpected {unexpected[:4]}")
         for k, v in tensors.items():
             if v.shape != params[k].shape:
-                raise ValueError(f"load_unipelt: {k} has shape {tuple(v.shape)}, model expects {tuple(params[k].shape)}")
+                raise ValueError(f"load_unipelt: {k} has shape {tuple(v.shape)}, model expects "
+                                 f"{tuple(params[k].shape)}")
     except Exception:
         if not had:
             remove_unipelt(model)

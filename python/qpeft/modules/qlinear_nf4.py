@@ -54,7 +54,8 @@ def parse_bnb_state(state_dict: dict, prefix: str, out_features: int, in_feature
     packed = weight.contiguous().view(torch.uint8).reshape(-1, 1)
     s2 = state.state2
     return dict(weight=packed, absmax=state.absmax.reshape(-1), quant_map=state.code.reshape(-1),
-                nested_absmax=s2.absmax.reshape(-1) if s2 else None, nested_quant_map=s2.code.reshape(-1) if s2 else None,
+                nested_absmax=s2.absmax.reshape(-1) if s2 else None,
+                nested_quant_map=s2.code.reshape(-1) if s2 else None,
                 offset=state.offset.reshape(()) if s2 else None, quant_type=state.quant_type,
                 blocksize=state.blocksize, dtype=state.dtype)
 
@@ -115,8 +116,8 @@ class QLinearNF4(nn.Module):
         for start in range(0, n, chunk):
             part = flat[start:start + chunk]
             if not torch.isfinite(part).all():
-                raise ValueError(f"weight has non-finite values (inf/nan) in elements {start}..{start + part.numel() - 1}; "
-                                 "cannot quantize")
+                raise ValueError(f"weight has non-finite values (inf/nan) in elements "
+                                 f"{start}..{start + part.numel() - 1}; cannot quantize")
             p, a = torch.ops.qpeft.quantize_4bit(part.contiguous(), blocksize, quant_type)
             packed[start // 2:start // 2 + p.numel()] = p.reshape(-1, 1)
             absmax[start // blocksize:start // blocksize + a.numel()] = a.reshape(-1)

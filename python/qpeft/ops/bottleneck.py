@@ -33,7 +33,8 @@ def _use_triton(x: torch.Tensor, w_down: torch.Tensor) -> bool:
 
 @custom_op("qpeft::bottleneck_adapter", mutates_args=())
 def _bottleneck_adapter_op(x: torch.Tensor, w_down: torch.Tensor, b_down: torch.Tensor | None, w_up: torch.Tensor,
-                           b_up: torch.Tensor | None, activation: str, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                           b_up: torch.Tensor | None, activation: str, scale: float
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
     if _use_triton(x, w_down):
         from qpeft.triton_kernels.bottleneck import bottleneck_adapter_triton
 

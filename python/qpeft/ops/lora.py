@@ -79,10 +79,8 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     impl = _select("lora_linear", x.device, cuda=True)
     if impl == "cuda":
         out = torch.empty((x.shape[0], weight.shape[0]), device=x.device, dtype=x.dtype)
-        # the raw kernel takes its epilogue operands in the activation dtype (as qpeft::nf4_matmul does);
-        # xa is (M, r) and B (N, r), so these casts cost < 1% of the GEMM's traffic at r <= 64
-        torch.ops.qpeft_C.dense_lora_matmul_out(x, weight, bias, xa.to(x.dtype), B.to(x.dtype).contiguous(),
-                                                scale, out)
+        # the raw kernel reads xa / B / bias in their own dtypes (fp32 adapters stay fp32, no cast pass)
+        torch.ops.qpeft_C.dense_lora_matmul_out(x, weight, bias, xa, B, scale, out)
         return out
     if impl == "triton":
         from qpeft.triton_kernels.lora import lora_matmul_triton

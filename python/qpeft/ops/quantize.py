@@ -10,6 +10,8 @@
 All take contiguous tensors (the public API in qpeft.quantize calls .contiguous() and checks the data:
 dtypes, blocksize, non-finite values); the checks here are shape/dtype only (torch._check, so the fakes run
 them too and nothing syncs with the device). Every op returns new tensors (mutates_args=()).
+Contract of the quantize ops on every backend: a block holding a NaN or an Inf gets a non-finite absmax
+(scale), which is how the public API rejects non-finite input without a second pass over A.
 Backend per call: CUDA C++ raw op (`torch.ops.qpeft_C.*_out`, destination passing), Triton, or the reference.
 The linear quantizers have only the reference implementation (they are a one-off step on small tensors).
 """
