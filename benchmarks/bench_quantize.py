@@ -112,7 +112,9 @@ def _bnb_fns(W: torch.Tensor):
 
     packed, plain = F.quantize_4bit(W, blocksize=BLOCKSIZE, quant_type="nf4", compress_statistics=False)
     packed_dq, nested = F.quantize_4bit(W, blocksize=BLOCKSIZE, quant_type="nf4", compress_statistics=True)
-    quantize_dq = lambda: F.quantize_4bit(W, blocksize=BLOCKSIZE, quant_type="nf4", compress_statistics=True)  # noqa: E731
+    def quantize_dq():
+        return F.quantize_4bit(W, blocksize=BLOCKSIZE, quant_type="nf4", compress_statistics=True)
+
     return {
         "quantize_dq": quantize_dq,
         "quantize_dq_api": quantize_dq,

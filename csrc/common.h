@@ -236,6 +236,12 @@ LoraEpilogue make_epilogue(const at::Tensor& a, int64_t M, int64_t Nout, const s
                            const std::optional<at::Tensor>& cols, const char* cols_name, bool cols_transposed,
                            double scale);
 
+// Small-M path of nf4_matmul_out (nf4_gemv.cu): M = x.size(0) <= kGemvMaxM, K % 32 == 0, packed and x
+// 16-byte aligned (the caller checks).
+constexpr int kGemvMaxM = 8;
+void launch_nf4_gemv(const at::Tensor& x, const Weight4& w, const LoraEpilogue& ep, at::Tensor& out,
+                     cudaStream_t stream);
+
 // 2-D contiguous float activation on a CUDA device; output of the same dtype/device with `rows` rows.
 inline void check_activation(const at::Tensor& a, const char* name) {
   QPEFT_CHECK_CUDA(a, name);

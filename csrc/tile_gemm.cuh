@@ -55,14 +55,17 @@ struct TileArgs {
   LoraEpilogue ep;
 };
 
-// Per-thread staging registers of one k-tile.
+// Per-thread staging registers of one k-tile (fast chunks only: a chunk that is out of range or
+// unaligned is read element by element straight into shared memory at commit time instead, in a
+// loop that is not unrolled, to keep the kernels small; slow chunks occur only at ragged edges or
+// for unaligned inputs).
 template <typename T, int KIND>
 struct TileRegs {
-  alignas(16) T a[2][8];  // two 8-element chunks of A
-  bool b_fast;      // chunk loaded raw (decode at store) or decoded element-wise
-  uint2 b_raw;      // 16 packed 4-bit codes
+  alignas(16) T a[2][8];   // two 8-element chunks of A
+  alignas(16) T bd[16];    // kDense: 16 weight elements
+  uint2 b_raw;             // 4-bit kinds: 16 packed codes
   float b_scale;
-  float b_dec[16];  // slow path / dense values as fp32
+  bool a_fast[2], b_fast;
 };
 
 template <typename T>
@@ -86,87 +89,90 @@ __device__ __forceinline__ void load8_global(const T* src, T* v) {
   }
 }
 
+// Where thread `tid`'s chunks of a k-tile live.
+//   A: 64 rows x 32 k = 256 chunks of 8 elements, chunk q = tid + 128 i -> row q / 4, k (q % 4) * 8.
+//   B (kB4NK, kDense): Bop row n0 + tid / 2, k offset (tid % 2) * 16: 16 contiguous elements.
+//   B (kB4T): W row k0 + tid / 4, columns n0 + (tid % 4) * 16: 16 contiguous elements.
+struct ChunkB {
+  int64_t row, col;  // in W's own (rows, cols) coordinates
+  int64_t flat;      // row * cols + col
+  bool in_range;     // all 16 elements inside W
+};
+
+template <int KIND>
+__device__ __forceinline__ ChunkB chunk_b(const TileArgs& p, int64_t n0, int64_t k0) {
+  const int tid = threadIdx.x;
+  ChunkB c;
+  if constexpr (KIND == kB4T) {
+    c.row = k0 + (tid >> 2);
+    c.col = n0 + (tid & 3) * 16;
+    c.in_range = c.row < p.R && c.col + 16 <= p.Nout;
+    c.flat = c.row * p.Nout + c.col;
+  } else {
+    c.row = n0 + (tid >> 1);
+    c.col = k0 + (tid & 1) * 16;
+    c.in_range = c.row < p.Nout && c.col + 16 <= p.R;
+    c.flat = c.row * p.R + c.col;
+  }
+  return c;
+}
+
 template <typename T, int KIND>
-__device__ __forceinline__ void tile_fetch(const TileArgs& p, const float* s_lut, const float* s_ncode, float off,
-                                           int64_t m0, int64_t n0, int64_t k0, TileRegs<T, KIND>& r) {
+__device__ __forceinline__ void tile_fetch(const TileArgs& p, const float* s_ncode, float off, int64_t m0,
+                                           int64_t n0, int64_t k0, TileRegs<T, KIND>& r) {
   const int tid = threadIdx.x;
   const T* A = static_cast<const T*>(p.A);
-  // A: 64 rows x 32 k = 256 chunks of 8; chunk q -> row q / 4, k offset (q % 4) * 8.
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     const int q = tid + i * kTileThreads;
     const int64_t m = m0 + (q >> 2);
     const int64_t k = k0 + (q & 3) * 8;
-    if (p.a_vec && m < p.M && k + 8 <= p.R) {
-      load8_global(A + m * p.R + k, r.a[i]);
-    } else {
-#pragma unroll
-      for (int e = 0; e < 8; ++e)
-        r.a[i][e] = (m < p.M && k + e < p.R) ? A[m * p.R + k + e] : Cvt<T>::from_f(0.f);
-    }
+    r.a_fast[i] = p.a_vec && m < p.M && k + 8 <= p.R;
+    if (r.a_fast[i]) load8_global(A + m * p.R + k, r.a[i]);
   }
-  // B: 128 chunks of 16 elements, one per thread.
-  if constexpr (KIND == kB4NK || KIND == kDense) {
-    // chunk -> Bop row n = n0 + tid / 2, k offset (tid % 2) * 16 (contiguous in memory)
-    const int64_t n = n0 + (tid >> 1);
-    const int64_t k = k0 + (tid & 1) * 16;
-    r.b_fast = p.b_vec && n < p.Nout && k + 16 <= p.R;
-    if constexpr (KIND == kB4NK) {
-      const int64_t flat = n * p.R + k;
-      if (r.b_fast) {
-        // 16 codes = 8 bytes at flat / 2 (host checked R % 16 == 0 and 8-byte alignment); they lie in
-        // one absmax block because blocksize >= 32 is a multiple of 16 and flat % 16 == 0.
-        r.b_raw = __ldg(reinterpret_cast<const uint2*>(p.w.packed + (flat >> 1)));
-        r.b_scale = block_scale(p.w, s_ncode, off, flat >> p.w.log2bs);
-      } else {
-#pragma unroll
-        for (int e = 0; e < 16; ++e)
-          r.b_dec[e] = (n < p.Nout && k + e < p.R) ? dequant_elem(p.w, s_lut, s_ncode, off, flat + e) : 0.f;
-      }
-    } else {
-      const T* W = static_cast<const T*>(p.Bd);
-      if (r.b_fast) {
-        alignas(16) T v[16];
-        load8_global(W + n * p.R + k, v);
-        load8_global(W + n * p.R + k + 8, v + 8);
-#pragma unroll
-        for (int e = 0; e < 16; ++e) r.b_dec[e] = Cvt<T>::to_f(v[e]);
-      } else {
-#pragma unroll
-        for (int e = 0; e < 16; ++e) r.b_dec[e] = (n < p.Nout && k + e < p.R) ? Cvt<T>::to_f(W[n * p.R + k + e]) : 0.f;
-      }
-    }
-  } else {  // kB4T: W (R, Nout); chunk -> W row rr = k0 + tid / 4, columns j = n0 + (tid % 4) * 16 ..
-    const int64_t rr = k0 + (tid >> 2);
-    const int64_t j = n0 + (tid & 3) * 16;
-    const int64_t flat = rr * p.Nout + j;
-    r.b_fast = p.b_vec && rr < p.R && j + 16 <= p.Nout;
-    if (r.b_fast) {
-      r.b_raw = __ldg(reinterpret_cast<const uint2*>(p.w.packed + (flat >> 1)));
-      r.b_scale = block_scale(p.w, s_ncode, off, flat >> p.w.log2bs);
-    } else {
-#pragma unroll
-      for (int e = 0; e < 16; ++e)
-        r.b_dec[e] = (rr < p.R && j + e < p.Nout) ? dequant_elem(p.w, s_lut, s_ncode, off, flat + e) : 0.f;
-    }
+  const ChunkB c = chunk_b<KIND>(p, n0, k0);
+  r.b_fast = p.b_vec && c.in_range;
+  if (!r.b_fast) return;
+  if constexpr (KIND == kDense) {
+    const T* W = static_cast<const T*>(p.Bd) + c.flat;  // host checked R % 8 == 0, 16-byte alignment
+    load8_global(W, r.bd);
+    load8_global(W + 8, r.bd + 8);
+  } else {
+    // 16 codes = 8 bytes at flat / 2 (host checked the row length % 16 == 0 and 8-byte alignment;
+    // flat % 16 == 0), all in one absmax block because blocksize >= 32 is a multiple of 16.
+    r.b_raw = __ldg(reinterpret_cast<const uint2*>(p.w.packed + (c.flat >> 1)));
+    r.b_scale = block_scale(p.w, s_ncode, off, c.flat >> p.w.log2bs);
   }
 }
 
 template <typename T, int KIND>
-__device__ __forceinline__ void tile_commit(const TileRegs<T, KIND>& r, const float* s_lut, T* As, T* Bs) {
+__device__ __forceinline__ void tile_commit(const TileArgs& p, const TileRegs<T, KIND>& r, const float* s_lut,
+                                            const float* s_ncode, float off, int64_t m0, int64_t n0, int64_t k0,
+                                            T* As, T* Bs) {
   using Cfg = TileCfg<T>;
   const int tid = threadIdx.x;
+  const T* A = static_cast<const T*>(p.A);
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     const int q = tid + i * kTileThreads;
-    store8_smem(As + (q >> 2) * Cfg::kLdA + (q & 3) * 8, r.a[i]);
+    T* dst = As + (q >> 2) * Cfg::kLdA + (q & 3) * 8;
+    if (r.a_fast[i]) {
+      store8_smem(dst, r.a[i]);
+    } else {
+      const int64_t m = m0 + (q >> 2);
+      const int64_t k = k0 + (q & 3) * 8;
+#pragma unroll 1
+      for (int e = 0; e < 8; ++e) dst[e] = (m < p.M && k + e < p.R) ? A[m * p.R + k + e] : Cvt<T>::from_f(0.f);
+    }
   }
-  alignas(16) T v[16];
-  if constexpr (KIND == kDense) {
-#pragma unroll
-    for (int e = 0; e < 16; ++e) v[e] = Cvt<T>::from_f(r.b_dec[e]);
-  } else {
-    if (r.b_fast) {
+  T* dst = (KIND == kB4T) ? Bs + (tid >> 2) * Cfg::kLdBN + (tid & 3) * 16   // Bs[k][n]
+                          : Bs + (tid >> 1) * Cfg::kLdBK + (tid & 1) * 16;  // Bs[n][k]
+  if (r.b_fast) {
+    if constexpr (KIND == kDense) {
+      store8_smem(dst, r.bd);
+      store8_smem(dst + 8, r.bd + 8);
+    } else {
+      alignas(16) T v[16];
       const uint32_t words[2] = {r.b_raw.x, r.b_raw.y};
 #pragma unroll
       for (int b = 0; b < 8; ++b) {  // byte b -> elements 2b (high nibble), 2b + 1 (low nibble)
@@ -174,19 +180,23 @@ __device__ __forceinline__ void tile_commit(const TileRegs<T, KIND>& r, const fl
         v[2 * b] = Cvt<T>::from_f(__fmul_rn(s_lut[byte >> 4], r.b_scale));
         v[2 * b + 1] = Cvt<T>::from_f(__fmul_rn(s_lut[byte & 0xF], r.b_scale));
       }
-    } else {
-#pragma unroll
-      for (int e = 0; e < 16; ++e) v[e] = Cvt<T>::from_f(r.b_dec[e]);
+      store8_smem(dst, v);
+      store8_smem(dst + 8, v + 8);
     }
-  }
-  if constexpr (KIND == kB4T) {
-    T* dst = Bs + (tid >> 2) * Cfg::kLdBN + (tid & 3) * 16;  // Bs[k][n]
-    store8_smem(dst, v);
-    store8_smem(dst + 8, v + 8);
   } else {
-    T* dst = Bs + (tid >> 1) * Cfg::kLdBK + (tid & 1) * 16;  // Bs[n][k]
-    store8_smem(dst, v);
-    store8_smem(dst + 8, v + 8);
+    const ChunkB c = chunk_b<KIND>(p, n0, k0);
+    const int64_t rows = (KIND == kB4T) ? p.R : p.Nout;
+    const int64_t cols = (KIND == kB4T) ? p.Nout : p.R;
+#pragma unroll 1
+    for (int e = 0; e < 16; ++e) {
+      const bool ok = c.row < rows && c.col + e < cols;
+      float v = 0.f;
+      if (ok) {
+        if constexpr (KIND == kDense) v = Cvt<T>::to_f(static_cast<const T*>(p.Bd)[c.flat + e]);
+        else v = dequant_elem(p.w, s_lut, s_ncode, off, c.flat + e);
+      }
+      dst[e] = Cvt<T>::from_f(v);
+    }
   }
 }
 
@@ -226,14 +236,14 @@ __global__ void __launch_bounds__(kTileThreads) tile_gemm_kernel(TileArgs p) {
   }
 
   if (ktiles > 0) {
-    tile_fetch<T, KIND>(p, s_lut, s_ncode, off, m0, n0, 0, regs);
-    tile_commit<T, KIND>(regs, s_lut, As[0], Bs[0]);
+    tile_fetch<T, KIND>(p, s_ncode, off, m0, n0, 0, regs);
+    tile_commit<T, KIND>(p, regs, s_lut, s_ncode, off, m0, n0, 0, As[0], Bs[0]);
   }
   __syncthreads();
   for (int64_t kt = 0; kt < ktiles; ++kt) {
     const int cur = int(kt & 1);
     const bool more = kt + 1 < ktiles;
-    if (more) tile_fetch<T, KIND>(p, s_lut, s_ncode, off, m0, n0, (kt + 1) * kTK, regs);
+    if (more) tile_fetch<T, KIND>(p, s_ncode, off, m0, n0, (kt + 1) * kTK, regs);
     const T* a_s = As[cur];
     const T* b_s = Bs[cur];
     if constexpr (Cfg::kFloat) {
@@ -273,7 +283,7 @@ __global__ void __launch_bounds__(kTileThreads) tile_gemm_kernel(TileArgs p) {
         }
       }
     }
-    if (more) tile_commit<T, KIND>(regs, s_lut, As[cur ^ 1], Bs[cur ^ 1]);
+    if (more) tile_commit<T, KIND>(p, regs, s_lut, s_ncode, off, m0, n0, (kt + 1) * kTK, As[cur ^ 1], Bs[cur ^ 1]);
     __syncthreads();
   }
 

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 import qpeft
 from qpeft.autograd.lora import lora_linear
 from qpeft.reference import lora as ref
-from utils import DTYPES, assert_close_2x, requires_cuda, requires_triton_runtime, triton_device, triton_dtypes
+from utils import (DTYPES, assert_close_2x, has_triton, requires_cuda, requires_triton_runtime, triton_device,
+                   triton_dtypes)
 
 # (M, K, N, r): odd sizes, r below / above the 16-wide MMA minimum, rank-1
 SHAPES = [(1, 8, 8, 1), (37, 45, 53, 5), (64, 96, 80, 16), (19, 33, 130, 20)]
@@ -105,6 +106,16 @@ def test_lora_linear_batched_no_bias_noncontiguous():
     torch.testing.assert_close(lora_linear(x, W, A, Bt, 0.5), lora_linear(x, W, A, B, 0.5), rtol=0, atol=0)
 
 
+def test_lora_linear_empty_batch():
+    x, W, A, B, b, _ = _inputs(3, 16, 8, 2, torch.float32)
+    x = x[:0].requires_grad_()
+    A.requires_grad_()
+    y = lora_linear(x, W, A, B, 1.0, b, dropout_p=0.2, training=True)
+    assert y.shape == (0, 8)
+    y.sum().backward()
+    assert x.grad.shape == (0, 16) and torch.equal(A.grad, torch.zeros_like(A))
+
+
 def test_lora_linear_nn_linear_base_and_public_name():
     lin = torch.nn.Linear(12, 7).requires_grad_(False)
     x = torch.randn(5, 12)
@@ -157,11 +168,21 @@ def test_dropout_gradient_uses_the_forward_mask():
     assert (dx[~keep] == 0).all() and (dx[keep] != 0).all()
 
 
-def test_frozen_layers_need_no_adapter_grad():
-    x, W, A, B, _, dy = _inputs(9, 16, 10, 2, torch.float32)
+def _frozen_adapter_dx(device):
+    x, W, A, B, _, dy = _inputs(9, 16, 10, 2, torch.float32, device)
     xr = x.clone().requires_grad_()
     (dx,) = torch.autograd.grad(lora_linear(xr, W, A, B, 1.0), xr, dy)  # A, B frozen: dx only
     torch.testing.assert_close(dx, dy @ W + (dy @ B) @ A, rtol=1.3e-6, atol=1e-5)
+
+
+def test_frozen_adapter_needs_only_dx():
+    _frozen_adapter_dx("cpu")
+
+
+@pytest.mark.triton
+@requires_triton_runtime
+def test_triton_frozen_adapter_needs_only_dx():
+    _frozen_adapter_dx(triton_device())
 
 
 # ------------------------------------------------------------------------------------------ bad input
@@ -225,8 +246,13 @@ def _op_samples(dtype=torch.float32, device="cpu"):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_opcheck(dtype):
+    # every check (schema, fake, autograd registration, AOT dispatch) once; schema + fake for 16-bit inputs
+    utils = None if dtype == torch.float32 else ("test_schema", "test_faketensor")
     for op, args in _op_samples(dtype):
-        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+        if utils is None:
+            torch.library.opcheck(op, args)
+        else:
+            torch.library.opcheck(op, args, test_utils=utils)
 
 
 def test_ops_match_reference_functions():
@@ -326,3 +352,39 @@ def test_cuda_nf4_lora_matches_reference(dtype, p):
     same = _run(_plain_torch(W.to(dtype), 2.0, seed, p), x, A, B, dy, q.bias.to(dtype))[:4]
     for name, o, e, s in zip(["y", "dx", "dA", "dB"], out, r32, same):
         assert_close_2x(o, e, s, factor=2.0 if name == "y" else 3.0, eps=1e-5, what=name)
+
+
+@pytest.mark.skipif(not has_triton(), reason="needs triton")
+def test_triton_kernels_compile_for_sm90():
+    # no GPU needed: lower both kernels to PTX for sm_90 (catches typing/lowering errors a CPU interpreter run
+    # cannot) and check that bf16 products use Hopper's wgmma tensor-core instructions
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    import qpeft.triton_kernels.lora as kernels
+
+    target = GPUTarget("cuda", 90, 32)
+    p16, p32, i32 = "*bf16", "*fp32", "i32"
+    mm_sig = {"a_ptr": p16, "b_ptr": p16, "stride_am": i32, "stride_ak": i32, "stride_bk": i32, "stride_bn": i32,
+              "addend_ptr": p16, "stride_dm": i32, "stride_dn": i32, "bias_ptr": p16, "p_ptr": p32, "q_ptr": p32,
+              "stride_pm": i32, "stride_pr": i32, "stride_qr": i32, "stride_qn": i32, "out_ptr": p16,
+              "stride_om": i32, "stride_on": i32, "seed_ptr": "*i64", "mask_cols": i32, "drop_scale": "fp32",
+              "M": i32, "N": i32, "K": i32, "R": i32, "scale": "fp32", "m_bucket": i32}
+    mm_const = dict(HAS_MAIN=True, HAS_ADDEND=False, HAS_BIAS=True, HAS_LORA=True, DROP_A=True, DROP_LORA=True,
+                    DROP_THRESH=1 << 22, DOT_KIND=2, PRECISION="tf32", BLOCK_M=128, BLOCK_N=128, BLOCK_K=64,
+                    BLOCK_R=16, GROUP_M=8)
+    mm_sig.update({k: "constexpr" for k in mm_const})
+    ptx = triton.compile(ASTSource(kernels._lora_matmul_kernel, mm_sig, mm_const), target=target,
+                         options={"num_warps": 8, "num_stages": 3}).asm["ptx"]
+    assert "wgmma" in ptx
+    tn_sig = {"p_ptr": p32, "q_ptr": p16, "stride_pm": i32, "stride_pi": i32, "stride_qm": i32, "stride_qj": i32,
+              "out_ptr": p32, "stride_os": i32, "stride_oi": i32, "stride_oj": i32, "seed_ptr": "*i64",
+              "mask_cols": i32, "drop_scale": "fp32", "M": i32, "I": i32, "J": i32, "rows_per_split": i32,
+              "scale": "fp32"}
+    tn_const = dict(DROP_Q=True, DROP_THRESH=1 << 22, DOT_KIND=2, PRECISION="tf32", BLOCK_I=16, BLOCK_J=128,
+                    BLOCK_M=64)
+    tn_sig.update({k: "constexpr" for k in tn_const})
+    ptx = triton.compile(ASTSource(kernels._lora_tn_kernel, tn_sig, tn_const), target=target,
+                         options={"num_warps": 8}).asm["ptx"]
+    assert "mma" in ptx

@@ -88,6 +88,14 @@ def test_leading_dims_and_non_contiguous_x():
                                rtol=0, atol=0)
 
 
+def test_empty_batch():
+    packed, state, _ = make_weight(16, 64)
+    x = torch.randn(0, 64, requires_grad=True)
+    y = nf4_matmul(x, packed, state, torch.randn(16))
+    y.sum().backward()
+    assert y.shape == (0, 16) and x.grad.shape == (0, 64)
+
+
 def test_no_grad_for_weight_and_saved_tensors_are_packed():
     packed, state, _ = make_weight(16, 64)
     x = torch.randn(4, 64, requires_grad=True)

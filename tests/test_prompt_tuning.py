@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import qpeft
 from qpeft.methods.prompt_tuning import PromptLearningModel, add_prompt_tuning
 from utils import tiny_bert, tiny_llama
 
@@ -106,6 +107,9 @@ def test_only_prompt_gets_gradients_and_loss_drops(make):
     model = add_prompt_tuning(make(), 4)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable == ["prompt_encoders.default.embedding.weight"]
+    report = qpeft.trainable_parameters(model)
+    assert report.trainable == 4 * 64
+    assert report.total == 4 * 64 + sum(p.numel() for p in model.base_model.parameters())
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
 
     def loss_fn():

@@ -11,7 +11,8 @@ import torch
 import qpeft
 from qpeft import codes
 from qpeft.reference import quantize as ref
-from utils import DTYPES, HAS_CUDA, requires_cuda, requires_triton_runtime, triton_device, triton_dtypes
+from utils import (DTYPES, HAS_CUDA, TRITON_INTERPRET, has_triton, requires_cuda, requires_triton_runtime,
+                   triton_device, triton_dtypes)
 
 BLOCKSIZES = [32, 64, 128, 256, 512, 1024, 2048, 4096]
 
@@ -185,6 +186,41 @@ def test_gpu_public_api_matches_bitsandbytes_cuda(backend, monkeypatch):
         assert torch.equal(qpeft.dequantize_4bit(packed, st), F.dequantize_4bit(bpacked, bst)), bs
 
 
+@requires_cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_opcheck(backend, monkeypatch):
+    monkeypatch.setenv("QPEFT_BACKEND", backend)
+    A = torch.randn(5, 37, device="cuda", dtype=torch.bfloat16)
+    packed, absmax = ref.quantize_4bit_ref(A.cpu(), 64, "nf4")
+    q8, absmax8 = ref.quantize_blockwise_ref(A.cpu(), codes.dynamic_map(), 32)
+    cuda = lambda *ts: [t.cuda() for t in ts]  # noqa: E731
+    cases = [("quantize_4bit", (A, 64, "nf4")), ("quantize_4bit", (A.float(), 32, "fp4")),
+             ("dequantize_4bit", (*cuda(packed, absmax, codes.nf4()), 64, [5, 37], torch.bfloat16)),
+             ("quantize_blockwise", (A, codes.dynamic_map().cuda(), 32)),
+             ("dequantize_blockwise", (*cuda(q8, absmax8, codes.dynamic_map()), 32, torch.float16))]
+    for name, args in cases:
+        torch.library.opcheck(getattr(torch.ops.qpeft, name).default, args)
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_more_than_2_31_elements(backend, monkeypatch):
+    """int64 offsets: the blocks past 2^31 elements (bnb's test_4bit_quant_large); 4.3 GB of bf16."""
+    monkeypatch.setenv("QPEFT_BACKEND", backend)
+    bs = 64
+    n = 2 ** 31 + 3 * bs + 5
+    A = torch.empty(n, device="cuda", dtype=torch.bfloat16).normal_()
+    packed, absmax = torch.ops.qpeft.quantize_4bit(A, bs, "nf4")
+    assert packed.numel() == (n + 1) // 2 and absmax.numel() == -(-n // bs)
+    start = (2 ** 31 // bs - 2) * bs  # a block boundary before 2^31: the tail blocks are independent
+    tail = A[start:].cpu()
+    p_ref, a_ref = ref.quantize_4bit_ref(tail, bs, "nf4")
+    assert torch.equal(packed[start // 2:].cpu(), p_ref) and torch.equal(absmax[start // bs:].cpu(), a_ref)
+    out = torch.ops.qpeft.dequantize_4bit(packed, absmax, codes.nf4().cuda(), bs, [n], torch.bfloat16)
+    assert torch.equal(out[start:].cpu(), ref.dequantize_4bit_ref(p_ref, a_ref, codes.nf4(), bs, [n - start],
+                                                                   torch.bfloat16))
+
+
 @pytest.mark.skipif(HAS_CUDA, reason="checks the CPU dispatch rule")
 def test_cpu_tensors_use_the_reference_without_the_interpreter(monkeypatch):
     from qpeft import _backend
@@ -192,3 +228,44 @@ def test_cpu_tensors_use_the_reference_without_the_interpreter(monkeypatch):
     monkeypatch.setenv("QPEFT_BACKEND", "triton")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert _backend.select("quantize_4bit", torch.device("cpu")) == "torch"
+
+
+# --- Triton kernels compiled for an H100 (sm_90) without a GPU: lowering, IEEE division, vector accesses -----
+def _ptx_for_sm90(fn, signature: dict, constexprs: dict, aligned: list[str]) -> str:
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile as triton_compile
+
+    src = ASTSource(fn=fn, signature={**signature, **{k: "constexpr" for k in constexprs}},
+                    constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()},
+                    attrs={(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned})
+    return triton_compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
+
+
+@pytest.mark.skipif(TRITON_INTERPRET or not has_triton(), reason="compiles real Triton kernels (no interpreter)")
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_triton_kernels_compile_for_sm90():
+    """What a GPU run would compile, checked on the CPU: every kernel lowers to PTX; quantize divides with
+    div.rn (Triton's plain fp32 `/` is the 2-ulp div.full, which would move values across midpoints); inputs
+    are read with 16-byte vector loads when the launch specializes pointers and sizes to multiples of 16;
+    the WORDS path stores packed bytes as vectors."""
+    from qpeft.triton_kernels import quantize as tk
+
+    sizes = {"n": "i32", "num_blocks": "i32"}
+    q4 = {"a_ptr": "*bf16", "packed_ptr": "*u8", "absmax_ptr": "*fp32", "mid_ptr": "*fp32", **sizes}
+    meta = dict(BLOCKSIZE=64, GROUP=64, FP4_LO=tk._FP4_LO, FP4_HI=tk._FP4_HI, ABSMAX_FLOOR=ref.ABSMAX_FLOOR)
+    for words in (False, True):
+        ptx = _ptx_for_sm90(tk._quantize_4bit_kernel, {**q4, "packed_ptr": "*i32" if words else "*u8"},
+                            dict(meta, IS_FP4=words, WORDS=words), list(q4))
+        assert "div.rn.f32" in ptx and "div.full" not in ptx and "div.approx" not in ptx
+        assert "ld.global.v4.b32" in ptx
+        assert ("st.global.b8" not in ptx) == words
+    ptx = _ptx_for_sm90(tk._dequantize_4bit_kernel, {"packed_ptr": "*u8", "absmax_ptr": "*fp32",
+                                                     "code_ptr": "*fp32", "out_ptr": "*bf16", **sizes},
+                        dict(BLOCKSIZE=64, GROUP=64), ["packed_ptr", "absmax_ptr", "out_ptr", "n", "num_blocks"])
+    assert "st.global.v4.b32" in ptx and "fma" not in ptx  # one rounding: code * absmax, then the cast
+    ptx = _ptx_for_sm90(tk._quantize_blockwise_kernel, {"a_ptr": "*fp16", "q_ptr": "*u8", "absmax_ptr": "*fp32",
+                                                        "mid_ptr": "*fp32", **sizes},
+                        dict(BLOCKSIZE=256, GROUP=16, ABSMAX_FLOOR=ref.ABSMAX_FLOOR), ["a_ptr", "q_ptr", "n"])
+    assert "div.rn.f32" in ptx and "div.full" not in ptx
+    _ptx_for_sm90(tk._dequantize_blockwise_kernel, {"q_ptr": "*u8", "absmax_ptr": "*fp32", "code_ptr": "*fp32",
+                                                    "out_ptr": "*fp32", **sizes}, dict(BLOCKSIZE=4096, GROUP=1), [])

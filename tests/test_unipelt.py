@@ -86,16 +86,12 @@ def test_prefix_with_generation_cache():
     model = add_unipelt(tiny_llama(), lora=True, prefix=True, adapter=True, gating=True, prefix_length=3)
     _perturb(unipelt_state_dict(model), std=0.3)
     ids = _ids()
-    with torch.no_grad():
-        full = model(input_ids=ids).logits[:, -1]
-        first = model(input_ids=ids[:, :-1], use_cache=True)
-        cache = first.past_key_values
-        assert cache.get_seq_length() == ids.shape[1] - 1  # the prefix is not stored in the cache
-        # the gates average over the tokens each call sees, so compare with gates made input-independent
+    # the gates average over the tokens each call sees; make them input-independent for this comparison
     _with_const_gates(model, 0.3)
     with torch.no_grad():
         full = model(input_ids=ids).logits[:, -1]
         cache = model(input_ids=ids[:, :-1], use_cache=True).past_key_values
+        assert cache.get_seq_length() == ids.shape[1] - 1  # the prefix is not stored in the cache
         step = model(input_ids=ids[:, -1:], past_key_values=cache, use_cache=True).logits[:, -1]
     torch.testing.assert_close(step, full, atol=1e-5, rtol=1e-5)
 
@@ -239,3 +235,21 @@ def test_bad_input():
     m = add_unipelt(tiny_llama(), prefix=False)
     with pytest.raises(ValueError, match="prefix=True"):
         set_unipelt_submodules(m, prefix=True)
+
+
+def test_on_4bit_model():
+    import qpeft
+
+    model = tiny_llama()
+    qpeft.quantize_model(model, compute_dtype=torch.float32)
+    ids = _ids()
+    with torch.no_grad():
+        base = _out(model, ids)
+    add_unipelt(model, lora_r=4)
+    assert sum(isinstance(m, GatedLoraLinear) for m in model.modules()) == 4
+    set_unipelt_submodules(model, lora=False, prefix=False, adapter=False)
+    with torch.no_grad():
+        torch.testing.assert_close(_out(model, ids), base, atol=0, rtol=0)
+    set_unipelt_submodules(model, lora=True, prefix=True, adapter=True)
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert {n for n, p in model.named_parameters() if p.grad is not None} == set(unipelt_state_dict(model))

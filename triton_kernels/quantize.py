@@ -3,13 +3,14 @@ qpeft.reference.quantize (see its docstring for the exact semantics, which are b
 
 Layout: each program handles GROUP consecutive quantization blocks as a [GROUP, BLOCKSIZE] tile (about
 4096 elements: 8 KB of bf16 in, 2 KB packed out), so blocksize 32 does not mean 32-element programs and
-blocksize 4096 is still one tile; rows are contiguous, so loads and stores vectorize to 16 bytes. When
-n % 8 == 0 (every real weight) the packed bytes move as int32 words of 8 codes (WORDS): compiled for sm_90,
-a thread then stores its 16 packed bytes with one st.global.v4 instead of 16 st.global.b8, and dequantize
-reads them with one ld.global.v4 instead of 16 ld.global.b8; the byte path handles any other n. Offsets
-are int64 (tensors beyond 2^31 elements). All arithmetic is fp32. Division uses tl.math.div_rn: Triton's
-plain fp32 `/` is the approximate div.full.f32 (2 ulp) on NVIDIA GPUs, which would change codes next to a
-midpoint; the product x * (1/absmax) has no add to fuse, so no FMA contraction can creep in.
+blocksize 4096 is still one tile; rows are contiguous, so loads and stores vectorize to 16 bytes.
+When n % 8 == 0 (every real weight) quantize stores the packed bytes as int32 words of 8 codes (WORDS):
+compiled for sm_90 a thread then writes its 16 bytes with 2 st.global.v2 instead of 16 st.global.b8; the
+byte path handles any other n. (Reading words in dequantize made the compiled kernel gather the code book
+twice per value at blocksize 64, so dequantize reads bytes.)
+Offsets are int64 (tensors beyond 2^31 elements). All arithmetic is fp32. Division uses tl.math.div_rn:
+Triton's plain fp32 `/` is the approximate div.full.f32 (2 ulp) on NVIDIA GPUs, which would change codes
+next to a midpoint; the product x * (1/absmax) has no add to fuse, so no FMA contraction can creep in.
 
 Rounding: the code is the number of fp32 code-book midpoints strictly below the scaled value
 (torch.bucketize). 4-bit: 15 compares against scalars (branch-free). 8-bit: an 8-step binary search over
@@ -116,22 +117,18 @@ def _quantize_4bit_kernel(
 def _dequantize_4bit_kernel(
     packed_ptr, absmax_ptr, code_ptr, out_ptr,
     n, num_blocks,
-    BLOCKSIZE: tl.constexpr, GROUP: tl.constexpr, WORDS: tl.constexpr,
+    BLOCKSIZE: tl.constexpr, GROUP: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     blk = pid * GROUP + tl.arange(0, GROUP).to(tl.int64)
     scale = tl.load(absmax_ptr + blk, mask=blk < num_blocks, other=0.0)
-    if WORDS:  # n % 8 == 0: read int32 words (16-byte vector loads), 8 codes each
-        woffs = blk[:, None] * (BLOCKSIZE // 8) + tl.arange(0, BLOCKSIZE // 8)[None, :]
-        word = tl.load(packed_ptr + woffs, mask=woffs < n // 8, other=0)
-        nib = (word[:, :, None] >> _nibble_shifts()[None, None, :]) & 15
-        vals = tl.reshape(tl.load(code_ptr + nib) * scale[:, None, None], [GROUP, BLOCKSIZE])
-    else:
-        boffs = blk[:, None] * (BLOCKSIZE // 2) + tl.arange(0, BLOCKSIZE // 2)[None, :]
-        byte = tl.load(packed_ptr + boffs, mask=boffs < (n + 1) // 2, other=0).to(tl.int32)
-        v_hi = tl.load(code_ptr + (byte >> 4)) * scale[:, None]  # the 16-entry code book stays in L1
-        v_lo = tl.load(code_ptr + (byte & 15)) * scale[:, None]
-        vals = tl.reshape(tl.join(v_hi, v_lo), [GROUP, BLOCKSIZE])
+    boffs = blk[:, None] * (BLOCKSIZE // 2) + tl.arange(0, BLOCKSIZE // 2)[None, :]
+    byte = tl.load(packed_ptr + boffs, mask=boffs < (n + 1) // 2, other=0).to(tl.int32)
+    # code lookups are gathers from the 16-entry table (64 B, stays in L1): one load per value, where a
+    # select tree over 16 register values would cost 15 ALU ops per value
+    v_hi = tl.load(code_ptr + (byte >> 4)) * scale[:, None]
+    v_lo = tl.load(code_ptr + (byte & 15)) * scale[:, None]
+    vals = tl.reshape(tl.join(v_hi, v_lo), [GROUP, BLOCKSIZE])
     offs = blk[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
     tl.store(out_ptr + offs, vals.to(out_ptr.dtype.element_ty), mask=offs < n)
 
@@ -190,8 +187,9 @@ def _grid(num_blocks: int, blocksize: int) -> tuple[int, int]:
     return group, triton.cdiv(num_blocks, group)
 
 
-def _num_warps(blocksize: int) -> int:
-    return 4
+# 4 warps: a 4096-element tile is 32 values per thread (no register spills in the sm_90 build). Untuned:
+# tuning num_warps / TILE on an H100 is owed.
+NUM_WARPS = 4
 
 
 def quantize_4bit_triton(A: torch.Tensor, blocksize: int, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -209,7 +207,7 @@ def quantize_4bit_triton(A: torch.Tensor, blocksize: int, quant_type: str) -> tu
     _quantize_4bit_kernel[(grid,)](A, packed.view(torch.int32) if words else packed, absmax, mids, n, num_blocks,
                                    BLOCKSIZE=blocksize, GROUP=group, IS_FP4=quant_type == "fp4", FP4_LO=_FP4_LO,
                                    FP4_HI=_FP4_HI, ABSMAX_FLOOR=ABSMAX_FLOOR, WORDS=words,
-                                   num_warps=_num_warps(blocksize))
+                                   num_warps=NUM_WARPS)
     return packed, absmax
 
 
@@ -243,9 +241,8 @@ def dequantize_4bit_triton(packed: torch.Tensor, absmax: torch.Tensor, code: tor
     out = torch.empty(shape, dtype=dtype, device=packed.device)
     num_blocks = triton.cdiv(n, blocksize)
     group, grid = _grid(num_blocks, blocksize)
-    words = n % 8 == 0 and packed.data_ptr() % 4 == 0
-    _dequantize_4bit_kernel[(grid,)](packed.view(torch.int32) if words else packed, absmax, code, out, n, num_blocks,
-                                     BLOCKSIZE=blocksize, GROUP=group, WORDS=words, num_warps=_num_warps(blocksize))
+    _dequantize_4bit_kernel[(grid,)](packed, absmax, code, out, n, num_blocks, BLOCKSIZE=blocksize, GROUP=group,
+                                     num_warps=NUM_WARPS)
     return out
 
 
@@ -266,7 +263,7 @@ def quantize_blockwise_triton(A: torch.Tensor, code: torch.Tensor, blocksize: in
     absmax = torch.empty(num_blocks, dtype=torch.float32, device=A.device)
     group, grid = _grid(num_blocks, blocksize)
     _quantize_blockwise_kernel[(grid,)](A, q, absmax, padded_midpoints(code), n, num_blocks, BLOCKSIZE=blocksize,
-                                        GROUP=group, ABSMAX_FLOOR=ABSMAX_FLOOR, num_warps=_num_warps(blocksize))
+                                        GROUP=group, ABSMAX_FLOOR=ABSMAX_FLOOR, num_warps=NUM_WARPS)
     return q, absmax
 
 
@@ -284,5 +281,5 @@ def dequantize_blockwise_triton(q: torch.Tensor, absmax: torch.Tensor, code: tor
     num_blocks = triton.cdiv(n, blocksize)
     group, grid = _grid(num_blocks, blocksize)
     _dequantize_blockwise_kernel[(grid,)](q, absmax, code, out, n, num_blocks, BLOCKSIZE=blocksize, GROUP=group,
-                                          num_warps=_num_warps(blocksize))
+                                          num_warps=NUM_WARPS)
     return out

@@ -6,6 +6,7 @@ names in `__all__`), so `import qpeft` is cheap, compiles nothing and needs neit
 from __future__ import annotations
 
 import importlib
+import importlib.util
 
 __version__ = "0.1.0"
 
@@ -59,6 +60,10 @@ def __getattr__(name: str):
         return importlib.import_module(f"qpeft.{name}")
     if name.startswith("__"):
         raise AttributeError(name)
+    # `from .. import _backend` inside qpeft lands here before the submodule is imported: resolve
+    # submodules directly, so that building the name index (which imports everything) cannot recurse.
+    if importlib.util.find_spec(f"qpeft.{name}") is not None:
+        return importlib.import_module(f"qpeft.{name}")
     if _index is None:
         _index = _build_index()
     if name in _index:

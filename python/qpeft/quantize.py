@@ -6,17 +6,20 @@
     q, lstate = qpeft.quantize_linear(x, bits=4, symmetric=False)
 
 Quantizing is a one-off step, so these functions check the data itself (dtype, emptiness, NaN/Inf through
-the per-block scales: one small device sync) and accept any strides (they call .contiguous()); the L2 ops in qpeft.ops.quantize do the work
-on the backend chosen per call (CUDA C++, Triton or the PyTorch reference on CPU).
+the per-block scales: one small device sync) and accept any strides (they call .contiguous()); the L2 ops
+in qpeft.ops.quantize do the work on the backend chosen per call (CUDA C++, Triton or the PyTorch
+reference on CPU). Inputs are detached: quantization has no gradient, and a weight that requires grad must
+not drag an autograd graph (whose backward could only fail) into the quantized state.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 import torch
 
-from . import codes
+from . import _backend, codes
 from .ops import quantize as ops
 from .quant_state import QuantState
 
@@ -37,12 +40,29 @@ def _check_tensor(A, name: str = "A") -> None:
 
 
 def _check_finite(A: torch.Tensor, scales: torch.Tensor, name: str = "A") -> None:
-    """Reject NaN/Inf in A by looking at the per-block scales the op returned: every backend propagates a
-    NaN or Inf of a block into its absmax/scale (an op contract, tested), so this reads blocks/64 of the data
-    instead of a second pass over A (which would cost as much as the quantization: 2n bytes read)."""
-    if not bool(torch.isfinite(scales).all()):
+    """Reject NaN/Inf in A by looking at the per-block scales the op returned: the ops' contract is that a
+    block holding a NaN or Inf gets a non-finite absmax, so this reads 1/blocksize of the data instead of a
+    second pass over A (which would cost as much as the quantization itself: 2n bytes read). An Inf always
+    shows (max |x| = inf); a backend whose max drops NaN (CUDA fmaxf does) is found by a one-off probe, and
+    then A itself is checked for NaN."""
+    def fail():
         bad = int((~torch.isfinite(A)).sum())
         raise ValueError(f"{name} has {bad} non-finite values (inf/nan); cannot quantize")
+
+    if not bool(torch.isfinite(scales).all()):
+        fail()
+    if not _absmax_flags_nan(A.device, _backend.requested()) and bool(torch.isnan(A).any()):
+        fail()
+
+
+@functools.lru_cache(maxsize=None)
+def _absmax_flags_nan(device: torch.device, requested_backend: str) -> bool:
+    """Whether the quantize ops on `device` (with this QPEFT_BACKEND) return a NaN absmax for a NaN block."""
+    probe = torch.zeros(64, device=device)
+    probe[3] = float("nan")
+    _, absmax4 = torch.ops.qpeft.quantize_4bit(probe, 64, "nf4")
+    _, absmax8 = torch.ops.qpeft.quantize_blockwise(probe, codes.dynamic_map(device=device), 64)
+    return bool(torch.isnan(absmax4).all()) and bool(torch.isnan(absmax8).all())
 
 
 def _check_blocksize(blocksize, name: str = "blocksize") -> None:
@@ -78,7 +98,7 @@ def quantize_4bit(A: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4",
     if nbytes % itemsize:
         raise ValueError(f"quant_storage={quant_storage}: {nbytes} packed bytes are not a multiple of its "
                          f"{itemsize}-byte elements; use quant_storage=torch.uint8 for this tensor")
-    packed, absmax = torch.ops.qpeft.quantize_4bit(A.contiguous(), blocksize, quant_type)
+    packed, absmax = torch.ops.qpeft.quantize_4bit(A.detach().contiguous(), blocksize, quant_type)
     _check_finite(A, absmax)
     code = codes.nf4(A.device) if quant_type == "nf4" else codes.fp4(A.device)
     state = QuantState(absmax=absmax, shape=A.shape, dtype=A.dtype, blocksize=blocksize, quant_type=quant_type,
@@ -135,7 +155,7 @@ def quantize_blockwise(A: torch.Tensor, code: torch.Tensor | None = None,
     code = code.to(A.device, torch.float32).contiguous()
     if not bool(torch.isfinite(code).all()) or bool((code[1:] < code[:-1]).any()) or bool(code.abs().max() > 1):
         raise ValueError("code must be finite, sorted ascending and within [-1, 1]")
-    q, absmax = torch.ops.qpeft.quantize_blockwise(A.contiguous(), code, blocksize)
+    q, absmax = torch.ops.qpeft.quantize_blockwise(A.detach().contiguous(), code, blocksize)
     _check_finite(A, absmax)
     state = QuantState(absmax=absmax, shape=A.shape, dtype=A.dtype, blocksize=blocksize, quant_type="blockwise8",
                        code=code)
@@ -186,7 +206,7 @@ def quantize_linear(A: torch.Tensor, bits: int = 8, blocksize: int = 64,
         raise ValueError(f"bits must be 4 or 8, got {bits!r}")
     if not isinstance(symmetric, bool):
         raise TypeError(f"symmetric must be a bool, got {type(symmetric).__name__}")
-    q, scale, zero = torch.ops.qpeft.quantize_linear(A.contiguous(), bits, blocksize, symmetric)
+    q, scale, zero = torch.ops.qpeft.quantize_linear(A.detach().contiguous(), bits, blocksize, symmetric)
     _check_finite(A, scale)
     return q, LinearQuantState(scale, zero, bits, blocksize, symmetric, A.shape, A.dtype)
 

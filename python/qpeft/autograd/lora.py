@@ -60,7 +60,10 @@ class LoraFunction(torch.autograd.Function):
         ops = torch.ops.qpeft
         scale, p = ctx.scale, ctx.dropout_p
         dy = dy.contiguous()
-        dyb, dA, dB = ops.lora_grad(dy, x2d, xa, B, scale, seed, p)
+        if need_A or need_B:
+            dyb, dA, dB = ops.lora_grad(dy, x2d, xa, B, scale, seed, p)
+        else:  # frozen adapter: only dyb = dy B (M, r) for dx, via the rank-r pass with B^T as "A"
+            dyb, dA, dB = ops.lora_xa(dy, B.t().contiguous(), None, 0.0), None, None
         dx = None
         if need_x:
             if weight is not None:
@@ -74,7 +77,8 @@ class LoraFunction(torch.autograd.Function):
                                               nested_code, offset, None, None, 0.0)
                 dx = ops.lora_masked_dx(dx, dyb, A, scale, seed, p)
         dbias = dy.sum(0, dtype=torch.float32).to(dy.dtype) if (ctx.has_bias and need_bias) else None
-        return (dx, dA.to(A.dtype) if need_A else None, dB.to(B.dtype) if need_B else None, dbias,
+        return (dx, dA.to(A.dtype) if need_A and dA is not None else None,
+                dB.to(B.dtype) if need_B and dB is not None else None, dbias,
                 None, None, None, None, None, None, None, None, None, None, None, None)
 
 

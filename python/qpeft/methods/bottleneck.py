@@ -30,7 +30,8 @@ from ..reference.bottleneck import activation_id, activation_ref
 
 __all__ = ["BottleneckAdapter", "add_bottleneck_adapters", "remove_bottleneck_adapters", "bottleneck_adapter",
            "merge_bottleneck_adapters", "bottleneck_state_dict", "save_bottleneck_adapters",
-           "load_bottleneck_adapters", "find_adapter_sites", "AdapterMergeError", "freeze_except"]
+           "load_bottleneck_adapters", "find_adapter_sites", "AdapterMergeError", "freeze_except",
+           "is_linear_like"]
 
 ADAPTER_ATTR = "bottleneck_adapter"
 CONFIGS = {"houlsby": {"sites": ("attn", "ffn"), "non_linearity": "swish"},
@@ -117,20 +118,38 @@ class BottleneckAdapter(nn.Module):
                 f"gate={self.gate is not None}")
 
 
+def is_linear_like(m) -> bool:
+    """nn.Linear, or a 4-bit QLinearNF4-style layer (packed weight + quant_state, in/out_features)."""
+    return isinstance(m, nn.Linear) or (hasattr(m, "quant_state") and hasattr(m, "out_features"))
+
+
+def _float_dtype_device(m: nn.Module) -> tuple[torch.dtype, torch.device]:
+    """The float dtype/device an adapter next to `m` should use: a 4-bit layer's original weight dtype."""
+    t = next((t for t in [*m.parameters(), *m.buffers()]), None)
+    device = t.device if t is not None else torch.device("cpu")
+    if hasattr(m, "quant_state"):
+        return getattr(m, "weight_dtype", torch.float32), device
+    w = getattr(m, "weight", None)
+    if isinstance(w, torch.Tensor) and w.is_floating_point():
+        return w.dtype, device
+    t = next((t for t in m.parameters() if t.is_floating_point()), None)
+    return (t.dtype if t is not None else torch.float32), device
+
+
 def find_adapter_sites(model: nn.Module) -> list[tuple[str, str, nn.Module, nn.Module, int]]:
     """[(parent_name, kind "attn"|"ffn", parent, hooked_module, hidden_size)] for Llama- and BERT-style layers."""
     sites = []
     for name, mod in model.named_modules():
         attn, mlp = getattr(mod, "self_attn", None), getattr(mod, "mlp", None)
         o_proj, down_proj = getattr(attn, "o_proj", None), getattr(mlp, "down_proj", None)
-        if isinstance(o_proj, nn.Linear) and isinstance(down_proj, nn.Linear):
+        if is_linear_like(o_proj) and is_linear_like(down_proj):
             prefix = f"{name}." if name else ""
             sites.append((prefix + "self_attn", "attn", attn, attn.o_proj, attn.o_proj.out_features))
             sites.append((prefix + "mlp", "ffn", mlp, mlp.down_proj, mlp.down_proj.out_features))
             continue
         cls = type(mod).__name__
         dense = getattr(mod, "dense", None)
-        if (cls.endswith("Output") and isinstance(dense, nn.Linear) and hasattr(mod, "LayerNorm")
+        if (cls.endswith("Output") and is_linear_like(dense) and hasattr(mod, "LayerNorm")
                 and isinstance(getattr(mod, "dropout", None), nn.Dropout)):
             kind = "attn" if cls.endswith("SelfOutput") else "ffn"
             sites.append((name, kind, mod, mod.dropout, dense.out_features))
@@ -178,11 +197,9 @@ def add_bottleneck_adapters(model: nn.Module, config: str = "houlsby", reduction
     if freeze_base:
         freeze_except(model, modules_to_save)
     for name, _, parent, hooked, hidden in sites:
-        ref = getattr(hooked, "weight", None)
-        if ref is None:
-            ref = next(parent.parameters())
+        dtype, device = _float_dtype_device(hooked if is_linear_like(hooked) else parent)
         adapter = BottleneckAdapter(hidden, sizes[name], non_linearity, init, scaling, fused=fused,
-                                    device=ref.device, dtype=ref.dtype)
+                                    device=device, dtype=dtype)
         parent.add_module(ADAPTER_ATTR, adapter)
         adapter._hook_handle = hooked.register_forward_hook(adapter._hook)
     model._qpeft_bottleneck_config = {"config": config, "reduction_factor": reduction_factor,

@@ -30,7 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .bottleneck import AdapterMergeError, BottleneckAdapter, find_adapter_sites, freeze_except
+from .bottleneck import (AdapterMergeError, BottleneckAdapter, _float_dtype_device, find_adapter_sites,
+                         freeze_except, is_linear_like)
 
 __all__ = ["add_unipelt", "set_unipelt_submodules", "merge_unipelt", "unipelt_state_dict", "save_unipelt",
            "load_unipelt", "GatedLoraLinear", "GatedPrefix", "remove_unipelt"]
@@ -54,24 +55,25 @@ def _new_gate(hidden: int, device, dtype) -> nn.Linear:
 
 
 class GatedLoraLinear(nn.Module):
-    """nn.Linear `base_layer` + LoRA (A kaiming-uniform, B = 0: PEFT's init), scaled by a gate or alpha / r."""
+    """nn.Linear or QLinearNF4 `base_layer` + LoRA (A kaiming-uniform, B = 0: PEFT's init, fp32 like PEFT's
+    adapters), scaled by a gate or by alpha / r."""
 
-    def __init__(self, base_layer: nn.Linear, r: int, lora_alpha: float, lora_dropout: float, gated: bool):
+    def __init__(self, base_layer: nn.Module, r: int, lora_alpha: float, lora_dropout: float, gated: bool):
         super().__init__()
-        if not isinstance(base_layer, nn.Linear):
-            raise TypeError(f"GatedLoraLinear wraps nn.Linear, got {type(base_layer).__name__}")
+        if not is_linear_like(base_layer):
+            raise TypeError(f"GatedLoraLinear wraps nn.Linear or QLinearNF4, got {type(base_layer).__name__}")
         if r < 1:
             raise ValueError(f"lora_r must be >= 1, got {r}")
         if not 0.0 <= lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
         self.base_layer = base_layer
-        w = base_layer.weight
+        _, device = _float_dtype_device(base_layer)
         self.r, self.lora_alpha, self.lora_dropout = r, float(lora_alpha), float(lora_dropout)
-        self.lora_A = nn.Parameter(torch.empty(r, base_layer.in_features, device=w.device))
-        self.lora_B = nn.Parameter(torch.zeros(base_layer.out_features, r, device=w.device))
+        self.lora_A = nn.Parameter(torch.empty(r, base_layer.in_features, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(base_layer.out_features, r, device=device))
         with torch.no_grad():
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.gate = _new_gate(base_layer.in_features, w.device, torch.float32) if gated else None
+        self.gate = _new_gate(base_layer.in_features, device, torch.float32) if gated else None
         self.active = True
 
     @property
@@ -174,11 +176,11 @@ def _attention_modules(model: nn.Module):
     """[(name, module, (q, v) child names, hidden, kv_heads, head_dim)] for Llama- and BERT-style self-attention."""
     out = []
     for name, m in model.named_modules():
-        if all(isinstance(getattr(m, a, None), nn.Linear) for a in ("q_proj", "k_proj", "v_proj")) \
+        if all(is_linear_like(getattr(m, a, None)) for a in ("q_proj", "k_proj", "v_proj")) \
                 and hasattr(m, "head_dim"):
             out.append((name, m, ("q_proj", "v_proj"), m.q_proj.in_features, m.k_proj.out_features // m.head_dim,
                         m.head_dim))
-        elif all(isinstance(getattr(m, a, None), nn.Linear) for a in ("query", "key", "value")) \
+        elif all(is_linear_like(getattr(m, a, None)) for a in ("query", "key", "value")) \
                 and hasattr(m, "attention_head_size"):
             out.append((name, m, ("query", "value"), m.query.in_features,
                         m.key.out_features // m.attention_head_size, m.attention_head_size))
@@ -223,20 +225,20 @@ def add_unipelt(model: nn.Module, lora: bool = True, prefix: bool = True, adapte
                 raise ValueError(f"add_unipelt: {arg} leaves no hidden units for {name} (hidden size {hidden})")
     freeze_except(model, modules_to_save)
     for name, attn, (qn, vn), hidden, kv_heads, head_dim in attns:
-        w = getattr(attn, qn).weight
+        _, device = _float_dtype_device(getattr(attn, qn))
         if lora:
             for child in (qn, vn):
                 setattr(attn, child, GatedLoraLinear(getattr(attn, child), lora_r, lora_alpha, lora_dropout, gating))
         if prefix:
-            pre = GatedPrefix(hidden, kv_heads, head_dim, prefix_length, gating, device=w.device)
+            pre = GatedPrefix(hidden, kv_heads, head_dim, prefix_length, gating, device=device)
             attn.add_module("unipelt_prefix", pre)
             pre._hook_handle = attn.register_forward_pre_hook(pre._pre_hook, with_kwargs=True)
     if adapter:
         for name, _, parent, hooked, hidden in sites:
             r = bottleneck_size if bottleneck_size is not None else int(hidden // reduction_factor)
-            ad = BottleneckAdapter(hidden, r, non_linearity, adapter_init, use_gate=gating,
-                                   device=hooked.weight.device if hasattr(hooked, "weight") else None,
-                                   dtype=torch.float32)
+            _, device = _float_dtype_device(hooked if is_linear_like(hooked) else parent)
+            ad = BottleneckAdapter(hidden, r, non_linearity, adapter_init, use_gate=gating, device=device,
+                                   dtype=torch.float32)  # fp32 like every UniPELT part (PEFT's adapter dtype)
             parent.add_module("unipelt_adapter", ad)
             ad._hook_handle = hooked.register_forward_hook(ad._hook)
     model._qpeft_unipelt = {"lora": lora, "prefix": prefix, "adapter": adapter, "gating": gating, "lora_r": lora_r,

@@ -89,13 +89,13 @@ class QLinearNF4(nn.Module):
                     quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True) -> "QLinearNF4":
         """Quantize an existing nn.Linear on its own device, QUANT_CHUNK weights at a time."""
         w = linear.weight
-        self = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                   compute_dtype=compute_dtype, quant_type=quant_type, blocksize=blocksize,
-                   double_quant=double_quant, device="meta", dtype=w.dtype)
-        self._set_quantized(**cls._quantize(w.detach(), quant_type, blocksize, double_quant))
+        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                    compute_dtype=compute_dtype, quant_type=quant_type, blocksize=blocksize,
+                    double_quant=double_quant, device="meta", dtype=w.dtype)  # meta: no throw-away init
+        layer._set_quantized(**cls._quantize(w.detach(), quant_type, blocksize, double_quant))
         if linear.bias is not None:
-            self.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)
-        return self
+            layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)
+        return layer
 
     @staticmethod
     def _quantize(w: torch.Tensor, quant_type: str, blocksize: int, double_quant: bool) -> dict:

@@ -113,6 +113,8 @@ def nf4_matmul(x2d: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, co
                lora_B: torch.Tensor | None, lora_scale: float) -> torch.Tensor:
     """(M, N) in x2d's dtype = x2d (M, K) @ W^T + bias + lora_scale * lora_xa @ lora_B^T (fp32 accumulate)."""
     _check_fwd(x2d, packed, absmax, code, blocksize, N, nested_absmax, nested_code, offset, bias, lora_xa, lora_B)
+    if x2d.shape[0] == 0:  # empty batch: no kernel launch (a zero-size grid is an error in Triton/CUDA)
+        return x2d.new_empty((0, N))
     impl = select_backend("nf4_matmul", x2d.device)
     if impl == "cuda":
         out = torch.empty((x2d.shape[0], N), dtype=x2d.dtype, device=x2d.device)
@@ -142,6 +144,8 @@ def nf4_matmul_dx(dy2d: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor
                   lora_scale: float) -> torch.Tensor:
     """(M, K) in dy2d's dtype = dy2d (M, N) @ W + lora_scale * lora_dyb (M, r) @ lora_A (r, K)."""
     _check_dx(dy2d, packed, absmax, code, blocksize, K, nested_absmax, nested_code, offset, lora_dyb, lora_A)
+    if dy2d.shape[0] == 0:
+        return dy2d.new_empty((0, K))
     impl = select_backend("nf4_matmul_dx", dy2d.device)
     if impl == "cuda":
         dx = torch.empty((dy2d.shape[0], K), dtype=dy2d.dtype, device=dy2d.device)

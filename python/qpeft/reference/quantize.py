@@ -81,7 +81,7 @@ def quantize_4bit_ref(A: torch.Tensor, blocksize: int, quant_type: str) -> tuple
     scaled, absmax = _scale_blocks(A, blocksize)
     if scaled.numel() % 2:
         scaled = torch.nn.functional.pad(scaled, (0, 1))  # the pad element is 0.0 -> the code of zero
-    q = codes_by_position[torch.bucketize(scaled, midpoints(sorted_values))]
+    q = codes_by_position[torch.bucketize(scaled, midpoints(sorted_values), out_int32=True)]
     packed = (q[0::2] << 4) | q[1::2]
     return packed, absmax
 
@@ -106,7 +106,7 @@ def dequantize_4bit_ref(packed: torch.Tensor, absmax: torch.Tensor, code: torch.
 def quantize_blockwise_ref(A: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A: any shape, fp32/fp16/bf16; code: sorted fp32 [<= 256] -> (q uint8 [n], absmax fp32 [blocks])."""
     scaled, absmax = _scale_blocks(A, blocksize)
-    q = torch.bucketize(scaled, midpoints(code.to(A.device)))
+    q = torch.bucketize(scaled, midpoints(code.to(A.device)), out_int32=True)
     return q.to(torch.uint8), absmax
 
 
