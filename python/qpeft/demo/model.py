@@ -57,11 +57,20 @@ def _converted_path(gguf: Path) -> Path:
     return cache_dir() / f"smollm2-135m-instruct-{st.st_size}-{int(st.st_mtime)}"
 
 
+def _quiet_transformers() -> None:
+    """The demo prints its own progress; transformers' per-file bars and notices would bury it."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 def _convert_gguf(gguf: Path, target: Path, log) -> None:
     """Dequantize the GGUF with transformers and save it (fp32 safetensors + tokenizer) to `target`."""
     _require("gguf", "the 'gguf' package")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    _quiet_transformers()
     log(f"converting {gguf.name} with transformers + gguf (once; cached in {target}) ...")
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
@@ -102,6 +111,7 @@ def load_model(model_path: str | os.PathLike | None = None, dtype: torch.dtype =
     path = resolve_model_dir(model_path, log)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    _quiet_transformers()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local: never reach for the Hub
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device).eval()
