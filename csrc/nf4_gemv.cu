@@ -29,10 +29,12 @@ __device__ __forceinline__ void load8_f(const T* __restrict__ p, float* v) {
 // and accumulates x[m, chunk] * w in fp32 for every m < M. A butterfly reduction then gives every
 // lane the 4*M sums; lane (m*4 + r) % 32 applies the epilogue and stores out[m, n0 + r].
 // Requires K % 32 == 0 (chunks never straddle a row or an absmax block: blocksize >= 32) and 16-byte
-// aligned packed and x (checked by the host).
+// aligned packed and x (checked by the host). x / out point at row m_base of the caller's tensors
+// (the epilogue's LoRA rows are indexed from m_base).
 template <typename T, int MT>
 __global__ void __launch_bounds__(kGemvWarps * 32)
-nf4_gemv_kernel(const T* __restrict__ x, Weight4 w, int64_t M, T* __restrict__ out, LoraEpilogue ep) {
+nf4_gemv_kernel(const T* __restrict__ x, Weight4 w, int64_t M, T* __restrict__ out, LoraEpilogue ep,
+                int64_t m_base) {
   __shared__ float s_lut[16];
   __shared__ float s_ncode[256];
   const float off = load_weight_tables(w, s_lut, s_ncode);
@@ -107,7 +109,7 @@ nf4_gemv_kernel(const T* __restrict__ x, Weight4 w, int64_t M, T* __restrict__ o
     for (int r = 0; r < kGemvRows; ++r) {
       const int64_t n = n0 + r;
       if (((m * kGemvRows + r) & 31) == lane && m < M && n < N)
-        out[m * N + n] = Cvt<T>::from_f(apply_epilogue(ep, acc[m][r], m, n));
+        out[m * N + n] = Cvt<T>::from_f(apply_epilogue(ep, acc[m][r], m_base + m, n));
     }
 }
 
@@ -119,10 +121,17 @@ void launch_gemv_t(const T* x, const Weight4& w, int64_t M, T* out, const LoraEp
   const int threads = kGemvWarps * 32;
   // Register tile of MT rows (acc is MT x 4 floats per lane); rows m >= M are skipped by a uniform
   // branch. Three sizes only: the unrolled bodies are large (MT x 4 x 32 FMAs per chunk) and each
-  // instantiation cost ~40 s of nvcc time on 2 cores.
-  if (M <= 1) nf4_gemv_kernel<T, 1><<<grid, threads, 0, stream>>>(x, w, M, out, ep);
-  else if (M <= 4) nf4_gemv_kernel<T, 4><<<grid, threads, 0, stream>>>(x, w, M, out, ep);
-  else nf4_gemv_kernel<T, 8><<<grid, threads, 0, stream>>>(x, w, M, out, ep);
+  // instantiation costs ~40 s of nvcc time on 2 cores. M = 9..16 runs as two passes of 8 rows: W is
+  // streamed twice (the second pass mostly from L2 for layers up to ~50 MB of NF4), where an MT = 16
+  // tile would hold 64 accumulators per lane.
+  for (int64_t m_base = 0; m_base < M; m_base += 8) {
+    const int64_t rows = std::min<int64_t>(M - m_base, 8);
+    const T* xb = x + m_base * w.cols;
+    T* ob = out + m_base * w.rows;
+    if (rows <= 1) nf4_gemv_kernel<T, 1><<<grid, threads, 0, stream>>>(xb, w, rows, ob, ep, m_base);
+    else if (rows <= 4) nf4_gemv_kernel<T, 4><<<grid, threads, 0, stream>>>(xb, w, rows, ob, ep, m_base);
+    else nf4_gemv_kernel<T, 8><<<grid, threads, 0, stream>>>(xb, w, rows, ob, ep, m_base);
+  }
 }
 
 void launch_nf4_gemv(const at::Tensor& x, const Weight4& w, const LoraEpilogue& ep, at::Tensor& out,

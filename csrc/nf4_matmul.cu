@@ -2,15 +2,15 @@
 // W (N, K) in bitsandbytes' layout, fp32 or double-quantized absmax decoded in-kernel.
 //
 // Dispatch by M (rows of x):
-//   M <= 8 (decode / small batch): nf4_gemv_kernel (nf4_gemv.cu). At these M the op is bound by streaming W
+//   M <= 16 (decode / small batch): nf4_gemv_kernel (nf4_gemv.cu). At these M the op is bound by streaming W
 //     (4.127 bits per weight with double quant; an 8192 x 28672 layer is 121 MB of bf16 but 30 MB
 //     of NF4), so the kernel reads each packed byte exactly once with 16-byte loads, keeps all M rows'
-//     sums in registers and re-reads x (M x K, <= 128 KB at K = 8192, bf16) from L1/L2. A 64-row
-//     tensor-core tile would waste >= 87% of its MMAs at these M, and its 64-wide N tiles launch only
-//     N / 64 CTAs (64 for N = 4096: half of the H100's 132 SMs idle). The cap is 8, not 16, because
-//     x re-reads from L1 grow as M x the weight bytes (owed on the GPU: find the measured crossover
-//     with the tiled kernel; the task's target range for this path is M = 1..16).
-//   M > 8, or K % 32 != 0, or unaligned pointers: the tiled GEMM of tile_gemm.cuh (tensor cores
+//     sums (8 rows per pass; M = 9..16 takes two passes) in registers and re-reads x (<= 128 KB per
+//     pass at K = 8192, bf16) from L1/L2. A 64-row tensor-core tile would waste >= 75% of its MMAs
+//     at these M, and its 64-wide N tiles launch only N / 64 CTAs (64 for N = 4096: half of the
+//     H100's 132 SMs idle). x re-reads from L1 grow as M x the weight bytes, so the crossover with
+//     the tiled kernel must be measured on the GPU (owed); 16 is the task's small-M range.
+//   M > 16, or K % 32 != 0, or unaligned pointers: the tiled GEMM of tile_gemm.cuh (tensor cores
 //     for fp16/bf16, SIMT for fp32) that dequantizes W tiles into shared memory in its main loop.
 // dx always uses the tiled GEMM with transposed access (it is only needed in training, where M is
 // the token count, in the thousands).

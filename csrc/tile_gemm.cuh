@@ -213,8 +213,10 @@ __global__ void __launch_bounds__(kTileThreads) tile_gemm_kernel(TileArgs p) {
   // m tiles on grid.x (up to 2^31-1: any token count), n tiles on grid.y (<= 65535 * 64 outputs).
   const int64_t m0 = int64_t(blockIdx.x) * kTM;
   const int64_t n0 = int64_t(blockIdx.y) * kTN;
-  T* As[2] = {reinterpret_cast<T*>(smem), reinterpret_cast<T*>(smem + Cfg::kStageBytes)};
-  T* Bs[2] = {As[0] + Cfg::kAElems, As[1] + Cfg::kAElems};
+  // Stage s: A tile at smem + s * kStageBytes, B tile right after it. Computed, not an array of
+  // pointers: indexing such an array with the loop parity put it in local memory (cuobjdump: LDL).
+  auto stage_a = [&](int s) { return reinterpret_cast<T*>(smem + s * Cfg::kStageBytes); };
+  auto stage_b = [&](int s) { return reinterpret_cast<T*>(smem + s * Cfg::kStageBytes) + Cfg::kAElems; };
   const int64_t ktiles = (p.R + kTK - 1) / kTK;
   const int warp = threadIdx.x >> 5;
   const int wm = warp >> 1, wn = warp & 1;
@@ -237,15 +239,15 @@ __global__ void __launch_bounds__(kTileThreads) tile_gemm_kernel(TileArgs p) {
 
   if (ktiles > 0) {
     tile_fetch<T, KIND>(p, s_ncode, off, m0, n0, 0, regs);
-    tile_commit<T, KIND>(p, regs, s_lut, s_ncode, off, m0, n0, 0, As[0], Bs[0]);
+    tile_commit<T, KIND>(p, regs, s_lut, s_ncode, off, m0, n0, 0, stage_a(0), stage_b(0));
   }
   __syncthreads();
   for (int64_t kt = 0; kt < ktiles; ++kt) {
     const int cur = int(kt & 1);
     const bool more = kt + 1 < ktiles;
     if (more) tile_fetch<T, KIND>(p, s_ncode, off, m0, n0, (kt + 1) * kTK, regs);
-    const T* a_s = As[cur];
-    const T* b_s = Bs[cur];
+    const T* a_s = stage_a(cur);
+    const T* b_s = stage_b(cur);
     if constexpr (Cfg::kFloat) {
       const int ty = threadIdx.x >> 4, tx = threadIdx.x & 15;  // rows ty*8 + i, cols tx + 16 j
 #pragma unroll 4
@@ -283,7 +285,8 @@ __global__ void __launch_bounds__(kTileThreads) tile_gemm_kernel(TileArgs p) {
         }
       }
     }
-    if (more) tile_commit<T, KIND>(p, regs, s_lut, s_ncode, off, m0, n0, (kt + 1) * kTK, As[cur ^ 1], Bs[cur ^ 1]);
+    if (more) tile_commit<T, KIND>(p, regs, s_lut, s_ncode, off, m0, n0, (kt + 1) * kTK, stage_a(cur ^ 1),
+                                    stage_b(cur ^ 1));
     __syncthreads();
   }
 
