@@ -73,7 +73,7 @@ def run(quick: bool = False) -> list[dict]:
     if gpu and quick:
         configs = {"llama-1.1B": GPU_CONFIGS["llama-1.1B"]}
     dtype = torch.bfloat16 if gpu else torch.float32
-    prompt_len, new_tokens, reps = (32, 128, 3) if gpu else (8, 8, 3)
+    prompt_len, new_tokens, reps = (32, 128, 3) if gpu else (8, 8, 7)  # CPU: shared cores, more repeats
     rows = []
     for cfg_name, (cfg_kw, _, _) in configs.items():
         for prov in PROVIDERS:

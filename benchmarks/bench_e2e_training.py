@@ -155,7 +155,7 @@ def run(quick: bool = False) -> list[dict]:
         configs = {"llama-1.1B": GPU_CONFIGS["llama-1.1B"]}
     dtype = torch.bfloat16 if gpu else torch.float32
     autocast_dtype = torch.bfloat16 if gpu else None
-    warmup, reps = (2, 4) if gpu else (1, 3)
+    warmup, reps = (2, 4) if gpu else (1, 5)
     rows = []
     for cfg_name, (cfg_kw, batch, seq) in configs.items():
         base = {}

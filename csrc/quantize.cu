@@ -306,7 +306,8 @@ void check_dequant_inputs(const at::Tensor& out, const at::Tensor& q, int64_t q_
   QPEFT_CHECK_SAME_DEVICE(code, out, "code", "out");
   QPEFT_CHECK_CONTIGUOUS(code, "code");
   TORCH_CHECK(code.numel() >= min_code && code.numel() <= max_code, "code must have ",
-              min_code == max_code ? std::to_string(min_code) : std::to_string(min_code) + ".." + std::to_string(max_code),
+              min_code == max_code ? std::to_string(min_code)
+                                   : std::to_string(min_code) + ".." + std::to_string(max_code),
               " entries, got shape ", code.sizes());
 }
 

@@ -8,9 +8,10 @@
 //   fp16 / bf16: tensor cores through nvcuda::wmma 16x16x16 (HMMA.16816 with fp32 accumulation on
 //                sm_80+), 2 x 2 fragments per warp, 2 k-steps per tile.
 //   fp32:        SIMT FMAs from the same shared tiles (8 x 4 outputs per thread).
-// Pipeline: two shared-memory stages with register staging: the global loads of tile t+1 are issued
-// before the MMAs of tile t and stored (and dequantized) into the other stage after them, so one
-// __syncthreads per k-tile suffices (a stage is rewritten only after every warp left it).
+// Pipeline: two shared-memory stages. The loads of tile t+1 are issued before the MMAs of tile t:
+// A chunks by cp.async straight into the other stage, W chunks into registers, which are dequantized
+// into that stage after the MMAs. One cp.async.wait_group + __syncthreads per k-tile suffices (a
+// stage is rewritten only after every warp left it).
 // Bounds: any M, Nout, R. Each thread's chunk takes a vector path (16-byte A loads, 8-byte 4-bit
 // loads) when it is fully in range and the host found the pointers/strides aligned, else an
 // element-by-element path with zero fill: odd shapes and K % blocksize != 0 are exact, only slower.
@@ -55,18 +56,27 @@ struct TileArgs {
   LoraEpilogue ep;
 };
 
-// Per-thread staging registers of one k-tile (fast chunks only: a chunk that is out of range or
-// unaligned is read element by element straight into shared memory at commit time instead, in a
-// loop that is not unrolled, to keep the kernels small; slow chunks occur only at ragged edges or
-// for unaligned inputs).
+// Per-thread staging of one k-tile. A's in-range aligned chunks go global -> shared directly with
+// cp.async (no registers; they need no conversion); W's chunks go through registers because they are
+// dequantized on the way. A chunk that is out of range or unaligned is read element by element
+// straight into shared memory at commit time instead, in a loop that is not unrolled, to keep the
+// kernels small (slow chunks occur only at ragged edges or for unaligned inputs).
 template <typename T, int KIND>
 struct TileRegs {
-  alignas(16) T a[2][8];   // two 8-element chunks of A
   alignas(16) T bd[16];    // kDense: 16 weight elements
   uint2 b_raw;             // 4-bit kinds: 16 packed codes
   float b_scale;
   bool a_fast[2], b_fast;
 };
+
+// cp.async (sm_80+): 16-byte global -> shared copies that bypass registers; .cg skips L1 (A tiles are
+// re-read by other CTAs through L2, not by this SM).
+__device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem_src) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
 
 template <typename T>
 __device__ __forceinline__ void store8_smem(T* dst, const T* v) {
@@ -117,9 +127,13 @@ __device__ __forceinline__ ChunkB chunk_b(const TileArgs& p, int64_t n0, int64_t
   return c;
 }
 
+// Issues this thread's loads of k-tile k0: cp.async of its fast A chunks into the stage `As` (one
+// commit group; the caller waits for it before the barrier that publishes the stage) and register
+// loads of its W chunk.
 template <typename T, int KIND>
 __device__ __forceinline__ void tile_fetch(const TileArgs& p, const float* s_ncode, float off, int64_t m0,
-                                           int64_t n0, int64_t k0, TileRegs<T, KIND>& r) {
+                                           int64_t n0, int64_t k0, TileRegs<T, KIND>& r, T* As) {
+  using Cfg = TileCfg<T>;
   const int tid = threadIdx.x;
   const T* A = static_cast<const T*>(p.A);
 #pragma unroll
@@ -128,8 +142,15 @@ __device__ __forceinline__ void tile_fetch(const TileArgs& p, const float* s_nco
     const int64_t m = m0 + (q >> 2);
     const int64_t k = k0 + (q & 3) * 8;
     r.a_fast[i] = p.a_vec && m < p.M && k + 8 <= p.R;
-    if (r.a_fast[i]) load8_global(A + m * p.R + k, r.a[i]);
+    if (r.a_fast[i]) {
+      T* dst = As + (q >> 2) * Cfg::kLdA + (q & 3) * 8;  // 16-byte aligned: rows are 16-byte multiples
+      const T* src = A + m * p.R + k;                   // 16-byte aligned: host checked R % 8 == 0
+      constexpr int kPer16 = 16 / int(sizeof(T));  // elements per 16-byte copy: 8 (16-bit) or 4 (fp32)
+#pragma unroll
+      for (int c = 0; c < 8 / kPer16; ++c) cp_async16(dst + c * kPer16, src + c * kPer16);
+    }
   }
+  cp_async_commit();
   const ChunkB c = chunk_b<KIND>(p, n0, k0);
   r.b_fast = p.b_vec && c.in_range;
   if (!r.b_fast) return;
@@ -156,9 +177,7 @@ __device__ __forceinline__ void tile_commit(const TileArgs& p, const TileRegs<T,
   for (int i = 0; i < 2; ++i) {
     const int q = tid + i * kTileThreads;
     T* dst = As + (q >> 2) * Cfg::kLdA + (q & 3) * 8;
-    if (r.a_fast[i]) {
-      store8_smem(dst, r.a[i]);
-    } else {
+    if (!r.a_fast[i]) {  // fast chunks arrive by cp.async
       const int64_t m = m0 + (q >> 2);
       const int64_t k = k0 + (q & 3) * 8;
 #pragma unroll 1
@@ -238,14 +257,17 @@ __global__ void __launch_bounds__(kTileThreads) tile_gemm_kernel(TileArgs p) {
   }
 
   if (ktiles > 0) {
-    tile_fetch<T, KIND>(p, s_ncode, off, m0, n0, 0, regs);
+    tile_fetch<T, KIND>(p, s_ncode, off, m0, n0, 0, regs, stage_a(0));
     tile_commit<T, KIND>(p, regs, s_lut, s_ncode, off, m0, n0, 0, stage_a(0), stage_b(0));
+    cp_async_wait_all();
   }
   __syncthreads();
   for (int64_t kt = 0; kt < ktiles; ++kt) {
     const int cur = int(kt & 1);
     const bool more = kt + 1 < ktiles;
-    if (more) tile_fetch<T, KIND>(p, s_ncode, off, m0, n0, (kt + 1) * kTK, regs);
+    // Stage cur ^ 1 was last read in iteration kt - 1, which every warp has left (barrier below), so
+    // its cp.async copies may start now and overlap this iteration's MMAs.
+    if (more) tile_fetch<T, KIND>(p, s_ncode, off, m0, n0, (kt + 1) * kTK, regs, stage_a(cur ^ 1));
     const T* a_s = stage_a(cur);
     const T* b_s = stage_b(cur);
     if constexpr (Cfg::kFloat) {
@@ -287,6 +309,7 @@ __global__ void __launch_bounds__(kTileThreads) tile_gemm_kernel(TileArgs p) {
     }
     if (more) tile_commit<T, KIND>(p, regs, s_lut, s_ncode, off, m0, n0, (kt + 1) * kTK, stage_a(cur ^ 1),
                                     stage_b(cur ^ 1));
+    cp_async_wait_all();  // this thread's copies have landed; the barrier publishes everyone's
     __syncthreads();
   }
 
@@ -312,7 +335,8 @@ __global__ void __launch_bounds__(kTileThreads) tile_gemm_kernel(TileArgs p) {
   for (int e = threadIdx.x; e < kTM * kTN; e += kTileThreads) {
     const int row = e / kTN, col = e % kTN;
     const int64_t m = m0 + row, n = n0 + col;
-    if (m < p.M && n < p.Nout) C[m * p.Nout + n] = Cvt<T>::from_f(apply_epilogue(p.ep, Cs[row * Cfg::kLdC + col], m, n));
+    if (m < p.M && n < p.Nout)
+      C[m * p.Nout + n] = Cvt<T>::from_f(apply_epilogue(p.ep, Cs[row * Cfg::kLdC + col], m, n));
   }
 }
 

@@ -4,8 +4,9 @@
   on random data, odd sizes (partial tail blocks, odd element counts), every blocksize class and input
   dtype, and with misaligned (contiguous, offset by one element) tensors that take the scalar paths;
 - nf4_matmul_out / nf4_matmul_dx_out / dense_lora_matmul_out: FA's 2x rule against an fp64 oracle on the
-  exactly dequantized weight, for the GEMV (M <= 8) and tiled paths, fast and element-wise (odd K, K not a
-  multiple of the blocksize, misaligned x) chunks, fp32/double-quantized absmax, bias and LoRA epilogues;
+  exactly dequantized weight, for the GEMV (M <= 16, one or two 8-row passes) and tiled paths, fast and
+  element-wise (odd K, K not a multiple of the blocksize, misaligned x) chunks, fp32/double-quantized absmax,
+  bias and LoRA epilogues;
 - CUDA-graph capture, and clear errors that name the offending argument.
 """
 from __future__ import annotations
@@ -160,11 +161,12 @@ def _wargs(st):
             st["offset"])
 
 
-# (M, N, K): M <= 8 with K % 32 == 0 -> GEMV; (5, 24, 48) K % 32 != 0 -> tiled; (9, 72, 160) tiled, vector
-# chunks; (17, 130, 100) and (70, 65, 257) element-wise chunks (K % 16 != 0, odd); (130, 96, 512) several
-# m tiles and a partial n tile. blocksize 64 with K = 96 / 100 / 160 / 257: absmax blocks straddle rows.
-MATMUL_SHAPES = [(1, 64, 128), (3, 33, 96), (8, 40, 64), (5, 24, 48), (9, 72, 160), (17, 130, 100),
-                 (70, 65, 257), (130, 96, 512)]
+# (M, N, K): M <= 16 with K % 32 == 0 -> GEMV ((9, 72, 160): two passes, 8 + 1 rows); (5, 24, 48) K % 32 != 0
+# -> tiled; (20, 72, 160) tiled, vector chunks; (17, 130, 100) and (70, 65, 257) element-wise chunks
+# (K % 16 != 0, odd); (130, 96, 512) several m tiles and a partial n tile. blocksize 64 with K = 96 / 100 /
+# 160 / 257: absmax blocks straddle rows.
+MATMUL_SHAPES = [(1, 64, 128), (3, 33, 96), (8, 40, 64), (9, 72, 160), (5, 24, 48), (20, 72, 160),
+                 (17, 130, 100), (70, 65, 257), (130, 96, 512)]
 RANK = 8
 
 
@@ -179,7 +181,7 @@ def test_nf4_matmul_out(M, N, K, dtype, nested, epilogue):
     xa = torch.randn(M, RANK, device=DEVICE).to(dtype) if epilogue else None
     B = (torch.randn(N, RANK, device=DEVICE) * 0.1).to(dtype) if epilogue else None
     scale = 0.5
-    for xx in ((x, misaligned(x)) if M <= 8 else (x,)):  # misaligned x: GEMV -> tiled fallback
+    for xx in ((x, misaligned(x)) if M <= 16 else (x,)):  # misaligned x: GEMV -> tiled fallback
         out = torch.empty(M, N, dtype=dtype, device=DEVICE)
         C().nf4_matmul_out(xx, *_wargs(st), bias, xa, B, scale, out)
         ref = xx.double() @ st["w32"].double().t()

@@ -19,7 +19,7 @@ from qpeft.demo import model as demo_model  # noqa: E402
 from qpeft.demo.evaltext import perplexity, stdlib_docstrings  # noqa: E402
 from qpeft.demo.main import DEFAULTS, int4_absmax_roundtrip_, main, parse_args, run  # noqa: E402
 from qpeft.demo.model import DemoSetupError  # noqa: E402
-from qpeft.demo.task import Example, exact_match, make_examples, split_examples  # noqa: E402
+from qpeft.demo.task import exact_match, make_examples, split_examples  # noqa: E402
 from qpeft.demo.train import IGNORE, answer_loss, build_batch, chat_prompt_ids, evaluate, train  # noqa: E402
 
 ANSWER_RE = re.compile(r"^[A-Z][a-z]+, [A-Z][a-z]+ \(\d{2}\)$")

@@ -38,14 +38,20 @@ def find_nvcc() -> str | None:
 
 
 def _cuda_home() -> str | None:
-    """CUDA_HOME for cpp_extension: the env var, else the root above `nvcc` (<root>/bin/nvcc)."""
+    """CUDA_HOME for cpp_extension: the env var, else the toolkit root of `nvcc` (<root>/bin/nvcc).
+
+    `nvcc` on PATH may be a wrapper script (e.g. /usr/local/bin/nvcc exec'ing /usr/local/cuda-13.0/bin/nvcc),
+    so the root is the first candidate that really holds the toolkit (include/cuda_runtime_api.h).
+    """
     if os.environ.get("CUDA_HOME"):
         return os.environ["CUDA_HOME"]
     nvcc = find_nvcc()
     if nvcc is None:
         return None
-    root = Path(os.path.realpath(nvcc)).parent.parent
-    return str(root)
+    for root in (Path(os.path.realpath(nvcc)).parent.parent, Path("/usr/local/cuda")):
+        if (root / "include" / "cuda_runtime_api.h").exists():
+            return str(root)
+    return str(Path(os.path.realpath(nvcc)).parent.parent)
 
 
 def target_arch() -> str:
@@ -100,8 +106,9 @@ def load() -> Path:
 
     cuda_home = _cuda_home()
     os.environ.setdefault("CUDA_HOME", cuda_home)
-    if cpp_extension.CUDA_HOME is None:  # resolved at torch import time, before we set CUDA_HOME
-        cpp_extension.CUDA_HOME = cuda_home
+    # cpp_extension resolved CUDA_HOME at torch import time from `which nvcc` (a wrapper's /usr/local has no
+    # lib64/libcudart: "cannot find -lcudart"); override it with the toolkit root found above.
+    cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"]
     cpp_extension.verify_ninja_availability()
     arch = target_arch()
     os.environ["TORCH_CUDA_ARCH_LIST"] = arch
@@ -110,11 +117,15 @@ def load() -> Path:
     cpp_extension.load(
         name="qpeft_C",
         sources=[str(p) for p in sources()],
-        extra_include_paths=[str(csrc_dir()), *_extra_include_paths()],
+        # csrc/ needs no header from the pip CUDA wheels; putting them first (-I) shadowed nvcc's own toolkit
+        # headers with newer ones ("CUDA compiler and CUDA toolkit headers are incompatible"), so g++ only
+        # falls back on them (-idirafter) and nvcc does not see them.
+        extra_include_paths=[str(csrc_dir())],
         build_directory=str(out),
-        extra_cflags=["-O3", "-std=c++17"],
+        # torch >= 2.10 headers need C++20 (std::strong_ordering, requires-clauses).
+        extra_cflags=["-O3", "-std=c++20", *[f for p in _extra_include_paths() for f in ("-idirafter", p)]],
         extra_cuda_cflags=[
-            "-O3", "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr",
+            "-O3", "-std=c++20", "-lineinfo", "--expt-relaxed-constexpr",
             "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
             "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "-U__CUDA_NO_BFLOAT16_OPERATORS__",
         ],

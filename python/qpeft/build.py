@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"qpeft_C built in {out}")
     for lib in libs:
         print(f"  {lib}")
-    ops = [n for n in dir(torch.ops.qpeft_C) if not n.startswith("_")]
+    ops = sorted(n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("qpeft_C::"))
     print(f"registered raw ops: {', '.join(ops) if ops else '(none)'}")
     return 0
 
