@@ -7,7 +7,7 @@ import torch
 
 from qpeft.methods._prompt_common import prefix_cache
 from qpeft.methods.p_tuning_v2 import add_p_tuning_v2
-from utils import tiny_bert, tiny_llama
+from utils import tiny_bert, tiny_llama, train_prompt_steps
 
 
 def _batch(B=3, L=6):
@@ -96,16 +96,7 @@ def test_head_logits_and_training(make, pool):
     torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(ref, labels))
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     assert names and all(n.startswith(("prompt_encoders.default.", "heads.default.")) for n in names)
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(10):
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        assert all(p.grad is None for p in model.base_model.parameters())
-        assert all(p.grad is not None for n, p in model.named_parameters() if n in names)
-        opt.step()
-        losses.append(loss.item())
+    losses = train_prompt_steps(model, 10, input_ids=ids, attention_mask=mask, labels=labels)
     assert losses[-1] < losses[0] - 1e-3, losses
 
 

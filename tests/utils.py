@@ -88,3 +88,20 @@ def tiny_bert(seed: int = 0, vocab_size: int = 128, hidden_size: int = 64, layer
         cfg.num_labels = num_labels
         return BertForSequenceClassification(cfg).eval()
     return BertModel(cfg).eval()
+
+
+def train_prompt_steps(model, steps: int, lr: float = 1e-2, **batch) -> list[float]:
+    """Adam steps on a fixed batch of a PromptLearningModel (`model(**batch).loss`), asserting at every step that
+    the frozen base got no gradient and every trainable parameter did; returns the losses."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(trainable, lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = model(**batch).loss
+        opt.zero_grad()
+        loss.backward()
+        assert all(p.grad is None for p in model.base_model.parameters())
+        assert all(p.grad is not None for p in trainable)
+        opt.step()
+        losses.append(loss.item())
+    return losses

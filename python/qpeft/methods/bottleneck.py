@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..ops.bottleneck import bottleneck_adapter
+from ..autograd.bottleneck import bottleneck_adapter
 from ..reference.bottleneck import activation_id, activation_ref
 
 __all__ = ["BottleneckAdapter", "add_bottleneck_adapters", "remove_bottleneck_adapters", "bottleneck_adapter",
