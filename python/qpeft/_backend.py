@@ -65,10 +65,26 @@ def _warn_once(msg: str) -> None:
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
-def select(op: str, device: torch.device, *, cuda: bool = True, triton: bool = True) -> str:
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def is_hopper_or_newer(device: torch.device) -> bool:
+    """sm_90+: where Triton lowers tl.dot to wgmma, which our CUDA C++ tiles (mma.sync) do not use."""
+    if device.type != "cuda":
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _capability(index)[0] >= 9
+
+
+def select(op: str, device: torch.device, *, cuda: bool = True, triton: bool = True,
+           prefer_triton: bool = False) -> str:
     """Return "cuda", "triton" or "torch" for `op` on `device`.
 
     cuda / triton: whether this op has that implementation (some ops are Triton-only).
+    prefer_triton: under `auto` only, try Triton before the CUDA extension (a shape/arch gate of the caller:
+    e.g. the tensor-core GEMMs on Hopper, where the Triton kernels use wgmma and ours do not).
     """
     if device.type != "cuda":
         # CPU tensors use the reference, except the Triton interpreter when explicitly asked for
@@ -94,6 +110,8 @@ def select(op: str, device: torch.device, *, cuda: bool = True, triton: bool = T
             raise RuntimeError(f"qpeft: QPEFT_BACKEND=triton but Triton is unavailable: {why}")
         return "triton"
     # auto
+    if prefer_triton and triton and triton_status()[0]:
+        return "triton"
     if cuda:
         ok, why = cuda_ext_status()
         if ok:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch.library import custom_op, register_fake
 
+from .._backend import is_hopper_or_newer
 from .._backend import select as _select_backend  # not `from .. import _backend`: qpeft.__getattr__
 from ..reference import lora as ref
 
@@ -49,8 +50,8 @@ def _dot_dtype(t: torch.Tensor) -> torch.dtype:
     return t.dtype  # 16-bit activations feed the tensor cores as is; fp32 stays exact IEEE fp32
 
 
-def _select(op: str, device: torch.device, cuda: bool = False) -> str:
-    return _select_backend(op, device, cuda=cuda, triton=True)
+def _select(op: str, device: torch.device, cuda: bool = False, prefer_triton: bool = False) -> str:
+    return _select_backend(op, device, cuda=cuda, triton=True, prefer_triton=prefer_triton)
 
 
 # ---------------------------------------------------------------- xa = drop(x) A^T
@@ -76,7 +77,9 @@ def _(x, A, seed, dropout_p):
 @custom_op("qpeft::lora_linear", mutates_args=())
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, xa: torch.Tensor,
                 B: torch.Tensor, scale: float) -> torch.Tensor:
-    impl = _select("lora_linear", x.device, cuda=True)
+    # On Hopper the Triton GEMM (wgmma) is expected to beat csrc's mma.sync tiles: see ops/nf4_matmul.py's
+    # dispatch note (reasoned, not yet measured).
+    impl = _select("lora_linear", x.device, cuda=True, prefer_triton=is_hopper_or_newer(x.device))
     if impl == "cuda":
         out = torch.empty((x.shape[0], weight.shape[0]), device=x.device, dtype=x.dtype)
         # the raw kernel reads xa / B / bias in their own dtypes (fp32 adapters stay fp32, no cast pass)
