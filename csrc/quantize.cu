@@ -78,6 +78,53 @@ __device__ __forceinline__ float group_max(float v, int tpb) {
   return v;
 }
 
+__device__ __forceinline__ bool group_any(bool v, int tpb) {
+  int x = v;
+  for (int off = tpb >> 1; off > 0; off >>= 1) x |= __shfl_xor_sync(0xffffffffu, x, off);
+  return x != 0;
+}
+
+// One quantization block as seen by one lane of its lane group (shared by the 4-bit and 8-bit quantizers).
+struct BlockStats {
+  int sub;              // lane index inside the block's lane group
+  int64_t start, end;   // element range of the block (end == start for a lane past the last block)
+  bool tail;            // partial last block: divides instead of multiplying (bnb's PyTorch backend)
+  float clamped, inv;   // max(absmax, 1e-38) and its reciprocal
+};
+
+// Reduces |x| over the block and stores its absmax. fmaxf drops NaN, so NaN is tracked separately and
+// stored as the block's absmax (Inf propagates through fmaxf by itself): the public API rejects non-finite
+// input by looking at the absmax, without a second pass over A.
+template <typename T>
+__device__ __forceinline__ BlockStats block_stats(const T* __restrict__ A, int64_t n, int log2bs,
+                                                  const BlockSplit& sp, int64_t blk, int sub, bool vec_in,
+                                                  float* __restrict__ absmax) {
+  const int64_t nblocks = (n + (int64_t{1} << log2bs) - 1) >> log2bs;
+  const bool active = blk < nblocks;
+  BlockStats b;
+  b.sub = sub;
+  b.start = blk << log2bs;
+  b.end = active ? min(b.start + (int64_t{1} << log2bs), n) : b.start;
+  float amax = 0.f;
+  bool nan = false;
+  for (int p = 0; p < sp.passes; ++p) {
+    float v[8];
+    load8(A, b.start + (int64_t(p) * sp.tpb + sub) * 8, b.end, vec_in, v);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      amax = fmaxf(amax, fabsf(v[i]));
+      nan |= v[i] != v[i];
+    }
+  }
+  amax = group_max(amax, sp.tpb);
+  if (group_any(nan, sp.tpb)) amax = __int_as_float(0x7fc00000);
+  b.tail = (b.end - b.start) < (int64_t{1} << log2bs);
+  b.clamped = amax != amax ? amax : fmaxf(amax, tiny_absmax());
+  if (active && sub == 0) absmax[blk] = b.tail ? b.clamped : amax;
+  b.inv = __frcp_rn(b.clamped);
+  return b;
+}
+
 // bnb: full blocks multiply by the reciprocal, the partial tail block divides (see header).
 __device__ __forceinline__ float scale_clamp(float x, bool tail, float clamped_absmax, float inv) {
   const float s = tail ? __fdiv_rn(x, clamped_absmax) : __fmul_rn(x, inv);
@@ -95,23 +142,11 @@ quantize_4bit_kernel(const T* __restrict__ A, int64_t n, int log2bs, uint8_t* __
   const int64_t nwarps = (int64_t(gridDim.x) * blockDim.x) >> 5;
   // The loop bound is uniform per warp, so every lane reaches the shuffles.
   for (int64_t wb = warp0 * sp.blocks_per_warp; wb < nblocks; wb += nwarps * sp.blocks_per_warp) {
-    const int64_t blk = wb + lane / sp.tpb;
-    const int sub = lane % sp.tpb;
-    const bool active = blk < nblocks;
-    const int64_t start = blk << log2bs;
-    const int64_t end = active ? min(start + (int64_t{1} << log2bs), n) : start;
-    float amax = 0.f;
-    for (int p = 0; p < sp.passes; ++p) {
-      float v[8];
-      load8(A, start + (int64_t(p) * sp.tpb + sub) * 8, end, vec_in, v);
-#pragma unroll
-      for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(v[i]));
-    }
-    amax = group_max(amax, sp.tpb);
-    const bool tail = (end - start) < (int64_t{1} << log2bs);
-    const float clamped = fmaxf(amax, tiny_absmax());
-    if (active && sub == 0) absmax[blk] = tail ? clamped : amax;
-    const float inv = __frcp_rn(clamped);
+    const BlockStats b = block_stats(A, n, log2bs, sp, wb + lane / sp.tpb, lane % sp.tpb, vec_in, absmax);
+    const int sub = b.sub;
+    const int64_t start = b.start, end = b.end;
+    const bool tail = b.tail;
+    const float clamped = b.clamped, inv = b.inv;
     for (int p = 0; p < sp.passes; ++p) {
       const int64_t e0 = start + (int64_t(p) * sp.tpb + sub) * 8;
       if (e0 >= end) continue;
@@ -191,23 +226,11 @@ quantize_blockwise_kernel(const T* __restrict__ A, const float* __restrict__ cod
   const int64_t warp0 = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
   const int64_t nwarps = (int64_t(gridDim.x) * blockDim.x) >> 5;
   for (int64_t wb = warp0 * sp.blocks_per_warp; wb < nblocks; wb += nwarps * sp.blocks_per_warp) {
-    const int64_t blk = wb + lane / sp.tpb;
-    const int sub = lane % sp.tpb;
-    const bool active = blk < nblocks;
-    const int64_t start = blk << log2bs;
-    const int64_t end = active ? min(start + (int64_t{1} << log2bs), n) : start;
-    float amax = 0.f;
-    for (int p = 0; p < sp.passes; ++p) {
-      float v[8];
-      load8(A, start + (int64_t(p) * sp.tpb + sub) * 8, end, vec_in, v);
-#pragma unroll
-      for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(v[i]));
-    }
-    amax = group_max(amax, sp.tpb);
-    const bool tail = (end - start) < (int64_t{1} << log2bs);
-    const float clamped = fmaxf(amax, tiny_absmax());
-    if (active && sub == 0) absmax[blk] = tail ? clamped : amax;
-    const float inv = __frcp_rn(clamped);
+    const BlockStats b = block_stats(A, n, log2bs, sp, wb + lane / sp.tpb, lane % sp.tpb, vec_in, absmax);
+    const int sub = b.sub;
+    const int64_t start = b.start, end = b.end;
+    const bool tail = b.tail;
+    const float clamped = b.clamped, inv = b.inv;
     for (int p = 0; p < sp.passes; ++p) {
       const int64_t e0 = start + (int64_t(p) * sp.tpb + sub) * 8;
       if (e0 >= end) continue;

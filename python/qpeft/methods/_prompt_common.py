@@ -8,6 +8,12 @@ prompt-learning methods, so outputs match PEFT exactly:
   cache (`transformers.DynamicCache`), so they compose with generation and grouped-query attention, and
   extend the attention mask with ones. Positions start after the prefix, as in PEFT.
 
+Encoder-decoder models (T5, BART: PEFT's SEQ_2_SEQ_LM, `num_transformer_submodules=2`) follow
+`PeftModelForSeq2SeqLM`: prefixes go to the decoder's self-attention through an `EncoderDecoderCache` (the
+encoder stacks of transformers drop `past_key_values`, and PEFT's cross-attention half is discarded, so the
+encoder gets no prefix); "embeddings" adapters hold 2n virtual tokens of which the first n go before the encoder
+input (the decoder is untouched), exactly as PEFT does.
+
 Adapters are `PromptEncoder`s in `model.prompt_encoders[adapter_name]`; the active one is `active_adapter`.
 Only adapter parameters (and a P-tuning v2 head) are trainable; the base model is frozen on wrap.
 """
@@ -103,12 +109,33 @@ def kv_dims(model: nn.Module) -> tuple[int, int, int]:
     return int(layers), int(kv_heads), int(head_dim)
 
 
+def num_transformer_submodules(model: nn.Module) -> int:
+    """PEFT's count of transformer stacks that get virtual tokens: 2 for encoder-decoder models, else 1."""
+    return 2 if is_encoder_decoder(model) else 1
+
+
+def _check_seq2seq_decoder_dims(model: nn.Module) -> None:
+    """PEFT sizes a seq2seq prefix from the *encoder* config fields (num_hidden_layers, num_attention_heads) and
+    uses it in the *decoder*; refuse configs where the two stacks differ (PEFT itself fails there with an
+    IndexError in the cache) or where the real head width (T5's d_kv) is not hidden / heads."""
+    cfg = _text_config(model.config)
+    layers, heads, head_dim = kv_dims(model)
+    dec_layers = getattr(cfg, "num_decoder_layers", None) or getattr(cfg, "decoder_layers", None) or layers
+    dec_heads = getattr(cfg, "decoder_attention_heads", None) or heads
+    real_head_dim = getattr(cfg, "d_kv", None) or head_dim
+    if (dec_layers, dec_heads, real_head_dim) != (layers, heads, head_dim):
+        # Not a bad argument: PEFT's seq2seq prefix layout cannot describe such a model at all.
+        raise NotImplementedError(
+            f"prefix tuning for encoder-decoder model type {model_type(model)!r} needs the decoder to match the "
+            f"prefix size PEFT derives from the config (num_layers={layers}, num_attention_heads={heads}, "
+            f"head_dim=hidden/heads={head_dim}); got decoder layers={dec_layers}, decoder heads={dec_heads}, "
+            f"attention head_dim={real_head_dim}")
+
+
 def check_prefix_support(model: nn.Module) -> None:
     """Prefixes go through `past_key_values`: the model's forward must take it (and a `Cache`)."""
     if is_encoder_decoder(model):
-        raise NotImplementedError(
-            f"prefix tuning for encoder-decoder model type {model_type(model)!r} is not implemented in qpeft yet "
-            "(needs prefixes in both stacks through an EncoderDecoderCache)")
+        _check_seq2seq_decoder_dims(model)
     params = inspect.signature(model.forward).parameters
     if "past_key_values" not in params:
         raise ValueError(f"model type {model_type(model)!r} cannot take a prefix: its forward has no "
@@ -150,8 +177,9 @@ class FixedPrompt(PromptEncoder):
     """A prompt loaded from a PEFT file: the saved `prompt_embeddings` (after reparameterization), kept as a
     parameter (trainable, so training can continue), plus the saved config to write back unchanged."""
 
-    def __init__(self, kind: str, peft_type: str, weight: torch.Tensor, config: dict):
-        super().__init__(int(weight.shape[0]))
+    def __init__(self, kind: str, peft_type: str, weight: torch.Tensor, config: dict,
+                 num_virtual_tokens: int | None = None):
+        super().__init__(int(weight.shape[0]) if num_virtual_tokens is None else num_virtual_tokens)
         self.kind, self.peft_type = kind, peft_type
         self.weight = nn.Parameter(weight.clone())
         self._config = {k: v for k, v in config.items()
@@ -182,10 +210,6 @@ class PromptLearningModel(nn.Module):
         if not hasattr(base_model, "config"):
             raise ValueError(f"base_model must be a Hugging Face PreTrainedModel (with .config), got "
                              f"{type(base_model).__name__}")
-        if is_encoder_decoder(base_model):
-            raise NotImplementedError(
-                f"prompt-side methods for encoder-decoder model type {model_type(base_model)!r} are not implemented "
-                "in qpeft yet; use a decoder-only or encoder-only model")
         self.base_model = base_model
         for p in base_model.parameters():
             p.requires_grad_(False)
@@ -252,7 +276,8 @@ class PromptLearningModel(nn.Module):
         enc = self.prompt_encoders[adapter_name or self.active_adapter]
         prompt = enc.prompt().to(self._dtype())
         if enc.kind == EMBEDDINGS:
-            return prompt.unsqueeze(0).expand(batch_size, -1, -1)
+            # Seq2seq: PEFT's 2n rows, of which only the first n are used (before the encoder input).
+            return prompt[:enc.num_virtual_tokens].unsqueeze(0).expand(batch_size, -1, -1)
         return prefix_cache(self.base_model, prompt, batch_size)
 
     # ---- forward
@@ -272,6 +297,8 @@ class PromptLearningModel(nn.Module):
         ref = input_ids if input_ids is not None else inputs_embeds
         batch = ref.shape[0]
         n = enc.num_virtual_tokens
+        if is_encoder_decoder(self.base_model):
+            return self._forward_seq2seq(enc, batch, input_ids, attention_mask, inputs_embeds, labels, kwargs)
         input_mask = attention_mask
         if attention_mask is not None:
             attention_mask = torch.cat([attention_mask.new_ones(batch, n), attention_mask], dim=1)
@@ -299,9 +326,57 @@ class PromptLearningModel(nn.Module):
             return head(out, input_mask, labels, n if enc.kind == EMBEDDINGS else 0)
         return out
 
+    def _forward_seq2seq(self, enc, batch, input_ids, attention_mask, inputs_embeds, labels, kwargs):
+        """PeftModelForSeq2SeqLM.forward: prefix -> decoder self-attention cache (decoder_attention_mask gets n
+        ones in front; encoder mask and labels unchanged); embeddings -> first n virtual tokens before the
+        encoder input (encoder mask extended; decoder, its mask and labels unchanged)."""
+        n = enc.num_virtual_tokens
+        if labels is not None:
+            kwargs["labels"] = labels
+        if enc.kind == PREFIX:
+            dmask = kwargs.get("decoder_attention_mask")
+            if dmask is not None:
+                kwargs["decoder_attention_mask"] = torch.cat([dmask.new_ones(dmask.shape[0], n), dmask], dim=1)
+            return self.base_model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                   past_key_values=self.get_prompt(batch), **kwargs)
+        if kwargs.get("encoder_outputs") is not None:
+            raise ValueError("encoder_outputs: a prompt-tuning / P-tuning adapter feeds the encoder; pass input_ids "
+                             "or inputs_embeds instead of precomputed encoder_outputs")
+        inputs_embeds, attention_mask = self._prepend_prompt(batch, input_ids, inputs_embeds, attention_mask)
+        return self.base_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
+
+    def _prepend_prompt(self, batch, input_ids, inputs_embeds, attention_mask):
+        if inputs_embeds is None:
+            inputs_embeds = self.base_model.get_input_embeddings()(input_ids)
+        prompts = self.get_prompt(batch).to(inputs_embeds.dtype)
+        if attention_mask is not None:
+            attention_mask = torch.cat([attention_mask.new_ones(batch, prompts.shape[1]), attention_mask], dim=1)
+        return torch.cat([prompts, inputs_embeds], dim=1), attention_mask
+
+    def _generate_seq2seq(self, enc, input_ids, attention_mask, kwargs):
+        """PeftModelForSeq2SeqLM.generate. Prefix: the decoder starts from the prefix cache (the same cache PEFT
+        swaps in at the prefill step); embeddings: the encoder input gets the first n virtual tokens. Returns the
+        decoder sequences (decoder start token + new tokens), as the base model's generate does."""
+        if input_ids is None:
+            raise ValueError("generate: input_ids is required with a prompt adapter")
+        if any(kwargs.get(k) is not None for k in ("past_key_values", "inputs_embeds", "encoder_outputs")):
+            raise ValueError("generate: past_key_values / inputs_embeds / encoder_outputs cannot be combined with a "
+                             "prompt adapter")
+        batch = input_ids.shape[0]
+        if enc.kind == PREFIX:
+            return self.base_model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                            past_key_values=self.get_prompt(batch), **kwargs)
+        embeds, mask = self._prepend_prompt(batch, input_ids, None, attention_mask)
+        return self.base_model.generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)
+
     # ---- generation
     @torch.no_grad()
     def generate(self, input_ids=None, attention_mask=None, **kwargs):
+        enc = self._active()
+        if is_encoder_decoder(self.base_model):
+            if enc is None:
+                return self.base_model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+            return self._generate_seq2seq(enc, input_ids, attention_mask, kwargs)
         if not is_causal_lm(self.base_model):
             raise ValueError(f"generate: model type {model_type(self.base_model)!r} ({type(self.base_model).__name__}) "
                              "is not a generative decoder")
@@ -341,14 +416,29 @@ def _with_token_types(kwargs: dict, token_type_ids) -> dict:
 # ----------------------------------------------------------------------------------------------- prefix cache
 def prefix_cache(model: nn.Module, flat: torch.Tensor, batch_size: int):
     """PEFT's prefix layout -> DynamicCache. flat: (n, L * 2 * kv_heads * head_dim) -> per layer
-    K, V of shape (B, kv_heads, n, head_dim) (view [B, n, 2L, kvh, hd] -> permute [2L, B, kvh, n, hd])."""
+    K, V of shape (B, kv_heads, n, head_dim) (view [B, n, 2L, kvh, hd] -> permute [2L, B, kvh, n, hd]).
+
+    Encoder-decoder models: an EncoderDecoderCache built as PEFT's get_prompt builds it, so a PEFT file gives the
+    same outputs: PEFT doubles the 2L entries (cat along the layer axis, 4L entries), splits them in groups of 4
+    read as (self K, self V, cross K, cross V) per decoder layer and then replaces the cross-attention half by an
+    empty cache (it is recomputed from the encoder output). Decoder layer j therefore gets entries
+    (4j mod 2L, 4j+1 mod 2L): with L=2, both decoder layers get the layer-0 K/V slice of the prompt."""
     from transformers import DynamicCache
 
     layers, kv_heads, head_dim = kv_dims(model)
     n = flat.shape[0]
     kv = flat.unsqueeze(0).expand(batch_size, -1, -1).reshape(batch_size, n, 2 * layers, kv_heads, head_dim)
     kv = kv.permute(2, 0, 3, 1, 4)
-    return DynamicCache([(kv[2 * i], kv[2 * i + 1]) for i in range(layers)])
+    if not is_encoder_decoder(model):
+        return DynamicCache([(kv[2 * i], kv[2 * i + 1]) for i in range(layers)])
+    from transformers import EncoderDecoderCache
+
+    entries = 2 * layers
+    self_attention = DynamicCache([(kv[(4 * j) % entries], kv[(4 * j + 1) % entries]) for j in range(layers)])
+    cache = EncoderDecoderCache(self_attention, DynamicCache())
+    for j in range(layers):  # cross-attention K/V not computed yet: the decoder must fill them from the encoder
+        cache.is_updated[j] = False
+    return cache
 
 
 def _attention_modules(model: nn.Module) -> dict[int, nn.Module]:
@@ -422,15 +512,16 @@ def _mask_prefix_hook(n: int, module: nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------- entry helpers
-def base_of(model: nn.Module) -> nn.Module:
-    """The Hugging Face model under a wrapper (or the model itself), checked to be one."""
+def base_of(model: nn.Module, seq2seq: bool = False) -> nn.Module:
+    """The Hugging Face model under a wrapper (or the model itself), checked to be one. seq2seq: whether the
+    calling method supports encoder-decoder models (prefix tuning, prompt tuning, P-tuning do; P-tuning v2 not)."""
     base = model.base_model if isinstance(model, PromptLearningModel) else model
     if not hasattr(base, "config") or not hasattr(base, "get_input_embeddings"):
         raise ValueError(f"model must be a Hugging Face PreTrainedModel, got {type(base).__name__}")
-    if is_encoder_decoder(base):
+    if is_encoder_decoder(base) and not seq2seq:
         raise NotImplementedError(
-            f"prompt-side methods for encoder-decoder model type {model_type(base)!r} are not implemented "
-            "in qpeft yet; use a decoder-only or encoder-only model")
+            f"this prompt-side method (P-tuning v2 / layer subsets) does not support encoder-decoder model type "
+            f"{model_type(base)!r}; prefix tuning, prompt tuning and P-tuning do")
     return base
 
 
@@ -462,7 +553,7 @@ def peft_config(model: PromptLearningModel, adapter_name: str) -> dict:
         "inference_mode": True,
         "num_virtual_tokens": enc.num_virtual_tokens,
         "token_dim": token_dim,
-        "num_transformer_submodules": 1,
+        "num_transformer_submodules": num_transformer_submodules(base),
         "num_attention_heads": heads,
         "num_layers": layers,
         "modules_to_save": None,
@@ -511,10 +602,11 @@ def load_prompt_state(model, config: dict, tensors: dict, adapter_name: str, pef
     emb = tensors["prompt_embeddings"]
     n = config.get("num_virtual_tokens")
     check_num_virtual_tokens(n)
-    subs = config.get("num_transformer_submodules") or 1
-    if subs != 1:
-        raise NotImplementedError(f"load_adapter: num_transformer_submodules={subs} (encoder-decoder) is not supported")
     base = model.base_model
+    subs = config.get("num_transformer_submodules") or 1
+    if subs != num_transformer_submodules(base):
+        raise ValueError(f"load_adapter: config num_transformer_submodules={subs}, but the model needs "
+                         f"{num_transformer_submodules(base)} (2 for encoder-decoder models, else 1)")
     if kind == PREFIX:
         check_prefix_support(base)
         layers, kv_heads, head_dim = kv_dims(base)
@@ -524,7 +616,7 @@ def load_prompt_state(model, config: dict, tensors: dict, adapter_name: str, pef
                              f"{config.get('token_dim')} do not match the model (num_layers={layers}, "
                              f"kv token_dim={kv_heads * head_dim})")
     else:
-        expected = (n, hidden_size(base))
+        expected = (n * subs, hidden_size(base))  # seq2seq: PEFT keeps 2n virtual tokens (first n used)
         if config.get("token_dim") not in (None, hidden_size(base)):
             raise ValueError(f"load_adapter: config token_dim={config.get('token_dim')} != model hidden size "
                              f"{hidden_size(base)}")
@@ -533,5 +625,5 @@ def load_prompt_state(model, config: dict, tensors: dict, adapter_name: str, pef
                          f"for this model")
     check_finite("load_adapter: prompt_embeddings", emb)
     device = base.get_input_embeddings().weight.device
-    enc = FixedPrompt(kind, peft_type, emb.to(device=device, dtype=torch.float32), config)
+    enc = FixedPrompt(kind, peft_type, emb.to(device=device, dtype=torch.float32), config, n)
     model.add_adapter(adapter_name, enc)

@@ -13,7 +13,8 @@ import torch
 import torch.nn as nn
 
 from ._prompt_common import (EMBEDDINGS, PromptEncoder, PromptLearningModel, check_dropout, check_new_adapter,
-                             check_positive_int, hidden_size, base_of, register_prompt_method, wrap)
+                             check_positive_int, hidden_size, base_of, num_transformer_submodules,
+                             register_prompt_method, wrap)
 
 __all__ = ["add_p_tuning", "PTuningEncoder"]
 
@@ -23,7 +24,8 @@ class PTuningEncoder(PromptEncoder):
     peft_type = "P_TUNING"
 
     def __init__(self, num_virtual_tokens: int, hidden: int, encoder: str = "mlp",
-                 encoder_hidden_size: int | None = None, encoder_num_layers: int = 2, encoder_dropout: float = 0.0):
+                 encoder_hidden_size: int | None = None, encoder_num_layers: int = 2, encoder_dropout: float = 0.0,
+                 num_transformer_submodules: int = 1):
         super().__init__(num_virtual_tokens)
         if encoder not in ("mlp", "lstm"):
             raise ValueError(f"encoder must be 'mlp' or 'lstm', got {encoder!r}")
@@ -32,7 +34,9 @@ class PTuningEncoder(PromptEncoder):
         self.encoder_type, self.encoder_hidden_size = encoder, h
         self.encoder_num_layers = check_positive_int("encoder_num_layers", encoder_num_layers)
         self.encoder_dropout = check_dropout("encoder_dropout", encoder_dropout)
-        self.embedding = nn.Embedding(num_virtual_tokens, hidden)
+        # Encoder-decoder models: PEFT's total_virtual_tokens = 2n rows go through the encoder (the LSTM sees all
+        # 2n), and the first n outputs are used.
+        self.embedding = nn.Embedding(num_virtual_tokens * num_transformer_submodules, hidden)
         if encoder == "lstm":
             self.lstm_head = nn.LSTM(hidden, h, num_layers=encoder_num_layers, dropout=self.encoder_dropout,
                                      bidirectional=True, batch_first=True)
@@ -62,8 +66,9 @@ def add_p_tuning(model: nn.Module, num_virtual_tokens: int, encoder: str = "mlp"
     (PEFT's default); encoder_num_layers / encoder_dropout apply to the LSTM only.
     """
     check_new_adapter(model, adapter_name)
-    enc = PTuningEncoder(num_virtual_tokens, hidden_size(base_of(model)), encoder, encoder_hidden_size,
-                         encoder_num_layers, encoder_dropout)
+    base = base_of(model, seq2seq=True)
+    enc = PTuningEncoder(num_virtual_tokens, hidden_size(base), encoder, encoder_hidden_size,
+                         encoder_num_layers, encoder_dropout, num_transformer_submodules(base))
     wrapped = wrap(model)
     wrapped.add_adapter(adapter_name, enc.to(wrapped.base_model.get_input_embeddings().weight.device))
     return wrapped

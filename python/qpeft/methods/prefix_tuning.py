@@ -85,7 +85,8 @@ class PrefixEncoder(PromptEncoder):
 def make_prefix_encoder(model: nn.Module, num_virtual_tokens: int, projection: bool, encoder_hidden_size,
                         prefix_dropout: float, layers=None, cls: type = None) -> PrefixEncoder:
     check_num_virtual_tokens(num_virtual_tokens)
-    base = base_of(model)
+    # Encoder-decoder models: plain prefix tuning only (P-tuning v2's layer subsets / heads are decoder/encoder-only).
+    base = base_of(model, seq2seq=cls is None and layers is None)
     check_prefix_support(base)
     num_layers, kv_heads, head_dim = kv_dims(base)
     enc = (cls or PrefixEncoder)(num_virtual_tokens, num_layers, kv_heads * head_dim, projection,
@@ -96,7 +97,9 @@ def make_prefix_encoder(model: nn.Module, num_virtual_tokens: int, projection: b
 def add_prefix_tuning(model: nn.Module, num_virtual_tokens: int, projection: bool = False,
                       encoder_hidden_size: int | None = None, prefix_dropout: float = 0.0,
                       adapter_name: str = "default") -> PromptLearningModel:
-    """Add prefix tuning to a Hugging Face decoder or encoder; returns the wrapper (base frozen).
+    """Add prefix tuning to a Hugging Face decoder, encoder or encoder-decoder model; returns the wrapper (base
+    frozen). Encoder-decoder models (T5, BART) get the prefix in the decoder's self-attention, laid out exactly as
+    PEFT's PeftModelForSeq2SeqLM (see `_prompt_common.prefix_cache`), so PEFT files round-trip.
 
     projection: PEFT's prefix_projection (MLP reparameterization, hidden encoder_hidden_size, default the KV
     width kv_heads * head_dim). prefix_dropout: dropout on the prefix values in training mode.

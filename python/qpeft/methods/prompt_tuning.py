@@ -11,7 +11,8 @@ import torch
 import torch.nn as nn
 
 from ._prompt_common import (EMBEDDINGS, PromptEncoder, PromptLearningModel, base_of, check_new_adapter,
-                             check_num_virtual_tokens, hidden_size, register_prompt_method, wrap)
+                             check_num_virtual_tokens, hidden_size, num_transformer_submodules,
+                             register_prompt_method, wrap)
 
 __all__ = ["add_prompt_tuning", "PromptTuningEncoder", "PromptLearningModel", "load_prompt_adapter"]
 
@@ -19,16 +20,17 @@ _INITS = ("random", "vocab", "text")
 
 
 class PromptTuningEncoder(PromptEncoder):
-    """`embedding.weight`: (num_virtual_tokens, hidden) fp32, the prompt itself (no reparameterization)."""
+    """`embedding.weight`: (num_virtual_tokens * num_transformer_submodules, hidden) fp32, the prompt itself (no
+    reparameterization). Encoder-decoder models: PEFT's 2n rows, of which the first n go before the encoder input."""
 
     kind = EMBEDDINGS
     peft_type = "PROMPT_TUNING"
 
     def __init__(self, num_virtual_tokens: int, hidden: int, init_weight: torch.Tensor | None = None,
-                 init: str = "random", init_text: str | None = None):
+                 init: str = "random", init_text: str | None = None, num_transformer_submodules: int = 1):
         super().__init__(num_virtual_tokens)
         # nn.Embedding's default init is N(0, 1), PEFT's PromptTuningInit.RANDOM.
-        self.embedding = nn.Embedding(num_virtual_tokens, hidden)
+        self.embedding = nn.Embedding(num_virtual_tokens * num_transformer_submodules, hidden)
         if init_weight is not None:
             self.embedding.weight = nn.Parameter(init_weight.detach().clone().float())
         self.init, self.init_text = init, init_text
@@ -69,16 +71,18 @@ def add_prompt_tuning(model: nn.Module, num_virtual_tokens: int, init: str = "ra
         raise ValueError(f"init_text is only used with init='text' (init={init!r})")
     n = check_num_virtual_tokens(num_virtual_tokens)
     check_new_adapter(model, adapter_name)
-    base = base_of(model)
+    base = base_of(model, seq2seq=True)
+    subs = num_transformer_submodules(base)
+    total = n * subs  # PEFT's total_virtual_tokens: seq2seq adapters hold 2n rows
     embed = base.get_input_embeddings()
     weight = None
     if init == "vocab":
-        ids = torch.randint(0, embed.num_embeddings, (n,), device=embed.weight.device)
+        ids = torch.randint(0, embed.num_embeddings, (total,), device=embed.weight.device)
         weight = embed(ids)
     elif init == "text":
-        ids = torch.tensor(_text_token_ids(tokenizer, init_text, n), device=embed.weight.device)
+        ids = torch.tensor(_text_token_ids(tokenizer, init_text, total), device=embed.weight.device)
         weight = embed(ids)
-    enc = PromptTuningEncoder(n, hidden_size(base), weight, init, init_text)
+    enc = PromptTuningEncoder(n, hidden_size(base), weight, init, init_text, subs)
     wrapped = wrap(model)
     wrapped.add_adapter(adapter_name, enc.to(embed.weight.device))
     return wrapped
