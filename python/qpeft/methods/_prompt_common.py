@@ -122,14 +122,14 @@ def _check_seq2seq_decoder_dims(model: nn.Module) -> None:
     layers, heads, head_dim = kv_dims(model)
     dec_layers = getattr(cfg, "num_decoder_layers", None) or getattr(cfg, "decoder_layers", None) or layers
     dec_heads = getattr(cfg, "decoder_attention_heads", None) or heads
-    real_head_dim = getattr(cfg, "d_kv", None) or head_dim
-    if (dec_layers, dec_heads, real_head_dim) != (layers, heads, head_dim):
+    peft_head_dim = hidden_size(model) // heads  # PEFT: token_dim (d_model) // num_attention_heads
+    if (dec_layers, dec_heads, head_dim, heads * head_dim) != (layers, heads, peft_head_dim, hidden_size(model)):
         # Not a bad argument: PEFT's seq2seq prefix layout cannot describe such a model at all.
         raise NotImplementedError(
             f"prefix tuning for encoder-decoder model type {model_type(model)!r} needs the decoder to match the "
             f"prefix size PEFT derives from the config (num_layers={layers}, num_attention_heads={heads}, "
-            f"head_dim=hidden/heads={head_dim}); got decoder layers={dec_layers}, decoder heads={dec_heads}, "
-            f"attention head_dim={real_head_dim}")
+            f"head_dim=hidden/heads={peft_head_dim}); got decoder layers={dec_layers}, decoder heads={dec_heads}, "
+            f"attention head_dim={head_dim}")
 
 
 def check_prefix_support(model: nn.Module) -> None:
@@ -149,7 +149,8 @@ def check_prefix_support(model: nn.Module) -> None:
 class PromptEncoder(nn.Module):
     """Base of every prompt-side adapter.
 
-    kind: EMBEDDINGS -> `prompt()` returns (num_virtual_tokens, hidden) input embeddings;
+    kind: EMBEDDINGS -> `prompt()` returns (num_virtual_tokens, hidden) input embeddings (encoder-decoder
+                        models: PEFT's (2 * num_virtual_tokens, hidden), of which the first n are used);
           PREFIX     -> `prompt()` returns (num_virtual_tokens, num_layers * 2 * kv_heads * head_dim), PEFT's
                         flat prefix layout (layer-major, then K/V, then head, then head_dim).
     peft_type: the PEFT method name written to adapter_config.json ("" when PEFT has no such method).
@@ -199,8 +200,9 @@ class FixedPrompt(PromptEncoder):
 class PromptLearningModel(nn.Module):
     """A frozen Hugging Face model plus prompt-side adapters (see module docstring).
 
-    forward(...) takes the base model's arguments and returns its output; `generate(...)` (decoders) prepends
-    the prompt/prefix and returns input_ids + new tokens like the base model's generate on input_ids.
+    forward(...) takes the base model's arguments and returns its output; `generate(...)` prepends the
+    prompt/prefix and returns what the base model's generate on input_ids returns (decoders: input_ids + new
+    tokens; encoder-decoder models: decoder start token + new tokens).
     """
 
     def __init__(self, base_model: nn.Module):
@@ -298,7 +300,8 @@ class PromptLearningModel(nn.Module):
         batch = ref.shape[0]
         n = enc.num_virtual_tokens
         if is_encoder_decoder(self.base_model):
-            return self._forward_seq2seq(enc, batch, input_ids, attention_mask, inputs_embeds, labels, kwargs)
+            return self._forward_seq2seq(enc, batch, input_ids, attention_mask, inputs_embeds, labels,
+                                         _with_token_types(kwargs, token_type_ids))
         input_mask = attention_mask
         if attention_mask is not None:
             attention_mask = torch.cat([attention_mask.new_ones(batch, n), attention_mask], dim=1)

@@ -6,6 +6,8 @@ Module layout and init follow PEFT's `PromptEncoder`: embedding (n, hidden) ->
   "lstm": biLSTM(d -> h, num_layers, dropout) - Linear(2h, 2h) - ReLU - Linear(2h, d).
 PEFT saves only the encoder output (`prompt_embeddings`, (n, hidden)), so does `save_adapter`; the encoder
 itself is dropped in the file (it reloads as a fixed prompt, exactly as in PEFT's inference mode).
+Encoder-decoder models (T5, BART): as PEFT, the encoder runs over 2n virtual tokens and the first n outputs go
+before the encoder input.
 """
 from __future__ import annotations
 

@@ -2,6 +2,8 @@
 
 PEFT-compatible: `save_adapter` writes peft_type PROMPT_TUNING with `prompt_embeddings` (n, hidden), which
 `peft.PeftModel.from_pretrained` loads with identical outputs (and vice versa through `load_adapter`).
+Encoder-decoder models (T5, BART): as PEFT, 2n virtual tokens are kept (and saved), the first n go before the
+encoder input.
 """
 from __future__ import annotations
 
