@@ -11,7 +11,8 @@ prompt-learning methods, so outputs match PEFT exactly:
 Encoder-decoder models (T5, BART: PEFT's SEQ_2_SEQ_LM, `num_transformer_submodules=2`) follow
 `PeftModelForSeq2SeqLM`: prefixes go to the decoder's self-attention through an `EncoderDecoderCache` (the
 encoder stacks of transformers drop `past_key_values`, and PEFT's cross-attention half is discarded, so the
-encoder gets no prefix); "embeddings" adapters hold 2n virtual tokens of which the first n go before the encoder
+encoder gets no prefix; prefix tuning's opt-in, non-PEFT `encoder_prefix=True` adds one through attention
+pre-hooks, see `_prefix_hooks`); "embeddings" adapters hold 2n virtual tokens of which the first n go before the encoder
 input (the decoder is untouched), exactly as PEFT does.
 
 Adapters are `PromptEncoder`s in `model.prompt_encoders[adapter_name]`; the active one is `active_adapter`.
@@ -340,13 +341,30 @@ class PromptLearningModel(nn.Module):
             dmask = kwargs.get("decoder_attention_mask")
             if dmask is not None:
                 kwargs["decoder_attention_mask"] = torch.cat([dmask.new_ones(dmask.shape[0], n), dmask], dim=1)
-            return self.base_model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                   past_key_values=self.get_prompt(batch), **kwargs)
+            if _encoder_stack(enc) is not None and kwargs.get("encoder_outputs") is not None:
+                raise ValueError("encoder_outputs: an adapter with encoder_prefix=True prefixes the encoder's "
+                                 "self-attention; pass input_ids or inputs_embeds instead of encoder_outputs")
+            with self._encoder_prefix(enc):
+                return self.base_model(input_ids=input_ids, inputs_embeds=inputs_embeds,
+                                       attention_mask=attention_mask, past_key_values=self.get_prompt(batch), **kwargs)
         if kwargs.get("encoder_outputs") is not None:
             raise ValueError("encoder_outputs: a prompt-tuning / P-tuning adapter feeds the encoder; pass input_ids "
                              "or inputs_embeds instead of precomputed encoder_outputs")
         inputs_embeds, attention_mask = self._prepend_prompt(batch, input_ids, inputs_embeds, attention_mask)
         return self.base_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
+
+    @contextlib.contextmanager
+    def _encoder_prefix(self, enc: PromptEncoder) -> Iterator[None]:
+        """Prefix tuning with encoder_prefix=True: the encoder's self-attention layers get their own prefix
+        (computed once here, so one dropout mask per forward) for the duration of the call."""
+        stack = _encoder_stack(enc)
+        if stack is None:
+            yield
+            return
+        from ._prefix_hooks import encoder_prefix_hooks
+
+        with encoder_prefix_hooks(self.base_model, stack.prompt().to(self._dtype())):
+            yield
 
     def _prepend_prompt(self, batch, input_ids, inputs_embeds, attention_mask):
         if inputs_embeds is None:
@@ -367,8 +385,9 @@ class PromptLearningModel(nn.Module):
                              "prompt adapter")
         batch = input_ids.shape[0]
         if enc.kind == PREFIX:
-            return self.base_model.generate(input_ids=input_ids, attention_mask=attention_mask,
-                                            past_key_values=self.get_prompt(batch), **kwargs)
+            with self._encoder_prefix(enc):
+                return self.base_model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                                past_key_values=self.get_prompt(batch), **kwargs)
         embeds, mask = self._prepend_prompt(batch, input_ids, None, attention_mask)
         return self.base_model.generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)
 
@@ -408,6 +427,11 @@ class PromptLearningModel(nn.Module):
 
     def extra_repr(self) -> str:
         return f"active_adapter={self.active_adapter!r}, disabled={self._adapters_disabled}"
+
+
+def _encoder_stack(enc: PromptEncoder):
+    """The encoder-stack prefix of a prefix-tuning adapter made with encoder_prefix=True, else None."""
+    return getattr(enc, "encoder_stack", None)
 
 
 def _with_token_types(kwargs: dict, token_type_ids) -> dict:
