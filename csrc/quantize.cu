@@ -125,6 +125,29 @@ __device__ __forceinline__ BlockStats block_stats(const T* __restrict__ A, int64
   return b;
 }
 
+// The quantizers' grid-stride loop: each lane group takes one quantization block, stores its absmax
+// (block_stats), then hands every 8-element chunk it owns to `emit(e0, v, b)` (v: the 8 values as fp32,
+// past-the-end ones 0). The loop bound is uniform per warp, so every lane reaches the shuffles.
+template <typename T, typename Emit>
+__device__ __forceinline__ void for_each_block_chunk(const T* __restrict__ A, int64_t n, int log2bs, bool vec_in,
+                                                     float* __restrict__ absmax, Emit emit) {
+  const BlockSplit sp(log2bs);
+  const int lane = threadIdx.x & 31;
+  const int64_t nblocks = (n + (int64_t{1} << log2bs) - 1) >> log2bs;
+  const int64_t warp0 = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  const int64_t nwarps = (int64_t(gridDim.x) * blockDim.x) >> 5;
+  for (int64_t wb = warp0 * sp.blocks_per_warp; wb < nblocks; wb += nwarps * sp.blocks_per_warp) {
+    const BlockStats b = block_stats(A, n, log2bs, sp, wb + lane / sp.tpb, lane % sp.tpb, vec_in, absmax);
+    for (int p = 0; p < sp.passes; ++p) {
+      const int64_t e0 = b.start + (int64_t(p) * sp.tpb + b.sub) * 8;
+      if (e0 >= b.end) continue;
+      float v[8];
+      load8(A, e0, b.end, vec_in, v);
+      emit(e0, v, b);
+    }
+  }
+}
+
 // bnb: full blocks multiply by the reciprocal, the partial tail block divides (see header).
 __device__ __forceinline__ float scale_clamp(float x, bool tail, float clamped_absmax, float inv) {
   const float s = tail ? __fdiv_rn(x, clamped_absmax) : __fmul_rn(x, inv);
@@ -135,39 +158,22 @@ template <typename T, int QT>
 __global__ void __launch_bounds__(kThreads)
 quantize_4bit_kernel(const T* __restrict__ A, int64_t n, int log2bs, uint8_t* __restrict__ packed,
                      float* __restrict__ absmax, bool vec_in, bool vec_out) {
-  const BlockSplit sp(log2bs);
-  const int lane = threadIdx.x & 31;
-  const int64_t nblocks = (n + (int64_t{1} << log2bs) - 1) >> log2bs;
-  const int64_t warp0 = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
-  const int64_t nwarps = (int64_t(gridDim.x) * blockDim.x) >> 5;
-  // The loop bound is uniform per warp, so every lane reaches the shuffles.
-  for (int64_t wb = warp0 * sp.blocks_per_warp; wb < nblocks; wb += nwarps * sp.blocks_per_warp) {
-    const BlockStats b = block_stats(A, n, log2bs, sp, wb + lane / sp.tpb, lane % sp.tpb, vec_in, absmax);
-    const int sub = b.sub;
-    const int64_t start = b.start, end = b.end;
-    const bool tail = b.tail;
-    const float clamped = b.clamped, inv = b.inv;
-    for (int p = 0; p < sp.passes; ++p) {
-      const int64_t e0 = start + (int64_t(p) * sp.tpb + sub) * 8;
-      if (e0 >= end) continue;
-      float v[8];
-      load8(A, e0, end, vec_in, v);
-      uint32_t word = 0;
+  for_each_block_chunk(A, n, log2bs, vec_in, absmax, [&](int64_t e0, const float* v, const BlockStats& b) {
+    uint32_t word = 0;
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const uint32_t hi = quantize_4bit_value<QT>(scale_clamp(v[2 * j], tail, clamped, inv));
-        const uint32_t lo = quantize_4bit_value<QT>(scale_clamp(v[2 * j + 1], tail, clamped, inv));
-        word |= ((hi << 4) | lo) << (8 * j);  // byte j (little endian) = elements 2j (high), 2j+1
-      }
-      if (vec_out && e0 + 8 <= end) {
-        *reinterpret_cast<uint32_t*>(packed + (e0 >> 1)) = word;
-      } else {
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-          if (e0 + 2 * j < end) packed[(e0 >> 1) + j] = static_cast<uint8_t>(word >> (8 * j));
-      }
+    for (int j = 0; j < 4; ++j) {
+      const uint32_t hi = quantize_4bit_value<QT>(scale_clamp(v[2 * j], b.tail, b.clamped, b.inv));
+      const uint32_t lo = quantize_4bit_value<QT>(scale_clamp(v[2 * j + 1], b.tail, b.clamped, b.inv));
+      word |= ((hi << 4) | lo) << (8 * j);  // byte j (little endian) = elements 2j (high), 2j+1
     }
-  }
+    if (vec_out && e0 + 8 <= b.end) {
+      *reinterpret_cast<uint32_t*>(packed + (e0 >> 1)) = word;
+    } else {
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+        if (e0 + 2 * j < b.end) packed[(e0 >> 1) + j] = static_cast<uint8_t>(word >> (8 * j));
+    }
+  });
 }
 
 template <typename T>
@@ -220,40 +226,24 @@ quantize_blockwise_kernel(const T* __restrict__ A, const float* __restrict__ cod
     s_mid[t] = t < code_len - 1 ? __fmul_rn(__fadd_rn(code[t], code[t + 1]), 0.5f) : __int_as_float(0x7f800000);
   }
   __syncthreads();
-  const BlockSplit sp(log2bs);
-  const int lane = threadIdx.x & 31;
-  const int64_t nblocks = (n + (int64_t{1} << log2bs) - 1) >> log2bs;
-  const int64_t warp0 = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
-  const int64_t nwarps = (int64_t(gridDim.x) * blockDim.x) >> 5;
-  for (int64_t wb = warp0 * sp.blocks_per_warp; wb < nblocks; wb += nwarps * sp.blocks_per_warp) {
-    const BlockStats b = block_stats(A, n, log2bs, sp, wb + lane / sp.tpb, lane % sp.tpb, vec_in, absmax);
-    const int sub = b.sub;
-    const int64_t start = b.start, end = b.end;
-    const bool tail = b.tail;
-    const float clamped = b.clamped, inv = b.inv;
-    for (int p = 0; p < sp.passes; ++p) {
-      const int64_t e0 = start + (int64_t(p) * sp.tpb + sub) * 8;
-      if (e0 >= end) continue;
-      float v[8];
-      load8(A, e0, end, vec_in, v);
-      uint32_t w[2] = {0u, 0u};
+  for_each_block_chunk(A, n, log2bs, vec_in, absmax, [&](int64_t e0, const float* v, const BlockStats& b) {
+    uint32_t w[2] = {0u, 0u};
 #pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        const float s = scale_clamp(v[i], tail, clamped, inv);
-        int idx = 0;
+    for (int i = 0; i < 8; ++i) {
+      const float s = scale_clamp(v[i], b.tail, b.clamped, b.inv);
+      int idx = 0;
 #pragma unroll
-        for (int step = 128; step > 0; step >>= 1) idx += (s > s_mid[idx + step - 1]) ? step : 0;
-        w[i >> 2] |= static_cast<uint32_t>(idx) << (8 * (i & 3));
-      }
-      if (vec_out && e0 + 8 <= end) {
-        *reinterpret_cast<uint2*>(q + e0) = make_uint2(w[0], w[1]);
-      } else {
-#pragma unroll
-        for (int i = 0; i < 8; ++i)
-          if (e0 + i < end) q[e0 + i] = static_cast<uint8_t>(w[i >> 2] >> (8 * (i & 3)));
-      }
+      for (int step = 128; step > 0; step >>= 1) idx += (s > s_mid[idx + step - 1]) ? step : 0;
+      w[i >> 2] |= static_cast<uint32_t>(idx) << (8 * (i & 3));
     }
-  }
+    if (vec_out && e0 + 8 <= b.end) {
+      *reinterpret_cast<uint2*>(q + e0) = make_uint2(w[0], w[1]);
+    } else {
+#pragma unroll
+      for (int i = 0; i < 8; ++i)
+        if (e0 + i < b.end) q[e0 + i] = static_cast<uint8_t>(w[i >> 2] >> (8 * (i & 3)));
+    }
+  });
 }
 
 template <typename T>
