@@ -13,11 +13,10 @@ forward; dy, x read + dx written backward), peak MB on GPU. Results: benchmarks/
 """
 from __future__ import annotations
 
-import argparse
 
 import torch
 
-from benchmarks.common import bench, on_gpu, print_table, write_csv
+from benchmarks.common import bench, on_gpu, suite_main
 from qpeft.methods.bottleneck import BottleneckAdapter
 
 
@@ -75,14 +74,11 @@ def run(quick: bool = False) -> list[dict]:
     return rows
 
 
+COLUMNS = ["dtype", "M", "H", "R", "mode", "provider", "ms", "p20", "p80", "GB/s", "peak_MB", "speedup_vs_unfused"]
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true")
-    args = ap.parse_args()
-    rows = run(args.quick)
-    print_table(rows, ["dtype", "M", "H", "R", "mode", "provider", "ms", "p20", "p80", "GB/s", "peak_MB",
-                       "speedup_vs_unfused"])
-    print("wrote", write_csv("bottleneck", rows))
+    suite_main("bottleneck", run, COLUMNS, description=__doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

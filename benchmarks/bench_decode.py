@@ -12,7 +12,6 @@ CPU (or no GPU): the tiny config, 8-token prompt, 8 new tokens, fp32; only shows
 """
 from __future__ import annotations
 
-import argparse
 import gc
 import statistics
 import time
@@ -20,7 +19,7 @@ import time
 import torch
 
 from benchmarks.bench_e2e_training import CPU_CONFIGS, GPU_CONFIGS, bnb_quantize_, build_llama
-from benchmarks.common import on_gpu, print_table, write_csv
+from benchmarks.common import on_gpu, suite_main
 
 PROVIDERS = ("bf16", "qpeft", "bnb")
 BATCHES = (1, 8)
@@ -105,12 +104,7 @@ COLUMNS = ["model", "provider", "batch", "new_tokens", "s", "tokens_per_s", "x_v
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="GPU: the 1.1B model only; CPU: always tiny")
-    args = ap.parse_args()
-    rows = run(quick=args.quick)
-    print_table(rows, COLUMNS)
-    print("wrote", write_csv("decode", rows))
+    suite_main("decode", run, COLUMNS, description=__doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

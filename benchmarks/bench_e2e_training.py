@@ -18,7 +18,6 @@ CPU (or quick=True without a GPU): a tiny config at 2 x 64 tokens in fp32, 3 ste
 """
 from __future__ import annotations
 
-import argparse
 import gc
 import statistics
 import time
@@ -26,7 +25,7 @@ import time
 import torch
 import torch.nn as nn
 
-from benchmarks.common import on_gpu, print_table, write_csv
+from benchmarks.common import on_gpu, suite_main
 
 # name -> (LlamaConfig kwargs, batch, seq)
 GPU_CONFIGS = {
@@ -188,12 +187,7 @@ COLUMNS = ["model", "batch", "seq", "provider", "step_s", "tokens_per_s", "x_vs_
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="GPU: the 1.1B model only; CPU: always tiny")
-    args = ap.parse_args()
-    rows = run(quick=args.quick)
-    print_table(rows, COLUMNS)
-    print("wrote", write_csv("e2e_training", rows))
+    suite_main("e2e_training", run, COLUMNS, description=__doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

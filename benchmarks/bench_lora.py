@@ -16,7 +16,6 @@ Writes benchmarks/results/<device>/lora.csv and prints a table with each provide
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import bench, env_info, on_gpu, print_table, write_csv  # noqa: E402
+from benchmarks.common import bench, on_gpu, suite_main  # noqa: E402
 
 PROVIDERS = ("frozen", "qpeft_lora", "qpeft_qlora", "peft_lora", "peft_qlora", "torch_compile")
 
@@ -149,14 +148,11 @@ def run(quick: bool = False) -> list[dict]:
     return rows
 
 
+COLUMNS = ["K", "N", "M", "r", "provider", "dtype", "ms", "vs_frozen", "peak_mib", "error"]
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="a few configurations only")
-    args = ap.parse_args()
-    rows = run(args.quick)
-    print(env_info())
-    print_table(rows, ["K", "N", "M", "r", "provider", "dtype", "ms", "vs_frozen", "peak_mib", "error"])
-    print("wrote", write_csv("lora", rows))
+    suite_main("lora", run, COLUMNS, description=__doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

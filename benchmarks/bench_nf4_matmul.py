@@ -14,12 +14,11 @@ tensor-core floor, H100 numbers from ../shared/reference/performance.md) and spe
 """
 from __future__ import annotations
 
-import argparse
 import math
 
 import torch
 
-from benchmarks.common import bench, on_gpu, print_table, write_csv
+from benchmarks.common import bench, on_gpu, suite_main
 
 GPU_SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672)]
 GPU_M = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096, 16384]
@@ -140,15 +139,7 @@ def run(quick: bool = False) -> list[dict]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="tiny shapes (what CPU runs always use)")
-    args = ap.parse_args()
-    rows = run(quick=args.quick)
-    cols: list[str] = []
-    for r in rows:
-        cols += [c for c in r if c not in cols]
-    print_table(rows, cols=cols)
-    print(f"wrote {write_csv('nf4_matmul', rows)}")
+    suite_main("nf4_matmul", run, None, description=__doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

@@ -106,9 +106,13 @@ def write_csv(suite: str, rows: list[dict]) -> Path:
 
 
 def print_table(rows: list[dict], cols: list[str] | None = None) -> None:
+    """Print rows as aligned columns (default: every key that occurs, in first-seen order)."""
     if not rows:
         return
-    cols = cols or list(rows[0])
+    if cols is None:
+        cols = []
+        for r in rows:
+            cols += [k for k in r if k not in cols]
 
     def fmt(v):
         return f"{v:.4g}" if isinstance(v, float) else str(v)
@@ -117,3 +121,18 @@ def print_table(rows: list[dict], cols: list[str] | None = None) -> None:
     print("  ".join(c.rjust(widths[c]) for c in cols))
     for r in rows:
         print("  ".join(fmt(r.get(c, "")).rjust(widths[c]) for c in cols))
+
+
+def suite_main(suite: str, run, columns: list[str] | None = None, description: str | None = None,
+               argv: list[str] | None = None) -> list[dict]:
+    """Command line of one suite script: `--quick`, run, print the environment and table, write the CSV."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--quick", action="store_true", help="fewer/smaller configurations (CPU runs are always small)")
+    args = ap.parse_args(argv)
+    rows = run(quick=args.quick)
+    print(env_info())
+    print_table(rows, columns)
+    print("wrote", write_csv(suite, rows))
+    return rows

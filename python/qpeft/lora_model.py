@@ -8,7 +8,6 @@ prefix, adapter name removed).
 from __future__ import annotations
 
 import contextlib
-import math
 import re
 from collections import defaultdict
 

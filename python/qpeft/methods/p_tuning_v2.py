@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import torch
 import torch.nn as nn
 
 from ._prompt_common import (PromptLearningModel, base_of, check_dropout, check_new_adapter, check_positive_int,
