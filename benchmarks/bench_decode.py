@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from benchmarks.bench_e2e_training import CPU_CONFIGS, GPU_CONFIGS, bnb_quantize_, build_llama
+from benchmarks.bench_e2e_training import bnb_quantize_, build_llama, model_configs
 from benchmarks.common import on_gpu, suite_main
 
 PROVIDERS = ("bf16", "qpeft", "bnb")
@@ -68,9 +68,7 @@ def time_generate(model, batch: int, prompt_len: int, new_tokens: int, vocab: in
 def run(quick: bool = False) -> list[dict]:
     gpu = on_gpu()
     device = "cuda" if gpu else "cpu"
-    configs = GPU_CONFIGS if gpu else CPU_CONFIGS
-    if gpu and quick:
-        configs = {"llama-1.1B": GPU_CONFIGS["llama-1.1B"]}
+    configs = model_configs(gpu, quick)
     dtype = torch.bfloat16 if gpu else torch.float32
     prompt_len, new_tokens, reps = (32, 128, 3) if gpu else (8, 8, 7)  # CPU: shared cores, more repeats
     rows = []

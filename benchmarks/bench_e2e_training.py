@@ -146,12 +146,17 @@ def providers(gpu: bool) -> list[str]:
     return ["qpeft", "peft_bnb", "peft_bf16"] if gpu else ["qpeft", "peft_bnb"]
 
 
+def model_configs(gpu: bool, quick: bool) -> dict:
+    """The LLaMA-style configs a suite runs: ~1.1B and ~8B on a GPU (1.1B only with --quick), tiny on CPU."""
+    if not gpu:
+        return CPU_CONFIGS
+    return {"llama-1.1B": GPU_CONFIGS["llama-1.1B"]} if quick else GPU_CONFIGS
+
+
 def run(quick: bool = False) -> list[dict]:
     gpu = on_gpu()
     device = "cuda" if gpu else "cpu"
-    configs = GPU_CONFIGS if gpu else CPU_CONFIGS
-    if gpu and quick:
-        configs = {"llama-1.1B": GPU_CONFIGS["llama-1.1B"]}
+    configs = model_configs(gpu, quick)
     dtype = torch.bfloat16 if gpu else torch.float32
     autocast_dtype = torch.bfloat16 if gpu else None
     warmup, reps = (2, 4) if gpu else (1, 5)

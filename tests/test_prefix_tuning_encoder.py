@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from qpeft.adapter_io import save_adapter
 from qpeft.methods.prefix_tuning import add_prefix_tuning
 from test_prefix_tuning_seq2seq import HEAD_DIM, HEADS, LAYERS, _batch, tiny_bart, tiny_t5
-from utils import tiny_llama, train_prompt_steps
+from utils import tiny_llama, train_prompt_steps, assert_seq2seq_generate_is_greedy
 
 N = 3  # virtual tokens
 MAKERS = [tiny_t5, tiny_bart]
@@ -156,18 +156,7 @@ def test_prefix_dropout_applies_to_encoder_stack_in_training_only():
 def test_generate_is_step_by_step_greedy(make):
     ids, mask, _ = _batch()
     model = _model(make)
-    steps = 4
-    gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps, min_new_tokens=steps,
-                         do_sample=False, output_logits=True, return_dict_in_generate=True)
-    eos = model.base_model.generation_config.eos_token_id
-    dec = torch.full((2, 1), model.base_model.config.decoder_start_token_id)
-    with torch.no_grad():
-        for t in range(steps):  # full recompute, encoder included, at every step
-            logits = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits[:, -1]
-            torch.testing.assert_close(gen.logits[t], logits)
-            logits[:, eos] = -float("inf")  # min_new_tokens: generate suppresses EOS for these steps
-            dec = torch.cat([dec, logits.argmax(-1, keepdim=True)], 1)
-    assert torch.equal(gen.sequences, dec)
+    assert_seq2seq_generate_is_greedy(model, ids, mask, steps=4)
 
 
 def test_save_adapter_refuses_encoder_prefix(tmp_path):

@@ -16,7 +16,7 @@ from qpeft.methods.p_tuning import add_p_tuning
 from qpeft.methods.p_tuning_v2 import add_p_tuning_v2
 from qpeft.methods.prefix_tuning import add_prefix_tuning
 from qpeft.methods.prompt_tuning import add_prompt_tuning, load_prompt_adapter
-from utils import tiny_llama, train_prompt_steps
+from utils import tiny_llama, train_prompt_steps, assert_seq2seq_generate_is_greedy
 
 peft = pytest.importorskip("peft")
 
@@ -185,18 +185,7 @@ def test_generate_is_step_by_step_greedy(make, kind):
     ids, mask, _ = _batch()
     model = ADDERS[kind](make())
     _randomize(model)
-    steps = 5
-    gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps, min_new_tokens=steps,
-                         do_sample=False, output_logits=True, return_dict_in_generate=True)
-    eos = model.base_model.generation_config.eos_token_id
-    dec = torch.full((2, 1), model.base_model.config.decoder_start_token_id)
-    with torch.no_grad():
-        for t in range(steps):  # full recompute of the decoder (no cache beyond the prefix) at every step
-            logits = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits[:, -1]
-            torch.testing.assert_close(gen.logits[t], logits)
-            logits[:, eos] = -float("inf")  # min_new_tokens: generate suppresses EOS for these steps
-            dec = torch.cat([dec, logits.argmax(-1, keepdim=True)], 1)
-    assert torch.equal(gen.sequences, dec)
+    assert_seq2seq_generate_is_greedy(model, ids, mask, steps=5)
 
 
 # ------------------------------------------------------------------------------------------------ PEFT interop

@@ -105,3 +105,19 @@ def train_prompt_steps(model, steps: int, lr: float = 1e-2, **batch) -> list[flo
         opt.step()
         losses.append(loss.item())
     return losses
+
+
+def assert_seq2seq_generate_is_greedy(model, ids, mask, steps: int) -> None:
+    """`model.generate` (greedy, exactly `steps` new tokens) of an encoder-decoder PromptLearningModel equals a
+    full recompute at every step: per-step logits and the final decoder sequence."""
+    gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps, min_new_tokens=steps,
+                         do_sample=False, output_logits=True, return_dict_in_generate=True)
+    eos = model.base_model.generation_config.eos_token_id
+    dec = torch.full((ids.shape[0], 1), model.base_model.config.decoder_start_token_id)
+    with torch.no_grad():
+        for t in range(steps):  # full recompute (encoder and decoder, no cache beyond the prefix) at every step
+            logits = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits[:, -1]
+            torch.testing.assert_close(gen.logits[t], logits)
+            logits[:, eos] = -float("inf")  # min_new_tokens: generate suppresses EOS for these steps
+            dec = torch.cat([dec, logits.argmax(-1, keepdim=True)], 1)
+    assert torch.equal(gen.sequences, dec)
