@@ -1,23 +1,56 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, in one call (for a lent H100/H200; CI has no GPU and does not run this).
-#   bash tests/run_gpu.sh [--no-bench]
-# 1. builds the CUDA extension for the visible GPU; 2. runs the whole suite (CUDA C++ and Triton kernels
-# against the reference, bf16 included); 3. runs the Triton-marked tests again with the real compiler;
-# 4. runs every benchmark suite (tables, CSV and plots under benchmarks/results/<gpu>/).
-# Logs go to $OUT when it is set (the device tool's output folder), else to benchmarks/results/.
+# Everything that needs a GPU (for a lent H100/H200; CI has no GPU and does not run this), in stages that each
+# fit one 10-minute device call:
+#   bash tests/run_gpu.sh tests   # build the CUDA extension for this GPU; the whole suite (CUDA C++ and Triton
+#                                 # kernels against the reference, bf16 included); the Triton tests again
+#   bash tests/run_gpu.sh tune    # measure the nf4_matmul dispatch candidates, regenerate
+#                                 # python/qpeft/ops/nf4_matmul_tuned.py (copied to $OUT: commit it)
+#   bash tests/run_gpu.sh bench   # every benchmark suite (uses the tuned table when tune ran first)
+#   bash tests/run_gpu.sh all     # the three in order (default)
+# bitsandbytes (a benchmark baseline and interop tests) is not on the device image: carry it as a wheel in
+# .whl/ (git-ignored), fetched here with
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_24_x86_64 -d .whl bitsandbytes==0.50.2
+# and name `.whl` in the device call's carry; this script installs it.
+# Logs and results go to $OUT when it is set (the device tool's output folder: at most 8 files come back, so
+# the benchmark results travel as one results.tgz), else to benchmarks/results/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 LOG=${OUT:-benchmarks/results}
+STAGE=${1:-all}
+case "$STAGE" in tests|tune|bench|all) ;; *) echo "unknown stage $STAGE (tests|tune|bench|all)" >&2; exit 2;; esac
 mkdir -p "$LOG"
 export PYTHONUNBUFFERED=1
+# keep the JIT build inside the (git-ignored) build/ folder: the device tool keeps ignored build outputs
+# between calls on a warm machine, so later stages skip the ~1 minute compile
+export QPEFT_BUILD_DIR=${QPEFT_BUILD_DIR:-$PWD/build/qpeft-jit}
 status=0
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
 $PY -m pip install -q --no-deps --no-build-isolation --no-index -e . || exit 1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$LOG/gpu.txt"
-$PY -m qpeft.build 2>&1 | tee "$LOG/build.log" || status=1
-$PY -m pytest tests -q -p no:cacheprovider -rs 2>&1 | tee "$LOG/pytest_gpu.log" || status=1
-QPEFT_BACKEND=triton $PY -m pytest tests -q -p no:cacheprovider -m triton 2>&1 | tee "$LOG/pytest_triton_gpu.log" || status=1
-if [ "${1:-}" != "--no-bench" ]; then
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; $PY -m qpeft.build; } 2>&1 \
+  | tee "$LOG/build.log" || status=1
+
+if [ "$STAGE" = tests ] || [ "$STAGE" = all ]; then
+  $PY -m pytest tests -q -p no:cacheprovider -rs 2>&1 | tee "$LOG/pytest_gpu.log" || status=1
+  QPEFT_BACKEND=triton $PY -m pytest tests -q -p no:cacheprovider -m triton 2>&1 \
+    | tee "$LOG/pytest_triton_gpu.log" || status=1
+fi
+if [ "$STAGE" = tune ] || [ "$STAGE" = all ]; then
+  $PY -m benchmarks.tune_nf4_matmul --write 2>&1 | tee "$LOG/tune.log" || status=1
+  if [ -n "${OUT:-}" ]; then
+    cp python/qpeft/ops/nf4_matmul_tuned.py "$OUT/" || status=1
+    cp benchmarks/results/*/tune_nf4_matmul.csv "$OUT/" 2>/dev/null || true
+  fi
+fi
+if [ "$STAGE" = bench ] || [ "$STAGE" = all ]; then
   $PY -m benchmarks 2>&1 | tee "$LOG/benchmarks.log" || status=1
+  if [ -n "${OUT:-}" ]; then
+    tar czf "$OUT/results.tgz" --exclude='cpu-*' -C benchmarks results || status=1
+  fi
 fi
 exit $status

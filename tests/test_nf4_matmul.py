@@ -219,11 +219,15 @@ def test_triton_forward_dx(M, N, K, dtype, quant_type, blocksize, nested, monkey
 @pytest.mark.parametrize("config", [
     dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=32, SPLIT_K=3),    # GEMV multiply-reduce, split-K with atomics
     dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, SPLIT_K=2),  # decode tl.dot, split-K, 2 scale groups per tile
-    dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, SPLIT_K=1),   # tiled GEMM
+    dict(BLOCK_M=1, BLOCK_N=8, BLOCK_K=256, SPLIT_K=1),    # GEMV multiply-reduce, whole K per program
+    dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, SPLIT_K=1),   # tiled GEMM / decode tl.dot without split
+    dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, SPLIT_K=1, num_warps=2, num_stages=2),  # tuned-table keys
 ])
 def test_triton_forward_configs_with_lora(config, K, aligned, dtype):
     from qpeft.triton_kernels.nf4_matmul import nf4_matmul_triton
 
+    if config["SPLIT_K"] > 1 and dtype != torch.float32:
+        pytest.skip("split-K accumulates in the output: float32 only (the refusal is tested below)")
     config = {**config, "ALIGNED": aligned}
     M = 1 if config["BLOCK_M"] == 1 else 9
     N, r, scale = 37, 6, 0.5
@@ -232,8 +236,46 @@ def test_triton_forward_configs_with_lora(config, K, aligned, dtype):
     p, a, c, bs, _, _, na, nc, off = weight_args(packed, state)
     x, b, _, (xa, lB, _) = _inputs(M, N, K, dtype, device=dev, r=r)
     y = nf4_matmul_triton(x, p, a, c, bs, N, na, nc, off, b, xa, lB, scale, config=config)
+    assert y.dtype == dtype and y.shape == (M, N)
     ref32 = x.float() @ W.t() + b.float() + scale * (xa.float() @ lB.float().t())
     assert_close_2x(y, ref32, x @ W.to(dtype).t() + b + scale * (xa @ lB.t()), what=f"forward {config}")
+
+
+@pytest.mark.triton
+@requires_triton_runtime
+def test_triton_split_k_refused_for_half_activations():
+    """A 16-bit output cannot hold split-K partial sums; an fp32 scratch buffer would be a second allocation
+    (the op allocates only its output), so the launcher refuses instead of silently losing precision."""
+    from qpeft.triton_kernels.nf4_matmul import nf4_matmul_triton
+
+    dev = triton_device()
+    packed, state, _ = make_weight(32, 128, device=dev)
+    p, a, c, bs, _, _, na, nc, off = weight_args(packed, state)
+    x = torch.randn(1, 128).to(dev, torch.float16)
+    with pytest.raises(ValueError, match="SPLIT_K must be 1 for torch.float16"):
+        nf4_matmul_triton(x, p, a, c, bs, 32, na, nc, off, config=dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=32,
+                                                                          SPLIT_K=2))
+
+
+@pytest.mark.parametrize("M", [1, 2, 16])
+@pytest.mark.parametrize("N", [64, 4096, 28672])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_triton_decode_default_config_fills_the_gpu_without_scratch(M, N, dtype):
+    """Default decode tiles: half precision never splits K (no scratch buffer); BLOCK_N gives >= 2 programs
+    per SM whenever N allows it (132 SMs, as the interpreter pretends), within tl.dot's minimum of 16."""
+    pytest.importorskip("triton")
+    from qpeft.triton_kernels.nf4_matmul import _fwd_config
+
+    cfg = _fwd_config(M, N, 4096, torch.device("cpu"), dtype)
+    assert cfg["BLOCK_M"] == (1 if M == 1 else 16)
+    assert cfg["BLOCK_N"] >= (8 if M == 1 else 16)
+    programs = -(-N // cfg["BLOCK_N"])
+    if dtype != torch.float32:
+        assert cfg["SPLIT_K"] == 1
+    if N >= 2 * 132 * 16:
+        assert programs >= 2 * 132
+    if dtype == torch.float32 and programs < 132:
+        assert cfg["SPLIT_K"] > 1
 
 
 @pytest.mark.triton
@@ -270,3 +312,151 @@ def test_cuda_forward_dx_lora(M, N, K, dtype, quant_type, blocksize, nested, mon
     dx = torch.ops.qpeft.nf4_matmul_dx(dy, p, a, c, bs, K, na, nc, off, xa, lA, 0.5)
     assert_close_2x(dx, dy.float() @ W + 0.5 * (xa.float() @ lA.float()), dy @ W.to(dtype) + 0.5 * (xa @ lA),
                     what="cuda dx")
+
+
+# --- auto dispatch: the measured table (built by benchmarks/tune_nf4_matmul.py) and its lookup ---------------
+def _synthetic_tuning_rows(seed=0):
+    """Rows as the tuner writes them, with random times: two shapes, four M, both directions; one candidate
+    always fails (inf) and dense cuBLAS is context only (no backend)."""
+    g = torch.Generator().manual_seed(seed)
+    cands = [("cuda", "cuda", None), ("triton:a", "triton", dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=128)),
+             ("triton:b", "triton", dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_stages=3)),
+             ("dense", None, None), ("triton:broken", "triton", dict(BLOCK_M=256, BLOCK_N=256, BLOCK_K=256))]
+    rows = []
+    for direction in ("fwd", "dx"):
+        for K, N in ((4096, 4096), (8192, 28672)):
+            for M in (1, 16, 64, 1024):
+                for name, backend, cfg in cands:
+                    ms = float("inf") if name == "triton:broken" else float(torch.rand((), generator=g)) + 0.01
+                    if name == "dense":
+                        ms = 1e-6  # fastest of all, but not a candidate
+                    rows.append(dict(dir=direction, K=K, N=N, M=M, candidate=name, backend=backend, config=cfg,
+                                     ms=ms))
+    return rows
+
+
+def test_dispatch_table_picks_the_measured_winner_and_round_trips_through_source():
+    from qpeft.ops.nf4_matmul_dispatch import build_table, lookup_tuned, render_tables
+
+    rows = _synthetic_tuning_rows()
+    table = build_table(rows, (9, 0), "synthetic")
+    tables = {"GPU A": table}
+    namespace: dict = {}
+    exec(render_tables(tables), namespace)  # the generated module is valid Python holding the same table
+    assert namespace["TABLES"] == tables
+    for r in rows:
+        if r["backend"] is None:
+            continue
+        same = [q for q in rows if (q["dir"], q["K"], q["N"], q["M"]) == (r["dir"], r["K"], r["N"], r["M"])
+                and q["backend"] is not None]
+        winner = min(same, key=lambda q: q["ms"])
+        got = lookup_tuned(tables, "GPU A", (9, 0), r["dir"], r["M"], r["N"], r["K"])
+        assert (got.backend, got.triton_config) == (winner["backend"], winner["config"]), (r, got)
+        assert got.source.startswith("tuned:GPU A")
+
+
+def test_dispatch_lookup_buckets_nearest_shape_and_device_fallback():
+    from qpeft.ops.nf4_matmul_dispatch import build_table, lookup_tuned
+
+    rows = [dict(dir="fwd", K=K, N=N, M=M, candidate=name, backend=backend, config=None, ms=ms)
+            for K, N, fast_upto in ((4096, 4096, 16), (8192, 28672, 64))
+            for M in (1, 16, 64, 1024)
+            for name, backend, ms in (("cuda", "cuda", 1.0 if M <= fast_upto else 3.0),
+                                      ("triton:default", "triton", 2.0))]
+    tables = {"GPU A": build_table(rows, (9, 0), "synthetic")}
+    buckets = tables["GPU A"]["fwd"][(4096, 4096)]
+    assert [(b["max_m"], b["backend"]) for b in buckets] == [(16, "cuda"), (1024, "triton")]  # merged runs
+    assert set(buckets[0]["ms"]) == {1, 16} and buckets[0]["ms"][16] == {"cuda": 1.0, "triton:default": 2.0}
+
+    def backend(M, N, K, name="GPU A", cap=(9, 0)):
+        p = lookup_tuned(tables, name, cap, "fwd", M, N, K)
+        return None if p is None else p.backend
+
+    assert [backend(M, 4096, 4096) for M in (1, 7, 16, 17, 64, 5000)] == ["cuda"] * 3 + ["triton"] * 3
+    assert backend(40, 14336, 8192) == "cuda"     # nearest measured shape: (8192, 28672), cuda up to M = 64
+    assert backend(40, 4096, 3072) == "triton"    # nearest: (4096, 4096)
+    assert backend(40, 4096, 4096, name="GPU B") == "triton"  # unknown name, same capability: that table
+    assert backend(40, 4096, 4096, name="GPU B", cap=(8, 0)) is None  # no table for this arch: default rule
+    assert lookup_tuned(tables, "GPU A", (9, 0), "dx", 40, 4096, 4096) is None  # direction not measured
+
+
+def test_dispatch_default_plan_and_argument_check():
+    from qpeft.ops.nf4_matmul_dispatch import plan
+
+    cpu = torch.device("cpu")
+    p = plan("fwd", 1, 4096, 4096, torch.bfloat16, cpu)
+    assert (p.backend, p.triton_config, p.source) == ("cuda", None, "default")
+    with pytest.raises(ValueError, match="direction must be 'fwd' or 'dx'"):
+        plan("bwd", 1, 4096, 4096, torch.bfloat16, cpu)
+
+
+@pytest.mark.triton
+@requires_triton_runtime
+@pytest.mark.parametrize("direction", ["fwd", "dx"])
+def test_op_runs_triton_with_the_planned_tiles(direction, monkeypatch):
+    """The L2 op hands the plan's tiles to the Triton launcher (and the result still meets the 2x rule)."""
+    import qpeft.triton_kernels.nf4_matmul as tk
+    from qpeft.ops import nf4_matmul_dispatch
+
+    monkeypatch.setenv("QPEFT_BACKEND", "triton")
+    cfg = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, num_warps=2)
+    if direction == "fwd":
+        cfg["SPLIT_K"] = 1
+    monkeypatch.setattr(nf4_matmul_dispatch, "plan", lambda *a: nf4_matmul_dispatch.Plan("triton", cfg, "test"))
+    seen = []
+    launcher = "nf4_matmul_triton" if direction == "fwd" else "nf4_matmul_dx_triton"
+    real = getattr(tk, launcher)
+    monkeypatch.setattr(tk, launcher, lambda *a, config=None, **k: seen.append(config) or real(*a, config=config,
+                                                                                              **k))
+    dev, dtype = triton_device(), torch.float16
+    M, N, K = 5, 40, 96
+    packed, state, W = make_weight(N, K, device=dev)
+    p, a, c, bs, _, _, na, nc, off = weight_args(packed, state)
+    x, _, dy, _ = _inputs(M, N, K, dtype, device=dev)
+    if direction == "fwd":
+        got = torch.ops.qpeft.nf4_matmul(x, p, a, c, bs, N, na, nc, off, None, None, None, 0.0)
+        assert_close_2x(got, x.float() @ W.t(), x @ W.to(dtype).t(), what="forward")
+    else:
+        got = torch.ops.qpeft.nf4_matmul_dx(dy, p, a, c, bs, K, na, nc, off, None, None, 0.0)
+        assert_close_2x(got, dy.float() @ W, dy @ W.to(dtype), what="dx")
+    assert seen == [cfg]
+
+
+# --- GPU: the op (every backend, fwd and dx) allocates only its output and captures in a CUDA graph -----------
+def _op_call(direction, args, a, N, K):
+    p, ab, c, bs, _, _, na, nc, off = args
+    if direction == "fwd":
+        return torch.ops.qpeft.nf4_matmul(a, p, ab, c, bs, N, na, nc, off, None, None, None, 0.0)
+    return torch.ops.qpeft.nf4_matmul_dx(a, p, ab, c, bs, K, na, nc, off, None, None, 0.0)
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", ["auto", "cuda", "triton"])
+@pytest.mark.parametrize("direction", ["fwd", "dx"])
+@pytest.mark.parametrize("M", [1, 8, 100])
+def test_op_allocates_only_its_output_and_captures_in_a_cuda_graph(backend, direction, M, monkeypatch):
+    monkeypatch.setenv("QPEFT_BACKEND", backend)
+    N, K = 4096, 1024  # N large enough for the decode tiles the GPU gets (no split-K)
+    packed, state, W = make_weight(N, K, device="cuda")
+    args = weight_args(packed, state)
+    a = torch.randn(M, K if direction == "fwd" else N, device="cuda", dtype=torch.bfloat16)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        _op_call(direction, args, a, N, K)  # warm-up (build, Triton compile) outside the measurement
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_stats()["allocation.all.allocated"]
+        eager = _op_call(direction, args, a, N, K)
+        torch.cuda.synchronize()
+        assert torch.cuda.memory_stats()["allocation.all.allocated"] - before == 1, "allocations besides the output"
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = _op_call(direction, args, a, N, K)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, eager)
+    a.copy_(torch.randn_like(a))  # replay on new data equals a fresh eager call
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, _op_call(direction, args, a, N, K))

@@ -12,10 +12,15 @@ Tile loaders: when K % blocksize == 0 (every real model shape) `_dequant_tile_al
 weights and one absmax per block; otherwise `_dequant_tile` gathers per element (any K, odd K included).
 
 Configurations (one kernel per direction, picked by M in `_fwd_config` / `_dx_config`):
-- decode, M <= 16: a split-K GEMV. BLOCK_M is 1 for one row (multiply-reduce, no padding to 16 rows);
-  2..16 rows use tl.dot with BLOCK_M = 16. K is split so that about 2 programs per SM stream the packed
-  weight once; partial sums go into an fp32 buffer with atomics.
+- decode, M <= 16: a GEMV. BLOCK_M is 1 for one row (multiply-reduce, no padding to 16 rows); 2..16 rows
+  use tl.dot with BLOCK_M = 16. BLOCK_N shrinks until about 2 programs per SM stream the packed weight once
+  (N = 4096 on 132 SMs: BLOCK_N = 8 at M = 1, 16 with tl.dot, i.e. 512 / 256 programs), so no split-K and
+  no scratch buffer: the op allocates nothing but its output and is CUDA-graph capturable. Split-K
+  (SPLIT_K > 1, fp32 atomics) is kept for fp32 activations only, where the output itself is the fp32
+  accumulator (zero-filled); half-precision partial sums would need an fp32 scratch buffer.
 - prefill/training, M > 16: a tiled GEMM, tl.dot on dequantized tiles in the K loop, no split.
+The auto dispatch (qpeft/ops/nf4_matmul_dispatch.py) may replace these defaults with configurations measured
+on the GPU (qpeft/ops/nf4_matmul_tuned.py, written by benchmarks/tune_nf4_matmul.py).
 Compiled offline for sm_90 (triton.compile with GPUTarget("cuda", 90, 32), no GPU here), the bf16/fp16 GEMM
 and dx configurations issue HGMMA.64x64x16 (wgmma), decode issues HMMA.16816 (mma.sync) and the M = 1 GEMV
 FMAs only, as intended. The tile sizes, num_warps/num_stages and the M crossover are unmeasured starting
@@ -217,17 +222,30 @@ def _nf4_matmul_dx_kernel(
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
-    return 132  # interpreter: pretend H100 so the split-K path is exercised the same way
+    return 132  # interpreter: pretend H100 so tiles are chosen as on the GPU
 
 
-def _fwd_config(M: int, N: int, K: int, device: torch.device) -> dict:
-    """Tile choice by M. Decode (M <= 16) is bandwidth bound: split K until ~2 programs per SM stream the
-    weight. Larger M is a plain tiled GEMM. Numbers are unmeasured starting points (GPU tuning owed)."""
+def _prev_pow2(n: int) -> int:
+    return 1 << max(0, int(n).bit_length() - 1)
+
+
+def _fwd_config(M: int, N: int, K: int, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> dict:
+    """Tile choice by M (unmeasured starting points; measured ones come from the tuned table).
+
+    Decode (M <= 16) is bandwidth bound: each program streams BLOCK_N rows of the packed weight over all of
+    K, and BLOCK_N is the largest power of two that still gives ~2 programs per SM (8 for one row, 16 with
+    tl.dot, at most 64). Only fp32 activations may split K when N is too small to fill the GPU: their output
+    is the fp32 accumulator itself, so the split needs no extra buffer. Larger M is a plain tiled GEMM."""
     if M <= DECODE_MAX_M:
         block_m = 1 if M == 1 else 16
-        block_n, block_k = (32, 256) if M == 1 else (32, 128)
+        min_n = 8 if M == 1 else 16  # tl.dot needs >= 16 on every dimension
+        sms = _num_sms(device)
+        block_n = max(min_n, min(64, _prev_pow2(max(1, N // (2 * sms)))))
+        block_k = 256 if M == 1 else 128
+        split = 1
         tiles = triton.cdiv(N, block_n)
-        split = max(1, min(triton.cdiv(2 * _num_sms(device), tiles), triton.cdiv(K, 4 * block_k)))
+        if dtype == torch.float32 and tiles < sms:
+            split = max(1, min(triton.cdiv(2 * sms, tiles), triton.cdiv(K, 4 * block_k)))
         return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, num_warps=4)
     block_m = 64 if M <= 64 else 128
     return dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=64, SPLIT_K=1, num_warps=4)
@@ -245,6 +263,11 @@ def _aligned(K: int, blocksize: int, cfg: dict) -> bool:
     return cfg.pop("ALIGNED", True) and K % blocksize == 0
 
 
+def _stages(num_stages: int | None) -> dict:
+    """num_stages only when a (tuned) config names it; otherwise Triton's default software pipelining."""
+    return {} if num_stages is None else {"num_stages": int(num_stages)}
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     # fp32 inputs: full-precision products ("ieee"); tf32 would lose ~3 decimal digits vs torch's fp32 matmul.
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -255,16 +278,21 @@ def nf4_matmul_triton(x2d, packed, absmax, code, blocksize, N, nested_absmax=Non
     """(M, N) = x2d @ W^T (+ bias, + LoRA epilogue). Inputs are validated by the L2 op (contiguous).
     `config` overrides the tile choice (tests and benchmarks use it to force a path)."""
     M, K = x2d.shape
-    cfg = dict(config or _fwd_config(M, N, K, x2d.device))
+    cfg = dict(config or _fwd_config(M, N, K, x2d.device, x2d.dtype))
+    cfg.setdefault("SPLIT_K", 1)
     num_warps = cfg.pop("num_warps", 4)
+    num_stages = cfg.pop("num_stages", None)
     aligned = _aligned(K, blocksize, cfg)
     use_dot = cfg["BLOCK_M"] >= 16
     split = cfg["SPLIT_K"]
-    # split-K partial sums are added with fp32 atomics; one (M, N) fp32 buffer (M <= 16 rows: tiny)
     if split == 1:
         out = torch.empty((M, N), dtype=x2d.dtype, device=x2d.device)
-    else:
+    elif x2d.dtype == torch.float32:
+        # split-K partial sums are added with fp32 atomics straight into the (zero-filled) fp32 output
         out = torch.zeros((M, N), dtype=torch.float32, device=x2d.device)
+    else:
+        raise ValueError(f"config SPLIT_K must be 1 for {x2d.dtype} activations (split-K accumulates with fp32 "
+                         f"atomics into the output, so it needs float32 x), got SPLIT_K={split}")
     nested = nested_absmax is not None
     has_lora = lora_xa is not None
     r = lora_xa.shape[1] if has_lora else 0
@@ -278,8 +306,8 @@ def nf4_matmul_triton(x2d, packed, absmax, code, blocksize, N, nested_absmax=Non
         float(lora_scale), r, lora_xa.stride(0) if has_lora else 0, lora_B.stride(0) if has_lora else 0,
         BLOCKSIZE=blocksize, NESTED=nested, HAS_BIAS=bias is not None, HAS_LORA=has_lora,
         R_PAD=max(16, triton.next_power_of_2(max(r, 1))), USE_DOT=use_dot, DOT_PRECISION=_dot_precision(x2d.dtype),
-        ALIGNED=aligned, num_warps=num_warps, **cfg)
-    return out if split == 1 else out.to(x2d.dtype)
+        ALIGNED=aligned, num_warps=num_warps, **_stages(num_stages), **cfg)
+    return out
 
 
 def nf4_matmul_dx_triton(dy2d, packed, absmax, code, blocksize, K, nested_absmax=None, nested_code=None,
@@ -288,6 +316,7 @@ def nf4_matmul_dx_triton(dy2d, packed, absmax, code, blocksize, K, nested_absmax
     M, N = dy2d.shape
     cfg = dict(config or _dx_config(M, N, K))
     num_warps = cfg.pop("num_warps", 4)
+    num_stages = cfg.pop("num_stages", None)
     aligned = _aligned(K, blocksize, cfg)
     dx = torch.empty((M, K), dtype=dy2d.dtype, device=dy2d.device)
     nested = nested_absmax is not None
@@ -302,5 +331,6 @@ def nf4_matmul_dx_triton(dy2d, packed, absmax, code, blocksize, K, nested_absmax
         lora_dyb if has_lora else dummy, lora_A if has_lora else dummy, float(lora_scale), r,
         lora_dyb.stride(0) if has_lora else 0, lora_A.stride(0) if has_lora else 0,
         BLOCKSIZE=blocksize, NESTED=nested, HAS_LORA=has_lora, R_PAD=max(16, triton.next_power_of_2(max(r, 1))),
-        DOT_PRECISION=_dot_precision(dy2d.dtype), ALIGNED=aligned, num_warps=num_warps, **cfg)
+        DOT_PRECISION=_dot_precision(dy2d.dtype), ALIGNED=aligned, num_warps=num_warps, **_stages(num_stages),
+        **cfg)
     return dx

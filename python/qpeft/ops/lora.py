@@ -77,8 +77,8 @@ def _(x, A, seed, dropout_p):
 @custom_op("qpeft::lora_linear", mutates_args=())
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, xa: torch.Tensor,
                 B: torch.Tensor, scale: float) -> torch.Tensor:
-    # On Hopper the Triton GEMM (wgmma) is expected to beat csrc's mma.sync tiles: see ops/nf4_matmul.py's
-    # dispatch note (reasoned, not yet measured).
+    # On Hopper the Triton GEMM (wgmma) is expected to beat csrc's mma.sync tiles: the same reasoned default
+    # as ops/nf4_matmul_dispatch.py (not yet measured on a GPU).
     impl = _select("lora_linear", x.device, cuda=True, prefer_triton=is_hopper_or_newer(x.device))
     if impl == "cuda":
         out = torch.empty((x.shape[0], weight.shape[0]), device=x.device, dtype=x.dtype)

@@ -5,23 +5,19 @@ Schemas are fixed by docs/ARCHITECTURE.md. The weight W (N, K) arrives as its de
 16-entry fp32 code book and the blocksize. Both ops return new tensors (mutates_args=()), so the fakes are
 plain `new_empty`s and torch.compile(fullgraph=True) traces through them without a graph break.
 
-Backend choice happens inside the implementation (`_backend.select`): CUDA C++ raw op, Triton launcher, or
-the PyTorch reference (CPU).
+Backend choice happens inside the implementation: `nf4_matmul_dispatch.plan` picks the preferred backend and
+Triton tiles by M, N, K, dtype and GPU (a table measured on the GPU when there is one, else a documented
+default), and `_backend.select` applies QPEFT_BACKEND and availability: CUDA C++ raw op, Triton launcher, or
+the PyTorch reference (CPU). Nothing is allocated but the returned tensor, and nothing syncs with the host,
+so both ops can be captured in a CUDA graph.
 """
 from __future__ import annotations
 
 import torch
 from torch.library import custom_op, register_fake
 
-from .._backend import is_hopper_or_newer
 from .._backend import select as select_backend
-
-# Auto-dispatch gate between the CUDA C++ kernels and Triton on Hopper (sm_90+). The CUDA GEMV is a pure
-# bandwidth kernel for M <= 16; the CUDA tiled GEMM (and the dx kernel at every M) uses mma.sync tiles, which
-# top out around 75% of Hopper's tensor-core peak without wgmma (fast-kernels.md §0), while Triton lowers these
-# GEMMs to wgmma (HGMMA seen in the sm_90 SASS). Reasoned, NOT measured yet: tune with
-# benchmarks/bench_nf4_matmul.py on an H100 and replace this with the measured crossover.
-_CUDA_GEMV_MAX_M = 16
+from . import nf4_matmul_dispatch
 from ..reference import nf4_matmul as ref
 
 __all__ = ["nf4_matmul", "nf4_matmul_dx", "check_weight_args"]
@@ -123,8 +119,9 @@ def nf4_matmul(x2d: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, co
     _check_fwd(x2d, packed, absmax, code, blocksize, N, nested_absmax, nested_code, offset, bias, lora_xa, lora_B)
     if x2d.shape[0] == 0:  # empty batch: no kernel launch (a zero-size grid is an error in Triton/CUDA)
         return x2d.new_empty((0, N))
-    impl = select_backend("nf4_matmul", x2d.device,
-                          prefer_triton=x2d.shape[0] > _CUDA_GEMV_MAX_M and is_hopper_or_newer(x2d.device))
+    M = x2d.shape[0]
+    plan = nf4_matmul_dispatch.plan("fwd", M, N, x2d.shape[1], x2d.dtype, x2d.device)
+    impl = select_backend("nf4_matmul", x2d.device, prefer_triton=plan.backend == "triton")
     if impl == "cuda":
         out = torch.empty((x2d.shape[0], N), dtype=x2d.dtype, device=x2d.device)
         torch.ops.qpeft_C.nf4_matmul_out(x2d, packed, absmax, code, blocksize, nested_absmax, nested_code, offset,
@@ -134,7 +131,7 @@ def nf4_matmul(x2d: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, co
         from qpeft.triton_kernels.nf4_matmul import nf4_matmul_triton
 
         return nf4_matmul_triton(x2d, packed, absmax, code, blocksize, N, nested_absmax, nested_code, offset,
-                                 bias, lora_xa, lora_B, lora_scale)
+                                 bias, lora_xa, lora_B, lora_scale, config=plan.config())
     return ref.nf4_matmul_ref(x2d, packed, absmax, code, blocksize, N, nested_absmax, nested_code, offset, bias,
                               lora_xa, lora_B, lora_scale)
 
@@ -155,7 +152,8 @@ def nf4_matmul_dx(dy2d: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor
     _check_dx(dy2d, packed, absmax, code, blocksize, K, nested_absmax, nested_code, offset, lora_dyb, lora_A)
     if dy2d.shape[0] == 0:
         return dy2d.new_empty((0, K))
-    impl = select_backend("nf4_matmul_dx", dy2d.device, prefer_triton=is_hopper_or_newer(dy2d.device))
+    plan = nf4_matmul_dispatch.plan("dx", dy2d.shape[0], dy2d.shape[1], K, dy2d.dtype, dy2d.device)
+    impl = select_backend("nf4_matmul_dx", dy2d.device, prefer_triton=plan.backend == "triton")
     if impl == "cuda":
         dx = torch.empty((dy2d.shape[0], K), dtype=dy2d.dtype, device=dy2d.device)
         torch.ops.qpeft_C.nf4_matmul_dx_out(dy2d, packed, absmax, code, blocksize, nested_absmax, nested_code,
@@ -165,7 +163,7 @@ def nf4_matmul_dx(dy2d: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor
         from qpeft.triton_kernels.nf4_matmul import nf4_matmul_dx_triton
 
         return nf4_matmul_dx_triton(dy2d, packed, absmax, code, blocksize, K, nested_absmax, nested_code, offset,
-                                    lora_dyb, lora_A, lora_scale)
+                                    lora_dyb, lora_A, lora_scale, config=plan.config())
     return ref.nf4_matmul_dx_ref(dy2d, packed, absmax, code, blocksize, K, nested_absmax, nested_code, offset,
                                  lora_dyb, lora_A, lora_scale)
 

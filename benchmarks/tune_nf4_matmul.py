@@ -1,0 +1,182 @@
+"""Tune the nf4_matmul auto dispatch on this GPU: time every candidate (the CUDA C++ kernel and a set of Triton
+tile configurations) for the forward and the input gradient, pick the fastest per (shape, M), and write the
+table that `qpeft/ops/nf4_matmul_dispatch.py` reads.
+
+    python -m benchmarks.tune_nf4_matmul            # measure; CSV to benchmarks/results/<gpu>/tune_nf4_matmul.csv
+    python -m benchmarks.tune_nf4_matmul --write    # ... and regenerate python/qpeft/ops/nf4_matmul_tuned.py
+    python -m benchmarks.tune_nf4_matmul --quick    # tiny shapes, two candidates per regime (CPU: the Triton
+                                                    # interpreter, to exercise the plumbing; no --write there)
+
+GPU: the shapes and M of bench_nf4_matmul (Llama-style (K, N) up to 8192 x 28672, M = 1..16384), bf16, NF4,
+blocksize 64, double-quantized absmax (the QLoRA default). Each time is triton.testing.do_bench's median,
+which flushes the L2 between runs (a 256 MB write), so the weight is read from HBM as in a real model. Each
+candidate allocates its output as the op does. Dense cuBLAS is timed alongside for context (not a candidate).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from benchmarks.bench_nf4_matmul import GPU_M, GPU_SHAPES
+from benchmarks.common import bench, env_info, on_gpu, print_table, write_csv
+
+QUICK_SHAPES = [(128, 96)]
+QUICK_M = [1, 4, 32]
+
+# Triton tile candidates (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Decode keeps whole-K programs
+# (no split: no scratch buffer) and varies how many rows of W each program streams; GEMM tiles are the usual
+# Hopper wgmma shapes (64/128-row warpgroup tiles) plus small-M ones so M = 17..64 does not pad to 128 rows.
+_FWD_GEMV_M1 = [(1, 8, 256, 4, None), (1, 16, 256, 4, None), (1, 8, 512, 4, None), (1, 32, 256, 4, None),
+                (1, 16, 512, 8, None), (1, 4, 512, 4, None)]
+_FWD_DECODE = [(16, 16, 128, 4, None), (16, 16, 256, 4, None), (16, 32, 128, 4, None), (16, 32, 256, 8, None),
+               (16, 64, 128, 4, None), (16, 16, 512, 8, None)]
+_GEMM_SMALL_M = [(16, 64, 128, 4, 3), (32, 64, 128, 4, 3), (32, 128, 64, 4, 3), (64, 64, 64, 4, 3),
+                 (64, 128, 64, 4, 3)]
+_GEMM_LARGE_M = [(64, 128, 64, 4, 3), (128, 64, 64, 4, 3), (128, 128, 64, 8, 3), (128, 128, 32, 4, 4),
+                 (128, 256, 64, 8, 3), (64, 256, 64, 8, 4)]
+# dx: grid is (M / BLOCK_M, K / BLOCK_K) and each program loops over N; at decode M only narrow K tiles fill
+# the GPU (K = 4096 with BLOCK_K = 64 is 64 programs for 132 SMs)
+_DX_DECODE = [(16, 64, 16, 4, None), (16, 128, 16, 4, None), (16, 64, 32, 4, None), (16, 128, 32, 4, None),
+              (16, 256, 16, 8, None), (16, 64, 64, 4, None)]
+
+
+def _config(t: tuple) -> dict:
+    bm, bn, bk, warps, stages = t
+    cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+    if stages is not None:
+        cfg["num_stages"] = stages
+    return cfg
+
+
+def triton_candidates(direction: str, M: int, quick: bool) -> list[dict]:
+    if direction == "fwd":
+        pool = _FWD_GEMV_M1 if M == 1 else _FWD_DECODE if M <= 16 else _GEMM_SMALL_M if M <= 64 else _GEMM_LARGE_M
+    else:
+        pool = _DX_DECODE if M <= 16 else _GEMM_SMALL_M if M <= 64 else _GEMM_LARGE_M
+    configs = [_config(t) for t in pool]
+    if quick:
+        configs = configs[:2]
+    if direction == "fwd":
+        for c in configs:
+            c["SPLIT_K"] = 1
+    return configs
+
+
+def _name(cfg: dict | None) -> str:
+    if cfg is None:
+        return "triton:default"
+    s = f"triton:{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']}w{cfg['num_warps']}"
+    return s + (f"s{cfg['num_stages']}" if "num_stages" in cfg else "")
+
+
+def measure(shapes, ms_list, dtype, device, quick: bool) -> list[dict]:
+    import qpeft
+    from qpeft import _backend
+    from qpeft.autograd.nf4_matmul import weight_args
+    from qpeft.triton_kernels.nf4_matmul import nf4_matmul_dx_triton, nf4_matmul_triton
+
+    has_cuda_ext = device == "cuda" and _backend.cuda_ext_status()[0]
+    rows = []
+    for K, N in shapes:
+        W = torch.randn(N, K, device=device, dtype=dtype) / math.sqrt(K)
+        packed, state = qpeft.quantize_4bit(W, blocksize=64, quant_type="nf4", double_quant=True)
+        p, a, c, bs, _, _, na, nc, off = weight_args(packed, state)
+        for M in ms_list:
+            x = torch.randn(M, K, device=device, dtype=dtype)
+            dy = torch.randn(M, N, device=device, dtype=dtype)
+            for direction in ("fwd", "dx"):
+                cands: list[tuple[str, str | None, dict | None, object]] = []
+                if direction == "fwd":
+                    cands.append(("dense", None, None, lambda: x @ W.t()))
+                    if has_cuda_ext:
+                        def cuda_fwd():
+                            out = torch.empty((M, N), dtype=dtype, device=device)
+                            torch.ops.qpeft_C.nf4_matmul_out(x, p, a, c, bs, na, nc, off, None, None, None, 0.0,
+                                                             out)
+                            return out
+                        cands.append(("cuda", "cuda", None, cuda_fwd))
+                    for cfg in [None] + triton_candidates("fwd", M, quick):
+                        cands.append((_name(cfg), "triton", cfg, lambda cfg=cfg: nf4_matmul_triton(
+                            x, p, a, c, bs, N, na, nc, off, config=None if cfg is None else dict(cfg))))
+                else:
+                    cands.append(("dense", None, None, lambda: dy @ W))
+                    if has_cuda_ext:
+                        def cuda_dx():
+                            dx = torch.empty((M, K), dtype=dtype, device=device)
+                            torch.ops.qpeft_C.nf4_matmul_dx_out(dy, p, a, c, bs, na, nc, off, None, None, 0.0, dx)
+                            return dx
+                        cands.append(("cuda", "cuda", None, cuda_dx))
+                    for cfg in [None] + triton_candidates("dx", M, quick):
+                        cands.append((_name(cfg), "triton", cfg, lambda cfg=cfg: nf4_matmul_dx_triton(
+                            dy, p, a, c, bs, K, na, nc, off, config=None if cfg is None else dict(cfg))))
+                for name, backend, cfg, fn in cands:
+                    try:
+                        ms = bench(fn, warmup=1, reps=3)["ms"] if not on_gpu() else bench(fn)["ms"]
+                    except Exception as e:  # noqa: BLE001  (e.g. a tile that needs too much shared memory)
+                        print(f"{name} {direction} K={K} N={N} M={M}: {type(e).__name__}: {str(e)[:200]}")
+                        ms = math.inf
+                    rows.append(dict(dir=direction, K=K, N=N, M=M, candidate=name, backend=backend,
+                                     config=cfg if cfg is None else dict(cfg), ms=ms))
+    return rows
+
+
+def summary(rows: list[dict]) -> list[dict]:
+    """One row per (dir, K, N, M): the winner, its ms, the CUDA / default-Triton / dense ms."""
+    out: dict = {}
+    for r in rows:
+        key = (r["dir"], r["K"], r["N"], r["M"])
+        s = out.setdefault(key, dict(dir=r["dir"], K=r["K"], N=r["N"], M=r["M"], best=None, best_ms=math.inf))
+        if r["candidate"] in ("dense", "cuda", "triton:default"):
+            s[r["candidate"] + "_ms"] = r["ms"]
+        if r["backend"] is not None and r["ms"] < s["best_ms"]:
+            s["best"], s["best_ms"] = r["candidate"], r["ms"]
+    for s in out.values():
+        if "dense_ms" in s and math.isfinite(s["best_ms"]):
+            s["best_vs_dense"] = s["dense_ms"] / s["best_ms"]
+    return list(out.values())
+
+
+def write_table(rows: list[dict]) -> Path:
+    from qpeft.ops import nf4_matmul_dispatch, nf4_matmul_tuned
+
+    env = env_info()
+    measured = (f"{env['date']}: torch {env['torch']}, CUDA {env['cuda']}, triton {env['triton']}, "
+                f"qpeft {env['qpeft_git']}; bf16, NF4 blocksize 64, double quant; do_bench median, L2 flushed")
+    tables = dict(nf4_matmul_tuned.TABLES)
+    tables[torch.cuda.get_device_name()] = nf4_matmul_dispatch.build_table(
+        rows, torch.cuda.get_device_capability(), measured)
+    path = Path(nf4_matmul_tuned.__file__)
+    path.write_text(nf4_matmul_dispatch.render_tables(tables))
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny shapes, two Triton candidates per regime")
+    ap.add_argument("--write", action="store_true", help="regenerate python/qpeft/ops/nf4_matmul_tuned.py")
+    args = ap.parse_args(argv)
+    gpu = on_gpu()
+    if args.write and (not gpu or args.quick):
+        ap.error("--write needs a GPU and the full sweep (a table measured on tiny shapes would mislead dispatch)")
+    quick = args.quick or not gpu
+    device = "cuda" if gpu else "cpu"
+    dtype = torch.bfloat16 if gpu else torch.float16  # the Triton interpreter has no bf16 arithmetic
+    shapes, ms_list = (QUICK_SHAPES, QUICK_M) if quick else (GPU_SHAPES, GPU_M)
+    rows = measure(shapes, ms_list, dtype, device, quick)
+    print(env_info())
+    table = summary(rows)
+    print_table(table)
+    print("wrote", write_csv("tune_nf4_matmul", rows))
+    if args.write:
+        print("wrote", write_table(rows))
+
+
+if __name__ == "__main__":
+    main()

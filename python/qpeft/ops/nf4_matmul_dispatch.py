@@ -1,0 +1,153 @@
+"""Auto dispatch of `qpeft::nf4_matmul` (fwd) and `qpeft::nf4_matmul_dx` (dx) on CUDA tensors: which backend
+(CUDA C++ or Triton) and which Triton tiles, by direction, M, N, K, dtype and GPU.
+
+Two sources, in this order:
+
+1. A table measured on the GPU (`nf4_matmul_tuned.TABLES`, written by `python -m benchmarks.tune_nf4_matmul`).
+   It is looked up by device name, then by compute capability (an H200 can use an H100's table: same sm_90,
+   more bandwidth). Per measured weight shape (K, N), per direction, it lists M buckets: the fastest backend
+   at that M and, when Triton, the fastest of the candidate tile configurations, with the median ms of every
+   candidate kept next to the choice (the measurements behind it). A weight of another shape uses the
+   measured shape nearest in log K + log N. Only 16-bit activations are tuned (the benchmark dtype);
+   fp32 activations keep the default rule.
+2. The default rule, reasoned and NOT measured (no GPU was available when it was written):
+   - fwd, M <= 16: the CUDA GEMV (csrc/nf4_gemv.cu): reads each packed byte once with 16-byte loads and
+     keeps the <= 16 rows' sums in registers; a 64-row tensor-core tile would waste >= 75% of its MMAs.
+   - fwd, M > 16, and dx at every M, on sm_90+: Triton, whose tl.dot lowers to wgmma (HGMMA 64x64x16 in the
+     offline sm_90 SASS), while the CUDA C++ tiles use mma.sync, which tops out around 75% of Hopper's
+     tensor-core peak (fast-kernels.md section 0). Before sm_90: the CUDA C++ kernels.
+
+The plan only sets a preference: QPEFT_BACKEND=cuda|triton still forces a backend (`_backend.select`), and a
+Triton run always uses the plan's tiles. Lookups are cached per (direction, M, N, K, dtype, device).
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .._backend import is_hopper_or_newer
+
+__all__ = ["Plan", "plan", "default_plan", "lookup_tuned", "build_table", "render_tables"]
+
+# fwd on CUDA C++ up to this M (the GEMV's range; csrc/nf4_matmul.cu kGemvMaxM); reasoned, see above
+DEFAULT_CUDA_GEMV_MAX_M = 16
+TUNED_DTYPES = (torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class Plan:
+    backend: str                 # "cuda" or "triton": the preferred backend under QPEFT_BACKEND=auto
+    triton_config: dict | None   # Triton tiles (None: the launcher's default for this M)
+    source: str                  # "tuned:<table>" or "default": where the choice came from
+
+    def config(self) -> dict | None:
+        return None if self.triton_config is None else dict(self.triton_config)
+
+
+def default_plan(direction: str, M: int, device: torch.device) -> Plan:
+    hopper = is_hopper_or_newer(device)
+    if direction == "fwd":
+        backend = "triton" if hopper and M > DEFAULT_CUDA_GEMV_MAX_M else "cuda"
+    else:
+        backend = "triton" if hopper else "cuda"
+    return Plan(backend, None, "default")
+
+
+def _table_for(tables: dict, name: str, capability: tuple[int, int]) -> tuple[str, dict] | None:
+    if name in tables:
+        return name, tables[name]
+    for key, table in tables.items():
+        if tuple(table.get("capability", ())) == tuple(capability):
+            return key, table
+    return None
+
+
+def lookup_tuned(tables: dict, name: str, capability: tuple[int, int], direction: str, M: int, N: int,
+                 K: int) -> Plan | None:
+    """The measured choice for this problem, or None when no table covers this GPU / direction."""
+    found = _table_for(tables, name, capability)
+    if found is None:
+        return None
+    key, table = found
+    shapes = table.get(direction)
+    if not shapes:
+        return None
+    near = min(shapes, key=lambda kn: abs(math.log2(kn[0] / K)) + abs(math.log2(kn[1] / N)))
+    buckets = shapes[near]
+    entry = next((b for b in buckets if M <= b["max_m"]), buckets[-1])
+    return Plan(entry["backend"], entry.get("config"), f"tuned:{key} K={near[0]} N={near[1]} M<={entry['max_m']}")
+
+
+@functools.lru_cache(maxsize=4096)
+def _plan_cached(direction: str, M: int, N: int, K: int, dtype: torch.dtype, device: torch.device) -> Plan:
+    if device.type == "cuda" and dtype in TUNED_DTYPES:
+        from . import nf4_matmul_tuned
+
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        tuned = lookup_tuned(nf4_matmul_tuned.TABLES, torch.cuda.get_device_name(index),
+                             torch.cuda.get_device_capability(index), direction, M, N, K)
+        if tuned is not None:
+            return tuned
+    return default_plan(direction, M, device)
+
+
+def plan(direction: str, M: int, N: int, K: int, dtype: torch.dtype, device: torch.device) -> Plan:
+    """direction "fwd": y (M, N) = x (M, K) @ W^T; "dx": dx (M, K) = dy (M, N) @ W. W is (N, K)."""
+    if direction not in ("fwd", "dx"):
+        raise ValueError(f"direction must be 'fwd' or 'dx', got {direction!r}")
+    return _plan_cached(direction, int(M), int(N), int(K), dtype, device)
+
+
+# ---------------------------------------------------------------- building the table from measurements
+def build_table(rows: list[dict], capability: tuple[int, int], measured: str) -> dict:
+    """One device's table from benchmark rows (benchmarks/tune_nf4_matmul.py).
+
+    rows: dicts with dir ("fwd"/"dx"), K, N, M, candidate (a name), backend ("cuda"/"triton", or None for a
+    context-only row such as dense cuBLAS), config (Triton tiles or None) and ms (median; inf when the
+    candidate failed). Per (dir, K, N, M) the fastest candidate with a backend wins; consecutive M with the
+    same winner merge into one bucket, whose "ms" keeps every candidate's time at every M it covers."""
+    table: dict = {"capability": tuple(capability), "measured": measured, "fwd": {}, "dx": {}}
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["dir"], int(r["K"]), int(r["N"])), {}).setdefault(int(r["M"]), []).append(r)
+    for (direction, K, N), by_m in sorted(groups.items()):
+        buckets: list[dict] = []
+        for M in sorted(by_m):
+            usable = [r for r in by_m[M] if r["backend"] is not None and math.isfinite(r["ms"])]
+            if not usable:
+                continue
+            best = min(usable, key=lambda r: r["ms"])
+            times = {r["candidate"]: (round(float(r["ms"]), 5) if math.isfinite(r["ms"]) else None)
+                     for r in by_m[M]}
+            config = dict(best["config"]) if best["config"] else None
+            if buckets and buckets[-1]["backend"] == best["backend"] and buckets[-1]["config"] == config:
+                buckets[-1]["max_m"] = M
+                buckets[-1]["ms"][M] = times
+            else:
+                buckets.append({"max_m": M, "backend": best["backend"], "config": config, "ms": {M: times}})
+        if buckets:
+            table[direction][(K, N)] = buckets
+    return table
+
+
+def render_tables(tables: dict) -> str:
+    """Source of nf4_matmul_tuned.py for `tables` ({device name: table})."""
+    import pprint
+
+    header = '''"""Measured dispatch tables for qpeft::nf4_matmul / nf4_matmul_dx (read by nf4_matmul_dispatch.py).
+
+GENERATED by `python -m benchmarks.tune_nf4_matmul --write` on a GPU; do not edit by hand. Each table:
+  TABLES[device name] = {
+      "capability": (major, minor), "measured": "<date, torch, triton, CUDA, qpeft git revision>",
+      "fwd" | "dx": {(K, N): [{"max_m": M, "backend": "cuda" | "triton", "config": {...} | None,
+                              "ms": {M: {candidate: median ms, ...}}}, ...]},
+  }
+A bucket serves every M up to its max_m (and the last one every larger M); "ms" holds the measurements behind
+the choice (None: the candidate failed to compile or run at that size).
+"""
+
+'''
+    return header + "TABLES: dict = " + pprint.pformat(tables, width=116, sort_dicts=False) + "\n"
