@@ -31,20 +31,26 @@ QUICK_SHAPES = [(128, 96)]
 QUICK_M = [1, 4, 32]
 
 # Triton tile candidates (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Decode keeps whole-K programs
-# (no split: no scratch buffer) and varies how many rows of W each program streams; GEMM tiles are the usual
-# Hopper wgmma shapes (64/128-row warpgroup tiles) plus small-M ones so M = 17..64 does not pad to 128 rows.
-_FWD_GEMV_M1 = [(1, 8, 256, 4, None), (1, 16, 256, 4, None), (1, 8, 512, 4, None), (1, 32, 256, 4, None),
-                (1, 16, 512, 8, None), (1, 4, 512, 4, None)]
-_FWD_DECODE = [(16, 16, 128, 4, None), (16, 16, 256, 4, None), (16, 32, 128, 4, None), (16, 32, 256, 8, None),
-               (16, 64, 128, 4, None), (16, 16, 512, 8, None)]
-_GEMM_SMALL_M = [(16, 64, 128, 4, 3), (32, 64, 128, 4, 3), (32, 128, 64, 4, 3), (64, 64, 64, 4, 3),
-                 (64, 128, 64, 4, 3)]
-_GEMM_LARGE_M = [(64, 128, 64, 4, 3), (128, 64, 64, 4, 3), (128, 128, 64, 8, 3), (128, 128, 32, 4, 4),
-                 (128, 256, 64, 8, 3), (64, 256, 64, 8, 4)]
-# dx: grid is (M / BLOCK_M, K / BLOCK_K) and each program loops over N; at decode M only narrow K tiles fill
-# the GPU (K = 4096 with BLOCK_K = 64 is 64 programs for 132 SMs)
+# (no split: no scratch buffer) and varies how many rows of W each program streams; GEMM tiles are Hopper
+# wgmma shapes (64/128-row warpgroup tiles) plus small-M ones so M = 17..64 does not pad to 128 rows. Every
+# candidate was compiled offline for sm_90 (Triton 3.9, bf16, NF4 blocksize 64, double quant) and kept only
+# when ptxas reported no register spill and shared memory <= 227 KB: e.g. fwd 128x128x64 (8 warps) spills
+# 120 B, 128x256x64 1232 B, and 64x256x64 at 4 stages needs 238 KB of shared memory, so none of them is here.
+# dx names its tiles (BLOCK_M rows of dy, BLOCK_N reduction step over N, BLOCK_K columns of dx).
+_FWD_GEMV_M1 = [(1, 8, 256, 4, None), (1, 16, 256, 4, None), (1, 8, 512, 4, None), (1, 16, 256, 8, None),
+                (1, 8, 512, 8, None), (1, 16, 128, 4, None), (1, 4, 512, 4, None)]
+_FWD_DECODE = [(16, 16, 128, 4, None), (16, 32, 128, 4, None), (16, 16, 256, 8, None), (16, 32, 128, 8, None),
+               (16, 32, 256, 8, None), (16, 64, 64, 4, None), (16, 32, 64, 4, None)]
+# M > 16: the default tile list (qpeft.triton_kernels.nf4_matmul._FWD/_DX_GEMM_TILES, all spill-free) plus these,
+# keeping only tiles that pad M by less than 2x
+_FWD_GEMM_EXTRA = [(64, 128, 64, 8, 3), (64, 128, 64, 8, 4), (128, 128, 32, 8, 3), (128, 64, 64, 8, 4),
+                   (64, 64, 128, 8, 3), (32, 128, 64, 8, 3), (32, 128, 32, 4, 4)]
+# dx at decode M: the grid is (M / BLOCK_M, K / BLOCK_K), so only narrow K tiles fill the GPU (K = 4096 with
+# BLOCK_K = 64 is 64 programs for 132 SMs)
 _DX_DECODE = [(16, 64, 16, 4, None), (16, 128, 16, 4, None), (16, 64, 32, 4, None), (16, 128, 32, 4, None),
-              (16, 256, 16, 8, None), (16, 64, 64, 4, None)]
+              (16, 256, 16, 8, None), (16, 256, 32, 8, None), (16, 64, 64, 4, None)]
+_DX_GEMM_EXTRA = [(128, 64, 128, 8, 4), (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 32, 128, 8, 4),
+                  (64, 256, 64, 8, 3), (64, 128, 32, 4, 4), (32, 128, 64, 8, 3), (16, 128, 64, 4, 3)]
 
 
 def _config(t: tuple) -> dict:
@@ -56,10 +62,14 @@ def _config(t: tuple) -> dict:
 
 
 def triton_candidates(direction: str, M: int, quick: bool) -> list[dict]:
-    if direction == "fwd":
-        pool = _FWD_GEMV_M1 if M == 1 else _FWD_DECODE if M <= 16 else _GEMM_SMALL_M if M <= 64 else _GEMM_LARGE_M
+    from qpeft.triton_kernels import nf4_matmul as k
+
+    if M <= 16:
+        pool = (_FWD_GEMV_M1 if M == 1 else _FWD_DECODE) if direction == "fwd" else _DX_DECODE
     else:
-        pool = _DX_DECODE if M <= 16 else _GEMM_SMALL_M if M <= 64 else _GEMM_LARGE_M
+        tiles = (list(k._FWD_GEMM_TILES) + _FWD_GEMM_EXTRA if direction == "fwd"
+                 else list(k._DX_GEMM_TILES) + _DX_GEMM_EXTRA)
+        pool = [t for t in tiles if t[0] == 16 or t[0] < 2 * M]
     configs = [_config(t) for t in pool]
     if quick:
         configs = configs[:2]

@@ -1,6 +1,7 @@
-"""qpeft.nf4_matmul (L3) and the qpeft::nf4_matmul / qpeft::nf4_matmul_dx ops (L2) against an fp32 matmul on
-the dequantized weight and plain PyTorch in the same dtype (the 2x rule), on random data, odd M/N/K
-(K % blocksize != 0 included), NF4 and FP4, with and without double quant, bias and the LoRA epilogue.
+"""qpeft.nf4_matmul (L3) and the qpeft::nf4_matmul / qpeft::nf4_matmul_dx ops (L2) against an fp64 matmul on
+the dequantized weight (fp64, so that fp32 inputs have an oracle more precise than themselves) and plain
+PyTorch in the same dtype (the 2x rule), on random data, odd M/N/K (K % blocksize != 0 included), NF4 and
+FP4, with and without double quant, bias and the LoRA epilogue.
 
 CPU runs use the reference; the `triton` tests run the Triton kernels (TRITON_INTERPRET=1 QPEFT_BACKEND=triton
 on CPU with fp16/fp32, or on a GPU)."""
@@ -12,7 +13,8 @@ import torch
 import qpeft
 from qpeft.autograd.nf4_matmul import nf4_matmul, weight_args
 from qpeft.reference import nf4_matmul as ref
-from utils import DTYPES, assert_close_2x, requires_cuda, requires_triton_runtime, triton_device, triton_dtypes
+from utils import (DTYPES, TRITON_INTERPRET, assert_close_2x, has_triton, requires_cuda, requires_triton_runtime,
+                   triton_device, triton_dtypes)
 
 # (M, N, K): single row, odd everything, K % 64 != 0 (blocks span rows), odd K (rows start mid-byte)
 SHAPES = [(1, 33, 70), (5, 17, 131), (20, 48, 96), (3, 40, 128)]
@@ -70,11 +72,11 @@ def test_forward_backward_accuracy(M, N, K, dtype, quant_type, blocksize, nested
     y = nf4_matmul(x, packed, state, b)
     y.backward(dy)
     assert y.dtype == dtype and y.shape == (M, N)
-    ref32 = x.detach().float() @ W.t() + b.detach().float()
+    ref32 = x.detach().double() @ W.double().t() + b.detach().double()
     same = x.detach() @ W.to(dtype).t() + b.detach()
     assert_close_2x(y, ref32, same, what="forward")
-    assert_close_2x(x.grad, dy.float() @ W, dy @ W.to(dtype), what="dx")
-    assert_close_2x(b.grad, dy.float().sum(0), dy.sum(0), what="dbias")
+    assert_close_2x(x.grad, dy.double() @ W.double(), dy @ W.to(dtype), what="dx")
+    assert_close_2x(b.grad, dy.double().sum(0), dy.sum(0), what="dbias")
 
 
 def test_leading_dims_and_non_contiguous_x():
@@ -133,11 +135,11 @@ def test_lora_epilogue(dtype, nested):
     x, b, dy, (xa, lB, lA) = _inputs(M, N, K, dtype, r=r)
     nest = args[6:]
     y = torch.ops.qpeft.nf4_matmul(x, args[0], args[1], args[2], args[3], N, *nest, b, xa, lB, scale)
-    ref32 = x.float() @ W.t() + b.float() + scale * (xa.float() @ lB.float().t())
+    ref32 = x.double() @ W.double().t() + b.double() + scale * (xa.double() @ lB.double().t())
     same = x @ W.to(dtype).t() + b + scale * (xa @ lB.t())
     assert_close_2x(y, ref32, same, what="forward + lora")
     dx = torch.ops.qpeft.nf4_matmul_dx(dy, args[0], args[1], args[2], args[3], K, *nest, xa, lA, scale)
-    assert_close_2x(dx, dy.float() @ W + scale * (xa.float() @ lA.float()), dy @ W.to(dtype) + scale * (xa @ lA),
+    assert_close_2x(dx, dy.double() @ W.double() + scale * (xa.double() @ lA.double()), dy @ W.to(dtype) + scale * (xa @ lA),
                     what="dx + lora")
 
 
@@ -208,8 +210,8 @@ def test_triton_forward_dx(M, N, K, dtype, quant_type, blocksize, nested, monkey
     x.requires_grad_(True)
     y = nf4_matmul(x, packed, state, b)
     y.backward(dy)
-    assert_close_2x(y, x.detach().float() @ W.t() + b.float(), x.detach() @ W.to(dtype).t() + b, what="forward")
-    assert_close_2x(x.grad, dy.float() @ W, dy @ W.to(dtype), what="dx")
+    assert_close_2x(y, x.detach().double() @ W.double().t() + b.double(), x.detach() @ W.to(dtype).t() + b, what="forward")
+    assert_close_2x(x.grad, dy.double() @ W.double(), dy @ W.to(dtype), what="dx")
 
 
 @pytest.mark.triton
@@ -237,7 +239,7 @@ def test_triton_forward_configs_with_lora(config, K, aligned, dtype):
     x, b, _, (xa, lB, _) = _inputs(M, N, K, dtype, device=dev, r=r)
     y = nf4_matmul_triton(x, p, a, c, bs, N, na, nc, off, b, xa, lB, scale, config=config)
     assert y.dtype == dtype and y.shape == (M, N)
-    ref32 = x.float() @ W.t() + b.float() + scale * (xa.float() @ lB.float().t())
+    ref32 = x.double() @ W.double().t() + b.double() + scale * (xa.double() @ lB.double().t())
     assert_close_2x(y, ref32, x @ W.to(dtype).t() + b + scale * (xa @ lB.t()), what=f"forward {config}")
 
 
@@ -292,7 +294,7 @@ def test_triton_dx_with_lora(dtype, K):
     _, _, dy, (dyb, _, lA) = _inputs(M, N, K, dtype, device=dev, r=r)
     dx = nf4_matmul_dx_triton(dy, p, a, c, bs, K, na, nc, off, dyb, lA, scale,
                               config=dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32))
-    ref32 = dy.float() @ W + scale * (dyb.float() @ lA.float())
+    ref32 = dy.double() @ W.double() + scale * (dyb.double() @ lA.double())
     assert_close_2x(dx, ref32, dy @ W.to(dtype) + scale * (dyb @ lA), what="dx + lora")
 
 
@@ -307,10 +309,10 @@ def test_cuda_forward_dx_lora(M, N, K, dtype, quant_type, blocksize, nested, mon
     p, a, c, bs, _, _, na, nc, off = weight_args(packed, state)
     x, b, dy, (xa, lB, lA) = _inputs(M, N, K, dtype, device="cuda", r=8)
     y = torch.ops.qpeft.nf4_matmul(x, p, a, c, bs, N, na, nc, off, b, xa, lB, 0.5)
-    assert_close_2x(y, x.float() @ W.t() + b.float() + 0.5 * (xa.float() @ lB.float().t()),
+    assert_close_2x(y, x.double() @ W.double().t() + b.double() + 0.5 * (xa.double() @ lB.double().t()),
                     x @ W.to(dtype).t() + b + 0.5 * (xa @ lB.t()), what="cuda forward")
     dx = torch.ops.qpeft.nf4_matmul_dx(dy, p, a, c, bs, K, na, nc, off, xa, lA, 0.5)
-    assert_close_2x(dx, dy.float() @ W + 0.5 * (xa.float() @ lA.float()), dy @ W.to(dtype) + 0.5 * (xa @ lA),
+    assert_close_2x(dx, dy.double() @ W.double() + 0.5 * (xa.double() @ lA.double()), dy @ W.to(dtype) + 0.5 * (xa @ lA),
                     what="cuda dx")
 
 
@@ -460,3 +462,101 @@ def test_op_allocates_only_its_output_and_captures_in_a_cuda_graph(backend, dire
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(captured, _op_call(direction, args, a, N, K))
+
+
+# --- offline sm_90 compile of the default Triton tiles (no GPU needed) -----------------------------------------
+def _compile_sm90(direction: str, cfg: dict):
+    """(shared bytes, cuobjdump resource usage, SASS) of one kernel configuration compiled for sm_90, bf16,
+    NF4 blocksize 64 with double quant, the aligned tile loader (every real model shape)."""
+    import os
+    import subprocess
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    import qpeft.triton_kernels.nf4_matmul as k
+
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(cuobjdump):
+        pytest.skip("cuobjdump not shipped with this Triton")
+    cfg = dict(cfg)
+    opts = {"num_warps": cfg.pop("num_warps")}
+    if "num_stages" in cfg:
+        opts["num_stages"] = cfg.pop("num_stages")
+    p16, u8, f32, i32 = "*bf16", "*u8", "*fp32", "i32"
+    weight = {"packed_ptr": u8, "absmax_ptr": u8, "code_ptr": f32, "nested_absmax_ptr": f32,
+              "nested_code_ptr": f32, "offset_ptr": f32}
+    if direction == "fwd":
+        fn = k._nf4_matmul_kernel
+        sig = {"x_ptr": p16, "out_ptr": p16, "M": i32, "N": i32, "K": i32, "stride_xm": i32, "stride_om": i32,
+               **weight, "bias_ptr": p16, "xa_ptr": p16, "lb_ptr": p16, "lora_scale": "fp32", "R": i32,
+               "stride_xam": i32, "stride_lbn": i32}
+        const = dict(HAS_BIAS=True, USE_DOT=cfg["BLOCK_M"] >= 16, **cfg)
+    else:
+        fn = k._nf4_matmul_dx_kernel
+        sig = {"dy_ptr": p16, "dx_ptr": p16, "M": i32, "N": i32, "K": i32, "stride_dym": i32, "stride_dxm": i32,
+               **weight, "dyb_ptr": p16, "la_ptr": p16, "lora_scale": "fp32", "R": i32, "stride_dybm": i32,
+               "stride_lar": i32}
+        const = dict(cfg)
+    const.update(BLOCKSIZE=64, NESTED=True, HAS_LORA=True, R_PAD=16, DOT_PRECISION="tf32", ALIGNED=True)
+    sig.update({name: "constexpr" for name in const})
+    compiled = triton.compile(ASTSource(fn, sig, const), target=GPUTarget("cuda", 90, 32), options=opts)
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+        sass = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True).stdout
+    return compiled.metadata.shared, usage, sass
+
+
+def _default_gemm_tiles():
+    from qpeft.triton_kernels import nf4_matmul as k
+
+    return k._FWD_GEMM_TILES, k._DX_GEMM_TILES
+
+
+@pytest.mark.skipif(TRITON_INTERPRET or not has_triton(), reason="compiles for sm_90 (not under the interpreter)")
+@pytest.mark.parametrize("direction,tile", [("fwd", t) for t in _default_gemm_tiles()[0]]
+                         + [("dx", t) for t in _default_gemm_tiles()[1]]
+                         + [("fwd", "M=1"), ("fwd", "M=8"), ("dx", "M=8")])
+def test_default_triton_tiles_compile_for_sm90_without_register_spills(direction, tile):
+    """Every default tile (with bias and the LoRA epilogue: the most registers) must not spill to local memory
+    and must fit in the 227 KB of shared memory a Hopper block may use; the 64- and 128-row GEMM tiles must
+    issue wgmma."""
+    from qpeft.triton_kernels.nf4_matmul import _dx_config, _fwd_config
+
+    if isinstance(tile, str):  # the decode configs, at the widest BLOCK_N (it grows with N)
+        M, N, K = int(tile[2:]), 28672, 8192
+        cfg = (_fwd_config(M, N, K, torch.device("cpu"), torch.bfloat16) if direction == "fwd"
+               else _dx_config(M, N, K))
+    else:
+        cfg = dict(BLOCK_M=tile[0], BLOCK_N=tile[1], BLOCK_K=tile[2], num_warps=tile[3])
+        if tile[4] is not None:
+            cfg["num_stages"] = tile[4]
+        if direction == "fwd":
+            cfg["SPLIT_K"] = 1
+    shared, usage, sass = _compile_sm90(direction, cfg)
+    assert " STACK:0 " in usage and " LOCAL:0 " in usage, f"register spills for {cfg}: {usage.strip()}"
+    assert shared <= 227 * 1024, f"{cfg} needs {shared} B of shared memory"
+    if cfg["BLOCK_M"] >= 64:
+        assert "HGMMA" in sass, f"{cfg}: no wgmma in the sm_90 SASS"
+
+
+@pytest.mark.parametrize("M", [17, 40, 64, 65, 128, 256, 1024, 16384])
+@pytest.mark.parametrize("N,K", [(4096, 4096), (14336, 4096), (4096, 14336), (28672, 8192)])
+def test_default_gemm_tiles_fill_the_gpu_without_padding_m_twice(M, N, K):
+    pytest.importorskip("triton")
+    from qpeft.triton_kernels.nf4_matmul import _FWD_GEMM_TILES, _DX_GEMM_TILES, _dx_config, _fwd_config
+
+    cpu = torch.device("cpu")  # pretends 132 SMs, as an H100
+    for cfg, cols, col_key, tiles in ((_fwd_config(M, N, K, cpu), N, "BLOCK_N", _FWD_GEMM_TILES),
+                                      (_dx_config(M, N, K, cpu), K, "BLOCK_K", _DX_GEMM_TILES)):
+        programs = -(-M // cfg["BLOCK_M"]) * -(-cols // cfg[col_key])
+        smallest = tiles[-1]
+        assert programs >= 132 or (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]) == smallest[:3], cfg
+        assert cfg["BLOCK_M"] < 2 * M or cfg["BLOCK_M"] == 16, cfg
+        if M >= 4096:  # plenty of work: the largest tile
+            assert (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]) == tiles[0][:3], cfg

@@ -48,7 +48,8 @@ def devices() -> list[str]:
 
 
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.float() - b.float()).abs().max().item()
+    # in fp64: an fp64 oracle must not be rounded to fp32 before the difference is taken
+    return (a.double() - b.double()).abs().max().item()
 
 
 def assert_close_2x(out: torch.Tensor, ref32: torch.Tensor, same_dtype: torch.Tensor, factor: float = 2.0,

@@ -229,31 +229,63 @@ def _prev_pow2(n: int) -> int:
     return 1 << max(0, int(n).bit_length() - 1)
 
 
+# Tiled-GEMM tiles (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), largest first. Every entry compiles for
+# sm_90 without register spills with bias and the LoRA epilogue (ptxas via Triton 3.9, bf16, NF4 blocksize 64,
+# double quant; tests/test_nf4_matmul.py checks this offline), e.g. 128x128x32 with 8 warps: 221 registers,
+# while 4 warps spill (128x64x64: 552 B) and so does 128x128x64 with 8 (120 B). dx names its tiles
+# (BLOCK_M rows of dy, BLOCK_N reduction step over N, BLOCK_K columns of dx).
+_FWD_GEMM_TILES = ((128, 128, 32, 8, 4), (128, 64, 64, 8, 3), (64, 128, 32, 8, 4), (64, 64, 64, 8, 3),
+                   (32, 64, 64, 4, None), (32, 32, 128, 4, None), (16, 32, 128, 4, None))
+_DX_GEMM_TILES = ((128, 64, 128, 8, 3), (128, 64, 64, 8, 3), (64, 64, 128, 8, 3), (64, 64, 64, 8, 3),
+                  (32, 64, 64, 4, None), (32, 64, 32, 4, None), (16, 64, 32, 4, None))
+
+
+def _gemm_tiles(tiles: tuple, M: int, out_cols: int, col_axis: int, device: torch.device) -> dict:
+    """The largest tile that still gives every SM a program and pads M by less than 2x; else the smallest.
+    Filling the SMs matters most for M = 17..256, which is still weight-streaming: (128 x 128) tiles at M = 128,
+    N = 4096 would be 32 programs for 132 SMs, (32 x 64) gives 256."""
+    sms = _num_sms(device)
+    for t in tiles:
+        if t[0] > 16 and t[0] >= 2 * M:
+            continue
+        if triton.cdiv(M, t[0]) * triton.cdiv(out_cols, t[col_axis]) >= sms:
+            break
+    else:
+        t = tiles[-1]
+    cfg = dict(BLOCK_M=t[0], BLOCK_N=t[1], BLOCK_K=t[2], num_warps=t[3])
+    if t[4] is not None:
+        cfg["num_stages"] = t[4]
+    return cfg
+
+
 def _fwd_config(M: int, N: int, K: int, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> dict:
-    """Tile choice by M (unmeasured starting points; measured ones come from the tuned table).
+    """Tile choice: unmeasured starting points (a GPU-measured table replaces them, see
+    qpeft/ops/nf4_matmul_dispatch.py).
 
     Decode (M <= 16) is bandwidth bound: each program streams BLOCK_N rows of the packed weight over all of
     K, and BLOCK_N is the largest power of two that still gives ~2 programs per SM (8 for one row, 16 with
-    tl.dot, at most 64). Only fp32 activations may split K when N is too small to fill the GPU: their output
-    is the fp32 accumulator itself, so the split needs no extra buffer. Larger M is a plain tiled GEMM."""
+    tl.dot), capped at 32: BLOCK_N = 64 spills (255 registers + 24 B of stack at BLOCK_K = 128, 4 warps).
+    Only fp32 activations may split K when N is too small to fill the GPU: their output is the fp32
+    accumulator itself, so the split needs no extra buffer. M > 16: `_gemm_tiles`."""
     if M <= DECODE_MAX_M:
         block_m = 1 if M == 1 else 16
         min_n = 8 if M == 1 else 16  # tl.dot needs >= 16 on every dimension
         sms = _num_sms(device)
-        block_n = max(min_n, min(64, _prev_pow2(max(1, N // (2 * sms)))))
+        block_n = max(min_n, min(32, _prev_pow2(max(1, N // (2 * sms)))))
         block_k = 256 if M == 1 else 128
         split = 1
         tiles = triton.cdiv(N, block_n)
         if dtype == torch.float32 and tiles < sms:
             split = max(1, min(triton.cdiv(2 * sms, tiles), triton.cdiv(K, 4 * block_k)))
         return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, num_warps=4)
-    block_m = 64 if M <= 64 else 128
-    return dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=64, SPLIT_K=1, num_warps=4)
+    return dict(_gemm_tiles(_FWD_GEMM_TILES, M, N, 1, device), SPLIT_K=1)
 
 
-def _dx_config(M: int, N: int, K: int) -> dict:
-    block_m = 16 if M <= DECODE_MAX_M else (64 if M <= 64 else 128)
-    return dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=64, num_warps=4)
+def _dx_config(M: int, N: int, K: int, device: torch.device | None = None) -> dict:
+    """dx tiles. Decode uses (16 x 32) output tiles so K = 4096 gives 128 programs; larger M: `_gemm_tiles`."""
+    if M <= DECODE_MAX_M:
+        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, num_warps=4)
+    return _gemm_tiles(_DX_GEMM_TILES, M, K, 2, device or torch.device("cpu"))
 
 
 def _aligned(K: int, blocksize: int, cfg: dict) -> bool:
@@ -314,7 +346,7 @@ def nf4_matmul_dx_triton(dy2d, packed, absmax, code, blocksize, K, nested_absmax
                          offset=None, lora_dyb=None, lora_A=None, lora_scale=0.0, config: dict | None = None):
     """(M, K) = dy2d (M, N) @ W (+ lora_scale * lora_dyb @ lora_A). Inputs validated by the L2 op."""
     M, N = dy2d.shape
-    cfg = dict(config or _dx_config(M, N, K))
+    cfg = dict(config or _dx_config(M, N, K, dy2d.device))
     num_warps = cfg.pop("num_warps", 4)
     num_stages = cfg.pop("num_stages", None)
     aligned = _aligned(K, blocksize, cfg)
