@@ -18,17 +18,25 @@ Configurations (one kernel per direction, picked by M in `_fwd_config` / `_dx_co
   no scratch buffer: the op allocates nothing but its output and is CUDA-graph capturable. Split-K
   (SPLIT_K > 1, fp32 atomics) is kept for fp32 activations only, where the output itself is the fp32
   accumulator (zero-filled); half-precision partial sums would need an fp32 scratch buffer.
-- prefill/training, M > 16: a tiled GEMM, tl.dot on dequantized tiles in the K loop, no split.
+- prefill/training, M > 16: a tiled GEMM, tl.dot on dequantized tiles in the K loop, no split. The tile is
+  the largest of a spill-free list that still gives every SM a program (`_gemm_tiles`).
 The auto dispatch (qpeft/ops/nf4_matmul_dispatch.py) may replace these defaults with configurations measured
 on the GPU (qpeft/ops/nf4_matmul_tuned.py, written by benchmarks/tune_nf4_matmul.py).
-Compiled offline for sm_90 (triton.compile with GPUTarget("cuda", 90, 32), no GPU here), the bf16/fp16 GEMM
-and dx configurations issue HGMMA.64x64x16 (wgmma), decode issues HMMA.16816 (mma.sync) and the M = 1 GEMV
-FMAs only, as intended. The tile sizes, num_warps/num_stages and the M crossover are unmeasured starting
-points: the GPU measurements that should set them are owed (this was written on a machine without a GPU and
-tested under TRITON_INTERPRET=1). Known headroom: the 16-entry code book is gathered from global memory (L1)
-per nibble; a register/shared-memory LUT and wider byte loads are the first things to try on the GPU.
+
+Compiled offline for sm_90 (triton.compile with GPUTarget("cuda", 90, 32), SASS read with cuobjdump; no GPU
+here), the 64- and 128-row GEMM tiles issue HGMMA (wgmma), 16/32-row tiles HMMA.16816 (mma.sync), and the
+M = 1 GEMV only FMAs. Every default tile compiles without register spills (tests check it). Register pressure
+is the constraint here: with 4 warps a 128-row tile spills 552-992 B per thread, because each thread holds
+its share of the dequantized tile and the 64-bit addresses of the code-book gathers. The tile sizes,
+num_warps/num_stages and the M crossover are unmeasured starting points. The GPU measurements that should
+set them are owed (this was written on a machine without a GPU and tested under TRITON_INTERPRET=1).
+Known headroom: the code book is gathered from global memory (L1), one load per nibble. At decode that is
+about one load-store-unit op per weight, near the LSU's 32 lanes/clock/SM when HBM delivers ~28 weights per
+clock per SM. A 256-entry byte -> (hi, lo) pair table would halve it; that is the first thing to try on a GPU.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -219,7 +227,9 @@ def _nf4_matmul_dx_kernel(
              mask=mask_m[:, None] & mask_k[None, :])
 
 
+@functools.lru_cache(maxsize=None)
 def _num_sms(device: torch.device) -> int:
+    """Cached: the tile choice runs on every call, and decode calls are a few microseconds each."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 132  # interpreter: pretend H100 so tiles are chosen as on the GPU
