@@ -216,20 +216,19 @@ def test_triton_forward_dx(M, N, K, dtype, quant_type, blocksize, nested, monkey
 
 @pytest.mark.triton
 @requires_triton_runtime
-@pytest.mark.parametrize("dtype", triton_dtypes())
 @pytest.mark.parametrize("K,aligned", [(160, False), (320, True), (320, False)])
-@pytest.mark.parametrize("config", [
-    dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=32, SPLIT_K=3),    # GEMV multiply-reduce, split-K with atomics
-    dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, SPLIT_K=2),  # decode tl.dot, split-K, 2 scale groups per tile
+@pytest.mark.parametrize("config,dtype", [
+    # split-K adds fp32 partial sums with atomics into the output: float32 only (the refusal is tested below)
+    (dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=32, SPLIT_K=3), torch.float32),    # GEMV multiply-reduce, split-K
+    (dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, SPLIT_K=2), torch.float32),  # decode tl.dot, split-K, 2 groups
+] + [(cfg, dtype) for dtype in triton_dtypes() for cfg in (
     dict(BLOCK_M=1, BLOCK_N=8, BLOCK_K=256, SPLIT_K=1),    # GEMV multiply-reduce, whole K per program
     dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, SPLIT_K=1),   # tiled GEMM / decode tl.dot without split
     dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, SPLIT_K=1, num_warps=2, num_stages=2),  # tuned-table keys
-])
+)])
 def test_triton_forward_configs_with_lora(config, K, aligned, dtype):
     from qpeft.triton_kernels.nf4_matmul import nf4_matmul_triton
 
-    if config["SPLIT_K"] > 1 and dtype != torch.float32:
-        pytest.skip("split-K accumulates in the output: float32 only (the refusal is tested below)")
     config = {**config, "ALIGNED": aligned}
     M = 1 if config["BLOCK_M"] == 1 else 9
     N, r, scale = 37, 6, 0.5
@@ -560,3 +559,29 @@ def test_default_gemm_tiles_fill_the_gpu_without_padding_m_twice(M, N, K):
         assert cfg["BLOCK_M"] < 2 * M or cfg["BLOCK_M"] == 16, cfg
         if M >= 4096:  # plenty of work: the largest tile
             assert (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]) == tiles[0][:3], cfg
+
+
+@pytest.mark.triton
+@requires_triton_runtime
+def test_tuner_measures_candidates_and_its_rows_build_a_table():
+    """benchmarks/tune_nf4_matmul.py end to end on one tiny shape (CPU: the interpreter; its times mean
+    nothing, the plumbing does): every candidate runs, and the rows give a table the dispatch can read."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks import tune_nf4_matmul as tune
+    from qpeft.ops.nf4_matmul_dispatch import build_table, lookup_tuned
+
+    dtype = torch.bfloat16 if triton_device() == "cuda" else torch.float16
+    rows = tune.measure([(128, 96)], [1, 20], dtype, triton_device(), quick=True)
+    names = {(r["dir"], r["M"], r["candidate"]) for r in rows}
+    for direction in ("fwd", "dx"):
+        for M in (1, 20):
+            assert (direction, M, "triton:default") in names and (direction, M, "dense") in names
+    failed = [r["candidate"] for r in rows if r["backend"] == "triton" and not r["ms"] < float("inf")]
+    assert not failed, f"candidates failed: {failed}"
+    table = build_table(rows, (9, 0), "test")
+    for direction in ("fwd", "dx"):
+        plan = lookup_tuned({"T": table}, "T", (9, 0), direction, 20, 96, 128)
+        assert plan.backend in ("cuda", "triton")
