@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from qpeft.methods.p_tuning import PTuningEncoder, add_p_tuning
-from utils import tiny_bert, tiny_llama, train_prompt_steps
+from utils import assert_generate_is_greedy, tiny_bert, tiny_llama, train_prompt_steps
 
 
 def _batch(B=2, L=6):
@@ -69,12 +69,7 @@ def test_only_encoder_trains_and_loss_drops(encoder):
 def test_generate_equals_stepwise_greedy():
     ids = torch.randint(3, 128, (2, 4))
     model = add_p_tuning(tiny_llama(), 3)
-    out = model.generate(input_ids=ids, max_new_tokens=5, do_sample=False)
-    seq = ids
-    for _ in range(5):
-        with torch.no_grad():
-            seq = torch.cat([seq, model(input_ids=seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
-    assert torch.equal(out, seq)
+    assert_generate_is_greedy(model, ids, 5)
 
 
 def test_bad_input():

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from qpeft.adapter_io import save_adapter
 from qpeft.methods.prefix_tuning import add_prefix_tuning
 from test_prefix_tuning_seq2seq import HEAD_DIM, HEADS, LAYERS, _batch, tiny_bart, tiny_t5
-from utils import tiny_llama, train_prompt_steps, assert_seq2seq_generate_is_greedy
+from utils import assert_seq2seq_disabled_equals_base, assert_seq2seq_generate_is_greedy, tiny_llama, train_prompt_steps
 
 N = 3  # virtual tokens
 MAKERS = [tiny_t5, tiny_bart]
@@ -105,18 +105,7 @@ def test_encoder_outputs_change_and_hooks_are_removed(make):
 
 @pytest.mark.parametrize("make", MAKERS)
 def test_disabled_equals_base(make):
-    ids, mask, labels = _batch()
-    with torch.no_grad():
-        base = make()
-        ref = base(input_ids=ids, attention_mask=mask, labels=labels).logits
-        ref_gen = base.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
-        model = _model(make)
-        with model.disable_adapters():
-            out = model(input_ids=ids, attention_mask=mask, labels=labels).logits
-            gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
-        on = model(input_ids=ids, attention_mask=mask, labels=labels).logits
-    assert torch.equal(out, ref) and torch.equal(gen, ref_gen)
-    assert not torch.allclose(on, ref)
+    assert_seq2seq_disabled_equals_base(make(), _model(make), *_batch())
 
 
 @pytest.mark.parametrize("projection", [False, True])

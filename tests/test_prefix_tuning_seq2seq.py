@@ -16,7 +16,7 @@ from qpeft.methods.p_tuning import add_p_tuning
 from qpeft.methods.p_tuning_v2 import add_p_tuning_v2
 from qpeft.methods.prefix_tuning import add_prefix_tuning
 from qpeft.methods.prompt_tuning import add_prompt_tuning, load_prompt_adapter
-from utils import tiny_llama, train_prompt_steps, assert_seq2seq_generate_is_greedy
+from utils import assert_seq2seq_disabled_equals_base, assert_seq2seq_generate_is_greedy, tiny_llama, train_prompt_steps
 
 peft = pytest.importorskip("peft")
 
@@ -152,19 +152,9 @@ def test_encoder_padding_is_masked(make, kind):
 @pytest.mark.parametrize("kind", ["PREFIX_TUNING", "PROMPT_TUNING"])
 @pytest.mark.parametrize("make", MAKERS)
 def test_disabled_equals_base(make, kind):
-    ids, mask, labels = _batch()
-    with torch.no_grad():
-        base = make()
-        ref = base(input_ids=ids, attention_mask=mask, labels=labels).logits
-        ref_gen = base.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
-        model = ADDERS[kind](make())
-        _randomize(model)
-        with model.disable_adapters():
-            out = model(input_ids=ids, attention_mask=mask, labels=labels).logits
-            gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
-        on = model(input_ids=ids, attention_mask=mask, labels=labels).logits
-    assert torch.equal(out, ref) and torch.equal(gen, ref_gen)
-    assert not torch.allclose(on, ref)
+    model = ADDERS[kind](make())
+    _randomize(model)
+    assert_seq2seq_disabled_equals_base(make(), model, *_batch())
 
 
 # ------------------------------------------------------------------------------------------------ training

@@ -24,6 +24,20 @@ def has_triton() -> bool:
 
 
 requires_triton = pytest.mark.skipif(not has_triton(), reason="needs triton")
+
+
+def compile_for_sm90(fn, signature: dict, constexprs: dict, options: dict | None = None, aligned=()):
+    """A Triton kernel compiled for an H100 (sm_90) on a machine without a GPU (catches lowering errors that the
+    interpreter cannot, and shows the instructions chosen). `signature` maps runtime argument names to Triton
+    types, `constexprs` maps names to values, `aligned` names pointers known to be 16-byte aligned. Returns the
+    compiled kernel: .asm["ptx"], .asm["cubin"], .metadata.shared."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile as triton_compile
+
+    src = ASTSource(fn=fn, signature={**signature, **{k: "constexpr" for k in constexprs}},
+                    constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()},
+                    attrs={(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned})
+    return triton_compile(src, target=GPUTarget("cuda", 90, 32), options=options or {"num_warps": 4})
 # Triton kernels run either on a GPU or on CPU tensors under the interpreter.
 requires_triton_runtime = pytest.mark.skipif(
     not has_triton() or not (HAS_CUDA or TRITON_INTERPRET),
@@ -106,6 +120,31 @@ def train_prompt_steps(model, steps: int, lr: float = 1e-2, **batch) -> list[flo
         opt.step()
         losses.append(loss.item())
     return losses
+
+
+def assert_generate_is_greedy(model, ids, steps: int) -> None:
+    """`model.generate` (greedy, `steps` new tokens) of a causal LM equals appending the argmax of a full
+    recompute, one token at a time."""
+    out = model.generate(input_ids=ids, max_new_tokens=steps, do_sample=False)
+    seq = ids
+    for _ in range(steps):
+        with torch.no_grad():
+            seq = torch.cat([seq, model(input_ids=seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out, seq)
+
+
+def assert_seq2seq_disabled_equals_base(base, model, ids, mask, labels) -> None:
+    """Under `model.disable_adapters()` an encoder-decoder PromptLearningModel gives the base model's logits and
+    greedy generation exactly; with adapters on, its logits differ."""
+    with torch.no_grad():
+        ref = base(input_ids=ids, attention_mask=mask, labels=labels).logits
+        ref_gen = base.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+        with model.disable_adapters():
+            out = model(input_ids=ids, attention_mask=mask, labels=labels).logits
+            gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+        on = model(input_ids=ids, attention_mask=mask, labels=labels).logits
+    assert torch.equal(out, ref) and torch.equal(gen, ref_gen)
+    assert not torch.allclose(on, ref)
 
 
 def assert_seq2seq_generate_is_greedy(model, ids, mask, steps: int) -> None:
