@@ -58,25 +58,13 @@ def _providers(K, N, dtype, device, copies):
         p, a, c, bs, _, k, na, nc, off = q_args[i]
         return torch.ops.qpeft.nf4_matmul_dx(dy, p, a, c, bs, k, na, nc, off, None, None, 0.0)
 
-    def cuda_fwd(i, x):  # the raw CUDA C++ kernel, output allocated as the op does
-        p, a, c, bs, n, _, na, nc, off = q_args[i]
-        out = torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
-        torch.ops.qpeft_C.nf4_matmul_out(x, p, a, c, bs, na, nc, off, None, None, None, 0.0, out)
-        return out
-
-    def cuda_dx(i, dy):
-        p, a, c, bs, _, k, na, nc, off = q_args[i]
-        dx = torch.empty((dy.shape[0], k), dtype=dy.dtype, device=dy.device)
-        torch.ops.qpeft_C.nf4_matmul_dx_out(dy, p, a, c, bs, na, nc, off, None, None, 0.0, dx)
-        return dx
-
     # "qpeft": the op as users get it (auto dispatch: tuned table or default rule); the two backends also alone
     out = {"dense": (lambda i, x: x @ dense[i].t(), lambda i, dy: dy @ dense[i]), "qpeft": (q_fwd, q_dx)}
     if on_gpu():
         from qpeft import _backend
 
         if _backend.cuda_ext_status()[0]:
-            out["qpeft_cuda"] = (cuda_fwd, cuda_dx)
+            out["qpeft_cuda"] = (lambda i, x: raw_cuda_fwd(q_args[i], x), lambda i, dy: raw_cuda_dx(q_args[i], dy))
         try:
             from qpeft.triton_kernels.nf4_matmul import nf4_matmul_dx_triton, nf4_matmul_triton
 
@@ -94,6 +82,22 @@ def _providers(K, N, dtype, device, copies):
     except Exception as e:  # noqa: BLE001
         print(f"bitsandbytes provider unavailable: {e}")
     return out
+
+
+def raw_cuda_fwd(args, x):
+    """The raw CUDA C++ forward kernel alone (no dispatch), output allocated as the op does.
+    args: `weight_args(packed, state)`."""
+    p, a, c, bs, n, _, na, nc, off = args
+    out = torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
+    torch.ops.qpeft_C.nf4_matmul_out(x, p, a, c, bs, na, nc, off, None, None, None, 0.0, out)
+    return out
+
+
+def raw_cuda_dx(args, dy):
+    p, a, c, bs, _, k, na, nc, off = args
+    dx = torch.empty((dy.shape[0], k), dtype=dy.dtype, device=dy.device)
+    torch.ops.qpeft_C.nf4_matmul_dx_out(dy, p, a, c, bs, na, nc, off, None, None, 0.0, dx)
+    return dx
 
 
 def _fwd_args(a):

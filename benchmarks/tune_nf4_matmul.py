@@ -24,7 +24,7 @@ if __package__ in (None, ""):
 
 import torch
 
-from benchmarks.bench_nf4_matmul import GPU_M, GPU_SHAPES
+from benchmarks.bench_nf4_matmul import GPU_M, GPU_SHAPES, _dx_args, _fwd_args, raw_cuda_dx, raw_cuda_fwd
 from benchmarks.common import bench, env_info, on_gpu, print_table, write_csv
 
 QUICK_SHAPES = [(128, 96)]
@@ -53,14 +53,6 @@ _DX_GEMM_EXTRA = [(128, 64, 128, 8, 4), (128, 128, 64, 8, 3), (128, 128, 32, 8, 
                   (64, 256, 64, 8, 3), (64, 128, 32, 4, 4), (32, 128, 64, 8, 3), (16, 128, 64, 4, 3)]
 
 
-def _config(t: tuple) -> dict:
-    bm, bn, bk, warps, stages = t
-    cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
-    if stages is not None:
-        cfg["num_stages"] = stages
-    return cfg
-
-
 def triton_candidates(direction: str, M: int, quick: bool) -> list[dict]:
     from qpeft.triton_kernels import nf4_matmul as k
 
@@ -70,7 +62,7 @@ def triton_candidates(direction: str, M: int, quick: bool) -> list[dict]:
         tiles = (list(k._FWD_GEMM_TILES) + _FWD_GEMM_EXTRA if direction == "fwd"
                  else list(k._DX_GEMM_TILES) + _DX_GEMM_EXTRA)
         pool = [t for t in tiles if t[0] == 16 or t[0] < 2 * M]
-    configs = [_config(t) for t in pool]
+    configs = [k.tile_config(t) for t in pool]
     if quick:
         configs = configs[:2]
     if direction == "fwd":
@@ -106,36 +98,20 @@ def measure(shapes, ms_list, dtype, device, quick: bool) -> list[dict]:
     rows = []
     for K, N in shapes:
         W = torch.randn(N, K, device=device, dtype=dtype) / math.sqrt(K)
-        packed, state = qpeft.quantize_4bit(W, blocksize=64, quant_type="nf4", double_quant=True)
-        p, a, c, bs, _, _, na, nc, off = weight_args(packed, state)
+        args = weight_args(*qpeft.quantize_4bit(W, blocksize=64, quant_type="nf4", double_quant=True))
         for M in ms_list:
             x = torch.randn(M, K, device=device, dtype=dtype)
             dy = torch.randn(M, N, device=device, dtype=dtype)
-            for direction in ("fwd", "dx"):
-                cands: list[tuple[str, str | None, dict | None, object]] = []
-                if direction == "fwd":
-                    cands.append(("dense", None, None, lambda: x @ W.t()))
-                    if has_cuda_ext:
-                        def cuda_fwd():
-                            out = torch.empty((M, N), dtype=dtype, device=device)
-                            torch.ops.qpeft_C.nf4_matmul_out(x, p, a, c, bs, na, nc, off, None, None, None, 0.0,
-                                                             out)
-                            return out
-                        cands.append(("cuda", "cuda", None, cuda_fwd))
-                    for cfg in [None] + triton_candidates("fwd", M, quick):
-                        cands.append((_name(cfg), "triton", cfg, lambda cfg=cfg: nf4_matmul_triton(
-                            x, p, a, c, bs, N, na, nc, off, config=None if cfg is None else dict(cfg))))
-                else:
-                    cands.append(("dense", None, None, lambda: dy @ W))
-                    if has_cuda_ext:
-                        def cuda_dx():
-                            dx = torch.empty((M, K), dtype=dtype, device=device)
-                            torch.ops.qpeft_C.nf4_matmul_dx_out(dy, p, a, c, bs, na, nc, off, None, None, 0.0, dx)
-                            return dx
-                        cands.append(("cuda", "cuda", None, cuda_dx))
-                    for cfg in [None] + triton_candidates("dx", M, quick):
-                        cands.append((_name(cfg), "triton", cfg, lambda cfg=cfg: nf4_matmul_dx_triton(
-                            dy, p, a, c, bs, K, na, nc, off, config=None if cfg is None else dict(cfg))))
+            # direction -> (activation, dense cuBLAS, raw CUDA op, Triton launcher, its weight arguments)
+            specs = {"fwd": (x, lambda: x @ W.t(), raw_cuda_fwd, nf4_matmul_triton, _fwd_args(args)),
+                     "dx": (dy, lambda: dy @ W, raw_cuda_dx, nf4_matmul_dx_triton, _dx_args(args))}
+            for direction, (a, dense, cuda_op, triton_op, t_args) in specs.items():
+                cands: list[tuple[str, str | None, dict | None, object]] = [("dense", None, None, dense)]
+                if has_cuda_ext:
+                    cands.append(("cuda", "cuda", None, lambda op=cuda_op, a=a: op(args, a)))
+                for cfg in [None] + triton_candidates(direction, M, quick):
+                    cands.append((_name(cfg), "triton", cfg, lambda op=triton_op, a=a, t=t_args, cfg=cfg: op(
+                        a, *t, config=None if cfg is None else dict(cfg))))
                 for name, backend, cfg, fn in cands:
                     try:
                         ms = _time(fn)

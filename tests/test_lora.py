@@ -12,8 +12,8 @@ import torch.nn.functional as F
 import qpeft
 from qpeft.autograd.lora import lora_linear
 from qpeft.reference import lora as ref
-from utils import (DTYPES, assert_close_2x, has_triton, requires_cuda, requires_triton_runtime, triton_device,
-                   triton_dtypes)
+from utils import (DTYPES, assert_close_2x, compile_for_sm90, has_triton, requires_cuda, requires_triton_runtime,
+                   triton_device, triton_dtypes)
 
 # (M, K, N, r): odd sizes, r below / above the 16-wide MMA minimum, rank-1
 SHAPES = [(1, 8, 8, 1), (37, 45, 53, 5), (64, 96, 80, 16), (19, 33, 130, 20)]
@@ -358,13 +358,8 @@ def test_cuda_nf4_lora_matches_reference(dtype, p):
 def test_triton_kernels_compile_for_sm90():
     # no GPU needed: lower both kernels to PTX for sm_90 (catches typing/lowering errors a CPU interpreter run
     # cannot) and check that bf16 products use Hopper's wgmma tensor-core instructions
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     import qpeft.triton_kernels.lora as kernels
 
-    target = GPUTarget("cuda", 90, 32)
     p16, p32, i32 = "*bf16", "*fp32", "i32"
     mm_sig = {"a_ptr": p16, "b_ptr": p16, "stride_am": i32, "stride_ak": i32, "stride_bk": i32, "stride_bn": i32,
               "addend_ptr": p16, "stride_dm": i32, "stride_dn": i32, "bias_ptr": p16, "p_ptr": p32, "q_ptr": p32,
@@ -374,9 +369,8 @@ def test_triton_kernels_compile_for_sm90():
     mm_const = dict(HAS_MAIN=True, HAS_ADDEND=False, HAS_BIAS=True, HAS_LORA=True, DROP_A=True, DROP_LORA=True,
                     DROP_THRESH=1 << 22, DOT_KIND=2, PRECISION="tf32", BLOCK_M=128, BLOCK_N=128, BLOCK_K=64,
                     BLOCK_R=16, GROUP_M=8)
-    mm_sig.update({k: "constexpr" for k in mm_const})
-    ptx = triton.compile(ASTSource(kernels._lora_matmul_kernel, mm_sig, mm_const), target=target,
-                         options={"num_warps": 8, "num_stages": 3}).asm["ptx"]
+    ptx = compile_for_sm90(kernels._lora_matmul_kernel, mm_sig, mm_const,
+                           options={"num_warps": 8, "num_stages": 3}).asm["ptx"]
     assert "wgmma" in ptx
     tn_sig = {"p_ptr": p32, "q_ptr": p16, "stride_pm": i32, "stride_pi": i32, "stride_qm": i32, "stride_qj": i32,
               "out_ptr": p32, "stride_os": i32, "stride_oi": i32, "stride_oj": i32, "seed_ptr": "*i64",
@@ -384,7 +378,5 @@ def test_triton_kernels_compile_for_sm90():
               "scale": "fp32"}
     tn_const = dict(DROP_Q=True, DROP_THRESH=1 << 22, DOT_KIND=2, PRECISION="tf32", BLOCK_I=16, BLOCK_J=128,
                     BLOCK_M=64)
-    tn_sig.update({k: "constexpr" for k in tn_const})
-    ptx = triton.compile(ASTSource(kernels._lora_tn_kernel, tn_sig, tn_const), target=target,
-                         options={"num_warps": 8}).asm["ptx"]
+    ptx = compile_for_sm90(kernels._lora_tn_kernel, tn_sig, tn_const, options={"num_warps": 8}).asm["ptx"]
     assert "mma" in ptx

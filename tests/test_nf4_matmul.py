@@ -13,8 +13,8 @@ import torch
 import qpeft
 from qpeft.autograd.nf4_matmul import nf4_matmul, weight_args
 from qpeft.reference import nf4_matmul as ref
-from utils import (DTYPES, TRITON_INTERPRET, assert_close_2x, has_triton, requires_cuda, requires_triton_runtime,
-                   triton_device, triton_dtypes)
+from utils import (DTYPES, TRITON_INTERPRET, assert_close_2x, compile_for_sm90, has_triton, requires_cuda,
+                   requires_triton_runtime, triton_device, triton_dtypes)
 
 # (M, N, K): single row, odd everything, K % 64 != 0 (blocks span rows), odd K (rows start mid-byte)
 SHAPES = [(1, 33, 70), (5, 17, 131), (20, 48, 96), (3, 40, 128)]
@@ -469,10 +469,9 @@ def _compile_sm90(direction: str, cfg: dict):
     NF4 blocksize 64 with double quant, the aligned tile loader (every real model shape)."""
     import os
     import subprocess
+    import tempfile
 
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     import qpeft.triton_kernels.nf4_matmul as k
 
@@ -499,10 +498,7 @@ def _compile_sm90(direction: str, cfg: dict):
                "stride_lar": i32}
         const = dict(cfg)
     const.update(BLOCKSIZE=64, NESTED=True, HAS_LORA=True, R_PAD=16, DOT_PRECISION="tf32", ALIGNED=True)
-    sig.update({name: "constexpr" for name in const})
-    compiled = triton.compile(ASTSource(fn, sig, const), target=GPUTarget("cuda", 90, 32), options=opts)
-    import tempfile
-
+    compiled = compile_for_sm90(fn, sig, const, options=opts)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
@@ -525,16 +521,14 @@ def test_default_triton_tiles_compile_for_sm90_without_register_spills(direction
     """Every default tile (with bias and the LoRA epilogue: the most registers) must not spill to local memory
     and must fit in the 227 KB of shared memory a Hopper block may use; the 64- and 128-row GEMM tiles must
     issue wgmma."""
-    from qpeft.triton_kernels.nf4_matmul import _dx_config, _fwd_config
+    from qpeft.triton_kernels.nf4_matmul import _dx_config, _fwd_config, tile_config
 
     if isinstance(tile, str):  # the decode configs, at the widest BLOCK_N (it grows with N)
         M, N, K = int(tile[2:]), 28672, 8192
         cfg = (_fwd_config(M, N, K, torch.device("cpu"), torch.bfloat16) if direction == "fwd"
-               else _dx_config(M, N, K))
+               else _dx_config(M, N, K, torch.device("cpu")))
     else:
-        cfg = dict(BLOCK_M=tile[0], BLOCK_N=tile[1], BLOCK_K=tile[2], num_warps=tile[3])
-        if tile[4] is not None:
-            cfg["num_stages"] = tile[4]
+        cfg = tile_config(tile)
         if direction == "fwd":
             cfg["SPLIT_K"] = 1
     shared, usage, sass = _compile_sm90(direction, cfg)

@@ -11,8 +11,8 @@ import torch
 import qpeft
 from qpeft import codes
 from qpeft.reference import quantize as ref
-from utils import (DTYPES, HAS_CUDA, TRITON_INTERPRET, has_triton, requires_cuda, requires_triton_runtime,
-                   triton_device, triton_dtypes)
+from utils import (DTYPES, HAS_CUDA, TRITON_INTERPRET, compile_for_sm90, has_triton, requires_cuda,
+                   requires_triton_runtime, triton_device, triton_dtypes)
 
 BLOCKSIZES = [32, 64, 128, 256, 512, 1024, 2048, 4096]
 
@@ -232,13 +232,7 @@ def test_cpu_tensors_use_the_reference_without_the_interpreter(monkeypatch):
 
 # --- Triton kernels compiled for an H100 (sm_90) without a GPU: lowering, IEEE division, vector accesses -----
 def _ptx_for_sm90(fn, signature: dict, constexprs: dict, aligned: list[str]) -> str:
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, compile as triton_compile
-
-    src = ASTSource(fn=fn, signature={**signature, **{k: "constexpr" for k in constexprs}},
-                    constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()},
-                    attrs={(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned})
-    return triton_compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
+    return compile_for_sm90(fn, signature, constexprs, aligned=aligned).asm["ptx"]
 
 
 @pytest.mark.skipif(TRITON_INTERPRET or not has_triton(), reason="compiles real Triton kernels (no interpreter)")

@@ -250,6 +250,15 @@ _DX_GEMM_TILES = ((128, 64, 128, 8, 3), (128, 64, 64, 8, 3), (64, 64, 128, 8, 3)
                   (32, 64, 64, 4, None), (32, 64, 32, 4, None), (16, 64, 32, 4, None))
 
 
+def tile_config(tile: tuple) -> dict:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages or None) -> the launchers' `config` dict."""
+    bm, bn, bk, warps, stages = tile
+    cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+    if stages is not None:
+        cfg["num_stages"] = stages
+    return cfg
+
+
 def _gemm_tiles(tiles: tuple, M: int, out_cols: int, col_axis: int, device: torch.device) -> dict:
     """The largest tile that still gives every SM a program and pads M by less than 2x; else the smallest.
     Filling the SMs matters most for M = 17..256, which is still weight-streaming: (128 x 128) tiles at M = 128,
@@ -262,10 +271,7 @@ def _gemm_tiles(tiles: tuple, M: int, out_cols: int, col_axis: int, device: torc
             break
     else:
         t = tiles[-1]
-    cfg = dict(BLOCK_M=t[0], BLOCK_N=t[1], BLOCK_K=t[2], num_warps=t[3])
-    if t[4] is not None:
-        cfg["num_stages"] = t[4]
-    return cfg
+    return tile_config(t)
 
 
 def _fwd_config(M: int, N: int, K: int, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> dict:
@@ -291,11 +297,11 @@ def _fwd_config(M: int, N: int, K: int, device: torch.device, dtype: torch.dtype
     return dict(_gemm_tiles(_FWD_GEMM_TILES, M, N, 1, device), SPLIT_K=1)
 
 
-def _dx_config(M: int, N: int, K: int, device: torch.device | None = None) -> dict:
+def _dx_config(M: int, N: int, K: int, device: torch.device) -> dict:
     """dx tiles. Decode uses (16 x 32) output tiles so K = 4096 gives 128 programs; larger M: `_gemm_tiles`."""
     if M <= DECODE_MAX_M:
         return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, num_warps=4)
-    return _gemm_tiles(_DX_GEMM_TILES, M, K, 2, device or torch.device("cpu"))
+    return _gemm_tiles(_DX_GEMM_TILES, M, K, 2, device)
 
 
 def _aligned(K: int, blocksize: int, cfg: dict) -> bool:

@@ -123,7 +123,7 @@ def nf4_matmul(x2d: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, co
     plan = nf4_matmul_dispatch.plan("fwd", M, N, x2d.shape[1], x2d.dtype, x2d.device)
     impl = select_backend("nf4_matmul", x2d.device, prefer_triton=plan.backend == "triton")
     if impl == "cuda":
-        out = torch.empty((x2d.shape[0], N), dtype=x2d.dtype, device=x2d.device)
+        out = torch.empty((M, N), dtype=x2d.dtype, device=x2d.device)
         torch.ops.qpeft_C.nf4_matmul_out(x2d, packed, absmax, code, blocksize, nested_absmax, nested_code, offset,
                                          bias, lora_xa, lora_B, lora_scale, out)
         return out
