@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qpeft.methods._prompt_common import prefix_cache
+from qpeft.methods._prompt_common import prefix_cache, with_cache
 from qpeft.methods.p_tuning_v2 import add_p_tuning_v2
 from utils import assert_generate_is_greedy, tiny_bert, tiny_llama, train_prompt_steps
 
@@ -23,8 +23,8 @@ def test_all_layers_equals_prefix_cache():
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask).last_hidden_state
         ref = model.base_model(input_ids=ids, attention_mask=torch.cat([torch.ones(3, 4, dtype=torch.long), mask], 1),
-                               past_key_values=prefix_cache(model.base_model,
-                                                            model.prompt_encoders["default"].prompt(), 3))
+                               **with_cache(model.base_model, prefix_cache(
+                                   model.base_model, model.prompt_encoders["default"].prompt(), 3)))
     assert torch.equal(out, ref.last_hidden_state)
 
 
@@ -84,8 +84,8 @@ def test_head_logits_and_training(make, pool):
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask, labels=labels)
         hs = model.base_model(input_ids=ids, attention_mask=torch.cat([torch.ones(3, 4, dtype=torch.long), mask], 1),
-                              past_key_values=prefix_cache(model.base_model,
-                                                           model.prompt_encoders["default"].prompt(), 3),
+                              **with_cache(model.base_model, prefix_cache(
+                                  model.base_model, model.prompt_encoders["default"].prompt(), 3)),
                               output_hidden_states=True)
         h = getattr(hs, "last_hidden_state", None)
         h = hs.hidden_states[-1] if h is None else h

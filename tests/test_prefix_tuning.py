@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from qpeft.methods._prompt_common import prefix_cache
+from qpeft.methods._prompt_common import prefix_cache, with_cache
 from qpeft.methods.prefix_tuning import PrefixEncoder, add_prefix_tuning
 from utils import tiny_bert, tiny_llama, train_prompt_steps
 
@@ -44,7 +44,7 @@ def test_forward_is_base_with_prefix_cache(make, projection):
         out = model(input_ids=ids, attention_mask=mask)
         cache = prefix_cache(base, model.prompt_encoders["default"].prompt(), 3)
         ref = base(input_ids=ids, attention_mask=torch.cat([torch.ones(3, 4, dtype=torch.long), mask], 1),
-                   past_key_values=cache)
+                   **with_cache(base, cache))
         plain = base(input_ids=ids, attention_mask=mask)
     key = "logits" if "logits" in ref else "last_hidden_state"
     assert out[key].shape == plain[key].shape  # a prefix adds no output positions
@@ -128,7 +128,7 @@ def test_generate_equals_stepwise(padded):
 
 
 class _NoCacheModel(nn.Module):
-    """A model whose forward cannot take past_key_values."""
+    """A model whose forward takes no KV cache (neither `cache` nor `past_key_values`)."""
 
     class config:  # noqa: N801
         model_type = "toy"

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from qpeft._hf_compat import enable_checkpointing
 from qpeft.adapter_io import save_adapter
 from qpeft.methods.prefix_tuning import add_prefix_tuning
 from test_prefix_tuning_seq2seq import HEAD_DIM, HEADS, LAYERS, _batch, tiny_bart, tiny_t5
@@ -175,7 +176,7 @@ def test_bad_input():
     with pytest.raises(ValueError, match="num_virtual_tokens must be a positive int"):
         add_prefix_tuning(tiny_bart(), 0, encoder_prefix=True)
     # checkpointed encoder layers would recompute without the prefix in backward: refused, not silently wrong
-    model.base_model.activation_checkpointing_enable()
+    enable_checkpointing(model.base_model)
     model.train()
     with pytest.raises(ValueError, match="gradient checkpointing"):
         model(input_ids=ids, attention_mask=mask, labels=labels)

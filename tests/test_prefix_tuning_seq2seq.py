@@ -11,12 +11,13 @@ import pytest
 import torch
 
 from qpeft.adapter_io import load_adapter, save_adapter
-from qpeft.methods._prompt_common import PromptLearningModel, prefix_cache
+from qpeft.methods._prompt_common import PromptLearningModel, prefix_cache, with_cache
 from qpeft.methods.p_tuning import add_p_tuning
 from qpeft.methods.p_tuning_v2 import add_p_tuning_v2
 from qpeft.methods.prefix_tuning import add_prefix_tuning
 from qpeft.methods.prompt_tuning import add_prompt_tuning, load_prompt_adapter
-from utils import assert_seq2seq_disabled_equals_base, assert_seq2seq_generate_is_greedy, tiny_llama, train_prompt_steps
+from utils import (assert_generate_matches_peft, assert_seq2seq_disabled_equals_base, assert_seq2seq_generate_is_greedy,
+                   tiny_llama, train_prompt_steps)
 
 peft = pytest.importorskip("peft")
 
@@ -103,7 +104,7 @@ def test_prefix_forward_is_base_with_decoder_cache(make, projection):
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask, labels=labels, decoder_attention_mask=dec_mask)
         cache = prefix_cache(base, model.prompt_encoders["default"].prompt(), 2)
-        ref = base(input_ids=ids, attention_mask=mask, labels=labels, past_key_values=cache,
+        ref = base(input_ids=ids, attention_mask=mask, labels=labels, **with_cache(base, cache),
                    decoder_attention_mask=torch.cat([torch.ones(2, 3, dtype=torch.long), dec_mask], 1))
         plain = base(input_ids=ids, attention_mask=mask, labels=labels)
     assert out.logits.shape == plain.logits.shape == (2, 4, VOCAB)  # no extra output positions
@@ -213,7 +214,7 @@ def test_qpeft_saved_loads_in_peft(tmp_path, make, kind):
         theirs = pm(input_ids=ids, attention_mask=mask, labels=labels, decoder_attention_mask=dec_mask).logits
     assert torch.equal(ours, theirs)
     kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
-    assert torch.equal(pm.generate(**kw), model.generate(**kw))
+    assert_generate_matches_peft(model.generate(**kw), pm, ids, 4, mask=mask)
 
 
 @pytest.mark.parametrize("kind", ["PREFIX_PROJ", "PROMPT_TUNING", "P_TUNING"])
@@ -235,7 +236,7 @@ def test_peft_saved_loads_in_qpeft(tmp_path, make, kind):
     model = load_prompt_adapter(make(), tmp_path)
     assert torch.equal(_logits(model, ids, mask, labels), ref)
     kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
-    assert torch.equal(model.generate(**kw), pm.generate(**kw))
+    assert_generate_matches_peft(model.generate(**kw), pm, ids, 4, mask=mask)
     # and back: qpeft re-saves the same tensor and config fields
     save_adapter(model, tmp_path / "again")
     from safetensors.torch import load_file

@@ -13,7 +13,7 @@ from qpeft.adapter_io import load_adapter, save_adapter
 from qpeft.methods.p_tuning import add_p_tuning
 from qpeft.methods.prefix_tuning import add_prefix_tuning
 from qpeft.methods.prompt_tuning import PromptLearningModel, add_prompt_tuning, load_prompt_adapter
-from utils import tiny_bert, tiny_llama
+from utils import assert_generate_matches_peft, tiny_bert, tiny_llama
 
 peft = pytest.importorskip("peft")
 
@@ -71,8 +71,7 @@ def test_qpeft_saved_loads_in_peft(tmp_path, make, task_type, peft_type):
     if make is tiny_llama:
         ids1 = ids[:1]
         ours = model.generate(input_ids=ids1, max_new_tokens=5, do_sample=False)
-        theirs = pm.generate(input_ids=ids1, max_new_tokens=5, do_sample=False)
-        assert torch.equal(ours, theirs)
+        assert_generate_matches_peft(ours, pm, ids1, 5)
 
 
 @pytest.mark.parametrize("peft_type", list(QPEFT_ADDERS))

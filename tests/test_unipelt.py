@@ -5,6 +5,8 @@ import pytest
 import torch
 import torch.nn as nn
 
+from qpeft._hf_compat import output_cache
+from qpeft.methods._prompt_common import with_cache
 from qpeft.methods.bottleneck import AdapterMergeError, add_bottleneck_adapters, bottleneck_state_dict
 from qpeft.methods.unipelt import (GatedLoraLinear, GatedPrefix, add_unipelt, load_unipelt, merge_unipelt,
                                    save_unipelt, set_unipelt_submodules, unipelt_state_dict)
@@ -74,7 +76,7 @@ def test_prefix_only_ungated_equals_hf_cache_prefix():
         for i, pre in enumerate(prefixes):
             cache.update(pre.prefix_key.expand(B, -1, -1, -1).clone(),
                          pre.prefix_value.expand(B, -1, -1, -1).clone(), i)
-        ref = base(input_ids=ids, past_key_values=cache, attention_mask=torch.ones(B, 3 + S, dtype=torch.long),
+        ref = base(input_ids=ids, **with_cache(base, cache), attention_mask=torch.ones(B, 3 + S, dtype=torch.long),
                    position_ids=torch.arange(S).expand(B, -1)).logits
         ours = _out(uni, ids)
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
@@ -90,9 +92,9 @@ def test_prefix_with_generation_cache():
     _with_const_gates(model, 0.3)
     with torch.no_grad():
         full = model(input_ids=ids).logits[:, -1]
-        cache = model(input_ids=ids[:, :-1], use_cache=True).past_key_values
+        cache = output_cache(model(input_ids=ids[:, :-1], use_cache=True))
         assert cache.get_seq_length() == ids.shape[1] - 1  # the prefix is not stored in the cache
-        step = model(input_ids=ids[:, -1:], past_key_values=cache, use_cache=True).logits[:, -1]
+        step = model(input_ids=ids[:, -1:], **with_cache(model, cache), use_cache=True).logits[:, -1]
     torch.testing.assert_close(step, full, atol=1e-5, rtol=1e-5)
 
 

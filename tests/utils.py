@@ -1,6 +1,7 @@
 """Shared test helpers: dtypes, tolerances, devices, tiny random Hugging Face models, the 2x error rule."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -38,6 +39,132 @@ def compile_for_sm90(fn, signature: dict, constexprs: dict, options: dict | None
                     constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()},
                     attrs={(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned})
     return triton_compile(src, target=GPUTarget("cuda", 90, 32), options=options or {"num_warps": 4})
+
+
+# ------------------------------------------------------------------ Triton launches recorded on the CPU, compiled for sm_90
+_TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.uint8: "u8",
+                  torch.int8: "i8", torch.int16: "i16", torch.int32: "i32", torch.int64: "i64", torch.bool: "i1"}
+_LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
+
+
+class TritonLaunch:
+    """One kernel launch as a launcher issued it: the JITFunction, its arguments and launch options."""
+
+    def __init__(self, fn, args: tuple, kwargs: dict):
+        self.fn, self.args, self.kwargs = fn, args, kwargs
+
+    @property
+    def name(self) -> str:
+        return self.fn.__name__
+
+    def source(self) -> tuple[dict, dict, dict, list]:
+        """(signature, constexprs, options, aligned) as Triton's runtime would specialize this launch: tensors
+        are pointers (16-byte aligned ones marked so), an int equal to 1 becomes the constant 1 and ints that
+        are multiples of 16 are marked divisible, None arguments are constants."""
+        import inspect
+
+        bound = dict(zip(self.fn.arg_names, self.args))
+        bound.update({k: v for k, v in self.kwargs.items() if k in self.fn.arg_names})
+        options = {k: v for k, v in self.kwargs.items() if k in _LAUNCH_OPTIONS and v is not None}
+        unknown = set(self.kwargs) - set(self.fn.arg_names) - set(_LAUNCH_OPTIONS)
+        assert not unknown, f"{self.name}: unknown launch arguments {sorted(unknown)}"
+        signature, constexprs, aligned = {}, {}, []
+        for param, name in zip(self.fn.params, self.fn.arg_names):
+            if name in bound:
+                value = bound[name]
+            else:
+                default = param.default
+                assert default is not inspect.Parameter.empty, f"{self.name}: argument {name} not passed"
+                value = default
+            if param.is_constexpr or value is None:
+                constexprs[name] = value
+            elif isinstance(value, torch.Tensor):
+                signature[name] = "*" + _TRITON_DTYPES[value.dtype]
+                if value.data_ptr() % 16 == 0:
+                    aligned.append(name)
+            elif isinstance(value, bool):
+                signature[name] = "i1"
+            elif isinstance(value, int):
+                if value == 1 and not getattr(param, "do_not_specialize", False):
+                    constexprs[name] = 1
+                    continue
+                signature[name] = "i32" if -2 ** 31 <= value < 2 ** 31 else "i64"
+                if value % 16 == 0:
+                    aligned.append(name)
+            elif isinstance(value, float):
+                signature[name] = "fp32"
+            else:
+                raise AssertionError(f"{self.name}: cannot type argument {name}={value!r}")
+        return signature, constexprs, options, aligned
+
+    def compile_for_sm90(self):
+        signature, constexprs, options, aligned = self.source()
+        return compile_for_sm90(self.fn, signature, constexprs, options=options or None, aligned=aligned)
+
+    def __repr__(self) -> str:
+        consts = {k: v for k, v in self.kwargs.items() if not isinstance(v, torch.Tensor)}
+        return f"{self.name}({', '.join(f'{k}={v}' for k, v in consts.items())})"
+
+
+@contextlib.contextmanager
+def recorded_triton_launches():
+    """Inside the context, Triton kernels are not run: each launch (`kernel[grid](...)`) is appended to the
+    yielded list as a TritonLaunch, and an autotuned kernel's launch once per config (the configs it would
+    try on a GPU). Launchers can then be driven with CPU tensors on a machine without a GPU; their outputs
+    are left uninitialized."""
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import JITFunction
+
+    launches: list[TritonLaunch] = []
+
+    def run_jit(self, *args, grid, warmup, **kwargs):
+        launches.append(TritonLaunch(self, args, kwargs))
+
+    def run_autotuned(self, *args, **kwargs):
+        kwargs.pop("grid", None)
+        kwargs.pop("warmup", None)
+        for cfg in self.configs:
+            options = {k: getattr(cfg, k, None) for k in _LAUNCH_OPTIONS}
+            launches.append(TritonLaunch(self.fn, args, {**kwargs, **cfg.kwargs, **options}))
+
+    saved = JITFunction.run, Autotuner.run
+    JITFunction.run, Autotuner.run = run_jit, run_autotuned
+    try:
+        yield launches
+    finally:
+        JITFunction.run, Autotuner.run = saved
+
+
+def sm90_resource_usage(compiled) -> tuple[str, str]:
+    """(cuobjdump --dump-resource-usage, cuobjdump -sass) of a kernel compiled for sm_90, read with the
+    cuobjdump that ships with Triton (or the one on PATH)."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    import triton
+
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(cuobjdump):
+        cuobjdump = shutil.which("cuobjdump")
+    if cuobjdump is None:
+        pytest.skip("no cuobjdump (neither shipped with Triton nor on PATH)")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True,
+                               check=True).stdout
+        sass = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    return usage, sass
+
+
+def spill_instructions(sass: str) -> list[str]:
+    """The local-memory loads/stores (LDL / STL) in a kernel's SASS: register spills. A stack frame alone is
+    not one: Triton 3.6 calls the IEEE-division slow path as a subroutine, which reserves 16 B of stack
+    (STACK:16 in the resource usage) without any local-memory traffic."""
+    import re
+
+    return [line.strip() for line in sass.splitlines() if re.search(r"\b(LDL|STL)(\.[\w]+)*\b", line)]
 # Triton kernels run either on a GPU or on CPU tensors under the interpreter.
 requires_triton_runtime = pytest.mark.skipif(
     not has_triton() or not (HAS_CUDA or TRITON_INTERPRET),
@@ -131,6 +258,65 @@ def assert_generate_is_greedy(model, ids, steps: int) -> None:
         with torch.no_grad():
             seq = torch.cat([seq, model(input_ids=seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
     assert torch.equal(out, seq)
+
+
+# PEFT 0.21.2's prompt-learning `generate` looks up its KV cache as model_kwargs["past_key_values"]; transformers
+# 5.24 renamed that argument to `cache`, so from 5.24 on PEFT's generate no longer follows PEFT's own forward
+# (a prefix is dropped after the first step, prompt tuning re-inserts its virtual tokens at every step). What
+# PEFT's generate computes where it works (5.17 .. 5.23) is PEFT's forward, one greedy token at a time: that
+# is the oracle in every lane, and on releases before 5.24 PEFT's generate must equal it as well.
+def _transformers_version():
+    import transformers
+    from packaging.version import Version
+
+    return Version(transformers.__version__)
+
+
+def peft_generate_reads_its_cache() -> bool:
+    from packaging.version import Version
+
+    return _transformers_version() < Version("5.24")
+
+
+def greedy_by_forward(model, ids, steps: int):
+    """Causal LM: append the argmax of a full recompute of `model`'s forward, `steps` times."""
+    seq = ids
+    for _ in range(steps):
+        with torch.no_grad():
+            seq = torch.cat([seq, model(input_ids=seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    return seq
+
+
+def seq2seq_greedy_by_forward(model, generation_config, ids, mask, steps: int):
+    """Encoder-decoder: greedy decoding by full recomputes of `model`'s forward, stopping rows at EOS (padded
+    afterwards) and the whole batch when every row has stopped, as `generate(do_sample=False)` does."""
+    eos = generation_config.eos_token_id
+    eos = torch.tensor([eos] if isinstance(eos, int) else list(eos))
+    dec = torch.full((ids.shape[0], 1), generation_config.decoder_start_token_id)
+    done = torch.zeros(ids.shape[0], dtype=torch.bool)
+    for _ in range(steps):
+        with torch.no_grad():
+            nxt = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits[:, -1].argmax(-1)
+        nxt = torch.where(done, torch.full_like(nxt, generation_config.pad_token_id), nxt)
+        dec = torch.cat([dec, nxt[:, None]], 1)
+        done |= torch.isin(nxt, eos)
+        if bool(done.all()):
+            break
+    return dec
+
+
+def assert_generate_matches_peft(ours, peft_model, ids, steps: int, mask=None) -> None:
+    """`ours` (qpeft's generate output) equals PEFT's forward decoded greedily token by token, and PEFT's own
+    generate where it still reads its cache (see peft_generate_reads_its_cache)."""
+    base = peft_model.get_base_model()
+    if base.config.is_encoder_decoder:
+        expected = seq2seq_greedy_by_forward(peft_model, base.generation_config, ids, mask, steps)
+    else:
+        expected = greedy_by_forward(peft_model, ids, steps)
+    assert torch.equal(ours, expected)
+    if peft_generate_reads_its_cache():
+        kw = {} if mask is None else {"attention_mask": mask}
+        assert torch.equal(peft_model.generate(input_ids=ids, max_new_tokens=steps, do_sample=False, **kw), ours)
 
 
 def assert_seq2seq_disabled_equals_base(base, model, ids, mask, labels) -> None:

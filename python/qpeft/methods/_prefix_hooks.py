@@ -1,6 +1,6 @@
 """Encoder-stack prefixes for prefix tuning on encoder-decoder models (opt-in `encoder_prefix=True`).
 
-transformers' T5 / BART encoders drop `past_key_values`, so the KV-cache route that prefixes the decoder cannot
+transformers' T5 / BART encoders drop the KV cache, so the KV-cache route that prefixes the decoder cannot
 reach them. Instead, while the wrapper runs the model, a forward pre-hook on every encoder self-attention module
 passes a small stand-in cache (`PrefixKV`) whose `update()` (called by the attention right after its K/V
 projections) returns [prefix; K] and [prefix; V], and widens the attention mask by `n` always-visible columns,
@@ -21,13 +21,15 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 
+from .._hf_compat import cache_argument, cache_given, checkpointing_method_name
+
 __all__: list[str] = []  # internal helpers of prefix_tuning / _prompt_common
 
 SUPPORTED_ATTENTION = ("eager", "sdpa")  # implementations that take a 4-D (or None) tensor mask
 
 
 class PrefixKV:
-    """Stands in for `past_key_values` inside one encoder self-attention call: prepends the prefix K/V
+    """Stands in for the KV cache (`cache` / `past_key_values`) inside one encoder self-attention call: prepends the prefix K/V
     (B, kv_heads, n, head_dim) to the keys/values the attention just projected."""
 
     def __init__(self, key: torch.Tensor, value: torch.Tensor):
@@ -51,12 +53,12 @@ def _k_projection(module: nn.Module):
 
 def encoder_self_attentions(model: nn.Module) -> list[nn.Module]:
     """The encoder's self-attention modules in layer order (innermost modules that project K and take
-    `past_key_values`: BartAttention, T5Attention)."""
+    a KV cache, `cache` or `past_key_values`: BartAttention, T5Attention)."""
     encoder = model.get_encoder() if hasattr(model, "get_encoder") else None
     if encoder is None:
         raise ValueError(f"encoder_prefix: {type(model).__name__} has no get_encoder()")
     found = [m for m in encoder.modules()
-             if _k_projection(m) is not None and "past_key_values" in inspect.signature(m.forward).parameters]
+             if _k_projection(m) is not None and cache_argument(m.forward) is not None]
     if not found:
         raise ValueError(f"encoder_prefix: cannot find the encoder self-attention modules of "
                          f"{type(model).__name__} (expected BART/T5-style attention with k_proj or k)")
@@ -101,17 +103,18 @@ def _pre_hook(key: torch.Tensor, value: torch.Tensor, module: nn.Module):
     names = list(inspect.signature(module.forward).parameters)
     mask_name = "attention_mask" if "attention_mask" in names else "mask"  # BART / T5
     mask_pos = names.index(mask_name) if mask_name in names else None
+    cache_name = cache_argument(module.forward)
 
     def hook(mod, args, kwargs):
         if kwargs.get("key_value_states") is not None:  # cross-attention: not an encoder self-attention
             return None
-        if kwargs.get("past_key_values") is not None:
+        if cache_given(kwargs) is not None:
             raise RuntimeError("encoder_prefix: the encoder attention got a cache; transformers' encoders are "
-                               "expected to drop past_key_values")
+                               "expected to drop it")
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         batch = hidden.shape[0]
         kwargs = dict(kwargs)
-        kwargs["past_key_values"] = PrefixKV(key.unsqueeze(0).expand(batch, -1, -1, -1),
+        kwargs[cache_name] = PrefixKV(key.unsqueeze(0).expand(batch, -1, -1, -1),
                                              value.unsqueeze(0).expand(batch, -1, -1, -1))
         n = key.shape[1]
         if mask_pos is not None and mask_pos < len(args):
@@ -141,7 +144,7 @@ def encoder_prefix_hooks(model: nn.Module, flat: torch.Tensor) -> Iterator[None]
         # Checkpointed layers recompute their forward during backward, after these hooks are gone: the
         # recomputed activations would lack the prefix and the gradients would be silently wrong.
         raise ValueError("encoder_prefix: gradient checkpointing of the encoder is not supported; call "
-                         "model.activation_checkpointing_disable() (or keep the base in eval mode)")
+                         f"model.{checkpointing_method_name(model, 'disable')}() (or keep the base in eval mode)")
     if flat.shape[1] != layers * 2 * kv_heads * head_dim:
         raise ValueError(f"encoder_prefix: prefix width {flat.shape[1]} != encoder layers {layers} x 2 x "
                          f"{kv_heads} heads x {head_dim}")

@@ -27,6 +27,9 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 
+from .. import _versions
+from .._hf_compat import CACHE_ARGUMENTS, cache_argument, cache_from, cache_given
+
 EMBEDDINGS = "embeddings"
 PREFIX = "prefix"
 
@@ -134,16 +137,22 @@ def _check_seq2seq_decoder_dims(model: nn.Module) -> None:
 
 
 def check_prefix_support(model: nn.Module) -> None:
-    """Prefixes go through `past_key_values`: the model's forward must take it (and a `Cache`)."""
+    """Prefixes go through the KV cache: the model's forward must take one (`cache` from transformers 5.24,
+    `past_key_values` before) and accept a transformers `Cache` there."""
     if is_encoder_decoder(model):
         _check_seq2seq_decoder_dims(model)
-    params = inspect.signature(model.forward).parameters
-    if "past_key_values" not in params:
-        raise ValueError(f"model type {model_type(model)!r} cannot take a prefix: its forward has no "
-                         "`past_key_values` argument (prefix tuning injects the prefix through the KV cache)")
+    if cache_argument(model.forward) is None:
+        raise ValueError(f"model type {model_type(model)!r} cannot take a prefix: its forward takes no KV cache "
+                         f"(no argument named {' or '.join(CACHE_ARGUMENTS)}; prefix tuning injects the prefix "
+                         "through the KV cache)")
     if getattr(model, "_supports_cache_class", True) is False:
         raise ValueError(f"model type {model_type(model)!r} cannot take a prefix: it does not accept a "
-                         "transformers Cache for past_key_values")
+                         "transformers Cache as its KV cache")
+
+
+def with_cache(model: nn.Module, cache) -> dict:
+    """{name: cache} under the name the model's forward (and generate) takes the KV cache by."""
+    return {cache_argument(model.forward) or CACHE_ARGUMENTS[-1]: cache}
 
 
 # ----------------------------------------------------------------------------------------------- adapters
@@ -208,6 +217,7 @@ class PromptLearningModel(nn.Module):
 
     def __init__(self, base_model: nn.Module):
         super().__init__()
+        _versions.require("transformers")  # caches, generation and outputs follow transformers >= 5.17
         if isinstance(base_model, PromptLearningModel):
             raise ValueError("base_model is already a PromptLearningModel")
         if not hasattr(base_model, "config"):
@@ -294,8 +304,8 @@ class PromptLearningModel(nn.Module):
                                    **_with_token_types(kwargs, token_type_ids))
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        if kwargs.get("past_key_values") is not None:
-            raise ValueError("past_key_values: prompt-side adapters build their own cache; pass None "
+        if cache_given(kwargs) is not None:
+            raise ValueError(f"{cache_given(kwargs)}: prompt-side adapters build their own cache; pass None "
                              "(use generate() for incremental decoding)")
         ref = input_ids if input_ids is not None else inputs_embeds
         batch = ref.shape[0]
@@ -319,7 +329,8 @@ class PromptLearningModel(nn.Module):
                 token_type_ids = torch.cat([token_type_ids.new_zeros(batch, n), token_type_ids], dim=1)
             call = dict(inputs_embeds=inputs_embeds)
         else:
-            call = dict(input_ids=input_ids, inputs_embeds=inputs_embeds, past_key_values=self.get_prompt(batch))
+            call = dict(input_ids=input_ids, inputs_embeds=inputs_embeds,
+                        **with_cache(self.base_model, self.get_prompt(batch)))
         if base_labels is not None:
             call["labels"] = base_labels
         if head is not None:
@@ -346,7 +357,8 @@ class PromptLearningModel(nn.Module):
                                  "self-attention; pass input_ids or inputs_embeds instead of encoder_outputs")
             with self._encoder_prefix(enc):
                 return self.base_model(input_ids=input_ids, inputs_embeds=inputs_embeds,
-                                       attention_mask=attention_mask, past_key_values=self.get_prompt(batch), **kwargs)
+                                       attention_mask=attention_mask,
+                                       **with_cache(self.base_model, self.get_prompt(batch)), **kwargs)
         if kwargs.get("encoder_outputs") is not None:
             raise ValueError("encoder_outputs: a prompt-tuning / P-tuning adapter feeds the encoder; pass input_ids "
                              "or inputs_embeds instead of precomputed encoder_outputs")
@@ -380,14 +392,15 @@ class PromptLearningModel(nn.Module):
         decoder sequences (decoder start token + new tokens), as the base model's generate does."""
         if input_ids is None:
             raise ValueError("generate: input_ids is required with a prompt adapter")
-        if any(kwargs.get(k) is not None for k in ("past_key_values", "inputs_embeds", "encoder_outputs")):
-            raise ValueError("generate: past_key_values / inputs_embeds / encoder_outputs cannot be combined with a "
-                             "prompt adapter")
+        if cache_given(kwargs) is not None or any(kwargs.get(k) is not None
+                                                  for k in ("inputs_embeds", "encoder_outputs")):
+            raise ValueError("generate: a KV cache (cache / past_key_values), inputs_embeds or encoder_outputs "
+                             "cannot be combined with a prompt adapter")
         batch = input_ids.shape[0]
         if enc.kind == PREFIX:
             with self._encoder_prefix(enc):
                 return self.base_model.generate(input_ids=input_ids, attention_mask=attention_mask,
-                                                past_key_values=self.get_prompt(batch), **kwargs)
+                                                **with_cache(self.base_model, self.get_prompt(batch)), **kwargs)
         embeds, mask = self._prepend_prompt(batch, input_ids, None, attention_mask)
         return self.base_model.generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)
 
@@ -407,8 +420,9 @@ class PromptLearningModel(nn.Module):
             return self.base_model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         if input_ids is None:
             raise ValueError("generate: input_ids is required with a prompt adapter")
-        if kwargs.get("past_key_values") is not None or kwargs.get("inputs_embeds") is not None:
-            raise ValueError("generate: past_key_values / inputs_embeds cannot be combined with a prompt adapter")
+        if cache_given(kwargs) is not None or kwargs.get("inputs_embeds") is not None:
+            raise ValueError("generate: a KV cache (cache / past_key_values) or inputs_embeds cannot be combined "
+                             "with a prompt adapter")
         batch, n = input_ids.shape[0], enc.num_virtual_tokens
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -418,7 +432,7 @@ class PromptLearningModel(nn.Module):
                 # The attention mask is longer than input_ids by the prefix, so generate treats input_ids as the
                 # uncached tokens (transformers' _prefill) and appends to our prefix cache.
                 return self.base_model.generate(input_ids=input_ids, attention_mask=mask,
-                                                past_key_values=self.get_prompt(batch), **kwargs)
+                                                **with_cache(self.base_model, self.get_prompt(batch)), **kwargs)
             embeds = self.base_model.get_input_embeddings()(input_ids)
             embeds = torch.cat([self.get_prompt(batch).to(embeds.dtype), embeds], dim=1)
             new_tokens = self.base_model.generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)
@@ -515,7 +529,7 @@ def _mask_prefix_hook(n: int, module: nn.Module):
             mask = args[pos]
             set_mask = None
         q = hidden.shape[1]
-        cache = kwargs.get("past_key_values", None)
+        cache = cache_from(kwargs)
         if cache is not None and hasattr(cache, "self_attention_cache"):
             cache = cache.self_attention_cache
         past = cache.get_seq_length(mod.layer_idx) if cache is not None else n

@@ -12,7 +12,7 @@ With gating=False the gates are absent: LoRA uses alpha / r, prefix and adapter 
 methods). Submodules can be left out at creation or switched on/off later (`set_unipelt_submodules`).
 
 The prefix needs no change to model source: a forward pre-hook on each self-attention module passes, as
-`past_key_values`, a small object whose `update(k, v, layer_idx)` (called by HF Llama/BERT attention right
+its KV cache (`cache` / `past_key_values`), a small object whose `update(k, v, layer_idx)` (called by HF Llama/BERT attention right
 before the attention kernel) returns the keys/values with the gated prefix in front, and widens the attention
 mask by `prefix_length` always-visible columns. Positions of the real tokens are unchanged (the prefix carries
 no rotary/absolute position). Supports HF "eager" and "sdpa" attention.
@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .._hf_compat import CACHE_ARGUMENTS, cache_argument, cache_from
 from .bottleneck import (AdapterMergeError, BottleneckAdapter, _float_dtype_device, find_adapter_sites,
                          freeze_except, is_linear_like)
 
@@ -155,13 +156,16 @@ class GatedPrefix(nn.Module):
         if not self.active:
             return None
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        inner = kwargs.get("past_key_values")
+        cache_name = cache_argument(attn.forward) or CACHE_ARGUMENTS[-1]
+        inner = cache_from(kwargs)
         past = 0
         if inner is not None and hasattr(inner, "get_seq_length"):  # a real generation cache under the prefix
             past = int(inner.get_seq_length(attn.layer_idx))
         k, v = self.kv(hidden)
         kwargs = dict(kwargs)
-        kwargs["past_key_values"] = _PrefixKV(k, v, inner)
+        for name in CACHE_ARGUMENTS:  # the real cache (if any) now sits inside the stand-in
+            kwargs.pop(name, None)
+        kwargs[cache_name] = _PrefixKV(k, v, inner)
         kwargs["attention_mask"] = _extend_mask(kwargs.get("attention_mask"), self.prefix_length,
                                                 bool(getattr(attn, "is_causal", False)), hidden.shape[-2], past,
                                                 hidden.dtype, hidden.device)
