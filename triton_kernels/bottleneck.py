@@ -23,13 +23,14 @@ import triton.language as tl
 
 __all__ = ["bottleneck_adapter_triton", "bottleneck_adapter_backward_triton", "MAX_BOTTLENECK"]
 
-# The (BLOCK_M, BLOCK_R) fp32 accumulator lives in registers: 32 x 512 x 4 B = 64 KiB per program is the
-# most that still compiles without spilling badly on sm80/sm90. Larger bottlenecks use the reference.
+# The (BLOCK_M, BLOCK_R) fp32 accumulator lives in registers: 16 x 512 x 4 B = 32 KiB per program (8 warps)
+# is the largest bottleneck that compiles for sm_90 without spills (see _blocks). Larger ones use the reference.
 MAX_BOTTLENECK = 512
 
-_SQRT_2_OVER_PI = 0.7978845608028654
-_INV_SQRT_2 = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
+# tl.constexpr: Triton 3.6 refuses plain Python globals inside @triton.jit functions (3.9 accepts them)
+_SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
+_INV_SQRT_2 = tl.constexpr(0.7071067811865476)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
 
 @triton.jit
@@ -179,11 +180,17 @@ def _bottleneck_bwd_kernel(
                  mask=io_mask)
 
 
-def _blocks(R: int) -> tuple[int, int, int]:
-    # tl.dot needs every dim >= 16. BLOCK_M shrinks as R grows to keep the accumulator at <= 64 KiB.
+def _blocks(R: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_H, BLOCK_R, num_warps). tl.dot needs every dim >= 16. The (BLOCK_M, BLOCK_R) fp32
+    accumulators live in registers, so BLOCK_M shrinks as R grows (64 rows up to R = 64, 32 up to 256, 16 up to
+    512) for 16-bit inputs; fp32 (IEEE dots: FMA loops with their operands in registers) takes 16 rows and
+    steps H by 32 at every R (32 rows still spill 8..48 B). With 8 warps every case compiles for sm_90 without
+    spills under Triton 3.6 and 3.9 (tests/test_triton_sm90.py).
+    The first choice (64 or 32 rows, H step 64, 4 warps) spilled up to 13.7 KB per thread at R = 256 in fp32."""
     block_r = max(16, triton.next_power_of_2(R))
-    block_m = 64 if block_r <= 128 else 32
-    return block_m, 64, block_r
+    if dtype == torch.float32:
+        return 16, 32, block_r, 8
+    return (64 if block_r <= 64 else (32 if block_r <= 256 else 16)), 64, block_r, 8
 
 
 def _check(x: torch.Tensor, w_down: torch.Tensor, w_up: torch.Tensor) -> tuple[int, int, int]:
@@ -209,14 +216,14 @@ def bottleneck_adapter_triton(x, w_down, b_down, w_up, b_up, activation_id: int,
     h_pre = torch.empty((M, R), dtype=torch.float32, device=x.device)
     if M == 0:
         return y, h_pre
-    block_m, block_h, block_r = _blocks(R)
+    block_m, block_h, block_r, warps = _blocks(R, x.dtype)
     grid = (triton.cdiv(M, block_m),)
     _bottleneck_fwd_kernel[grid](
         x, w_down, b_down if b_down is not None else x, w_up, b_up if b_up is not None else x, y, h_pre,
         M, H, R, float(scale),
         x.stride(0), y.stride(0),
         HAS_BD=b_down is not None, HAS_BU=b_up is not None, ACT=activation_id, IEEE=x.dtype == torch.float32,
-        BLOCK_M=block_m, BLOCK_H=block_h, BLOCK_R=block_r,
+        BLOCK_M=block_m, BLOCK_H=block_h, BLOCK_R=block_r, num_warps=warps,
     )
     return y, h_pre
 
@@ -232,14 +239,14 @@ def bottleneck_adapter_backward_triton(dy, x, h_pre, w_down, w_up, activation_id
     dh = torch.empty((M, R), dtype=x.dtype, device=x.device)
     a = torch.empty((M, R), dtype=x.dtype, device=x.device)
     if M > 0:
-        block_m, block_h, block_r = _blocks(R)
+        block_m, block_h, block_r, warps = _blocks(R, x.dtype)
         grid = (triton.cdiv(M, block_m),)
         _bottleneck_bwd_kernel[grid](
             dy, h_pre, w_down, w_up, dx, dh, a,
             M, H, R, float(scale),
             dy.stride(0), dx.stride(0),
             ACT=activation_id, IEEE=x.dtype == torch.float32,
-            BLOCK_M=block_m, BLOCK_H=block_h, BLOCK_R=block_r,
+            BLOCK_M=block_m, BLOCK_H=block_h, BLOCK_R=block_r, num_warps=warps,
         )
     else:
         dh.zero_()

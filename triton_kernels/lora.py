@@ -181,18 +181,28 @@ def _lora_tn_kernel(
 
 
 # GPU tiles for the main GEMM, autotuned per (M, N, K) (no GPU was available to prune this list by
-# measurement): 128x128x64 / 8 warps / 3 stages is the usual bf16 Hopper/Ampere tile; 128x256 favours
-# wide N (14336) at large M; the 64-row tiles keep all SMs busy at M = 512 (4 x 32 = 128 tiles of 128x128
-# for N = 4096 would leave an H100's 132 SMs one wave short).
-_GPU_CONFIGS = [
+# measurement): 128x128x64 / 8 warps / 3 stages is the usual bf16 Hopper/Ampere tile; the 64-row tiles keep all
+# SMs busy at M = 512 (4 x 32 = 128 tiles of 128x128 for N = 4096 would leave an H100's 132 SMs one wave
+# short). Every entry compiles for sm_90 without register spills with each epilogue (tests/test_triton_sm90.py,
+# Triton 3.6 and 3.9); 128x256x64 / 8 warps, once in this list, spilled 1024 B per thread with the LoRA epilogue.
+_GPU_CONFIGS_16BIT = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
 ]
+# fp32 operands (exact IEEE products, no tensor cores: tl.dot becomes FMA loops whose operands live in
+# registers): the 16-bit tiles spill 128..17400 B per thread there, so fp32 gets K steps of 16 (64 x 64 x 32
+# with 4 warps still spills 8 B under Triton 3.6).
+_GPU_CONFIGS_FP32 = [
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 16}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 16}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16}, num_warps=4, num_stages=3),
+]
 # keyed on M's power-of-two bucket, not M: training with variable sequence lengths would otherwise re-tune
-# (4 timed launches) for every new token count
-_lora_matmul_kernel_tuned = triton.autotune(configs=_GPU_CONFIGS, key=["m_bucket", "N", "K", "R"])(
+# (a few timed launches) for every new token count
+_lora_matmul_kernel_tuned = triton.autotune(configs=_GPU_CONFIGS_16BIT, key=["m_bucket", "N", "K", "R"])(
+    _lora_matmul_kernel)
+_lora_matmul_kernel_tuned_fp32 = triton.autotune(configs=_GPU_CONFIGS_FP32, key=["m_bucket", "N", "K", "R"])(
     _lora_matmul_kernel)
 
 
@@ -238,7 +248,8 @@ def lora_matmul_triton(a: torch.Tensor | None, b_t: torch.Tensor | None, *, out_
         meta = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1)
         grid = (triton.cdiv(M, 32) * triton.cdiv(N, 32),)
     else:
-        kernel, meta = _lora_matmul_kernel_tuned, {}
+        kernel = _lora_matmul_kernel_tuned_fp32 if dot_dtype == torch.float32 else _lora_matmul_kernel_tuned
+        meta = {}
 
         def grid(cfg):
             return (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
@@ -278,7 +289,9 @@ def lora_tn_triton(p: torch.Tensor, q: torch.Tensor, *, scale: float, seed: torc
         # one side is the rank (<= 64 typically): size that side's tile to it, 128 on the long side
         BI = _pow2_at_least(I, 16, 64) if I <= 64 else 128
         BJ = _pow2_at_least(J, 16, 64) if J <= 64 else 128
-        BM, warps = 64, (8 if BI * BJ >= 128 * 64 else 4)
+        # fp32 (IEEE FMA loops): 64 rows per step spill 656 B per thread at 16 x 128, 32 rows do not
+        BM = 32 if dot_dtype == torch.float32 else 64
+        warps = 8 if BI * BJ >= 128 * 64 else 4
     tiles = triton.cdiv(I, BI) * triton.cdiv(J, BJ)
     # split the M reduction so that about 2 programs per SM run (264 on an H100), each over >= 512 rows
     target = 4 if _INTERPRET else 264

@@ -248,6 +248,12 @@ _FWD_GEMM_TILES = ((128, 128, 32, 8, 4), (128, 64, 64, 8, 3), (64, 128, 32, 8, 4
                    (32, 64, 64, 4, None), (32, 32, 128, 4, None), (16, 32, 128, 4, None))
 _DX_GEMM_TILES = ((128, 64, 128, 8, 3), (128, 64, 64, 8, 3), (64, 64, 128, 8, 3), (64, 64, 64, 8, 3),
                   (32, 64, 64, 4, None), (32, 64, 32, 4, None), (16, 64, 32, 4, None))
+# fp32 activations use exact IEEE dots (FMA loops, operands in registers): the 16-bit tiles spill there (the
+# 32 x 32 x 128 forward tile 3240 B per thread, the 32 x 64 x 64 dx tile 256 B), these do not (sm_90, Triton
+# 3.6 and 3.9; tests/test_triton_sm90.py).
+_FWD_GEMM_TILES_FP32 = ((64, 64, 16, 8, None), (32, 64, 32, 8, None), (32, 32, 32, 8, None), (16, 32, 32, 4, None))
+_DX_GEMM_TILES_FP32 = ((64, 64, 16, 8, None), (64, 32, 32, 8, None), (32, 32, 64, 8, None), (32, 32, 32, 8, None),
+                       (16, 32, 64, 4, None))
 
 
 def tile_config(tile: tuple) -> dict:
@@ -274,13 +280,16 @@ def _gemm_tiles(tiles: tuple, M: int, out_cols: int, col_axis: int, device: torc
     return tile_config(t)
 
 
-def _fwd_config(M: int, N: int, K: int, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> dict:
+def _fwd_config(M: int, N: int, K: int, device: torch.device, dtype: torch.dtype = torch.bfloat16,
+                aligned: bool = True) -> dict:
     """Tile choice: unmeasured starting points (a GPU-measured table replaces them, see
     qpeft/ops/nf4_matmul_dispatch.py).
 
     Decode (M <= 16) is bandwidth bound: each program streams BLOCK_N rows of the packed weight over all of
     K, and BLOCK_N is the largest power of two that still gives ~2 programs per SM (8 for one row, 16 with
     tl.dot), capped at 32: BLOCK_N = 64 spills (255 registers + 24 B of stack at BLOCK_K = 128, 4 warps).
+    The tl.dot decode tile steps K by 64 instead of 128 for fp32 (IEEE dots: 248 B of spills at 16 x 16 x 128)
+    and when K % blocksize != 0 (`aligned` False: the per-element loader spills 48 B at 16 x 32 x 128).
     Only fp32 activations may split K when N is too small to fill the GPU: their output is the fp32
     accumulator itself, so the split needs no extra buffer. M > 16: `_gemm_tiles`."""
     if M <= DECODE_MAX_M:
@@ -288,20 +297,30 @@ def _fwd_config(M: int, N: int, K: int, device: torch.device, dtype: torch.dtype
         min_n = 8 if M == 1 else 16  # tl.dot needs >= 16 on every dimension
         sms = _num_sms(device)
         block_n = max(min_n, min(32, _prev_pow2(max(1, N // (2 * sms)))))
-        block_k = 256 if M == 1 else 128
+        block_k = 256 if M == 1 else (128 if aligned and dtype != torch.float32 else 64)
         split = 1
         tiles = triton.cdiv(N, block_n)
         if dtype == torch.float32 and tiles < sms:
             split = max(1, min(triton.cdiv(2 * sms, tiles), triton.cdiv(K, 4 * block_k)))
         return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, num_warps=4)
-    return dict(_gemm_tiles(_FWD_GEMM_TILES, M, N, 1, device), SPLIT_K=1)
+    tiles = _FWD_GEMM_TILES_FP32 if dtype == torch.float32 else _FWD_GEMM_TILES
+    cfg = dict(_gemm_tiles(tiles, M, N, 1, device), SPLIT_K=1)
+    if not aligned:  # the per-element loader holds more per K step: 16 x 32 x 128 spills 48 B, x 64 does not
+        cfg["BLOCK_K"] = min(cfg["BLOCK_K"], 64)
+    return cfg
 
 
-def _dx_config(M: int, N: int, K: int, device: torch.device) -> dict:
-    """dx tiles. Decode uses (16 x 32) output tiles so K = 4096 gives 128 programs; larger M: `_gemm_tiles`."""
+def _dx_config(M: int, N: int, K: int, device: torch.device, dtype: torch.dtype = torch.bfloat16,
+               aligned: bool = True) -> dict:
+    """dx tiles. Decode uses (16 x 32) output tiles so K = 4096 gives 128 programs; larger M: `_gemm_tiles`.
+    K % blocksize != 0 (`aligned` False): BLOCK_K at most 64, as in the forward; the per-element loader's
+    128 x 64 x 128 tile with 3 stages needs 256 KB of shared memory (sm_90 allows 227 KB per block)."""
     if M <= DECODE_MAX_M:
         return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, num_warps=4)
-    return _gemm_tiles(_DX_GEMM_TILES, M, K, 2, device)
+    cfg = _gemm_tiles(_DX_GEMM_TILES_FP32 if dtype == torch.float32 else _DX_GEMM_TILES, M, K, 2, device)
+    if not aligned:
+        cfg["BLOCK_K"] = min(cfg["BLOCK_K"], 64)
+    return cfg
 
 
 def _aligned(K: int, blocksize: int, cfg: dict) -> bool:
@@ -326,7 +345,7 @@ def nf4_matmul_triton(x2d, packed, absmax, code, blocksize, N, nested_absmax=Non
     """(M, N) = x2d @ W^T (+ bias, + LoRA epilogue). Inputs are validated by the L2 op (contiguous).
     `config` overrides the tile choice (tests and benchmarks use it to force a path)."""
     M, K = x2d.shape
-    cfg = dict(config or _fwd_config(M, N, K, x2d.device, x2d.dtype))
+    cfg = dict(config or _fwd_config(M, N, K, x2d.device, x2d.dtype, aligned=K % blocksize == 0))
     cfg.setdefault("SPLIT_K", 1)
     num_warps = cfg.pop("num_warps", 4)
     num_stages = cfg.pop("num_stages", None)
@@ -362,7 +381,7 @@ def nf4_matmul_dx_triton(dy2d, packed, absmax, code, blocksize, K, nested_absmax
                          offset=None, lora_dyb=None, lora_A=None, lora_scale=0.0, config: dict | None = None):
     """(M, K) = dy2d (M, N) @ W (+ lora_scale * lora_dyb @ lora_A). Inputs validated by the L2 op."""
     M, N = dy2d.shape
-    cfg = dict(config or _dx_config(M, N, K, dy2d.device))
+    cfg = dict(config or _dx_config(M, N, K, dy2d.device, dy2d.dtype, aligned=K % blocksize == 0))
     num_warps = cfg.pop("num_warps", 4)
     num_stages = cfg.pop("num_stages", None)
     aligned = _aligned(K, blocksize, cfg)

@@ -57,8 +57,11 @@ def _scale_tile(a_ptr, absmax_ptr, pid, n, num_blocks, BLOCKSIZE: tl.constexpr, 
     # a NaN must reach the stored absmax (the public API rejects non-finite input by checking absmax), and
     # whether tl.max propagates NaN depends on the target's max instruction: make it explicit
     has_nan = tl.max((x != x).to(tl.int32), axis=1) > 0
-    amax = tl.where(has_nan, float("nan"), tl.max(tl.abs(x), axis=1))
-    floor = tl.maximum(amax, ABSMAX_FLOOR, propagate_nan=tl.PropagateNan.ALL)  # torch.clamp keeps NaN too
+    amax = tl.where(has_nan, float("nan"), tl.max(tl.abs(x), axis=1)).to(tl.float32)
+    # The floor as an explicit fp32 tensor: Triton 3.6 and 3.8 type a Python-float constexpr operand of
+    # tl.maximum as fp64, and tl.math.div_rn below then refuses the fp64 result (3.9 keeps fp32).
+    floor = tl.maximum(amax, tl.full([GROUP], ABSMAX_FLOOR, tl.float32),
+                       propagate_nan=tl.PropagateNan.ALL)  # torch.clamp keeps NaN too
     # bnb's default backend handles the partial tail block separately: x / absmax (not x * (1/absmax)),
     # and it stores the floored absmax for it.
     tail = (blk + 1) * BLOCKSIZE > n
