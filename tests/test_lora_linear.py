@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import math
+import re
+import warnings
 
 import pytest
 import torch
 import torch.nn as nn
 
 import qpeft
-from qpeft.modules.lora_linear import LoraLinear
+from qpeft.modules.lora_linear import LoraLinear, LoraRankWarning
 from qpeft.modules.qlinear_nf4 import QLinearNF4
 from qpeft.reference.lora import lora_dropout_ref as ref_dropout
 from qpeft.reference.lora import lora_linear_ref
@@ -168,11 +170,25 @@ def test_safe_merge_rejects_non_finite():
     assert torch.equal(layer.base_layer.weight, w0) and not layer.merged
 
 
-@pytest.mark.parametrize("bad, match", [(0, r"r must be an int in \[1, min"), (21, r"\[1, 20\]"),
-                                        (2.5, "r must be an int")])
-def test_bad_rank(bad, match):
-    with pytest.raises(ValueError, match=match):
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True, "8"])
+def test_bad_rank(bad):
+    with pytest.raises(ValueError, match=r"r must be an int >= 1, got " + re.escape(repr(bad))):
         LoraLinear(_layer(), r=bad)
+
+
+def test_rank_above_layer_rank_is_accepted_with_a_warning():
+    # PEFT accepts any r >= 1; the (out=20, in=24) layer has rank <= 20, so r=21 is not low-rank any more
+    base = _layer()
+    with pytest.warns(LoraRankWarning, match=r"r=21 is not below the rank of a layer of shape \(out=20, in=24\)"):
+        layer = LoraLinear(base, r=21, lora_alpha=7, init="random")
+    x = torch.randn(3, 24)
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    assert A.shape == (21, 24) and B.shape == (20, 21)
+    torch.testing.assert_close(layer(x), lora_linear_ref(x, base.weight, A, B, 7 / 21, base.bias),
+                               rtol=1e-5, atol=1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LoraRankWarning)
+        LoraLinear(base, r=20)  # r = min(in, out): still allowed without a warning
 
 
 def test_bad_base_and_dropout():

@@ -2,14 +2,18 @@
 prepare_for_qlora, merging and adapter switching on small random Hugging Face models."""
 from __future__ import annotations
 
+import re
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
 
 import qpeft
+from qpeft._hf_compat import enable_checkpointing
 from qpeft.lora_model import (add_lora, delete_lora_adapter, disable_lora, lora_layers, merge_and_unload,
                               merge_lora, prepare_for_qlora, set_lora_adapter, unmerge_lora)
-from qpeft.modules.lora_linear import LoraLinear
+from qpeft.modules.lora_linear import LoraLinear, LoraRankWarning
 from qpeft.modules.qlinear_nf4 import QLinearNF4
 from utils import tiny_bert, tiny_llama
 
@@ -71,12 +75,40 @@ def test_bad_targets_raise_and_leave_model_unchanged(targets, match):
     assert all(p.requires_grad for p in model.parameters())
 
 
-@pytest.mark.parametrize("r", [0, -1, 33])
-def test_bad_rank_names_modules(r):
-    model = tiny_llama()  # v_proj / k_proj have 32 outputs: r = 33 is too large for them
-    with pytest.raises(ValueError, match=r"r must be an int in \[1, min\(in_features, out_features\)\]"):
+@pytest.mark.parametrize("r", [0, -1, 2.0, None])
+def test_bad_rank(r):
+    model = tiny_llama()
+    with pytest.raises(ValueError, match=r"add_lora: r must be an int >= 1, got " + re.escape(repr(r))):
         add_lora(model, "all-linear", r=r)
     assert not lora_layers(model)
+
+
+def test_rank_above_layer_width_warns_once_and_trains():
+    model = tiny_llama()  # k_proj / v_proj have 32 outputs: r = 33 is not low-rank for them (PEFT accepts it)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        add_lora(model, "all-linear", r=33, lora_alpha=16)
+    rank_warnings = [w for w in caught if issubclass(w.category, LoraRankWarning)]
+    assert len(rank_warnings) == 1, [str(w.message) for w in rank_warnings]
+    message = str(rank_warnings[0].message)
+    assert "r=33" in message and "self_attn.k_proj (out=32, in=64)" in message
+    assert rank_warnings[0].filename == __file__  # points at the caller's add_lora line
+    layers = lora_layers(model)
+    assert layers["model.layers.0.self_attn.v_proj"].lora_A["default"].weight.shape == (33, 64)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    loss = model(_ids(), labels=_ids()).loss
+    loss.backward()
+    opt.step()
+    assert all(m.lora_B["default"].weight.abs().sum() > 0 for m in layers.values())
+
+
+def test_prepare_for_qlora_default_rank_on_a_tiny_model():
+    model = tiny_llama()  # hidden 64: QLoRA's default r=64 exceeds the 32-wide k/v projections
+    with pytest.warns(LoraRankWarning):
+        prepare_for_qlora(model)
+    layers = lora_layers(model)
+    assert layers and all(m.r == {"default": 64} and m.is_nf4 for m in layers.values())
+    assert torch.isfinite(model(_ids()).logits).all()
 
 
 def test_training_steps_update_only_adapters():
@@ -106,7 +138,7 @@ def test_gradient_checkpointing_matches(use_reentrant):
         model = add_lora(tiny_llama(), "all-linear", r=4, init="random", lora_dropout=0.2)
         model.train()
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+            enable_checkpointing(model, use_reentrant=use_reentrant)
             if use_reentrant:
                 model.enable_input_require_grads()  # PEFT does this for a frozen embedding
         ids = _ids(shape=(2, 12))

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import re
+import warnings
 from collections import defaultdict
 
 import torch
 import torch.nn as nn
 
 from .adapter_io import AdapterMethod, register_method
-from .modules.lora_linear import LoraLinear, base_shape, is_nf4_layer
+from .modules.lora_linear import LoraLinear, LoraRankWarning, base_shape, check_rank, is_nf4_layer, warn_not_low_rank
 
 __all__ = ["add_lora", "prepare_for_qlora", "lora_layers", "set_lora_adapter", "delete_lora_adapter",
            "disable_lora", "merge_lora", "unmerge_lora", "merge_and_unload"]
@@ -153,30 +154,37 @@ def add_lora(model: nn.Module, target_modules="all-linear", r: int = 8, lora_alp
     whole module path; or "all-linear", every nn.Linear / QLinearNF4 except the output layer (lm_head).
     Layers already wrapped get the adapter added (not activated; see set_lora_adapter).
     Raises ValueError, before changing anything, when a target matches nothing (naming available modules),
-    when a match is not a Linear layer, or when r is not in [1, min(in_features, out_features)].
+    when a match is not a Linear layer, or when r is not an int >= 1. As in PEFT, r above a layer's
+    min(in_features, out_features) is accepted, with one LoraRankWarning naming those layers.
     """
+    try:
+        check_rank(r)
+    except ValueError as e:
+        raise ValueError(f"add_lora: {e}") from None
     names = _match(model, target_modules)
-    bad = []
+    full_rank = []
     for n in names:
         m = model.get_submodule(n)
         N, K = (m.out_features, m.in_features) if isinstance(m, LoraLinear) else base_shape(m)
-        if isinstance(r, bool) or not isinstance(r, int) or r <= 0 or r > min(N, K):
-            bad.append(f"{n} (out={N}, in={K})")
+        if r > min(N, K):
+            full_rank.append(f"{n} (out={N}, in={K})")
         if isinstance(m, LoraLinear) and adapter_name in m.lora_A:
             raise ValueError(f"add_lora: module {n!r} already has an adapter named {adapter_name!r}")
-    if bad:
-        raise ValueError(f"add_lora: r must be an int in [1, min(in_features, out_features)], got r={r!r}; "
-                         f"too large for: {bad[:8]}")
     if not 0.0 <= float(lora_dropout) < 1.0:
         raise ValueError(f"add_lora: lora_dropout must be in [0, 1), got {lora_dropout}")
-    for n in names:
-        m = model.get_submodule(n)
-        if isinstance(m, LoraLinear):
-            m.add_adapter(adapter_name, r, lora_alpha, lora_dropout, init, use_rslora)
-        else:
-            layer = LoraLinear(m, r, lora_alpha, lora_dropout, init, use_rslora, adapter_name)
-            layer.train(m.training)
-            _set_module(model, n, layer)
+    if full_rank:  # one warning for the whole call, not one per layer
+        more = f" and {len(full_rank) - 4} more" if len(full_rank) > 4 else ""
+        warn_not_low_rank(f"{len(full_rank)} layer(s): {', '.join(full_rank[:4])}{more}", r)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LoraRankWarning)
+        for n in names:
+            m = model.get_submodule(n)
+            if isinstance(m, LoraLinear):
+                m.add_adapter(adapter_name, r, lora_alpha, lora_dropout, init, use_rslora)
+            else:
+                layer = LoraLinear(m, r, lora_alpha, lora_dropout, init, use_rslora, adapter_name)
+                layer.train(m.training)
+                _set_module(model, n, layer)
     _freeze_non_lora(model)
     for layer in lora_layers(model).values():  # only the active adapters train, as in PEFT
         layer.set_adapter(layer.active_adapters)

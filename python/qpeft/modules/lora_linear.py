@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from ..autograd.lora import lora_linear
 
-__all__ = ["LoraLinear"]
+__all__ = ["LoraLinear", "LoraRankWarning"]
 
 INITS = ("kaiming", "gaussian", "random")
 
@@ -38,11 +38,28 @@ def base_shape(layer: nn.Module) -> tuple[int, int]:
     raise TypeError(f"LoraLinear wraps nn.Linear or QLinearNF4, got {type(layer).__name__}")
 
 
+class LoraRankWarning(UserWarning):
+    """r exceeds min(in_features, out_features): allowed (PEFT allows it), but the adapter is not low-rank."""
+
+
+def check_rank(r) -> None:
+    """PEFT's rule: any int r >= 1 (bool is not an int here)."""
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"r must be an int >= 1, got {r!r}")
+
+
+def warn_not_low_rank(where: str, r: int) -> None:
+    warnings.warn(f"LoRA rank r={r} is not below the rank of {where}: the update is no longer low-rank "
+                  f"(it trains more parameters than a full update of that layer would need)",
+                  LoraRankWarning, stacklevel=3)
+
+
 class LoraLinear(nn.Module):
     """y = base_layer(x) + sum over active adapters of scaling_a * B_a(A_a(dropout_a(x))), fused per call.
 
     base_layer: nn.Linear (any float dtype) or QLinearNF4; its parameters are frozen.
-    r: rank, 1 <= r <= min(in_features, out_features); lora_alpha: scaling numerator.
+    r: rank, an int >= 1 (as in PEFT, r > min(in_features, out_features) is accepted with a LoraRankWarning:
+        the update is then no longer low-rank, only larger); lora_alpha: scaling numerator.
     lora_dropout: dropout probability on the adapter input (training only; the mask is regenerated in
         backward from a seed, never stored).
     init: "kaiming" (PEFT default: kaiming-uniform A, zero B), "gaussian" (A ~ N(0, 1/r), zero B, as in the
@@ -94,9 +111,9 @@ class LoraLinear(nn.Module):
         if adapter_name in self.lora_A:
             raise ValueError(f"adapter {adapter_name!r} already exists in this layer")
         K, N = self.in_features, self.out_features
-        if isinstance(r, bool) or not isinstance(r, int) or r <= 0 or r > min(K, N):
-            raise ValueError(f"r must be an int in [1, min(in_features, out_features)] = [1, {min(K, N)}] for a "
-                             f"layer of shape (out={N}, in={K}), got {r!r}")
+        check_rank(r)
+        if r > min(K, N):
+            warn_not_low_rank(f"a layer of shape (out={N}, in={K})", r)
         if not 0.0 <= float(lora_dropout) < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
         if init is True:
