@@ -150,15 +150,40 @@ def test_failed_load_leaves_module_unchanged():
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_storage_is_frozen_uint8_parameters_read_through_free_views(double_quant):
+    """The packed weight and the absmax bytes are the only tensors that grow with the layer: frozen uint8
+    Parameters (what FSDP2 / ZeRO-3 shard; never cast by a mixed-precision policy). The kernels' absmax is a
+    view of the same bytes, and the state dict keeps bitsandbytes' keys and dtypes."""
+    q = QLinearNF4.from_linear(_linear(), compute_dtype=torch.float32, double_quant=double_quant)
+    params = dict(q.named_parameters())
+    assert set(params) == {"weight", "absmax_bytes", "bias"}
+    blocks = 96 * 40 // 64
+    assert params["weight"].dtype == torch.uint8 and params["weight"].shape == (96 * 40 // 2, 1)
+    assert params["absmax_bytes"].dtype == torch.uint8
+    assert params["absmax_bytes"].shape == ((blocks, 1) if double_quant else (blocks, 4))
+    assert not params["weight"].requires_grad and not params["absmax_bytes"].requires_grad
+    assert q.absmax.data_ptr() == q.absmax_bytes.data_ptr()  # a view, no copy
+    assert q.absmax.dtype == (torch.uint8 if double_quant else torch.float32) and q.absmax.shape == (blocks,)
+    sd = q.state_dict()
+    assert "absmax_bytes" not in sd and "weight.absmax" in sd and sd["weight.absmax"].shape == (blocks,)
+    # the fp32 absmax's own bytes, reassembled: equal to what a fresh quantization computes
+    _, state = qpeft.quantize_4bit(_linear().weight.detach(), blocksize=64, quant_type="nf4",
+                                   double_quant=double_quant)
+    assert torch.equal(sd["weight.absmax"], state.absmax)
+    assert {n for n, _ in q.named_buffers()} == ({"quant_map", "nested_absmax", "nested_quant_map", "offset"}
+                                                  if double_quant else {"quant_map"})
+
+
 def test_to_never_requantizes_or_casts_quant_buffers():
     q = QLinearNF4.from_linear(_linear(), compute_dtype=torch.float32)
-    bufs = {n: b.clone() for n, b in q.named_buffers()}
+    bufs = {n: b.clone() for n, b in [*q.named_buffers(), ("weight", q.weight), ("absmax_bytes", q.absmax_bytes)]}
     x = torch.randn(2, 96)
     y = q(x)
     q.to(torch.bfloat16)
     q.half().float()
     q.to("cpu")
-    for n, b in q.named_buffers():
+    for n, b in [*q.named_buffers(), ("weight", q.weight), ("absmax_bytes", q.absmax_bytes)]:
         assert b.dtype == bufs[n].dtype and torch.equal(b, bufs[n]), n
     assert q.bias.dtype == torch.float32
     torch.testing.assert_close(q(x), y, rtol=1e-2, atol=1e-2)  # only the bias went through fp16/bf16

@@ -22,8 +22,8 @@ class ParameterReport:
 
 
 def _numel(p) -> int:
-    # Packed 4-bit buffers are not parameters; a Params-style tensor that stores two 4-bit values per
-    # uint8 element reports its logical count through `logical_numel` where a module provides it.
+    # A Params-style tensor that stores two 4-bit values per uint8 element reports its logical count through
+    # `logical_numel` where it provides one (QLinearNF4's storage is counted by its quantized_numel instead).
     return int(getattr(p, "logical_numel", p.numel()))
 
 
@@ -33,6 +33,10 @@ def trainable_parameters(model: nn.Module) -> ParameterReport:
     the module exposes it (`QLinearNF4` does, through `logical_numel` on its weight)."""
     trainable = total = 0
     seen: set[int] = set()
+    for m in model.modules():  # QLinearNF4's packed uint8 Parameters: counted by quantized_numel below
+        quantized = getattr(m, "quantized_parameters", None)
+        if callable(quantized):
+            seen.update(id(p) for p in quantized())
     for p in model.parameters():
         if id(p) in seen:
             continue
@@ -41,7 +45,7 @@ def trainable_parameters(model: nn.Module) -> ParameterReport:
         total += n
         if p.requires_grad:
             trainable += n
-    for m in model.modules():  # quantized layers keep their weight in buffers
+    for m in model.modules():  # quantized layers count their weight's logical size
         extra = getattr(m, "quantized_numel", None)
         if callable(extra):
             total += int(extra())

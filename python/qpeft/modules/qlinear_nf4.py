@@ -1,12 +1,18 @@
 """QLinearNF4: a drop-in nn.Linear whose weight is stored as 4-bit NF4/FP4 (bitsandbytes' format).
 
-Storage is plain buffers (no tensor subclass): `weight` packed uint8 [(N*K+1)//2, 1], `absmax` (fp32, or
-uint8 codes with double quant), `quant_map` (16-entry code book) and, with double quant, `nested_absmax`,
-`nested_quant_map`, `offset`. The state dict uses bitsandbytes' Linear4bit keys exactly (`weight`,
-`weight.absmax`, `weight.quant_map`, `weight.nested_absmax`, `weight.nested_quant_map`,
-`weight.quant_state.bitsandbytes__nf4|fp4`, `bias`), so checkpoints move both ways.
+Storage (no tensor subclass): the two tensors that grow with the layer are frozen **uint8 Parameters**, so
+FSDP2 and DeepSpeed ZeRO-3 shard them like any parameter and no mixed-precision policy ever casts them:
+`weight`, the packed bytes [(N*K+1)//2, 1], and `absmax_bytes`, the per-block scales as raw bytes
+([blocks, 4], the fp32 absmax's bytes; or [blocks, 1], the 8-bit codes with double quant). The kernels read
+them through free views (`absmax` is `absmax_bytes` viewed back as fp32). The small tables are non-persistent
+buffers: `quant_map` (16-entry code book) and, with double quant, `nested_absmax` (one fp32 per 256 blocks),
+`nested_quant_map`, `offset`.
 
-Moving the module (.to / .cuda / .half) moves the buffers but never changes their dtypes and never
+The state dict uses bitsandbytes' Linear4bit keys exactly (`weight`, `weight.absmax` (fp32 or uint8 codes),
+`weight.quant_map`, `weight.nested_absmax`, `weight.nested_quant_map`, `weight.quant_state.bitsandbytes__nf4|fp4`,
+`bias`), written and read by custom hooks, so checkpoints move both ways.
+
+Moving the module (.to / .cuda / .half) moves the tensors but never changes their dtypes and never
 re-quantizes: the packed bytes and scales are the quantized weight.
 """
 from __future__ import annotations
@@ -29,7 +35,9 @@ BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 # Quantize at most this many weights at a time in from_linear: 2^24 fp32 elements = 64 MiB of
 # temporaries, instead of ~5x the layer (fp32 copy, scaled copy, codes) for a 28672 x 8192 layer (2.3 GB).
 QUANT_CHUNK = 1 << 24
-_QUANT_BUFFERS = ("weight", "absmax", "quant_map", "nested_absmax", "nested_quant_map", "offset")
+_QUANT_TENSORS = ("weight", "absmax", "quant_map", "nested_absmax", "nested_quant_map", "offset")
+_STORAGE_PARAMETERS = ("weight", "absmax_bytes")  # frozen uint8 Parameters: what FSDP / ZeRO-3 shard
+_TABLE_BUFFERS = ("quant_map", "nested_absmax", "nested_quant_map", "offset")  # small, replicated
 _BLOB = "quant_state.bitsandbytes__"
 
 
@@ -58,6 +66,23 @@ def parse_bnb_state(state_dict: dict, prefix: str, out_features: int, in_feature
                 nested_quant_map=s2.code.reshape(-1) if s2 else None,
                 offset=state.offset.reshape(()) if s2 else None, quant_type=state.quant_type,
                 blocksize=state.blocksize, dtype=state.dtype)
+
+
+def absmax_to_bytes(absmax: torch.Tensor) -> torch.Tensor:
+    """fp32 absmax [blocks] -> its bytes [blocks, 4]; uint8 codes [blocks] -> [blocks, 1]. Rows are blocks, so a
+    dim-0 shard never splits one scale's bytes."""
+    if absmax.dtype == torch.uint8:
+        return absmax.reshape(-1, 1)
+    if absmax.dtype != torch.float32:
+        raise ValueError(f"absmax must be float32 or uint8 codes, got {absmax.dtype}")
+    return absmax.contiguous().reshape(-1).view(torch.uint8).reshape(-1, 4)
+
+
+def absmax_from_bytes(absmax_bytes: torch.Tensor, double_quant: bool) -> torch.Tensor:
+    """The inverse view of absmax_to_bytes (free: no copy)."""
+    if double_quant:
+        return absmax_bytes.reshape(-1)
+    return absmax_bytes.view(torch.float32).reshape(-1)
 
 
 class QLinearNF4(nn.Module):
@@ -132,8 +157,11 @@ class QLinearNF4(nn.Module):
 
     def _set_quantized(self, weight, absmax, quant_map, nested_absmax=None, nested_quant_map=None, offset=None,
                        **_):
-        for name, t in zip(_QUANT_BUFFERS, (weight, absmax, quant_map, nested_absmax, nested_quant_map, offset)):
-            # not persistent: _save_to_state_dict writes bitsandbytes' keys itself
+        # Parameters (frozen, uint8: never cast, sharded by FSDP2 / ZeRO-3) and buffers; all non-persistent in
+        # the module's own sense: _save_to_state_dict writes bitsandbytes' keys itself.
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.absmax_bytes = nn.Parameter(absmax_to_bytes(absmax), requires_grad=False)
+        for name, t in zip(_TABLE_BUFFERS, (quant_map, nested_absmax, nested_quant_map, offset)):
             self.register_buffer(name, t, persistent=False)
 
     # --- properties ---------------------------------------------------------------------------------------
@@ -141,12 +169,23 @@ class QLinearNF4(nn.Module):
     def double_quant(self) -> bool:
         return self.nested_absmax is not None
 
+    @property
+    def absmax(self) -> torch.Tensor:
+        """The per-block scales as the kernels read them: fp32 [blocks] (a view of `absmax_bytes`), or the
+        uint8 codes [blocks] with double quant."""
+        return absmax_from_bytes(self.absmax_bytes, self.double_quant)
+
+    def quantized_parameters(self) -> tuple[nn.Parameter, ...]:
+        """The frozen uint8 Parameters holding the quantized weight (counted by quantized_numel instead)."""
+        return tuple(getattr(self, n) for n in _STORAGE_PARAMETERS)
+
     def quantized_numel(self) -> int:
-        """Logical number of weights held in 4 bits (qpeft.params counts it, the packed bytes are buffers)."""
+        """Logical number of weights held in 4 bits (qpeft.params counts it instead of the packed bytes)."""
         return self.in_features * self.out_features
 
     def memory_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (getattr(self, n) for n in _QUANT_BUFFERS) if t is not None)
+        tensors = (*self.quantized_parameters(), *(getattr(self, n) for n in _TABLE_BUFFERS))
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     @property
     def quant_state(self):
@@ -179,9 +218,10 @@ class QLinearNF4(nn.Module):
         return dequantize_4bit(self.weight, self.quant_state, dtype or self.weight_dtype)
 
     def _apply(self, fn, recurse=True):
-        # .to(dtype) / .half() / .type() would cast the fp32 absmax and code books: keep every quantization
-        # buffer's dtype and only take the device the function moves it to (no re-quantization either).
-        saved = {n: self._buffers[n] for n in _QUANT_BUFFERS if self._buffers.get(n) is not None}
+        # .to(dtype) / .half() / .type() would cast the fp32 code books and nested absmax: keep every table
+        # buffer's dtype and only take the device the function moves it to (no re-quantization either). The
+        # uint8 Parameters need no guard: torch's dtype conversions only cast floating-point tensors.
+        saved = {n: self._buffers[n] for n in _TABLE_BUFFERS if self._buffers.get(n) is not None}
         for n in saved:
             self._buffers[n] = None
         try:
@@ -242,7 +282,7 @@ class QLinearNF4(nn.Module):
         device = self.weight.device if self.weight.device.type != "meta" else parsed["weight"].device
         self.quant_type, self.blocksize, self.weight_dtype = parsed["quant_type"], parsed["blocksize"], parsed["dtype"]
         self._set_quantized(**{n: (parsed[n].to(device).clone() if parsed[n] is not None else None)
-                               for n in _QUANT_BUFFERS})
+                               for n in _QUANT_TENSORS})
         if self.bias is not None:
             with torch.no_grad():
                 if self.bias.device.type == "meta":
