@@ -29,6 +29,7 @@ setup(
         "qpeft.autograd",
         "qpeft.modules",
         "qpeft.methods",
+        "qpeft.integrations",
         "qpeft.demo",
         "qpeft.triton_kernels",
         "qpeft.csrc",

@@ -184,12 +184,13 @@ def _blocks(R: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_H, BLOCK_R, num_warps). tl.dot needs every dim >= 16. The (BLOCK_M, BLOCK_R) fp32
     accumulators live in registers, so BLOCK_M shrinks as R grows (64 rows up to R = 64, 32 up to 256, 16 up to
     512) for 16-bit inputs; fp32 (IEEE dots: FMA loops with their operands in registers) takes 16 rows and
-    steps H by 32 at every R (32 rows still spill 8..48 B). With 8 warps every case compiles for sm_90 without
-    spills under Triton 3.6 and 3.9 (tests/test_triton_sm90.py).
+    steps H by 16 up to R = 256, by 32 at R = 512: under Triton 3.9 an H step of 32 spills 16 B at R = 256
+    (backward, ReLU and tanh-GELU), 16 spills 8 B at R = 512, and 32 rows spill in 15 of 48 launches. With 8
+    warps every case compiles for sm_90 without spills under Triton 3.6 and 3.9 (tests/test_triton_sm90.py).
     The first choice (64 or 32 rows, H step 64, 4 warps) spilled up to 13.7 KB per thread at R = 256 in fp32."""
     block_r = max(16, triton.next_power_of_2(R))
     if dtype == torch.float32:
-        return 16, 32, block_r, 8
+        return 16, (16 if block_r <= 256 else 32), block_r, 8
     return (64 if block_r <= 64 else (32 if block_r <= 256 else 16)), 64, block_r, 8
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import sys
 
 __version__ = "0.1.0"
 
@@ -37,6 +38,12 @@ _PUBLIC_MODULES = (
     "qpeft.methods.unipelt",
 )
 
+# Names from modules that import another library (transformers, PEFT): resolved on first use only, never by
+# building the index above (which imports every public module).
+_LAZY = {
+    "QPeftConfig": "qpeft.integrations.transformers",
+}
+
 _index: dict[str, str] | None = None
 
 
@@ -60,6 +67,10 @@ def __getattr__(name: str):
         return importlib.import_module(f"qpeft.{name}")
     if name.startswith("__"):
         raise AttributeError(name)
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
     # `from .. import _backend` inside qpeft lands here before the submodule is imported: resolve
     # submodules directly, so that building the name index (which imports everything) cannot recurse.
     if importlib.util.find_spec(f"qpeft.{name}") is not None:
@@ -71,6 +82,44 @@ def __getattr__(name: str):
         globals()[name] = value
         return value
     raise AttributeError(f"module 'qpeft' has no attribute {name!r}")
+
+
+class _RegisterWhenTransformersLoads:
+    """A one-shot import hook: when transformers is imported after qpeft, register quant_method "qpeft" with it
+    (qpeft.integrations.transformers), so that `from_pretrained` of a checkpoint saved with qpeft's quantizer
+    finds it. Without the registration transformers would warn and load that checkpoint unquantized, with
+    freshly initialised weights. `import qpeft` itself never imports transformers."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != "transformers":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)  # the real spec, from the finders after this one
+        if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            exec_module = spec.loader.exec_module
+
+            def exec_then_register(module):
+                exec_module(module)
+                _register_with_transformers()
+
+            spec.loader.exec_module = exec_then_register
+        return spec
+
+
+def _register_with_transformers() -> None:
+    try:
+        importlib.import_module("qpeft.integrations.transformers")
+    except ImportError as e:  # e.g. an unsupported transformers: QPeftConfig raises the reason when used
+        import warnings
+
+        warnings.warn(f"qpeft: quant_method 'qpeft' not registered with transformers: {e}", RuntimeWarning,
+                      stacklevel=2)
+
+
+if "transformers" in sys.modules:
+    _register_with_transformers()
+elif importlib.util.find_spec("transformers") is not None:
+    sys.meta_path.insert(0, _RegisterWhenTransformersLoads())
 
 
 def __dir__():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,8 +81,19 @@ def quantize_model(model: nn.Module, target_modules=None, skip_modules=("lm_head
         report.converted.append(name)
     if target_modules is not None and not report.converted:
         raise ValueError(f"target_modules {target_modules!r} matched no nn.Linear layer")
+    if report.converted and _is_transformers_model(model):
+        # save_pretrained must write a quantization_config, or from_pretrained would rebuild plain nn.Linear
+        # layers and freshly initialise their weights
+        from .integrations.transformers import record_quantization_config
+
+        record_quantization_config(model, report.converted, quant_type, blocksize, double_quant, compute_dtype)
     report.bytes_after = model_bytes(model)
     return report
+
+
+def _is_transformers_model(model: nn.Module) -> bool:
+    transformers = sys.modules.get("transformers")  # never imported here: a transformers model implies it is
+    return transformers is not None and isinstance(model, transformers.PreTrainedModel)
 
 
 def _read_safetensors(path: str | Path) -> dict:

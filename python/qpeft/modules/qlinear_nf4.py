@@ -157,12 +157,54 @@ class QLinearNF4(nn.Module):
 
     def _set_quantized(self, weight, absmax, quant_map, nested_absmax=None, nested_quant_map=None, offset=None,
                        **_):
-        # Parameters (frozen, uint8: never cast, sharded by FSDP2 / ZeRO-3) and buffers; all non-persistent in
-        # the module's own sense: _save_to_state_dict writes bitsandbytes' keys itself.
+        # Parameters (frozen, uint8: never cast, sharded by FSDP2 / ZeRO-3) and buffers. _save_to_state_dict /
+        # _load_from_state_dict write and read bitsandbytes' keys themselves; the buffers are still registered
+        # persistent, because transformers replaces every non-persistent buffer of a model it has just loaded by
+        # uninitialised memory (expecting the model's _init_weights to recompute it).
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.absmax_bytes = nn.Parameter(absmax_to_bytes(absmax), requires_grad=False)
         for name, t in zip(_TABLE_BUFFERS, (quant_map, nested_absmax, nested_quant_map, offset)):
-            self.register_buffer(name, t, persistent=False)
+            self.register_buffer(name, t, persistent=True)
+
+    @classmethod
+    def awaiting_weight(cls, in_features: int, out_features: int, bias: bool = True, dtype: torch.dtype | None = None,
+                        **kwargs) -> "QLinearNF4":
+        """A layer on the meta device whose `weight` is a dense-shaped (out_features, in_features) placeholder of
+        `dtype`, to be filled by `quantize_weight_` or `load_bnb_tensors_`. transformers reads the placeholder's
+        dtype to decide what to cast a checkpoint tensor to (5.17 casts even a weight about to be quantized: to
+        uint8, were the placeholder the packed bytes)."""
+        layer = cls(in_features, out_features, bias=bias, device="meta", dtype=dtype, **kwargs)
+        layer.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=layer.weight_dtype, device="meta"),
+                                    requires_grad=False)
+        return layer
+
+    @torch.no_grad()
+    def quantize_weight_(self, weight: torch.Tensor) -> None:
+        """Quantize a dense (out_features, in_features) weight into this layer, on the weight's device (the
+        transformers quantizer calls this as each checkpoint tensor is read). Keeps quant_type, blocksize and
+        double quant; the dtype it was quantized from becomes weight_dtype (bitsandbytes' quant_state dtype)."""
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"weight must have shape (out_features, in_features) = "
+                             f"{(self.out_features, self.in_features)}, got {tuple(weight.shape)}")
+        if not weight.is_floating_point():
+            raise ValueError(f"weight must be a floating-point tensor to quantize, got {weight.dtype}")
+        double_quant = self.double_quant
+        self._set_quantized(**self._quantize(weight.detach(), self.quant_type, self.blocksize, double_quant))
+        self.weight_dtype = weight.dtype
+
+    @torch.no_grad()
+    def load_bnb_tensors_(self, tensors: dict, device: torch.device | str | None = None, name: str = "") -> None:
+        """Set this layer from bitsandbytes' Linear4bit tensors without the module prefix ({"weight": packed,
+        "weight.absmax": ..., "weight.quant_state.bitsandbytes__nf4": ...}; no bias). Validates everything
+        first (ValueError naming `name` and the key); quant_type / blocksize / double quant follow the header."""
+        try:
+            parsed = parse_bnb_state(tensors, "", self.out_features, self.in_features)
+        except (KeyError, ValueError) as e:
+            raise ValueError(f"{name or 'QLinearNF4'}: {e.args[0]}") from None
+        device = device or parsed["weight"].device
+        self.quant_type, self.blocksize, self.weight_dtype = parsed["quant_type"], parsed["blocksize"], parsed["dtype"]
+        self._set_quantized(**{n: (parsed[n].to(device).clone() if parsed[n] is not None else None)
+                               for n in _QUANT_TENSORS})
 
     # --- properties ---------------------------------------------------------------------------------------
     @property
@@ -247,6 +289,15 @@ class QLinearNF4(nn.Module):
         put("weight", self.weight)
         if self.bias is not None:
             put("bias", self.bias)
+        if self.weight.device.type == "meta":
+            # a model built on the meta device (transformers lists the keys it expects this way): the same keys,
+            # the JSON header as an empty placeholder (its values are not known before loading)
+            for key, t in (("absmax", self.absmax), ("quant_map", self.quant_map),
+                           ("nested_absmax", self.nested_absmax), ("nested_quant_map", self.nested_quant_map)):
+                if t is not None:
+                    put("weight." + key, t)
+            put("weight." + _BLOB + self.quant_type, torch.empty(0, dtype=torch.uint8, device="meta"))
+            return
         for key, t in self.quant_state.as_dict(packed=True).items():  # bitsandbytes' keys and JSON header
             put("weight." + key, t)
 
