@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,9 +85,14 @@ def quantize_model(model: nn.Module, target_modules=None, skip_modules=("lm_head
     if report.converted and _is_transformers_model(model):
         # save_pretrained must write a quantization_config, or from_pretrained would rebuild plain nn.Linear
         # layers and freshly initialise their weights
-        from .integrations.transformers import record_quantization_config
-
-        record_quantization_config(model, report.converted, quant_type, blocksize, double_quant, compute_dtype)
+        try:
+            from .integrations.transformers import record_quantization_config
+        except ImportError as e:  # an unsupported transformers: the model works, save_pretrained cannot record it
+            warnings.warn(f"quantize_model: quantization_config not recorded in model.config ({e}); "
+                          f"from_pretrained of its save_pretrained output would not restore the 4-bit layers",
+                          RuntimeWarning, stacklevel=2)
+        else:
+            record_quantization_config(model, report.converted, quant_type, blocksize, double_quant, compute_dtype)
     report.bytes_after = model_bytes(model)
     return report
 

@@ -166,9 +166,15 @@ def run(args: argparse.Namespace, log=print) -> dict:
                 mem[fmt] = qpeft.quantize_model(m, quant_type=fmt).bytes_after
             measure(fmt, m)
             del m
-    report = qpeft.quantize_model(model, quant_type="nf4")  # in place: this NF4 model is the QLoRA base
-    mem["nf4"] = report.bytes_after
-    log(f"      NF4 (qpeft.quantize_model): {report}")
+    # the QLoRA base: loaded again through qpeft's transformers quantizer, each weight quantized to NF4 as it
+    # is read (the bytes equal qpeft.quantize_model's of the bf16 model)
+    del model
+    t = time.perf_counter()
+    model, tok, path = load_model(args.model, dtype=torch.bfloat16, device=dev, log=log,
+                                  quantization_config=qpeft.QPeftConfig(quant_type="nf4", compute_dtype=torch.bfloat16))
+    mem["nf4"] = model_bytes(model)
+    log(f"      NF4 (from_pretrained with qpeft.QPeftConfig, {time.perf_counter() - t:.1f} s): "
+        f"{_mib(bytes_bf16)} -> {_mib(mem['nf4'])}")
     measure("nf4", model)
 
     log(f"[3/4] QLoRA: LoRA r={args.rank} on all linear layers of the NF4 model; task: "

@@ -112,15 +112,20 @@ def resolve_model_dir(model_path: str | os.PathLike | None, log=print) -> Path:
 
 
 def load_model(model_path: str | os.PathLike | None = None, dtype: torch.dtype = torch.bfloat16,
-               device: str | torch.device = "cpu", log=print):
-    """(model, tokenizer, model_dir): a causal LM in `dtype` on `device`, eval mode, and its tokenizer."""
+               device: str | torch.device = "cpu", log=print, quantization_config=None):
+    """(model, tokenizer, model_dir): a causal LM in `dtype` on `device`, eval mode, and its tokenizer.
+    quantization_config (e.g. qpeft.QPeftConfig()): quantized as it loads, on `device`."""
     path = resolve_model_dir(model_path, log)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _quiet_transformers()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local: never reach for the Hub
     tokenizer = AutoTokenizer.from_pretrained(str(path))
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device).eval()
+    if quantization_config is None:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device).eval()
+    else:  # each weight is read, moved to `device` and quantized there, one at a time
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, quantization_config=quantization_config,
+                                                     device_map={"": str(device)}).eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer, path
