@@ -184,8 +184,10 @@ def lora_shrink_gathered_triton(x: torch.Tensor, A_cat: torch.Tensor, rank_start
     if M == 0 or L == 0:
         return xa
     if _use_rows(M, path):
-        BR = _pow2(max_rank, 16, 64)
-        BK = 64 if _INTERPRET else 128
+        # (BLOCK_R x BLOCK_K) elementwise tile over 128 threads: 32 x 64 keeps values + 64-bit addresses in
+        # registers on sm_90 (64 x 128 spilled 336 B per thread)
+        BR = _pow2(max_rank, 16, 32)
+        BK = 64
         _lora_shrink_rows_kernel[(M, triton.cdiv(max_rank, BR))](
             x, A_cat, rank_start, index, xa, K, L, x.stride(0), A_cat.stride(0), xa.stride(0),
             BLOCK_R=BR, BLOCK_K=BK, num_warps=4)
@@ -212,8 +214,7 @@ def lora_expand_gathered_triton(y: torch.Tensor, xa: torch.Tensor, B_cat: torch.
         return out
     max_rank = xa.shape[1]
     if _use_rows(M, path):
-        BN = 128 if _INTERPRET else 256
-        BR = _pow2(max_rank, 16, 32)
+        BN, BR = 128, 16  # 256 x 32 spilled 336 B per thread on sm_90 (REG:255)
         _lora_expand_rows_kernel[(M, triton.cdiv(N, BN))](
             y, xa, B_cat, rank_start, scale, index, out, N, L, y.stride(0), xa.stride(0), B_cat.stride(0),
             out.stride(0), BLOCK_N=BN, BLOCK_R=BR, num_warps=4)
@@ -226,5 +227,5 @@ def lora_expand_gathered_triton(y: torch.Tensor, xa: torch.Tensor, B_cat: torch.
     _lora_expand_segments_kernel[grid](
         y, xa, B_cat, rank_start, scale, order, seg_start, out, N, y.stride(0), xa.stride(0), B_cat.stride(0),
         out.stride(0), DOT_KIND=_DOT_KIND[dot], PRECISION=_precision(dot), BLOCK_M=BM, BLOCK_N=BN, BLOCK_R=BR,
-        num_warps=4)
+        num_warps=8)  # two (BLOCK_M, BLOCK_N) fp32 tiles (y and the LoRA term): 4 warps spilled at 64 x 128
     return out
