@@ -455,7 +455,9 @@ def test_model_errors_as_peft(tmp_path):
         merge_lora(model)
     with pytest.raises(ValueError, match="Cannot pass `adapter_names` when there are merged adapters"):
         model(input_ids=ids, adapter_names=["fr", "__base__"])
-    # the names never leak into a later call without them
+    # the names never leak into a later call without them, failed calls included
+    assert model.__dict__["_qpeft_adapter_names_state"].stack == []
+    assert all(m.__dict__.get("_qpeft_batch_adapter_names") is None for m in lora_layers(model).values())
     qpeft.unmerge_lora(model)
     with torch.no_grad():
         model(input_ids=ids, adapter_names=["__base__", "__base__"])
@@ -496,3 +498,98 @@ def test_add_and_remove_adapters_while_others_serve(tmp_path):
         assert torch.equal(gone[[0, 2, 3]], before[[0, 2, 3]])
     with pytest.raises(ValueError, match="non-existing adapter\\(s\\): de"):
         model(input_ids=ids, adapter_names=mix)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("tokens", [1, 20])  # decode (rows path) and prefill (segments path: 8 x 20 rows)
+def test_triton_layer_matches_reference_layer(monkeypatch, tokens):
+    """LoraLinear(x, adapter_names=...) through the Triton kernels against each row run alone on the reference."""
+    import os
+
+    from utils import triton_device
+
+    assert os.environ.get("QPEFT_BACKEND") == "triton"
+    dev = triton_device()
+    layer, names = _layer(nn.Linear(40, 56), 4, seed=11, K=40, N=56)
+    layer.to(dev)
+    mix = _mixture(names, 8, seed=2)
+    x = torch.randn(8, tokens, 40, device=dev)
+    with torch.no_grad():
+        got = layer(x, adapter_names=mix)
+        monkeypatch.setenv("QPEFT_BACKEND", "torch")
+        want = torch.stack([_single(layer, x[i:i + 1], n)[0] for i, n in enumerate(mix)])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ GPU only
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@needs_cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("M", [1, 7, 64, 65, 300, 4096])
+def test_gpu_backends_match_reference(monkeypatch, backend, dtype, M):
+    monkeypatch.setenv("QPEFT_BACKEND", backend)
+    K, N, ranks = 512, 384, [8, 16, 64, 32, 1, 128]
+    A, B, starts, scale = _pool(ranks, K, N)
+    idx = _index(M, len(ranks), seed=M, dtype=torch.int64 if M % 2 else torch.int32)
+    x32, y32 = torch.randn(M, K), torch.randn(M, N)
+    x, y = x32.to(dtype), y32.to(dtype)
+    xa_ref = ref.lora_shrink_gathered_ref(x.float(), A, starts, idx, 128)
+    out_ref = ref.lora_expand_gathered_ref(y.float(), xa_ref, B, starts, scale, idx)
+    cu = [t.cuda() for t in (x, y, A, B, starts, scale, idx)]
+    torch.cuda.set_sync_debug_mode("error")  # no host sync anywhere in the ops
+    try:
+        xa = ops.lora_shrink_gathered(cu[0], cu[2], cu[4], cu[6], 128)
+        out = ops.lora_expand_gathered(cu[1], xa_ref.cuda(), cu[3], cu[4], cu[5], cu[6])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    if dtype == torch.float32:
+        torch.testing.assert_close(xa.cpu(), xa_ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out.cpu(), out_ref, rtol=1e-5, atol=1e-5)
+    else:
+        same_xa = ref.lora_shrink_gathered_ref(x, A.to(dtype), starts, idx, 128)
+        assert_close_2x(xa.cpu(), xa_ref, same_xa, what=f"{backend} xa")
+        same = (y + ref.lora_expand_gathered_ref(torch.zeros_like(y), xa_ref, B.to(dtype), starts, scale, idx))
+        assert_close_2x(out.cpu(), out_ref, same.to(dtype), what=f"{backend} out")
+    assert torch.equal(out.cpu()[idx < 0], y[idx < 0])
+
+
+@needs_cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("M", [16, 512])
+def test_gpu_cuda_graph_capture(monkeypatch, backend, M):
+    """Captured once for a fixed batch size; replays follow new adapter indices written into the same tensor."""
+    monkeypatch.setenv("QPEFT_BACKEND", backend)
+    K, N, ranks = 256, 320, [8, 16, 4]
+    A, B, starts, scale = (t.cuda() for t in _pool(ranks, K, N))
+    x, y = torch.randn(M, K, device="cuda", dtype=torch.bfloat16), torch.randn(M, N, device="cuda",
+                                                                               dtype=torch.bfloat16)
+    idx = _index(M, 3, seed=1).cuda()
+
+    def f():
+        return ops.lora_expand_gathered(y, ops.lora_shrink_gathered(x, A, starts, idx, 16), B, starts, scale, idx)
+
+    f()  # compile / build outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = f()
+    for seed in (2, 3):
+        idx.copy_(_index(M, 3, seed=seed).cuda())
+        graph.replay()
+        torch.testing.assert_close(out, f(), rtol=0, atol=0)
+
+
+@needs_cuda
+def test_gpu_model_rows_equal_single_adapter(tmp_path):
+    paths = _save_adapters(tmp_path, tiny_llama, LLAMA_SPECS)
+    model = _loaded(tiny_llama, paths).cuda()
+    mix = ["fr", "__base__", "de", "es", "de", "fr"]
+    inputs = {"input_ids": torch.randint(3, 128, (len(mix), 9), generator=torch.Generator().manual_seed(4)).cuda()}
+    with torch.no_grad():
+        out = model(**inputs, adapter_names=mix).logits
+        for n in set(mix):
+            rows = [i for i, m in enumerate(mix) if m == n]
+            torch.testing.assert_close(out[rows], _run(model, inputs, n).logits[rows], rtol=1e-4, atol=1e-4)

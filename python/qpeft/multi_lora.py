@@ -179,13 +179,13 @@ def adapter_names_active(model: nn.Module, adapter_names: list[str]):
 def _pre_hook(model, args, kwargs):
     names = kwargs.pop("adapter_names", None)
     state = model.__dict__[_STATE]
+    state.stack.append(None)  # first: the always-called post hook pops one entry even if the checks raise
     if names is None:
-        state.stack.append(None)
         return args, kwargs
     names = check_model_adapter_names(model, names)
     ctx = adapter_names_active(model, names)
     ctx.__enter__()
-    state.stack.append(ctx)
+    state.stack[-1] = ctx
     return args, kwargs
 
 
