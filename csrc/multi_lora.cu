@@ -122,6 +122,7 @@ void lora_expand_gathered_out(const at::Tensor& y, const at::Tensor& xa, const a
   check_pool(y, rank_start, index, "lora_expand_gathered_out");
   QPEFT_CHECK_SAME_DEVICE(scale, y, "scale", "y");
   QPEFT_CHECK_DTYPE(scale, at::kFloat, "scale");
+  QPEFT_CHECK_CONTIGUOUS(scale, "scale");
   TORCH_CHECK(scale.dim() == 1 && scale.size(0) == rank_start.size(0) - 1, "scale must be (",
               rank_start.size(0) - 1, ",) (one per adapter), got ", scale.sizes());
   if (M == 0 || N == 0) return;

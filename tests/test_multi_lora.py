@@ -319,6 +319,17 @@ def test_layer_errors_as_peft():
             assert torch.equal(layer(x, adapter_names=["a0", "a1", "a0"]), base)
 
 
+def test_layer_adapter_names_under_torch_compile():
+    """As PEFT documents for its mixed batches: works under torch.compile (graph breaks allowed)."""
+    layer, names = _layer(nn.Linear(32, 24), 3, seed=4, K=32, N=24)
+    x = torch.randn(4, 5, 32)
+    mix = _mixture(names, 4, seed=1)
+    with torch.no_grad():
+        eager = layer(x, adapter_names=mix)
+        compiled = torch.compile(layer, backend="aot_eager")(x, adapter_names=mix)
+    assert torch.equal(compiled, eager) and not torch.equal(eager, layer.base_layer(x))
+
+
 # ------------------------------------------------------------------------------------------------ models
 def _randomize_B(model, name, seed):
     g = torch.Generator().manual_seed(seed)

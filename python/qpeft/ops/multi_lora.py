@@ -108,7 +108,7 @@ def lora_shrink_gathered(x: torch.Tensor, A_cat: torch.Tensor, rank_start: torch
                          max_rank: int) -> torch.Tensor:
     _check_shrink(x, A_cat, rank_start, index, max_rank)
     _check_values("lora_shrink_gathered", index, rank_start, A_cat.shape[0], max_rank)
-    x, A_cat, index = x.contiguous(), A_cat.contiguous(), index.contiguous()
+    x, A_cat, index, rank_start = x.contiguous(), A_cat.contiguous(), index.contiguous(), rank_start.contiguous()
     impl = _impl("lora_shrink_gathered", x.device)
     if impl == "cuda":
         xa = torch.empty((x.shape[0], max_rank), device=x.device, dtype=torch.float32)
@@ -134,6 +134,7 @@ def lora_expand_gathered(y: torch.Tensor, xa: torch.Tensor, B_cat: torch.Tensor,
     _check_expand(y, xa, B_cat, rank_start, scale, index)
     _check_values("lora_expand_gathered", index, rank_start, B_cat.shape[1], xa.shape[1])
     y, xa, B_cat, index = y.contiguous(), xa.contiguous(), B_cat.contiguous(), index.contiguous()
+    rank_start, scale = rank_start.contiguous(), scale.contiguous()
     impl = _impl("lora_expand_gathered", y.device)
     if impl == "cuda":
         out = torch.empty_like(y)
