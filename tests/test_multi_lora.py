@@ -398,16 +398,32 @@ def _out(o):
     return o.logits if hasattr(o, "logits") else o.last_hidden_state
 
 
+def _random_specs(arch: str, n: int, seed: int) -> dict:
+    """n adapters on random subsets of the linear layers, ranks 1..16, various alphas, some rsLoRA."""
+    rnd = random.Random(seed)
+    leaves = (["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"] if arch == "llama"
+              else ["query", "key", "value", "dense"])
+    return {f"ad{i}": dict(target_modules=rnd.sample(leaves, rnd.randint(1, len(leaves))), r=rnd.randint(1, 16),
+                           lora_alpha=rnd.choice([1, 4, 8, 16, 32]), use_rslora=rnd.random() < 0.3)
+            for i in range(n)}
+
+
 @pytest.mark.parametrize("arch", ["llama", "bert"])
 @pytest.mark.parametrize("kind", ["dense", "nf4"])
-def test_model_rows_equal_single_adapter_and_peft(tmp_path, arch, kind):
+@pytest.mark.parametrize("n_adapters", [1, 8, "fixed"])
+def test_model_rows_equal_single_adapter_and_peft(tmp_path, arch, kind, n_adapters):
     peft = pytest.importorskip("peft")
-    make0, specs = (tiny_llama, LLAMA_SPECS) if arch == "llama" else (tiny_bert, BERT_SPECS)
+    make0 = tiny_llama if arch == "llama" else tiny_bert
+    if n_adapters == "fixed":
+        specs = LLAMA_SPECS if arch == "llama" else BERT_SPECS
+    else:
+        specs = _random_specs(arch, n_adapters, seed=n_adapters)
     paths = _save_adapters(tmp_path, make0, specs)
     make = _quantized(make0) if kind == "nf4" else make0
     model = _loaded(make, paths)
     names = list(specs)
-    mix = [names[i % len(names)] for i in range(5)] + ["__base__"]
+    rnd = random.Random(len(names))
+    mix = [names[-1]] + [rnd.choice(names + ["__base__"]) for _ in range(6)] + ["__base__"]
     g = torch.Generator().manual_seed(7)
     inputs = {"input_ids": torch.randint(3, 128, (len(mix), 9), generator=g)}
     with torch.no_grad():
@@ -422,8 +438,9 @@ def test_model_rows_equal_single_adapter_and_peft(tmp_path, arch, kind):
             pm.load_adapter(str(paths[n]), adapter_name=n)
         pm.eval()
         theirs = _out(pm(**inputs, adapter_names=mix))
+        base = _out(_run(model, inputs, "__base__"))
     torch.testing.assert_close(out, theirs, rtol=1e-4, atol=1e-4)
-    assert not torch.allclose(out[0], out[-1])  # adapters change the output (not a test on no-ops)
+    assert not torch.allclose(out[0], base[0])  # row 0's adapter changes its output (not a test on no-ops)
 
 
 def test_generate_per_row_adapters_equals_per_row_generate(tmp_path):
