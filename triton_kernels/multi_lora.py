@@ -19,14 +19,12 @@ import torch
 import triton
 import triton.language as tl
 
+from qpeft.reference.multi_lora import ROWS_MAX_M  # batches of at most this many rows take the rows path
+
 __all__ = ["lora_shrink_gathered_triton", "lora_expand_gathered_triton", "ROWS_MAX_M"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _DOT_KIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-# Batches of at most this many rows take the rows (BGMV) path. Reasoned, not measured (no GPU here): below 64
-# rows a segment tile of 16 rows is mostly empty whenever adapters differ per row, while the rows path's extra
-# weight reads (each row re-reads its adapter's r x (K + N) values) stay in L2 at decode batch sizes.
-ROWS_MAX_M = 64
 
 
 @triton.jit

@@ -10,9 +10,10 @@ rank_start (L+1,) int32, scale (L,) fp32, index (M,) int32/int64 in [-1, L). No 
 largest rank: each row's work is its own r_a (only the (M, max_rank) fp32 intermediate is padded, with zeros).
 Inference only (no autograd), as PEFT's `adapter_names` is.
 
-Backends: CUDA tensors use the CUDA C++ kernels (csrc/multi_lora.cu) when the extension builds, else Triton
-(decode: one program per row, Punica's BGMV; prefill: rows grouped per adapter through a sorted index built on
-the device, SGMV-style); CPU tensors use the reference. Neither GPU path reads anything back to the host, and
+Backends (QPEFT_BACKEND=auto): CUDA tensors of at most ROWS_MAX_M (64) rows use the CUDA C++ row kernels
+(csrc/multi_lora.cu, Punica's BGMV) when the extension builds, else Triton's row kernels; larger batches use
+Triton's segmented kernels (rows grouped per adapter through a sorted index built on the device, SGMV-style),
+else the C++ row kernels. CPU tensors use the reference. Neither GPU path reads anything back to the host, and
 grids depend on shapes only, so both are CUDA-graph capturable for a fixed batch size.
 
 Index values are data: on CPU an out-of-range index raises ValueError; on CUDA reading them would be a host
@@ -98,8 +99,10 @@ def _check_expand(y, xa, B_cat, rank_start, scale, index) -> None:
     _check_pool(w, index, rank_start, y.shape[0], y.device)
 
 
-def _impl(op: str, device: torch.device) -> str:
-    return _select_backend(op, device, cuda=True, triton=True)
+def _impl(op: str, device: torch.device, rows: int) -> str:
+    # prefill-sized batches prefer Triton's segmented tensor-core kernels over the C++ row kernels (reasoned:
+    # see reference.multi_lora.ROWS_MAX_M); decode-sized ones take the CUDA C++ row kernels when built
+    return _select_backend(op, device, cuda=True, triton=True, prefer_triton=rows > ref.ROWS_MAX_M)
 
 
 # ---------------------------------------------------------------- xa = x A_a^T per row
@@ -109,7 +112,7 @@ def lora_shrink_gathered(x: torch.Tensor, A_cat: torch.Tensor, rank_start: torch
     _check_shrink(x, A_cat, rank_start, index, max_rank)
     _check_values("lora_shrink_gathered", index, rank_start, A_cat.shape[0], max_rank)
     x, A_cat, index, rank_start = x.contiguous(), A_cat.contiguous(), index.contiguous(), rank_start.contiguous()
-    impl = _impl("lora_shrink_gathered", x.device)
+    impl = _impl("lora_shrink_gathered", x.device, x.shape[0])
     if impl == "cuda":
         xa = torch.empty((x.shape[0], max_rank), device=x.device, dtype=torch.float32)
         torch.ops.qpeft_C.lora_shrink_gathered_out(x, A_cat, rank_start, index, xa)
@@ -135,7 +138,7 @@ def lora_expand_gathered(y: torch.Tensor, xa: torch.Tensor, B_cat: torch.Tensor,
     _check_values("lora_expand_gathered", index, rank_start, B_cat.shape[1], xa.shape[1])
     y, xa, B_cat, index = y.contiguous(), xa.contiguous(), B_cat.contiguous(), index.contiguous()
     rank_start, scale = rank_start.contiguous(), scale.contiguous()
-    impl = _impl("lora_expand_gathered", y.device)
+    impl = _impl("lora_expand_gathered", y.device, y.shape[0])
     if impl == "cuda":
         out = torch.empty_like(y)
         torch.ops.qpeft_C.lora_expand_gathered_out(y, xa, B_cat, rank_start, scale, index, out)

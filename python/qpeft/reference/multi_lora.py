@@ -22,7 +22,14 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["lora_shrink_gathered_ref", "lora_expand_gathered_ref", "sort_rows_by_adapter_ref"]
+__all__ = ["lora_shrink_gathered_ref", "lora_expand_gathered_ref", "sort_rows_by_adapter_ref", "ROWS_MAX_M"]
+
+# Decode / prefill boundary of the GPU kernels: batches of at most this many rows take the per-row (BGMV) kernels
+# (Triton and CUDA C++), larger ones Triton's segmented tensor-core kernels. Reasoned, not measured (no GPU
+# here): below 64 rows a 16-row segment tile is mostly empty whenever adapters differ per row, while the row
+# kernels' extra weight reads (each row re-reads its adapter's r x (K + N) values) stay in L2 at decode sizes;
+# above it those re-reads grow with M (4096 rows x r 64 x K 4096 x 4 B = 4 GiB of L2 traffic per shrink).
+ROWS_MAX_M = 64
 
 
 def lora_shrink_gathered_ref(x: torch.Tensor, A_cat: torch.Tensor, rank_start: torch.Tensor, index: torch.Tensor,
