@@ -30,6 +30,7 @@ SUITES = {
     "quantize": "benchmarks.bench_quantize",
     "nf4_matmul": "benchmarks.bench_nf4_matmul",
     "lora": "benchmarks.bench_lora",
+    "multilora": "benchmarks.bench_multilora",
     "bottleneck": "benchmarks.bench_bottleneck",
     "e2e_training": "benchmarks.bench_e2e_training",
     "decode": "benchmarks.bench_decode",

@@ -24,6 +24,10 @@ TORCH_LIBRARY(qpeft_C, m) {
   m.def(
       "dense_lora_matmul_out(Tensor x, Tensor weight, Tensor? bias, Tensor xa, Tensor B, float scale, "
       "Tensor(a!) out) -> ()");
+  m.def("lora_shrink_gathered_out(Tensor x, Tensor A_cat, Tensor rank_start, Tensor index, Tensor(a!) xa) -> ()");
+  m.def(
+      "lora_expand_gathered_out(Tensor y, Tensor xa, Tensor B_cat, Tensor rank_start, Tensor scale, Tensor index, "
+      "Tensor(a!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(qpeft_C, CUDA, m) {
@@ -34,4 +38,6 @@ TORCH_LIBRARY_IMPL(qpeft_C, CUDA, m) {
   m.impl("nf4_matmul_out", &qpeft::nf4_matmul_out);
   m.impl("nf4_matmul_dx_out", &qpeft::nf4_matmul_dx_out);
   m.impl("dense_lora_matmul_out", &qpeft::dense_lora_matmul_out);
+  m.impl("lora_shrink_gathered_out", &qpeft::lora_shrink_gathered_out);
+  m.impl("lora_expand_gathered_out", &qpeft::lora_expand_gathered_out);
 }

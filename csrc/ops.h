@@ -33,4 +33,10 @@ void nf4_matmul_dx_out(const at::Tensor& dy, const at::Tensor& packed, const at:
 void dense_lora_matmul_out(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                            const at::Tensor& xa, const at::Tensor& B, double scale, at::Tensor& out);
 
+void lora_shrink_gathered_out(const at::Tensor& x, const at::Tensor& A_cat, const at::Tensor& rank_start,
+                              const at::Tensor& index, at::Tensor& xa);
+void lora_expand_gathered_out(const at::Tensor& y, const at::Tensor& xa, const at::Tensor& B_cat,
+                              const at::Tensor& rank_start, const at::Tensor& scale, const at::Tensor& index,
+                              at::Tensor& out);
+
 }  // namespace qpeft

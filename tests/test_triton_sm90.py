@@ -124,8 +124,25 @@ def _bottleneck_cases():
                                                    0.5)
 
 
+# ----------------------------------------------------------------------------------------------- multi-LoRA
+def _multi_lora_cases():
+    from qpeft.triton_kernels.multi_lora import lora_expand_gathered_triton, lora_shrink_gathered_triton
+
+    K = N = 4096
+    for ranks in ([8, 16, 64, 32], [128, 8]):  # BLOCK_R 64 (one rank tile), and 128 > 64 (two tiles)
+        R, L = sum(ranks), len(ranks)
+        starts = torch.tensor([0] + torch.tensor(ranks).cumsum(0).tolist(), dtype=torch.int32)
+        A, B, scale = torch.randn(R, K), torch.randn(N, R), torch.rand(L)
+        for M in (1, 32, 512, 4096):  # decode (rows path) and prefill (segments path)
+            index = torch.randint(-1, L, (M,), dtype=torch.int32)
+            for dtype in DTYPES:
+                x, y = _randn(M, K, dtype=dtype), _randn(M, N, dtype=dtype)
+                lora_shrink_gathered_triton(x, A, starts, index, max(ranks))
+                lora_expand_gathered_triton(y, torch.randn(M, max(ranks)), B, starts, scale, index)
+
+
 CASES = {"quantize": _quantize_cases, "nf4_matmul": _nf4_matmul_cases, "lora": _lora_cases,
-         "bottleneck": _bottleneck_cases}
+         "bottleneck": _bottleneck_cases, "multi_lora": _multi_lora_cases}
 
 
 def _launches(case: str):

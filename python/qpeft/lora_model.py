@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from .adapter_io import AdapterMethod, register_method
 from .modules.lora_linear import LoraLinear, LoraRankWarning, base_shape, check_rank, is_nf4_layer, warn_not_low_rank
+from .multi_lora import enable_adapter_names
 
 __all__ = ["add_lora", "prepare_for_qlora", "lora_layers", "set_lora_adapter", "delete_lora_adapter",
            "disable_lora", "merge_lora", "unmerge_lora", "merge_and_unload"]
@@ -191,6 +192,7 @@ def add_lora(model: nn.Module, target_modules="all-linear", r: int = 8, lora_alp
     init_name = {True: "kaiming", False: "random"}.get(init, init) if isinstance(init, bool) else init
     _configs(model)[adapter_name] = _peft_config(model, r, lora_alpha, lora_dropout, use_rslora, init_name,
                                                  _target_modules_for_config(model, names))
+    enable_adapter_names(model)
     return model
 
 
@@ -384,6 +386,7 @@ def _load(model: nn.Module, config: dict, tensors: dict, adapter_name: str) -> N
     cfg = {k: v for k, v in config.items() if k not in ("peft_version", "auto_mapping")}
     cfg["inference_mode"] = False
     _configs(model)[adapter_name] = cfg
+    enable_adapter_names(model)
 
 
 register_method(AdapterMethod(peft_type="LORA", adapter_names=_adapter_names, config=_config_for_save,

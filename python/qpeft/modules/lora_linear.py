@@ -191,7 +191,15 @@ class LoraLinear(nn.Module):
             return t.device
         return torch.device("cpu")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, adapter_names: list[str] | None = None) -> torch.Tensor:
+        """adapter_names: one adapter name per row of x (its first dimension; "__base__": none), inference
+        only, as PEFT's; see qpeft.multi_lora. A model-level call sets it for every layer."""
+        if adapter_names is None:
+            adapter_names = self.__dict__.get("_qpeft_batch_adapter_names")
+        if adapter_names is not None:
+            from ..multi_lora import mixed_batch_forward
+
+            return mixed_batch_forward(self, x, adapter_names)
         names = [n for n in self._active if n not in self.merged_adapters]
         if self._disabled or not names:
             return self.base_layer(x)

@@ -48,8 +48,8 @@ def nf4_matmul_ref(x2d: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor
     out = x2d.float() @ w.t()
     if bias is not None:
         out = out + bias.float()
-    if lora_xa is not None:
-        out = out + lora_scale * (lora_xa.float() @ lora_B.float().t())
+    if lora_xa is not None:  # addmm, as the dense reference: a multi-LoRA row is bit for bit a single-LoRA row
+        out = torch.addmm(out, lora_xa.float(), lora_B.float().t(), alpha=lora_scale)
     return out.to(x2d.dtype)
 
 
