@@ -30,6 +30,7 @@ setup(
         "qpeft.modules",
         "qpeft.methods",
         "qpeft.demo",
+        "qpeft.optim",
         "qpeft.triton_kernels",
         "qpeft.csrc",
     ],
