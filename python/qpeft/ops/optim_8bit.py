@@ -39,7 +39,8 @@ def _check(params, grads, state1, state2, absmax1, absmax2, qmap1, qmap2, hyper,
     torch._check(len(state1) == T, lambda: f"state1 must have {T} entries, got {len(state1)}")
     torch._check(len(state2) == (T if two else 0),
                  lambda: f"state2 must have {T if two else 0} entries for optimizer={optimizer!r}, got {len(state2)}")
-    torch._check(len(absmax1) in (0, T), lambda: f"absmax1 must have 0 (fp32 states) or {T} entries, got {len(absmax1)}")
+    torch._check(len(absmax1) in (0, T),
+                 lambda: f"absmax1 must have 0 (fp32 states) or {T} entries, got {len(absmax1)}")
     torch._check(len(absmax2) == (T if (two and quantized) else 0),
                  lambda: f"absmax2 must have {T if (two and quantized) else 0} entries, got {len(absmax2)}")
     torch._check(0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0,
