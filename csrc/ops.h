@@ -33,4 +33,12 @@ void nf4_matmul_dx_out(const at::Tensor& dy, const at::Tensor& packed, const at:
 void dense_lora_matmul_out(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                            const at::Tensor& xa, const at::Tensor& B, double scale, at::Tensor& out);
 
+// qpeft.optim (optim_8bit.cu, paged_alloc.cu)
+void optim_8bit_step_out(at::TensorList params, at::TensorList grads, at::TensorList state1, at::TensorList state2,
+                         at::TensorList absmax1, at::TensorList absmax2, const at::Tensor& qmap1,
+                         const at::Tensor& qmap2, const at::Tensor& hyper, double beta1, double beta2,
+                         c10::string_view optimizer);
+void managed_prefetch(const at::Tensor& t, int64_t device);
+bool managed_concurrent_access(int64_t device);
+
 }  // namespace qpeft
