@@ -265,3 +265,66 @@ def test_hyper_matches_the_float64_formula():
     c1, c2 = 1 - b1 ** 7, (1 - b2 ** 7) ** 0.5
     assert h == [ref.f32(-2e-4 * c2 / c1), ref.f32(1e-8 * c2), ref.f32(1 - 2e-6), 0.0]
     assert ref.lion_hyper(1e-4, 0.1) == [ref.f32(1e-4), ref.f32(1 - 1e-5), 0.0, 0.0]
+
+
+class _FakePager:
+    """Stands in for paged.PagedStates on CPU: ordinary tensors, but every call recorded, and staging through a
+    copy (as the pinned-host fallback does), so the optimizer's paging flow is exercised without a GPU."""
+
+    def __init__(self):
+        self.owned, self.calls = [], []
+
+    def zeros(self, shape, dtype):
+        t = torch.zeros(shape, dtype=dtype)
+        self.owned.append(t)
+        return t
+
+    def owns(self, t):
+        return any(t is o for o in self.owned)
+
+    def stage(self, t):
+        self.calls.append("stage")
+        return t.clone()
+
+    def unstage(self, home, staged):
+        self.calls.append("unstage")
+        home.copy_(staged)
+
+    def evict(self, t):
+        self.calls.append("evict")
+
+    def synchronize(self):
+        self.calls.append("sync")
+
+
+def test_paging_flow_with_a_fake_pager(monkeypatch):
+    fake = _FakePager()
+
+    def pager(self, p):
+        if not self.is_paged or p.numel() < self.page_min_size:
+            return None
+        self._pagers[p.device] = fake
+        return fake
+
+    monkeypatch.setattr(_base.Optimizer8bitBase, "_pager", pager)
+    m_paged, m_plain = _model(), _model()
+    o_paged = qo.PagedAdamW8bit(m_paged.parameters(), lr=1e-3, page_min_size=4096)
+    o_plain = qo.AdamW8bit(m_plain.parameters(), lr=1e-3)
+    _train(m_paged, o_paged, 3)
+    _train(m_plain, o_plain, 3)
+    assert all(torch.equal(a, b) for a, b in zip(m_paged.parameters(), m_plain.parameters()))
+    big = [p for p in m_paged.parameters() if p.numel() >= 4096]
+    assert len(big) == 2 and all(fake.owns(o_paged.state[p][k]) for p in big for k in ("state1", "state2"))
+    assert not any(fake.owns(o_paged.state[p]["state1"]) for p in m_paged.parameters() if p.numel() < 4096)
+    assert fake.calls.count("stage") == fake.calls.count("unstage") == 3 * 4  # 3 steps x 2 tensors x 2 states
+    fake.calls.clear()
+    o_paged.evict()
+    assert fake.calls == ["evict"] * 4
+    sd = o_paged.state_dict()
+    assert fake.calls[-1] == "sync"  # pending copies to the host finish before the host reads the states
+    o_new = qo.PagedAdamW8bit(_model().parameters(), lr=1e-3)
+    n_owned = len(fake.owned)
+    o_new.load_state_dict(sd)
+    assert len(fake.owned) == n_owned + 4  # the loaded states are paged again
+    assert all(fake.owns(o_new.state[p][k]) for p in o_new.param_groups[0]["params"] if p.numel() >= 4096
+               for k in ("state1", "state2"))
