@@ -10,8 +10,6 @@
 // memory (ties to the lower code), bnb's sign fix for m. All arithmetic is fp32 with _rn intrinsics, so nvcc cannot
 // contract the multiply-adds into FMAs (the reference rounds each operation) and division / sqrt are IEEE.
 #include <ATen/ops/empty.h>
-#include <ATen/ops/tensor.h>
-#include <ATen/ops/index_select.h>
 
 #include <cstring>
 
@@ -27,7 +25,7 @@ namespace {
 constexpr int kBlock = 256;  // bitsandbytes' blockwise optimizer block = threads per CTA
 
 struct TensorRow {  // one row of the per-tensor table (int64 words, as the Triton launcher's)
-  int64_t p, g, s1, s2, a1, a2, n, unused;
+  int64_t p, g, s1, s2, a1, a2, n, hrow;  // hrow: the tensor's row of hyper (a call may mix dtypes)
 };
 
 __device__ __forceinline__ bool finite(float x) { return isfinite(x); }
@@ -85,7 +83,8 @@ optim_8bit_step_kernel(const TensorRow* __restrict__ rows, const int64_t* __rest
   const T* g_ptr = reinterpret_cast<const T*>(r.g);
   const float p = inb ? Cvt<T>::to_f(p_ptr[i]) : 0.f;
   const float g = inb ? Cvt<T>::to_f(g_ptr[i]) : 0.f;
-  const float h0 = hyper[4 * lo], h1 = hyper[4 * lo + 1], h2 = hyper[4 * lo + 2];
+  const float* hy = hyper + 4 * r.hrow;
+  const float h0 = hy[0], h1 = hy[1], h2 = hy[2];
   const float omb1 = __fsub_rn(1.f, beta1), omb2 = __fsub_rn(1.f, beta2);
   uint8_t* c1_ptr = reinterpret_cast<uint8_t*>(r.s1);
   float* m_ptr = reinterpret_cast<float*>(r.s1);
@@ -173,7 +172,6 @@ void optim_8bit_step_out(at::TensorList params, at::TensorList grads, at::Tensor
   for (const auto dt : {at::kFloat, at::kHalf, at::kBFloat16}) {
     std::vector<TensorRow> rows;
     std::vector<int64_t> starts;
-    std::vector<int64_t> idx;
     int64_t total = 0;
     for (int64_t t = 0; t < T; ++t) {
       const at::Tensor& p = params[t];
@@ -200,9 +198,8 @@ void optim_8bit_step_out(at::TensorList params, at::TensorList grads, at::Tensor
                       reinterpret_cast<int64_t>(state1[t].data_ptr()),
                       lion ? 0 : reinterpret_cast<int64_t>(state2[t].data_ptr()),
                       quant ? reinterpret_cast<int64_t>(absmax1[t].data_ptr()) : 0,
-                      (quant && !lion) ? reinterpret_cast<int64_t>(absmax2[t].data_ptr()) : 0, n, 0});
+                      (quant && !lion) ? reinterpret_cast<int64_t>(absmax2[t].data_ptr()) : 0, n, t});
       starts.push_back(total);
-      idx.push_back(t);
       total += blocks;
     }
     if (rows.empty()) continue;
@@ -216,12 +213,8 @@ void optim_8bit_step_out(at::TensorList params, at::TensorList grads, at::Tensor
     std::memcpy(h, rows.data(), nt * sizeof(TensorRow));
     std::memcpy(h + nt * 8, starts.data(), (nt + 1) * sizeof(int64_t));
     const at::Tensor dev = host.to(p0.device(), /*non_blocking=*/true);
-    at::Tensor hyper_sel = hyper;
-    if (nt != T) {  // mixed parameter dtypes: this launch's rows of hyper
-      hyper_sel = hyper.index_select(0, at::tensor(idx, hyper.options().dtype(at::kLong))).contiguous();
-    }
     const auto* d = dev.data_ptr<int64_t>();
-    const float* hy = hyper_sel.data_ptr<float>();
+    const float* hy = hyper.data_ptr<float>();
     const float b1 = static_cast<float>(beta1), b2 = static_cast<float>(beta2);
     const auto* rows_d = reinterpret_cast<const TensorRow*>(d);
     const int64_t* starts_d = d + nt * 8;

@@ -25,7 +25,7 @@ from qpeft.reference.optim_8bit import BLOCKSIZE, midpoints
 __all__ = ["optim_8bit_step_triton"]
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
-# meta table columns (int64): addresses of p, g, state1, state2, absmax1, absmax2, then numel
+# meta table columns (int64): addresses of p, g, state1, state2, absmax1, absmax2, numel, row of hyper
 _META_COLS = 8
 
 
@@ -80,9 +80,10 @@ def _optim_8bit_step_kernel(
     g_ptr = tl.load(row + 1).to(tl.pointer_type(P_DTYPE))
     p = tl.load(p_ptr + offs, mask=inb, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-    h0 = tl.load(hyper_ptr + t * 4)
-    h1 = tl.load(hyper_ptr + t * 4 + 1)
-    h2 = tl.load(hyper_ptr + t * 4 + 2)
+    hrow = hyper_ptr + tl.load(row + 7) * 4  # the tensor's row of hyper (a call may mix parameter dtypes)
+    h0 = tl.load(hrow)
+    h1 = tl.load(hrow + 1)
+    h2 = tl.load(hrow + 2)
     omb1 = 1.0 - beta1
     omb2 = 1.0 - beta2
     if QUANT:
@@ -157,20 +158,19 @@ def optim_8bit_step_triton(params, grads, state1, state2, absmax1, absmax2, qmap
             rows.append([params[i].data_ptr(), grads[i].data_ptr(), state1[i].data_ptr(),
                          state2[i].data_ptr() if not lion else 0,
                          absmax1[i].data_ptr() if quant else 0,
-                         absmax2[i].data_ptr() if (quant and not lion) else 0, n, 0])
+                         absmax2[i].data_ptr() if (quant and not lion) else 0, n, i])
             starts.append(total)
             total += -(-n // BLOCKSIZE)
         starts.append(total)
         # the table is built on the host and copied without a host sync (pinned memory, non_blocking)
         meta = torch.tensor(rows, dtype=torch.int64)
         st = torch.tensor(starts, dtype=torch.int64)
-        h = hyper[idx] if len(idx) != len(params) else hyper
         if dev.type == "cuda":
             meta = meta.pin_memory().to(dev, non_blocking=True)
             st = st.pin_memory().to(dev, non_blocking=True)
         log_t = max(1, (len(idx)).bit_length())
         _optim_8bit_step_kernel[(total,)](
-            meta, st, h.contiguous(), len(idx),
+            meta, st, hyper, len(idx),
             qmap1, qmap2, mid1, mid2,
             beta1, beta2,
             P_DTYPE=_TL_DTYPES[dtype], QUANT=quant, LION=lion, LOG_T=log_t, BLOCK=BLOCKSIZE,

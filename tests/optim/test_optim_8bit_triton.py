@@ -47,7 +47,7 @@ def test_triton_mixed_dtypes_one_call():
 
     dev = triton_device()
     a32 = _inputs("adam", True, [4097, 300 * 256], torch.float32, seed=1)
-    a16 = _inputs("adam", True, [5000], torch.float16, seed=2)
+    a16 = _inputs("adam", True, [5000], torch.float16, seed=2, lr=7e-3)  # its own hyper row
     args = [x + y if isinstance(x, list) else x for x, y in zip(a32, a16)]
     args[6] = torch.cat([a32[6], a16[6]])
     args = [[t.to(dev) for t in x] if isinstance(x, list) else (x.to(dev) if isinstance(x, torch.Tensor) else x)
