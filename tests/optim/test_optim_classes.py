@@ -12,6 +12,9 @@ import qpeft.optim as qo
 from qpeft.optim import _base
 from qpeft.reference import optim_8bit as ref
 
+# the paged classes' one-time "unpaged on CPU" notice (test_paged_on_cpu_... checks it explicitly)
+pytestmark = pytest.mark.filterwarnings("ignore:.*unpaged.*:UserWarning")
+
 ALL = [qo.AdamW8bit, qo.Adam8bit, qo.Lion8bit, qo.PagedAdamW, qo.PagedAdamW8bit, qo.PagedLion8bit]
 
 
