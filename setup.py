@@ -31,6 +31,7 @@ setup(
         "qpeft.methods",
         "qpeft.integrations",
         "qpeft.demo",
+        "qpeft.optim",
         "qpeft.triton_kernels",
         "qpeft.csrc",
     ],

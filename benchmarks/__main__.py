@@ -32,6 +32,7 @@ SUITES = {
     "lora": "benchmarks.bench_lora",
     "multilora": "benchmarks.bench_multilora",
     "bottleneck": "benchmarks.bench_bottleneck",
+    "optim": "benchmarks.bench_optim",
     "e2e_training": "benchmarks.bench_e2e_training",
     "decode": "benchmarks.bench_decode",
 }

@@ -28,6 +28,13 @@ TORCH_LIBRARY(qpeft_C, m) {
   m.def(
       "lora_expand_gathered_out(Tensor y, Tensor xa, Tensor B_cat, Tensor rank_start, Tensor scale, Tensor index, "
       "Tensor(a!) out) -> ()");
+  m.def(
+      "optim_8bit_step_out(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state1, Tensor(c!)[] state2, "
+      "Tensor(d!)[] absmax1, Tensor(e!)[] absmax2, Tensor qmap1, Tensor qmap2, Tensor hyper, float beta1, "
+      "float beta2, str optimizer) -> ()");
+  m.def("managed_prefetch(Tensor t, int device) -> ()");  // device -1: to the host
+  // no tensor argument to dispatch on: registered with its (catch-all) kernel
+  m.def("managed_concurrent_access(int device) -> bool", &qpeft::managed_concurrent_access);
 }
 
 TORCH_LIBRARY_IMPL(qpeft_C, CUDA, m) {
@@ -40,4 +47,6 @@ TORCH_LIBRARY_IMPL(qpeft_C, CUDA, m) {
   m.impl("dense_lora_matmul_out", &qpeft::dense_lora_matmul_out);
   m.impl("lora_shrink_gathered_out", &qpeft::lora_shrink_gathered_out);
   m.impl("lora_expand_gathered_out", &qpeft::lora_expand_gathered_out);
+  m.impl("optim_8bit_step_out", &qpeft::optim_8bit_step_out);
+  m.impl("managed_prefetch", &qpeft::managed_prefetch);
 }

@@ -38,5 +38,12 @@ void lora_shrink_gathered_out(const at::Tensor& x, const at::Tensor& A_cat, cons
 void lora_expand_gathered_out(const at::Tensor& y, const at::Tensor& xa, const at::Tensor& B_cat,
                               const at::Tensor& rank_start, const at::Tensor& scale, const at::Tensor& index,
                               at::Tensor& out);
+// qpeft.optim (optim_8bit.cu, paged_alloc.cu)
+void optim_8bit_step_out(at::TensorList params, at::TensorList grads, at::TensorList state1, at::TensorList state2,
+                         at::TensorList absmax1, at::TensorList absmax2, const at::Tensor& qmap1,
+                         const at::Tensor& qmap2, const at::Tensor& hyper, double beta1, double beta2,
+                         c10::string_view optimizer);
+void managed_prefetch(const at::Tensor& t, int64_t device);
+bool managed_concurrent_access(int64_t device);
 
 }  // namespace qpeft

@@ -141,8 +141,29 @@ def _multi_lora_cases():
                 lora_expand_gathered_triton(y, torch.randn(M, max(ranks)), B, starts, scale, index)
 
 
+
+
+# ----------------------------------------------------------------------------------------------- optim_8bit
+def _optim_8bit_cases():
+    from qpeft.reference.optim_8bit import adam_hyper
+    from qpeft.triton_kernels.optim_8bit import optim_8bit_step_triton
+
+    q1, q2 = qpeft.codes.dynamic_map(True), qpeft.codes.dynamic_map(False)
+    sizes = [16 * 4096, 4096 * 16, 4097]  # LoRA A / B of a 4096-wide layer, an odd size
+    for dtype in DTYPES:
+        for kind in ("adam", "lion"):
+            for quant in (True, False):
+                ps = [_randn(n, dtype=dtype) for n in sizes]
+                st = [torch.zeros(n, dtype=torch.uint8 if quant else torch.float32) for n in sizes]
+                am = [torch.zeros(-(-n // 256)) for n in sizes] if quant else []
+                st2, am2 = ([], []) if kind == "lion" else ([s.clone() for s in st], [a.clone() for a in am])
+                optim_8bit_step_triton(ps, [p.clone() for p in ps], st, st2, am, am2, q1, q2,
+                                       torch.tensor([adam_hyper(1e-3, 1, 0.9, 0.999, 1e-8, 0.0)] * len(sizes)),
+                                       0.9, 0.999, kind)
+
+
 CASES = {"quantize": _quantize_cases, "nf4_matmul": _nf4_matmul_cases, "lora": _lora_cases,
-         "bottleneck": _bottleneck_cases, "multi_lora": _multi_lora_cases}
+         "bottleneck": _bottleneck_cases, "multi_lora": _multi_lora_cases, "optim_8bit": _optim_8bit_cases}
 
 
 def _launches(case: str):

@@ -12,7 +12,7 @@ import sys
 __version__ = "0.1.0"
 
 # Submodules that are part of the API as modules (qpeft.codes.nf4(), ...).
-_SUBMODULES = ("codes", "methods", "ops", "reference", "modules", "autograd")
+_SUBMODULES = ("codes", "methods", "ops", "reference", "modules", "autograd", "optim")
 
 # Modules whose `__all__` names are re-exported at top level, searched in this order.
 _PUBLIC_MODULES = (

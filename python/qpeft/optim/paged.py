@@ -1,0 +1,97 @@
+"""Paged optimizer states: real CUDA tensors in unified (managed) memory, owned through PyTorch's allocator.
+
+UNVERIFIED ON A GPU: written and compiled (csrc/paged_alloc.cu links into qpeft_C) on a machine without one.
+
+How (bitsandbytes disguises cudaMallocManaged buffers as CPU tensors, never frees them, prefetches on stream 0
+and hides them from torch.cuda.memory_allocated; ../shared/reference/optimizers.md section 2):
+- `csrc/paged_alloc.cu` exports the two C functions of a pluggable allocator (`qpeft_managed_alloc` /
+  `qpeft_managed_free`, over cudaMallocManaged / cudaFree); `torch.cuda.memory.CUDAPluggableAllocator` loads them
+  from the built qpeft_C library and a `torch.cuda.MemPool` owns the memory: states allocated inside
+  `torch.cuda.use_mem_pool(pool)` are ordinary CUDA tensors, counted by the caching allocator's statistics and
+  freed back to the pool when the optimizer (their only owner) is.
+- Before each update the states are prefetched to the GPU on the current stream (`qpeft_C::managed_prefetch`, an
+  asynchronous cudaMemPrefetchAsync: no host sync); `evict()` prefetches them to the host. Between the two the
+  driver moves pages on demand, so a memory spike elsewhere can evict optimizer states instead of failing.
+- Where the device reports concurrentManagedAccess = 0 (WSL, some virtualised GPUs) prefetching is unsupported and
+  host access faults: states then live in pinned host memory and each update works on a device copy (copied in
+  and back asynchronously on the current stream), which says so once.
+"""
+from __future__ import annotations
+
+import warnings
+import weakref
+
+import torch
+
+MODES = ("managed", "pinned")
+
+
+def _library_path() -> str:
+    from .. import _jit
+
+    out = _jit.load()
+    libs = sorted(out.glob("qpeft_C*.so"))
+    if not libs:
+        raise RuntimeError(f"qpeft: the built qpeft_C library is missing in {out}")
+    return str(libs[0])
+
+
+class PagedStates:
+    """Allocator, prefetcher and (fallback) stager of the paged states of one CUDA device."""
+
+    def __init__(self, device: torch.device):
+        if device.type != "cuda":
+            raise ValueError(f"PagedStates needs a CUDA device, got {device}")
+        self.device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
+        from .. import _jit
+
+        _jit.load()  # builds qpeft_C (raises with the reason: no nvcc, ...)
+        concurrent = bool(torch.ops.qpeft_C.managed_concurrent_access(self.device.index))
+        self.mode = "managed" if concurrent else "pinned"
+        self._owned = weakref.WeakSet()  # by identity; entries vanish with their tensors
+        self._event = None
+        if self.mode == "managed":
+            alloc = torch.cuda.memory.CUDAPluggableAllocator(_library_path(), "qpeft_managed_alloc",
+                                                             "qpeft_managed_free")
+            self.pool = torch.cuda.MemPool(alloc.allocator())
+        else:
+            self.pool = None
+            warnings.warn(f"qpeft.optim: {torch.cuda.get_device_name(self.device)} reports no concurrent managed "
+                          f"memory access (WSL or a virtualised GPU): paged states live in pinned host memory and "
+                          f"are copied to the GPU for each update", UserWarning, stacklevel=3)
+
+    def zeros(self, shape, dtype: torch.dtype) -> torch.Tensor:
+        if self.mode == "managed":
+            with torch.cuda.use_mem_pool(self.pool, device=self.device):
+                t = torch.zeros(shape, dtype=dtype, device=self.device)
+        else:
+            t = torch.zeros(shape, dtype=dtype, pin_memory=True)
+        self._owned.add(t)
+        return t
+
+    def owns(self, t: torch.Tensor) -> bool:
+        return t in self._owned
+
+    def stage(self, t: torch.Tensor) -> torch.Tensor:
+        """The tensor the update kernel should write: `t` itself (prefetched), or a device copy of it."""
+        if self.mode == "managed":
+            torch.ops.qpeft_C.managed_prefetch(t, self.device.index)
+            return t
+        return t.to(self.device, non_blocking=True)
+
+    def unstage(self, home: torch.Tensor, staged: torch.Tensor) -> None:
+        if staged is home:
+            return
+        home.copy_(staged, non_blocking=True)
+        self._event = torch.cuda.Event()
+        self._event.record()
+
+    def evict(self, t: torch.Tensor) -> None:
+        if self.mode == "managed":
+            torch.ops.qpeft_C.managed_prefetch(t, -1)  # -1: the host (cudaCpuDeviceId)
+
+    def synchronize(self) -> None:
+        """Wait for the asynchronous copies back to pinned host memory (before the host reads the states)."""
+        if self._event is not None:
+            self._event.synchronize()
+            self._event = None
