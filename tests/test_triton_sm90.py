@@ -141,8 +141,6 @@ def _multi_lora_cases():
                 lora_expand_gathered_triton(y, torch.randn(M, max(ranks)), B, starts, scale, index)
 
 
-
-
 # ----------------------------------------------------------------------------------------------- optim_8bit
 def _optim_8bit_cases():
     from qpeft.reference.optim_8bit import adam_hyper
