@@ -37,6 +37,15 @@ _PUBLIC_MODULES = (
     "qpeft.methods.unipelt",
 )
 
+# Names served by modules that import an optional library (PEFT, transformers): {name: module}. Looked up
+# first and kept out of _PUBLIC_MODULES, whose index is built by importing every module in it (listing these
+# there would import peft on the first `qpeft.<anything>`).
+_LAZY = {
+    "lora_config": "qpeft.integrations.peft",
+    "QPeftLoraLinear": "qpeft.integrations.peft",
+    "peft_from_pretrained": "qpeft.integrations.peft",
+}
+
 _index: dict[str, str] | None = None
 
 
@@ -60,6 +69,10 @@ def __getattr__(name: str):
         return importlib.import_module(f"qpeft.{name}")
     if name.startswith("__"):
         raise AttributeError(name)
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
     # `from .. import _backend` inside qpeft lands here before the submodule is imported: resolve
     # submodules directly, so that building the name index (which imports everything) cannot recurse.
     if importlib.util.find_spec(f"qpeft.{name}") is not None:
@@ -77,4 +90,4 @@ def __dir__():
     global _index
     if _index is None:
         _index = _build_index()
-    return sorted({*globals(), *_index, *_SUBMODULES})
+    return sorted({*globals(), *_index, *_LAZY, *_SUBMODULES})
