@@ -17,7 +17,7 @@ from qpeft.modules.qlinear_nf4 import QLinearNF4
 from utils import assert_close_2x, tiny_llama
 
 peft = pytest.importorskip("peft")
-from qpeft.integrations.peft import QPeftLoraLinear, all_linear, register  # noqa: E402
+from qpeft.integrations.peft import PEFT_SEES_NF4, QPeftLoraLinear, all_linear, register  # noqa: E402
 
 PREFIX = "base_model.model."
 
@@ -113,11 +113,15 @@ def test_get_peft_model_wraps_every_qlinear_nf4():
 
 
 def test_all_linear_needs_the_model():
-    # PEFT 0.21.2 resolves "all-linear" by type (nn.Linear / Conv1D only): on an NF4 model it finds nothing
-    with pytest.raises(ValueError, match="target_modules"):
-        peft.get_peft_model(nf4_llama(), peft.LoraConfig(target_modules="all-linear"))
-    with pytest.raises(ValueError, match="target_modules='all-linear' needs model="):
-        qpeft.lora_config(target_modules="all-linear")
+    if PEFT_SEES_NF4:  # QLinearNF4 is an nn.Linear: PEFT's own "all-linear" finds it
+        pm = peft.get_peft_model(nf4_llama(), qpeft.lora_config(target_modules="all-linear"))
+        assert sum(isinstance(m, QPeftLoraLinear) for m in pm.modules()) == 14
+    else:
+        # PEFT 0.21.2 resolves "all-linear" by type (nn.Linear / Conv1D only): on an NF4 model it finds nothing
+        with pytest.raises(ValueError, match="target_modules"):
+            peft.get_peft_model(nf4_llama(), peft.LoraConfig(target_modules="all-linear"))
+        with pytest.raises(ValueError, match="target_modules='all-linear' needs model="):
+            qpeft.lora_config(target_modules="all-linear")
     assert len(all_linear(nf4_llama())) == 14
     with pytest.raises(ValueError, match="no nn.Linear"):
         all_linear(nn.Sequential(nn.ReLU()))

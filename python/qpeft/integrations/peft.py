@@ -241,17 +241,23 @@ def all_linear(model: nn.Module) -> list[str]:
     return found
 
 
+# PEFT's "all-linear" collects isinstance(m, (nn.Linear, Conv1D)): it finds QLinearNF4 only if that subclasses
+# nn.Linear (as bitsandbytes' Linear4bit does); until then lora_config resolves the names itself.
+PEFT_SEES_NF4 = issubclass(QLinearNF4, nn.Linear)
+
+
 def lora_config(*, model: nn.Module | None = None, **kwargs) -> LoraConfig:
     """A `peft.LoraConfig(**kwargs)` with QLinearNF4 -> QPeftLoraLinear registered, for `get_peft_model`,
     `model.add_adapter`, `trl.SFTTrainer(peft_config=...)`.
 
     target_modules="all-linear" needs `model`: PEFT 0.21.2 resolves "all-linear" by type and counts only
     nn.Linear / Conv1D (QLinearNF4 is neither), so it would leave every 4-bit layer out. With `model` the names
-    are resolved here by `all_linear(model)` and stored as an explicit list (which stock PEFT also loads).
+    are resolved here by `all_linear(model)` and stored as an explicit list (which stock PEFT also loads);
+    without it, ValueError (rather than an adapter that silently misses the 4-bit layers).
     Raises ValueError naming any option the fused layer does not implement (DoRA, lora_bias, ...).
     """
     target = kwargs.get("target_modules")
-    if isinstance(target, str) and target.lower() == "all-linear":
+    if isinstance(target, str) and target.lower() == "all-linear" and (model is not None or not PEFT_SEES_NF4):
         if model is None:
             raise ValueError("lora_config: target_modules='all-linear' needs model= (PEFT's own 'all-linear' "
                              "counts only nn.Linear/Conv1D and would skip every QLinearNF4 layer); pass "
