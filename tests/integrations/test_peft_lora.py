@@ -148,6 +148,33 @@ def test_forward_backward_equal_qpeft_add_lora(compute_dtype, cfg):
     assert all(g.abs().sum() > 0 for g in g1.values())
 
 
+def test_autocast_and_adapter_dtype_equal_qpeft_add_lora():
+    """bf16 compute under CPU autocast: the same op in the autocast dtype, bit-identical to add_lora; the adapters
+    stay fp32 (PEFT casts them to the base's compute dtype, get_peft_model's autocast_adapter_dtype back to fp32)."""
+    pm = peft_nf4(compute_dtype=torch.bfloat16, r=8, lora_alpha=16)
+    assert all(p.dtype == torch.float32 for p in lora_params(pm).values())
+    ours = add_lora(nf4_llama(compute_dtype=torch.bfloat16), "all-linear", r=8, lora_alpha=16, init="random")
+    copy_lora(pm, ours)
+    x = ids()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y1, g1 = loss_and_grads(pm, x)
+        y2, g2 = loss_and_grads(ours, x)
+    assert y1.dtype == torch.bfloat16 and torch.equal(y1, y2)
+    assert all(torch.equal(g1[n], g2[n]) and g1[n].dtype == torch.float32 for n in g1)
+
+
+def test_rank_and_alpha_patterns():
+    model = nf4_llama()
+    pm = peft.get_peft_model(model, qpeft.lora_config(r=8, lora_alpha=16, target_modules=["q_proj", "down_proj"],
+                                                      rank_pattern={"q_proj": 2}, alpha_pattern={"down_proj": 4}))
+    layers = {n.removeprefix(PREFIX): m for n, m in pm.named_modules() if isinstance(m, QPeftLoraLinear)}
+    assert len(layers) == 4
+    for n, m in layers.items():
+        r, alpha = (2, 16) if n.endswith("q_proj") else (8, 4)
+        assert m.r["default"] == r and m.scaling["default"] == alpha / r
+        assert m.lora_A["default"].weight.shape == (r, m.in_features)
+
+
 def test_forward_matches_peft_on_the_dequantized_weights():
     """Against PEFT's own lora.Linear on nn.Linear layers holding the dequantized NF4 weights: within 2x of PEFT's
     fp32 error vs the same computation in fp64."""

@@ -218,3 +218,44 @@ def test_sft_trainer_trains_qpeft_lora_layers(tmp_path, how):
     assert tr.state.global_step == 2 and all("loss" in h for h in tr.state.log_history[:2])
     files = {p.name for p in (tmp_path / "checkpoint-2").iterdir()}
     assert "adapter_model.safetensors" in files and not any(f.startswith("model") for f in files), files
+
+
+def test_trainer_on_add_adapter_model(tmp_path):
+    """transformers' own PEFT integration (model.add_adapter): Trainer trains and saves the adapter only, but cannot
+    resume from it (transformers' _load_from_checkpoint reads adapter files only for a PeftModel)."""
+    from transformers.integrations import peft as hf_peft
+    from packaging.version import Version
+
+    model = tiny_llama(0, intermediate_size=128)
+    qpeft.quantize_model(model, compute_dtype=None)
+    config = qpeft.lora_config(model=model, r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    if Version(peft.__version__) < Version(hf_peft.MIN_PEFT_VERSION):
+        # transformers 5.24 demands peft >= 0.22.0 (unreleased; 0.21.2 is the newest) for add_adapter & co.
+        with pytest.raises(ValueError, match=f"version >= {hf_peft.MIN_PEFT_VERSION}"):
+            model.add_adapter(config)
+        return
+    model.add_adapter(config)
+    full = LossTrainer(model=model, args=args(tmp_path / "a", save_strategy="steps", save_steps=2),
+                       train_dataset=TokenData())
+    full.train()
+    files = {p.name for p in (tmp_path / "a" / "checkpoint-2").iterdir()}
+    assert "adapter_model.safetensors" in files and not any(f.startswith(("model", "pytorch_model")) for f in files)
+    again = tiny_llama(0, intermediate_size=128)
+    qpeft.quantize_model(again, compute_dtype=None)
+    again.add_adapter(qpeft.lora_config(model=again, r=4, lora_alpha=8, target_modules="all-linear",
+                                        init_lora_weights=False))
+    resumed = LossTrainer(model=again, args=args(tmp_path / "b"), train_dataset=TokenData())
+    # transformers 5.17 Trainer._load_from_checkpoint: a model that is not a PeftModel goes to the full-model
+    # loader, which finds no model*.safetensors (the same for any add_adapter model, quantized or not)
+    with pytest.raises(ValueError, match="Can't find a checkpoint index"):
+        resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
+    # the checkpoint itself is a sound PEFT adapter: it loads onto a fresh qpeft base, every tensor as saved
+    from safetensors.torch import load_file
+
+    fresh = tiny_llama(0, intermediate_size=128)
+    qpeft.quantize_model(fresh, compute_dtype=None)
+    loaded = qpeft.peft_from_pretrained(fresh, tmp_path / "a" / "checkpoint-2")
+    assert sum(isinstance(m, QPeftLoraLinear) for m in loaded.modules()) == 14
+    saved, theirs = load_file(str(tmp_path / "a" / "checkpoint-2" / "adapter_model.safetensors")), \
+        peft.get_peft_model_state_dict(loaded)
+    assert saved.keys() == theirs.keys() and len(saved) == 28 and all(torch.equal(saved[k], theirs[k]) for k in saved)
