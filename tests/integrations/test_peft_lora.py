@@ -163,6 +163,25 @@ def test_autocast_and_adapter_dtype_equal_qpeft_add_lora():
     assert all(torch.equal(g1[n], g2[n]) and g1[n].dtype == torch.float32 for n in g1)
 
 
+def test_adapters_stay_fp32_on_a_bf16_compute_base():
+    """PEFT would cast a new adapter to the base's compute_dtype (bf16) and only get_peft_model's default
+    autocast_adapter_dtype=True casts it back; the layer keeps it fp32 on every route."""
+    model = nf4_llama(compute_dtype=torch.bfloat16)
+    pm = peft.get_peft_model(model, qpeft.lora_config(model=model, r=4, target_modules="all-linear"),
+                             autocast_adapter_dtype=False)
+    assert {p.dtype for p in lora_params(pm).values()} == {torch.float32}
+    pm.add_adapter("second", qpeft.lora_config(model=pm, r=2, target_modules="all-linear"))
+    assert {p.dtype for p in lora_params(pm).values()} == {torch.float32} and len(lora_params(pm)) == 56
+    if transformers_peft_integration_works():
+        model = nf4_llama(compute_dtype=torch.bfloat16)
+        model.add_adapter(qpeft.lora_config(model=model, r=4, target_modules="all-linear"))
+        x = ids()
+        out = model(input_ids=x, labels=x)
+        out.loss.backward()
+        lora = [p for n, p in model.named_parameters() if ".lora_" in n]
+        assert len(lora) == 28 and all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in lora)
+
+
 def test_rank_and_alpha_patterns():
     model = nf4_llama()
     pm = peft.get_peft_model(model, qpeft.lora_config(r=8, lora_alpha=16, target_modules=["q_proj", "down_proj"],
@@ -188,8 +207,8 @@ def test_forward_matches_peft_on_the_dequantized_weights():
             for n, m in model.named_modules():
                 if isinstance(m, nn.Linear) and n != "lm_head":
                     m.weight.copy_(nf4.get_submodule(n).base_layer.dequantize(torch.float32))
-        ref = peft.get_peft_model(model.to(dtype), peft.LoraConfig(r=8, lora_alpha=16, target_modules=all_linear(model),
-                                                                  init_lora_weights=False), autocast_adapter_dtype=False)
+        config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=all_linear(model), init_lora_weights=False)
+        ref = peft.get_peft_model(model.to(dtype), config, autocast_adapter_dtype=False)
         copy_lora(pm, ref)
         return ref.eval()
 

@@ -131,7 +131,8 @@ def _one_step(tmp_path, **kw):
 
 def _reference(batch_loss: str, batch: dict):
     """Loss and adapter gradients of one batch of 4 computed by hand: "tokens" = cross-entropy summed over all
-    valid (shifted) tokens of the batch and divided by their count; "per_micro" = averaged within each half-batch, then over the halves."""
+    valid (shifted) tokens of the batch and divided by their count; "per_micro" = averaged within each half-batch,
+    then over the halves."""
     pm = peft_model()
     pm.train()
     if batch_loss == "tokens":  # the sum of token losses over their count (what num_items_in_batch asks for)

@@ -9,8 +9,8 @@ Checkpoints are stock PEFT (`lora_A.<adapter>.weight` / `lora_B.<adapter>.weight
 with `peft.PeftModel.from_pretrained` onto a dense or bitsandbytes base. PEFT does not save the registration, so
 loading onto a qpeft base goes through `peft_from_pretrained`, which re-registers before PEFT builds the layers.
 
-Only `QLinearNF4` is registered: `nn.Linear` layers keep PEFT's own `lora.Linear` (a dense base gains nothing from
-this layer that PEFT's does not already do with two small GEMMs).
+Only `QLinearNF4` is registered: `nn.Linear` layers keep PEFT's own `lora.Linear`. The fused dense path has not
+been measured faster than PEFT's two small GEMMs (no GPU benchmark yet), so PEFT's layer stays the one there.
 """
 from __future__ import annotations
 
@@ -95,6 +95,12 @@ class QPeftLoraLinear(nn.Module, LoraLayer):
         if not isinstance(module, QLinearNF4):
             raise TypeError(f"QPeftLoraLinear wraps a QLinearNF4, got {type(module).__name__}")
         return module.in_features, module.out_features
+
+    def _get_base_layer_device_and_dtype(self, base_layer: nn.Module):
+        # PEFT moves a new adapter to the base's device *and* casts it to the base's `compute_dtype` (bf16 for
+        # QLoRA); get_peft_model casts it back to fp32 (autocast_adapter_dtype=True) but model.add_adapter does not
+        # and would train bf16 adapters. Device only: adapters stay fp32, as qpeft's LoraLinear keeps them.
+        return base_layer.weight.device, None
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: int, config: LoraConfig, **kwargs) -> None:
         check_config(config)  # also for a second adapter added to an existing layer
