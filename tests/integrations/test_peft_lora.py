@@ -242,6 +242,32 @@ def test_several_active_adapters_and_set_adapter():
         assert not torch.equal(pm(x).logits, base(x).logits)
 
 
+def test_several_adapters_with_dropout_in_training():
+    """Two active adapters with dropout: independent masks (the first fused, the second as a rank-r product), as
+    qpeft's LoraLinear does it: bit-identical logits and gradients under the same seed."""
+    pm = peft_nf4(r=4, lora_alpha=8, lora_dropout=0.1)
+    pm.add_adapter("other", qpeft.lora_config(model=pm, r=2, lora_alpha=6, lora_dropout=0.3, init_lora_weights=False,
+                                              target_modules="all-linear"))
+    randomize_lora(pm, seed=11)
+    pm.base_model.set_adapter(["default", "other"])
+    ours = add_lora(nf4_llama(), "all-linear", r=4, lora_alpha=8, lora_dropout=0.1, init="random")
+    add_lora(ours, "all-linear", r=2, lora_alpha=6, lora_dropout=0.3, init="random", adapter_name="other")
+    set_lora_adapter(ours, ["default", "other"])
+    copy_lora(pm, ours)
+    pm.train()
+    ours.train()
+    x = ids()
+    torch.manual_seed(13)
+    y1, g1 = loss_and_grads(pm, x)
+    torch.manual_seed(13)
+    y2, g2 = loss_and_grads(ours, x)
+    assert torch.equal(y1, y2) and len(g1) == 56
+    assert g1.keys() == g2.keys() and all(torch.equal(g1[n], g2[n]) for n in g1)
+    with torch.no_grad():  # and dropout really acted: eval differs from train
+        pm.eval()
+        assert not torch.equal(pm(x).logits, y1)
+
+
 def test_mixed_adapter_batch():
     pm = peft_nf4(r=4, lora_alpha=8)
     pm.add_adapter("other", qpeft.lora_config(model=pm, r=2, init_lora_weights=False, target_modules="all-linear"))
