@@ -445,3 +445,18 @@ def test_saved_adapter_on_a_bitsandbytes_base(tmp_path):
     with torch.no_grad():
         y_ours, y_theirs = pm(x).logits, theirs(x).logits
     assert torch.equal(y_ours, y_theirs)
+
+
+def test_from_pretrained_passes_other_adapters_through_and_forward_refuses_extra_arguments(tmp_path):
+    pt = peft.get_peft_model(nf4_llama(), peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    with torch.no_grad():
+        pt.prompt_encoder["default"].embedding.weight.normal_()
+    pt.save_pretrained(tmp_path)
+    loaded = qpeft.peft_from_pretrained(nf4_llama(), tmp_path)  # not LoRA: no registration, PEFT's own loading
+    assert isinstance(loaded.peft_config["default"], peft.PromptTuningConfig)
+    x = ids()
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=x).logits, pt(input_ids=x).logits)
+    layer = peft_nf4(r=2, target_modules=["q_proj"]).base_model.model.model.layers[0].self_attn.q_proj
+    with pytest.raises(TypeError, match="takes x"):
+        layer(torch.randn(2, 64), torch.randn(2))
