@@ -51,6 +51,8 @@ setup(
             "bitsandbytes>=0.50.2",
             "peft>=0.21.2",
             "transformers>=5.17",
+            "trl>=1.16",         # tests/integrations: SFTTrainer with qpeft.lora_config (1.16.0 tested with 5.17)
+            "accelerate>=1.16",  # transformers.Trainer needs it (1.16.0 tested in both lanes)
             "safetensors",
             "scipy",        # bitsandbytes' create_normal_map (the oracle for codes.normal_map) needs it
             "matplotlib",   # benchmark plots (tests/test_cli.py)

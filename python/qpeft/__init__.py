@@ -38,9 +38,13 @@ _PUBLIC_MODULES = (
     "qpeft.methods.unipelt",
 )
 
-# Names from modules that import another library (transformers, PEFT): resolved on first use only, never by
-# building the index above (which imports every public module).
+# Names served by modules that import an optional library (PEFT, transformers): {name: module}. Looked up
+# first and kept out of _PUBLIC_MODULES, whose index is built by importing every module in it (listing these
+# there would import peft on the first `qpeft.<anything>`).
 _LAZY = {
+    "lora_config": "qpeft.integrations.peft",
+    "QPeftLoraLinear": "qpeft.integrations.peft",
+    "peft_from_pretrained": "qpeft.integrations.peft",
     "QPeftConfig": "qpeft.integrations.transformers",
 }
 
@@ -126,4 +130,4 @@ def __dir__():
     global _index
     if _index is None:
         _index = _build_index()
-    return sorted({*globals(), *_index, *_SUBMODULES})
+    return sorted({*globals(), *_index, *_LAZY, *_SUBMODULES})

@@ -1,1 +1,1 @@
-"""Adapters between qpeft and other libraries (transformers, PEFT); each file imports its library lazily."""
+"""Adapters that plug qpeft into other libraries (transformers, PEFT); each file imports its library itself."""

@@ -1,0 +1,462 @@
+"""QPeftLoraLinear through PEFT's own entry points (get_peft_model, model.add_adapter, PeftModel.from_pretrained) on
+tiny random Llamas whose linear layers are qpeft NF4 (CPU, fp32 unless said)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import qpeft
+from qpeft.lora_model import add_lora, lora_layers, set_lora_adapter
+from qpeft.modules.qlinear_nf4 import QLinearNF4
+from utils import assert_close_2x, tiny_llama
+
+peft = pytest.importorskip("peft")
+from qpeft.integrations.peft import PEFT_SEES_NF4, QPeftLoraLinear, all_linear, register  # noqa: E402
+
+PREFIX = "base_model.model."
+
+
+def _min_peft_for_transformers() -> str:
+    from transformers.integrations import peft as hf_peft
+
+    return hf_peft.MIN_PEFT_VERSION
+
+
+MIN_PEFT_FOR_TRANSFORMERS = _min_peft_for_transformers()
+
+
+def transformers_peft_integration_works() -> bool:
+    from packaging.version import Version
+
+    return Version(peft.__version__) >= Version(MIN_PEFT_FOR_TRANSFORMERS)
+# in/out features all multiples of 64 (the NF4 blocksize): bitsandbytes 0.50.2's CPU inference path reshapes absmax
+# to (out, in // blocksize) and fails on the default tiny_llama's 96-wide MLP.
+INTERMEDIATE = 128
+
+
+def nf4_llama(seed: int = 0, compute_dtype=None):
+    model = tiny_llama(seed, intermediate_size=INTERMEDIATE)
+    qpeft.quantize_model(model, compute_dtype=compute_dtype)
+    return model
+
+
+def ids(batch: int = 2, length: int = 11, seed: int = 1):
+    return torch.randint(3, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def randomize_lora(model, seed: int = 3, std: float = 0.05):
+    """A and B random (B != 0: the adapter is not a no-op)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in sorted(model.named_parameters()):
+            if ".lora_A." in n or ".lora_B." in n:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def lora_params(model) -> dict[str, torch.Tensor]:
+    return {n.removeprefix(PREFIX): p for n, p in model.named_parameters() if ".lora_" in n}
+
+
+def copy_lora(src, dst):
+    """Copy adapters between a PeftModel and a qpeft add_lora model (same module paths, same parameter names)."""
+    theirs = lora_params(dst)
+    mine = lora_params(src)
+    assert mine.keys() == theirs.keys() and mine
+    with torch.no_grad():
+        for n, p in mine.items():
+            theirs[n].copy_(p)
+
+
+def peft_nf4(seed=0, compute_dtype=None, **cfg):
+    model = nf4_llama(seed, compute_dtype)
+    cfg.setdefault("target_modules", "all-linear")
+    pm = peft.get_peft_model(model, qpeft.lora_config(model=model, init_lora_weights=False, **cfg))
+    randomize_lora(pm)
+    return pm
+
+
+def loss_and_grads(model, x):
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=x, labels=x)
+    out.loss.backward()
+    return out.logits.detach(), {n: p.grad.clone() for n, p in lora_params(model).items()}
+
+
+def test_import_qpeft_imports_neither_peft_nor_transformers():
+    code = ("import qpeft, sys; dir(qpeft); qpeft.lora_layers; "
+            "assert 'peft' not in sys.modules and 'transformers' not in sys.modules, "
+            "sorted(m for m in sys.modules if m.split('.')[0] in ('peft', 'transformers'))")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert qpeft.lora_config is qpeft.integrations.peft.lora_config
+    assert qpeft.QPeftLoraLinear is QPeftLoraLinear and "lora_config" in dir(qpeft)
+
+
+def test_get_peft_model_wraps_every_qlinear_nf4():
+    model = nf4_llama()
+    nf4 = {n: m for n, m in model.named_modules() if isinstance(m, QLinearNF4)}
+    assert len(nf4) == 14
+    pm = peft.get_peft_model(model, qpeft.lora_config(r=16, target_modules="all-linear", model=model))
+    layers = {n.removeprefix(PREFIX): m for n, m in pm.named_modules() if isinstance(m, QPeftLoraLinear)}
+    assert layers.keys() == nf4.keys()
+    assert all(layers[n].base_layer is nf4[n] and layers[n].r["default"] == 16 for n in nf4)
+    assert isinstance(pm.base_model.model.lm_head, nn.Linear)  # the output head is left out, as PEFT does
+    keys = set(peft.get_peft_model_state_dict(pm))
+    assert PREFIX + "model.layers.0.self_attn.q_proj.lora_A.weight" in keys and len(keys) == 28
+    trainable = {n for n, p in pm.named_parameters() if p.requires_grad}
+    assert trainable == {n for n in dict(pm.named_parameters()) if ".lora_A.default." in n or ".lora_B.default." in n}
+
+
+def test_all_linear_needs_the_model():
+    if PEFT_SEES_NF4:  # QLinearNF4 is an nn.Linear: PEFT's own "all-linear" finds it
+        pm = peft.get_peft_model(nf4_llama(), qpeft.lora_config(target_modules="all-linear"))
+        assert sum(isinstance(m, QPeftLoraLinear) for m in pm.modules()) == 14
+    else:
+        # PEFT 0.21.2 resolves "all-linear" by type (nn.Linear / Conv1D only): on an NF4 model it finds nothing
+        with pytest.raises(ValueError, match="target_modules"):
+            peft.get_peft_model(nf4_llama(), peft.LoraConfig(target_modules="all-linear"))
+        with pytest.raises(ValueError, match="target_modules='all-linear' needs model="):
+            qpeft.lora_config(target_modules="all-linear")
+    assert len(all_linear(nf4_llama())) == 14
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        all_linear(nn.Sequential(nn.ReLU()))
+
+
+@pytest.mark.parametrize("compute_dtype", [None, torch.bfloat16])
+@pytest.mark.parametrize("cfg", [dict(r=16, lora_alpha=32), dict(r=4, lora_alpha=8, use_rslora=True),
+                                 dict(r=8, lora_alpha=16, lora_dropout=0.2)])
+def test_forward_backward_equal_qpeft_add_lora(compute_dtype, cfg):
+    """The same fused op on the same operands: logits, loss and every adapter gradient bit-identical."""
+    pm = peft_nf4(compute_dtype=compute_dtype, **cfg)
+    ours = add_lora(nf4_llama(compute_dtype=compute_dtype), "all-linear", init="random",
+                    **{k: v for k, v in cfg.items()})
+    copy_lora(pm, ours)
+    pm.train()
+    ours.train()
+    x = ids()
+    torch.manual_seed(5)  # the dropout seeds: one draw per layer call, in the same order in both models
+    y1, g1 = loss_and_grads(pm, x)
+    torch.manual_seed(5)
+    y2, g2 = loss_and_grads(ours, x)
+    assert torch.equal(y1, y2)
+    assert g1.keys() == g2.keys() and all(torch.equal(g1[n], g2[n]) for n in g1)
+    assert all(g.abs().sum() > 0 for g in g1.values())
+
+
+def test_autocast_and_adapter_dtype_equal_qpeft_add_lora():
+    """bf16 compute under CPU autocast: the same op in the autocast dtype, bit-identical to add_lora; the adapters
+    stay fp32 (PEFT casts them to the base's compute dtype, get_peft_model's autocast_adapter_dtype back to fp32)."""
+    pm = peft_nf4(compute_dtype=torch.bfloat16, r=8, lora_alpha=16)
+    assert all(p.dtype == torch.float32 for p in lora_params(pm).values())
+    ours = add_lora(nf4_llama(compute_dtype=torch.bfloat16), "all-linear", r=8, lora_alpha=16, init="random")
+    copy_lora(pm, ours)
+    x = ids()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y1, g1 = loss_and_grads(pm, x)
+        y2, g2 = loss_and_grads(ours, x)
+    assert y1.dtype == torch.bfloat16 and torch.equal(y1, y2)
+    assert all(torch.equal(g1[n], g2[n]) and g1[n].dtype == torch.float32 for n in g1)
+
+
+def test_adapters_stay_fp32_on_a_bf16_compute_base():
+    """PEFT would cast a new adapter to the base's compute_dtype (bf16) and only get_peft_model's default
+    autocast_adapter_dtype=True casts it back; the layer keeps it fp32 on every route."""
+    model = nf4_llama(compute_dtype=torch.bfloat16)
+    pm = peft.get_peft_model(model, qpeft.lora_config(model=model, r=4, target_modules="all-linear"),
+                             autocast_adapter_dtype=False)
+    assert {p.dtype for p in lora_params(pm).values()} == {torch.float32}
+    pm.add_adapter("second", qpeft.lora_config(model=pm, r=2, target_modules="all-linear"))
+    assert {p.dtype for p in lora_params(pm).values()} == {torch.float32} and len(lora_params(pm)) == 56
+    if transformers_peft_integration_works():
+        model = nf4_llama(compute_dtype=torch.bfloat16)
+        model.add_adapter(qpeft.lora_config(model=model, r=4, target_modules="all-linear"))
+        x = ids()
+        out = model(input_ids=x, labels=x)
+        out.loss.backward()
+        lora = [p for n, p in model.named_parameters() if ".lora_" in n]
+        assert len(lora) == 28 and all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in lora)
+
+
+def test_rank_and_alpha_patterns():
+    model = nf4_llama()
+    pm = peft.get_peft_model(model, qpeft.lora_config(r=8, lora_alpha=16, target_modules=["q_proj", "down_proj"],
+                                                      rank_pattern={"q_proj": 2}, alpha_pattern={"down_proj": 4}))
+    layers = {n.removeprefix(PREFIX): m for n, m in pm.named_modules() if isinstance(m, QPeftLoraLinear)}
+    assert len(layers) == 4
+    for n, m in layers.items():
+        r, alpha = (2, 16) if n.endswith("q_proj") else (8, 4)
+        assert m.r["default"] == r and m.scaling["default"] == alpha / r
+        assert m.lora_A["default"].weight.shape == (r, m.in_features)
+
+
+def test_forward_matches_peft_on_the_dequantized_weights():
+    """Against PEFT's own lora.Linear on nn.Linear layers holding the dequantized NF4 weights: within 2x of PEFT's
+    fp32 error vs the same computation in fp64."""
+    pm = peft_nf4(r=8, lora_alpha=16)
+    pm.eval()
+
+    def dense(dtype):
+        model = tiny_llama(0, intermediate_size=INTERMEDIATE)
+        nf4 = pm.get_base_model()
+        with torch.no_grad():
+            for n, m in model.named_modules():
+                if isinstance(m, nn.Linear) and n != "lm_head":
+                    m.weight.copy_(nf4.get_submodule(n).base_layer.dequantize(torch.float32))
+        config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=all_linear(model), init_lora_weights=False)
+        ref = peft.get_peft_model(model.to(dtype), config, autocast_adapter_dtype=False)
+        copy_lora(pm, ref)
+        return ref.eval()
+
+    x = ids()
+    with torch.no_grad():
+        ours = pm(x).logits
+        ref64 = dense(torch.float64)(x).logits
+        ref32 = dense(torch.float32)(x).logits
+    assert not torch.allclose(ours, nf4_llama()(x).logits, atol=1e-3)  # the adapter changes the logits
+    assert_close_2x(ours, ref64, ref32, what="logits")
+
+
+def test_several_active_adapters_and_set_adapter():
+    pm = peft_nf4(r=4, lora_alpha=8)
+    second = qpeft.lora_config(model=pm, r=2, lora_alpha=6, init_lora_weights=False, target_modules="all-linear")
+    pm.add_adapter("other", second)
+    randomize_lora(pm, seed=7)
+    ours = add_lora(nf4_llama(), "all-linear", r=4, lora_alpha=8, init="random")
+    add_lora(ours, "all-linear", r=2, lora_alpha=6, init="random", adapter_name="other")
+    copy_lora(pm, ours)
+    x = ids()
+    for active in (["default", "other"], "other", "default"):
+        pm.base_model.set_adapter(active)
+        set_lora_adapter(ours, active)
+        with torch.no_grad():
+            assert torch.equal(pm(x).logits, ours(x).logits), active
+    base = nf4_llama()
+    with torch.no_grad(), pm.disable_adapter():
+        assert torch.equal(pm(x).logits, base(x).logits)
+    with torch.no_grad():
+        assert not torch.equal(pm(x).logits, base(x).logits)
+
+
+def test_several_adapters_with_dropout_in_training():
+    """Two active adapters with dropout: independent masks (the first fused, the second as a rank-r product), as
+    qpeft's LoraLinear does it: bit-identical logits and gradients under the same seed."""
+    pm = peft_nf4(r=4, lora_alpha=8, lora_dropout=0.1)
+    pm.add_adapter("other", qpeft.lora_config(model=pm, r=2, lora_alpha=6, lora_dropout=0.3, init_lora_weights=False,
+                                              target_modules="all-linear"))
+    randomize_lora(pm, seed=11)
+    pm.base_model.set_adapter(["default", "other"])
+    ours = add_lora(nf4_llama(), "all-linear", r=4, lora_alpha=8, lora_dropout=0.1, init="random")
+    add_lora(ours, "all-linear", r=2, lora_alpha=6, lora_dropout=0.3, init="random", adapter_name="other")
+    set_lora_adapter(ours, ["default", "other"])
+    copy_lora(pm, ours)
+    pm.train()
+    ours.train()
+    x = ids()
+    torch.manual_seed(13)
+    y1, g1 = loss_and_grads(pm, x)
+    torch.manual_seed(13)
+    y2, g2 = loss_and_grads(ours, x)
+    assert torch.equal(y1, y2) and len(g1) == 56
+    assert g1.keys() == g2.keys() and all(torch.equal(g1[n], g2[n]) for n in g1)
+    with torch.no_grad():  # and dropout really acted: eval differs from train
+        pm.eval()
+        assert not torch.equal(pm(x).logits, y1)
+
+
+def test_mixed_adapter_batch():
+    pm = peft_nf4(r=4, lora_alpha=8)
+    pm.add_adapter("other", qpeft.lora_config(model=pm, r=2, init_lora_weights=False, target_modules="all-linear"))
+    randomize_lora(pm, seed=9)
+    pm.eval()
+    x = ids(batch=3)
+    with torch.no_grad():
+        mixed = pm(x, adapter_names=["other", "__base__", "default"]).logits
+        pm.base_model.set_adapter("other")
+        row0 = pm(x[:1]).logits
+        pm.base_model.set_adapter("default")
+        row2 = pm(x[2:]).logits
+        with pm.disable_adapter():
+            row1 = pm(x[1:2]).logits
+    # one-row vs three-row batches through the same ops: equal up to fp32 GEMM blocking
+    torch.testing.assert_close(mixed, torch.cat([row0, row1, row2]))
+
+
+def test_merge_unmerge_and_merge_and_unload_equal_qpeft():
+    pm = peft_nf4(r=8, lora_alpha=16)
+    ours = add_lora(nf4_llama(), "all-linear", r=8, lora_alpha=16, init="random")
+    copy_lora(pm, ours)
+    name = "model.layers.1.mlp.down_proj"
+    layer, ref = pm.base_model.model.get_submodule(name), ours.get_submodule(name)
+    before = layer.base_layer.weight.clone()
+    with pytest.warns(UserWarning, match="re-quantizes"):
+        layer.merge()
+        ref.merge()
+    assert layer.merged and not torch.equal(layer.base_layer.weight, before)
+    for a, b in zip(layer.base_layer.state_dict().values(), ref.base_layer.state_dict().values()):
+        assert torch.equal(a, b)
+    x = torch.randn(3, layer.in_features)
+    with torch.no_grad():
+        assert torch.equal(layer(x), layer.base_layer(x))  # merged: the base alone
+    layer.unmerge()
+    ref.unmerge()
+    assert not layer.merged
+    for a, b in zip(layer.base_layer.state_dict().values(), ref.base_layer.state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.warns(UserWarning, match="Already unmerged"):
+        layer.unmerge()
+    # PEFT's merge_and_unload: NF4 layers with the merged, re-quantized weights
+    copy_lora(pm, ours)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        merged = pm.merge_and_unload()
+        for m in lora_layers(ours).values():
+            m.merge()
+    assert not any(isinstance(m, QPeftLoraLinear) for m in merged.modules())
+    for n, m in merged.named_modules():
+        if isinstance(m, QLinearNF4):
+            assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(),
+                                                         ours.get_submodule(n).base_layer.state_dict().values()))
+
+
+def test_safe_merge_rejects_non_finite_and_leaves_the_base():
+    pm = peft_nf4(r=4)
+    layer = pm.base_model.model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        layer.lora_B["default"].weight[0, 0] = float("inf")
+    before = {k: v.clone() for k, v in layer.base_layer.state_dict().items()}
+    with pytest.raises(ValueError, match="adapter 'default'"):
+        layer.merge(safe_merge=True)
+    assert not layer.merged
+    assert all(torch.equal(before[k], v) for k, v in layer.base_layer.state_dict().items())
+
+
+@pytest.mark.parametrize("option", [dict(use_dora=True), dict(lora_bias=True), dict(fan_in_fan_out=True),
+                                    dict(init_lora_weights="pissa"), dict(init_lora_weights="olora"),
+                                    dict(init_lora_weights="orthogonal")])
+def test_unsupported_options_raise_naming_them(option):
+    (name, value), = option.items()
+    with pytest.raises(ValueError, match=f"{name}={value!r}"):
+        qpeft.lora_config(target_modules=["q_proj"], **option)
+    # a LoraConfig built by hand and registered: the layer refuses it as PEFT builds it
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT's own warnings for fan_in_fan_out on nn.Linear
+        config = register(peft.LoraConfig(target_modules=["q_proj"], **option))
+    with pytest.raises(ValueError, match=f"{name}={value!r}"):
+        peft.get_peft_model(nf4_llama(), config)
+
+
+def test_second_adapter_with_unsupported_option_raises():
+    pm = peft_nf4(r=4, target_modules=["q_proj"])
+    with pytest.raises(ValueError, match="use_dora=True"):
+        pm.add_adapter("dora", register(peft.LoraConfig(target_modules=["q_proj"], use_dora=True)))
+
+
+def test_add_adapter_transformers_integration(tmp_path):
+    pm = peft_nf4(r=4, lora_alpha=8)
+    model = nf4_llama()
+    config = qpeft.lora_config(model=model, r=4, lora_alpha=8, init_lora_weights=False, target_modules="all-linear")
+    if not transformers_peft_integration_works():
+        # transformers 5.24's PEFT integration (add_adapter, set_adapter, load_adapter, ...) demands peft >= 0.22.0,
+        # newer than any release (0.21.2): it refuses before looking at the model or the config
+        with pytest.raises(ValueError, match=f"version >= {MIN_PEFT_FOR_TRANSFORMERS}"):
+            model.add_adapter(config)
+        return
+    model.add_adapter(config)
+    assert model._hf_peft_config_loaded
+    assert sum(isinstance(m, QPeftLoraLinear) for m in model.modules()) == 14
+    copy_lora(pm, model)
+    x = ids()
+    with torch.no_grad():
+        y = pm(x).logits
+        assert torch.equal(model(x).logits, y)
+    model.save_pretrained(tmp_path)
+    files = {p.name for p in tmp_path.iterdir()}  # no base weights (transformers 5.17 adds generation_config.json)
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= files <= {
+        "adapter_config.json", "adapter_model.safetensors", "generation_config.json"}
+    loaded = qpeft.peft_from_pretrained(nf4_llama(), tmp_path)
+    assert sum(isinstance(m, QPeftLoraLinear) for m in loaded.modules()) == 14
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, y)
+
+
+def test_saved_adapter_reloads_with_registration_and_loads_on_a_dense_base(tmp_path):
+    pm = peft_nf4(r=8, lora_alpha=16)
+    pm.save_pretrained(tmp_path)
+    assert "custom" not in (tmp_path / "adapter_config.json").read_text()  # PEFT does not save the mapping
+    saved = peft.get_peft_model_state_dict(pm)
+    x = ids()
+    with torch.no_grad():
+        y = pm(x).logits
+    # without the registration, stock PEFT cannot build a layer for QLinearNF4
+    with pytest.raises(ValueError, match="QLinearNF4"):
+        peft.PeftModel.from_pretrained(nf4_llama(), tmp_path)
+    loaded = qpeft.peft_from_pretrained(nf4_llama(), tmp_path)
+    assert not any(p.requires_grad for p in loaded.parameters())  # inference mode, as PEFT's default
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, y)
+    trainable = qpeft.peft_from_pretrained(nf4_llama(), tmp_path, is_trainable=True)
+    assert {n.removeprefix(PREFIX) for n, p in trainable.named_parameters() if p.requires_grad} == \
+        set(lora_params(trainable)) and len(lora_params(trainable)) == 28
+    # stock PEFT onto a plain dense base: every tensor as saved, and the adapter applied as qpeft applies it
+    dense = peft.PeftModel.from_pretrained(tiny_llama(0, intermediate_size=INTERMEDIATE), tmp_path)
+    theirs = peft.get_peft_model_state_dict(dense)
+    assert theirs.keys() == saved.keys() and all(torch.equal(theirs[k], saved[k]) for k in saved)
+    ref = qpeft.load_adapter(tiny_llama(0, intermediate_size=INTERMEDIATE), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(dense(x).logits, ref(x).logits)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert cfg["r"] == 8 and cfg["lora_alpha"] == 16 and len(cfg["target_modules"]) == 14
+
+
+def test_saved_adapter_on_a_bitsandbytes_base(tmp_path):
+    """Stock PEFT + transformers' bitsandbytes 4-bit base vs qpeft on the same bytes: identical logits."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    dense_dir, adapter_dir = tmp_path / "dense", tmp_path / "adapter"
+    tiny_llama(0, intermediate_size=INTERMEDIATE).save_pretrained(dense_dir)
+    bnb_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                    bnb_4bit_compute_dtype=torch.float32)
+    bnb_base = AutoModelForCausalLM.from_pretrained(dense_dir, quantization_config=bnb_config, device_map="cpu",
+                                                    dtype=torch.float32)
+    # qpeft's base from the same checkpoint, holding bitsandbytes' bytes (QLinearNF4 reads Linear4bit's keys).
+    # Quantizing the dense weights with qpeft instead gives the same packed weights but, in 2 of the 14 layers,
+    # one double-quantized absmax code of 128 differs: bitsandbytes 0.50.2's CPU quantize_blockwise picks a code
+    # one step away from the nearest (0.04234 vs 0.03953 for 0.04092), qpeft the nearest.
+    ours_base = AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.float32)
+    qpeft.quantize_model(ours_base, compute_dtype=torch.float32)
+    ours_base.load_state_dict(bnb_base.state_dict())
+    pm = peft.get_peft_model(ours_base, qpeft.lora_config(model=ours_base, r=8, lora_alpha=16,
+                                                          init_lora_weights=False, target_modules="all-linear"))
+    randomize_lora(pm)
+    pm.save_pretrained(adapter_dir)
+    theirs = peft.PeftModel.from_pretrained(bnb_base, adapter_dir)
+    assert type(theirs.base_model.model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"  # PEFT's bnb layer
+    # train mode (no dropout anywhere): bitsandbytes' CPU inference fast path (eval, no grad, AVX512-BF16)
+    # repacks the weight and computes in bf16 whatever compute_dtype says; training mode takes its fp32 path
+    pm.train()
+    theirs.train()
+    x = ids()
+    with torch.no_grad():
+        y_ours, y_theirs = pm(x).logits, theirs(x).logits
+    assert torch.equal(y_ours, y_theirs)
+
+
+def test_from_pretrained_passes_other_adapters_through_and_forward_refuses_extra_arguments(tmp_path):
+    pt = peft.get_peft_model(nf4_llama(), peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    with torch.no_grad():
+        pt.prompt_encoder["default"].embedding.weight.normal_()
+    pt.save_pretrained(tmp_path)
+    loaded = qpeft.peft_from_pretrained(nf4_llama(), tmp_path)  # not LoRA: no registration, PEFT's own loading
+    assert isinstance(loaded.peft_config["default"], peft.PromptTuningConfig)
+    x = ids()
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=x).logits, pt(input_ids=x).logits)
+    layer = peft_nf4(r=2, target_modules=["q_proj"]).base_model.model.model.layers[0].self_attn.q_proj
+    with pytest.raises(TypeError, match="takes x"):
+        layer(torch.randn(2, 64), torch.randn(2))
