@@ -260,3 +260,36 @@ def test_trainer_on_add_adapter_model(tmp_path):
     saved, theirs = load_file(str(tmp_path / "a" / "checkpoint-2" / "adapter_model.safetensors")), \
         peft.get_peft_model_state_dict(loaded)
     assert saved.keys() == theirs.keys() and len(saved) == 28 and all(torch.equal(saved[k], theirs[k]) for k in saved)
+
+
+def test_sft_trainer_from_a_path_quantizes_on_load_and_trains(tmp_path):
+    """SFTTrainer(model=<path>, quantization_config=QPeftConfig(), peft_config=qpeft.lora_config(...)): TRL loads
+    the model through qpeft's quantizer, wraps it with PEFT, trains qpeft's LoRA layers and saves the adapter."""
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+
+    base = tiny_llama(0, intermediate_size=128)
+    base.save_pretrained(tmp_path / "base")
+    reference = tiny_llama(0, intermediate_size=128)
+    qpeft.quantize_model(reference, compute_dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+    texts = [" ".join(f"t{int(i)}" for i in torch.randint(3, 128, (10,), generator=g)) for _ in range(4)]
+    names = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    sft_args = trl.SFTConfig(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=2,
+                             learning_rate=1e-2, logging_steps=1, save_strategy="steps", save_steps=2,
+                             report_to="none", use_cpu=True, bf16=False, disable_tqdm=True)
+    tr = trl.SFTTrainer(model=str(tmp_path / "base"), args=sft_args, train_dataset=Dataset.from_dict({"text": texts}),
+                        processing_class=_tokenizer(),
+                        quantization_config=qpeft.QPeftConfig(compute_dtype=torch.float32),
+                        peft_config=qpeft.lora_config(r=4, lora_alpha=8, target_modules=names))
+    layers = {n.removeprefix(PREFIX): m for n, m in tr.model.named_modules() if isinstance(m, QPeftLoraLinear)}
+    assert len(layers) == 14
+    ours = {n: m for n, m in reference.named_modules() if isinstance(m, QLinearNF4)}
+    # the base TRL loaded is byte for byte what quantize_model makes of the same weights
+    assert all(torch.equal(layers[n].base_layer.weight, ours[n].weight) and
+               torch.equal(layers[n].base_layer.absmax_bytes, ours[n].absmax_bytes) for n in ours)
+    tr.train()
+    assert all(m.lora_B["default"].weight.abs().sum() > 0 for m in layers.values())
+    assert all(torch.equal(layers[n].base_layer.weight, ours[n].weight) for n in ours)  # frozen
+    files = {p.name for p in (tmp_path / "out" / "checkpoint-2").iterdir()}
+    assert "adapter_model.safetensors" in files and not any(f.startswith("model") for f in files), files
