@@ -112,16 +112,22 @@ def test_get_peft_model_wraps_every_qlinear_nf4():
     assert trainable == {n for n in dict(pm.named_parameters()) if ".lora_A.default." in n or ".lora_B.default." in n}
 
 
-def test_all_linear_needs_the_model():
-    if PEFT_SEES_NF4:  # QLinearNF4 is an nn.Linear: PEFT's own "all-linear" finds it
-        pm = peft.get_peft_model(nf4_llama(), qpeft.lora_config(target_modules="all-linear"))
-        assert sum(isinstance(m, QPeftLoraLinear) for m in pm.modules()) == 14
-    else:
+def test_all_linear_without_the_model_counts_the_4bit_layers():
+    """qpeft.lora_config(target_modules="all-linear") with no model: resolved when PEFT injects the adapter, with
+    QLinearNF4 counted; a stock LoraConfig keeps PEFT's own rule (which finds no linear layer on an NF4 model)."""
+    config = qpeft.lora_config(r=16, target_modules="all-linear")
+    assert config.target_modules == "all-linear"
+    pm = peft.get_peft_model(nf4_llama(), config)
+    layers = {n.removeprefix(PREFIX) for n, m in pm.named_modules() if isinstance(m, QPeftLoraLinear)}
+    assert layers == set(all_linear(nf4_llama())) and len(layers) == 14
+    assert isinstance(pm.base_model.model.lm_head, nn.Linear)
+    if not PEFT_SEES_NF4:
         # PEFT 0.21.2 resolves "all-linear" by type (nn.Linear / Conv1D only): on an NF4 model it finds nothing
         with pytest.raises(ValueError, match="target_modules"):
             peft.get_peft_model(nf4_llama(), peft.LoraConfig(target_modules="all-linear"))
-        with pytest.raises(ValueError, match="target_modules='all-linear' needs model="):
-            qpeft.lora_config(target_modules="all-linear")
+    # a dense model through a stock config: PEFT's resolution, untouched
+    dense = peft.get_peft_model(tiny_llama(), peft.LoraConfig(target_modules="all-linear"))
+    assert sum(type(m).__name__ == "Linear" and hasattr(m, "lora_A") for m in dense.modules()) == 14
     assert len(all_linear(nf4_llama())) == 14
     with pytest.raises(ValueError, match="no nn.Linear"):
         all_linear(nn.Sequential(nn.ReLU()))

@@ -274,14 +274,13 @@ def test_sft_trainer_from_a_path_quantizes_on_load_and_trains(tmp_path):
     qpeft.quantize_model(reference, compute_dtype=torch.float32)
     g = torch.Generator().manual_seed(0)
     texts = [" ".join(f"t{int(i)}" for i in torch.randint(3, 128, (10,), generator=g)) for _ in range(4)]
-    names = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     sft_args = trl.SFTConfig(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=2,
                              learning_rate=1e-2, logging_steps=1, save_strategy="steps", save_steps=2,
                              report_to="none", use_cpu=True, bf16=False, disable_tqdm=True)
     tr = trl.SFTTrainer(model=str(tmp_path / "base"), args=sft_args, train_dataset=Dataset.from_dict({"text": texts}),
                         processing_class=_tokenizer(),
                         quantization_config=qpeft.QPeftConfig(compute_dtype=torch.float32),
-                        peft_config=qpeft.lora_config(r=4, lora_alpha=8, target_modules=names))
+                        peft_config=qpeft.lora_config(r=4, lora_alpha=8, target_modules="all-linear"))
     layers = {n.removeprefix(PREFIX): m for n, m in tr.model.named_modules() if isinstance(m, QPeftLoraLinear)}
     assert len(layers) == 14
     ours = {n: m for n, m in reference.named_modules() if isinstance(m, QLinearNF4)}

@@ -14,6 +14,8 @@ been measured faster than PEFT's two small GEMMs (no GPU benchmark yet), so PEFT
 """
 from __future__ import annotations
 
+import functools
+
 import dataclasses
 import warnings
 
@@ -248,26 +250,54 @@ def all_linear(model: nn.Module) -> list[str]:
 
 
 # PEFT's "all-linear" collects isinstance(m, (nn.Linear, Conv1D)): it finds QLinearNF4 only if that subclasses
-# nn.Linear (as bitsandbytes' Linear4bit does); until then lora_config resolves the names itself.
+# nn.Linear (as bitsandbytes' Linear4bit does). It does not: for the configs lora_config returns, PEFT's
+# resolution is extended below to count QLinearNF4 too.
 PEFT_SEES_NF4 = issubclass(QLinearNF4, nn.Linear)
+
+
+def _is_qpeft_config(config) -> bool:
+    return QLinearNF4 in (getattr(config, "_custom_modules", None) or {})
+
+
+def _count_nf4_in_all_linear() -> None:
+    """Wrap PEFT's `_maybe_include_all_linear_layers` (what LoRA's inject_adapter calls to expand "all-linear")
+    so that, for a config with qpeft's registration, "all-linear" is `all_linear(model)`: PEFT's rule with
+    QLinearNF4 counted as a linear layer. Every other config is resolved by PEFT unchanged. This is what lets
+    `lora_config(target_modules="all-linear")` work without the model, e.g. in `SFTTrainer(model=<path>,
+    peft_config=...)`, where the model does not exist yet when the config is built."""
+    from peft.tuners import tuners_utils
+
+    original = tuners_utils._maybe_include_all_linear_layers
+    if getattr(original, "_qpeft", False):
+        return
+
+    @functools.wraps(original)
+    def include_all_linear(peft_config, model):
+        target = getattr(peft_config, "target_modules", None)
+        if (not PEFT_SEES_NF4 and isinstance(target, str) and target.lower() == "all-linear"
+                and _is_qpeft_config(peft_config)):
+            peft_config.target_modules = set(all_linear(model))
+            return peft_config
+        return original(peft_config, model)
+
+    include_all_linear._qpeft = True
+    tuners_utils._maybe_include_all_linear_layers = include_all_linear
+
+
+_count_nf4_in_all_linear()
 
 
 def lora_config(*, model: nn.Module | None = None, **kwargs) -> LoraConfig:
     """A `peft.LoraConfig(**kwargs)` with QLinearNF4 -> QPeftLoraLinear registered, for `get_peft_model`,
     `model.add_adapter`, `trl.SFTTrainer(peft_config=...)`.
 
-    target_modules="all-linear" needs `model`: PEFT 0.21.2 resolves "all-linear" by type and counts only
-    nn.Linear / Conv1D (QLinearNF4 is neither), so it would leave every 4-bit layer out. With `model` the names
-    are resolved here by `all_linear(model)` and stored as an explicit list (which stock PEFT also loads);
-    without it, ValueError (rather than an adapter that silently misses the 4-bit layers).
+    target_modules="all-linear": PEFT 0.21.2 resolves it by type and counts only nn.Linear / Conv1D (QLinearNF4
+    is neither), so it would leave every 4-bit layer out. qpeft resolves it instead, as `all_linear(model)`:
+    here when `model` is given (stored as an explicit list), else when PEFT injects the adapter.
     Raises ValueError naming any option the fused layer does not implement (DoRA, lora_bias, ...).
     """
     target = kwargs.get("target_modules")
-    if isinstance(target, str) and target.lower() == "all-linear" and (model is not None or not PEFT_SEES_NF4):
-        if model is None:
-            raise ValueError("lora_config: target_modules='all-linear' needs model= (PEFT's own 'all-linear' "
-                             "counts only nn.Linear/Conv1D and would skip every QLinearNF4 layer); pass "
-                             "lora_config(..., model=model) or an explicit list of module names")
+    if isinstance(target, str) and target.lower() == "all-linear" and model is not None:
         kwargs["target_modules"] = all_linear(model)
     config = LoraConfig(**kwargs)
     check_config(config, where="lora_config")
