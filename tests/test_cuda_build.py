@@ -53,7 +53,8 @@ def test_architecture_lists_the_raw_ops():
     names = set(documented_raw_schemas())
     assert names == {"quantize_4bit_out", "dequantize_4bit_out", "quantize_blockwise_out",
                      "dequantize_blockwise_out", "nf4_matmul_out", "nf4_matmul_dx_out", "dense_lora_matmul_out",
-                     "lora_shrink_gathered_out", "lora_expand_gathered_out"}
+                     "lora_shrink_gathered_out", "lora_expand_gathered_out", "optim_8bit_step_out",
+                     "managed_prefetch"}
 
 
 def test_every_documented_schema_is_registered_exactly(loaded_extension):
