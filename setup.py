@@ -30,6 +30,7 @@ setup(
         "qpeft.modules",
         "qpeft.methods",
         "qpeft.integrations",
+        "qpeft.distributed",
         "qpeft.demo",
         "qpeft.triton_kernels",
         "qpeft.csrc",
