@@ -61,12 +61,12 @@ def prepare_zero3(model: nn.Module) -> nn.Module:
     """Register each LoraLinear's 4-bit base Parameters as external parameters of the LoraLinear, so ZeRO-3
     gathers them in the LoraLinear's forward (which calls the kernel on them directly). Call after
     `deepspeed.initialize` (or inside `deepspeed.zero.Init`'s model); returns the model."""
-    from deepspeed.zero import register_external_parameter
+    import deepspeed
 
     from ..modules.lora_linear import LoraLinear, is_nf4_layer
 
     for m in model.modules():
         if isinstance(m, LoraLinear) and is_nf4_layer(m.base_layer):
             for p in m.base_layer.parameters(recurse=False):
-                register_external_parameter(m, p)
+                deepspeed.zero.register_external_parameter(m, p)
     return model
