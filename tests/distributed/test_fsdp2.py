@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from qpeft.distributed import FSDP2_MIN_TORCH, check_fsdp2_supported, shard_qlora_model, zero3_config
+from qpeft.distributed import FSDP2_MIN_TORCH, check_fsdp2_supported, shard_qlora_model
 from qpeft.distributed.fsdp2 import FSDP2UnsupportedError, _torch_version, decoder_layers
 
 from .launch import free_port, spawn
@@ -116,17 +116,3 @@ def test_shard_qlora_model_needs_a_process_group():
 def test_decoder_layers_of_a_llama():
     model = tiny_llama(layers=3)
     assert decoder_layers(model) == list(model.model.layers)
-
-
-def test_zero3_config():
-    cfg = zero3_config(micro_batch_size=2, dtype="bf16", gradient_clipping=0.0, param_persistence_threshold=0)
-    assert cfg["zero_optimization"]["stage"] == 3 and cfg["zero_optimization"][
-        "stage3_param_persistence_threshold"] == 0
-    assert cfg["bf16"] == {"enabled": True} and cfg["fp16"] == {"enabled": False}
-    assert cfg["train_micro_batch_size_per_gpu"] == 2 and cfg["gradient_clipping"] == 0.0
-    with pytest.raises(ValueError, match="dtype must be one of"):
-        zero3_config(dtype="float16")
-    with pytest.raises(ValueError, match="micro_batch_size must be an int >= 1"):
-        zero3_config(micro_batch_size=0)
-    with pytest.raises(ValueError, match="gradient_clipping must be >= 0"):
-        zero3_config(gradient_clipping=-1.0)

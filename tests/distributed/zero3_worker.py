@@ -48,6 +48,11 @@ def main():
     import faulthandler
     faulthandler.dump_traceback_later(float(os.environ.get("QPEFT_TEST_DUMP_S", "280")), exit=True)
     torch.set_num_threads(1)
+    # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op at init (first run: minutes on 2
+    # cores, past the spawn timeout) that only its inference all-reduce uses, and only with LOCAL_SIZE set;
+    # training collectives go through gloo. Skip the build.
+    import deepspeed.comm.torch as ds_comm_torch
+    ds_comm_torch.build_shm_op = lambda: None
     deepspeed.init_distributed(dist_backend="gloo")
     rank, ws = dist.get_rank(), dist.get_world_size()
     report = {"world_size": ws, "torch": torch.__version__, "deepspeed": deepspeed.__version__}
