@@ -81,11 +81,7 @@ def absmax_to_bytes(absmax: torch.Tensor) -> torch.Tensor:
 
 
 def absmax_from_bytes(absmax_bytes: torch.Tensor, double_quant: bool) -> torch.Tensor:
-    """The inverse view of absmax_to_bytes (free: no copy). A DTensor (a row shard under FSDP2) gives the DTensor
-    of the scales over the same shards: each local [rows, 4] shard viewed as fp32 (rows are whole scales)."""
-    dtensor = _dtensor_type()
-    if dtensor is not None and isinstance(absmax_bytes, dtensor):
-        return _absmax_dtensor(absmax_bytes, double_quant, dtensor)
+    """The inverse view of absmax_to_bytes (free: no copy)."""
     if double_quant:
         return absmax_bytes.reshape(-1)
     return absmax_bytes.view(torch.float32).reshape(-1)
@@ -99,6 +95,8 @@ def _dtensor_type():
 
 
 def _absmax_dtensor(absmax_bytes, double_quant: bool, dtensor):
+    """The DTensor of the scales over absmax_bytes' row shards (FSDP2): each local [rows, 4] shard viewed as fp32
+    (rows are whole scales), so no bytes move."""
     from torch.distributed.tensor import Shard
 
     if any(not (isinstance(p, Shard) and p.dim == 0) for p in absmax_bytes.placements):
@@ -257,12 +255,15 @@ class QLinearNF4(nn.Module):
     @property
     def quant_state(self):
         """The weight's QuantState (qpeft.quant_state.QuantState), sharing this module's buffers."""
+        return self._quant_state(self.absmax)
+
+    def _quant_state(self, absmax: torch.Tensor):
         state2 = None
         if self.double_quant:
             state2 = QuantState(absmax=self.nested_absmax, shape=torch.Size([self.nested_absmax.numel()]),
                                 dtype=torch.float32, blocksize=NESTED_BLOCKSIZE, quant_type="blockwise8",
                                 code=self.nested_quant_map, offset=None, state2=None)
-        return QuantState(absmax=self.absmax, shape=torch.Size([self.out_features, self.in_features]),
+        return QuantState(absmax=absmax, shape=torch.Size([self.out_features, self.in_features]),
                           dtype=self.weight_dtype, blocksize=self.blocksize, quant_type=self.quant_type,
                           code=self.quant_map, offset=self.offset, state2=state2)
 
@@ -333,7 +334,11 @@ class QLinearNF4(nn.Module):
                     put("weight." + key, t)
             put("weight." + _BLOB + self.quant_type, torch.empty(0, dtype=torch.uint8, device="meta"))
             return
-        for key, t in self.quant_state.as_dict(packed=True).items():  # bitsandbytes' keys and JSON header
+        if dtensor is not None and isinstance(self.absmax_bytes, dtensor):  # sharded: the scales' DTensor
+            absmax = _absmax_dtensor(self.absmax_bytes, self.double_quant, dtensor)
+        else:
+            absmax = self.absmax
+        for key, t in self._quant_state(absmax).as_dict(packed=True).items():  # bitsandbytes' keys, JSON header
             put("weight." + key, t)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
