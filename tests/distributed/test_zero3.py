@@ -28,9 +28,13 @@ def test_zero3_qlora_matches_single_process(tmp_path, world_size):
     assert r["loss_diff"][0] == 0.0
     assert r["grad_rel"][0] <= 1e-6 and max(r["grad_diff"]) <= 1e-5 and max(r["loss_diff"]) <= 1e-5
     assert r["param_diff"] <= 1e-4 and r["sd_lora_diff"] <= 1e-4 and r["adapter_diff"] <= 1e-4
-    # state dict inside GatheredParameters: bitsandbytes' keys, the unsharded bytes; adapter saved by rank 0
+    # state dict inside GatheredParameters: bitsandbytes' keys, the unsharded bytes, loads into Linear4bit;
+    # the adapter saved by rank 0 loads in PEFT
     assert r["sd_keys_equal"] and r["sd_base_bytes_equal"]
-    assert r["adapter_written_by_others"] and r["adapter_keys_equal"]
+    assert r["adapter_written_by_others"] and r["adapter_keys_equal"] and r["peft_loads_equal"]
+    assert {k: v["double_quant"] for k, v in r["bnb"].items()} == {"model.layers.0.self_attn.q_proj": True,
+                                                                    "model.layers.1.self_attn.q_proj": False}
+    assert all(v["state_dict_equal"] and v["dequant_equal"] for v in r["bnb"].values())
     # DeepSpeed's bf16 mode casts the float Parameters (LoRA seen as bf16 in forward), never the uint8 storage
     bf16 = r["bf16"]
     assert bf16["lora_dtype_in_forward"] == ["torch.bfloat16"] and bf16["forward_checks"] == 14

@@ -19,7 +19,8 @@ import torch.distributed as dist
 import qpeft
 from qpeft import QLinearNF4
 from qpeft.distributed import prepare_zero3, zero3_config
-from fsdp2_worker import STEPS, batches, check_forward_bytes, make_model, quantized_bytes, reference_run, trainable
+from fsdp2_worker import (STEPS, batches, bnb_and_peft, check_forward_bytes, make_model, quantized_bytes,
+                          reference_run, trainable)
 
 
 def gathered_bytes(model):
@@ -124,6 +125,9 @@ def main():
                        for n, p in trainable(ref).items()}
         report["adapter_keys_equal"] = sorted(saved) == sorted(ref_adapter)
         report["adapter_diff"] = max((saved[k] - ref_adapter[k]).abs().max().item() for k in saved)
+        # the gathered layers load into bitsandbytes' Linear4bit, the saved adapter into PEFT
+        loaded = bnb_and_peft(out_dir, sd, orig_sd, path, ref)
+        report.update(bnb=loaded["bnb"], peft_loads_equal=loaded["peft_loads_equal"])
 
     # bf16 mode: DeepSpeed casts every float Parameter; the uint8 storage must arrive and stay byte-identical
     engine16 = engine_for(copy.deepcopy(init), "bf16")
