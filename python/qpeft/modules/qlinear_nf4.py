@@ -18,6 +18,8 @@ re-quantizes: the packed bytes and scales are the quantized weight.
 from __future__ import annotations
 
 import math
+import sys
+import types
 
 import torch
 import torch.nn as nn
@@ -83,6 +85,27 @@ def absmax_from_bytes(absmax_bytes: torch.Tensor, double_quant: bool) -> torch.T
     if double_quant:
         return absmax_bytes.reshape(-1)
     return absmax_bytes.view(torch.float32).reshape(-1)
+
+
+def _dtensor_type():
+    """torch.distributed.tensor.DTensor if that module is loaded (no DTensor can exist otherwise), else None:
+    QLinearNF4 never imports torch.distributed itself."""
+    mod = sys.modules.get("torch.distributed.tensor")
+    return getattr(mod, "DTensor", None)
+
+
+def _absmax_dtensor(absmax_bytes, double_quant: bool, dtensor):
+    """The DTensor of the scales over absmax_bytes' row shards (FSDP2): each local [rows, 4] shard viewed as fp32
+    (rows are whole scales), so no bytes move."""
+    from torch.distributed.tensor import Shard
+
+    if any(not (isinstance(p, Shard) and p.dim == 0) for p in absmax_bytes.placements):
+        raise ValueError(f"absmax_bytes must be sharded on dim 0 (rows are whole scales), got placements "
+                         f"{absmax_bytes.placements}")
+    local = absmax_from_bytes(absmax_bytes.to_local(), double_quant)
+    blocks = absmax_bytes.shape[0]
+    return dtensor.from_local(local, absmax_bytes.device_mesh, absmax_bytes.placements, run_check=False,
+                              shape=torch.Size([blocks]), stride=(1,))
 
 
 class QLinearNF4(nn.Module):
@@ -232,12 +255,15 @@ class QLinearNF4(nn.Module):
     @property
     def quant_state(self):
         """The weight's QuantState (qpeft.quant_state.QuantState), sharing this module's buffers."""
+        return self._quant_state(self.absmax)
+
+    def _quant_state(self, absmax: torch.Tensor):
         state2 = None
         if self.double_quant:
             state2 = QuantState(absmax=self.nested_absmax, shape=torch.Size([self.nested_absmax.numel()]),
                                 dtype=torch.float32, blocksize=NESTED_BLOCKSIZE, quant_type="blockwise8",
                                 code=self.nested_quant_map, offset=None, state2=None)
-        return QuantState(absmax=self.absmax, shape=torch.Size([self.out_features, self.in_features]),
+        return QuantState(absmax=absmax, shape=torch.Size([self.out_features, self.in_features]),
                           dtype=self.weight_dtype, blocksize=self.blocksize, quant_type=self.quant_type,
                           code=self.quant_map, offset=self.offset, state2=state2)
 
@@ -287,6 +313,16 @@ class QLinearNF4(nn.Module):
             destination[prefix + key] = t if keep_vars else t.detach()
 
         put("weight", self.weight)
+        # torch.distributed.checkpoint's get_model_state_dict resolves each key by getattr from the model
+        # (`_get_fqns`): `...weight.absmax` needs an `absmax` attribute on the weight object (bitsandbytes
+        # #1405: "'DTensor' object has no attribute 'absmax'"). Placeholders on whatever self.weight is now (the
+        # sharded DTensor under FSDP2); the values come from this dict. Only on a DTensor: a plain weight with a
+        # `quant_state` attribute would look like bitsandbytes' Params4bit to PEFT and transformers.
+        dtensor = _dtensor_type()
+        if dtensor is not None and isinstance(self.weight, dtensor):
+            self.weight.absmax = self.weight.quant_map = None
+            self.weight.nested_absmax = self.weight.nested_quant_map = None
+            self.weight.quant_state = types.SimpleNamespace(**{"bitsandbytes__" + q: None for q in QUANT_TYPES})
         if self.bias is not None:
             put("bias", self.bias)
         if self.weight.device.type == "meta":
@@ -298,12 +334,21 @@ class QLinearNF4(nn.Module):
                     put("weight." + key, t)
             put("weight." + _BLOB + self.quant_type, torch.empty(0, dtype=torch.uint8, device="meta"))
             return
-        for key, t in self.quant_state.as_dict(packed=True).items():  # bitsandbytes' keys and JSON header
+        if dtensor is not None and isinstance(self.absmax_bytes, dtensor):  # sharded: the scales' DTensor
+            absmax = _absmax_dtensor(self.absmax_bytes, self.double_quant, dtensor)
+        else:
+            absmax = self.absmax
+        for key, t in self._quant_state(absmax).as_dict(packed=True).items():  # bitsandbytes' keys, JSON header
             put("weight." + key, t)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         # Validate everything first; touch the module only when the whole layer is consistent.
+        dtensor = _dtensor_type()
+        if dtensor is not None and isinstance(self.weight, dtensor):
+            error_msgs.append(f"QLinearNF4 {prefix[:-1] or '<root>'}: cannot load into a sharded layer (FSDP2); "
+                              f"load the state dict before qpeft.distributed.shard_qlora_model")
+            return
         ours = {k for k in state_dict if k.startswith(prefix)}  # no child modules: every such key is ours
         if not any(k.startswith(prefix + "weight") for k in ours):
             missing_keys.append(prefix + "weight")

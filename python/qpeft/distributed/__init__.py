@@ -1,0 +1,16 @@
+"""What the distributed engines need from qpeft (no engine of our own; style guide §11).
+
+- FSDP2: `shard_qlora_model` applies `torch.distributed.fsdp.fully_shard` to each decoder layer, then the root
+  (torchtitan's `parallelize_llama` / torchtune's `shard_model`). QLinearNF4's quantized storage is frozen uint8
+  Parameters, which FSDP2 shards, all-gathers as raw bytes and never casts (torch >= 2.12).
+- DeepSpeed ZeRO-3: `zero3_config` returns the documented config (examples/deepspeed_zero3.json is the same).
+- State dicts: QLinearNF4 writes bitsandbytes' Linear4bit keys also when sharded (DTensor values, whose
+  `full_tensor()` is the unsharded layer's bytes); `torch.distributed.checkpoint.state_dict.get_model_state_dict`
+  works on a sharded model; `qpeft.save_adapter` gathers only the adapter and writes on rank 0.
+
+`import qpeft` never imports this package; it imports torch.distributed.fsdp only when called.
+"""
+from .fsdp2 import FSDP2_MIN_TORCH, shard_qlora_model, check_fsdp2_supported
+from .zero3 import prepare_zero3, zero3_config
+
+__all__ = ["shard_qlora_model", "check_fsdp2_supported", "FSDP2_MIN_TORCH", "zero3_config", "prepare_zero3"]
