@@ -27,7 +27,8 @@ __all__ = ["bottleneck_adapter_triton", "bottleneck_adapter_backward_triton", "M
 # is the largest bottleneck that compiles for sm_90 without spills (see _blocks). Larger ones use the reference.
 MAX_BOTTLENECK = 512
 
-# tl.constexpr: Triton 3.6 refuses plain Python globals inside @triton.jit functions (3.9 accepts them)
+# tl.constexpr: Triton 3.6 refuses plain Python globals inside @triton.jit functions (3.9 accepts them). Keep
+# them right of a tensor: in the Triton 3.9 interpreter constexpr * tensor wraps the tensor in a constexpr.
 _SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
 _INV_SQRT_2 = tl.constexpr(0.7071067811865476)
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
@@ -48,7 +49,7 @@ def _act(h, ACT: tl.constexpr):
     elif ACT == 3:
         h = 0.5 * h * (1.0 + tl.math.erf(h * _INV_SQRT_2))
     elif ACT == 4:
-        h = 0.5 * h * (1.0 + _tanh(_SQRT_2_OVER_PI * (h + 0.044715 * h * h * h)))
+        h = 0.5 * h * (1.0 + _tanh((h + 0.044715 * h * h * h) * _SQRT_2_OVER_PI))
     elif ACT == 5:
         h = _tanh(h)
     return h
@@ -66,7 +67,7 @@ def _act_grad(h, ACT: tl.constexpr):
     elif ACT == 3:
         g = 0.5 * (1.0 + tl.math.erf(h * _INV_SQRT_2)) + h * tl.exp(-0.5 * h * h) * _INV_SQRT_2PI
     elif ACT == 4:
-        t = _tanh(_SQRT_2_OVER_PI * (h + 0.044715 * h * h * h))
+        t = _tanh((h + 0.044715 * h * h * h) * _SQRT_2_OVER_PI)
         g = 0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * h * h)
     else:
         t = _tanh(h)
