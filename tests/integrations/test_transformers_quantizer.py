@@ -245,3 +245,20 @@ def test_dequantize_gives_back_dense_linear_layers(tmp_path):
     dense = model.dequantize()
     assert not _quantized_names(dense) and type(dense.model.layers[0].mlp.up_proj) is nn.Linear
     torch.testing.assert_close(_logits(dense), y, rtol=1e-5, atol=1e-5)  # same weights, dense fp32 matmul
+
+
+def test_device_map_auto_sizes_the_4bit_layers_and_loads_the_same_bytes(tmp_path):
+    """device_map="auto" runs accelerate's size estimate through param_element_size (called with sub-modules and
+    relative names); on a CPU-only machine the map is the CPU and the bytes equal the default load's."""
+    _save_dense(tmp_path)
+    auto = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=QPeftConfig(), device_map="auto")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=QPeftConfig())
+    _assert_same_state(auto.state_dict(), plain.state_dict())
+    from qpeft.integrations.transformers import QPeftHfQuantizer
+
+    quantizer = auto.hf_quantizer
+    assert isinstance(quantizer, QPeftHfQuantizer)
+    layer = auto.model.layers[0].self_attn.q_proj
+    # 4 bits per weight plus one 8-bit absmax code per 64 weights (double quant)
+    assert quantizer.param_element_size(auto.model, "layers.0.self_attn.q_proj.weight", layer.weight) == 0.5 + 1 / 64
+    assert quantizer.param_element_size(auto, "lm_head.weight", auto.lm_head.weight) == 4
