@@ -25,6 +25,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import env_info, print_table, write_csv  # noqa: E402
+from benchmarks.common import rss_anon as _rss_anon  # noqa: E402
 
 MIB = 2 ** 20
 MODES = ("qpeft_on_load", "bf16_then_quantize_model", "bnb_on_load")
@@ -84,14 +85,6 @@ if device == "cuda":
     out["cuda_peak_bytes"] = torch.cuda.max_memory_allocated()
 print("RESULT " + json.dumps(out), flush=True)
 """
-
-
-def _rss_anon(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def measure(mode: str, path: Path, device: str) -> dict:

@@ -17,16 +17,15 @@ Writes benchmarks/results/<device>/optim.csv and prints a table.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import bench, env_info, on_gpu, print_table, write_csv  # noqa: E402
+from benchmarks.common import backend as _backend  # noqa: E402
 
 HIDDEN, KV, INTER, RANK = 4096, 1024, 14336, 16
 LINEARS = [(HIDDEN, HIDDEN), (HIDDEN, KV), (HIDDEN, KV), (HIDDEN, HIDDEN), (HIDDEN, INTER), (HIDDEN, INTER),
@@ -42,20 +41,6 @@ def lora_params(layers: int, device, dtype) -> list[torch.nn.Parameter]:
     for p in ps:
         p.grad = torch.randn_like(p) * 1e-3
     return ps
-
-
-@contextmanager
-def _backend(name: str | None):
-    old = os.environ.get("QPEFT_BACKEND")
-    if name is not None:
-        os.environ["QPEFT_BACKEND"] = name
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("QPEFT_BACKEND", None)
-        else:
-            os.environ["QPEFT_BACKEND"] = old
 
 
 def providers() -> list[str]:

@@ -24,34 +24,19 @@ Writes benchmarks/results/<device>/quantize.csv and prints a table.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import bench, env_info, on_gpu, print_table, write_csv  # noqa: E402
+from benchmarks.common import backend as _backend  # noqa: E402
 
 GPU_SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672)]
 CPU_SHAPES = [(256, 512), (1024, 1024)]
 BLOCKSIZE = 64
 OPS = ("quantize_dq", "quantize_dq_api", "dequantize", "dequantize_dq_api")
-
-
-@contextmanager
-def _backend(name: str | None):
-    old = os.environ.get("QPEFT_BACKEND")
-    if name is not None:
-        os.environ["QPEFT_BACKEND"] = name
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("QPEFT_BACKEND", None)
-        else:
-            os.environ["QPEFT_BACKEND"] = old
 
 
 def providers() -> list[str]:

@@ -33,6 +33,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import env_info, print_table, write_csv  # noqa: E402
+from benchmarks.common import rss_anon as _rss_anon  # noqa: E402
 
 MIB, GIB = 2 ** 20, 2 ** 30
 
@@ -66,14 +67,6 @@ gc.collect(); out["stepped"] = anon(); out["loss"] = loss.item()
 print("RESULT " + json.dumps(out), flush=True)
 dist.destroy_process_group()
 """
-
-
-def _rss_anon(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def _free_port() -> int:

@@ -6,6 +6,7 @@ perf_counter loop. Results go to benchmarks/results/<gpu-or-cpu-name>/<suite>.cs
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as _dt
 import os
@@ -136,3 +137,28 @@ def suite_main(suite: str, run, columns: list[str] | None = None, description: s
     print_table(rows, columns)
     print("wrote", write_csv(suite, rows))
     return rows
+
+
+@contextlib.contextmanager
+def backend(name: str | None):
+    """Run the body with QPEFT_BACKEND=name (None: as it is), restoring the previous value."""
+    old = os.environ.get("QPEFT_BACKEND")
+    if name is not None:
+        os.environ["QPEFT_BACKEND"] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("QPEFT_BACKEND", None)
+        else:
+            os.environ["QPEFT_BACKEND"] = old
+
+
+def rss_anon(pid: int) -> int:
+    """Bytes of a process's anonymous memory (RssAnon in /proc/<pid>/status): what a load or a step really
+    allocates; memory-mapped checkpoint pages are page cache and not counted."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    return 0
