@@ -19,22 +19,12 @@ import torch
 import triton
 import triton.language as tl
 
+from qpeft.triton_kernels.lora import _DOT_KIND, _precision, _to_dot  # the dense LoRA kernels' dot rules
 from qpeft.reference.multi_lora import ROWS_MAX_M  # batches of at most this many rows take the rows path
 
 __all__ = ["lora_shrink_gathered_triton", "lora_expand_gathered_triton", "ROWS_MAX_M"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_DOT_KIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-
-
-@triton.jit
-def _cast(t, DOT_KIND: tl.constexpr):
-    if DOT_KIND == 0:
-        return t.to(tl.float32)
-    elif DOT_KIND == 1:
-        return t.to(tl.float16)
-    else:
-        return t.to(tl.bfloat16)
 
 
 @triton.jit
@@ -117,7 +107,7 @@ def _lora_shrink_segments_kernel(x_ptr, a_ptr, rank_start_ptr, order_ptr, seg_st
                          other=0.0)
             at = tl.load(a_ptr + (lo + rr)[None, :].to(tl.int64) * stride_am + rk[:, None],
                          mask=k_ok[:, None] & r_ok[None, :], other=0.0)
-            acc = tl.dot(_cast(xt, DOT_KIND), _cast(at, DOT_KIND), acc, input_precision=PRECISION)
+            acc = tl.dot(_to_dot(xt, DOT_KIND), _to_dot(at, DOT_KIND), acc, input_precision=PRECISION)
         tl.store(xa_ptr + rows[:, None] * stride_om + rr[None, :], acc, mask=m_ok[:, None] & r_ok[None, :])
 
 
@@ -146,17 +136,13 @@ def _lora_expand_segments_kernel(y_ptr, xa_ptr, b_ptr, rank_start_ptr, scale_ptr
                             other=0.0)
                 bt = tl.load(b_ptr + rn[None, :].to(tl.int64) * stride_bn + (lo + rr)[:, None],
                              mask=r_ok[:, None] & n_ok[None, :], other=0.0)
-                lora = tl.dot(_cast(v, DOT_KIND), _cast(bt, DOT_KIND), lora, input_precision=PRECISION)
+                lora = tl.dot(_to_dot(v, DOT_KIND), _to_dot(bt, DOT_KIND), lora, input_precision=PRECISION)
             acc += tl.load(scale_ptr + slot) * lora
         tl.store(out_ptr + rows[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _pow2(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
-
-
-def _precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"  # 16-bit operands ignore it (tensor cores)
 
 
 def _sorted_segments(index: torch.Tensor, num_adapters: int) -> tuple[torch.Tensor, torch.Tensor]:
