@@ -45,13 +45,14 @@ def test_kernel_equals_reference_on_gpu(kind, quant, dtype, backend, monkeypatch
         torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
 
 
+@pytest.mark.parametrize("capturable", [False, True], ids=["default", "capturable"])
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
-def test_step_does_not_sync_and_captures_no_host_state(backend, monkeypatch):
+def test_step_does_not_sync_and_captures_no_host_state(backend, capturable, monkeypatch):
     monkeypatch.setenv("QPEFT_BACKEND", backend)
     ps = [torch.nn.Parameter(torch.randn(16, 4096, device="cuda")) for _ in range(8)]
     for p in ps:
         p.grad = torch.randn_like(p)
-    opt = qo.AdamW8bit(ps)
+    opt = qo.AdamW8bit(ps, capturable=capturable)
     opt.step()
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -109,3 +110,60 @@ def test_paging_lets_a_capped_step_complete():
         del hog
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("cls", [qo.AdamW8bit, qo.Lion8bit, qo.PagedAdamW8bit, qo.PagedAdamW],
+                         ids=lambda c: c.__name__)
+def test_capturable_step_replays_in_a_cuda_graph(cls, backend, monkeypatch):
+    """capturable=True: one step() captured in a CUDA graph and replayed with new gradients, while a scheduler
+    changes the lr in place, equals an eager capturable=False run bit for bit at every step (the replay reads the
+    incremented device steps and the new lr)."""
+    monkeypatch.setenv("QPEFT_BACKEND", backend)
+    torch.manual_seed(0)
+    shapes = [(16, 4096), (4096, 16), (80,), (257, 33)]  # 8-bit, 8-bit, fp32 states, a partial block
+    init = [torch.randn(s, device="cuda") for s in shapes]
+    grads = [[torch.randn(s, device="cuda") for s in shapes] for _ in range(10)]
+    lr = 1e-3 if "Lion" not in cls.__name__ else 1e-4
+
+    def make(capturable):
+        ps = [torch.nn.Parameter(t.clone()) for t in init]
+        groups = [{"params": ps[:2]}, {"params": ps[2:], "lr": 4 * lr}]
+        opt = cls(groups, lr=lr, weight_decay=0.01, capturable=capturable)
+        return ps, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 0.9 ** e)
+
+    eager_ps, eager_opt, eager_sched = make(False)
+    ps, opt, sched = make(True)
+    for p in ps:
+        p.grad = torch.zeros_like(p)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up steps outside the graph (state creation, Triton compilation)
+        for i in range(3):
+            for p, g in zip(ps, grads[i]):
+                p.grad.copy_(g)
+            opt.step()
+            sched.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    for i in range(10):
+        for p, g in zip(eager_ps, grads[i]):
+            p.grad = g.clone()
+        eager_opt.step()
+        eager_sched.step()
+        if i < 3:
+            continue
+        for p, g in zip(ps, grads[i]):
+            p.grad.copy_(g)
+        graph.replay()
+        sched.step()
+        torch.cuda.synchronize()
+        for a, b in zip(ps, eager_ps):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert opt.state[ps[0]]["step"].item() == 10
+    for a, b in zip(opt.state.values(), eager_opt.state.values()):
+        for k in ("state1", "state2", "absmax1", "absmax2"):
+            if k in a:
+                assert torch.equal(a[k], b[k]), k

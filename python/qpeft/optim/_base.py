@@ -8,6 +8,14 @@ State per parameter, with bitsandbytes' names (so that checkpoints load both way
   states of the parameter's shape otherwise, and for every parameter of the 32-bit classes.
 `step()` updates each parameter group with one call of `torch.ops.qpeft.optim_8bit_step` per (device, state kind):
 one kernel launch per group and parameter dtype on a GPU, never a host sync. Semantics: qpeft/reference/optim_8bit.py.
+The per-tensor hyper-parameters (bias corrections, lr, decay) are computed on the parameters' device by
+`reference.hyper_table` from the steps and the learning rate.
+
+capturable=True (torch.optim.Adam's argument) makes `step()` CUDA-graph capturable: `step` is an int64 device
+tensor per parameter, incremented on the device, and each group's lr is a float64 0-dim device tensor (a float lr
+is converted at construction; LR schedulers fill it in place), so a replayed graph reads the current step and lr
+from device memory. The update is bit-identical to capturable=False (same table, same kernels). Re-capture after
+load_state_dict (it installs new state tensors), as with torch's optimizers.
 `state_dict()` writes bitsandbytes' layout (the quantization tensors under "__bnb_optimizer_quant_state__", step an
 int); `load_state_dict()` reads that layout and bitsandbytes' older flat one; both contain only tensors, ints,
 floats, tuples and strings, so `torch.load(weights_only=True)` reads them.
@@ -22,7 +30,7 @@ import torch
 
 from .. import codes
 from ..ops import optim_8bit as _ops  # noqa: F401  (registers qpeft::optim_8bit_step)
-from ..reference.optim_8bit import BLOCKSIZE, adam_hyper, f32, lion_hyper
+from ..reference.optim_8bit import BLOCKSIZE, f32, hyper_table
 from . import paged as _paged
 
 WRAP_KEY = "__bnb_optimizer_quant_state__"  # bitsandbytes >= 0.49.2 (PR #1840)
@@ -39,19 +47,28 @@ def warn_once(msg: str) -> None:
         warnings.warn(msg, UserWarning, stacklevel=3)
 
 
+def _scalar_group(group: dict) -> dict:
+    """A param group with its one-element tensor values (lr, a scheduler's initial_lr) as Python floats."""
+    return {k: (v.item() if isinstance(v, torch.Tensor) and k != "params" and v.numel() == 1 else v)
+            for k, v in group.items()}
+
+
 class Optimizer8bitBase(torch.optim.Optimizer):
     """Shared base; use the classes of qpeft.optim. `kind` "adam" (2 states) or "lion" (1 state)."""
 
     kind = "adam"
 
     def __init__(self, params, defaults: dict, *, bits: int, min_8bit_size: int = 4096, is_paged: bool = False,
-                 page_min_size: int = PAGE_MIN_SIZE):
+                 page_min_size: int = PAGE_MIN_SIZE, capturable: bool = False):
         if bits not in (8, 32):
             raise ValueError(f"bits must be 8 or 32, got {bits}")
         if not isinstance(min_8bit_size, int) or min_8bit_size < 1:
             raise ValueError(f"min_8bit_size must be an int >= 1, got {min_8bit_size!r}")
         if not isinstance(page_min_size, int) or page_min_size < 0:
             raise ValueError(f"page_min_size must be an int >= 0, got {page_min_size!r}")
+        if not isinstance(capturable, bool):
+            raise TypeError(f"capturable must be a bool, got {capturable!r}")
+        self.capturable = capturable
         self._check_hparams(defaults, "defaults")
         self.bits = bits
         self.min_8bit_size = min_8bit_size
@@ -62,14 +79,21 @@ class Optimizer8bitBase(torch.optim.Optimizer):
         super().__init__(params, defaults)
         for i, group in enumerate(self.param_groups):
             self._check_hparams(group, f"param_groups[{i}]")
+            if capturable:
+                group["lr"] = self._lr_tensor(group, f"param_groups[{i}]")
 
     # ------------------------------------------------------------------------------------------ validation
     def _check_hparams(self, group: dict, where: str) -> None:
         lr, wd = group["lr"], group["weight_decay"]
         if isinstance(lr, torch.Tensor):
-            raise TypeError(f"{where}: lr must be a Python float (qpeft passes it to the kernel per tensor), got a "
-                            f"Tensor")
-        if not lr >= 0.0:
+            if not getattr(self, "capturable", False):
+                raise TypeError(f"{where}: lr must be a Python float, got a Tensor (a Tensor lr needs "
+                                f"capturable=True)")
+            if lr.numel() != 1 or not lr.dtype.is_floating_point:
+                raise ValueError(f"{where}: lr must be a float Tensor with one element, got {lr.dtype} "
+                                 f"{tuple(lr.shape)}")
+            # its value is on the device: reading it here would be a host sync in every step
+        elif not lr >= 0.0:
             raise ValueError(f"{where}: lr must be >= 0, got {lr}")
         if not wd >= 0.0:
             raise ValueError(f"{where}: weight_decay must be >= 0, got {wd}")
@@ -78,6 +102,23 @@ class Optimizer8bitBase(torch.optim.Optimizer):
             raise ValueError(f"{where}: betas must be two floats in [0, 1), got {betas}")
         if not group.get("eps", 0.0) >= 0.0:
             raise ValueError(f"{where}: eps must be >= 0, got {group['eps']}")
+
+    def _lr_tensor(self, group: dict, where: str) -> torch.Tensor:
+        """The group's lr as a float64 0-dim tensor on its parameters' device (capturable=True)."""
+        devices = {p.device for p in group["params"]}
+        if len(devices) != 1:
+            raise ValueError(f"{where}: capturable=True needs every parameter of a group on one device, got "
+                             f"{sorted(map(str, devices))}")
+        dev = devices.pop()
+        lr = group["lr"]
+        if isinstance(lr, torch.Tensor):
+            if lr.device != dev:
+                raise ValueError(f"{where}: lr is a Tensor on {lr.device}; capturable=True needs it on the "
+                                 f"parameters' device {dev}")
+            if not lr.item() >= 0.0:
+                raise ValueError(f"{where}: lr must be >= 0, got {lr.item()}")
+            return lr
+        return torch.tensor(float(lr), dtype=torch.float64, device=dev)
 
     # ------------------------------------------------------------------------------------------ state
     def _qmap(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,7 +152,7 @@ class Optimizer8bitBase(torch.optim.Optimizer):
         n = p.numel()
         pager = self._pager(p)
         quant = self.bits == 8 and n >= self.min_8bit_size  # strict <: 4096 elements get 8-bit states
-        st = {"step": 0}
+        st = {"step": self._step_value(0, p.device)}
         names = ("state1", "state2") if self.kind == "adam" else ("state1",)
         for k, name in enumerate(names):
             st[name] = self._zeros(p, torch.uint8 if quant else torch.float32, pager)
@@ -120,12 +161,24 @@ class Optimizer8bitBase(torch.optim.Optimizer):
                 st[f"absmax{k + 1}"] = torch.zeros(-(-n // BLOCKSIZE), dtype=torch.float32, device=p.device)
         return st
 
+    def _step_value(self, step: int, device: torch.device):
+        """A state's step as stored: an int (bitsandbytes' layout), or an int64 0-dim device tensor (capturable)."""
+        if self.capturable:
+            return torch.tensor(step, dtype=torch.int64, device=device)
+        return step
+
     # ------------------------------------------------------------------------------------------ step
-    def _hyper_row(self, group: dict, step: int) -> list[float]:
+    def _hyper(self, group: dict, device: torch.device, steps: list) -> torch.Tensor:
+        """The (T, 4) fp32 hyper table of one bucket, on `device` (reference.hyper_table)."""
+        if self.capturable:
+            t = torch.stack(steps)
+        else:
+            t = torch.tensor(steps, dtype=torch.int64)
+            if device.type == "cuda":  # no host sync: pinned staging, asynchronous copy on the current stream
+                t = t.pin_memory()
+            t = t.to(device, non_blocking=True)
         b1, b2 = group["betas"]
-        if self.kind == "adam":
-            return adam_hyper(group["lr"], step, b1, b2, group["eps"], group["weight_decay"])
-        return lion_hyper(group["lr"], group["weight_decay"])
+        return hyper_table(self.kind, group["lr"], t, b1, b2, group["eps"], group["weight_decay"])
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -146,17 +199,20 @@ class Optimizer8bitBase(torch.optim.Optimizer):
                 st = self.state[p]
                 if not st:
                     st.update(self._init_state(p))
-                st["step"] += 1
+                if not self.capturable:
+                    st["step"] += 1
                 quant = st["state1"].dtype == torch.uint8
                 b = buckets[(p.device, quant)]
                 b["p"].append(p)
-                b["hyper"].append(self._hyper_row(group, st["step"]))
                 b["st"].append(st)
             for (device, quant), b in buckets.items():
-                self._update(device, quant, b, b1, b2)
+                steps = [st["step"] for st in b["st"]]
+                if self.capturable:
+                    torch._foreach_add_(steps, 1)  # on the device: a graph replay increments them too
+                self._update(device, quant, b, self._hyper(group, device, steps), b1, b2)
         return loss
 
-    def _update(self, device, quant: bool, b: dict, b1: float, b2: float) -> None:
+    def _update(self, device, quant: bool, b: dict, hyper: torch.Tensor, b1: float, b2: float) -> None:
         adam = self.kind == "adam"
         params, grads, copies = [], [], []
         for p in b["p"]:
@@ -180,9 +236,6 @@ class Optimizer8bitBase(torch.optim.Optimizer):
         absmax1 = [st["absmax1"] for st in sts] if quant else []
         absmax2 = [st["absmax2"] for st in sts] if (quant and adam) else []
         qmap1, qmap2 = self._qmap(device)
-        hyper = torch.tensor(b["hyper"], dtype=torch.float32)
-        if device.type == "cuda":  # no host sync: pinned staging, asynchronous copy on the current stream
-            hyper = hyper.pin_memory().to(device, non_blocking=True)
         torch.ops.qpeft.optim_8bit_step(params, grads, lists["state1"], lists.get("state2", []), absmax1, absmax2,
                                         qmap1, qmap2, hyper, b1, b2, self.kind)
         for pager, home, dev in staged:
@@ -204,22 +257,31 @@ class Optimizer8bitBase(torch.optim.Optimizer):
     # ------------------------------------------------------------------------------------------ checkpoints
     def _sync_paged(self) -> None:
         for pager in self._pagers.values():
+            if self.capturable:  # copies back may come from graph replays, which record no event
+                torch.cuda.synchronize(pager.device)
             pager.synchronize()
 
     def state_dict(self) -> dict:
+        """bitsandbytes' layout; with capturable=True the device steps and lr are written as an int and a float
+        (as bitsandbytes stores them), so either kind of optimizer, and bitsandbytes', loads the result."""
         self._sync_paged()
         sd = super().state_dict()
         state = {}
         for k, st in sd["state"].items():
             out = {key: v for key, v in st.items() if key not in WRAPPED_KEYS}
+            if isinstance(out.get("step"), torch.Tensor):
+                out["step"] = int(out["step"].item())
             out[WRAP_KEY] = {key: st[key] for key in WRAPPED_KEYS if key in st}
             state[k] = out
-        return {"state": state, "param_groups": sd["param_groups"]}
+        return {"state": state, "param_groups": [_scalar_group(g) for g in sd["param_groups"]]}
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load our state_dict() or bitsandbytes' (wrapped or flat layout). Validates everything before changing
         the optimizer; states are copied onto each parameter's device (into paged memory for paged states)."""
-        groups, saved_groups = self.param_groups, state_dict["param_groups"]
+        groups = self.param_groups
+        # Tensor hyper-parameters (torch's capturable optimizers store lr, schedulers initial_lr as tensors) are read
+        # as their values; a capturable optimizer keeps its own lr tensors and fills them below
+        saved_groups = [_scalar_group(sg) for sg in state_dict["param_groups"]]
         if len(groups) != len(saved_groups):
             raise ValueError(f"state_dict has {len(saved_groups)} parameter groups, the optimizer {len(groups)}")
         for i, (g, sg) in enumerate(zip(groups, saved_groups)):
@@ -236,7 +298,14 @@ class Optimizer8bitBase(torch.optim.Optimizer):
             p = id_map[key]
             new_state[p] = self._load_param_state(p, saved, key)
         self.state = defaultdict(dict, new_state)
-        self.param_groups = [{**sg, "params": g["params"]} for g, sg in zip(groups, saved_groups)]
+        loaded = []
+        for g, sg in zip(groups, saved_groups):
+            ng = {**sg, "params": g["params"]}
+            if self.capturable:
+                g["lr"].fill_(sg["lr"])  # the same tensor: whatever holds it (a scheduler, a graph) sees the value
+                ng["lr"] = g["lr"]
+            loaded.append(ng)
+        self.param_groups = loaded
 
     def _load_param_state(self, p: torch.Tensor, saved: dict, key) -> dict:
         flat = {k: v for k, v in saved.items() if k != WRAP_KEY}
@@ -252,7 +321,7 @@ class Optimizer8bitBase(torch.optim.Optimizer):
             raise ValueError(f"{where} has no 'state1'")
         quant = flat["state1"].dtype == torch.uint8
         pager = self._pager(p)
-        st = {"step": int(step)}
+        st = {"step": self._step_value(int(step), p.device)}
         for k, name in enumerate(names):
             t = flat.get(name)
             want = torch.uint8 if quant else torch.float32

@@ -7,7 +7,8 @@ Differences from bitsandbytes 0.50.2, on purpose:
   every optimizer (bitsandbytes' Lion, 32-bit and CPU paths let one Inf turn a whole block of parameters NaN);
 - one multi-tensor launch per parameter group, on the current stream, no synchronize per parameter;
 - paged states are real CUDA tensors in a PyTorch memory pool, freed with the optimizer, recreated (paged) by
-  load_state_dict, paged from `page_min_size` elements (bitsandbytes: 1e5), with `evict()`.
+  load_state_dict, paged from `page_min_size` elements (bitsandbytes: 1e5), with `evict()`;
+- `capturable=True` (torch's name) makes step() CUDA-graph capturable: steps and lr as device tensors.
 As in bitsandbytes, `Adam8bit(weight_decay > 0)` decays decoupled (as AdamW), not by L2 in the gradient.
 Unsupported bitsandbytes arguments raise: amsgrad=True, optim_bits other than the default, args (use param groups).
 """
@@ -34,10 +35,12 @@ class _Adam(Optimizer8bitBase):
     _bits = 8
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False,
-                 optim_bits=32, args=None, min_8bit_size=4096, is_paged=False, page_min_size=PAGE_MIN_SIZE):
+                 optim_bits=32, args=None, min_8bit_size=4096, is_paged=False, page_min_size=PAGE_MIN_SIZE,
+                 *, capturable=False):
         _reject_bnb_only(type(self).__name__, amsgrad, optim_bits, args)
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay),
-                         bits=self._bits, min_8bit_size=min_8bit_size, is_paged=is_paged, page_min_size=page_min_size)
+                         bits=self._bits, min_8bit_size=min_8bit_size, is_paged=is_paged, page_min_size=page_min_size,
+                         capturable=capturable)
 
 
 class AdamW8bit(_Adam):
@@ -45,25 +48,28 @@ class AdamW8bit(_Adam):
     for parameters of >= min_8bit_size elements, fp32 states below; 2 + 8/256 = 2.03 state bytes per parameter.
 
     page_min_size (qpeft only): with is_paged=True, states of parameters with at least this many elements are
-    paged (default 4096)."""
+    paged (default 4096). capturable (torch.optim.Adam's argument, keyword-only; bitsandbytes has none): step() can
+    be captured in a CUDA graph and replayed, the step counts and the lr living on the device (see _base)."""
 
 
 class Adam8bit(_Adam):
     """bitsandbytes.optim.Adam8bit: weight decay defaults to 0 and, when set, decays decoupled like AdamW."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False,
-                 optim_bits=32, args=None, min_8bit_size=4096, is_paged=False, page_min_size=PAGE_MIN_SIZE):
+                 optim_bits=32, args=None, min_8bit_size=4096, is_paged=False, page_min_size=PAGE_MIN_SIZE,
+                 *, capturable=False):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, optim_bits, args, min_8bit_size, is_paged,
-                         page_min_size)
+                         page_min_size, capturable=capturable)
 
 
 class PagedAdamW8bit(_Adam):
     """AdamW8bit with paged states (is_paged=True); on CPU it is AdamW8bit and says so once."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False,
-                 optim_bits=32, args=None, min_8bit_size=4096, page_min_size=PAGE_MIN_SIZE):
+                 optim_bits=32, args=None, min_8bit_size=4096, page_min_size=PAGE_MIN_SIZE,
+                 *, capturable=False):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, optim_bits, args, min_8bit_size, True,
-                         page_min_size)
+                         page_min_size, capturable=capturable)
 
 
 class PagedAdamW(_Adam):
@@ -72,9 +78,10 @@ class PagedAdamW(_Adam):
     _bits = 32
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False,
-                 optim_bits=32, args=None, min_8bit_size=4096, page_min_size=PAGE_MIN_SIZE):
+                 optim_bits=32, args=None, min_8bit_size=4096, page_min_size=PAGE_MIN_SIZE,
+                 *, capturable=False):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, optim_bits, args, min_8bit_size, True,
-                         page_min_size)
+                         page_min_size, capturable=capturable)
 
 
 class Lion8bit(Optimizer8bitBase):
@@ -84,16 +91,20 @@ class Lion8bit(Optimizer8bitBase):
     kind = "lion"
 
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, args=None, min_8bit_size=4096,
-                 is_paged=False, page_min_size=PAGE_MIN_SIZE):
+                 is_paged=False, page_min_size=PAGE_MIN_SIZE,
+                 *, capturable=False):
         _reject_bnb_only(type(self).__name__, args=args)
         # eps is unused by Lion; bitsandbytes keeps eps=0.0 in its groups, so its loaders find the same keys
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=0.0, weight_decay=weight_decay), bits=8,
-                         min_8bit_size=min_8bit_size, is_paged=is_paged, page_min_size=page_min_size)
+                         min_8bit_size=min_8bit_size, is_paged=is_paged, page_min_size=page_min_size,
+                         capturable=capturable)
 
 
 class PagedLion8bit(Lion8bit):
     """Lion8bit with paged states; on CPU it is Lion8bit and says so once."""
 
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, args=None, min_8bit_size=4096,
-                 page_min_size=PAGE_MIN_SIZE):
-        super().__init__(params, lr, betas, weight_decay, args, min_8bit_size, True, page_min_size)
+                 page_min_size=PAGE_MIN_SIZE,
+                 *, capturable=False):
+        super().__init__(params, lr, betas, weight_decay, args, min_8bit_size, True, page_min_size,
+                         capturable=capturable)

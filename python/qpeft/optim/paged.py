@@ -75,7 +75,10 @@ class PagedStates:
     def stage(self, t: torch.Tensor) -> torch.Tensor:
         """The tensor the update kernel should write: `t` itself (prefetched), or a device copy of it."""
         if self.mode == "managed":
-            torch.ops.qpeft_C.managed_prefetch(t, self.device.index)
+            # a prefetch is a hint; while a CUDA graph is captured (capturable=True) the kernel's accesses page
+            # the states in on demand instead
+            if not torch.cuda.is_current_stream_capturing():
+                torch.ops.qpeft_C.managed_prefetch(t, self.device.index)
             return t
         return t.to(self.device, non_blocking=True)
 
@@ -83,6 +86,8 @@ class PagedStates:
         if staged is home:
             return
         home.copy_(staged, non_blocking=True)
+        if torch.cuda.is_current_stream_capturing():
+            return  # an event recorded in a capture cannot be waited on from the host: state_dict synchronizes
         self._event = torch.cuda.Event()
         self._event.record()
 

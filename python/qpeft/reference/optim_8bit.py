@@ -56,6 +56,28 @@ def lion_hyper(lr: float, weight_decay: float) -> list[float]:
     return [f32(lr), f32(1.0 - lr * weight_decay), 0.0, 0.0]
 
 
+def hyper_table(optimizer: str, lr, step: torch.Tensor, beta1: float, beta2: float, eps: float,
+                weight_decay: float) -> torch.Tensor:
+    """The (T, 4) fp32 `hyper` table of T tensors, computed with torch ops on `step`'s device (what the optimizer
+    classes pass to the op; adam_hyper / lion_hyper are the same formulas on Python floats).
+
+    step: int64 (T,) step counts (>= 1) on the device; lr: a Python float or a 0-dim / (T,) float tensor on that
+    device. Every input of the arithmetic is a device tensor or a Python constant, so the table can be computed
+    inside a CUDA graph: a replay reads the steps and the learning rate from device memory, where the optimizer
+    increments them and a scheduler fills them in place (capturable=True), instead of a host table frozen at
+    capture time. One code path for every mode: a capturable and a non-capturable optimizer build their tables
+    with the same kernels from the same float64 values, so they update bit-identically."""
+    t = step.to(torch.float64)
+    lr = lr.to(device=t.device, dtype=torch.float64) if isinstance(lr, torch.Tensor) else lr
+    lr_t = torch.zeros_like(t) + lr  # (T,) float64, whatever lr's shape
+    if optimizer == "lion":
+        zero = torch.zeros_like(t)
+        return torch.stack([lr_t, 1.0 - lr_t * weight_decay, zero, zero], dim=1).float()
+    c1 = 1.0 - torch.pow(f32(beta1), t)
+    c2 = torch.sqrt(1.0 - torch.pow(f32(beta2), t))
+    return torch.stack([(-lr_t * c2) / c1, eps * c2, 1.0 - lr_t * weight_decay, torch.zeros_like(t)], dim=1).float()
+
+
 def midpoints(qmap: torch.Tensor) -> torch.Tensor:
     """The 255 fp32 midpoints of a sorted 256-entry code book."""
     return (qmap[:-1] + qmap[1:]) / 2
