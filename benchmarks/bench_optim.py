@@ -3,6 +3,8 @@
   torch_adamw    torch.optim.AdamW(fused=True), fp32 states (the bar: 8 state bytes per parameter)
   qpeft_cuda     qpeft.optim.AdamW8bit on the CUDA C++ backend (QPEFT_BACKEND=cuda)      [GPU]
   qpeft_triton   qpeft.optim.AdamW8bit on the Triton backend (QPEFT_BACKEND=triton)      [GPU]
+  qpeft_graph    qpeft.optim.AdamW8bit(capturable=True), step() captured in a CUDA graph, timed as
+                 graph.replay() (the CUDA C++ backend; no Python in the loop)                [GPU]
   qpeft_torch    qpeft.optim.AdamW8bit on the PyTorch reference (the CPU path)            [CPU]
   bnb            bitsandbytes.optim.AdamW8bit 0.50 (CUDA kernels + a sync per tensor on a GPU, its CPU path on CPU)
 
@@ -45,7 +47,7 @@ def lora_params(layers: int, device, dtype) -> list[torch.nn.Parameter]:
 
 def providers() -> list[str]:
     if on_gpu():
-        return ["torch_adamw", "qpeft_cuda", "qpeft_triton", "bnb"]
+        return ["torch_adamw", "qpeft_cuda", "qpeft_triton", "qpeft_graph", "bnb"]
     return ["torch_adamw", "qpeft_torch", "bnb"]
 
 
@@ -58,7 +60,20 @@ def _optimizer(provider: str, ps):
         return bnb.optim.AdamW8bit(ps, lr=1e-4)
     import qpeft.optim
 
-    return qpeft.optim.AdamW8bit(ps, lr=1e-4)
+    return qpeft.optim.AdamW8bit(ps, lr=1e-4, capturable=provider == "qpeft_graph")
+
+
+def _graph_replay(opt):
+    """opt.step captured in a CUDA graph (after the warm-up step run by the caller); returns graph.replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    return graph.replay
 
 
 def state_bytes(opt) -> int:
@@ -77,7 +92,8 @@ def run(quick: bool = False) -> list[dict]:
     reps = 5 if quick or not on_gpu() else 20
     rows = []
     for provider in providers():
-        backend = {"qpeft_cuda": "cuda", "qpeft_triton": "triton", "qpeft_torch": "torch"}.get(provider)
+        backend = {"qpeft_cuda": "cuda", "qpeft_triton": "triton", "qpeft_torch": "torch",
+                   "qpeft_graph": "cuda"}.get(provider)
         ps = lora_params(layers, device, dtype)
         n = sum(p.numel() for p in ps)
         row = {"provider": provider, "set": f"llama8b-r16-{layers}layers", "tensors": len(ps), "params": n,
@@ -88,7 +104,8 @@ def run(quick: bool = False) -> list[dict]:
                 opt = _optimizer(provider, ps)
                 opt.step()  # states allocated, kernels built / compiled
                 row["state_bytes_per_param"] = state_bytes(opt) / n
-                t = bench(opt.step, warmup=2, reps=reps)
+                step = _graph_replay(opt) if provider == "qpeft_graph" else opt.step
+                t = bench(step, warmup=2, reps=reps)
                 row.update(ms=t["ms"], p20_ms=t["p20"], p80_ms=t["p80"], mparam_s=n / (t["ms"] * 1e-3) / 1e6)
             except Exception as e:  # e.g. the CUDA extension does not build, bnb missing
                 row["error"] = f"{type(e).__name__}: {e}"[:200]
