@@ -9,8 +9,11 @@
 - 8-bit states: uint8 codes of the parameter's shape, absmax1/absmax2 fp32 [ceil(n/256)] per tensor, qmap1 the
   signed and qmap2 the unsigned 256-entry dynamic map. fp32 states: fp32 of the parameter's shape and empty
   absmax lists. qmap1/qmap2 are always passed (unused with fp32 states).
-- hyper: (T, 4) fp32 per-tensor scalars (reference.adam_hyper / lion_hyper): the learning rate lives here, so a
-  scheduler or LoRA+'s per-tensor lr never recompiles a torch.compile'd step.
+- hyper: (T, 4) fp32 per-tensor scalars (reference.hyper_table; adam_hyper / lion_hyper are its formulas): the
+  learning rate lives here, so a scheduler or LoRA+'s per-tensor lr never recompiles a torch.compile'd step, and
+  the optimizer classes build it on the device from device steps and lr (capturable=True: CUDA-graph replays
+  read fresh values; the kernels' pointer tables are pinned host memory allocated during capture, which torch's
+  host allocator keeps alive for the graph, so a replay copies the same pointers).
 
 Unlike the other L2 ops this one mutates its arguments (`mutates_args` lists exactly what it writes): an
 optimizer updates its parameters and states in place, as torch's own `_fused_adamw_` op does; the fake therefore
