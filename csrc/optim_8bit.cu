@@ -213,6 +213,14 @@ void optim_8bit_step_out(at::TensorList params, at::TensorList grads, at::Tensor
     std::memcpy(h, rows.data(), nt * sizeof(TensorRow));
     std::memcpy(h + nt * 8, starts.data(), (nt + 1) * sizeof(int64_t));
     const at::Tensor dev = host.to(p0.device(), /*non_blocking=*/true);
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+    if (capture != cudaStreamCaptureStatusNone) {
+      // a CUDA graph replays this copy from the same host address: keep the staging buffer alive for good
+      // (torch >= 2.11's host allocator also never recycles blocks used in a capture; 72 bytes per tensor)
+      static std::vector<at::Tensor> captured_tables;
+      captured_tables.push_back(host);
+    }
     const auto* d = dev.data_ptr<int64_t>();
     const float* hy = hyper.data_ptr<float>();
     const float b1 = static_cast<float>(beta1), b2 = static_cast<float>(beta2);

@@ -132,6 +132,9 @@ def _optim_8bit_step_kernel(
             tl.store(v_ptr + offs, s2, mask=inb)
 
 
+_CAPTURED_TABLES: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+
 def _padded_midpoints(qmap: torch.Tensor) -> torch.Tensor:
     return torch.cat([midpoints(qmap), qmap.new_full((1,), float("inf"))])
 
@@ -166,8 +169,13 @@ def optim_8bit_step_triton(params, grads, state1, state2, absmax1, absmax2, qmap
         meta = torch.tensor(rows, dtype=torch.int64)
         st = torch.tensor(starts, dtype=torch.int64)
         if dev.type == "cuda":
-            meta = meta.pin_memory().to(dev, non_blocking=True)
-            st = st.pin_memory().to(dev, non_blocking=True)
+            meta, st = meta.pin_memory(), st.pin_memory()
+            if torch.cuda.is_current_stream_capturing():
+                # a CUDA graph replays these copies from the same host addresses: keep the buffers for good
+                # (torch >= 2.11's host allocator also never recycles blocks used in a capture; 72 B per tensor)
+                _CAPTURED_TABLES.append((meta, st))
+            meta = meta.to(dev, non_blocking=True)
+            st = st.to(dev, non_blocking=True)
         log_t = max(1, (len(idx)).bit_length())
         _optim_8bit_step_kernel[(total,)](
             meta, st, hyper, len(idx),
