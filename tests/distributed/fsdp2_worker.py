@@ -85,7 +85,7 @@ def reference_run(model, data, average=None):
 
 
 def ring_average(grads, chunk, predivide):
-    """Emulates an average over ranks by gloo's reduce-scatter (measured on 2 and 3 CPU ranks, torch 2.11-2.15):
+    """Emulates an average over ranks by gloo's reduce-scatter (measured on 2 and 3 CPU ranks, torch 2.11 and 2.15):
     rank k's output chunk is the left fold g_{k+1} + g_{k+2} + ... + g_k (indices mod world size, one fp32
     rounding per addition), so at 3 ranks chunk 0 is (g1 + g2) + g0, chunk 1 (g2 + g0) + g1, chunk 2 (g0 + g1) +
     g2, where the plain mean sums (g0 + g1) + g2 everywhere. predivide: each g_r / ws before the sum (DeepSpeed's
