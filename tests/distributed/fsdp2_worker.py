@@ -56,8 +56,10 @@ def trainable(model):
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def reference_run(model, data):
-    """Single process: per step, every micro-batch's loss and gradient; the gradients averaged; AdamW step."""
+def reference_run(model, data, average=None):
+    """Single process: per step, every micro-batch's loss and gradient; the gradients averaged (by default the
+    plain mean, torch.stack(per).sum(0) / len(data); `average(per_rank_grads) -> grad` to emulate an engine's
+    reduction instead); AdamW step."""
     opt = torch.optim.AdamW(list(trainable(model).values()), lr=1e-2)
     losses, grads = [], []
     for _ in range(STEPS):
@@ -69,7 +71,10 @@ def reference_run(model, data):
             loss.backward()
             step_losses.append(loss.detach().clone())
             per.append({n: p.grad.clone() for n, p in trainable(model).items()})
-        avg = {n: torch.stack([g[n] for g in per]).sum(0) / len(data) for n in per[0]}
+        if average is None:
+            avg = {n: torch.stack([g[n] for g in per]).sum(0) / len(data) for n in per[0]}
+        else:
+            avg = {n: average([g[n] for g in per]) for n in per[0]}
         bound = {n: torch.stack([g[n].abs() for g in per]).sum(0) / len(data) for n in per[0]}
         for n, p in trainable(model).items():
             p.grad = avg[n].clone()
@@ -77,6 +82,33 @@ def reference_run(model, data):
         losses.append(step_losses)
         grads.append((avg, bound))
     return losses, grads
+
+
+def ring_average(grads, chunk, predivide):
+    """Emulates an average over ranks by gloo's reduce-scatter (measured on 2 and 3 CPU ranks, torch 2.11 and 2.15):
+    rank k's output chunk is the left fold g_{k+1} + g_{k+2} + ... + g_k (indices mod world size, one fp32
+    rounding per addition), so at 3 ranks chunk 0 is (g1 + g2) + g0, chunk 1 (g2 + g0) + g1, chunk 2 (g0 + g1) +
+    g2, where the plain mean sums (g0 + g1) + g2 everywhere. predivide: each g_r / ws before the sum (DeepSpeed's
+    reduce_scatter_coalesced), else the sum / ws after (FSDP2's ReduceOp.AVG). chunk(tensor, k): the view of
+    rank k's part of a full gradient (FSDP2: rows of dim 0; ZeRO-3: elements of the flattened tensor)."""
+    ws = len(grads)
+    out = torch.empty_like(grads[0])
+    for k in range(ws):
+        acc = None
+        for r in [(k + 1 + i) % ws for i in range(ws)]:
+            c = chunk(grads[r], k) / ws if predivide else chunk(grads[r], k)
+            acc = c.clone() if acc is None else acc + c
+        if acc.numel():
+            chunk(out, k).copy_(acc if predivide else acc / ws)
+    return out
+
+
+def dim0_chunk(ws):
+    """FSDP2's shard of rank k: rows [k * ceil(rows / ws), (k + 1) * ceil(rows / ws)) of dim 0 (torch.chunk)."""
+    def chunk(t, k):
+        rows = -(-t.shape[0] // ws)
+        return t[k * rows:(k + 1) * rows]
+    return chunk
 
 
 def check_forward_bytes(model, expected, seen):
@@ -115,6 +147,9 @@ def case_train(out_dir: Path, rank: int, ws: int) -> dict:
 
     ref = copy.deepcopy(init)
     ref_losses, ref_grads = reference_run(ref, data)
+    # the same run with FSDP2's reduction emulated: gloo's ring reduce-scatter order, then / ws (ReduceOp.AVG)
+    emu = copy.deepcopy(init)
+    emu_losses, emu_grads = reference_run(emu, data, average=lambda g: ring_average(g, dim0_chunk(ws), False))
 
     model = copy.deepcopy(init)
     shard_qlora_model(model)
@@ -137,7 +172,7 @@ def case_train(out_dir: Path, rank: int, ws: int) -> dict:
     seen = {}
     handles = check_forward_bytes(model, orig_bytes, seen)
     opt = torch.optim.AdamW(list(trainable(model).values()), lr=1e-2)
-    loss_diff, grad_diff, grad_excess = [], [], []
+    loss_diff, grad_diff, grad_excess, emu_loss_diff, emu_grad_diff = [], [], [], [], []
     for step in range(STEPS):
         opt.zero_grad(set_to_none=True)
         loss = model(input_ids=data[rank], labels=data[rank]).loss
@@ -145,10 +180,12 @@ def case_train(out_dir: Path, rank: int, ws: int) -> dict:
         losses = [torch.zeros(()) for _ in range(ws)]
         dist.all_gather(losses, loss.detach())
         loss_diff.append(max((a - b).abs().item() for a, b in zip(losses, ref_losses[step])))
+        emu_loss_diff.append(max((a - b).abs().item() for a, b in zip(losses, emu_losses[step])))
         avg, bound = ref_grads[step]
-        gd = ge = 0.0
+        gd = ge = ed = 0.0
         for n, p in trainable(model).items():
             g = p.grad.full_tensor()
+            ed = max(ed, (g - emu_grads[step][0][n]).abs().max().item())
             d = (g - avg[n]).abs()
             gd = max(gd, d.max().item())
             # a + b + c summed in another order: each partial sum rounds once (<= 2^-24 relative), so the
@@ -156,13 +193,16 @@ def case_train(out_dir: Path, rank: int, ws: int) -> dict:
             ge = max(ge, (d - 4 * 2.0 ** -24 * bound[n]).max().item())
         grad_diff.append(gd)
         grad_excess.append(ge)
+        emu_grad_diff.append(ed)
         opt.step()
     for h in handles:
         h.remove()
-    report.update(loss_diff=loss_diff, grad_diff=grad_diff, grad_excess=grad_excess,
-                  forward_checks=sum(v for k, v in seen.items() if k != "lora_dtype"))
+    report.update(loss_diff=loss_diff, grad_diff=grad_diff, grad_excess=grad_excess, emu_loss_diff=emu_loss_diff,
+                  emu_grad_diff=emu_grad_diff, forward_checks=sum(v for k, v in seen.items() if k != "lora_dtype"))
     param_diff = max((p.full_tensor() - trainable(ref)[n]).abs().max().item() for n, p in trainable(model).items())
     report["param_diff"] = param_diff
+    report["emu_param_diff"] = max((p.full_tensor() - trainable(emu)[n]).abs().max().item()
+                                   for n, p in trainable(model).items())
     after = quantized_bytes(model)
     report["bytes_unchanged"] = all(torch.equal(a, b) for k in orig_bytes for a, b in zip(after[k], orig_bytes[k]))
 
@@ -176,6 +216,8 @@ def case_train(out_dir: Path, rank: int, ws: int) -> dict:
         and torch.equal(gathered[k].contiguous().view(torch.uint8), orig_sd[k].contiguous().view(torch.uint8))
         for k in base_keys)
     report["sd_lora_diff"] = max((gathered[k] - ref_sd[k]).abs().max().item() for k in ref_sd if ".lora_" in k)
+    emu_sd = emu.state_dict()
+    report["emu_sd_lora_diff"] = max((gathered[k] - emu_sd[k]).abs().max().item() for k in emu_sd if ".lora_" in k)
     report["sd_bnb_keys"] = sorted(k.split("q_proj.base_layer.")[1] for k in gathered
                                    if k.startswith("model.layers.0.self_attn.q_proj.base_layer."))
     # the plain sharded state_dict(): DTensors whose full_tensor() are the same bytes
@@ -224,7 +266,18 @@ def case_train(out_dir: Path, rank: int, ws: int) -> dict:
 
     if rank == 0:
         report.update(bnb_and_peft(out_dir, gathered, orig_sd, path, ref))
+        report["emu_adapter_diff"] = adapter_diff(path, emu)
     return report
+
+
+def adapter_diff(path, model):
+    """Largest |saved adapter - model's LoRA matrices| (PEFT's key names)."""
+    from safetensors.torch import load_file
+
+    saved = load_file(str(path / "adapter_model.safetensors"))
+    ours = {f"base_model.model.{n}".replace(".default.weight", ".weight"): p for n, p in trainable(model).items()}
+    assert sorted(saved) == sorted(ours)
+    return max((saved[k] - ours[k]).abs().max().item() for k in saved)
 
 
 def bnb_and_peft(out_dir, gathered, orig_sd, path, ref):

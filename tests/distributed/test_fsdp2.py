@@ -31,16 +31,22 @@ def test_fsdp2_qlora_matches_single_process(tmp_path, world_size):
     assert r["full_bytes"] <= r["sum_local_bytes"] <= r["full_bytes"] + world_size * r["row_bytes_sum"]
     assert r["forward_checks"] == 14 * 3  # 14 LoRA layers saw the gathered bytes in each of 3 steps
     assert r["bytes_unchanged"]
+    # bit-exact against the single-process run with FSDP2's reduction emulated (fsdp2_worker.ring_average):
+    # losses and gradients at every step, parameters, gathered state dict and adapter after 3 steps
+    assert r["emu_loss_diff"] == [0.0] * 3 and r["emu_grad_diff"] == [0.0] * 3
+    assert r["emu_param_diff"] == 0.0 and r["emu_sd_lora_diff"] == 0.0 and r["emu_adapter_diff"] == 0.0
     if world_size == 2:
-        # two ranks: (g0 + g1) / 2 is exact in either order, so everything is bit-exact
+        # two ranks: (g0 + g1) / 2 is exact in either order, so the emulation is the plain mean: bit-exact
         assert r["loss_diff"] == [0.0] * 3 and r["grad_diff"] == [0.0] * 3
         assert r["param_diff"] == 0.0 and r["sd_lora_diff"] == 0.0 and r["adapter_diff"] == 0.0
     else:
-        # three ranks: gloo sums the three gradients in another order than the reference's, each partial sum
-        # rounding once. Step 0 (identical parameters): exact loss, gradients within that reordering bound
-        # (4 * 2^-24 * sum|g_i| / 3 per element, checked in the worker: grad_excess <= 0). Later steps start from
-        # parameters that differ by ulps: 1e-5 is 1e-3 of one AdamW step (lr 1e-2), far below what a missing or
-        # doubled rank would change (the size of a step).
+        # three ranks: FSDP2 reduce-scatters with ReduceOp.AVG (fp32); gloo's ring gives rank k's rows the sum
+        # (g_{k+1} + g_{k+2}) + g_k, then / 3, where the reference sums (g0 + g1) + g2: rank 2's rows are
+        # exact, ranks 0's and 1's differ by the rounding of a reassociated 3-term sum. Step 0 (identical
+        # parameters): exact loss, gradients within that reordering bound (4 * 2^-24 * sum|g_i| / 3 per element,
+        # checked in the worker: grad_excess <= 0). Later steps start from parameters that differ by ulps: 1e-5
+        # is 1e-3 of one AdamW step (lr 1e-2), far below what a missing or doubled rank would change (the size
+        # of a step).
         assert r["loss_diff"][0] == 0.0 and r["grad_excess"][0] <= 0.0
         assert max(r["loss_diff"]) <= 1e-5 and max(r["grad_diff"]) <= 1e-5
         assert r["param_diff"] <= 1e-5 and r["sd_lora_diff"] <= 1e-5 and r["adapter_diff"] <= 1e-5

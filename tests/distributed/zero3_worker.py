@@ -19,8 +19,54 @@ import torch.distributed as dist
 import qpeft
 from qpeft import QLinearNF4
 from qpeft.distributed import prepare_zero3, zero3_config
-from fsdp2_worker import (STEPS, batches, bnb_and_peft, check_forward_bytes, make_model, quantized_bytes,
-                          reference_run, trainable)
+from fsdp2_worker import (STEPS, adapter_diff, batches, bnb_and_peft, check_forward_bytes, make_model,
+                          quantized_bytes, reference_run, ring_average, trainable)
+
+
+class ModuleInputIdentity(torch.autograd.Function):
+    """What DeepSpeed ZeRO-3 puts on every tensor input of every module (parameter_offload.py's
+    PostBackwardFunctionModule, applied by a forward pre-hook; its backward only counts down to release the
+    module's parameters): forward x.detach(), backward the gradient unchanged. It is an extra autograd node:
+    the gradients of the module's internal uses of x are summed in its input buffer before they meet the other
+    uses of x outside the module."""
+
+    @staticmethod
+    def forward(x):
+        return x.detach()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+def _wrap(v):
+    if isinstance(v, torch.Tensor):
+        return ModuleInputIdentity.apply(v)
+    if isinstance(v, (tuple, list)):
+        items = [_wrap(e) for e in v]
+        return v.__class__(*items) if hasattr(v, "_fields") else v.__class__(items)
+    if isinstance(v, dict):
+        return {k: _wrap(e) for k, e in v.items()}
+    return v
+
+
+def zero3_input_identities(model):
+    """Forward pre-hooks putting ModuleInputIdentity on every module's positional tensor inputs, as ZeRO-3 does
+    (DeepSpeed's hook sees positional arguments only); returns the handles."""
+    return [m.register_forward_pre_hook(lambda mod, args: _wrap(args)) for m in model.modules()]
+
+
+def flat_chunk(ws):
+    """ZeRO-3's partition of rank k: elements [k * ceil(numel / ws), (k + 1) * ceil(numel / ws)) of the flattened
+    tensor (reduce_scatter_coalesced, partition_parameters.py)."""
+    def chunk(t, k):
+        n = -(-t.numel() // ws)
+        return t.view(-1)[k * n:(k + 1) * n]
+    return chunk
 
 
 def gathered_bytes(model):
@@ -63,6 +109,13 @@ def main():
     orig_sd = {k: v.clone() for k, v in init.state_dict().items()}
     ref = copy.deepcopy(init)
     ref_losses, ref_grads = reference_run(ref, data)
+    # the single-process run with ZeRO-3's two differences emulated: its module-input identities in backward,
+    # and its reduction (each g_r / ws, then gloo's ring reduce-scatter order)
+    emu = copy.deepcopy(init)
+    emu_hooks = zero3_input_identities(emu)
+    emu_losses, emu_grads = reference_run(emu, data, average=lambda g: ring_average(g, flat_chunk(ws), True))
+    for h in emu_hooks:
+        h.remove()
 
     engine = engine_for(copy.deepcopy(init), "fp32")
     model = engine.module
@@ -80,31 +133,37 @@ def main():
     seen = {}
     handles = check_forward_bytes(model, orig_bytes, seen)
     names = list(trainable(model))
-    loss_diff, grad_diff, grad_excess, grad_rel = [], [], [], []
+    loss_diff, grad_diff, grad_excess, grad_rel, emu_loss_diff, emu_grad_diff = [], [], [], [], [], []
     for step in range(STEPS):
         loss = engine(input_ids=data[rank], labels=data[rank]).loss
         engine.backward(loss)
         losses = [torch.zeros(()) for _ in range(ws)]
         dist.all_gather(losses, loss.detach().float())
         loss_diff.append(max((a - b).abs().item() for a, b in zip(losses, ref_losses[step])))
+        emu_loss_diff.append(max((a - b).abs().item() for a, b in zip(losses, emu_losses[step])))
         avg, bound = ref_grads[step]
-        gd = ge = 0.0
+        gd = ge = ed = 0.0
         for n in names:
             g = safe_get_full_grad(dict(model.named_parameters())[n])
+            ed = max(ed, (g.float() - emu_grads[step][0][n]).abs().max().item())
             d = (g.float() - avg[n]).abs()
             gd, ge = max(gd, d.max().item()), max(ge, (d - 4 * 2.0 ** -24 * bound[n]).max().item())
         grad_rel.append(max((safe_get_full_grad(dict(model.named_parameters())[n]).float() - avg[n]).abs().max().item()
                             / avg[n].abs().max().item() for n in names))
         grad_diff.append(gd)
         grad_excess.append(ge)
+        emu_grad_diff.append(ed)
         engine.step()
     for h in handles:
         h.remove()
     params = dict(model.named_parameters())
     report.update(loss_diff=loss_diff, grad_diff=grad_diff, grad_excess=grad_excess, grad_rel=grad_rel,
+                  emu_loss_diff=emu_loss_diff, emu_grad_diff=emu_grad_diff,
                   forward_checks=sum(v for k, v in seen.items() if k != "lora_dtype"),
                   param_diff=max((safe_get_full_fp32_param(params[n]) - trainable(ref)[n]).abs().max().item()
-                                 for n in names))
+                                 for n in names),
+                  emu_param_diff=max((safe_get_full_fp32_param(params[n]) - trainable(emu)[n]).abs().max().item()
+                                     for n in names))
     after = gathered_bytes(model)
     report["bytes_unchanged"] = all(torch.equal(a, b) for k in orig_bytes for a, b in zip(after[k], orig_bytes[k]))
     with deepspeed.zero.GatheredParameters(list(model.parameters())):
@@ -115,6 +174,8 @@ def main():
         torch.equal(sd[k].contiguous().view(torch.uint8), orig_sd[k].contiguous().view(torch.uint8))
         for k in ref_sd if ".lora_" not in k)
     report["sd_lora_diff"] = max((sd[k] - ref_sd[k]).abs().max().item() for k in ref_sd if ".lora_" in k)
+    emu_sd = emu.state_dict()
+    report["emu_sd_lora_diff"] = max((sd[k] - emu_sd[k]).abs().max().item() for k in emu_sd if ".lora_" in k)
     path = qpeft.save_adapter(model, out_dir / "adapter")
     report["adapter_written_by_others"] = (path / "adapter_model.safetensors").is_file()
     if rank == 0:
@@ -125,6 +186,7 @@ def main():
                        for n, p in trainable(ref).items()}
         report["adapter_keys_equal"] = sorted(saved) == sorted(ref_adapter)
         report["adapter_diff"] = max((saved[k] - ref_adapter[k]).abs().max().item() for k in saved)
+        report["emu_adapter_diff"] = adapter_diff(path, emu)
         # the gathered layers load into bitsandbytes' Linear4bit, the saved adapter into PEFT
         loaded = bnb_and_peft(out_dir, sd, orig_sd, path, ref)
         report.update(bnb=loaded["bnb"], peft_loads_equal=loaded["peft_loads_equal"])

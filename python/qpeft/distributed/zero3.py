@@ -9,6 +9,41 @@ LoraLinear calls the fused kernel on its QLinearNF4 base without entering the ba
 parameters would still be empty there; `zero3_config` therefore does not rely on submodule hooks and
 `prepare_zero3` registers the base's parameters as external parameters of the LoraLinear
 (`deepspeed.zero.register_external_parameter`), which DeepSpeed then gathers in the LoraLinear's forward.
+
+Equality with a single-process run (fp32, DeepSpeed 0.19.8, CPU / gloo; tests/distributed/test_zero3.py).
+Forward is bit-exact (same bytes, same kernels). Backward and the gradient average are not, for two reasons
+that are part of how ZeRO-3 works, not configuration:
+
+1. Module-input identities. ZeRO-3's forward pre-hook on every module passes each tensor input through an
+   autograd Function (parameter_offload.py, PostBackwardFunctionModule: forward `x.detach()`, backward returns
+   the gradient; it only counts down to release the module's parameters). That extra node changes how fp32
+   gradients are summed when a tensor is used both inside and outside a module. In a Llama decoder layer, each
+   LlamaRMSNorm input h (the residual stream) is used by the residual add and, inside the norm, by `pow` and
+   `mul` (`.to(float32)` returns h itself in fp32). Torch's autograd sums h's gradient in arrival order as
+   (g_add + g_mul) + g_pow. Under ZeRO-3, g_mul and g_pow first meet in the identity node, giving
+   g_add + (g_mul + g_pow). The two differ by one fp32 rounding on about 1/4 of the elements (at most 1.2e-7 of
+   the largest), in each norm with a residual use: layer 1's two norms and layer 0's post-attention norm of the
+   2-layer test model. Backward carries the difference to every LoRA gradient upstream: 22 of 28, step-0
+   relative differences up to 7.8e-7 at 2 ranks. Putting the identity only on the RMSNorm inputs reproduces
+   DeepSpeed's per-rank gradients bit for bit. On LoraLinear or decoder-layer inputs it changes nothing (their
+   inputs' other uses sum commutatively). The same cause explains why the test's 2-rank run is not bit-exact,
+   although (g0 / 2 + g1 / 2) equals (g0 + g1) / 2 exactly, and why FSDP2, whose hooks sit on decoder layers
+   only, is bit-exact there.
+2. The average. reduce_scatter_coalesced (runtime/comm/coalesced_collectives.py) divides every rank's gradient
+   by the world size before the SUM reduce-scatter (`gradient_predivide_factor` must be 1.0 with reduce-scatter
+   in ZeRO-3). gloo's ring gives rank k's partition (elements [k * ceil(n / W), (k + 1) * ceil(n / W)) of each
+   flattened gradient) the left fold g_{k+1} / W + g_{k+2} / W + ... + g_k / W. A plain mean computes
+   (g0 + ... + g_{W-1}) / W. At 2 ranks these are equal; at 3 ranks they differ by a few roundings.
+
+The single-process run with both emulated (tests/distributed/zero3_worker.py: the identity on every module's
+positional tensor inputs, then the ring-ordered pre-divided sum) equals DeepSpeed's run bit for bit: losses and
+gradients at every step, the parameters after 3 AdamW steps, the gathered state dict and the saved adapter, at 2
+and 3 ranks. The test asserts that equality. Its tolerances against the plain run (step-0 gradients 1e-6
+relative; parameters after 3 steps 1e-4, where 7.5e-5 was measured at 2 ranks because AdamW normalises the
+ulp differences of near-zero gradient elements) bound the size of that emulated difference.
+There is no configuration that avoids it. Marking the decoder layers as ZeRO-3 leaf modules
+(`deepspeed.utils.set_z3_leaf_modules`) would remove the per-module identities. It fails in backward with
+LoraLinear's fused autograd Function: a parameter is empty there.
 """
 from __future__ import annotations
 
