@@ -11,6 +11,8 @@
 `import qpeft` never imports this package; it imports torch.distributed.fsdp only when called.
 """
 from .fsdp2 import FSDP2_MIN_TORCH, shard_qlora_model, check_fsdp2_supported
+from .loading import ShardedLoadError, load_full_state_dict, load_sharded_qlora
 from .zero3 import prepare_zero3, zero3_config
 
-__all__ = ["shard_qlora_model", "check_fsdp2_supported", "FSDP2_MIN_TORCH", "zero3_config", "prepare_zero3"]
+__all__ = ["shard_qlora_model", "check_fsdp2_supported", "FSDP2_MIN_TORCH", "zero3_config", "prepare_zero3",
+           "load_sharded_qlora", "load_full_state_dict", "ShardedLoadError"]
