@@ -26,6 +26,14 @@ dict's bitsandbytes keys (`weight.absmax`, `weight.quant_state.bitsandbytes__nf4
 received tensor only under a key of the local model state), and the layer's own `_load_from_state_dict` refuses
 a sharded layer rather than guess the missing statistics.
 
+Sharded checkpoints (DCP): `torch.distributed.checkpoint.save` / `load` of `get_model_state_dict(model)` with
+the default file-system storage round-trips the uint8 shards bit-exactly (tried at 2 gloo ranks on torch 2.15:
+`load` writes in place into the state dict's tensors, which alias QLinearNF4's shards and buffers, so no
+`set_model_state_dict` is needed), but its `.metadata` file is a pickle (`FileSystemReader.read_metadata` calls
+`pickle.load`) and qpeft never loads pickles; the safetensors-based `HuggingFaceStorageWriter` / `Reader` pair
+reloaded different values in the same trial (not investigated). So resume here goes through the gathered
+state dict in safetensors (`load_full_state_dict`) and the adapter files.
+
 Consistency: rank 0 checks every tensor of a unit (present, shape, dtype, header) before anything is sent; on a
 problem every rank raises the same ShardedLoadError and no model is returned (a half-loaded model is never
 handed out). The broadcast carries raw bytes and int64 headers only: nothing is pickled.
