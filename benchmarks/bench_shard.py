@@ -38,28 +38,30 @@ from benchmarks.common import rss_anon as _rss_anon  # noqa: E402
 MIB, GIB = 2 ** 20, 2 ** 30
 
 _RANK = r"""
-import gc, json, os, sys, torch, torch.distributed as dist
+import gc, json, os, sys, threading, time, torch, torch.distributed as dist
 def anon():
     for line in open(f"/proc/{os.getpid()}/status"):
         if line.startswith("RssAnon:"):
             return int(line.split()[1]) * 1024
+peak = [0]
+def sample():  # this rank's own peak RssAnon, read at the end of each phase (the parent samples the whole run)
+    while True:
+        peak[0] = max(peak[0], anon()); time.sleep(0.005)
+threading.Thread(target=sample, daemon=True).start()
 import qpeft
-from transformers import AutoModelForCausalLM
-from qpeft.distributed import shard_qlora_model
+from qpeft.distributed import load_sharded_qlora
+import qpeft.integrations.transformers, transformers.models.llama.modeling_llama  # imports before the baseline
 torch.set_num_threads(1)
 dist.init_process_group("gloo")
 out = {"rank": dist.get_rank(), "start": anon()}
-model = AutoModelForCausalLM.from_pretrained(sys.argv[1], quantization_config=qpeft.QPeftConfig(),
-                                             dtype=torch.bfloat16)
-qpeft.add_lora(model, "all-linear", r=16, lora_alpha=32)
-gc.collect(); out["loaded"] = anon()
+model = load_sharded_qlora(sys.argv[1], qpeft.QPeftConfig(), lora=dict(target_modules="all-linear", r=16,
+                           lora_alpha=32), torch_dtype=torch.bfloat16, device="cpu")
+gc.collect(); out["loaded"] = anon(); out["load_peak"] = max(peak[0], out["loaded"])
 quant = [p for m in model.modules() if isinstance(m, qpeft.QLinearNF4) for p in m.quantized_parameters()]
 out["quantized_numel"] = sum(m.quantized_numel() for m in model.modules() if isinstance(m, qpeft.QLinearNF4))
 out["quantized_bytes_full"] = sum(p.numel() for p in quant)
-shard_qlora_model(model)
-gc.collect(); out["sharded"] = anon()
-quant = [p for m in model.modules() if isinstance(m, qpeft.QLinearNF4) for p in m.quantized_parameters()]
 out["quantized_bytes_local"] = sum(p.to_local().untyped_storage().nbytes() for p in quant)
+out["local_bytes_all"] = sum(p.to_local().untyped_storage().nbytes() for p in model.parameters())
 opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 ids = torch.randint(3, 32000, (1, 64), generator=torch.Generator().manual_seed(0))
 model.train(); loss = model(input_ids=ids, labels=ids).loss; loss.backward(); opt.step(); opt.zero_grad()
@@ -108,8 +110,9 @@ def run_world(path: Path, ws: int) -> list[dict]:
     t.join()
     out = []
     for r, peak in zip(rows, peaks):
-        out.append({"world_size": ws, "rank": r["rank"], "loaded_mib": r["loaded"] / MIB,
-                    "sharded_mib": r["sharded"] / MIB, "after_step_mib": r["stepped"] / MIB,
+        out.append({"world_size": ws, "rank": r["rank"], "start_mib": r["start"] / MIB,
+                    "load_peak_mib": r["load_peak"] / MIB, "loaded_mib": r["loaded"] / MIB,
+                    "after_step_mib": r["stepped"] / MIB, "local_params_mib": r["local_bytes_all"] / MIB,
                     "peak_mib": peak / MIB, "quantized_local_mib": r["quantized_bytes_local"] / MIB,
                     "quantized_full_mib": r["quantized_bytes_full"] / MIB,
                     "bytes_per_quantized_param": r["quantized_bytes_full"] / r["quantized_numel"],
@@ -159,8 +162,8 @@ def main(argv=None) -> None:
     bpp = rows[0]["bytes_per_quantized_param"]
     proj = [project_70b(bpp, g) for g in (2, 8)]
     print(env_info())
-    print_table(rows, ["world_size", "rank", "loaded_mib", "sharded_mib", "after_step_mib", "peak_mib",
-                       "quantized_local_mib", "quantized_full_mib", "bytes_per_quantized_param"])
+    print_table(rows, ["world_size", "rank", "start_mib", "load_peak_mib", "loaded_mib", "after_step_mib", "peak_mib",
+                       "local_params_mib", "quantized_local_mib", "quantized_full_mib", "bytes_per_quantized_param"])
     print_table(proj)
     print_table(ANCHORS)
     rows += [{"projection": "Llama-3-70B QLoRA r=16, static (no activations)", "bytes_per_quantized_param": bpp, **p}

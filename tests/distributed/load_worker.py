@@ -17,9 +17,7 @@ bit for bit; the adapter saved after training loads back (adapter=) with the sam
 Rank 0 writes out_dir/report.json; any failed check raises (non-zero exit)."""
 from __future__ import annotations
 
-import copy
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -29,9 +27,7 @@ import torch.distributed as dist
 import qpeft
 from qpeft import QLinearNF4
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fsdp2_worker import batches, trainable  # noqa: E402
-from utils import tiny_llama  # noqa: E402
+from fsdp2_worker import batches, trainable  # this script's directory is on sys.path
 
 STEPS = 3
 
@@ -377,6 +373,12 @@ def case_train(out_dir: Path, rank: int, ws: int) -> dict:
     except ShardedLoadError as e:
         report["strict_error"] = str(e)
     report["strict_unchanged"] = all(torch.equal(full(p), before[n]) for n, p in trainable(back).items())
+    # strict=False with only the LoRA tensors: those change (to the initial values), the base keeps its bytes
+    base_before = {n: full(p).clone() for n, p in back.named_parameters() if not p.requires_grad}
+    load_full_state_dict(back, init_lora if rank == 0 else None, strict=False)
+    report["partial_lora_equal"] = all(torch.equal(full(p), init_lora[n]) for n, p in trainable(back).items())
+    report["partial_base_kept"] = all(torch.equal(full(p), base_before[n]) for n, p in back.named_parameters()
+                                      if not p.requires_grad)
     return report
 
 

@@ -82,6 +82,7 @@ def test_sharded_training_and_resume(tmp_path, world_size):
     assert r["adapter_resume_equal"]
     assert r["strict_error"] is not None and "unexpected ['model.nope']" in r["strict_error"]
     assert r["strict_unchanged"]
+    assert r["partial_lora_equal"] and r["partial_base_kept"]  # strict=False: only the given tensors change
 
 
 @pytest.mark.skipif(FSDP2_OK, reason="torch >= 2.12 loads (test_load_sharded_matches_from_pretrained)")

@@ -254,9 +254,11 @@ def _aligned(n: int) -> int:
 
 # --- rank 0: the unit's full tensors ------------------------------------------------------------------------
 class _Rank0:
-    def __init__(self, source, mode: str, aliases: dict, adapter: dict | None, lora_init: bool):
+    def __init__(self, source, mode: str, aliases: dict, adapter: dict | None, lora_init: bool,
+                 keep_missing: bool = False):
         self.source, self.mode, self.aliases = source, mode, aliases
         self.adapter, self.lora_init = adapter, lora_init
+        self.keep_missing = keep_missing  # load_full_state_dict(strict=False): absent tensors keep their values
         self.pending: dict[str, torch.Tensor] = {}  # LoRA values generated when their LoraLinear was visited
 
     def key(self, fqn: str) -> str:
@@ -303,6 +305,9 @@ class _Rank0:
             values = {n: q.get(n) for n in ("weight", "quant_map", "nested_absmax", "nested_quant_map", "offset")}
             values["absmax_bytes"] = absmax_to_bytes(q["absmax"])
             header = (QUANT_TYPES.index(m.quant_type), m.blocksize, _DTYPES.index(w.dtype))
+        elif self.keep_missing and not any(k.startswith(prefix + "weight") for k in self.source.keys()):
+            names = ["weight", "absmax_bytes", *_QTABLES, "bias"]
+            return dict.fromkeys(names), (QUANT_TYPES.index(m.quant_type), m.blocksize, _DTYPES.index(m.weight_dtype))
         else:
             raise ShardedLoadError(f"{fqn}: the checkpoint has no {prefix}weight")
         if m.bias is not None:
@@ -352,7 +357,7 @@ class _Rank0:
                 if v is None:
                     v = self.lookup(key)
                 if v is None:
-                    if n in m._buffers:
+                    if n in m._buffers or self.keep_missing:
                         values.append(None)
                         continue
                     raise ShardedLoadError(f"missing key {self.key(key)} (model parameter {key})")
@@ -460,9 +465,14 @@ def _load_units(model: nn.Module, rank0: _Rank0 | None, group, device, stats: di
             stats["max_unit_read_bytes"] = max(stats.get("max_unit_read_bytes", 0),
                                                rank0.source.bytes_read - stats.get("read_bytes", 0))
             stats["read_bytes"] = rank0.source.bytes_read
+        if device.type == "cpu":
+            # The unit's buffer (and on rank 0 its dense and quantized temporaries) is freed here, but a layer's
+            # ~22 MiB buffer is under glibc's 32 MiB mmap threshold, so the heap kept it: without a trim the
+            # ranks != 0 of benchmarks/bench_shard.py (1 GB bf16 Llama, 4 ranks) ended the load ~300 MiB above
+            # their shards (872 MiB RssAnon against rank 0's 556 MiB, which trimmed).
             from ..integrations.transformers import _return_freed_heap_to_os
 
-            _return_freed_heap_to_os()  # the unit's dense and quantized temporaries (glibc keeps them otherwise)
+            _return_freed_heap_to_os()
 
 
 def _tied_aliases(model: nn.Module) -> dict:
@@ -580,7 +590,8 @@ def load_full_state_dict(model: nn.Module, state_dict: dict | None, *, mesh=None
 
     strict: every key of the model's state dict must be in the dict (a tied parameter under any of its names)
     and every key of the dict must belong to the model, checked on rank 0 before anything is sent; buffers
-    absent from the dict keep their values. Raises ShardedLoadError on every rank: for a wrong key set before
+    absent from the dict keep their values. strict=False: whatever is absent keeps its value (e.g. a dict of the
+    LoRA tensors only). Raises ShardedLoadError on every rank: for a wrong key set before
     anything changed; for a shape or header mismatch at that unit, the units before it being loaded already
     (so do not train the model after such an error: rebuild it)."""
     import torch.distributed as dist
@@ -595,7 +606,8 @@ def load_full_state_dict(model: nn.Module, state_dict: dict | None, *, mesh=None
         if not isinstance(state_dict, dict):
             error = f"load_full_state_dict: state_dict must be a dict on rank 0, got {type(state_dict).__name__}"
         else:
-            rank0 = _Rank0(_DictSource(state_dict), "state_dict", _tied_aliases(model), None, False)
+            rank0 = _Rank0(_DictSource(state_dict), "state_dict", _tied_aliases(model), None, False,
+                           keep_missing=not strict)
             if strict:
                 expected = set(model.state_dict().keys())  # local: no collective (FSDP2's sharded state dict)
                 missing = sorted(k for k in expected if k not in state_dict
