@@ -3,18 +3,32 @@ Llama-3-70B QLoRA on 2 and 8 GPUs from the measured bytes per quantized paramete
 
     python -m benchmarks.bench_shard [--size-gb 1.0] [--ranks 1 2 4]
 
-Each rank loads the synthetic bf16 Llama checkpoint of bench_load.py (~1 GB) through QPeftConfig (quantize on
-load), adds LoRA (r=16, all linear layers), calls qpeft.distributed.shard_qlora_model and runs one AdamW step
-(batch 1, 64 tokens). Measured per rank: RssAnon (anonymous memory, /proc/<pid>/status; the checkpoint's mapped
-pages are page cache) after loading (every rank still holds the whole 4-bit model: loading is not sharded), after
-sharding, after the step, and the peak sampled every 5 ms; and the bytes of its local shards of the quantized
-storage. Needs torch >= 2.12. Results: benchmarks/results/<device>/shard.csv.
+Each rank builds the synthetic bf16 Llama checkpoint of bench_load.py (~1 GB) with
+qpeft.distributed.load_sharded_qlora (QPeftConfig: NF4 + double quant; LoRA r=16 on all linear layers): the
+model is built on meta and sharded, then rank 0 reads and quantizes one decoder layer at a time and broadcasts it,
+so no rank holds the whole model. Then one AdamW step (batch 1, 64 tokens). Measured per rank: RssAnon
+(anonymous memory, /proc/<pid>/status; the checkpoint's mapped pages are page cache) after the imports (start),
+its peak during loading and after it (sampled every 5 ms inside the rank), after the step, the peak over the whole
+run (sampled by the parent); and the bytes of the rank's local parameters and of its 4-bit shards. Needs torch
+>= 2.12. Results: benchmarks/results/<device>/shard.csv.
 
-First run (2-core CPU, torch 2.15, 9-layer 1 GB checkpoint): the local quantized storage is exactly 1/world_size
-(199.5 / 99.8 / 49.9 MiB at 1 / 2 / 4 ranks; 0.5156 bytes per 4-bit weight with double quant), but RssAnon does
-not fall with the world size (~1.0 GB after sharding, ~1.9 GB peak on every rank). Every rank first loads the
-whole 4-bit model, and glibc keeps the heap FSDP2 frees. The step's activations and fp32 LoRA state are the same
-on every rank. So on the CPU this measures the shard bytes, not the process's footprint.
+Measured (2-core CPU, torch 2.15, gloo, 9-layer 1 GB bf16 checkpoint; MiB; start 436 on every rank):
+
+    world  rank  load peak  after load  after step  run peak  local params  local 4-bit
+      1     0      1205        908        1262       1644        469.6         199.5
+      2     0       967        673        1241       1683        234.8          99.8
+      2     1       946        923        1291       1763        234.8          99.8
+      4     0       850        556        1236       1618        117.4          49.9
+      4    1-3   827-830    556-806   1282-1330  1683-1813       117.4          49.9
+
+The local parameters are exactly 1/world_size (0.5156 bytes per 4-bit weight with double quant), and loading
+now scales: the load peak falls 1205 -> 967 -> 850 MiB and what a rank keeps after loading 908 -> 673 -> 556 MiB
+(start + its shards + ~3 MiB), except ranks 1 whose RssAnon kept ~250 MiB more (805 / 923 MiB; the size of the
+largest unit, embeddings + head, 250 MiB in bf16: not explained yet). Before the sharded loader (every rank read
+the whole 4-bit model) it was ~1.0 GB after sharding and ~1.9 GB peak on every rank at every world size. The
+step does not scale on this model: the root FSDP group (embeddings + head, 250 MiB bf16) is gathered whole
+for forward and backward, activations and fp32 LoRA state are the same on every rank, and glibc keeps the
+freed heap, so the run peak stays 1.6-1.8 GiB; on a 70B model the decoder layers, which do scale, dominate.
 """
 from __future__ import annotations
 
