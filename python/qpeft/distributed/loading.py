@@ -457,7 +457,7 @@ def _load_units(model: nn.Module, rank0: _Rank0 | None, group, device, stats: di
                     pos += size
             stats["max_unit_bytes"] = max(stats.get("max_unit_bytes", 0), total)
             stats["received_bytes"] = stats.get("received_bytes", 0) + total
-            del buf
+            del buf, full  # `full` views the buffer: both go, or the trim below cannot return it
         for m, h in zip(qlayers, meta[len(flat):].reshape(-1, 3).tolist()):
             m.quant_type, m.blocksize, m.weight_dtype = QUANT_TYPES[h[0]], h[1], _DTYPES[h[2]]
         stats["units"] = stats.get("units", 0) + 1
@@ -466,10 +466,11 @@ def _load_units(model: nn.Module, rank0: _Rank0 | None, group, device, stats: di
                                                rank0.source.bytes_read - stats.get("read_bytes", 0))
             stats["read_bytes"] = rank0.source.bytes_read
         if device.type == "cpu":
-            # The unit's buffer (and on rank 0 its dense and quantized temporaries) is freed here, but a layer's
-            # ~22 MiB buffer is under glibc's 32 MiB mmap threshold, so the heap kept it: without a trim the
-            # ranks != 0 of benchmarks/bench_shard.py (1 GB bf16 Llama, 4 ranks) ended the load ~300 MiB above
-            # their shards (872 MiB RssAnon against rank 0's 556 MiB, which trimmed).
+            # The unit's buffer (and on rank 0 its dense and quantized temporaries) is freed here, but glibc
+            # keeps freed heap: without a trim the ranks != 0 of benchmarks/bench_shard.py (1 GB bf16 Llama,
+            # 4 ranks) ended the load ~300 MiB above their shards (872 MiB RssAnon against rank 0's 556 MiB,
+            # which trimmed), and with the trim but the last unit's buffer still referenced, rank 1 at 2 ranks
+            # kept 910 MiB where a trim after the load gave 660.
             from ..integrations.transformers import _return_freed_heap_to_os
 
             _return_freed_heap_to_os()
