@@ -15,19 +15,20 @@ run (sampled by the parent); and the bytes of the rank's local parameters and of
 Measured (2-core CPU, torch 2.15, gloo, 9-layer 1 GB bf16 checkpoint; MiB; start 436 on every rank):
 
     world  rank  load peak  after load  after step  run peak  local params  local 4-bit
-      1     0      1205        908        1262       1644        469.6         199.5
-      2     0       967        673        1241       1683        234.8          99.8
-      2     1       946        923        1291       1763        234.8          99.8
-      4     0       850        556        1236       1618        117.4          49.9
-      4    1-3   827-830    556-806   1282-1330  1683-1813       117.4          49.9
+      1     0      1179        908        1225       1607        469.6         199.5
+      2     0      1004        673        1354       1826        234.8          99.8
+      2     1       923        673        1365       1842        234.8          99.8
+      4     0       827        556        1172       1577        117.4          49.9
+      4    1-3    802-804      555-556   1157-1176  1611-1662     117.4          49.9
 
 The local parameters are exactly 1/world_size (0.5156 bytes per 4-bit weight with double quant), and loading
-now scales: the load peak falls 1205 -> 967 -> 850 MiB and what a rank keeps after loading 908 -> 673 -> 556 MiB
-(start + its shards + ~3 MiB), except ranks 1 whose RssAnon kept ~250 MiB more (805 / 923 MiB; the size of the
-largest unit, embeddings + head, 250 MiB in bf16: not explained yet). Before the sharded loader (every rank read
-the whole 4-bit model) it was ~1.0 GB after sharding and ~1.9 GB peak on every rank at every world size. The
-step does not scale on this model: the root FSDP group (embeddings + head, 250 MiB bf16) is gathered whole
-for forward and backward, activations and fp32 LoRA state are the same on every rank, and glibc keeps the
+scales: what a rank keeps after loading is start + its shards + ~3 MiB (908 -> 673 -> 556 MiB on every rank),
+the load peak falls 1179 -> 1004 -> 827 MiB (rank 0, which also holds a unit's dense weights while quantizing;
+the others 923 / 802 MiB). The peak above "after load" is one unit in flight: the largest unit is the rest of the
+model (embeddings + head, 250 MiB in bf16), not a decoder layer (~26 MiB quantized). Before the sharded loader
+(every rank read the whole 4-bit model) it was ~1.0 GB after sharding and ~1.9 GB peak on every rank at every
+world size. The training step does not scale on this model: the root FSDP group (embeddings + head) is gathered
+whole for forward and backward, activations and fp32 LoRA state are the same on every rank, and glibc keeps the
 freed heap, so the run peak stays 1.6-1.8 GiB; on a 70B model the decoder layers, which do scale, dominate.
 """
 from __future__ import annotations

@@ -13,7 +13,9 @@ model loads the base and that adapter (and, separately, the same seed's fresh Lo
 both train 3 AdamW steps (the reference averaging per-rank micro-batch gradients, as FSDP2's reduce-scatter).
 Resume: after step 2 the full model and optimizer state dicts go to safetensors; a freshly loaded sharded model
 takes them (load_full_state_dict, set_optimizer_state_dict) and its step 3 must equal the uninterrupted run's
-bit for bit; the adapter saved after training loads back (adapter=) with the same bytes.
+bit for bit; the adapter saved after training loads back (adapter=) with the same bytes; load_full_state_dict
+refuses a wrong key set on every rank before changing anything, and with strict=False changes only what it is
+given (LoRA only: the base keeps its bytes).
 Rank 0 writes out_dir/report.json; any failed check raises (non-zero exit)."""
 from __future__ import annotations
 
