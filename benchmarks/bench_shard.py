@@ -3,18 +3,33 @@ Llama-3-70B QLoRA on 2 and 8 GPUs from the measured bytes per quantized paramete
 
     python -m benchmarks.bench_shard [--size-gb 1.0] [--ranks 1 2 4]
 
-Each rank loads the synthetic bf16 Llama checkpoint of bench_load.py (~1 GB) through QPeftConfig (quantize on
-load), adds LoRA (r=16, all linear layers), calls qpeft.distributed.shard_qlora_model and runs one AdamW step
-(batch 1, 64 tokens). Measured per rank: RssAnon (anonymous memory, /proc/<pid>/status; the checkpoint's mapped
-pages are page cache) after loading (every rank still holds the whole 4-bit model: loading is not sharded), after
-sharding, after the step, and the peak sampled every 5 ms; and the bytes of its local shards of the quantized
-storage. Needs torch >= 2.12. Results: benchmarks/results/<device>/shard.csv.
+Each rank builds the synthetic bf16 Llama checkpoint of bench_load.py (~1 GB) with
+qpeft.distributed.load_sharded_qlora (QPeftConfig: NF4 + double quant; LoRA r=16 on all linear layers): the
+model is built on meta and sharded, then rank 0 reads and quantizes one decoder layer at a time and broadcasts it,
+so no rank holds the whole model. Then one AdamW step (batch 1, 64 tokens). Measured per rank: RssAnon
+(anonymous memory, /proc/<pid>/status; the checkpoint's mapped pages are page cache) after the imports (start),
+its peak during loading and after it (sampled every 5 ms inside the rank), after the step, the peak over the whole
+run (sampled by the parent); and the bytes of the rank's local parameters and of its 4-bit shards. Needs torch
+>= 2.12. Results: benchmarks/results/<device>/shard.csv.
 
-First run (2-core CPU, torch 2.15, 9-layer 1 GB checkpoint): the local quantized storage is exactly 1/world_size
-(199.5 / 99.8 / 49.9 MiB at 1 / 2 / 4 ranks; 0.5156 bytes per 4-bit weight with double quant), but RssAnon does
-not fall with the world size (~1.0 GB after sharding, ~1.9 GB peak on every rank). Every rank first loads the
-whole 4-bit model, and glibc keeps the heap FSDP2 frees. The step's activations and fp32 LoRA state are the same
-on every rank. So on the CPU this measures the shard bytes, not the process's footprint.
+Measured (2-core CPU, torch 2.15, gloo, 9-layer 1 GB bf16 checkpoint; MiB; start 436 on every rank):
+
+    world  rank  load peak  after load  after step  run peak  local params  local 4-bit
+      1     0      1179        908        1225       1607        469.6         199.5
+      2     0      1004        673        1354       1826        234.8          99.8
+      2     1       923        673        1365       1842        234.8          99.8
+      4     0       827        556        1172       1577        117.4          49.9
+      4    1-3    802-804      555-556   1157-1176  1611-1662     117.4          49.9
+
+The local parameters are exactly 1/world_size (0.5156 bytes per 4-bit weight with double quant), and loading
+scales: what a rank keeps after loading is start + its shards + ~3 MiB (908 -> 673 -> 556 MiB on every rank),
+the load peak falls 1179 -> 1004 -> 827 MiB (rank 0, which also holds a unit's dense weights while quantizing;
+the others 923 / 802 MiB). The peak above "after load" is one unit in flight: the largest unit is the rest of the
+model (embeddings + head, 250 MiB in bf16), not a decoder layer (~26 MiB quantized). Before the sharded loader
+(every rank read the whole 4-bit model) it was ~1.0 GB after sharding and ~1.9 GB peak on every rank at every
+world size. The training step does not scale on this model: the root FSDP group (embeddings + head) is gathered
+whole for forward and backward, activations and fp32 LoRA state are the same on every rank, and glibc keeps the
+freed heap, so the run peak stays 1.6-1.8 GiB; on a 70B model the decoder layers, which do scale, dominate.
 """
 from __future__ import annotations
 
@@ -38,28 +53,30 @@ from benchmarks.common import rss_anon as _rss_anon  # noqa: E402
 MIB, GIB = 2 ** 20, 2 ** 30
 
 _RANK = r"""
-import gc, json, os, sys, torch, torch.distributed as dist
+import gc, json, os, sys, threading, time, torch, torch.distributed as dist
 def anon():
     for line in open(f"/proc/{os.getpid()}/status"):
         if line.startswith("RssAnon:"):
             return int(line.split()[1]) * 1024
+peak = [0]
+def sample():  # this rank's own peak RssAnon, read at the end of each phase (the parent samples the whole run)
+    while True:
+        peak[0] = max(peak[0], anon()); time.sleep(0.005)
+threading.Thread(target=sample, daemon=True).start()
 import qpeft
-from transformers import AutoModelForCausalLM
-from qpeft.distributed import shard_qlora_model
+from qpeft.distributed import load_sharded_qlora
+import qpeft.integrations.transformers, transformers.models.llama.modeling_llama  # imports before the baseline
 torch.set_num_threads(1)
 dist.init_process_group("gloo")
 out = {"rank": dist.get_rank(), "start": anon()}
-model = AutoModelForCausalLM.from_pretrained(sys.argv[1], quantization_config=qpeft.QPeftConfig(),
-                                             dtype=torch.bfloat16)
-qpeft.add_lora(model, "all-linear", r=16, lora_alpha=32)
-gc.collect(); out["loaded"] = anon()
+model = load_sharded_qlora(sys.argv[1], qpeft.QPeftConfig(), lora=dict(target_modules="all-linear", r=16,
+                           lora_alpha=32), torch_dtype=torch.bfloat16, device="cpu")
+gc.collect(); out["loaded"] = anon(); out["load_peak"] = max(peak[0], out["loaded"])
 quant = [p for m in model.modules() if isinstance(m, qpeft.QLinearNF4) for p in m.quantized_parameters()]
 out["quantized_numel"] = sum(m.quantized_numel() for m in model.modules() if isinstance(m, qpeft.QLinearNF4))
 out["quantized_bytes_full"] = sum(p.numel() for p in quant)
-shard_qlora_model(model)
-gc.collect(); out["sharded"] = anon()
-quant = [p for m in model.modules() if isinstance(m, qpeft.QLinearNF4) for p in m.quantized_parameters()]
 out["quantized_bytes_local"] = sum(p.to_local().untyped_storage().nbytes() for p in quant)
+out["local_bytes_all"] = sum(p.to_local().untyped_storage().nbytes() for p in model.parameters())
 opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 ids = torch.randint(3, 32000, (1, 64), generator=torch.Generator().manual_seed(0))
 model.train(); loss = model(input_ids=ids, labels=ids).loss; loss.backward(); opt.step(); opt.zero_grad()
@@ -108,8 +125,9 @@ def run_world(path: Path, ws: int) -> list[dict]:
     t.join()
     out = []
     for r, peak in zip(rows, peaks):
-        out.append({"world_size": ws, "rank": r["rank"], "loaded_mib": r["loaded"] / MIB,
-                    "sharded_mib": r["sharded"] / MIB, "after_step_mib": r["stepped"] / MIB,
+        out.append({"world_size": ws, "rank": r["rank"], "start_mib": r["start"] / MIB,
+                    "load_peak_mib": r["load_peak"] / MIB, "loaded_mib": r["loaded"] / MIB,
+                    "after_step_mib": r["stepped"] / MIB, "local_params_mib": r["local_bytes_all"] / MIB,
                     "peak_mib": peak / MIB, "quantized_local_mib": r["quantized_bytes_local"] / MIB,
                     "quantized_full_mib": r["quantized_bytes_full"] / MIB,
                     "bytes_per_quantized_param": r["quantized_bytes_full"] / r["quantized_numel"],
@@ -159,8 +177,8 @@ def main(argv=None) -> None:
     bpp = rows[0]["bytes_per_quantized_param"]
     proj = [project_70b(bpp, g) for g in (2, 8)]
     print(env_info())
-    print_table(rows, ["world_size", "rank", "loaded_mib", "sharded_mib", "after_step_mib", "peak_mib",
-                       "quantized_local_mib", "quantized_full_mib", "bytes_per_quantized_param"])
+    print_table(rows, ["world_size", "rank", "start_mib", "load_peak_mib", "loaded_mib", "after_step_mib", "peak_mib",
+                       "local_params_mib", "quantized_local_mib", "quantized_full_mib", "bytes_per_quantized_param"])
     print_table(proj)
     print_table(ANCHORS)
     rows += [{"projection": "Llama-3-70B QLoRA r=16, static (no activations)", "bytes_per_quantized_param": bpp, **p}

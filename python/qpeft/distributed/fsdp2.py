@@ -64,9 +64,10 @@ def shard_qlora_model(model: nn.Module, mesh=None, mixed_precision=None, reshard
         float Parameters (LoRA, norms, embeddings) and never the uint8 quantized storage.
     reshard_after_forward: free each layer's gathered parameters after its forward (re-gathered for backward).
 
-    The process group must be initialised, and the model fully materialised on this rank's device (every rank
-    holds the same values; FSDP2 keeps each rank's shard and drops the rest). Load checkpoints (state dicts,
-    adapters) before sharding. Raises FSDP2UnsupportedError on torch < 2.12, TypeError / ValueError naming the
+    The process group must be initialised, and the model either fully materialised on this rank's device (every
+    rank holds the same values; FSDP2 keeps each rank's shard and drops the rest) or entirely on the meta device
+    (then `model.to_empty(device=...)` allocates only the shards and `loading.load_full_state_dict` fills them;
+    `load_sharded_qlora` does all of this from a checkpoint). Raises FSDP2UnsupportedError on torch < 2.12, TypeError / ValueError naming the
     argument for bad input.
     """
     check_fsdp2_supported()
@@ -88,9 +89,12 @@ def shard_qlora_model(model: nn.Module, mesh=None, mixed_precision=None, reshard
     if not isinstance(reshard_after_forward, bool):
         raise TypeError(f"shard_qlora_model: reshard_after_forward must be a bool, got {reshard_after_forward!r}")
     meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
-    if meta:
-        raise ValueError(f"shard_qlora_model: parameters on the meta device (materialise the model first): "
-                         f"{meta[:4]}")
+    if meta and len(meta) != len(list(model.parameters())):
+        # all on meta is FSDP2's meta-device recipe (shard, to_empty, load: load_sharded_qlora); some on meta
+        # is a half-built model whose meta parameters would end up as uninitialised memory
+        raise ValueError(f"shard_qlora_model: some parameters are on the meta device and some are not "
+                         f"(materialise the model first, or build it entirely on meta and load it with "
+                         f"qpeft.distributed.load_sharded_qlora): {meta[:4]}")
     layers = decoder_layers(model)
     if not layers:
         raise ValueError("shard_qlora_model: found no decoder layers (no class named in model._no_split_modules, "
