@@ -375,6 +375,15 @@ def case_train(out_dir: Path, rank: int, ws: int) -> dict:
     except ShardedLoadError as e:
         report["strict_error"] = str(e)
     report["strict_unchanged"] = all(torch.equal(full(p), before[n]) for n, p in trainable(back).items())
+    # a shape error in the last unit is found before the first unit changes (rank 0 checks every unit first)
+    last = list(trainable(back))[-1]
+    bad = {**init_lora, last: init_lora[last][:, :-1].clone()}
+    try:
+        load_full_state_dict(back, bad if rank == 0 else None, strict=False)
+        report["late_error"] = None
+    except ShardedLoadError as e:
+        report["late_error"] = str(e)
+    report["late_unchanged"] = all(torch.equal(full(p), before[n]) for n, p in trainable(back).items())
     # strict=False with only the LoRA tensors: those change (to the initial values), the base keeps its bytes
     base_before = {n: full(p).clone() for n, p in back.named_parameters() if not p.requires_grad}
     load_full_state_dict(back, init_lora if rank == 0 else None, strict=False)

@@ -82,6 +82,9 @@ def test_sharded_training_and_resume(tmp_path, world_size):
     assert r["adapter_resume_equal"]
     assert r["strict_error"] is not None and "unexpected ['model.nope']" in r["strict_error"]
     assert r["strict_unchanged"]
+    assert r["late_error"] is not None and "size or dtype mismatch" in r["late_error"] and \
+        "nothing was loaded" in r["late_error"]
+    assert r["late_unchanged"]
     assert r["partial_lora_equal"] and r["partial_base_kept"]  # strict=False: only the given tensors change
 
 

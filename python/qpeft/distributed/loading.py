@@ -583,6 +583,20 @@ def load_sharded_qlora(pretrained_model_name_or_path, quantization_config=None, 
     return model.eval()
 
 
+def _dry_run(model: nn.Module, rank0: _Rank0) -> str | None:
+    """Rank 0 checks every unit (keys, shapes, dtypes, 4-bit headers) before anything is sent, so that a bad
+    dict leaves the model as it was; the values are built and dropped one unit at a time (the dict is already in
+    memory, and a packed layer is only parsed, not re-quantized)."""
+    seen: set = set()
+    for _, modules in _units(model):
+        plan = [(fqn, m, _slots(fqn, m, seen)) for fqn, m in modules]
+        try:
+            rank0.unit(plan)
+        except ShardedLoadError as e:
+            return f"load_full_state_dict: nothing was loaded: {e}"
+    return None
+
+
 def load_full_state_dict(model: nn.Module, state_dict: dict | None, *, mesh=None, strict: bool = True) -> None:
     """Load a full (gathered, unsharded) state dict in the model's own keys into a model sharded by
     `shard_qlora_model` / `load_sharded_qlora`; every rank calls, only rank 0's `state_dict` is read (the others
@@ -592,9 +606,8 @@ def load_full_state_dict(model: nn.Module, state_dict: dict | None, *, mesh=None
     strict: every key of the model's state dict must be in the dict (a tied parameter under any of its names)
     and every key of the dict must belong to the model, checked on rank 0 before anything is sent; buffers
     absent from the dict keep their values. strict=False: whatever is absent keeps its value (e.g. a dict of the
-    LoRA tensors only). Raises ShardedLoadError on every rank: for a wrong key set before
-    anything changed; for a shape or header mismatch at that unit, the units before it being loaded already
-    (so do not train the model after such an error: rebuild it)."""
+    LoRA tensors only). Raises ShardedLoadError on every rank, before anything changed: rank 0 checks the key
+    set, then every unit's shapes, dtypes and 4-bit headers, before the first broadcast."""
     import torch.distributed as dist
 
     group, device = _group_and_device(mesh, None)
@@ -618,6 +631,8 @@ def load_full_state_dict(model: nn.Module, state_dict: dict | None, *, mesh=None
                     error = (f"load_full_state_dict: the state dict does not match the model; nothing was loaded: "
                              f"missing {missing[:8]}{' ...' if len(missing) > 8 else ''}, unexpected "
                              f"{unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+            if error is None:
+                error = _dry_run(model, rank0)
     _Broadcaster(group, device).status(error)
     stats = LAST_LOAD_STATS
     stats.clear()
