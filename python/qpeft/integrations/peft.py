@@ -75,6 +75,7 @@ def _compute_dtypes(layer: QLinearNF4, x: torch.Tensor):
 
 
 class QPeftLoraLinear(nn.Module, LoraLayer):
+    _zero3_registered = False  # set per layer once its base's ZeRO-3 Parameters are registered
     """PEFT LoRA layer over a QLinearNF4: y = base(x) + sum_a scaling_a * B_a(A_a(dropout_a(x))), one fused call.
 
     Built by PEFT's dispatch as `QPeftLoraLinear(target, adapter_name, config=config, r=..., lora_alpha=...,
@@ -92,6 +93,10 @@ class QPeftLoraLinear(nn.Module, LoraLayer):
         self.fan_in_fan_out = False
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
+        # Registered now, before any engine adds its hooks: forward pre-hooks run in registration order, so
+        # this one runs ahead of DeepSpeed's fetch (parameter_offload.py registers its own without prepend).
+        self.register_forward_pre_hook(_zero3_register_base)
+        _install_accelerate_fsdp2_fix()
 
     def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
         if not isinstance(module, QLinearNF4):
@@ -208,6 +213,39 @@ class QPeftLoraLinear(nn.Module, LoraLayer):
 
     def __repr__(self) -> str:
         return "qpeft.lora." + super().__repr__()
+
+
+def _zero3_register_base(layer: "QPeftLoraLinear", args) -> None:
+    """DeepSpeed ZeRO-3: make the engine gather the 4-bit base's Parameters in this layer's forward and backward.
+
+    `_fused` calls the kernel on the base's `weight` / `absmax_bytes` / `bias` without entering the base's
+    forward, so ZeRO-3's per-module fetch (which gathers a module's own Parameters) would leave them empty
+    (shape (0,)) here. Once the engine has partitioned them (they carry `ds_id`), they are registered as this
+    layer's external parameters (`deepspeed.zero.register_external_parameter`, what
+    qpeft.distributed.prepare_zero3 does by hand), which the engine's fetch then includes: no user call needed,
+    whichever order the script builds TrainingArguments, the model and the Trainer in. Without DeepSpeed
+    nothing has `ds_id` and this returns after one check per base Parameter."""
+    if layer._zero3_registered:
+        return
+    params = list(layer.get_base_layer().parameters(recurse=False))
+    if not any(hasattr(p, "ds_id") for p in params):
+        return
+    import deepspeed
+
+    for p in params:
+        deepspeed.zero.register_external_parameter(layer, p)
+    layer._zero3_registered = True
+
+
+def _install_accelerate_fsdp2_fix() -> None:
+    """Under `accelerate launch` with FSDP: wrap accelerate's FSDP2 preparation for qpeft models
+    (integrations/accelerate.py: cpu_ram_efficient_loading and the auto-wrap policy)."""
+    from .accelerate import fsdp_requested
+
+    if fsdp_requested():
+        from .accelerate import install
+
+        install()
 
 
 def register(config: LoraConfig) -> LoraConfig:
