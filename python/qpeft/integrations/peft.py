@@ -75,7 +75,6 @@ def _compute_dtypes(layer: QLinearNF4, x: torch.Tensor):
 
 
 class QPeftLoraLinear(nn.Module, LoraLayer):
-    _zero3_registered = False  # set per layer once its base's ZeRO-3 Parameters are registered
     """PEFT LoRA layer over a QLinearNF4: y = base(x) + sum_a scaling_a * B_a(A_a(dropout_a(x))), one fused call.
 
     Built by PEFT's dispatch as `QPeftLoraLinear(target, adapter_name, config=config, r=..., lora_alpha=...,
@@ -84,6 +83,8 @@ class QPeftLoraLinear(nn.Module, LoraLayer):
     Merging dequantizes the NF4 weight to fp32, adds the delta and re-quantizes it in the layer's own format
     (as PEFT's bitsandbytes Linear4bit does); the result differs from W + delta by the NF4 rounding.
     """
+
+    _zero3_registered = False  # set per layer once its base's ZeRO-3 Parameters are registered
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig, r: int = 0,
                  lora_alpha: int = 1, **kwargs) -> None:

@@ -345,9 +345,12 @@ class QLinearNF4(nn.Module):
                               error_msgs):
         # Validate everything first; touch the module only when the whole layer is consistent.
         ours = {k for k in state_dict if k.startswith(prefix)}  # no child modules: every such key is ours
-        if not any(k.startswith(prefix + "weight") for k in ours):
-            # (also on a sharded layer: a partial load that does not touch this layer, e.g. PEFT's
-            # set_peft_model_state_dict of an adapter under FSDP2 when the Trainer resumes, is not refused)
+        if prefix + "weight" not in state_dict:
+            # The packed weight is what makes a load of this layer: without it the layer is missing (strict loads
+            # raise on that), also on a sharded layer. A partial load is not refused: PEFT's
+            # set_peft_model_state_dict of an adapter under FSDP2 when the Trainer resumes, or DeepSpeed's
+            # exclude_frozen_parameters checkpoint, which drops the Parameters `weight` / `absmax_bytes` by name
+            # but keeps the statistics' bitsandbytes keys (`weight.absmax`, `weight.quant_map`, ...).
             missing_keys.append(prefix + "weight")
             if self.bias is not None and prefix + "bias" not in state_dict:
                 missing_keys.append(prefix + "bias")
