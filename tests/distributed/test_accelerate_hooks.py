@@ -95,3 +95,28 @@ def test_install_wraps_once_and_only_under_accelerates_fsdp_environment(monkeypa
     assert all(getattr(f, "_qpeft", False) for f in first)
     hooks.install()
     assert (acc.fsdp2_prepare_model, Trainer.save_model) == first
+
+
+def test_fsdp2_prepare_of_a_qpeft_model_on_old_torch_raises_naming_the_versions(monkeypatch):
+    """torch 2.11's fully_shard cannot shard the uint8 storage: under accelerate the wrapper refuses first, with
+    qpeft's error (the same check as shard_qlora_model), and never reaches accelerate's preparation."""
+    from qpeft.distributed import fsdp2
+    from qpeft.integrations.accelerate import _patched
+
+    called = []
+    prepare = _patched(lambda accelerator, model: called.append(model))
+
+    class Plugin:
+        cpu_ram_efficient_loading, auto_wrap_policy = True, None
+
+    class Accelerator:
+        class state:
+            fsdp_plugin = Plugin()
+
+    monkeypatch.setattr(fsdp2, "_torch_version", lambda: (2, 11))
+    with pytest.raises(fsdp2.FSDP2UnsupportedError, match=r"needs torch>=2\.12"):
+        prepare(Accelerator(), _peft_model())
+    assert not called and Plugin.cpu_ram_efficient_loading is True
+    plain = torch.nn.Sequential(torch.nn.Linear(4, 4))  # no qpeft layer: accelerate's own path, untouched
+    prepare(Accelerator(), plain)
+    assert called == [plain]

@@ -28,7 +28,9 @@ layers: what accelerate 1.16 gets wrong for them, and the narrow fix installed b
    Trainer's own `_save` (adapter_model.safetensors + adapter_config.json): the final save and every checkpoint
    directory hold the adapter in PEFT's format, next to the Trainer's sharded (DCP, adapter-only) resume state.
 
-Models without a qpeft layer go through accelerate and the Trainer unchanged. Installed by the quantizer (integrations/
+On torch older than 2.12 the wrapper raises qpeft's FSDP2UnsupportedError (naming both versions) for qpeft models
+before accelerate calls fully_shard. Models without a qpeft layer go through accelerate and the Trainer
+unchanged. Installed by the quantizer (integrations/
 transformers.py) when a qpeft model is loaded with accelerate's FSDP environment set, and by
 `integrations/peft.py` when a QPeftLoraLinear is built under it; `install()` imports accelerate, this module
 does not.
@@ -84,6 +86,11 @@ def _patched(original):
         plugin = accelerator.state.fsdp_plugin
         if plugin is None or not has_qpeft_layers(model):
             return original(accelerator, model, *args, **kwargs)
+        # torch < 2.12: fully_shard would fail deep inside on the uint8 Parameters ("only Tensors of floating
+        # point dtype can require gradients"); raise qpeft's error naming the installed and the needed version
+        from ..distributed.fsdp2 import check_fsdp2_supported
+
+        check_fsdp2_supported()
         saved = plugin.cpu_ram_efficient_loading, plugin.auto_wrap_policy
         try:
             if plugin.cpu_ram_efficient_loading:
