@@ -220,12 +220,17 @@ def _zero3_register_base(layer: "QPeftLoraLinear", args) -> None:
     """DeepSpeed ZeRO-3: make the engine gather the 4-bit base's Parameters in this layer's forward and backward.
 
     `_fused` calls the kernel on the base's `weight` / `absmax_bytes` / `bias` without entering the base's
-    forward, so ZeRO-3's per-module fetch (which gathers a module's own Parameters) would leave them empty
-    (shape (0,)) here. Once the engine has partitioned them (they carry `ds_id`), they are registered as this
-    layer's external parameters (`deepspeed.zero.register_external_parameter`, what
-    qpeft.distributed.prepare_zero3 does by hand), which the engine's fetch then includes: no user call needed,
-    whichever order the script builds TrainingArguments, the model and the Trainer in. Without DeepSpeed
-    nothing has `ds_id` and this returns after one check per base Parameter."""
+    forward, so ZeRO-3's per-module fetch (a module's own Parameters, recurse=False) does not include them.
+    DeepSpeed 0.19 has a fallback: its ZeROOrderedDict getter all-gathers a NOT_AVAILABLE Parameter read
+    through `module.<name>` in eager forward and registers it with the running module. Measured on CPU (2 gloo
+    ranks, the Trainer): the base is gathered in the LoRA layer's forward with or without this hook. The fallback
+    is an internal of DeepSpeed, gathers one tensor at a time, and is skipped while torch.compile traces
+    (`torch.compiler.is_compiling()`). Here, once the engine has partitioned them (they carry `ds_id`), the
+    base's Parameters are registered as this layer's external parameters
+    (`deepspeed.zero.register_external_parameter`, what qpeft.distributed.prepare_zero3 does by hand), before
+    DeepSpeed's pre-forward fetch, which then gathers them with the layer's own. No user call is needed,
+    whatever order the script builds TrainingArguments, the model and the Trainer in. Without DeepSpeed nothing
+    has `ds_id`, and this returns after one check per base Parameter."""
     if layer._zero3_registered:
         return
     params = list(layer.get_base_layer().parameters(recurse=False))
