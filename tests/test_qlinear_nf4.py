@@ -150,6 +150,21 @@ def test_failed_load_leaves_module_unchanged():
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_a_load_without_the_packed_weight_leaves_the_layer_alone():
+    """DeepSpeed's exclude_frozen_parameters checkpoint (the Trainer's under ZeRO-3 with PEFT) drops the frozen
+    Parameters by name (`weight`, `absmax_bytes`) and keeps the statistics' bitsandbytes keys; resuming loads it
+    with strict=False. The layer is then missing, not an error, and unchanged; a strict load still raises."""
+    q = QLinearNF4.from_linear(_linear(), compute_dtype=torch.float32)
+    before = {k: v.clone() for k, v in q.state_dict().items()}
+    partial = {k: v for k, v in before.items() if k != "weight"}
+    assert any(k.startswith("weight.") for k in partial)
+    result = q.load_state_dict(partial, strict=False)
+    assert "weight" in result.missing_keys
+    assert all(torch.equal(before[k], v) for k, v in q.state_dict().items())
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\) in state_dict: \"weight\""):
+        q.load_state_dict(partial)
+
+
 @pytest.mark.parametrize("double_quant", [True, False])
 def test_storage_is_frozen_uint8_parameters_read_through_free_views(double_quant):
     """The packed weight and the absmax bytes are the only tensors that grow with the layer: frozen uint8

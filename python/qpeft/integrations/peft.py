@@ -84,6 +84,8 @@ class QPeftLoraLinear(nn.Module, LoraLayer):
     (as PEFT's bitsandbytes Linear4bit does); the result differs from W + delta by the NF4 rounding.
     """
 
+    _zero3_registered = False  # set per layer once its base's ZeRO-3 Parameters are registered
+
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig, r: int = 0,
                  lora_alpha: int = 1, **kwargs) -> None:
         super().__init__()
@@ -92,6 +94,10 @@ class QPeftLoraLinear(nn.Module, LoraLayer):
         self.fan_in_fan_out = False
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
+        # Registered now, before any engine adds its hooks: forward pre-hooks run in registration order, so
+        # this one runs ahead of DeepSpeed's fetch (parameter_offload.py registers its own without prepend).
+        self.register_forward_pre_hook(_zero3_register_base)
+        _install_accelerate_fsdp2_fix()
 
     def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
         if not isinstance(module, QLinearNF4):
@@ -208,6 +214,44 @@ class QPeftLoraLinear(nn.Module, LoraLayer):
 
     def __repr__(self) -> str:
         return "qpeft.lora." + super().__repr__()
+
+
+def _zero3_register_base(layer: "QPeftLoraLinear", args) -> None:
+    """DeepSpeed ZeRO-3: make the engine gather the 4-bit base's Parameters in this layer's forward and backward.
+
+    `_fused` calls the kernel on the base's `weight` / `absmax_bytes` / `bias` without entering the base's
+    forward, so ZeRO-3's per-module fetch (a module's own Parameters, recurse=False) does not include them.
+    DeepSpeed 0.19 has a fallback: its ZeROOrderedDict getter all-gathers a NOT_AVAILABLE Parameter read
+    through `module.<name>` in eager forward and registers it with the running module. Measured on CPU (2 gloo
+    ranks, the Trainer): the base is gathered in the LoRA layer's forward with or without this hook. The fallback
+    is an internal of DeepSpeed, gathers one tensor at a time, and is skipped while torch.compile traces
+    (`torch.compiler.is_compiling()`). Here, once the engine has partitioned them (they carry `ds_id`), the
+    base's Parameters are registered as this layer's external parameters
+    (`deepspeed.zero.register_external_parameter`, what qpeft.distributed.prepare_zero3 does by hand), before
+    DeepSpeed's pre-forward fetch, which then gathers them with the layer's own. No user call is needed,
+    whatever order the script builds TrainingArguments, the model and the Trainer in. Without DeepSpeed nothing
+    has `ds_id`, and this returns after one check per base Parameter."""
+    if layer._zero3_registered:
+        return
+    params = list(layer.get_base_layer().parameters(recurse=False))
+    if not any(hasattr(p, "ds_id") for p in params):
+        return
+    import deepspeed
+
+    for p in params:
+        deepspeed.zero.register_external_parameter(layer, p)
+    layer._zero3_registered = True
+
+
+def _install_accelerate_fsdp2_fix() -> None:
+    """Under `accelerate launch` with FSDP: wrap accelerate's FSDP2 preparation for qpeft models
+    (integrations/accelerate.py: cpu_ram_efficient_loading and the auto-wrap policy)."""
+    from .accelerate import fsdp_requested
+
+    if fsdp_requested():
+        from .accelerate import install
+
+        install()
 
 
 def register(config: LoraConfig) -> LoraConfig:

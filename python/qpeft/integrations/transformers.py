@@ -272,6 +272,12 @@ class QPeftHfQuantizer(HfQuantizer):
         used = getattr(model, "_weight_conversions", None)
         if used:
             model._weight_conversions = [c for c in used if not _is_ours(c)]
+        from .accelerate import fsdp_requested
+
+        if fsdp_requested():  # accelerate launch with FSDP: see integrations/accelerate.py
+            from .accelerate import install
+
+            install()
         return model
 
     def get_quantize_ops(self):

@@ -344,16 +344,21 @@ class QLinearNF4(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         # Validate everything first; touch the module only when the whole layer is consistent.
+        ours = {k for k in state_dict if k.startswith(prefix)}  # no child modules: every such key is ours
+        if prefix + "weight" not in state_dict:
+            # The packed weight is what makes a load of this layer: without it the layer is missing (strict loads
+            # raise on that), also on a sharded layer. A partial load is not refused: PEFT's
+            # set_peft_model_state_dict of an adapter under FSDP2 when the Trainer resumes, or DeepSpeed's
+            # exclude_frozen_parameters checkpoint, which drops the Parameters `weight` / `absmax_bytes` by name
+            # but keeps the statistics' bitsandbytes keys (`weight.absmax`, `weight.quant_map`, ...).
+            missing_keys.append(prefix + "weight")
+            if self.bias is not None and prefix + "bias" not in state_dict:
+                missing_keys.append(prefix + "bias")
+            return
         dtensor = _dtensor_type()
         if dtensor is not None and isinstance(self.weight, dtensor):
             error_msgs.append(f"QLinearNF4 {prefix[:-1] or '<root>'}: cannot load into a sharded layer (FSDP2); "
                               f"load the state dict before qpeft.distributed.shard_qlora_model")
-            return
-        ours = {k for k in state_dict if k.startswith(prefix)}  # no child modules: every such key is ours
-        if not any(k.startswith(prefix + "weight") for k in ours):
-            missing_keys.append(prefix + "weight")
-            if self.bias is not None and prefix + "bias" not in state_dict:
-                missing_keys.append(prefix + "bias")
             return
         try:
             parsed = parse_bnb_state(state_dict, prefix, self.out_features, self.in_features)
