@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -335,13 +334,15 @@ def case_refuse(out_dir: Path, rank: int, ws: int) -> dict:
     return report
 
 
-def main():
+def run_case(cases: dict) -> None:
+    """A worker's entry point: argv = out_dir case; runs cases[case](out_dir, rank, ws) on a gloo group and rank 0
+    writes its report to out_dir/report.json (what launch.spawn reads)."""
     out_dir, case = Path(sys.argv[1]), sys.argv[2]
     torch.set_num_threads(1)  # the reference and the ranks use the same kernels, blocking and reduction order
     dist.init_process_group("gloo")
     rank, ws = dist.get_rank(), dist.get_world_size()
     try:
-        report = {"train": case_train, "refuse": case_refuse}[case](out_dir, rank, ws)
+        report = cases[case](out_dir, rank, ws)
         if rank == 0:
             (out_dir / "report.json").write_text(json.dumps(report, indent=1, default=str))
         dist.barrier()
@@ -350,4 +351,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_case({"train": case_train, "refuse": case_refuse})

@@ -20,7 +20,6 @@ Rank 0 writes out_dir/report.json; any failed check raises (non-zero exit)."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -29,7 +28,7 @@ import torch.distributed as dist
 import qpeft
 from qpeft import QLinearNF4
 
-from fsdp2_worker import batches, trainable  # this script's directory is on sys.path
+from fsdp2_worker import batches, run_case, trainable  # this script's directory is on sys.path
 
 STEPS = 3
 
@@ -393,19 +392,5 @@ def case_train(out_dir: Path, rank: int, ws: int) -> dict:
     return report
 
 
-def main():
-    out_dir, case = Path(sys.argv[1]), sys.argv[2]
-    torch.set_num_threads(1)  # the reference and the ranks use the same kernels, blocking and reduction order
-    dist.init_process_group("gloo")
-    rank, ws = dist.get_rank(), dist.get_world_size()
-    try:
-        report = {"load": case_load, "train": case_train}[case](out_dir, rank, ws)
-        if rank == 0:
-            (out_dir / "report.json").write_text(json.dumps(report, indent=1, default=str))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
 if __name__ == "__main__":
-    main()
+    run_case({"load": case_load, "train": case_train})

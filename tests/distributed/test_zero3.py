@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from .launch import spawn
+from .zero3_emulation import ModuleInputIdentity
 
 pytest.importorskip("transformers")
 pytest.importorskip("deepspeed")
@@ -52,22 +53,6 @@ def test_zero3_qlora_matches_single_process(tmp_path, world_size):
     assert bf16["bytes_unchanged"] and bf16["loss"] == bf16["loss"]  # not NaN
 
 
-class _InputIdentity(torch.autograd.Function):
-    """ZeRO-3's PostBackwardFunctionModule as seen by autograd: an identity node on a module's input."""
-
-    @staticmethod
-    def forward(x):
-        return x.detach()
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
-    @staticmethod
-    def backward(ctx, g):
-        return g
-
-
 def _rmsnorm_input_grad(identity: bool):
     """Single process: the last decoder layer's post_attention_layernorm input h (used by the residual add and,
     inside LlamaRMSNorm, by pow and mul: fp32 .to(float32) is h itself): h's gradient and, in arrival order,
@@ -80,7 +65,7 @@ def _rmsnorm_input_grad(identity: bool):
 
     def pre(mod, args):
         box["h"] = args[0]
-        return (_InputIdentity.apply(args[0]),) if identity else None
+        return (ModuleInputIdentity.apply(args[0]),) if identity else None
 
     handle = norm.register_forward_pre_hook(pre)
     ids = torch.randint(3, 128, (2, 8), generator=torch.Generator().manual_seed(1234))
@@ -111,7 +96,7 @@ def test_zero3_input_identity_reassociates_the_rmsnorm_input_gradient():
     (_, add), (_, mul), (_, pw) = contrib
     assert torch.equal(plain, (add + mul) + pw)
     wrapped, contrib_w = _rmsnorm_input_grad(identity=True)
-    assert [n for n, _ in contrib_w] == ["AddBackward0", "_InputIdentityBackward"]
+    assert [n for n, _ in contrib_w] == ["AddBackward0", "ModuleInputIdentityBackward"]
     assert torch.equal(contrib_w[0][1], add) and torch.equal(contrib_w[1][1], mul + pw)
     assert torch.equal(wrapped, add + (mul + pw))
     # one rounding apart on part of the elements: a reassociated fp32 sum, not a missing term

@@ -130,6 +130,13 @@ def _assert_within_bnb_param_error(p_bnb, p_ours):
     assert err.max() < 1e-3  # at most one lr: no element jumped
 
 
+def _assert_same_states(opt, ps, other, other_ps):
+    """Every state entry of opt's parameters equals other's for the matching parameter (tensors exactly)."""
+    for p, q in zip(ps, other_ps):
+        for k, v in opt.state[p].items():
+            assert torch.equal(v, other.state[q][k]) if torch.is_tensor(v) else v == other.state[q][k], k
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning")  # both libraries' "paged optimizers on CPU" notices
 @pytest.mark.parametrize("pair", [("AdamW8bit", "AdamW8bit"), ("Lion8bit", "Lion8bit"),
                                   ("PagedAdamW8bit", "PagedAdamW8bit"), ("PagedAdamW", "PagedAdamW")], ids=str)
@@ -143,9 +150,7 @@ def test_state_dicts_load_both_ways(pair):
     ps_b = [torch.nn.Parameter(p.detach().clone()) for p in ps]
     theirs = bnb_cls(ps_b, lr=1e-3)
     theirs.load_state_dict(sd)
-    for p, pb in zip(ps, ps_b):
-        for k, v in ours.state[p].items():
-            assert torch.equal(v, theirs.state[pb][k]) if torch.is_tensor(v) else v == theirs.state[pb][k], k
+    _assert_same_states(ours, ps, theirs, ps_b)
     _steps(ps_b, theirs, 1, seed=2)
     _steps(ps, ours, 1, seed=2)
     for p, pb in zip(ps, ps_b):  # different rounding and decay order: within bnb's parameter thresholds
@@ -157,9 +162,7 @@ def test_state_dicts_load_both_ways(pair):
     ps_o = [torch.nn.Parameter(p.detach().clone()) for p in ps_b]
     ours2 = ours_cls(ps_o, lr=1e-3)
     ours2.load_state_dict(sd_b)
-    for p, po in zip(ps_b, ps_o):
-        for k, v in ours2.state[po].items():
-            assert torch.equal(v, theirs.state[p][k]) if torch.is_tensor(v) else v == theirs.state[p][k], k
+    _assert_same_states(ours2, ps_o, theirs, ps_b)
     _steps(ps_o, ours2, 2, seed=4)
     _steps(ps_b, theirs, 2, seed=4)
     for p, po in zip(ps_b, ps_o):
