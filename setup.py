@@ -3,7 +3,7 @@
 Plain setuptools with no ext_modules: `pip install .` compiles nothing. The CUDA sources ship
 as package data (`qpeft.csrc`) and are JIT-built on first GPU use (see python/qpeft/_jit.py).
 """
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="qpeft",
@@ -22,20 +22,8 @@ setup(
         "qpeft.triton_kernels": "triton_kernels",
         "qpeft.csrc": "csrc",
     },
-    packages=[
-        "qpeft",
-        "qpeft.reference",
-        "qpeft.ops",
-        "qpeft.autograd",
-        "qpeft.modules",
-        "qpeft.methods",
-        "qpeft.integrations",
-        "qpeft.distributed",
-        "qpeft.demo",
-        "qpeft.optim",
-        "qpeft.triton_kernels",
-        "qpeft.csrc",
-    ],
+    # every package under python/qpeft (find_packages), plus the kernel folders installed inside qpeft
+    packages=["qpeft", *(f"qpeft.{p}" for p in find_packages("python/qpeft")), "qpeft.triton_kernels", "qpeft.csrc"],
     package_data={"qpeft.csrc": ["*.cu", "*.cpp", "*.h", "*.cuh"], "qpeft.demo": ["*.txt", "*.json"]},
     include_package_data=True,
     install_requires=[

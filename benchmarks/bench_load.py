@@ -65,7 +65,7 @@ import json, sys, torch
 mode, path, device = sys.argv[1], sys.argv[2], sys.argv[3]
 import qpeft, transformers
 from transformers import AutoModelForCausalLM
-from qpeft.model_quantization import model_bytes
+from qpeft.models.quantization import model_bytes
 device_map = {"": 0} if device == "cuda" else None
 print("READY", flush=True); sys.stdin.readline()
 if mode == "qpeft_on_load":

@@ -8,8 +8,16 @@ import pytest
 import torch
 
 import qpeft
-from qpeft.methods.adalora import (AdaLoraLinear, adalora_layers, adalora_rank_pattern, add_adalora,
-                                   budget_schedule, merge_adalora, orthogonal_regularization, update_and_allocate)
+from qpeft.tuners.adalora import (
+    AdaLoraLinear,
+    adalora_layers,
+    adalora_rank_pattern,
+    add_adalora,
+    budget_schedule,
+    merge_adalora,
+    orthogonal_regularization,
+    update_and_allocate,
+)
 from utils import tiny_bert, tiny_llama
 
 TARGETS = ["q_proj", "v_proj"]

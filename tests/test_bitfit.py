@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qpeft.methods.bitfit import apply_bitfit, bitfit_state_dict, load_bitfit, merge_bitfit, save_bitfit
+from qpeft.tuners.bitfit import apply_bitfit, bitfit_state_dict, load_bitfit, merge_bitfit, save_bitfit
 from utils import tiny_bert, tiny_llama
 
 

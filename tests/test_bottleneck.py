@@ -5,10 +5,17 @@ import pytest
 import torch
 import torch.nn as nn
 
-from qpeft.methods.bottleneck import (AdapterMergeError, BottleneckAdapter, add_bottleneck_adapters,
-                                      bottleneck_adapter, bottleneck_state_dict, load_bottleneck_adapters,
-                                      merge_bottleneck_adapters, remove_bottleneck_adapters,
-                                      save_bottleneck_adapters)
+from qpeft.tuners.bottleneck import (
+    AdapterMergeError,
+    BottleneckAdapter,
+    add_bottleneck_adapters,
+    bottleneck_adapter,
+    bottleneck_state_dict,
+    load_bottleneck_adapters,
+    merge_bottleneck_adapters,
+    remove_bottleneck_adapters,
+    save_bottleneck_adapters,
+)
 from qpeft.reference.bottleneck import (activation_ref, bottleneck_adapter_backward_ref, bottleneck_adapter_ref)
 from utils import (DTYPES, assert_close_2x, requires_triton_runtime, tiny_bert, tiny_llama, triton_device,
                    triton_dtypes)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qpeft import codes
+from qpeft.formats import codes
 from qpeft.reference import nf4_matmul as mref
 from qpeft.reference import quantize as qref
 from utils import DTYPES, assert_close_2x, requires_cuda

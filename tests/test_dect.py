@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qpeft.methods.dect import DecT
+from qpeft.tuners.dect import DecT
 from test_prompt_tuning import CharTokenizer
 from utils import tiny_bert, tiny_llama
 

@@ -11,8 +11,17 @@ import torch.nn as nn
 
 import qpeft
 from qpeft._hf_compat import enable_checkpointing
-from qpeft.lora_model import (add_lora, delete_lora_adapter, disable_lora, lora_layers, merge_and_unload,
-                              merge_lora, prepare_for_qlora, set_lora_adapter, unmerge_lora)
+from qpeft.tuners.lora.model import (
+    add_lora,
+    delete_lora_adapter,
+    disable_lora,
+    lora_layers,
+    merge_and_unload,
+    merge_lora,
+    prepare_for_qlora,
+    set_lora_adapter,
+    unmerge_lora,
+)
 from qpeft.modules.lora_linear import LoraLinear, LoraRankWarning
 from qpeft.modules.qlinear_nf4 import QLinearNF4
 from utils import tiny_bert, tiny_llama

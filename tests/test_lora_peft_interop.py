@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import qpeft
-from qpeft.lora_model import add_lora, lora_layers
+from qpeft.tuners.lora.model import add_lora, lora_layers
 from utils import tiny_llama
 
 peft = pytest.importorskip("peft")
@@ -147,7 +147,7 @@ def test_unknown_module_and_unsupported_config_raise(tmp_path):
 
 
 def test_qlora_adapter_roundtrip(tmp_path):
-    from qpeft.lora_model import prepare_for_qlora
+    from qpeft.tuners.lora.model import prepare_for_qlora
 
     model = prepare_for_qlora(tiny_llama(), r=4, lora_alpha=8, init="random")
     with torch.no_grad():

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 import qpeft
 from qpeft.modules.qlinear_nf4 import QLinearNF4
-from qpeft.model_quantization import load_quantized_checkpoint, quantize_model
+from qpeft.models.quantization import load_quantized_checkpoint, quantize_model
 from utils import tiny_llama
 
 LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -11,7 +11,14 @@ import torch
 import torch.nn as nn
 
 import qpeft
-from qpeft.lora_model import add_lora, delete_lora_adapter, disable_lora, lora_layers, merge_lora, set_lora_adapter
+from qpeft.tuners.lora.model import (
+    add_lora,
+    delete_lora_adapter,
+    disable_lora,
+    lora_layers,
+    merge_lora,
+    set_lora_adapter,
+)
 from qpeft.modules.lora_linear import LoraLinear
 from qpeft.reference import multi_lora as ref
 from utils import TOL, assert_close_2x, tiny_bert, tiny_llama

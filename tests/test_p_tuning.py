@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from qpeft.methods.p_tuning import PTuningEncoder, add_p_tuning
+from qpeft.tuners.p_tuning import PTuningEncoder, add_p_tuning
 from utils import assert_generate_is_greedy, tiny_bert, tiny_llama, train_prompt_steps
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qpeft.methods._prompt_common import prefix_cache, with_cache
-from qpeft.methods.p_tuning_v2 import add_p_tuning_v2
+from qpeft.tuners._prompt_common import prefix_cache, with_cache
+from qpeft.tuners.p_tuning_v2 import add_p_tuning_v2
 from utils import assert_generate_is_greedy, tiny_bert, tiny_llama, train_prompt_steps
 
 

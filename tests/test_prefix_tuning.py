@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from qpeft.methods._prompt_common import prefix_cache, with_cache
-from qpeft.methods.prefix_tuning import PrefixEncoder, add_prefix_tuning
+from qpeft.tuners._prompt_common import prefix_cache, with_cache
+from qpeft.tuners.prefix_tuning import PrefixEncoder, add_prefix_tuning
 from utils import tiny_bert, tiny_llama, train_prompt_steps
 
 

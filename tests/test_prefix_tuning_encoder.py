@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from qpeft._hf_compat import enable_checkpointing
-from qpeft.adapter_io import save_adapter
-from qpeft.methods.prefix_tuning import add_prefix_tuning
+from qpeft.tuners.adapter_io import save_adapter
+from qpeft.tuners.prefix_tuning import add_prefix_tuning
 from test_prefix_tuning_seq2seq import HEAD_DIM, HEADS, LAYERS, _batch, tiny_bart, tiny_t5
 from utils import assert_seq2seq_disabled_equals_base, assert_seq2seq_generate_is_greedy, tiny_llama, train_prompt_steps
 

@@ -10,12 +10,12 @@ import json
 import pytest
 import torch
 
-from qpeft.adapter_io import load_adapter, save_adapter
-from qpeft.methods._prompt_common import PromptLearningModel, prefix_cache, with_cache
-from qpeft.methods.p_tuning import add_p_tuning
-from qpeft.methods.p_tuning_v2 import add_p_tuning_v2
-from qpeft.methods.prefix_tuning import add_prefix_tuning
-from qpeft.methods.prompt_tuning import add_prompt_tuning, load_prompt_adapter
+from qpeft.tuners.adapter_io import load_adapter, save_adapter
+from qpeft.tuners._prompt_common import PromptLearningModel, prefix_cache, with_cache
+from qpeft.tuners.p_tuning import add_p_tuning
+from qpeft.tuners.p_tuning_v2 import add_p_tuning_v2
+from qpeft.tuners.prefix_tuning import add_prefix_tuning
+from qpeft.tuners.prompt_tuning import add_prompt_tuning, load_prompt_adapter
 from utils import (assert_generate_matches_peft, assert_seq2seq_disabled_equals_base, assert_seq2seq_generate_is_greedy,
                    tiny_llama, train_prompt_steps)
 

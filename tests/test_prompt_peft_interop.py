@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import qpeft
-from qpeft.adapter_io import load_adapter, save_adapter
-from qpeft.methods.p_tuning import add_p_tuning
-from qpeft.methods.prefix_tuning import add_prefix_tuning
-from qpeft.methods.prompt_tuning import PromptLearningModel, add_prompt_tuning, load_prompt_adapter
+from qpeft.tuners.adapter_io import load_adapter, save_adapter
+from qpeft.tuners.p_tuning import add_p_tuning
+from qpeft.tuners.prefix_tuning import add_prefix_tuning
+from qpeft.tuners.prompt_tuning import PromptLearningModel, add_prompt_tuning, load_prompt_adapter
 from utils import assert_generate_matches_peft, tiny_bert, tiny_llama
 
 peft = pytest.importorskip("peft")

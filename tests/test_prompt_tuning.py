@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import qpeft
-from qpeft.methods.prompt_tuning import PromptLearningModel, add_prompt_tuning
+from qpeft.tuners.prompt_tuning import PromptLearningModel, add_prompt_tuning
 from utils import tiny_bert, tiny_llama
 
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import qpeft
-from qpeft import codes
-from qpeft.quant_state import QuantState
+from qpeft.formats import codes
+from qpeft.quant.state import QuantState
 from qpeft.reference import quantize as ref
 from utils import DTYPES
 
@@ -457,7 +457,7 @@ def test_linear_quantization_matches_torch_affine_quantizer():
 
 def test_nan_check_falls_back_when_a_backend_drops_nan(monkeypatch):
     """A backend whose absmax drops NaN (fmaxf) is caught by the probe; A itself is then checked for NaN."""
-    import qpeft.quantize as api
+    import qpeft.quant.functional as api
 
     assert api._absmax_flags_nan(torch.device("cpu"), "torch")  # the reference propagates NaN
     A = torch.randn(128)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import qpeft
-from qpeft import codes
+from qpeft.formats import codes
 from qpeft.reference import quantize as ref
 from utils import (DTYPES, HAS_CUDA, TRITON_INTERPRET, compile_for_sm90, has_triton, requires_cuda,
                    requires_triton_runtime, triton_device, triton_dtypes)

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import qpeft
-from qpeft import codes
-from qpeft.quant_state import QuantState, pack_json, unpack_json
+from qpeft.formats import codes
+from qpeft.quant.state import QuantState, pack_json, unpack_json
 
 F = pytest.importorskip("bitsandbytes.functional")
 

@@ -6,10 +6,18 @@ import torch
 import torch.nn as nn
 
 from qpeft._hf_compat import output_cache
-from qpeft.methods._prompt_common import with_cache
-from qpeft.methods.bottleneck import AdapterMergeError, add_bottleneck_adapters, bottleneck_state_dict
-from qpeft.methods.unipelt import (GatedLoraLinear, GatedPrefix, add_unipelt, load_unipelt, merge_unipelt,
-                                   save_unipelt, set_unipelt_submodules, unipelt_state_dict)
+from qpeft.tuners._prompt_common import with_cache
+from qpeft.tuners.bottleneck import AdapterMergeError, add_bottleneck_adapters, bottleneck_state_dict
+from qpeft.tuners.unipelt import (
+    GatedLoraLinear,
+    GatedPrefix,
+    add_unipelt,
+    load_unipelt,
+    merge_unipelt,
+    save_unipelt,
+    set_unipelt_submodules,
+    unipelt_state_dict,
+)
 from utils import tiny_bert, tiny_llama
 
 
@@ -138,7 +146,7 @@ def test_gate_is_per_example_sequence_mean():
     with torch.no_grad():
         layer.gate.weight.normal_()
     x = torch.randn(3, 5, 16)
-    from qpeft.methods.unipelt import _gate_value
+    from qpeft.tuners.unipelt import _gate_value
 
     g = _gate_value(layer.gate, x)
     assert g.shape == (3, 1, 1)

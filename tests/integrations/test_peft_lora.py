@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 import qpeft
-from qpeft.lora_model import add_lora, lora_layers, set_lora_adapter
+from qpeft.tuners.lora.model import add_lora, lora_layers, set_lora_adapter
 from qpeft.modules.qlinear_nf4 import QLinearNF4
 from utils import assert_close_2x, tiny_llama
 

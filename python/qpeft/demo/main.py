@@ -126,7 +126,7 @@ def _table(rows: list[tuple[str, str]], title: str) -> str:
 def run(args: argparse.Namespace, log=print) -> dict:
     """The whole demo; returns the summary dict (also written to <output>/summary.json)."""
     import qpeft
-    from qpeft.model_quantization import model_bytes
+    from qpeft.models.quantization import model_bytes
 
     from .evaltext import perplexity, stdlib_docstrings
     from .model import load_model

@@ -375,7 +375,7 @@ class _Rank0:
 # --- every rank: broadcast and keep the local rows ----------------------------------------------------------
 def _local_copy(target: torch.Tensor, full: torch.Tensor) -> None:
     """Copy this rank's part of `full` into `target` (a DTensor shard: the rows FSDP2's torch.chunk gives it)."""
-    from .gather import _dtensor_type
+    from .._dtensor import _dtensor_type
 
     dtensor = _dtensor_type()
     if dtensor is not None and isinstance(target, dtensor):
@@ -556,7 +556,7 @@ def load_sharded_qlora(pretrained_model_name_or_path, quantization_config=None, 
         qpeft.add_lora(model, **lora)
     elif adapter is not None:
         import qpeft
-        from ..adapter_io import read_adapter_files
+        from ..tuners.adapter_io import read_adapter_files
 
         qpeft.load_adapter(model, adapter)  # validates and builds the LoRA layers (values: rank 0, below)
         if dist.get_rank(group) == 0:

@@ -110,7 +110,7 @@ def gather_adapter(model: nn.Module) -> dict:
     calls; keys in sorted order so that every rank gathers in the same order). Only adapter tensors move."""
     from peft import get_peft_model_state_dict
 
-    from ..distributed.gather import gather_full
+    from .._dtensor import gather_full
 
     adapter = get_peft_model_state_dict(model, adapter_name=model.active_adapter)
     # get_peft_model_state_dict drops the adapter name from the keys; _save -> save_pretrained(state_dict=...)

@@ -193,11 +193,11 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, *, adapter_names: list[str] | None = None) -> torch.Tensor:
         """adapter_names: one adapter name per row of x (its first dimension; "__base__": none), inference
-        only, as PEFT's; see qpeft.multi_lora. A model-level call sets it for every layer."""
+        only, as PEFT's; see qpeft.tuners.lora.mixed_batch. A model-level call sets it for every layer."""
         if adapter_names is None:
             adapter_names = self.__dict__.get("_qpeft_batch_adapter_names")
         if adapter_names is not None:
-            from ..multi_lora import mixed_batch_forward
+            from ..tuners.lora.mixed_batch import mixed_batch_forward
 
             return mixed_batch_forward(self, x, adapter_names)
         names = [n for n in self._active if n not in self.merged_adapters]

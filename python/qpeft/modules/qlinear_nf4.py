@@ -24,10 +24,10 @@ import types
 import torch
 import torch.nn as nn
 
-from .. import codes
+from ..formats import codes
 from ..autograd.nf4_matmul import nf4_matmul_parts
 from ..ops import quantize as quant_ops  # noqa: F401  (registers qpeft::quantize_4bit / quantize_blockwise)
-from ..quant_state import QuantState
+from ..quant.state import QuantState
 from ..reference.nf4_matmul import NESTED_BLOCKSIZE
 
 __all__ = ["QLinearNF4"]
@@ -245,7 +245,7 @@ class QLinearNF4(nn.Module):
         return tuple(getattr(self, n) for n in _STORAGE_PARAMETERS)
 
     def quantized_numel(self) -> int:
-        """Logical number of weights held in 4 bits (qpeft.params counts it instead of the packed bytes)."""
+        """Logical number of weights held in 4 bits (qpeft.tuners.params counts it instead of the packed bytes)."""
         return self.in_features * self.out_features
 
     def memory_bytes(self) -> int:
@@ -254,7 +254,7 @@ class QLinearNF4(nn.Module):
 
     @property
     def quant_state(self):
-        """The weight's QuantState (qpeft.quant_state.QuantState), sharing this module's buffers."""
+        """The weight's QuantState (qpeft.quant.state.QuantState), sharing this module's buffers."""
         return self._quant_state(self.absmax)
 
     def _quant_state(self, absmax: torch.Tensor):
@@ -281,7 +281,7 @@ class QLinearNF4(nn.Module):
     @torch.no_grad()
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Dense (out_features, in_features) weight in `dtype` (default: the dtype it was quantized from)."""
-        from ..quantize import dequantize_4bit
+        from ..quant.functional import dequantize_4bit
 
         return dequantize_4bit(self.weight, self.quant_state, dtype or self.weight_dtype)
 

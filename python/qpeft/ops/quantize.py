@@ -7,7 +7,7 @@
     qpeft::quantize_linear(A, bits, blocksize, symmetric) -> (codes, scale fp32 [blocks], zero uint8 [blocks])
     qpeft::dequantize_linear(q, scale, zero, bits, blocksize, symmetric, shape, dtype) -> Tensor(shape, dtype)
 
-All take contiguous tensors (the public API in qpeft.quantize calls .contiguous() and checks the data:
+All take contiguous tensors (the public API in qpeft.quant.functional calls .contiguous() and checks the data:
 dtypes, blocksize, non-finite values); the checks here are shape/dtype only (torch._check, so the fakes run
 them too and nothing syncs with the device). Every op returns new tensors (mutates_args=()).
 Contract of the quantize ops on every backend: a block holding a NaN or an Inf gets a non-finite absmax

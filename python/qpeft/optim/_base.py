@@ -28,7 +28,7 @@ from itertools import chain
 
 import torch
 
-from .. import codes
+from ..formats import codes
 from ..ops import optim_8bit as _ops  # noqa: F401  (registers qpeft::optim_8bit_step)
 from ..reference.optim_8bit import BLOCKSIZE, f32, hyper_table
 from . import paged as _paged

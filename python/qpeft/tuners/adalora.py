@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from ..adapter_io import AdapterMethod, register_method
+from .adapter_io import AdapterMethod, register_method
 
 __all__ = ["AdaLoraLinear", "add_adalora", "update_and_allocate", "orthogonal_regularization", "budget_schedule",
            "adalora_layers", "adalora_rank_pattern", "merge_adalora"]
@@ -205,7 +205,7 @@ def add_adalora(model: nn.Module, target_modules, init_r: int = 12, target_r: in
            "modules_to_save": list(modules_to_save) if modules_to_save else None}
     model._qpeft_adalora = AdaLoraState(adapter_name, cfg, init_bgt=init_r * len(names),
                                         target_bgt=target_r * len(names))
-    from ..multi_lora import enable_adapter_names
+    from .lora.mixed_batch import enable_adapter_names
 
     enable_adapter_names(model)  # so that adapter_names= is refused as PEFT does, never silently ignored
     return model
@@ -438,7 +438,7 @@ def _peft_load(model: nn.Module, config: dict, tensors: dict, adapter_name: str)
            "modules_to_save": config.get("modules_to_save")}
     model._qpeft_adalora = AdaLoraState(adapter_name, cfg, init_bgt=init_r * len(plan),
                                         target_bgt=cfg["target_r"] * len(plan))
-    from ..multi_lora import enable_adapter_names
+    from .lora.mixed_batch import enable_adapter_names
 
     enable_adapter_names(model)
 

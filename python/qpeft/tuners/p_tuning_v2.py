@@ -14,8 +14,16 @@ from typing import Sequence
 
 import torch.nn as nn
 
-from ._prompt_common import (PromptLearningModel, base_of, check_dropout, check_new_adapter, check_positive_int,
-                             hidden_size, is_causal_lm, wrap)
+from ._prompt_common import (
+    PromptLearningModel,
+    base_of,
+    check_dropout,
+    check_new_adapter,
+    check_positive_int,
+    hidden_size,
+    is_causal_lm,
+    wrap,
+)
 from .prefix_tuning import PrefixEncoder, make_prefix_encoder
 
 __all__ = ["add_p_tuning_v2", "PTuningV2Encoder", "PTuningV2Head"]

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from .modules.lora_linear import LoraLinear
+from ...modules.lora_linear import LoraLinear
 
 __all__ = ["BASE_ADAPTER"]
 
@@ -37,7 +37,7 @@ _ADALORA = ("adapter_names is not supported for AdaLoRA layers (PEFT 0.21.2 refu
 
 
 def _ops():
-    from .ops import multi_lora  # noqa: F401  (registers qpeft::lora_*_gathered)
+    from ...ops import multi_lora  # noqa: F401  (registers qpeft::lora_*_gathered)
 
     return torch.ops.qpeft
 
@@ -151,7 +151,7 @@ def check_model_adapter_names(model: nn.Module, adapter_names) -> list[str]:
     if model.training:
         raise ValueError(_TRAINING)
     names = check_names_type(adapter_names)
-    from .methods.adalora import AdaLoraLinear
+    from ..adalora import AdaLoraLinear
 
     if any(isinstance(m, AdaLoraLinear) for m in model.modules()):
         raise TypeError(_ADALORA)

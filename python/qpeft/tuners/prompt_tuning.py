@@ -12,9 +12,18 @@ import math
 import torch
 import torch.nn as nn
 
-from ._prompt_common import (EMBEDDINGS, PromptEncoder, PromptLearningModel, base_of, check_new_adapter,
-                             check_num_virtual_tokens, hidden_size, num_transformer_submodules,
-                             register_prompt_method, wrap)
+from ._prompt_common import (
+    EMBEDDINGS,
+    PromptEncoder,
+    PromptLearningModel,
+    base_of,
+    check_new_adapter,
+    check_num_virtual_tokens,
+    hidden_size,
+    num_transformer_submodules,
+    register_prompt_method,
+    wrap,
+)
 
 __all__ = ["add_prompt_tuning", "PromptTuningEncoder", "PromptLearningModel", "load_prompt_adapter"]
 
@@ -94,7 +103,7 @@ def load_prompt_adapter(model: nn.Module, path, adapter_name: str = "default") -
     """Load a PEFT/qpeft prompt-tuning, P-tuning or prefix-tuning adapter; wraps `model` if needed.
 
     A failed load leaves `model` as it was (no wrapper is returned, the base model is not frozen)."""
-    from ..adapter_io import load_adapter
+    from .adapter_io import load_adapter
 
     if isinstance(model, PromptLearningModel):
         load_adapter(model, path, adapter_name)

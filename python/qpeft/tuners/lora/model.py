@@ -15,9 +15,9 @@ from collections import defaultdict
 import torch
 import torch.nn as nn
 
-from .adapter_io import AdapterMethod, register_method
-from .modules.lora_linear import LoraLinear, LoraRankWarning, base_shape, check_rank, is_nf4_layer, warn_not_low_rank
-from .multi_lora import enable_adapter_names
+from ..adapter_io import AdapterMethod, register_method
+from ...modules.lora_linear import LoraLinear, LoraRankWarning, base_shape, check_rank, is_nf4_layer, warn_not_low_rank
+from .mixed_batch import enable_adapter_names
 
 __all__ = ["add_lora", "prepare_for_qlora", "lora_layers", "set_lora_adapter", "delete_lora_adapter",
            "disable_lora", "merge_lora", "unmerge_lora", "merge_and_unload"]
@@ -210,7 +210,7 @@ def prepare_for_qlora(model: nn.Module, r: int = 64, lora_alpha: float = 16, lor
     """QLoRA's recipe: every Linear but the output layer to NF4 (blocksize 64, double quant, bf16 compute)
     through `qpeft.quantize_model`, then `add_lora(model, "all-linear", ...)` (defaults r=64, alpha=16 as in
     artidoro/qlora). Returns the model, frozen except the adapters."""
-    from .model_quantization import quantize_model
+    from ...models.quantization import quantize_model
 
     skip = tuple(sorted(_output_layer_names(model))) or ("lm_head",)
     quantize_model(model, skip_modules=skip, quant_type="nf4", blocksize=blocksize, double_quant=True,

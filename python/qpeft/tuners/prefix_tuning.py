@@ -19,9 +19,22 @@ import torch
 import torch.nn as nn
 
 from ._prefix_hooks import encoder_kv_dims
-from ._prompt_common import (PREFIX, PromptEncoder, PromptLearningModel, base_of, check_dropout, check_new_adapter,
-                             check_num_virtual_tokens, check_positive_int, check_prefix_support, is_encoder_decoder,
-                             kv_dims, model_type, register_prompt_method, wrap)
+from ._prompt_common import (
+    PREFIX,
+    PromptEncoder,
+    PromptLearningModel,
+    base_of,
+    check_dropout,
+    check_new_adapter,
+    check_num_virtual_tokens,
+    check_positive_int,
+    check_prefix_support,
+    is_encoder_decoder,
+    kv_dims,
+    model_type,
+    register_prompt_method,
+    wrap,
+)
 
 __all__ = ["add_prefix_tuning", "PrefixEncoder"]
 

@@ -605,9 +605,9 @@ def peft_config(model: PromptLearningModel, adapter_name: str) -> dict:
 
 
 def register_prompt_method(peft_type: str, kind: str) -> None:
-    """Register `peft_type` with qpeft.adapter_io: saves `prompt_embeddings` = the adapter's prompt after
+    """Register `peft_type` with qpeft.tuners.adapter_io: saves `prompt_embeddings` = the adapter's prompt after
     reparameterization ((n, hidden) or (n, L*2*kv_dim)), loads it into a `FixedPrompt`."""
-    from ..adapter_io import AdapterMethod, register_method
+    from .adapter_io import AdapterMethod, register_method
 
     def names(model):
         if not isinstance(model, PromptLearningModel):

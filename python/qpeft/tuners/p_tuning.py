@@ -14,9 +14,19 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ._prompt_common import (EMBEDDINGS, PromptEncoder, PromptLearningModel, check_dropout, check_new_adapter,
-                             check_positive_int, hidden_size, base_of, num_transformer_submodules,
-                             register_prompt_method, wrap)
+from ._prompt_common import (
+    EMBEDDINGS,
+    PromptEncoder,
+    PromptLearningModel,
+    check_dropout,
+    check_new_adapter,
+    check_positive_int,
+    hidden_size,
+    base_of,
+    num_transformer_submodules,
+    register_prompt_method,
+    wrap,
+)
 
 __all__ = ["add_p_tuning", "PTuningEncoder"]
 

@@ -19,9 +19,10 @@ from dataclasses import dataclass
 
 import torch
 
-from . import _backend, codes
-from .ops import quantize as ops
-from .quant_state import QuantState
+from .. import _backend
+from ..formats import codes
+from ..ops import quantize as ops
+from .state import QuantState
 
 __all__ = ["quantize_4bit", "dequantize_4bit", "quantize_blockwise", "dequantize_blockwise", "quantize_linear",
            "dequantize_linear", "LinearQuantState", "NESTED_BLOCKSIZE"]
@@ -142,7 +143,7 @@ def quantize_blockwise(A: torch.Tensor, code: torch.Tensor | None = None,
     """8-bit blockwise quantization against a sorted code book (default: the signed dynamic map).
 
     Returns (q uint8 of A's shape, state) with state.quant_type "blockwise8". `code`: 2..256 sorted fp32
-    values in [-1, 1] (e.g. qpeft.codes.quantile_code(A)); codes index it.
+    values in [-1, 1] (e.g. qpeft.formats.codes.quantile_code(A)); codes index it.
     """
     _check_tensor(A)
     _check_blocksize(blocksize)

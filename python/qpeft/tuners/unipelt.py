@@ -31,8 +31,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .._hf_compat import CACHE_ARGUMENTS, cache_argument, cache_from
-from .bottleneck import (AdapterMergeError, BottleneckAdapter, _float_dtype_device, find_adapter_sites,
-                         freeze_except, is_linear_like)
+from .bottleneck import (
+    AdapterMergeError,
+    BottleneckAdapter,
+    _float_dtype_device,
+    find_adapter_sites,
+    freeze_except,
+    is_linear_like,
+)
 
 __all__ = ["add_unipelt", "set_unipelt_submodules", "merge_unipelt", "unipelt_state_dict", "save_unipelt",
            "load_unipelt", "GatedLoraLinear", "GatedPrefix", "remove_unipelt"]

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .modules.qlinear_nf4 import QLinearNF4, parse_bnb_state
+from ..modules.qlinear_nf4 import QLinearNF4, parse_bnb_state
 
 __all__ = ["quantize_model", "QuantizeReport", "load_quantized_checkpoint"]
 
@@ -86,7 +86,7 @@ def quantize_model(model: nn.Module, target_modules=None, skip_modules=("lm_head
         # save_pretrained must write a quantization_config, or from_pretrained would rebuild plain nn.Linear
         # layers and freshly initialise their weights
         try:
-            from .integrations.transformers import record_quantization_config
+            from ..integrations.transformers import record_quantization_config
         except ImportError as e:  # an unsupported transformers: the model works, save_pretrained cannot record it
             warnings.warn(f"quantize_model: quantization_config not recorded in model.config ({e}); "
                           f"from_pretrained of its save_pretrained output would not restore the 4-bit layers",

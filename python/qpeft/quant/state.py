@@ -101,7 +101,7 @@ class QuantState:
         bitsandbytes: dequantize, then add the offset), computed by the L2 blockwise-dequant op."""
         if not self.nested:
             return self.absmax
-        from .ops import quantize  # noqa: F401  (registers qpeft::dequantize_blockwise)
+        from ..ops import quantize  # noqa: F401  (registers qpeft::dequantize_blockwise)
 
         s2 = self.state2
         decoded = torch.ops.qpeft.dequantize_blockwise(self.absmax.reshape(-1).contiguous(), s2.absmax.contiguous(),

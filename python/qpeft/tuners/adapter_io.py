@@ -54,8 +54,8 @@ def _ensure_builtin_methods() -> None:
     # Importing a method's module registers it; missing modules are simply not available.
     import importlib
 
-    for mod in ("qpeft.lora_model", "qpeft.methods.prompt_tuning", "qpeft.methods.p_tuning",
-                "qpeft.methods.prefix_tuning", "qpeft.methods.adalora"):
+    for mod in ("qpeft.tuners.lora.model", "qpeft.tuners.prompt_tuning", "qpeft.tuners.p_tuning",
+                "qpeft.tuners.prefix_tuning", "qpeft.tuners.adalora"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as e:
@@ -94,7 +94,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
         # the barrier returns on every rank once the files exist.
         import torch.distributed as dist
 
-        from .distributed.gather import gather_full
+        from .._dtensor import gather_full
 
         tensors, writer = gather_full(tensors)
         if writer:
@@ -110,7 +110,7 @@ def _any_sharded(tensors: dict) -> bool:
 
     if "torch.distributed.tensor" not in sys.modules and not any(hasattr(t, "ds_id") for t in tensors.values()):
         return False  # no DTensor can exist, no ZeRO-3 parameter: the single-process path, nothing imported
-    from .distributed.gather import is_sharded
+    from .._dtensor import is_sharded
 
     return any(is_sharded(t) for t in tensors.values())
 
