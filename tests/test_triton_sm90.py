@@ -38,17 +38,17 @@ def _quantize_cases():
     for dtype in DTYPES:
         tq.quantize_4bit_triton(_randn(4096, 64, dtype=dtype), 64, "nf4")       # n % 8 == 0: word stores
         tq.quantize_4bit_triton(_randn(1001, dtype=dtype), 128, "fp4")          # odd n: byte stores
-        tq.quantize_blockwise_triton(_randn(4096, 64, dtype=dtype), qpeft.codes.dynamic_map(), 256)
+        tq.quantize_blockwise_triton(_randn(4096, 64, dtype=dtype), qpeft.formats.codes.dynamic_map(), 256)
     tq.quantize_4bit_triton(_randn(4096, 64), 4096, "nf4")
     tq.quantize_4bit_triton(_randn(4096, 64), 32, "nf4")
-    tq.quantize_blockwise_triton(_randn(8192), qpeft.codes.dynamic_map(), 4096)
+    tq.quantize_blockwise_triton(_randn(8192), qpeft.formats.codes.dynamic_map(), 4096)
     n = 4096 * 64
     for dtype in DTYPES:
         tq.dequantize_4bit_triton(torch.zeros(n // 2, dtype=torch.uint8), torch.ones(n // 64),
-                                  qpeft.codes.nf4(), 64, [4096, 64], dtype)
+                                  qpeft.formats.codes.nf4(), 64, [4096, 64], dtype)
         tq.dequantize_blockwise_triton(torch.zeros(n, dtype=torch.uint8), torch.ones(n // 256),
-                                       qpeft.codes.dynamic_map(), 256, dtype)
-    tq.dequantize_4bit_triton(torch.zeros(n // 2, dtype=torch.uint8), torch.ones(n // 4096), qpeft.codes.fp4(),
+                                       qpeft.formats.codes.dynamic_map(), 256, dtype)
+    tq.dequantize_4bit_triton(torch.zeros(n // 2, dtype=torch.uint8), torch.ones(n // 4096), qpeft.formats.codes.fp4(),
                               4096, [n], torch.bfloat16)
 
 
@@ -146,7 +146,7 @@ def _optim_8bit_cases():
     from qpeft.reference.optim_8bit import adam_hyper
     from qpeft.triton_kernels.optim_8bit import optim_8bit_step_triton
 
-    q1, q2 = qpeft.codes.dynamic_map(True), qpeft.codes.dynamic_map(False)
+    q1, q2 = qpeft.formats.codes.dynamic_map(True), qpeft.formats.codes.dynamic_map(False)
     sizes = [16 * 4096, 4096 * 16, 4097]  # LoRA A / B of a 4096-wide layer, an odd size
     for dtype in DTYPES:
         for kind in ("adam", "lion"):

@@ -11,8 +11,15 @@ import sys
 
 __version__ = "0.1.0"
 
-# Submodules that are part of the API as modules (qpeft.codes.nf4(), ...).
-_SUBMODULES = ("codes", "methods", "ops", "reference", "modules", "autograd", "optim")
+from . import _moved
+
+# Old module paths (qpeft.codes, qpeft.methods.*, ...) keep working with a DeprecationWarning naming the new one.
+_moved.install()
+
+# Sub-packages that are part of the API as modules (qpeft.formats.codes.nf4(), qpeft.optim.AdamW8bit, ...), and
+# the old names of moved ones (qpeft.codes, qpeft.methods), which warn.
+_SUBMODULES = ("formats", "quant", "reference", "ops", "autograd", "modules", "models", "tuners", "optim",
+               "distributed", "integrations", "codes", "methods")
 
 # Modules whose `__all__` names are re-exported at top level, searched in this order.
 _PUBLIC_MODULES = (

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from ..autograd.lora import lora_linear
+from .mixed_batch import mixed_batch_forward
 
 __all__ = ["LoraLinear", "LoraRankWarning"]
 
@@ -193,12 +194,10 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, *, adapter_names: list[str] | None = None) -> torch.Tensor:
         """adapter_names: one adapter name per row of x (its first dimension; "__base__": none), inference
-        only, as PEFT's; see qpeft.tuners.lora.mixed_batch. A model-level call sets it for every layer."""
+        only, as PEFT's; see qpeft.modules.mixed_batch. A model-level call sets it for every layer."""
         if adapter_names is None:
             adapter_names = self.__dict__.get("_qpeft_batch_adapter_names")
         if adapter_names is not None:
-            from ..tuners.lora.mixed_batch import mixed_batch_forward
-
             return mixed_batch_forward(self, x, adapter_names)
         names = [n for n in self._active if n not in self.merged_adapters]
         if self._disabled or not names:

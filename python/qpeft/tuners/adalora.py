@@ -55,6 +55,11 @@ class AdaLoraLinear(nn.Module):
     scaling lora_alpha / (ranknum + 1e-5); it stays at init_r when the layer is pruned or resized.
     """
 
+    # mixed-adapter batches (model(..., adapter_names=...)) are refused, as PEFT 0.21.2 does: its AdaLoRA layers
+    # pass the argument on to the base layer, which raises TypeError (qpeft.tuners.lora.mixed_batch reads this)
+    adapter_names_refusal = "adapter_names is not supported for AdaLoRA layers (PEFT 0.21.2 refuses it too: its " \
+                            "AdaLoRA layers pass the argument on to the base layer, which raises TypeError)"
+
     def __init__(self, base_layer: nn.Module, r: int, lora_alpha: float = 8, lora_dropout: float = 0.0,
                  ranknum: float | None = None, adapter_name: str = "default"):
         super().__init__()
