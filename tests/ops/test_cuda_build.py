@@ -16,7 +16,7 @@ import torch
 
 from qpeft import _jit
 
-ARCH_DOC = Path(__file__).resolve().parents[1] / "docs" / "ARCHITECTURE.md"
+ARCH_DOC = Path(__file__).resolve().parents[2] / "docs" / "ARCHITECTURE.md"
 
 pytestmark = pytest.mark.skipif(_jit.find_nvcc() is None, reason="nvcc not found: the CUDA extension cannot be built")
 

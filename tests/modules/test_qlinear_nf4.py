@@ -15,7 +15,7 @@ from utils import assert_close_2x, requires_triton_runtime, triton_device
 
 BNB_KEYS = {"weight", "bias", "weight.absmax", "weight.quant_map", "weight.nested_absmax", "weight.nested_quant_map"}
 # (quant_type, double_quant); bnb shapes keep K % 64 == 0: bitsandbytes 0.50.2's CPU dequantize kernel
-# mis-places blocks that span rows (checked in tests/test_nf4_matmul.py against its own quantizer)
+# mis-places blocks that span rows (checked in tests/ops/test_nf4_matmul.py against its own quantizer)
 BNB_CASES = [("nf4", True), ("nf4", False), ("fp4", True), ("fp4", False)]
 
 

@@ -563,7 +563,7 @@ def test_tuner_measures_candidates_and_its_rows_build_a_table():
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from benchmarks import tune_nf4_matmul as tune
     from qpeft.ops.nf4_matmul_dispatch import build_table, lookup_tuned
 
