@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from .. import _cuda
 from .model import DemoSetupError
 
 __all__ = ["main", "run", "parse_args", "DEFAULTS", "int4_absmax_roundtrip_"]
@@ -69,14 +70,14 @@ def build_parser(prog: str = "qpeft demo") -> argparse.ArgumentParser:
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cuda" if _cuda.rt.available() else "cpu")
     try:
         dev = torch.device(name)
     except RuntimeError:
         raise DemoSetupError(f"--device {name}: not a device name (use auto, cpu, cuda or cuda:N)") from None
     if dev.type not in ("cpu", "cuda"):
         raise DemoSetupError(f"--device {name}: only cpu and cuda are supported")
-    if dev.type == "cuda" and not torch.cuda.is_available():
+    if dev.type == "cuda" and not _cuda.rt.available():
         raise DemoSetupError(f"--device {name}: no CUDA device is available here; use --device cpu")
     return dev
 

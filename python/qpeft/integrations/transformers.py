@@ -28,7 +28,7 @@ import re
 import torch
 import torch.nn as nn
 
-from .. import _versions
+from .. import _cuda, _versions
 
 _versions.require("transformers")
 
@@ -231,7 +231,7 @@ class QPeftHfQuantizer(HfQuantizer):
     def update_device_map(self, device_map):
         # transformers' default (None) is the CPU; quantize where the model will run, as bitsandbytes does
         if device_map is None:
-            return {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
+            return {"": _cuda.rt.current_device()} if _cuda.rt.available() else {"": "cpu"}
         return device_map
 
     def adjust_max_memory(self, max_memory):
