@@ -16,6 +16,8 @@ and hides them from torch.cuda.memory_allocated; ../shared/reference/optimizers.
 - Where the device reports concurrentManagedAccess = 0 (WSL, some virtualised GPUs) prefetching is unsupported and
   host access faults: states then live in pinned host memory and each update works on a device copy (copied in
   and back asynchronously on the current stream), which says so once.
+- Ownership is by identity (`owns`): a WeakSet compares two live tensors with `==`, which is elementwise, so
+  `t in WeakSet` raised "Boolean value of Tensor ... is ambiguous" on the first paged step.
 """
 from __future__ import annotations
 
@@ -53,7 +55,8 @@ class PagedStates:
         _jit.load()  # builds qpeft_C (raises with the reason: no nvcc, ...)
         concurrent = bool(rt.ext.managed_concurrent_access(self.index))
         self.mode = "managed" if concurrent else "pinned"
-        self._owned = weakref.WeakSet()  # by identity; entries vanish with their tensors
+        # id -> tensor, by identity; an entry vanishes with its tensor (no id is reused while its entry lives)
+        self._owned: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
         self._event = None
         if self.mode == "managed":
             self.pool = rt.managed_pool(_library_path(), "qpeft_managed_alloc", "qpeft_managed_free")
@@ -69,11 +72,11 @@ class PagedStates:
                 t = torch.zeros(shape, dtype=dtype, device=self.device)
         else:
             t = _cuda.rt.pinned_zeros(shape, dtype)
-        self._owned.add(t)
+        self._owned[id(t)] = t
         return t
 
     def owns(self, t: torch.Tensor) -> bool:
-        return t in self._owned
+        return self._owned.get(id(t)) is t
 
     def stage(self, t: torch.Tensor) -> torch.Tensor:
         """The tensor the update kernel should write: `t` itself (prefetched), or a device copy of it."""
