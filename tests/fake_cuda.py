@@ -108,6 +108,17 @@ class FakeCuda:
         finally:
             self.capturing = False
 
+    @contextlib.contextmanager
+    def off(self):
+        """The real runtime for a while (no GPU here: CPU tensors take qpeft's CPU paths), e.g. for expectations."""
+        _cuda.rt = _cuda.CudaRuntime()
+        _cuda.clear_caches()
+        try:
+            yield
+        finally:
+            _cuda.rt = self
+            _cuda.clear_caches()
+
     def record(self, name: str, *detail) -> None:
         self.log.append((name, *detail))
 
@@ -220,7 +231,8 @@ def raw_schemas() -> dict:
 
     schemas = {name: torch._C.parse_schema(f"qpeft_C::{s}") for name, s in documented_raw_schemas().items()}
     # no tensor to dispatch on: a catch-all kernel, described in prose in ARCHITECTURE.md
-    schemas["managed_concurrent_access"] = torch._C.parse_schema("qpeft_C::managed_concurrent_access(int device) -> bool")
+    schemas["managed_concurrent_access"] = torch._C.parse_schema(
+        "qpeft_C::managed_concurrent_access(int device) -> bool")
     return schemas
 
 
