@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .._io import atomic_write_text
 from .model import DemoSetupError
+from .._io import atomic_write_text  # noqa: I001  (kept apart from the imports above)
 
 __all__ = ["main", "run", "parse_args", "DEFAULTS", "int4_absmax_roundtrip_"]
 
