@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from .model import DemoSetupError
-from .._io import atomic_write_text  # noqa: I001  (kept apart from the imports above)
+from .._io import atomic_write_text
 
 __all__ = ["main", "run", "parse_args", "DEFAULTS", "int4_absmax_roundtrip_"]
 
