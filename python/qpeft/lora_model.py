@@ -242,7 +242,9 @@ def delete_lora_adapter(model: nn.Module, adapter_name: str) -> None:
 
 @contextlib.contextmanager
 def disable_lora(model: nn.Module):
-    """Context manager: the model computes its base outputs (like PEFT's `disable_adapter()`)."""
+    """Context manager: the model computes its base outputs (like PEFT's `disable_adapter()`). Merged layers
+    run their kept pre-merge weight inside and are merged again, bit for bit, on exit (see
+    LoraLinear.disable_adapters)."""
     with contextlib.ExitStack() as stack:
         for m in lora_layers(model).values():
             stack.enter_context(m.disable_adapters())

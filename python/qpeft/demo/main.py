@@ -25,6 +25,7 @@ import torch.nn as nn
 
 from .. import _cuda
 from .model import DemoSetupError
+from .._io import atomic_write_text
 
 __all__ = ["main", "run", "parse_args", "DEFAULTS", "int4_absmax_roundtrip_"]
 
@@ -209,7 +210,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
                                                   "before": preds_before[0], "after": preds_after[0]},
         "total_seconds": time.perf_counter() - t_start,
     }
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
     rows = [("model", f"{Path(str(path)).name} ({n_params / 1e6:.1f}M params) on {dev}")]
     for fmt in FORMATS:
         if fmt in ppl:

@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .._hf_compat import CACHE_ARGUMENTS, cache_argument, cache_from
+from .._io import atomic_paths
 from .bottleneck import (AdapterMergeError, BottleneckAdapter, _float_dtype_device, find_adapter_sites,
                          freeze_except, is_linear_like)
 
@@ -330,11 +331,13 @@ def save_unipelt(model: nn.Module, path: str | os.PathLike) -> Path:
         owner = n.rsplit(".", 1)[0]
         if any(owner == k or owner.endswith("." + k) for k in cfg["modules_to_save"]):
             tensors[n] = p
+    text = json.dumps({"method": "unipelt", **cfg}, indent=2, sort_keys=True)
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(out / WEIGHTS_FILE),
-              metadata={"format": "pt"})
-    (out / CONFIG_FILE).write_text(json.dumps({"method": "unipelt", **cfg}, indent=2, sort_keys=True))
+    with atomic_paths(out / WEIGHTS_FILE, out / CONFIG_FILE) as (weights_tmp, config_tmp):  # both or neither
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, weights_tmp,
+                  metadata={"format": "pt"})
+        Path(config_tmp).write_text(text)
     return out
 
 
