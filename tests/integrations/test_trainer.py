@@ -191,8 +191,10 @@ def _tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
 
-@pytest.mark.parametrize("how", ["peft_config", "peft_model"])
+@pytest.mark.parametrize("how", ["peft_config", "peft_model", "plain_peft_config"])
 def test_sft_trainer_trains_qpeft_lora_layers(tmp_path, how):
+    """SFTTrainer on a qpeft model, the adapter from qpeft.lora_config or (plain_peft_config) a stock
+    peft.LoraConfig as TRL recipes write it."""
     trl = pytest.importorskip("trl")
     from datasets import Dataset
 
@@ -201,8 +203,11 @@ def test_sft_trainer_trains_qpeft_lora_layers(tmp_path, how):
     model = tiny_llama(0, intermediate_size=128)
     qpeft.quantize_model(model, compute_dtype=None)
     packed = {n: m.weight.clone() for n, m in model.named_modules() if isinstance(m, QLinearNF4)}
-    config = qpeft.lora_config(model=model, r=4, lora_alpha=8, target_modules="all-linear")
-    kw = dict(peft_config=config) if how == "peft_config" else {}
+    if how == "plain_peft_config":
+        config = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
+    else:
+        config = qpeft.lora_config(model=model, r=4, lora_alpha=8, target_modules="all-linear")
+    kw = dict(peft_config=config) if how != "peft_model" else {}
     if how == "peft_model":
         model = peft.get_peft_model(model, config)
     sft_args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2,
