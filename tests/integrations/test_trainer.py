@@ -267,9 +267,11 @@ def test_trainer_on_add_adapter_model(tmp_path):
     assert saved.keys() == theirs.keys() and len(saved) == 28 and all(torch.equal(saved[k], theirs[k]) for k in saved)
 
 
-def test_sft_trainer_from_a_path_quantizes_on_load_and_trains(tmp_path):
-    """SFTTrainer(model=<path>, quantization_config=QPeftConfig(), peft_config=qpeft.lora_config(...)): TRL loads
-    the model through qpeft's quantizer, wraps it with PEFT, trains qpeft's LoRA layers and saves the adapter."""
+@pytest.mark.parametrize("plain", [False, True], ids=["lora_config", "plain_LoraConfig"])
+def test_sft_trainer_from_a_path_quantizes_on_load_and_trains(tmp_path, plain):
+    """SFTTrainer(model=<path>, quantization_config=QPeftConfig(), peft_config=qpeft.lora_config(...) or a plain
+    peft.LoraConfig(...)): TRL loads the model through qpeft's quantizer, wraps it with PEFT, trains qpeft's LoRA
+    layers and saves the adapter."""
     trl = pytest.importorskip("trl")
     from datasets import Dataset
 
@@ -285,7 +287,8 @@ def test_sft_trainer_from_a_path_quantizes_on_load_and_trains(tmp_path):
     tr = trl.SFTTrainer(model=str(tmp_path / "base"), args=sft_args, train_dataset=Dataset.from_dict({"text": texts}),
                         processing_class=_tokenizer(),
                         quantization_config=qpeft.QPeftConfig(compute_dtype=torch.float32),
-                        peft_config=qpeft.lora_config(r=4, lora_alpha=8, target_modules="all-linear"))
+                        peft_config=(peft.LoraConfig if plain else qpeft.lora_config)(
+                            r=4, lora_alpha=8, target_modules="all-linear"))
     layers = {n.removeprefix(PREFIX): m for n, m in tr.model.named_modules() if isinstance(m, QPeftLoraLinear)}
     assert len(layers) == 14
     ours = {n: m for n, m in reference.named_modules() if isinstance(m, QLinearNF4)}
