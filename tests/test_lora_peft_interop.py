@@ -159,24 +159,31 @@ def _variant_value(name: str):
 @pytest.mark.parametrize("name", sorted(LORA_VARIANTS))
 def test_lora_variants_refused_on_every_load_path_with_one_message(tmp_path, name):
     """An adapter_config.json with a LoRA variant on (aLoRA's alora_invocation_tokens, DoRA, VeLoRA, ...; the list
-    is PEFT's, see test_lora_options): qpeft.load_adapter (dense or 4-bit base), qpeft.peft_from_pretrained and stock
-    PeftModel.from_pretrained on a 4-bit base all refuse it with the same message, and leave the model as it was.
-    (Loaded as plain LoRA, an aLoRA adapter gave logits 0.71 away from PEFT's.)"""
+    is PEFT's, see test_lora_options): qpeft.load_adapter (dense or 4-bit base), qpeft.peft_from_pretrained, stock
+    PeftModel.from_pretrained on a 4-bit base and PeftModel.load_adapter as a second adapter of a qpeft PeftModel
+    all refuse it with the same message, and leave the model as it was. (Loaded as plain LoRA, an aLoRA adapter
+    gave logits 0.71 away from PEFT's.)"""
     pytest.importorskip("transformers")
     _peft_saved(tmp_path, target_modules=["q_proj", "v_proj"], r=4)  # LoRA tensors; the config gets the variant
     peft.LoraConfig(target_modules=["q_proj", "v_proj"], r=4, **{name: _variant_value(name)}).save_pretrained(tmp_path)
     assert json.loads((tmp_path / "adapter_config.json").read_text())[name]
-    dense, nf4 = tiny_llama(), tiny_llama()
+    dense, nf4, nf4_peft = tiny_llama(), tiny_llama(), tiny_llama()
     qpeft.quantize_model(nf4)
+    qpeft.quantize_model(nf4_peft)
+    nf4_peft = peft.get_peft_model(nf4_peft, peft.LoraConfig(r=2, target_modules=["k_proj"]))
     messages = []
     for model, load in ((dense, qpeft.load_adapter), (nf4, qpeft.load_adapter), (nf4, qpeft.peft_from_pretrained),
-                        (nf4, peft.PeftModel.from_pretrained)):
+                        (nf4, peft.PeftModel.from_pretrained),
+                        (nf4_peft, lambda model, path: model.load_adapter(path, adapter_name="variant"))):
         snap = _snapshot(model)
         with pytest.raises(ValueError) as err:
             load(model, tmp_path)
         _assert_unchanged(model, snap)
         messages.append(str(err.value))
+    if name == "kasa_config":  # as a second adapter PEFT refuses it itself first: KaSA cannot join a LoRA adapter
+        assert messages.pop().startswith("KaSA cannot be combined")
     assert len(set(messages)) == 1 and f"LoraConfig({name}=" in messages[0], messages
+    assert list(nf4_peft.peft_config) == ["default"]
 
 
 def test_qlora_adapter_roundtrip(tmp_path):

@@ -97,6 +97,27 @@ def test_import_qpeft_imports_neither_peft_nor_transformers():
     assert qpeft.QPeftLoraLinear is QPeftLoraLinear and "lora_config" in dir(qpeft)
 
 
+def test_a_plain_config_works_with_no_qpeft_integration_import():
+    """A script that imports qpeft, then PEFT (after a find_spec probe, as transformers makes one) and never
+    qpeft.integrations: importing PEFT installs qpeft's hook, and a plain LoraConfig builds QPeftLoraLinear. (PEFT
+    imported before qpeft: `import qpeft` installs it.)"""
+    code = """
+import importlib.util, sys, warnings
+warnings.simplefilter("error", RuntimeWarning)
+import torch.nn as nn
+import qpeft
+importlib.util.find_spec("peft")
+assert "peft" not in sys.modules
+import peft
+assert "qpeft.integrations.peft" in sys.modules
+model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+qpeft.quantize_model(model)
+pm = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["0", "2"]))
+assert [type(pm.base_model.model[i]).__name__ for i in (0, 2)] == ["QPeftLoraLinear"] * 2
+"""
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def test_get_peft_model_wraps_every_qlinear_nf4():
     model = nf4_llama()
     nf4 = {n: m for n, m in model.named_modules() if isinstance(m, QLinearNF4)}

@@ -297,12 +297,13 @@ def _is_lora(config) -> bool:
 def _nf4_layers(model: nn.Module) -> list[str]:
     """Paths of the 4-bit layers PEFT would adapt: each QLinearNF4 outside an adapter layer, and each adapter layer
     (QPeftLoraLinear) whose base is one."""
-    found, inside = [], []
-    for name, m in model.named_modules():
-        if any(name.startswith(p) for p in inside):
+    found, inside = [], None
+    for name, m in model.named_modules():  # depth first: an adapter layer's submodules follow it
+        if inside is not None and name.startswith(inside):
             continue
+        inside = None
         if isinstance(m, BaseTunerLayer):
-            inside.append(name + ".")
+            inside = name + "."
             if isinstance(m.get_base_layer(), QLinearNF4):
                 found.append(name)
         elif isinstance(m, QLinearNF4):
