@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from .adapter_io import AdapterMethod, register_method
+from .lora_options import check_lora_options
 from .modules.lora_linear import LoraLinear, LoraRankWarning, base_shape, check_rank, is_nf4_layer, warn_not_low_rank
 from .multi_lora import enable_adapter_names
 
@@ -310,11 +311,13 @@ def _pattern_value(pattern: dict, name: str, default):
     return default
 
 
-_UNSUPPORTED = {"use_dora": (False, None), "fan_in_fan_out": (False, None), "lora_bias": (False, None),
-                "bias": ("none", None), "modules_to_save": (None, []), "layers_to_transform": (None, [])}
+# What this path does not implement besides the layer options every path refuses (lora_options): the model-level
+# options PEFT applies outside the LoRA layers.
+_UNSUPPORTED = {"bias": ("none", None), "modules_to_save": (None, []), "layers_to_transform": (None, [])}
 
 
 def _load(model: nn.Module, config: dict, tensors: dict, adapter_name: str) -> None:
+    check_lora_options(config)  # DoRA, aLoRA and the other variants, ...: refused as on PEFT's path, model untouched
     errors = []
     for key, ok in _UNSUPPORTED.items():
         if key in config and config[key] not in ok:
