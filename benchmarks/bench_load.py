@@ -24,7 +24,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import env_info, print_table, write_csv  # noqa: E402
+from benchmarks.common import atomic_write_text, env_info, print_table, write_csv  # noqa: E402
 from benchmarks.common import rss_anon as _rss_anon  # noqa: E402
 
 MIB = 2 ** 20
@@ -55,7 +55,7 @@ def make_checkpoint(path: Path, size_gb: float) -> dict:
     model.save_pretrained(path, max_shard_size="200MB")
     info = {"config": cfg, "checkpoint_bytes": sum(p.numel() * 2 for p in model.parameters()),
             "largest_tensor_bytes": max(p.numel() * 2 for p in model.parameters())}
-    marker.write_text(json.dumps(info))
+    atomic_write_text(marker, json.dumps(info))  # the marker says the checkpoint is complete
     return info
 
 

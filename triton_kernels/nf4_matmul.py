@@ -36,11 +36,12 @@ clock per SM. A 256-entry byte -> (hi, lo) pair table would halve it; that is th
 """
 from __future__ import annotations
 
-import functools
 
 import torch
 import triton
 import triton.language as tl
+
+from qpeft import _cuda
 
 __all__ = ["nf4_matmul_triton", "nf4_matmul_dx_triton"]
 
@@ -227,11 +228,12 @@ def _nf4_matmul_dx_kernel(
              mask=mask_m[:, None] & mask_k[None, :])
 
 
-@functools.lru_cache(maxsize=None)
+@_cuda.cached
 def _num_sms(device: torch.device) -> int:
     """Cached: the tile choice runs on every call, and decode calls are a few microseconds each."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+    rt = _cuda.rt
+    if rt.is_cuda(device):
+        return rt.multi_processor_count(device.index if device.index is not None else rt.current_device())
     return 132  # interpreter: pretend H100 so tiles are chosen as on the GPU
 
 

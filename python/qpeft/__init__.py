@@ -95,42 +95,63 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'qpeft' has no attribute {name!r}")
 
 
-class _RegisterWhenTransformersLoads:
-    """A one-shot import hook: when transformers is imported after qpeft, register quant_method "qpeft" with it
-    (qpeft.integrations.transformers), so that `from_pretrained` of a checkpoint saved with qpeft's quantizer
-    finds it. Without the registration transformers would warn and load that checkpoint unquantized, with
-    freshly initialised weights. `import qpeft` itself never imports transformers."""
+class _RunWhenImported:
+    """An import hook: once `name` is imported after qpeft, run `then` (import qpeft's integration with it).
+
+    transformers: register quant_method "qpeft" (qpeft.integrations.transformers), so that `from_pretrained` of a
+    checkpoint saved with qpeft's quantizer finds it; without it transformers would warn and load that checkpoint
+    unquantized, with freshly initialised weights. PEFT: install qpeft's LoRA hook (qpeft.integrations.peft), so
+    that a plain `peft.LoraConfig` builds qpeft's layer on QLinearNF4. `import qpeft` itself imports neither.
+    A probe (`importlib.util.find_spec(name)`, as transformers does for peft) is answered but does not use the
+    hook up: it stays until the module really executes."""
+
+    def __init__(self, name: str, then):
+        self.name, self.then, self._looking = name, then, False
 
     def find_spec(self, fullname, path=None, target=None):
-        if fullname != "transformers":
+        if fullname != self.name or self._looking:
             return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(fullname)  # the real spec, from the finders after this one
+        self._looking = True
+        try:
+            spec = importlib.util.find_spec(fullname)  # the real spec, from the finders after this one
+        finally:
+            self._looking = False
         if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
             exec_module = spec.loader.exec_module
 
-            def exec_then_register(module):
+            def exec_then_run(module):
                 exec_module(module)
-                _register_with_transformers()
+                if self in sys.meta_path:
+                    sys.meta_path.remove(self)
+                self.then()
 
-            spec.loader.exec_module = exec_then_register
+            spec.loader.exec_module = exec_then_run
         return spec
 
 
-def _register_with_transformers() -> None:
+def _import_integration(module: str, what: str) -> None:
     try:
-        importlib.import_module("qpeft.integrations.transformers")
-    except ImportError as e:  # e.g. an unsupported transformers: QPeftConfig raises the reason when used
+        importlib.import_module(module)
+    except ImportError as e:  # e.g. an unsupported release: the integration's entry points raise the reason
         import warnings
 
-        warnings.warn(f"qpeft: quant_method 'qpeft' not registered with transformers: {e}", RuntimeWarning,
-                      stacklevel=2)
+        warnings.warn(f"qpeft: {what}: {e}", RuntimeWarning, stacklevel=2)
 
 
-if "transformers" in sys.modules:
-    _register_with_transformers()
-elif importlib.util.find_spec("transformers") is not None:
-    sys.meta_path.insert(0, _RegisterWhenTransformersLoads())
+def _register_with_transformers() -> None:
+    _import_integration("qpeft.integrations.transformers", "quant_method 'qpeft' not registered with transformers")
+
+
+def _hook_into_peft() -> None:
+    _import_integration("qpeft.integrations.peft", "a plain peft.LoraConfig will not build qpeft's LoRA layers")
+
+
+for _name, _then in (("transformers", _register_with_transformers), ("peft", _hook_into_peft)):
+    if _name in sys.modules:
+        _then()
+    elif importlib.util.find_spec(_name) is not None:
+        sys.meta_path.insert(0, _RunWhenImported(_name, _then))
+del _name, _then
 
 
 def __dir__():

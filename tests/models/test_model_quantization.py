@@ -136,3 +136,25 @@ def test_failed_checkpoint_load_leaves_model_unchanged(bnb_checkpoint, tmp_path)
     for m, snap in ((model, before), (good, good_before)):
         after = m.state_dict()
         assert all(torch.equal(snap[k], after[k]) for k in snap)
+
+
+def test_strict_load_refuses_a_checkpoint_bias_for_a_layer_without_one(tmp_path):
+    """nn.Linear's rule: under strict=True a bias the layer does not have is an unexpected key (it used to be
+    dropped silently: outputs then off by that bias); strict=False ignores it."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    src = nn.Sequential(nn.Linear(64, 32, bias=True), nn.ReLU(), nn.Linear(32, 16, bias=False))
+    with torch.no_grad():
+        src[0].bias.normal_()  # far from zero: dropping it would change every output
+    quantize_model(src, skip_modules=(), compute_dtype=torch.float32)
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    torch.manual_seed(1)
+    dst = nn.Sequential(nn.Linear(64, 32, bias=False), nn.ReLU(), nn.Linear(32, 16, bias=False))
+    quantize_model(dst, skip_modules=(), compute_dtype=torch.float32)
+    before = {k: v.clone() for k, v in dst.state_dict().items()}
+    with pytest.raises(ValueError, match=r"unexpected keys: \['0.bias'\]"):
+        load_quantized_checkpoint(dst, tmp_path)
+    assert all(torch.equal(before[k], v) for k, v in dst.state_dict().items())  # nothing loaded
+    load_quantized_checkpoint(dst, tmp_path, strict=False)  # ignored, as nn.Module.load_state_dict(strict=False)
+    assert torch.equal(dst[0].weight, src[0].weight) and dst[0].bias is None

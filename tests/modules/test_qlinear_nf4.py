@@ -150,6 +150,24 @@ def test_failed_load_leaves_module_unchanged():
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_a_load_without_the_bias_loads_the_weight_and_reports_the_bias_missing_as_nn_linear():
+    src = QLinearNF4.from_linear(_linear(seed=1), compute_dtype=torch.float32)
+    sd = {k: v for k, v in src.state_dict().items() if k != "bias"}
+    q = QLinearNF4.from_linear(_linear(seed=2), compute_dtype=torch.float32)
+    bias0 = q.bias.detach().clone()
+    lin, lin_src = _linear(seed=2), _linear(seed=1)
+    expected = lin.load_state_dict({"weight": lin_src.weight.detach()}, strict=False)
+    result = q.load_state_dict(sd, strict=False)
+    assert result.missing_keys == expected.missing_keys == ["bias"] and not result.unexpected_keys
+    assert torch.equal(q.weight, src.weight) and torch.equal(q.absmax_bytes, src.absmax_bytes)
+    assert torch.equal(q.bias, bias0)  # the layer's own bias stays, as nn.Linear's does
+    torch.testing.assert_close(q.dequantize(torch.float32), src.dequantize(torch.float32), rtol=0, atol=0)
+    q2 = QLinearNF4.from_linear(_linear(seed=2), compute_dtype=torch.float32)
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\) in state_dict: \"bias\""):
+        q2.load_state_dict(sd)  # strict: raises, like nn.Linear, after loading the weight
+    assert torch.equal(q2.weight, src.weight)
+
+
 def test_a_load_without_the_packed_weight_leaves_the_layer_alone():
     """DeepSpeed's exclude_frozen_parameters checkpoint (the Trainer's under ZeRO-3 with PEFT) drops the frozen
     Parameters by name (`weight`, `absmax_bytes`) and keeps the statistics' bitsandbytes keys; resuming loads it

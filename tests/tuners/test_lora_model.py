@@ -195,10 +195,36 @@ def test_merge_unmerge_and_merge_and_unload_model():
         assert len(errs) == 14 and all(e["default"] == 0.0 for e in errs.values())
         torch.testing.assert_close(model(ids).logits, y, rtol=1e-4, atol=1e-4)
         unmerge_lora(model)
-        torch.testing.assert_close(model(ids).logits, y, rtol=1e-4, atol=1e-4)
+        assert torch.equal(model(ids).logits, y)  # unmerge restores the base bit for bit
         merged = merge_and_unload(model)
         assert not lora_layers(merged) and not any(isinstance(m, LoraLinear) for m in merged.modules())
         torch.testing.assert_close(merged(ids).logits, y, rtol=1e-4, atol=1e-4)
+
+
+def test_disable_lora_on_a_merged_qlora_model_restores_it_bit_for_bit():
+    """Issue 21, model level: every use of disable_lora re-quantized each merged NF4 layer twice, so the merged
+    model drifted further from its adapters with each use. Now the kept pre-merge weights are swapped in and
+    out: the base logits inside and the merged logits after, bit for bit, use after use."""
+    model = prepare_for_qlora(tiny_llama(), r=4, lora_alpha=8, init="random", compute_dtype=torch.float32)
+    for layer in lora_layers(model).values():
+        with torch.no_grad():
+            layer.lora_B["default"].weight.mul_(0.1)
+    ids = _ids()
+    with torch.no_grad():
+        with disable_lora(model):
+            base = model(ids).logits
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "re-quantizes"
+            merge_lora(model)
+        merged = model(ids).logits
+        assert not torch.equal(merged, base)
+        for _ in range(5):  # 50 uses per layer: tests/test_lora_linear.py
+            with disable_lora(model):
+                assert torch.equal(model(ids).logits, base)
+            assert torch.equal(model(ids).logits, merged)
+        unmerge_lora(model)
+        with disable_lora(model):
+            assert torch.equal(model(ids).logits, base)
 
 
 def test_prepare_for_qlora():

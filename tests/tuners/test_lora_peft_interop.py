@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 
 import qpeft
 from qpeft.tuners.lora.model import add_lora, lora_layers
+from qpeft.tuners.lora.options import LORA_VARIANTS
 from utils import tiny_llama
 
 peft = pytest.importorskip("peft")
@@ -141,9 +142,48 @@ def test_unknown_module_and_unsupported_config_raise(tmp_path):
     _assert_unchanged(model, snap)
     dora = tmp_path / "dora"
     _peft_saved(dora, target_modules=["q_proj"], r=2, use_dora=True)
-    with pytest.raises(ValueError, match="use_dora=True is not supported"):
+    with pytest.raises(ValueError, match=r"use_dora=True\) is not supported"):
         qpeft.load_adapter(model, dora)
     _assert_unchanged(model, snap)
+
+
+def _variant_value(name: str):
+    """A valid value turning on PEFT's LoRA variant `name` (a field of peft.LoraConfig with is_lora_variant)."""
+    from peft.tuners.lora import config as c
+
+    return {"use_dora": lambda: True, "alora_invocation_tokens": lambda: [5, 6], "velora_config": c.VeloraConfig,
+            "monteclora_config": c.MontecloraConfig, "use_bdlora": c.BdLoraConfig, "arrow_config": c.ArrowConfig,
+            "kasa_config": c.KasaConfig}[name]()
+
+
+@pytest.mark.parametrize("name", sorted(LORA_VARIANTS))
+def test_lora_variants_refused_on_every_load_path_with_one_message(tmp_path, name):
+    """An adapter_config.json with a LoRA variant on (aLoRA's alora_invocation_tokens, DoRA, VeLoRA, ...; the list
+    is PEFT's, see test_lora_options): qpeft.load_adapter (dense or 4-bit base), qpeft.peft_from_pretrained, stock
+    PeftModel.from_pretrained on a 4-bit base and PeftModel.load_adapter as a second adapter of a qpeft PeftModel
+    all refuse it with the same message, and leave the model as it was. (Loaded as plain LoRA, an aLoRA adapter
+    gave logits 0.71 away from PEFT's.)"""
+    pytest.importorskip("transformers")
+    _peft_saved(tmp_path, target_modules=["q_proj", "v_proj"], r=4)  # LoRA tensors; the config gets the variant
+    peft.LoraConfig(target_modules=["q_proj", "v_proj"], r=4, **{name: _variant_value(name)}).save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())[name]
+    dense, nf4, nf4_peft = tiny_llama(), tiny_llama(), tiny_llama()
+    qpeft.quantize_model(nf4)
+    qpeft.quantize_model(nf4_peft)
+    nf4_peft = peft.get_peft_model(nf4_peft, peft.LoraConfig(r=2, target_modules=["k_proj"]))
+    messages = []
+    for model, load in ((dense, qpeft.load_adapter), (nf4, qpeft.load_adapter), (nf4, qpeft.peft_from_pretrained),
+                        (nf4, peft.PeftModel.from_pretrained),
+                        (nf4_peft, lambda model, path: model.load_adapter(path, adapter_name="variant"))):
+        snap = _snapshot(model)
+        with pytest.raises(ValueError) as err:
+            load(model, tmp_path)
+        _assert_unchanged(model, snap)
+        messages.append(str(err.value))
+    if name == "kasa_config":  # as a second adapter PEFT refuses it itself first: KaSA cannot join a LoRA adapter
+        assert messages.pop().startswith("KaSA cannot be combined")
+    assert len(set(messages)) == 1 and f"LoraConfig({name}=" in messages[0], messages
+    assert list(nf4_peft.peft_config) == ["default"]
 
 
 def test_qlora_adapter_roundtrip(tmp_path):

@@ -23,7 +23,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from .. import _cuda
 from .model import DemoSetupError
+from .._io import atomic_write_text
 
 __all__ = ["main", "run", "parse_args", "DEFAULTS", "int4_absmax_roundtrip_"]
 
@@ -69,14 +71,14 @@ def build_parser(prog: str = "qpeft demo") -> argparse.ArgumentParser:
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cuda" if _cuda.rt.available() else "cpu")
     try:
         dev = torch.device(name)
     except RuntimeError:
         raise DemoSetupError(f"--device {name}: not a device name (use auto, cpu, cuda or cuda:N)") from None
     if dev.type not in ("cpu", "cuda"):
         raise DemoSetupError(f"--device {name}: only cpu and cuda are supported")
-    if dev.type == "cuda" and not torch.cuda.is_available():
+    if dev.type == "cuda" and not _cuda.rt.available():
         raise DemoSetupError(f"--device {name}: no CUDA device is available here; use --device cpu")
     return dev
 
@@ -208,7 +210,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
                                                   "before": preds_before[0], "after": preds_after[0]},
         "total_seconds": time.perf_counter() - t_start,
     }
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
     rows = [("model", f"{Path(str(path)).name} ({n_params / 1e6:.1f}M params) on {dev}")]
     for fmt in FORMATS:
         if fmt in ppl:

@@ -49,6 +49,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from .. import _cuda
 from ..modules.lora_linear import LoraLinear
 from ..modules.qlinear_nf4 import QUANT_TYPES, QLinearNF4, absmax_to_bytes, parse_bnb_state
 
@@ -491,7 +492,7 @@ def _group_and_device(mesh, device):
                            "(call torch.distributed.init_process_group first, e.g. under torchrun)")
     group = mesh.get_group() if mesh is not None else None
     if device is None:
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        device = torch.device("cuda", _cuda.rt.current_device()) if _cuda.rt.available() else torch.device("cpu")
     try:
         device = torch.device(device)
     except (TypeError, RuntimeError) as e:

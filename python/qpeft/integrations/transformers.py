@@ -13,7 +13,8 @@ Pre-quantized: a checkpoint whose config.json names quant_method "qpeft" (what `
 after `qpeft.quantize_model`) reloads byte for byte with no config passed. Its tensors are bitsandbytes'
 Linear4bit keys, so a transformers + bitsandbytes 4-bit checkpoint also loads into qpeft layers when
 `quantization_config=QPeftConfig()` is passed (transformers alone refuses a config of another class for a
-quantized checkpoint; `_allow_bitsandbytes_checkpoints` lets exactly that case through).
+quantized checkpoint; `_merge_configs_on_load` lets exactly that case through). Passing a QPeftConfig for a
+pre-quantized checkpoint (qpeft's or bitsandbytes') sets its compute dtype; the checkpoint's format wins.
 
 Written against the quantizer API of transformers 5.17 .. 5.24 (the hooks both have; tested in both CI lanes).
 Importing this module imports transformers; `import qpeft` does not import this module.
@@ -28,7 +29,7 @@ import re
 import torch
 import torch.nn as nn
 
-from .. import _versions
+from .. import _cuda, _versions
 
 _versions.require("transformers")
 
@@ -231,7 +232,7 @@ class QPeftHfQuantizer(HfQuantizer):
     def update_device_map(self, device_map):
         # transformers' default (None) is the CPU; quantize where the model will run, as bitsandbytes does
         if device_map is None:
-            return {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
+            return {"": _cuda.rt.current_device()} if _cuda.rt.available() else {"": "cpu"}
         return device_map
 
     def adjust_max_memory(self, max_memory):
@@ -364,11 +365,15 @@ def record_quantization_config(model: nn.Module, converted: list[str], quant_typ
                                                    modules_to_not_convert=sorted(skipped))
 
 
-def _allow_bitsandbytes_checkpoints() -> None:
-    """transformers raises when a quantized checkpoint's config class differs from the one passed to
-    from_pretrained ("The model is quantized with BitsAndBytesConfig but you are passing a QPeftConfig"). A
-    bitsandbytes 4-bit checkpoint has exactly qpeft's tensors, so that one case is let through as a
-    pre-quantized qpeft load; every other combination keeps transformers' behaviour."""
+def _merge_configs_on_load() -> None:
+    """A QPeftConfig passed to from_pretrained of a pre-quantized checkpoint, one rule for qpeft and bitsandbytes
+    checkpoints (and load_sharded_qlora's): the checkpoint's format wins (quant type, double quant, skipped
+    modules; each layer's saved header decides the rest), the passed config sets compute_dtype.
+
+    transformers alone would keep a qpeft checkpoint's whole config (its compute dtype too, with a warning that
+    the passed one is ignored), and raises for a bitsandbytes checkpoint ("The model is quantized with
+    BitsAndBytesConfig but you are passing a QPeftConfig"), which has exactly qpeft's tensors and so loads as a
+    pre-quantized qpeft checkpoint. Every other combination keeps transformers' behaviour."""
     original = AutoHfQuantizer.merge_quantization_configs.__func__
     if getattr(original, "_qpeft", False):
         return
@@ -377,10 +382,14 @@ def _allow_bitsandbytes_checkpoints() -> None:
     def merge(cls, quantization_config, quantization_config_from_args):
         if isinstance(quantization_config_from_args, QPeftConfig):
             saved = quantization_config if isinstance(quantization_config, dict) else quantization_config.to_dict()
-            if str(saved.get("quant_method")) in ("bitsandbytes", "QuantizationMethod.BITS_AND_BYTES") \
-                    and saved.get("load_in_4bit"):
+            args = quantization_config_from_args
+            method = str(saved.get("quant_method"))
+            if method == QUANT_METHOD:
+                fields = {k: saved[k] for k in ("quant_type", "blocksize", "double_quant", "modules_to_not_convert")
+                          if k in saved}
+                return QPeftConfig(**fields, compute_dtype=args.compute_dtype)
+            if method in ("bitsandbytes", "QuantizationMethod.BITS_AND_BYTES") and saved.get("load_in_4bit"):
                 from_checkpoint = QPeftConfig.from_bitsandbytes(saved)
-                args = quantization_config_from_args
                 return QPeftConfig(quant_type=from_checkpoint.quant_type, blocksize=args.blocksize,
                                    double_quant=from_checkpoint.double_quant, compute_dtype=args.compute_dtype,
                                    modules_to_not_convert=from_checkpoint.modules_to_not_convert)
@@ -397,7 +406,7 @@ def register() -> None:
         register_quantization_config(QUANT_METHOD)(QPeftConfig)
     if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
         register_quantizer(QUANT_METHOD)(QPeftHfQuantizer)
-    _allow_bitsandbytes_checkpoints()
+    _merge_configs_on_load()
 
 
 register()

@@ -127,15 +127,20 @@ def load_quantized_checkpoint(model: nn.Module, path: str | Path, strict: bool =
     BitsAndBytesConfig) into a model converted by `quantize_model`.
 
     Every key, shape and quantization header is checked before anything is copied: on any mismatch a
-    ValueError lists the problems and the model is left unchanged. Keys missing from the checkpoint are
-    allowed only for tied parameters whose twin is present."""
+    ValueError lists the problems and the model is left unchanged. strict=True (the default) allows keys
+    missing from the checkpoint only for tied parameters whose twin is present, and refuses unexpected keys,
+    among them a checkpoint bias for a 4-bit layer built without one (nn.Linear's rule); strict=False ignores
+    unexpected keys and accepts missing ones outside the 4-bit layers."""
     state = _read_safetensors(path)
     problems: list[str] = []
     qlayers = {name: m for name, m in model.named_modules() if isinstance(m, QLinearNF4)}
     covered: set[str] = set()
     for name, m in qlayers.items():
         prefix = name + "." if name else ""
-        covered.update(k for k in state if k.startswith(prefix + "weight") or k == prefix + "bias")
+        # a bias is this layer's only if it has one: a checkpoint bias for a bias-free layer is an unexpected
+        # key (nn.Linear's rule), not something to drop silently
+        covered.update(k for k in state if k.startswith(prefix + "weight") or (k == prefix + "bias"
+                                                                                and m.bias is not None))
         try:
             parse_bnb_state(state, prefix, m.out_features, m.in_features)
         except (KeyError, ValueError) as e:

@@ -367,10 +367,9 @@ class QLinearNF4(nn.Module):
             return
         bias = state_dict.get(prefix + "bias")
         if self.bias is not None:
-            if bias is None:
+            if bias is None:  # as nn.Linear: the weight still loads, the bias is reported missing
                 missing_keys.append(prefix + "bias")
-                return
-            if tuple(bias.shape) != (self.out_features,):
+            elif tuple(bias.shape) != (self.out_features,):
                 error_msgs.append(f"size mismatch for {prefix}bias: expected ({self.out_features},), "
                                   f"got {tuple(bias.shape)}")
                 return
@@ -384,7 +383,7 @@ class QLinearNF4(nn.Module):
         self.quant_type, self.blocksize, self.weight_dtype = parsed["quant_type"], parsed["blocksize"], parsed["dtype"]
         self._set_quantized(**{n: (parsed[n].to(device).clone() if parsed[n] is not None else None)
                                for n in _QUANT_TENSORS})
-        if self.bias is not None:
+        if self.bias is not None and bias is not None:
             with torch.no_grad():
                 if self.bias.device.type == "meta":
                     self.bias = nn.Parameter(bias.to(device).clone(), requires_grad=self.bias.requires_grad)

@@ -28,6 +28,7 @@ from itertools import chain
 
 import torch
 
+from .. import _cuda
 from ..formats import codes
 from ..ops import optim_8bit as _ops  # noqa: F401  (registers qpeft::optim_8bit_step)
 from ..reference.optim_8bit import BLOCKSIZE, f32, hyper_table
@@ -132,7 +133,7 @@ class Optimizer8bitBase(torch.optim.Optimizer):
         """The paged allocator of p's device when p's states are paged, else None."""
         if not self.is_paged:
             return None
-        if p.device.type != "cuda":
+        if not _cuda.rt.is_cuda(p.device):
             warn_once(f"qpeft.optim.{type(self).__name__}: paged optimizers page optimizer states between GPU and "
                       f"host memory; parameters on {p.device.type} get ordinary (unpaged) states, and the update is "
                       f"identical to {type(self).__name__.replace('Paged', '')}'s.")
@@ -174,8 +175,8 @@ class Optimizer8bitBase(torch.optim.Optimizer):
             t = torch.stack(steps)
         else:
             t = torch.tensor(steps, dtype=torch.int64)
-            if device.type == "cuda":  # no host sync: pinned staging, asynchronous copy on the current stream
-                t = t.pin_memory()
+            if _cuda.rt.is_cuda(device):  # no host sync: pinned staging, asynchronous copy on the current stream
+                t = _cuda.rt.pin(t)
             t = t.to(device, non_blocking=True)
         b1, b2 = group["betas"]
         return hyper_table(self.kind, group["lr"], t, b1, b2, group["eps"], group["weight_decay"])
@@ -258,7 +259,7 @@ class Optimizer8bitBase(torch.optim.Optimizer):
     def _sync_paged(self) -> None:
         for pager in self._pagers.values():
             if self.capturable:  # copies back may come from graph replays, which record no event
-                torch.cuda.synchronize(pager.device)
+                _cuda.rt.synchronize(pager.device)
             pager.synchronize()
 
     def state_dict(self) -> dict:

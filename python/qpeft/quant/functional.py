@@ -13,13 +13,12 @@ not drag an autograd graph (whose backward could only fail) into the quantized s
 """
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
 import torch
 
-from .. import _backend
+from .. import _backend, _cuda
 from ..formats import codes
 from ..ops import quantize as ops
 from .state import QuantState
@@ -56,7 +55,7 @@ def _check_finite(A: torch.Tensor, scales: torch.Tensor, name: str = "A") -> Non
         fail()
 
 
-@functools.lru_cache(maxsize=None)
+@_cuda.cached  # the answer depends on the backend the runtime offers
 def _absmax_flags_nan(device: torch.device, requested_backend: str) -> bool:
     """Whether the quantize ops on `device` (with this QPEFT_BACKEND) return a NaN absmax for a NaN block."""
     probe = torch.zeros(64, device=device)

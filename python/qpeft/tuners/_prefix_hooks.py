@@ -4,7 +4,7 @@ transformers' T5 / BART encoders drop the KV cache, so the KV-cache route that p
 reach them. Instead, while the wrapper runs the model, a forward pre-hook on every encoder self-attention module
 passes a small stand-in cache (`PrefixKV`) whose `update()` (called by the attention right after its K/V
 projections) returns [prefix; K] and [prefix; V], and widens the attention mask by `n` always-visible columns,
-so every real token attends to the prefix (the idea of UniPELT's GatedPrefix hook, methods/unipelt.py, without
+so every real token attends to the prefix (the idea of UniPELT's GatedPrefix hook, tuners/unipelt.py, without
 the gate and for bidirectional masks only).
 
 Positions: the prefix takes the place of `n` past tokens (`get_seq_length()` returns n), as the decoder prefix

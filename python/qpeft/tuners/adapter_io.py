@@ -6,7 +6,8 @@ subfolder `<path>/<adapter_name>/`, as PEFT does.
 
 Each PEFT method registers an `AdapterMethod` describing how to find its adapters in a model, produce the
 PEFT tensors/config, and load them back. `load_adapter` validates first and applies only when every check
-has passed, so a failed load leaves the model unchanged.
+has passed, so a failed load leaves the model unchanged; `save_adapter` replaces both files only once both are
+written, so a failed save leaves the previous adapter in that directory as it was (see `_write`).
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
+
+from ._io import atomic_paths
 
 __all__ = ["save_adapter", "load_adapter", "register_method", "AdapterMethod"]
 
@@ -116,10 +119,17 @@ def _any_sharded(tensors: dict) -> bool:
 
 
 def _write(out: Path, tensors: dict, config: dict, save_file) -> None:
+    """Both files or neither: the config is serialized first, both files are written to temporary files in
+    `out`, and only then replace the previous adapter's files (weights, then config; see qpeft._io). A failure
+    before that leaves a previous adapter in `out` byte for byte. A process killed between the two replaces
+    (microseconds) leaves the new weights beside the previous config: load_adapter's shape checks catch a
+    change of rank or target modules, not a change of lora_alpha alone."""
+    text = json.dumps(config, indent=2, sort_keys=True)
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
-    with open(out / CONFIG_NAME, "w", encoding="utf-8") as f:
-        f.write(json.dumps(config, indent=2, sort_keys=True))
+    with atomic_paths(out / WEIGHTS_NAME, out / CONFIG_NAME) as (weights_tmp, config_tmp):
+        save_file({k: v.contiguous() for k, v in tensors.items()}, weights_tmp, metadata={"format": "pt"})
+        with open(config_tmp, "w", encoding="utf-8") as f:
+            f.write(text)
 
 
 def read_adapter_files(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from .._io import atomic_paths
+
 __all__ = ["apply_bitfit", "merge_bitfit", "bitfit_state_dict", "save_bitfit", "load_bitfit"]
 
 CONFIG_FILE = "bitfit_config.json"
@@ -154,13 +156,15 @@ def save_bitfit(model: nn.Module, path: str | os.PathLike, merge: bool = False) 
         if hasattr(model, "save_pretrained"):
             model.save_pretrained(out)
         else:
-            save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-                      str(out / "model.safetensors"), metadata={"format": "pt"})
+            with atomic_paths(out / "model.safetensors") as (tmp,):
+                save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp,
+                          metadata={"format": "pt"})
         return out
-    rec = _record(model)
-    save_file({k: v.detach().cpu().contiguous() for k, v in bitfit_state_dict(model).items()},
-              str(out / WEIGHTS_FILE), metadata={"format": "pt"})
-    (out / CONFIG_FILE).write_text(json.dumps({"method": "bitfit", **rec}, indent=2, sort_keys=True))
+    text = json.dumps({"method": "bitfit", **_record(model)}, indent=2, sort_keys=True)
+    with atomic_paths(out / WEIGHTS_FILE, out / CONFIG_FILE) as (weights_tmp, config_tmp):  # both or neither
+        save_file({k: v.detach().cpu().contiguous() for k, v in bitfit_state_dict(model).items()}, weights_tmp,
+                  metadata={"format": "pt"})
+        Path(config_tmp).write_text(text)
     return out
 
 

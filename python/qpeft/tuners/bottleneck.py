@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from .._io import atomic_paths
 from ..autograd.bottleneck import bottleneck_adapter
 from ..reference.bottleneck import activation_id, activation_ref
 
@@ -259,11 +260,13 @@ def save_bottleneck_adapters(model: nn.Module, path: str | os.PathLike) -> Path:
     cfg = getattr(model, "_qpeft_bottleneck_config", None)
     if cfg is None:
         raise ValueError("save_bottleneck_adapters: model has no bottleneck adapters")
+    text = json.dumps({"method": "bottleneck", **cfg}, indent=2, sort_keys=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in bottleneck_state_dict(model).items()}
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in bottleneck_state_dict(model).items()}
-    save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
-    (out / CONFIG_FILE).write_text(json.dumps({"method": "bottleneck", **cfg}, indent=2, sort_keys=True))
+    with atomic_paths(out / WEIGHTS_FILE, out / CONFIG_FILE) as (weights_tmp, config_tmp):  # both or neither
+        save_file(tensors, weights_tmp, metadata={"format": "pt"})
+        Path(config_tmp).write_text(text)
     return out
 
 

@@ -6,7 +6,7 @@ example and layer (shape (B, 1, 1)), as in the paper and morningmoni/UniPELT:
   replaces the alpha / r scaling.
 - Prefix tuning: `prefix_length` trainable key/value vectors per layer (kv heads x head_dim) are prepended
   to the attention's keys and values, both multiplied by g (from the attention input hidden_states).
-- Bottleneck adapter after the feed-forward output (Pfeiffer placement, see methods/bottleneck.py),
+- Bottleneck adapter after the feed-forward output (Pfeiffer placement, see tuners/bottleneck.py),
   y = x + g * up(act(down(x))) with g from the adapter input.
 With gating=False the gates are absent: LoRA uses alpha / r, prefix and adapter a scale of 1 (the plain
 methods). Submodules can be left out at creation or switched on/off later (`set_unipelt_submodules`).
@@ -31,14 +31,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .._hf_compat import CACHE_ARGUMENTS, cache_argument, cache_from
-from .bottleneck import (
-    AdapterMergeError,
-    BottleneckAdapter,
-    _float_dtype_device,
-    find_adapter_sites,
-    freeze_except,
-    is_linear_like,
-)
+from .._io import atomic_paths
+from .bottleneck import (AdapterMergeError, BottleneckAdapter, _float_dtype_device, find_adapter_sites,
+                         freeze_except, is_linear_like)
 
 __all__ = ["add_unipelt", "set_unipelt_submodules", "merge_unipelt", "unipelt_state_dict", "save_unipelt",
            "load_unipelt", "GatedLoraLinear", "GatedPrefix", "remove_unipelt"]
@@ -336,11 +331,13 @@ def save_unipelt(model: nn.Module, path: str | os.PathLike) -> Path:
         owner = n.rsplit(".", 1)[0]
         if any(owner == k or owner.endswith("." + k) for k in cfg["modules_to_save"]):
             tensors[n] = p
+    text = json.dumps({"method": "unipelt", **cfg}, indent=2, sort_keys=True)
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(out / WEIGHTS_FILE),
-              metadata={"format": "pt"})
-    (out / CONFIG_FILE).write_text(json.dumps({"method": "unipelt", **cfg}, indent=2, sort_keys=True))
+    with atomic_paths(out / WEIGHTS_FILE, out / CONFIG_FILE) as (weights_tmp, config_tmp):  # both or neither
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, weights_tmp,
+                  metadata={"format": "pt"})
+        Path(config_tmp).write_text(text)
     return out
 
 

@@ -15,9 +15,10 @@ from collections import defaultdict
 import torch
 import torch.nn as nn
 
-from ..adapter_io import AdapterMethod, register_method
 from ...modules.lora_linear import LoraLinear, LoraRankWarning, base_shape, check_rank, is_nf4_layer, warn_not_low_rank
+from ..adapter_io import AdapterMethod, register_method
 from .mixed_batch import enable_adapter_names
+from .options import check_lora_options
 
 __all__ = ["add_lora", "prepare_for_qlora", "lora_layers", "set_lora_adapter", "delete_lora_adapter",
            "disable_lora", "merge_lora", "unmerge_lora", "merge_and_unload"]
@@ -242,7 +243,9 @@ def delete_lora_adapter(model: nn.Module, adapter_name: str) -> None:
 
 @contextlib.contextmanager
 def disable_lora(model: nn.Module):
-    """Context manager: the model computes its base outputs (like PEFT's `disable_adapter()`)."""
+    """Context manager: the model computes its base outputs (like PEFT's `disable_adapter()`). Merged layers
+    run their kept pre-merge weight inside and are merged again, bit for bit, on exit (see
+    LoraLinear.disable_adapters)."""
     with contextlib.ExitStack() as stack:
         for m in lora_layers(model).values():
             stack.enter_context(m.disable_adapters())
@@ -308,11 +311,13 @@ def _pattern_value(pattern: dict, name: str, default):
     return default
 
 
-_UNSUPPORTED = {"use_dora": (False, None), "fan_in_fan_out": (False, None), "lora_bias": (False, None),
-                "bias": ("none", None), "modules_to_save": (None, []), "layers_to_transform": (None, [])}
+# What this path does not implement besides the layer options every path refuses (lora_options): the model-level
+# options PEFT applies outside the LoRA layers.
+_UNSUPPORTED = {"bias": ("none", None), "modules_to_save": (None, []), "layers_to_transform": (None, [])}
 
 
 def _load(model: nn.Module, config: dict, tensors: dict, adapter_name: str) -> None:
+    check_lora_options(config)  # DoRA, aLoRA and the other variants, ...: refused as on PEFT's path, model untouched
     errors = []
     for key, ok in _UNSUPPORTED.items():
         if key in config and config[key] not in ok:
