@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from ._io import atomic_paths
+from .._io import atomic_paths
 
 __all__ = ["save_adapter", "load_adapter", "register_method", "AdapterMethod"]
 
