@@ -100,7 +100,7 @@ def test_install_wraps_once_and_only_under_accelerates_fsdp_environment(monkeypa
 def test_fsdp2_prepare_of_a_qpeft_model_on_old_torch_raises_naming_the_versions(monkeypatch):
     """torch 2.11's fully_shard cannot shard the uint8 storage: under accelerate the wrapper refuses first, with
     qpeft's error (the same check as shard_qlora_model), and never reaches accelerate's preparation."""
-    from qpeft.distributed import fsdp2
+    from qpeft import _versions as fsdp2  # the FSDP2 version check lives in qpeft._versions
     from qpeft.integrations.accelerate import _patched
 
     called = []

@@ -50,8 +50,12 @@ import torch
 import torch.nn as nn
 
 from .. import _cuda
+from .._dtensor import _dtensor_type
 from ..modules.lora_linear import LoraLinear
 from ..modules.qlinear_nf4 import QUANT_TYPES, QLinearNF4, absmax_to_bytes, parse_bnb_state
+from ..tuners.adapter_io import load_adapter, read_adapter_files
+from ..tuners.lora.model import add_lora
+from .fsdp2 import check_fsdp2_supported, decoder_layers, shard_qlora_model
 
 __all__ = ["load_sharded_qlora", "load_full_state_dict", "ShardedLoadError"]
 
@@ -207,8 +211,6 @@ def _checkpoint_key(fqn: str) -> str:
 # --- the per-unit plan (identical on every rank) -------------------------------------------------------------
 def _units(model: nn.Module):
     """[(name, [(fqn, module)])]: each decoder layer, then everything outside them (embeddings, norm, head)."""
-    from .fsdp2 import decoder_layers
-
     layers = decoder_layers(model)
     names = {id(m): n for n, m in model.named_modules()}
     inside = set()
@@ -376,8 +378,6 @@ class _Rank0:
 # --- every rank: broadcast and keep the local rows ----------------------------------------------------------
 def _local_copy(target: torch.Tensor, full: torch.Tensor) -> None:
     """Copy this rank's part of `full` into `target` (a DTensor shard: the rows FSDP2's torch.chunk gives it)."""
-    from .._dtensor import _dtensor_type
-
     dtensor = _dtensor_type()
     if dtensor is not None and isinstance(target, dtensor):
         from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
@@ -523,8 +523,6 @@ def load_sharded_qlora(pretrained_model_name_or_path, quantization_config=None, 
     Raises TypeError / ValueError naming the argument on bad input, ShardedLoadError (on every rank) when the
     checkpoint does not fit the model; no model is returned then.
     """
-    from .fsdp2 import check_fsdp2_supported, shard_qlora_model
-
     check_fsdp2_supported()
     path = Path(pretrained_model_name_or_path) if isinstance(pretrained_model_name_or_path, (str, Path)) else None
     if path is None or not (path / "config.json").is_file():
@@ -540,7 +538,6 @@ def load_sharded_qlora(pretrained_model_name_or_path, quantization_config=None, 
         raise ValueError(f"load_sharded_qlora: torch_dtype must be None or one of {_DTYPES}, got {torch_dtype!r}")
     group, device = _group_and_device(mesh, device)
     import torch.distributed as dist
-
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(str(path))
@@ -552,14 +549,9 @@ def load_sharded_qlora(pretrained_model_name_or_path, quantization_config=None, 
 
     adapter_tensors = None
     if lora is not None:
-        import qpeft
-
-        qpeft.add_lora(model, **lora)
+        add_lora(model, **lora)
     elif adapter is not None:
-        import qpeft
-        from ..tuners.adapter_io import read_adapter_files
-
-        qpeft.load_adapter(model, adapter)  # validates and builds the LoRA layers (values: rank 0, below)
+        load_adapter(model, adapter)  # validates and builds the LoRA layers (values: rank 0, below)
         if dist.get_rank(group) == 0:
             adapter_tensors = read_adapter_files(adapter)[1]
 

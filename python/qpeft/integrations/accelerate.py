@@ -43,6 +43,10 @@ import os
 import torch
 import torch.nn as nn
 
+from .._dtensor import gather_full
+from .._versions import check_fsdp2_supported
+from ..modules.lora_linear import is_nf4_layer
+
 __all__ = ["install", "fsdp_requested", "has_qpeft_layers", "broadcast_from_rank0"]
 
 
@@ -52,8 +56,6 @@ def fsdp_requested() -> bool:
 
 
 def has_qpeft_layers(model: nn.Module) -> bool:
-    from ..modules.lora_linear import is_nf4_layer
-
     return any(is_nf4_layer(m) for m in model.modules())
 
 
@@ -88,8 +90,6 @@ def _patched(original):
             return original(accelerator, model, *args, **kwargs)
         # torch < 2.12: fully_shard would fail deep inside on the uint8 Parameters ("only Tensors of floating
         # point dtype can require gradients"); raise qpeft's error naming the installed and the needed version
-        from ..distributed.fsdp2 import check_fsdp2_supported
-
         check_fsdp2_supported()
         saved = plugin.cpu_ram_efficient_loading, plugin.auto_wrap_policy
         try:
@@ -109,8 +109,6 @@ def gather_adapter(model: nn.Module) -> dict:
     """{PeftModel state-dict key: full tensor on CPU} of the active adapter (a collective under FSDP2: every rank
     calls; keys in sorted order so that every rank gathers in the same order). Only adapter tensors move."""
     from peft import get_peft_model_state_dict
-
-    from .._dtensor import gather_full
 
     adapter = get_peft_model_state_dict(model, adapter_name=model.active_adapter)
     # get_peft_model_state_dict drops the adapter name from the keys; _save -> save_pretrained(state_dict=...)

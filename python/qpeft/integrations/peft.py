@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 
 from .. import _versions
+from .accelerate import fsdp_requested, install
 
 _versions.require("peft")
 
@@ -37,9 +38,9 @@ from peft.tuners.lora import LoraConfig, LoraLayer  # noqa: E402
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge  # noqa: E402
 
 from ..autograd.lora import lora_linear  # noqa: E402
-from ..tuners.lora.options import SUPPORTED_INITS, UNSUPPORTED, check_lora_options  # noqa: E402,F401  (one rule, all paths)
 from ..modules.lora_linear import _dequantize_nf4, _requantize_nf4  # noqa: E402
 from ..modules.qlinear_nf4 import QLinearNF4  # noqa: E402
+from ..tuners.lora.options import SUPPORTED_INITS, UNSUPPORTED, check_lora_options  # noqa: E402,F401  (one rule, all paths)
 
 __all__ = ["QPeftLoraLinear", "lora_config", "register", "all_linear", "from_pretrained", "peft_from_pretrained"]
 
@@ -231,11 +232,7 @@ def _zero3_register_base(layer: "QPeftLoraLinear", args) -> None:
 def _install_accelerate_fsdp2_fix() -> None:
     """Under `accelerate launch` with FSDP: wrap accelerate's FSDP2 preparation for qpeft models
     (integrations/accelerate.py: cpu_ram_efficient_loading and the auto-wrap policy)."""
-    from .accelerate import fsdp_requested
-
     if fsdp_requested():
-        from .accelerate import install
-
         install()
 
 

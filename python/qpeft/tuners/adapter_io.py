@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from .._dtensor import gather_full, is_sharded
 from .._io import atomic_paths
 
 __all__ = ["save_adapter", "load_adapter", "register_method", "AdapterMethod"]
@@ -97,8 +98,6 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
         # the barrier returns on every rank once the files exist.
         import torch.distributed as dist
 
-        from .._dtensor import gather_full
-
         tensors, writer = gather_full(tensors)
         if writer:
             _write(out, tensors, config, save_file)
@@ -113,7 +112,6 @@ def _any_sharded(tensors: dict) -> bool:
 
     if "torch.distributed.tensor" not in sys.modules and not any(hasattr(t, "ds_id") for t in tensors.values()):
         return False  # no DTensor can exist, no ZeRO-3 parameter: the single-process path, nothing imported
-    from .._dtensor import is_sharded
 
     return any(is_sharded(t) for t in tensors.values())
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from .._io import atomic_paths
+from .bottleneck import freeze_except
 
 __all__ = ["apply_bitfit", "merge_bitfit", "bitfit_state_dict", "save_bitfit", "load_bitfit"]
 
@@ -61,8 +62,6 @@ def apply_bitfit(model: nn.Module, bias_names=None, add_missing_biases: bool = F
         (with bias_names=None: every Linear except the output/LM head).
     modules_to_save: modules that stay fully trainable (e.g. ["classifier"]).
     """
-    from .bottleneck import freeze_except
-
     if getattr(model, "_qpeft_bitfit", None) is not None:
         raise ValueError("apply_bitfit: BitFit is already applied to this model")
     mods = [(n, m) for n, m in model.named_modules() if n]
@@ -201,7 +200,6 @@ def load_bitfit(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             raise ValueError(f"load_bitfit: {key} has shape {tuple(t.shape)}, model expects {shape}")
         if not torch.isfinite(t).all():
             raise ValueError(f"load_bitfit: {key} has non-finite values")
-    from .bottleneck import freeze_except
 
     freeze_except(model, rec.get("modules_to_save"))
     with torch.no_grad():

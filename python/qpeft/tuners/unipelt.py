@@ -32,8 +32,15 @@ import torch.nn.functional as F
 
 from .._hf_compat import CACHE_ARGUMENTS, cache_argument, cache_from
 from .._io import atomic_paths
-from .bottleneck import (AdapterMergeError, BottleneckAdapter, _float_dtype_device, find_adapter_sites,
-                         freeze_except, is_linear_like)
+from ..autograd.lora import lora_linear
+from .bottleneck import (
+    AdapterMergeError,
+    BottleneckAdapter,
+    _float_dtype_device,
+    find_adapter_sites,
+    freeze_except,
+    is_linear_like,
+)
 
 __all__ = ["add_unipelt", "set_unipelt_submodules", "merge_unipelt", "unipelt_state_dict", "save_unipelt",
            "load_unipelt", "GatedLoraLinear", "GatedPrefix", "remove_unipelt"]
@@ -86,7 +93,6 @@ class GatedLoraLinear(nn.Module):
         if not self.active:
             return self.base_layer(x)
         if self.gate is None:  # the plain LoRA layer: fused base + LoRA path
-            from ..autograd.lora import lora_linear
 
             return lora_linear(x, self.base_layer, self.lora_A, self.lora_B, self.scaling,
                                dropout_p=self.lora_dropout, training=self.training)
