@@ -137,7 +137,8 @@ def _two_adapter_model():
 
 
 def _fsdp_save_model(pm, out, monkeypatch):
-    """The patched Trainer.save_model on a real Trainer, its FSDP state set as accelerate sets it (SHARDED_STATE_DICT)."""
+    """The patched Trainer.save_model on a real Trainer, its FSDP state set as accelerate sets it
+    (SHARDED_STATE_DICT)."""
     import types
 
     from transformers import Trainer, TrainingArguments
