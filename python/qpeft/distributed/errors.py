@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import _cuda
 from .fsdp2 import FSDP2UnsupportedError
 
 __all__ = ["ShardedLoadError", "agree", "from_rank0", "collective_device"]
@@ -35,9 +36,9 @@ def collective_device(group=None) -> torch.device:
     """Where the small tensors of these collectives live: the CPU for gloo, else the current CUDA device."""
     import torch.distributed as dist
 
-    if "gloo" in str(dist.get_backend(group)) or not torch.cuda.is_available():
+    if "gloo" in str(dist.get_backend(group)) or not _cuda.rt.available():
         return torch.device("cpu")
-    return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cuda", _cuda.rt.current_device())
 
 
 def _encode(error: BaseException) -> bytes:
