@@ -227,7 +227,8 @@ def test_plain_config_with_an_unsupported_option_is_refused_before_anything_chan
     with pytest.raises(ValueError, match=r"qpeft: LoraConfig\(use_dora=True\) is not supported"):
         peft.get_peft_model(model, peft.LoraConfig(target_modules=["q_proj", "lm_head"], use_dora=True))
     assert {n: type(m) for n, m in model.named_modules()} == types
-    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items()) and model.state_dict().keys() == state.keys()
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     # an option for the dense layers alone (here the fp head): PEFT's own layer takes it, as on any model
     pm = peft.get_peft_model(model, peft.LoraConfig(target_modules=["lm_head"], use_dora=True))
     assert pm.base_model.model.lm_head.use_dora["default"] and not any(isinstance(m, QPeftLoraLinear)

@@ -5,9 +5,9 @@ The launchers run with CPU tensors while their launches are recorded instead of 
 arguments, constexprs, tiles and launch options, for the shapes below (decode and prefill sizes of LLaMA
 layers, every dtype, every epilogue, both quantization formats; an autotuned kernel once per config). Each
 compiled kernel must lower without errors (the interpreter cannot catch typing or lowering failures: Triton
-3.6 / 3.8 typing a constant as fp64 was one), must not spill registers (no local-memory loads or stores in its SASS) and must fit in the
-227 KB of shared memory a Hopper block may use. `test_every_kernel_is_compiled` fails for a kernel no case
-launches: a new kernel needs a case here.
+3.6 / 3.8 typing a constant as fp64 was one), must not spill registers (no local-memory loads or stores in its
+SASS) and must fit in the 227 KB of shared memory a Hopper block may use. `test_every_kernel_is_compiled`
+fails for a kernel no case launches: a new kernel needs a case here.
 """
 from __future__ import annotations
 
@@ -200,7 +200,7 @@ def _all_kernels() -> dict[str, object]:
     found = {}
     for info in pkgutil.iter_modules(pkg.__path__):
         module = __import__(f"{pkg.__name__}.{info.name}", fromlist=["_"])
-        for name, obj in inspect.getmembers(module):
+        for _name, obj in inspect.getmembers(module):
             fn = getattr(obj, "fn", obj)  # autotuned kernels wrap the JITFunction
             if isinstance(fn, JITFunction) and fn.__module__ == module.__name__:
                 found[f"{info.name}.{fn.__name__}"] = fn

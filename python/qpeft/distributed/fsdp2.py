@@ -9,7 +9,6 @@ the enclosing decoder layer's group, unsharded by the layer's pre-forward hook b
 """
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
 
 # the torch version FSDP2 needs and its check live in qpeft._versions (accelerate's FSDP2 prepare asks too)
@@ -43,8 +42,8 @@ def shard_qlora_model(model: nn.Module, mesh=None, mixed_precision=None, reshard
     The process group must be initialised, and the model either fully materialised on this rank's device (every
     rank holds the same values; FSDP2 keeps each rank's shard and drops the rest) or entirely on the meta device
     (then `model.to_empty(device=...)` allocates only the shards and `loading.load_full_state_dict` fills them;
-    `load_sharded_qlora` does all of this from a checkpoint). Raises FSDP2UnsupportedError on torch < 2.12, TypeError / ValueError naming the
-    argument for bad input.
+    `load_sharded_qlora` does all of this from a checkpoint). Raises FSDP2UnsupportedError on torch < 2.12,
+    TypeError / ValueError naming the argument for bad input.
     """
     check_fsdp2_supported()
     import torch.distributed as dist

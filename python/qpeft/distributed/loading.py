@@ -428,7 +428,7 @@ def _load_units(model: nn.Module, rank0: _Rank0 | None, group, device, stats: di
     bc = _Broadcaster(group, device)
     seen: set = set()
     pending = None  # this rank's failure in the previous unit's copy, raised everywhere at the next agreement
-    for unit_name, modules in _units(model):
+    for _unit_name, modules in _units(model):
         plan = [(fqn, m, _slots(fqn, m, seen)) for fqn, m in modules]
         flat = [t for _, _, slots in plan for _, t in slots]
         qlayers = [m for _, m, _ in plan if isinstance(m, QLinearNF4)]

@@ -76,8 +76,8 @@ class QPeftConfig(QuantizationConfigMixin):
 
     quant_type: "nf4" or "fp4"; blocksize: 32..4096 (powers of two; bitsandbytes' default 64); double_quant:
     8-bit absmax (bitsandbytes' compress_statistics); compute_dtype: the matmul dtype (float32, float16,
-    bfloat16; None: the input's dtype); modules_to_not_convert: module names or patterns kept in full precision (transformers' rule;
-    None: the output head and tied weights, as transformers skips by default).
+    bfloat16; None: the input's dtype); modules_to_not_convert: module names or patterns kept in full precision
+    (transformers' rule; None: the output head and tied weights, as transformers skips by default).
     """
 
     def __init__(self, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
@@ -119,7 +119,8 @@ class QPeftConfig(QuantizationConfigMixin):
         storage = str(d.get("bnb_4bit_quant_storage", "uint8")).removeprefix("torch.")
         if storage != "uint8":
             raise ValueError(f"bnb_4bit_quant_storage={storage} is not supported (qpeft stores uint8)")
-        return cls(quant_type=d.get("bnb_4bit_quant_type", "fp4"), double_quant=bool(d.get("bnb_4bit_use_double_quant")),
+        return cls(quant_type=d.get("bnb_4bit_quant_type", "fp4"),
+                   double_quant=bool(d.get("bnb_4bit_use_double_quant")),
                    compute_dtype=str(d.get("bnb_4bit_compute_dtype") or "float32"),
                    modules_to_not_convert=d.get("llm_int8_skip_modules"))
 

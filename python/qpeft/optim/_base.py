@@ -269,7 +269,7 @@ class Optimizer8bitBase(torch.optim.Optimizer):
         sts = b["st"]
         lists = {k: [st[k] for st in sts] for k in (("state1", "state2") if adam else ("state1",))}
         staged = []
-        for k, ts in lists.items():
+        for ts in lists.values():
             for i, t in enumerate(ts):
                 pager = self._pagers.get(device)
                 if pager is not None and pager.owns(t):

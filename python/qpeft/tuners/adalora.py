@@ -252,7 +252,7 @@ def _update_ipt(model: nn.Module, st: AdaLoraState) -> None:
 def _mask_to_budget(model: nn.Module, st: AdaLoraState, budget: int) -> dict[str, list[bool]]:
     layers = adalora_layers(model)
     scores = {}
-    for name, layer in layers.items():
+    for name in layers:
         def s(k):
             key = (name, k)
             if key not in st.exp_avg_ipt:

@@ -90,7 +90,7 @@ def apply_bitfit(model: nn.Module, bias_names=None, add_missing_biases: bool = F
         raise ValueError(f"apply_bitfit: {type(model).__name__} has no biases to train (bias_names={bias_names!r}); "
                          "pass add_missing_biases=True to add zero-initialized ones to its Linear layers")
     freeze_except(model, modules_to_save)
-    for n, m in to_add:
+    for _n, m in to_add:
         w = m.weight
         m.bias = nn.Parameter(torch.zeros(m.out_features, dtype=w.dtype, device=w.device))
     for n in chosen:
@@ -126,17 +126,18 @@ def merge_bitfit(model: nn.Module) -> nn.Module:
         if not any(n in added for n, _ in group):
             continue
         if cfg is not None and hasattr(cfg, flag):
-            for n, m in group:
+            for _n, m in group:
                 if m.bias is None:
                     m.bias = nn.Parameter(torch.zeros(m.out_features, dtype=m.weight.dtype, device=m.weight.device))
             setattr(cfg, flag, True)
         else:
             warnings.warn(f"merge_bitfit: biases were added to {type(model).__name__} layers its config cannot "
-                          f"describe ({flag}); a from_pretrained reload will not re-create them", RuntimeWarning)
+                          f"describe ({flag}); a from_pretrained reload will not re-create them", RuntimeWarning,
+                          stacklevel=2)
     other_added = [n for n in added if n.split(".")[-1] not in sum(_HF_BIAS_FLAGS.values(), ())]
     if other_added:
         warnings.warn(f"merge_bitfit: added biases on {other_added[:4]} have no config flag; keep the model's "
-                      "state_dict (not just its config) to reproduce them", RuntimeWarning)
+                      "state_dict (not just its config) to reproduce them", RuntimeWarning, stacklevel=2)
     for p in model.parameters():
         p.requires_grad_(False)
     model._qpeft_bitfit = None
