@@ -14,8 +14,8 @@ methods). Submodules can be left out at creation or switched on/off later (`set_
 The prefix needs no change to model source: a forward pre-hook on each self-attention module passes, as
 its KV cache (`cache` / `past_key_values`), a small object whose `update(k, v, layer_idx)` (called by HF
 Llama/BERT attention right before the attention kernel) returns the keys/values with the gated prefix in
-front, and widens the attention mask by `prefix_length` always-visible columns. Positions of the real tokens are unchanged (the prefix carries
-no rotary/absolute position). Supports HF "eager" and "sdpa" attention.
+front, and widens the attention mask by `prefix_length` always-visible columns. Positions of the real tokens
+are unchanged (the prefix carries no rotary/absolute position). Supports HF "eager" and "sdpa" attention.
 
 The adapter and gates are non-linear in the input, so UniPELT cannot be merged into base weights.
 """
