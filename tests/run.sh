@@ -9,7 +9,7 @@
 # Every lane:
 # 1. makes a clean venv (.lanes/<lane>, git-ignored) and installs qpeft[dev] under the lane's constraints file;
 #    the image lane uses Python 3.12 when the machine has it (the image's Python), the latest lane the default;
-# 2. prints the versions it got;
+# 2. prints the versions it got, then checks the layering (lint-imports) and lints (ruff check);
 # 3. compiles and links the CUDA extension with nvcc against that torch, for sm_90 (nothing runs it without a
 #    GPU; a compile or link error fails here; the build is cached per torch/CUDA/arch);
 # 4. runs the CPU suite (PyTorch reference paths, interop with bitsandbytes / PEFT / transformers, every Triton
@@ -105,6 +105,13 @@ EOF
 ) || { SUMMARY+=("$lane: python does not run"); failed=1; return; }
   echo "$versions"
   SUMMARY+=("$lane versions: $versions")
+
+  echo "== lint: the package's layering (lint-imports, contracts in pyproject.toml) and ruff check"
+  local lint_ok=1
+  (cd "$ROOT" && "$py" -c "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())") \
+    || lint_ok=0
+  (cd "$ROOT" && "$py" -m ruff check .) || lint_ok=0
+  if [ $lint_ok = 1 ]; then SUMMARY+=("$lane lint: clean"); else SUMMARY+=("$lane lint: FAILED"); failed=1; fi
 
   echo "== CUDA extension: compile and link (sm_90)"
   if command -v nvcc >/dev/null 2>&1 || [ -n "${CUDA_HOME:-}" ]; then
