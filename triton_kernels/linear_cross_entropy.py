@@ -76,8 +76,10 @@ def _scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, block, mask,
     if NESTED:
         q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
         s2 = tl.load(nested_absmax_ptr + block // NESTED_BLOCKSIZE, mask=mask, other=0.0)
-        return tl.load(nested_code_ptr + q) * s2 + offset
-    return tl.load(absmax_ptr + block, mask=mask, other=0.0)
+        scale = tl.load(nested_code_ptr + q) * s2 + offset
+    else:
+        scale = tl.load(absmax_ptr + block, mask=mask, other=0.0)
+    return scale
 
 
 @triton.jit
@@ -136,9 +138,10 @@ def _logits_tile(x_ptr, bias_ptr, w_ptr, packed_ptr, absmax_ptr, code_ptr, neste
 
 @triton.jit
 def _cap(u, softcap, SOFTCAP: tl.constexpr):
+    z = u
     if SOFTCAP:
-        return softcap * _tanh(u / softcap)
-    return u
+        z = softcap * _tanh(u / softcap)
+    return z
 
 
 @triton.jit
@@ -331,17 +334,21 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 # (BLOCK_M, BLOCK_V, BLOCK_H, num_warps, num_stages or None) of the logits tiles (lse / logits kernels) and
-# (BLOCK_M, BLOCK_H, BLOCK_V, ...) of the dx kernel. Unmeasured starting points (no GPU here); each compiles for
-# sm_90 without spills for dense and 4-bit heads (tests/test_triton_sm90.py). fp32 uses IEEE FMA dots, whose
-# operands sit in registers: smaller tiles.
+# (BLOCK_M, BLOCK_H, BLOCK_V, ...) of the dx kernel. Unmeasured starting points (no GPU here). Each compiles for
+# sm_90 without register spills for dense and 4-bit heads (tests/test_triton_sm90.py): the 128 x 128 logits tile
+# takes 247-255 registers with the softmax epilogue (HGMMA, 8 warps). fp32 uses IEEE FMA dots with the operands
+# in registers: 64 x 64 x 32 spills 16 B there, 64 x 64 x 16 does not. The per-element 4-bit decoder
+# (H % blocksize != 0) holds 64-bit addresses per weight: 128 x 128 x 64 spills 896 B; it takes at most
+# 64 x 32 weight tiles.
 LOGITS_TILES = {torch.float16: (128, 128, 64, 8, 3), torch.bfloat16: (128, 128, 64, 8, 3),
-                torch.float32: (64, 64, 32, 8, None)}
+                torch.float32: (64, 64, 16, 8, None)}
 DX_TILES = {torch.float16: (128, 128, 64, 8, 3), torch.bfloat16: (128, 128, 64, 8, 3),
-            torch.float32: (64, 64, 32, 8, None)}
+            torch.float32: (64, 64, 16, 8, None)}
+UNALIGNED_W_TILE = (64, 32)  # (rows of W, columns of W) at most, per-element 4-bit decoder
 ROWS_BLOCK = 2048  # elements per step of `_lce_rows_kernel`
 
 
-def _tile(table: dict, dtype: torch.dtype, rows: int, head) -> dict:
+def _tile(table: dict, dtype: torch.dtype, rows: int) -> tuple[dict, int, int]:
     bm, bn, bk, warps, stages = table[dtype]
     bm = min(bm, max(16, triton.next_power_of_2(max(rows, 1))))
     cfg = dict(BLOCK_M=bm, num_warps=warps)
@@ -350,17 +357,25 @@ def _tile(table: dict, dtype: torch.dtype, rows: int, head) -> dict:
     return cfg, bn, bk
 
 
+def _aligned(head) -> bool:
+    return head.hidden % head.blocksize == 0
+
+
 def _logits_cfg(dtype: torch.dtype, rows: int, head) -> dict:
-    cfg, bv, bh = _tile(LOGITS_TILES, dtype, rows, head)
+    cfg, bv, bh = _tile(LOGITS_TILES, dtype, rows)
     if head.weight is None:  # a tile's hidden extent never crosses a quantization block (blocksize >= 32)
         bh = min(bh, head.blocksize)
+        if not _aligned(head):
+            bv, bh = min(bv, UNALIGNED_W_TILE[0]), min(bh, UNALIGNED_W_TILE[1])
     return dict(cfg, BLOCK_V=bv, BLOCK_H=bh)
 
 
 def _dx_cfg(dtype: torch.dtype, rows: int, head) -> dict:
-    cfg, bh, bv = _tile(DX_TILES, dtype, rows, head)
+    cfg, bh, bv = _tile(DX_TILES, dtype, rows)
     if head.weight is None:
         bh = min(bh, head.blocksize)
+        if not _aligned(head):
+            bv, bh = min(bv, UNALIGNED_W_TILE[0]), min(bh, UNALIGNED_W_TILE[1])
     return dict(cfg, BLOCK_H=bh, BLOCK_V=bv)
 
 
@@ -373,8 +388,7 @@ def _head_args(head, dummy: torch.Tensor) -> tuple[tuple, dict]:
     nested = head.nested_absmax is not None
     ptrs = (dummy, head.packed, head.absmax, head.code, head.nested_absmax if nested else dummy,
             head.nested_code if nested else dummy, head.offset if nested else dummy)
-    return ptrs, dict(IS_4BIT=True, BLOCKSIZE=head.blocksize, NESTED=nested,
-                      ALIGNED=head.hidden % head.blocksize == 0)
+    return ptrs, dict(IS_4BIT=True, BLOCKSIZE=head.blocksize, NESTED=nested, ALIGNED=_aligned(head))
 
 
 def _options(softcap: float, label_smoothing: float, z_loss: float) -> dict:
