@@ -334,22 +334,24 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 # (BLOCK_M, BLOCK_V, BLOCK_H, num_warps, num_stages or None) of the logits tiles (lse / logits kernels) and
-# (BLOCK_M, BLOCK_H, BLOCK_V, ...) of the dx kernel. Unmeasured starting points (no GPU here). Each compiles for
-# sm_90 without register spills for dense and 4-bit heads (tests/test_triton_sm90.py): the 128 x 128 logits tile
-# takes 247-255 registers with the softmax epilogue (HGMMA, 8 warps). fp32 uses IEEE FMA dots with the operands
-# in registers: 64 x 64 x 32 spills 16 B there, 64 x 64 x 16 does not. The per-element 4-bit decoder
-# (H % blocksize != 0) holds 64-bit addresses per weight: 128 x 128 x 64 spills 896 B; it takes at most
-# 64 x 32 weight tiles.
-LOGITS_TILES = {torch.float16: (128, 128, 64, 8, 3), torch.bfloat16: (128, 128, 64, 8, 3),
-                torch.float32: (64, 64, 16, 8, None)}
-DX_TILES = {torch.float16: (128, 128, 64, 8, 3), torch.bfloat16: (128, 128, 64, 8, 3),
-            torch.float32: (64, 64, 16, 8, None)}
+# (BLOCK_M, BLOCK_H, BLOCK_V, ...) of the dx kernel, by (dtype, 4-bit head). Unmeasured starting points (no GPU
+# here). Each compiles for sm_90 without register spills with Triton 3.6 and 3.9 (tests/test_triton_sm90.py):
+# the 128 x 128 logits tile takes 247-255 registers with the softmax epilogue (HGMMA, 8 warps). fp32 uses IEEE
+# FMA dots with the operands in registers: dense 64 x 64 x 16 spills with 8 warps under Triton 3.6 (80 registers
+# per thread), not with 4; a 4-bit head needs the 8 warps (4 spill 32-208 B). The per-element 4-bit decoder
+# (H % blocksize != 0) holds 64-bit addresses per weight: 128 x 128 x 64 spills 896 B; it takes at most 64 x 32
+# weight tiles.
+_HALF_TILE = (128, 128, 64, 8, 3)
+LOGITS_TILES = {(torch.float16, False): _HALF_TILE, (torch.bfloat16, False): _HALF_TILE,
+                (torch.float16, True): _HALF_TILE, (torch.bfloat16, True): _HALF_TILE,
+                (torch.float32, False): (64, 64, 16, 4, None), (torch.float32, True): (64, 64, 16, 8, None)}
+DX_TILES = dict(LOGITS_TILES)
 UNALIGNED_W_TILE = (64, 32)  # (rows of W, columns of W) at most, per-element 4-bit decoder
 ROWS_BLOCK = 2048  # elements per step of `_lce_rows_kernel`
 
 
-def _tile(table: dict, dtype: torch.dtype, rows: int) -> tuple[dict, int, int]:
-    bm, bn, bk, warps, stages = table[dtype]
+def _tile(table: dict, dtype: torch.dtype, rows: int, head) -> tuple[dict, int, int]:
+    bm, bn, bk, warps, stages = table[(dtype, head.weight is None)]
     bm = min(bm, max(16, triton.next_power_of_2(max(rows, 1))))
     cfg = dict(BLOCK_M=bm, num_warps=warps)
     if stages is not None:
@@ -362,7 +364,7 @@ def _aligned(head) -> bool:
 
 
 def _logits_cfg(dtype: torch.dtype, rows: int, head) -> dict:
-    cfg, bv, bh = _tile(LOGITS_TILES, dtype, rows)
+    cfg, bv, bh = _tile(LOGITS_TILES, dtype, rows, head)
     if head.weight is None:  # a tile's hidden extent never crosses a quantization block (blocksize >= 32)
         bh = min(bh, head.blocksize)
         if not _aligned(head):
@@ -371,7 +373,7 @@ def _logits_cfg(dtype: torch.dtype, rows: int, head) -> dict:
 
 
 def _dx_cfg(dtype: torch.dtype, rows: int, head) -> dict:
-    cfg, bh, bv = _tile(DX_TILES, dtype, rows)
+    cfg, bh, bv = _tile(DX_TILES, dtype, rows, head)
     if head.weight is None:
         bh = min(bh, head.blocksize)
         if not _aligned(head):
