@@ -23,6 +23,7 @@ _PUBLIC_MODULES = (
     "qpeft.modules.qlinear_nf4",
     "qpeft.model_quantization",
     "qpeft.autograd.lora",
+    "qpeft.autograd.linear_cross_entropy",
     "qpeft.modules.lora_linear",
     "qpeft.lora_model",
     "qpeft.params",
