@@ -28,8 +28,10 @@ exact mode) moves V / BLOCK_V times the size of dx through L2. So the backward s
 of rows (frozen head: token chunks, dx of each chunk written once by cuBLAS (dense) or `_lce_dx_kernel` (4-bit))
 or for a block of the vocabulary over all rows (trainable head: each dW block is one cuBLAS GEMM over all N
 rows, written once; dx accumulates in fp32 over the V / block_cols blocks). The chunk is bounded by CHUNK_BYTES
-(256 MiB: at V = 128,256 in bf16, 1,024 rows -- enough rows that the logits GEMM of a chunk is not bound by
-re-reading W, whose arithmetic intensity is the chunk's row count in FLOP/byte, vs ~300 on an H100).
+(256 MiB: at V = 128,256 in bf16, 1,024 rows of gradient; 256 rows in the "forward" strategy, which also stores
+the fp32 logits). Each chunk re-reads W, so a chunk's GEMMs have about as many FLOP per byte of W as it has rows
+(an H100's bf16 ridge is ~300): fewer rows make them bandwidth-bound, more rows cost memory. The budget is a
+guess to be set by the benchmark's --chunk-mb sweep.
 
 Forward with gradient ("forward" strategy, `lce_forward_backward_triton`): per token chunk, the fp32 logits are
 computed once (`_lce_logits_kernel` MODE 0), `_lce_rows_kernel` turns them into lse and the gradient block, and dx

@@ -37,8 +37,8 @@ __all__ = ["Head", "row_loss_ref", "dlogits_ref", "linear_cross_entropy_fwd_ref"
            "linear_cross_entropy_fwd_bwd_ref"]
 
 # Block sizes of the reference (module attributes read at call time, so tests can shrink them to exercise the
-# multi-block paths on tiny shapes). 512 x 4096 fp32 = 8 MiB per logits-sized temporary: at V = 128,256 and
-# H = 2,048 the reference peaks about 90 MiB above its inputs, where the eager path needs ~6 GiB
+# multi-block paths on tiny shapes). 512 x 4096 fp32 = 8 MiB per logits-sized temporary: forward + backward at
+# V = 128,256, 4,096 tokens, H = 2,048 (fp32, frozen head) peaked 77 MiB above the inputs, eager 6,022 MiB
 # (benchmarks/bench_linear_cross_entropy.py --cpu-memory).
 TOKEN_CHUNK = 512
 VOCAB_BLOCK = 4096
