@@ -23,8 +23,8 @@ Kernels
 
 Backward ("recompute"): an exact, non-atomic input gradient needs a stored gradient block, because the three
 products reduce over different axes (logits over H, dx over V, dW over N): a dx tile that recomputed its own
-logits would redo them H / BLOCK_H times, and accumulating partial products with atomics (Cut Cross-Entropy's
-exact mode) moves V / BLOCK_V times the size of dx through L2. So the backward stores d loss / d u for a chunk
+logits would redo them H / BLOCK_H times, and accumulating partial products with atomics (as Cut Cross-Entropy's
+backward does) moves V / BLOCK_V times the size of dx through L2. So the backward stores d loss / d u for a chunk
 of rows (frozen head: token chunks, dx of each chunk written once by cuBLAS (dense) or `_lce_dx_kernel` (4-bit))
 or for a block of the vocabulary over all rows (trainable head: each dW block is one cuBLAS GEMM over all N
 rows, written once; dx accumulates in fp32 over the V / block_cols blocks). The chunk is bounded by CHUNK_BYTES

@@ -2,8 +2,8 @@
 
 Two ways to get the gradient, both exact (no gradient filtering, fp32 accumulation):
 - "recompute": the forward is one blockwise online log-sum-exp pass over the vocabulary that keeps only lse (N,)
-  (qpeft::linear_cross_entropy_fwd); the backward recomputes the logits blockwise (..._bwd). Logits GEMMs: 2
-  (frozen head: forward + backward recompute, plus the dX GEMM) -- 6·N·V·H FLOPs; a trainable head adds dW: 8.
+  (qpeft::linear_cross_entropy_fwd); the backward recomputes the logits blockwise (..._bwd). Three N x V x H
+  products for a frozen head (logits, logits again, dX): 6·N·V·H FLOPs; a trainable head adds dW: 8.
 - "forward": the input (and bias) gradient is produced in the forward from logits computed once per token
   chunk (..._fwd_bwd) and only scaled by the upstream gradient in the backward: 4·N·V·H FLOPs, a third fewer.
   It needs to know in the forward which gradients are wanted, an upstream gradient that can be applied after
