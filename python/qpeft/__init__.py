@@ -30,6 +30,7 @@ _PUBLIC_MODULES = (
     "qpeft.modules.qlinear_nf4",
     "qpeft.models.quantization",
     "qpeft.autograd.lora",
+    "qpeft.autograd.linear_cross_entropy",
     "qpeft.modules.lora_linear",
     "qpeft.tuners.lora.model",
     "qpeft.tuners.params",

@@ -160,8 +160,38 @@ def _optim_8bit_cases():
                                        0.9, 0.999, kind)
 
 
+# ----------------------------------------------------------------------------------------------- linear cross-entropy
+def _linear_cross_entropy_cases():
+    from qpeft.reference.linear_cross_entropy import Head
+    from qpeft.triton_kernels import linear_cross_entropy as tl_ce
+
+    # tiles depend on the dtype, the head and the row count (capped at 128), not on N or V beyond that: 256
+    # rows and a 1k vocabulary compile what 8k tokens and 128k would (and keep the CPU-side torch ops cheap)
+    N, H, V = 256, 2048, 1024
+    packed, absmax, code, _, nested_absmax, nested_code, offset = _nf4_weight(V, H)
+    heads = {"nf4_nested": Head(None, packed, absmax, code, nested_absmax, nested_code, offset, 64, V, H)}
+    p32, a32, c32 = _nf4_weight(V, H, blocksize=128, nested=False)[:3]
+    heads["nf4_plain"] = Head(None, p32, a32, c32, None, None, None, 128, V, H)
+    p_odd, a_odd, c_odd = _nf4_weight(V, H + 8)[:3]  # H % blocksize != 0: the per-element decoder
+    heads["nf4_unaligned"] = Head(None, p_odd, a_odd, c_odd, None, None, None, 64, V, H + 8)
+    target = torch.randint(0, V, (N,))
+    for dtype in DTYPES:
+        for name, head in {"dense": None, **heads}.items():
+            if head is None:
+                head = Head(_randn(V, H, dtype=dtype), None, None, None, None, None, None, 64, V, H)
+            x, bias = _randn(N, head.hidden, dtype=dtype), _randn(V, dtype=dtype)
+            lse, g = torch.randn(N), torch.rand(N)
+            tl_ce.lce_forward_triton(x, head, bias, target, -100, 30.0, 0.1, 1e-4)
+            tl_ce.lce_forward_triton(x[:20], head, None, target[:20], -100, 0.0, 0.0, 0.0)  # 32-row tiles
+            tl_ce.lce_backward_triton(x, head, bias, target, lse, g, -100, 30.0, 0.1, 1e-4, False, True)
+            tl_ce.lce_forward_backward_triton(x, head, bias, target, g, -100, 30.0, 0.1, 1e-4, True)
+            if name == "dense":  # trainable head: vocabulary blocks, dx accumulated in fp32 by _lce_dx_kernel
+                tl_ce.lce_backward_triton(x, head, bias, target, lse, g, -100, 0.0, 0.0, 0.0, True, True)
+
+
 CASES = {"quantize": _quantize_cases, "nf4_matmul": _nf4_matmul_cases, "lora": _lora_cases,
-         "bottleneck": _bottleneck_cases, "multi_lora": _multi_lora_cases, "optim_8bit": _optim_8bit_cases}
+         "bottleneck": _bottleneck_cases, "multi_lora": _multi_lora_cases, "optim_8bit": _optim_8bit_cases,
+         "linear_cross_entropy": _linear_cross_entropy_cases}
 
 
 def _launches(case: str):
