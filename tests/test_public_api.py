@@ -108,16 +108,16 @@ def test_old_module_path_warns_and_is_the_moved_module(old):
 
 
 def test_old_names_as_attributes_warn_too():
-    """`qpeft.formats.codes.nf4()` (the attribute, no import statement) resolves to qpeft.formats.codes and warns, pointing
+    """`qpeft.codes.nf4()` (the attribute, no import statement) resolves to qpeft.formats.codes and warns, pointing
     at the user's line."""
     code = ("import warnings, qpeft\n"
             "warnings.simplefilter('always')\n"
             "with warnings.catch_warnings(record=True) as w:\n"
-            "    book = qpeft.formats.codes.nf4()\n"
+            "    book = qpeft.codes.nf4()\n"
             "import qpeft.formats.codes as c\n"
-            "assert qpeft.formats.codes is c and book.equal(c.nf4())\n"
+            "assert qpeft.codes is c and book.equal(c.nf4())\n"
             "d = [x for x in w if issubclass(x.category, DeprecationWarning)]\n"
-            "assert len(d) == 1 and 'qpeft.formats.codes moved to qpeft.formats.codes' in str(d[0].message), d\n"
+            "assert len(d) == 1 and 'qpeft.codes moved to qpeft.formats.codes' in str(d[0].message), d\n"
             "assert d[0].filename == '<string>', d[0].filename\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
