@@ -291,8 +291,9 @@ def _gemm_config(S: int, E: int, dtype: torch.dtype) -> dict:
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=4)
     if dtype == torch.float32:  # IEEE dots run as FMA loops on operands in registers: smaller tiles
         bm = 16 if per_expert <= 16 else (32 if per_expert <= 32 else 64)
+        # (32, 32, 32) with 8 warps spilled 8 B (ptxas kept it at 128 registers); with 4 warps it does not
         return dict(BLOCK_M=bm, BLOCK_N=64 if bm == 64 else 32, BLOCK_K=16 if bm == 64 else 32,
-                    num_warps=8 if bm >= 32 else 4)
+                    num_warps=8 if bm == 64 else 4)
     if per_expert <= 16:
         return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4)
     if per_expert <= 32:
@@ -308,6 +309,11 @@ def _launch_gemm(a, a_index, out, out_index, seg_start, out_features, red, out_r
     num_warps = cfg.pop("num_warps", 4)
     num_stages = cfg.pop("num_stages", None)
     aligned = cfg.pop("ALIGNED", True) and C % blocksize == 0
+    if not aligned and config is None:
+        # the per-element loader holds an int64 element index, byte, nibble and scale per weight: with the
+        # aligned tiles' K steps it spilled on sm_90 (16 x 64 x 128: 255 registers + spills and 221 KB of shared
+        # memory); 32-wide K steps (16 for fp32) do not
+        cfg["BLOCK_K"] = min(cfg["BLOCK_K"], 16 if a.dtype == torch.float32 else 32)
     tile_expert, tile_row, T = _tile_map(seg_start, S, cfg["BLOCK_M"])
     nested = nested_absmax is not None
     has_lora = p is not None

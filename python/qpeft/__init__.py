@@ -36,6 +36,7 @@ _PUBLIC_MODULES = (
     "qpeft.methods.bitfit",
     "qpeft.methods.adalora",
     "qpeft.methods.unipelt",
+    "qpeft.grouped_nf4",
 )
 
 # Names served by modules that import an optional library (PEFT, transformers): {name: module}. Looked up

@@ -126,6 +126,12 @@ def _check_expert_tensor(where: str, name: str, t: torch.Tensor | None, shape: t
     torch._check(t.device == device, lambda: f"{where}: {name} is on {t.device}, expected {device}")
 
 
+def _host_checks(device: torch.device) -> bool:
+    """Whether data checks may read values on the host (CPU tensors). Elsewhere they are device-side asserts;
+    tests replace this to run that branch on the CPU (torch._assert_async raises there at once)."""
+    return device.type == "cpu"
+
+
 def _check_values(where: str, seg_start: torch.Tensor, S: int, indices: tuple) -> None:
     """Data checks: exact on CPU (ValueError); device-side asserts on CUDA (no host sync).
     indices: ((name, tensor or None, exclusive upper bound), ...)."""
@@ -135,7 +141,7 @@ def _check_values(where: str, seg_start: torch.Tensor, S: int, indices: tuple) -
     for name, t, bound in indices:
         if t is not None and t.numel():
             checks.append((((t >= 0) & (t < bound)).all(), f"{name} values must be in [0, {bound})"))
-    if seg_start.device.type == "cpu":
+    if _host_checks(seg_start.device):
         for ok, msg in checks:
             if not bool(ok):
                 raise ValueError(f"{where}: {msg}")
@@ -171,7 +177,7 @@ def grouped_nf4_route(top_k_index: torch.Tensor, num_experts: int) -> tuple[torc
     ok = ((top_k_index >= 0) & (top_k_index < num_experts)).all()
     msg = (f"grouped_nf4_route: top_k_index (the router's expert ids) must be in [0, {num_experts}) "
            f"(num_experts = {num_experts})")
-    if top_k_index.device.type == "cpu":
+    if _host_checks(top_k_index.device):
         if not bool(ok):
             bad = top_k_index[(top_k_index < 0) | (top_k_index >= num_experts)]
             raise ValueError(f"{msg}, got {bad.numel()} out-of-range ids, e.g. {bad[:8].tolist()}")
