@@ -164,13 +164,13 @@ CASES = {  # name: (E, H, I, T, k, transposed, nested, blocksize, mode, gate, bi
     "one_expert_all_tokens": (4, 64, 32, 12, 1, False, True, 64, "one", "swiglu", False, True),
     "odd_sizes": (5, 45, 19, 7, 2, False, True, 64, "random", "swiglu", False, True),
     "gpt_oss": (4, 48, 32, 9, 2, True, True, 64, "random", "gpt_oss", True, True),
-    "gpt_oss_odd": (3, 45, 19, 6, 2, True, False, 32, "one", "gpt_oss", True, False),
+    "gpt_oss_odd": (3, 45, 19, 6, 2, True, False, 32, "one", "gpt_oss", True, False),  # FP4 experts
 }
 
 
 def _case(name, seed=0):
     E, H, I, T, k, transposed, nested, bs, mode, gate, bias, lora = CASES[name]
-    gu, dn = _weights(E, H, I, transposed, nested, bs, seed)
+    gu, dn = _weights(E, H, I, transposed, nested, bs, seed, quant_type="fp4" if name == "gpt_oss_odd" else "nf4")
     idx, w = _routing(T, k, E, mode, seed)
     x = torch.randn(T, H, generator=_gen(seed + 1)) * 2
     if gate == "gpt_oss":
@@ -424,6 +424,41 @@ def test_compiles_fullgraph(name, _fresh_dynamo):
         y2 = fwd_bwd(compiled, c["x"] + 1, idx2, w2)
     for a, b in zip(y2, fwd_bwd(fn, c["x"] + 1, idx2, w2)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_compiles_with_weights_built_from_buffers(_fresh_dynamo):
+    """What an experts module does: its 4-bit tensors are buffers (in bitsandbytes' bf16 quant_storage here, as
+    under FSDP), the GroupedNF4Weight is built inside the compiled forward; one graph, equal to eager."""
+    c = _case("qwen")
+    gu, dn = c["gu"], c["dn"]
+
+    class Experts(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            for n, w in (("gu", gu), ("dn", dn)):
+                self.register_buffer(f"{n}_packed", w.packed.view(torch.bfloat16))
+                for f in ("absmax", "code", "nested_absmax", "nested_code", "offset"):
+                    self.register_buffer(f"{n}_{f}", getattr(w, f))
+
+        def weight(self, n, like):
+            return GroupedNF4Weight(getattr(self, f"{n}_packed"), getattr(self, f"{n}_absmax"), getattr(self, f"{n}_code"),
+                                    like.blocksize, like.shape, nested_absmax=getattr(self, f"{n}_nested_absmax"),
+                                    nested_code=getattr(self, f"{n}_nested_code"), offset=getattr(self, f"{n}_offset"),
+                                    dtype=like.dtype)
+
+        def forward(self, x, idx, w):
+            return grouped_nf4_experts(x, idx, w, self.weight("gu", gu), self.weight("dn", dn))
+
+    m = Experts()
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    x = c["x"].clone().requires_grad_(True)
+    y = compiled(x, c["idx"], c["w"])
+    (gx,) = torch.autograd.grad(y, [x], torch.ones_like(y))
+    x2 = c["x"].clone().requires_grad_(True)
+    y2 = grouped_nf4_experts(x2, c["idx"], c["w"], gu, dn)
+    (gx2,) = torch.autograd.grad(y2, [x2], torch.ones_like(y2))
+    torch.testing.assert_close(y, y2, rtol=0, atol=0)
+    torch.testing.assert_close(gx, gx2, rtol=0, atol=0)
 
 
 # ------------------------------------------------------------------------------------------------ bad input

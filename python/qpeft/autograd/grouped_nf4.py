@@ -50,7 +50,8 @@ class GroupedNF4Weight:
     """One fused-experts parameter of shape (E, d1, d2), 4-bit: expert e's slice param[e] (d1, d2) quantized on
     its own exactly as bitsandbytes' Linear4bit would quantize that 2-D weight (blocks never cross an expert).
 
-    packed uint8 (E, (d1*d2+1)//2); absmax fp32 (E, blocks), or uint8 with double quant plus nested_absmax
+    packed uint8 (E, (d1*d2+1)//2) (or those bytes viewed as another dtype, bitsandbytes' quant_storage: viewed
+    back as uint8); absmax fp32 (E, blocks), or uint8 with double quant plus nested_absmax
     fp32 (E, ceil(blocks/256)), nested_code fp32 (256,) and offset fp32 (E,); code fp32 (16,).
     transposed: False when a slice is (out, in), nn.Linear's orientation (Qwen/Mixtral/DeepSeek: gate_up_proj
     (E, 2I, H), down_proj (E, H, I)); True when it is (in, out) (gpt-oss: (E, H, 2I), (E, I, H)).
@@ -70,6 +71,9 @@ class GroupedNF4Weight:
 
     def __post_init__(self):
         self.shape = tuple(int(s) for s in self.shape)
+        if isinstance(self.packed, torch.Tensor) and self.packed.dtype != torch.uint8 and self.packed.dim() == 2:
+            # bitsandbytes' quant_storage (e.g. bf16 for FSDP): the same bytes viewed as another dtype
+            self.packed = self.packed.view(torch.uint8)
         self.validate()
 
     # --- shape ----------------------------------------------------------------------------------------------
