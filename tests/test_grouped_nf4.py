@@ -103,6 +103,12 @@ def test_route_sorts_pairs_by_expert(mode):
         assert seg[2] - seg[1] == T
 
 
+def test_route_one_expert_per_token():
+    idx = torch.tensor([3, 0, 3, 1])
+    perm, token, seg = ops.grouped_nf4_route(idx, 4)
+    assert perm.tolist() == [1, 3, 0, 2] and torch.equal(token, perm) and seg.tolist() == [0, 1, 2, 2, 4]
+
+
 @pytest.mark.parametrize("bad", [-1, 6, 100])
 def test_route_rejects_out_of_range_expert_ids(bad):
     idx, _ = _routing(5, 2, 6)
@@ -366,6 +372,41 @@ def test_gradients_match_dense_per_expert_autograd(name, dtype):
             assert torch.all(o[0] == 0) and torch.all(o[-1] == 0), f"{what} of an expert without tokens"
 
 
+def test_grouped_nf4_linear_one_projection():
+    """The single-projection functional, gather (tokens -> sorted slots) and scatter (sorted -> (token, k) rows),
+    against the per-slot math in fp64, with gradients of x, bias and LoRA through the Function."""
+    from qpeft.grouped_nf4 import grouped_nf4_linear, route_experts
+
+    c = _case("gpt_oss")
+    gu, x, idx = c["gu"], c["x"], c["idx"]
+    routing = route_experts(idx, gu.num_experts)
+    lora = _lora(gu.num_experts, 3, gu.in_features, gu.out_features)
+    bias = c["biases"][0]
+    W = gu.dequantize(torch.float64).transpose(1, 2)  # (E, out, in)
+    e_of = idx.reshape(-1)[routing.perm.long()]
+    xs = x.double()[routing.token.long()]
+
+    def per_slot(xs_, A, B, b):
+        We = W[e_of]
+        return (torch.einsum("si,soi->so", xs_, We) + b[e_of] +
+                lora.scale * torch.einsum("sr,sor->so", torch.einsum("si,sri->sr", xs_, A[e_of]), B[e_of]))
+
+    leaves = [t.clone().requires_grad_(True) for t in (x, lora.A, lora.B, bias)]
+    y = grouped_nf4_linear(leaves[0], gu, routing, bias=leaves[3], lora=ExpertsLoRA(leaves[1], leaves[2], lora.scale))
+    leaves64 = [t.double().clone().requires_grad_(True) for t in (x, lora.A, lora.B, bias)]
+    y64 = per_slot(leaves64[0][routing.token.long()], leaves64[1], leaves64[2], leaves64[3])
+    torch.testing.assert_close(y.double(), y64, rtol=1e-5, atol=1e-5)
+    g = torch.randn(y.shape, generator=_gen(2))
+    y.backward(g)
+    y64.backward(g.double())
+    for a, b in zip(leaves, leaves64):  # fp32 sums of up to 48 products: within 1e-5 of the largest value
+        assert max_err(a.grad, b.grad) <= 1e-5 * b.grad.abs().max().item()
+    # scatter: sorted input rows, output in (token, k) order
+    ys = grouped_nf4_linear(xs.float(), gu, routing, gather=False, scatter=True)
+    want = torch.einsum("si,soi->so", xs, W[e_of])
+    torch.testing.assert_close(ys[routing.perm.long()].double(), want, rtol=1e-5, atol=1e-5)
+
+
 def test_frozen_weights_and_no_lora_path():
     """Without LoRA / biases only x and the routing weights get gradients; the 4-bit stack is untouched."""
     c = _case("qwen")
@@ -519,6 +560,10 @@ def test_op_shape_checks():
     with pytest.raises(ValueError, match=r"a_index values must be in \[0, 11\)"):
         ops.grouped_nf4_matmul(c["x"], token + 5, p, a, code, bs, 64, False, na, nc, off, seg, None, None, None,
                                None, 0.0)
+    dup = perm.clone()
+    dup[1] = dup[0]
+    with pytest.raises(ValueError, match=r"out_index must be a permutation of range\(33\)"):
+        ops.grouped_nf4_matmul(c["x"], token, p, a, code, bs, 64, False, na, nc, off, seg, dup, None, None, None, 0.0)
     with pytest.raises(RuntimeError, match=r"lora_B must have shape \(6, 64, 4\)"):
         ops.grouped_nf4_matmul(c["x"], token, p, a, code, bs, 64, False, na, nc, off, seg, None, None,
                                torch.zeros(33, 4), torch.zeros(6, 4, 64), 1.0)

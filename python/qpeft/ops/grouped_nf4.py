@@ -141,6 +141,9 @@ def _check_values(where: str, seg_start: torch.Tensor, S: int, indices: tuple) -
     for name, t, bound in indices:
         if t is not None and t.numel():
             checks.append((((t >= 0) & (t < bound)).all(), f"{name} values must be in [0, {bound})"))
+            if name == "out_index":  # every output row written exactly once (else rows stay uninitialized)
+                ok = (torch.sort(t.to(torch.int64)).values == torch.arange(S, device=t.device)).all()
+                checks.append((ok, f"out_index must be a permutation of range({S})"))
     if _host_checks(seg_start.device):
         for ok, msg in checks:
             if not bool(ok):

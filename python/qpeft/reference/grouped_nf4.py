@@ -55,7 +55,7 @@ def route_ref(top_k_index: torch.Tensor, num_experts: int) -> tuple[torch.Tensor
     Device ops only (stable sort + searchsorted; no bincount, whose CUDA kernel reads its maximum on the host),
     so nothing syncs. Values outside [0, num_experts) fall before seg_start[0] or after seg_start[E]: the op
     (ops/grouped_nf4.py) rejects them before this runs."""
-    k = top_k_index.shape[-1] if top_k_index.dim() > 0 else 1
+    k = top_k_index.shape[1] if top_k_index.dim() == 2 else 1  # 1-D: one expert per token
     ids = top_k_index.reshape(-1).to(torch.int64)
     sorted_ids, perm = torch.sort(ids, stable=True)
     bounds = torch.arange(num_experts + 1, device=ids.device, dtype=torch.int64)
