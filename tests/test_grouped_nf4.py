@@ -407,6 +407,32 @@ def test_grouped_nf4_linear_one_projection():
     torch.testing.assert_close(ys[routing.perm.long()].double(), want, rtol=1e-5, atol=1e-5)
 
 
+def test_non_gated_experts_and_post_expert_norm():
+    """transformers' has_gate=False families (an up_proj (E, I, H) and act_fn) and has_post_expert_norm: any
+    callable activation and a per-row norm on the down output, against the dense loop (fp32, 2x rule)."""
+    E, H, I, T = 4, 48, 40, 9
+    g = _gen(8)
+    up = quantize_experts(torch.randn(E, I, H, generator=g) / H ** 0.5)
+    dn = quantize_experts(torch.randn(E, H, I, generator=g) / I ** 0.5)
+    idx, w = _routing(T, 2, E, seed=8)
+    x = torch.randn(T, H, generator=g)
+    norm_w = torch.rand(H, generator=g) + 0.5
+
+    def norm(y):
+        return y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 1e-6) * norm_w.to(y.dtype)
+
+    def oracle(dt):
+        out = torch.zeros(T, H, dtype=dt)
+        for e in range(E):
+            t, j = torch.where(idx == e)
+            h = torch.nn.functional.gelu(x[t].to(dt) @ up.dequantize(dt)[e].t())
+            out.index_add_(0, t, norm(h @ dn.dequantize(dt)[e].t()) * w[t, j, None].to(dt))
+        return out
+
+    ours = grouped_nf4_experts(x, idx, w, up, dn, apply_gate=torch.nn.functional.gelu, post_expert_norm=norm)
+    assert_close_2x(ours, oracle(torch.float64), oracle(torch.float32), what="non-gated + post norm")
+
+
 def test_frozen_weights_and_no_lora_path():
     """Without LoRA / biases only x and the routing weights get gradients; the 4-bit stack is untouched."""
     c = _case("qwen")
