@@ -51,8 +51,8 @@ def _routing(T, k, E, mode="random", seed=0):
 
 def _lora(E, r, in_f, out_f, seed=0, scale=0.75):
     g = _gen(seed)
-    return ExpertsLoRA(torch.randn(E, r, in_f, generator=g) / math.sqrt(in_f), torch.randn(E, out_f, r, generator=g) / 2,
-                       scale)
+    return ExpertsLoRA(torch.randn(E, r, in_f, generator=g) / math.sqrt(in_f),
+                       torch.randn(E, out_f, r, generator=g) / 2, scale)
 
 
 def _biases(E, H, I, seed=0):
@@ -354,7 +354,8 @@ def test_gradients_match_dense_per_expert_autograd(name, dtype):
     def ours(dt, x, w, a1, b1, a2, b2, *bias):
         return grouped_nf4_experts(x, c["idx"], w, c["gu"], c["dn"], gate_up_bias=bias[0] if bias else None,
                                    down_bias=bias[1] if bias else None, apply_gate=c["gate"],
-                                   gate_up_lora=ExpertsLoRA(a1, b1, gu_l.scale), down_lora=ExpertsLoRA(a2, b2, dn_l.scale))
+                                   gate_up_lora=ExpertsLoRA(a1, b1, gu_l.scale),
+                                   down_lora=ExpertsLoRA(a2, b2, dn_l.scale))
 
     def dense(dt, x, w, a1, b1, a2, b2, *bias):
         return ref.grouped_experts_ref(x, c["idx"], w, c["gu"].dequantize(dt), c["dn"].dequantize(dt),
@@ -508,8 +509,9 @@ def test_compiles_with_weights_built_from_buffers(_fresh_dynamo):
                     self.register_buffer(f"{n}_{f}", getattr(w, f))
 
         def weight(self, n, like):
-            return GroupedNF4Weight(getattr(self, f"{n}_packed"), getattr(self, f"{n}_absmax"), getattr(self, f"{n}_code"),
-                                    like.blocksize, like.shape, nested_absmax=getattr(self, f"{n}_nested_absmax"),
+            return GroupedNF4Weight(getattr(self, f"{n}_packed"), getattr(self, f"{n}_absmax"),
+                                    getattr(self, f"{n}_code"), like.blocksize, like.shape,
+                                    nested_absmax=getattr(self, f"{n}_nested_absmax"),
                                     nested_code=getattr(self, f"{n}_nested_code"), offset=getattr(self, f"{n}_offset"),
                                     dtype=like.dtype)
 

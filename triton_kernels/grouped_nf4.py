@@ -413,8 +413,9 @@ def grouped_lora_grad_triton(u, u_index, v, v_index, seg_start, scale, dot_dtype
         dot_dtype = halves[0] if halves else torch.float32
     fp32 = dot_dtype == torch.float32
     if config is None:
-        config = dict(BLOCK_M=32 if (_INTERPRET or fp32) else 64, BLOCK_P=_pow2(P, 16, 32 if (_INTERPRET or fp32) else 64),
-                      BLOCK_Q=_pow2(Q, 16, 32 if (_INTERPRET or fp32) else 64), num_warps=4)
+        small = _INTERPRET or fp32
+        config = dict(BLOCK_M=32 if small else 64, BLOCK_P=_pow2(P, 16, 32 if small else 64),
+                      BLOCK_Q=_pow2(Q, 16, 32 if small else 64), num_warps=4)
     cfg = dict(config)
     num_warps = cfg.pop("num_warps", 4)
     tiles = triton.cdiv(P, cfg["BLOCK_P"]) * triton.cdiv(Q, cfg["BLOCK_Q"])

@@ -162,7 +162,8 @@ def _check_route(top_k_index: torch.Tensor, num_experts: int) -> None:
     w = "grouped_nf4_route"
     torch._check(top_k_index.dim() in (1, 2),
                  lambda: f"{w}: top_k_index must be (tokens, top_k) (or 1-D), got {tuple(top_k_index.shape)}")
-    torch._check(top_k_index.dtype in _INDEX, lambda: f"{w}: top_k_index must be int32 or int64, got {top_k_index.dtype}")
+    torch._check(top_k_index.dtype in _INDEX,
+                 lambda: f"{w}: top_k_index must be int32 or int64, got {top_k_index.dtype}")
     torch._check(num_experts >= 1, lambda: f"{w}: num_experts must be >= 1, got {num_experts}")
 
 
