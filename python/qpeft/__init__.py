@@ -31,6 +31,7 @@ _PUBLIC_MODULES = (
     "qpeft.models.quantization",
     "qpeft.autograd.lora",
     "qpeft.autograd.linear_cross_entropy",
+    "qpeft.quant.experts",
     "qpeft.modules.lora_linear",
     "qpeft.tuners.lora.model",
     "qpeft.tuners.params",

@@ -189,9 +189,46 @@ def _linear_cross_entropy_cases():
                 tl_ce.lce_backward_triton(x, head, bias, target, lse, g, -100, 0.0, 0.0, 0.0, True, True)
 
 
+# ----------------------------------------------------------------------------------------------- grouped NF4 experts
+def _grouped_nf4_cases():
+    from qpeft.quant.experts import quantize_experts
+    from qpeft.triton_kernels.grouped_nf4 import (grouped_lora_grad_triton, grouped_lora_shrink_triton,
+                                                  grouped_nf4_matmul_dx_triton, grouped_nf4_matmul_triton)
+
+    E, I, r = 8, 256, 16
+    # (H, transposed, nested): (out, in) slices, double quant; gpt-oss (in, out) slices; H % 64 != 0 (the
+    # per-element 4-bit loader)
+    for H, transposed, nested in ((512, False, True), (512, True, False), (544, False, True)):
+        gu = quantize_experts(torch.randn(E, *((H, 2 * I) if transposed else (2 * I, H))), double_quant=nested,
+                              transposed=transposed)
+        p, a, code, bs, tr, na, nc, off = gu.op_args()
+        N = gu.out_features
+        full = H == 512 and not transposed
+        for T in (4, 96, 2048):  # slots per expert (top-2 of 8): 1 (16-row tiles), 24 (32-row), 512 (64-row)
+            idx = torch.rand(T, E).topk(2, dim=1).indices
+            perm, token, seg = torch.ops.qpeft.grouped_nf4_route(idx, E)
+            S = perm.shape[0]
+            for dtype in (DTYPES if full else (torch.bfloat16, torch.float32)):
+                x, dy = _randn(T, H, dtype=dtype), _randn(S, N, dtype=dtype)
+                xa, dyb = torch.randn(S, r), torch.randn(S, r)
+                A, B = _randn(E, r, H, dtype=dtype), _randn(E, N, r, dtype=dtype)
+                grouped_nf4_matmul_triton(x, token, p, a, code, bs, N, tr, na, nc, off, seg, None,
+                                          _randn(E, N, dtype=dtype), xa, B, 0.5)
+                grouped_nf4_matmul_triton(_randn(S, H, dtype=dtype), None, p, a, code, bs, N, tr, na, nc, off, seg,
+                                          perm, None, None, None, 0.0)
+                grouped_nf4_matmul_dx_triton(dy, perm, p, a, code, bs, H, tr, na, nc, off, seg, perm, dyb, A, 0.5)
+                if full:
+                    grouped_lora_shrink_triton(x, token, A, seg)
+                    grouped_lora_shrink_triton(dy, perm, B.transpose(1, 2), seg)
+                    grouped_lora_grad_triton(dyb, None, x, token, seg, 0.5)
+                    grouped_lora_grad_triton(dy, perm, xa, None, seg, 0.5)
+                    grouped_lora_grad_triton(torch.ones(S, 1), None, dy, perm, seg, 1.0)  # bias gradient
+
+
 CASES = {"quantize": _quantize_cases, "nf4_matmul": _nf4_matmul_cases, "lora": _lora_cases,
          "bottleneck": _bottleneck_cases, "multi_lora": _multi_lora_cases, "optim_8bit": _optim_8bit_cases,
-         "linear_cross_entropy": _linear_cross_entropy_cases}
+         "linear_cross_entropy": _linear_cross_entropy_cases,
+         "grouped_nf4": _grouped_nf4_cases}
 
 
 def _launches(case: str):

@@ -106,10 +106,11 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         return dx, dw, db, None, None, None, None, None, None, None, None, None
 
 
-def _is_qlinear_nf4(obj) -> bool:
-    from ..modules.qlinear_nf4 import QLinearNF4
-
-    return isinstance(obj, QLinearNF4)
+def _is_4bit_layer(obj) -> bool:
+    """A 4-bit linear layer (qpeft.QLinearNF4): an nn.Module exposing its format as `quant_state` beside its packed
+    `weight` and its `in_features`. The layer classes live above the op stack, so the head is recognised by what
+    it offers, not by its class."""
+    return isinstance(obj, torch.nn.Module) and all(hasattr(obj, a) for a in ("quant_state", "weight", "in_features"))
 
 
 def _head(linear_weight, linear_bias, H: int, x: torch.Tensor, autocast_dtype: torch.dtype | None):
@@ -134,7 +135,7 @@ def _head(linear_weight, linear_bias, H: int, x: torch.Tensor, autocast_dtype: t
             raise TypeError(f"linear_bias dtype {linear_bias.dtype} must equal linear_weight's {w.dtype}")
         dense = w.to(cdt).contiguous()
     else:
-        if _is_qlinear_nf4(linear_weight):
+        if _is_4bit_layer(linear_weight):
             layer = linear_weight
             if layer.in_features != H:
                 raise ValueError(f"linear_weight (QLinearNF4) has in_features={layer.in_features}, input has "
