@@ -42,13 +42,14 @@ every configuration the launchers can pick compiles for sm_90 without register s
 """
 from __future__ import annotations
 
-import functools
 
 import torch
 import triton
 import triton.language as tl
 
+from qpeft import _cuda
 from qpeft.reference.linear_cross_entropy import row_loss_ref
+
 
 __all__ = ["lce_forward_triton", "lce_backward_triton", "lce_forward_backward_triton"]
 
@@ -323,10 +324,11 @@ def _lce_dx_kernel(d_ptr, stride_d, out_ptr, stride_out,
 
 
 # ---------------------------------------------------------------------------------------------- launchers
-@functools.lru_cache(maxsize=None)
+@_cuda.cached
 def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+    rt = _cuda.rt
+    if rt.is_cuda(device):
+        return rt.multi_processor_count(device.index if device.index is not None else rt.current_device())
     return 132  # interpreter: pretend H100 so the grid is chosen as on the GPU
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 from torch.library import custom_op, register_fake
 
+from .. import _cuda
 from .._backend import select as _select_backend  # not `from .. import _backend`: qpeft.__getattr__
 from ..reference import linear_cross_entropy as ref
 from .nf4_matmul import FLOAT_DTYPES, check_weight_args
@@ -74,7 +75,7 @@ def check_targets(target: torch.Tensor, vocab: int, ignore_index: int, sync: boo
     with the first bad id; otherwise a device-side assert, no host sync (see the module docstring). The
     argument is the seam that lets a CPU test run the CUDA branch."""
     if sync is None:
-        sync = target.device.type != "cuda"
+        sync = not _cuda.rt.is_cuda(target.device)
     bad = ((target < 0) | (target >= vocab)) & (target != ignore_index)
     if sync:
         if bool(bad.any()):
