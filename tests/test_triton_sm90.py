@@ -160,8 +160,22 @@ def _optim_8bit_cases():
                                        0.9, 0.999, kind)
 
 
+# ----------------------------------------------------------------------------------------------- RMSNorm
+def _rmsnorm_cases():
+    from qpeft.triton_kernels.rmsnorm import MAX_HIDDEN, rms_norm_backward_triton, rms_norm_triton
+
+    for H in (128, 4096, 5376, MAX_HIDDEN):  # q/k norm over the head dim, Llama-8B, Gemma-3-27B, Llama-70B
+        for dtype in DTYPES:
+            for w_dtype, llama in ((dtype, True), (torch.float32, True), (dtype, False)):
+                x, w = _randn(512, H, dtype=dtype), _randn(H, dtype=w_dtype)
+                out = torch.promote_types(dtype, w_dtype) if llama else dtype
+                rms_norm_triton(x, w, 1e-6, 0.0 if llama else 1.0, llama, out)
+                rms_norm_backward_triton(_randn(512, H, dtype=out), x, w, torch.rand(512), 1.0, llama)
+
+
 CASES = {"quantize": _quantize_cases, "nf4_matmul": _nf4_matmul_cases, "lora": _lora_cases,
-         "bottleneck": _bottleneck_cases, "multi_lora": _multi_lora_cases, "optim_8bit": _optim_8bit_cases}
+         "bottleneck": _bottleneck_cases, "multi_lora": _multi_lora_cases, "optim_8bit": _optim_8bit_cases,
+         "rmsnorm": _rmsnorm_cases}
 
 
 def _launches(case: str):

@@ -36,6 +36,11 @@ _PUBLIC_MODULES = (
     "qpeft.methods.bitfit",
     "qpeft.methods.adalora",
     "qpeft.methods.unipelt",
+    "qpeft.autograd.rmsnorm",
+    "qpeft.autograd.rope",
+    "qpeft.autograd.swiglu",
+    "qpeft.autograd.lora_mlp",
+    "qpeft.autograd.lora_qkv",
 )
 
 # Names served by modules that import an optional library (PEFT, transformers): {name: module}. Looked up
