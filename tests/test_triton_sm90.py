@@ -173,9 +173,34 @@ def _rmsnorm_cases():
                 rms_norm_backward_triton(_randn(512, H, dtype=out), x, w, torch.rand(512), 1.0, llama)
 
 
+# ----------------------------------------------------------------------------------------------- RoPE
+def _rope_cases():
+    from qpeft.triton_kernels.rope import rope_triton
+
+    B, S = 2, 1024
+    for dtype in DTYPES:
+        for heads, D in ((32, 128), (8, 128), (16, 256), (4, 64)):  # Llama q / k, Gemma's 256-wide heads, small
+            x = _randn(B, heads, S, D, dtype=dtype).transpose(1, 2)  # HF's (B, heads, S, D) view, strided
+            cos, sin = _randn(B, S, D, dtype=dtype), _randn(B, S, D, dtype=dtype)
+            for backward in (False, True):
+                rope_triton(x, x, cos, sin, None, backward)  # in place
+                rope_triton(x, torch.empty_like(x), cos[0], sin[0], torch.zeros(1, S, dtype=torch.int64), backward)
+
+
+# ----------------------------------------------------------------------------------------------- SwiGLU / GeGLU
+def _swiglu_cases():
+    from qpeft.triton_kernels.swiglu import ACTIVATION_IDS, glu_backward_triton, glu_triton
+
+    for dtype in DTYPES:
+        for act in ACTIVATION_IDS:
+            g, u = _randn(512, 14336, dtype=dtype), _randn(512, 14336, dtype=dtype)
+            glu_triton(g, u, act)
+            glu_backward_triton(_randn(512, 14336, dtype=dtype), g, u, act)
+
+
 CASES = {"quantize": _quantize_cases, "nf4_matmul": _nf4_matmul_cases, "lora": _lora_cases,
          "bottleneck": _bottleneck_cases, "multi_lora": _multi_lora_cases, "optim_8bit": _optim_8bit_cases,
-         "rmsnorm": _rmsnorm_cases}
+         "rmsnorm": _rmsnorm_cases, "rope": _rope_cases, "swiglu": _swiglu_cases}
 
 
 def _launches(case: str):
