@@ -239,6 +239,14 @@ def input_grad(dy: torch.Tensor, t: tuple, meta, dyb: torch.Tensor | None) -> to
     return dx
 
 
+def accumulate(acc: torch.Tensor | None, part: torch.Tensor) -> torch.Tensor:
+    """acc + part in fp32: the input gradient of x summed over the projections that read x, rounded once at the
+    end (`.to(x.dtype)`) rather than after every addition as autograd's accumulation of separate layers does."""
+    if acc is None:
+        return part.float()  # the op's fresh output itself when it is fp32 already
+    return acc.add_(part)
+
+
 def shrink(x2d: torch.Tensor, projs: list[tuple]) -> list[torch.Tensor | None]:
     """xa = drop(x) A^T (fp32 (M, r)) for each (tensors, meta) with an adapter, None for the others. Adapters
     without dropout share one pass over x (their A's stacked along the rank, the result split by columns);

@@ -17,7 +17,7 @@ H + 4 I values, plus the dropout outputs (x twice, h once) and their masks when 
 2 I b per token per layer without dropout (Llama-3-8B, I = 14,336, bf16: 56 KiB per token per layer, 14.7 GiB
 at 8k tokens x 32 layers) and 2 I b + 2 H b + I b + masks with it (tests/test_lora_mlp.py counts them).
 Backward: h recomputed; dh = dy W_d + s_d drop'(dy B_d A_d); dg, du = qpeft::glu_backward(dh, g, u);
-dx = dg W_g + du W_u + the adapters' terms; dA, dB of all three in fp32 (qpeft::lora_grad), cast to A/B's dtype.
+dx = dg W_g + du W_u + the adapters' terms (summed in fp32, rounded once); dA, dB of all three in fp32 (qpeft::lora_grad), cast to A/B's dtype.
 """
 from __future__ import annotations
 
@@ -92,8 +92,8 @@ class LoraMLPFunction(torch.autograd.Function):
         dyb_u = adapter(1, du, x2d, mu, xa_u)
         dx = None
         if need[0]:
-            dx = lp.input_grad(dg, t[0], mg, dyb_g)
-            dx = dx + lp.input_grad(du, t[1], mu, dyb_u)
+            dx = lp.accumulate(lp.accumulate(None, lp.input_grad(dg, t[0], mg, dyb_g)),
+                               lp.input_grad(du, t[1], mu, dyb_u)).to(x2d.dtype)
         return (dx, None, None, *grads[0], *grads[1], *grads[2])
 
 
