@@ -170,8 +170,12 @@ def test_from_lora_linear_modules_equals_the_modules():
 
 
 def test_saved_tensors_vs_unfused():
-    """Saved per token: x + g + u (+ fp32 xa's) instead of x + g + act(g) + u + h (+ dropout copies)."""
+    """Saved per token: x + g + u (+ fp32 xa's) instead of x + g + act(g) + u + h (qpeft's LoraLinear) and, under
+    PEFT's dropout, also its dropped copies of x (gate, up) and of h (down) with their masks."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig
     from transformers.activations import ACT2FN
+    from transformers.models.llama.modeling_llama import LlamaMLP
 
     def saved_bytes(fn):
         seen = {}
@@ -181,10 +185,11 @@ def test_saved_tensors_vs_unfused():
             return t
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             fn()
-        return seen
+        # per-token tensors only (weights and adapters are per layer, not per token)
+        return sum(v for (_, _, shape), v in seen.items() if len(shape) == 2 and shape[0] == M)
 
     M = 64
-    projs = _projections(torch.bfloat16, True, dropout=(0.1, 0.1, 0.1))
+    projs = _projections(torch.bfloat16, False, dropout=(0.1, 0.1, 0.1))
     x = torch.randn(M, H, dtype=torch.bfloat16, requires_grad=True)
     mods = []
     for base, A, B, s, p, _ in projs:
@@ -193,13 +198,16 @@ def test_saved_tensors_vs_unfused():
             m.lora_A["default"].weight.copy_(A)
             m.lora_B["default"].weight.copy_(B)
         mods.append(m)
-    act_size = lambda seen: sum(v for (_, dt, shape), v in seen.items() if len(shape) == 2 and shape[0] == M)  # noqa: E731
     fused = saved_bytes(lambda: lora_mlp(x, *mods, training=True))
+    assert fused == M * (H + 2 * I) * 2 + M * sum(RANKS) * 4  # x, g, u in bf16; the three xa's in fp32
     unfused = saved_bytes(lambda: mods[2](ACT2FN["silu"](mods[0](x)) * mods[1](x)))
-    rsum = sum(RANKS)
-    assert act_size(fused) == M * (H + 2 * I) * 2 + M * rsum * 4  # x, g, u in bf16; xa's in fp32
-    # LoraLinear already avoids dropout copies; eager still keeps g, act(g), u and h: 2 I more per token
-    assert act_size(unfused) - act_size(fused) >= M * 2 * I * 2
+    assert unfused - fused >= M * 2 * I * 2  # act(g) and h
+    mlp = LlamaMLP(LlamaConfig(hidden_size=H, intermediate_size=I, num_attention_heads=4, hidden_act="silu"))
+    mlp = mlp.to(torch.bfloat16)
+    peft = get_peft_model(mlp, LoraConfig(target_modules=["gate_proj", "up_proj", "down_proj"], r=8,
+                                          lora_dropout=0.1)).train()
+    peft_bytes = saved_bytes(lambda: peft(x))
+    assert peft_bytes - fused >= M * (2 * I + 2 * H + I) * 2  # act(g), h, dropped x twice, dropped h
 
 
 def test_frozen_adapters_give_dx_only():

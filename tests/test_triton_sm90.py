@@ -179,7 +179,8 @@ def _rope_cases():
 
     B, S = 2, 1024
     for dtype in DTYPES:
-        for heads, D in ((32, 128), (8, 128), (16, 256), (4, 64)):  # Llama q / k, Gemma's 256-wide heads, small
+        # Llama q / k, Gemma's 256-wide heads, 1-warp tiles (256 and 64 pairs)
+        for heads, D in ((32, 128), (8, 128), (16, 256), (8, 64), (4, 32)):
             x = _randn(B, heads, S, D, dtype=dtype).transpose(1, 2)  # HF's (B, heads, S, D) view, strided
             cos, sin = _randn(B, S, D, dtype=dtype), _randn(B, S, D, dtype=dtype)
             for backward in (False, True):

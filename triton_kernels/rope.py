@@ -2,9 +2,9 @@
 
 x (B, S, H, D) with any strides but a unit last one: q/k straight out of their projections, viewed as HF's
 (B, heads, S, D) transpose, are rotated where they lie (no .contiguous() copy, no second buffer). One program
-per token and block of heads: it loads the token's cos/sin row once (Dr values each, fp32 math) and rotates
-BLOCK_HEADS heads with it: x is read and written once, against eager's six elementwise kernels and four
-temporaries of x's size (q*cos, rotate_half's two halves and its cat, *sin, the sum).
+per token and block of heads (grid (S, B, head blocks)): it loads the token's cos/sin row once (Dr values each,
+fp32 math) and rotates BLOCK_HEADS heads with it: x is read and written once, against eager's six elementwise
+kernels and four temporaries of x's size (q*cos, rotate_half's two halves and its cat, *sin, the sum).
 With position_ids, the cos/sin row is the table row position_ids[b, s] (a cos/sin cache; packed sequences
 restart their positions), else row (b or 0, s) of the per-token cos/sin.
 """
@@ -18,14 +18,15 @@ __all__ = ["rope_triton"]
 
 
 @triton.jit
-def _rope_kernel(x_ptr, out_ptr, cos_ptr, sin_ptr, pos_ptr, S, NH, HALF,
+def _rope_kernel(x_ptr, out_ptr, cos_ptr, sin_ptr, pos_ptr, NH, HALF,
                  stride_xb, stride_xs, stride_xh, stride_ob, stride_os, stride_oh,
                  stride_cb, stride_cs, stride_pb, stride_ps,
                  HAS_POS: tl.constexpr, BACKWARD: tl.constexpr, BLOCK_HEADS: tl.constexpr,
                  BLOCK_HALF: tl.constexpr):
-    tok = tl.program_id(0).to(tl.int64)
-    b = tok // S
-    s = tok % S
+    # grid (S, B, head blocks): no division to split a token index (a 64-bit division is a called subroutine
+    # whose register saves spilled to local memory under Triton 3.6)
+    s = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(1).to(tl.int64)
     if HAS_POS:
         row = tl.load(pos_ptr + b * stride_pb + s * stride_ps).to(tl.int64) * stride_cs
     else:
@@ -36,7 +37,7 @@ def _rope_kernel(x_ptr, out_ptr, cos_ptr, sin_ptr, pos_ptr, S, NH, HALF,
     c2 = tl.load(cos_ptr + row + HALF + rd, mask=d_mask, other=0.0).to(tl.float32)
     s1 = tl.load(sin_ptr + row + rd, mask=d_mask, other=0.0).to(tl.float32)
     s2 = tl.load(sin_ptr + row + HALF + rd, mask=d_mask, other=0.0).to(tl.float32)
-    rh = tl.program_id(1) * BLOCK_HEADS + tl.arange(0, BLOCK_HEADS)
+    rh = tl.program_id(2) * BLOCK_HEADS + tl.arange(0, BLOCK_HEADS)
     mask = (rh < NH)[:, None] & d_mask[None, :]
     xp = x_ptr + b * stride_xb + s * stride_xs + rh[:, None].to(tl.int64) * stride_xh + rd[None, :]
     x1 = tl.load(xp, mask=mask, other=0.0).to(tl.float32)
@@ -53,10 +54,11 @@ def _rope_kernel(x_ptr, out_ptr, cos_ptr, sin_ptr, pos_ptr, S, NH, HALF,
 
 
 def _blocks(NH: int, half: int) -> tuple[int, int, int]:
-    """(BLOCK_HEADS, BLOCK_HALF, num_warps): up to 2,048 pairs per program (32 heads of 128 at once)."""
+    """(BLOCK_HEADS, BLOCK_HALF, num_warps): up to 2,048 pairs per program (32 heads of 128 at once); 4 warps
+    from 512 pairs, 1 below (2 warps made ptxas of Triton 3.6 spill 12 bytes at 8 heads x 128, fp16 backward)."""
     block_half = triton.next_power_of_2(max(half, 1))
     block_heads = max(1, min(triton.next_power_of_2(NH), 2048 // block_half))
-    warps = 4 if block_heads * block_half >= 1024 else (2 if block_heads * block_half >= 256 else 1)
+    warps = 4 if block_heads * block_half >= 512 else 1
     return block_heads, block_half, warps
 
 
@@ -80,9 +82,11 @@ def rope_triton(x: torch.Tensor, out: torch.Tensor, cos: torch.Tensor, sin: torc
         stride_ps = position_ids.stride(1)
     if B * S == 0 or NH == 0 or Dr == 0:
         return
+    if B > 65535:
+        raise ValueError(f"batch size {B} > 65535 (the grid's second dimension); flatten it into the sequence")
     block_heads, block_half, warps = _blocks(NH, Dr // 2)
-    _rope_kernel[(B * S, triton.cdiv(NH, block_heads))](
-        x, out, cos, sin, position_ids if position_ids is not None else cos, S, NH, Dr // 2,
+    _rope_kernel[(S, B, triton.cdiv(NH, block_heads))](
+        x, out, cos, sin, position_ids if position_ids is not None else cos, NH, Dr // 2,
         x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1), out.stride(2),
         stride_cb, stride_cs, stride_pb, stride_ps,
         HAS_POS=position_ids is not None, BACKWARD=backward, BLOCK_HEADS=block_heads, BLOCK_HALF=block_half,

@@ -15,9 +15,11 @@ Saved for backward (per token, H = hidden, I = intermediate, r's the ranks, b th
 The unfused PEFT path (LoraLinear / peft LoRA on gate/up/down, act_fn, mul) saves x, g, act(g), u and h:
 H + 4 I values, plus the dropout outputs (x twice, h once) and their masks when lora_dropout > 0. The saving is
 2 I b per token per layer without dropout (Llama-3-8B, I = 14,336, bf16: 56 KiB per token per layer, 14.7 GiB
-at 8k tokens x 32 layers) and 2 I b + 2 H b + I b + masks with it (tests/test_lora_mlp.py counts them).
+at 8k tokens x 32 layers), and with PEFT's dropout also its dropped copies of x (twice) and of h and their masks
+(tests/test_lora_mlp.py::test_saved_tensors_vs_unfused counts them).
 Backward: h recomputed; dh = dy W_d + s_d drop'(dy B_d A_d); dg, du = qpeft::glu_backward(dh, g, u);
-dx = dg W_g + du W_u + the adapters' terms (summed in fp32, rounded once); dA, dB of all three in fp32 (qpeft::lora_grad), cast to A/B's dtype.
+dx = dg W_g + du W_u + the adapters' terms (summed in fp32, rounded once); dA, dB of all three in fp32
+(qpeft::lora_grad), cast to A/B's dtype.
 """
 from __future__ import annotations
 

@@ -57,7 +57,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, offset: f
         raise ValueError("x must have at least one dimension (the normalised one)")
     H = x.shape[-1]
     if not isinstance(weight, torch.Tensor) or weight.dtype not in _FLOATS:
-        raise TypeError(f"weight must be a float32/float16/bfloat16 tensor, got {getattr(weight, 'dtype', type(weight))}")
+        raise TypeError(f"weight must be a float32/float16/bfloat16 tensor, got "
+                        f"{getattr(weight, 'dtype', type(weight))}")
     if tuple(weight.shape) != (H,):
         raise ValueError(f"weight must have shape ({H},) for x of shape {tuple(x.shape)}, got {tuple(weight.shape)}")
     if weight.device != x.device:

@@ -23,7 +23,8 @@ def _check(gate: torch.Tensor, up: torch.Tensor, activation: str) -> None:
     torch._check(activation in ref.CANONICAL, lambda: f"activation must be one of {ref.CANONICAL}, got {activation!r}")
     torch._check(gate.dtype in _FLOATS, lambda: f"gate must be float32/float16/bfloat16, got {gate.dtype}")
     torch._check(up.dtype == gate.dtype, lambda: f"up must have gate's dtype {gate.dtype}, got {up.dtype}")
-    torch._check(up.shape == gate.shape, lambda: f"up must have gate's shape {tuple(gate.shape)}, got {tuple(up.shape)}")
+    torch._check(up.shape == gate.shape,
+                 lambda: f"up must have gate's shape {tuple(gate.shape)}, got {tuple(up.shape)}")
     torch._check(up.device == gate.device, lambda: f"up is on {up.device} but gate is on {gate.device}")
     torch._check(gate.is_contiguous() and up.is_contiguous(), lambda: "gate and up must be contiguous")
 
@@ -50,7 +51,8 @@ def _(gate, up, activation):
 
 def _check_backward(dh, gate, up, activation) -> None:
     _check(gate, up, activation)
-    torch._check(dh.shape == gate.shape, lambda: f"dh must have gate's shape {tuple(gate.shape)}, got {tuple(dh.shape)}")
+    torch._check(dh.shape == gate.shape,
+                 lambda: f"dh must have gate's shape {tuple(gate.shape)}, got {tuple(dh.shape)}")
     torch._check(dh.dtype in _FLOATS, lambda: f"dh must be float32/float16/bfloat16, got {dh.dtype}")
     torch._check(dh.is_contiguous(), lambda: "dh must be contiguous")
     torch._check(dh.device == gate.device, lambda: f"dh is on {dh.device} but gate is on {gate.device}")

@@ -16,7 +16,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["GLU_ACTIVATIONS", "CANONICAL", "glu_activation_name", "glu_ref", "glu_backward_ref", "act_ref", "act_grad_ref"]
+__all__ = ["GLU_ACTIVATIONS", "CANONICAL", "glu_activation_name", "glu_ref", "glu_backward_ref", "act_ref",
+           "act_grad_ref"]
 
 # HF activation names (config.hidden_act / hidden_activation) -> the op's canonical name
 GLU_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh",
