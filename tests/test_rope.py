@@ -140,6 +140,19 @@ def test_inplace_false_leaves_inputs_unchanged():
     assert torch.equal(qi, qe) and torch.equal(ki, ke) and torch.equal(q, qe)
 
 
+def test_wider_cos_sin_promote_like_transformers():
+    # bf16 q/k with fp32 cos/sin (autocast): HF returns fp32; so do we, leaving q/k as they were
+    cos, sin = _cos_sin("yarn", torch.arange(4)[None], torch.float32)
+    q, k = _qk(1, 4, 2, 1, torch.bfloat16)
+    q0 = q.clone()
+    got = qpeft.apply_rotary_pos_emb(q, k, cos, sin)
+    want = _hf_apply()(q, k, cos, sin)
+    assert torch.equal(q, q0)
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
 def test_unsqueeze_dim_2_layout():
     cos, sin = _cos_sin("linear", torch.arange(6).repeat(2, 1), torch.float32)
     q, k = _qk(2, 6, 3, 1, torch.float32)

@@ -106,6 +106,9 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: i
 
 def _rope(name, x, cos, sin, unsqueeze_dim, position_ids, inplace):
     _check(name, x, cos, sin, position_ids, unsqueeze_dim, inplace)
+    promoted = torch.promote_types(x.dtype, cos.dtype)
+    if promoted != x.dtype:  # transformers' q * cos promotes (e.g. bf16 q, fp32 cos under autocast): so do we,
+        x, inplace = x.to(promoted), True  # rotating the upcast copy in place; the original x is left unchanged
     x4 = x.transpose(1, 2) if unsqueeze_dim == 1 else x  # (B, S, heads, D): a view, no copy
     if not inplace and x4.stride(-1) != 1:
         x4 = x4.contiguous()
@@ -126,7 +129,8 @@ def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, si
         cos/sin are instead a (positions, Dr) table indexed per token (e.g. a cos/sin cache; packed sequences
         pass their restarted positions).
     inplace: rotate q and k where they are and return them (see the module docstring for autograd);
-        False returns new tensors and leaves q and k unchanged.
+        False returns new tensors and leaves q and k unchanged. When cos/sin have a wider dtype than q/k (fp32
+        cos with bf16 q), the result takes the promoted dtype as transformers' does, in a new tensor.
     Returns (q_embed, k_embed), differentiable in q and k (cos/sin get no gradient; passing ones that require
     grad raises).
     """
