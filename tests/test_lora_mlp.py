@@ -268,3 +268,40 @@ def test_bad_input_names_the_argument():
 @pytest.mark.parametrize("nf4", [False, True])
 def test_triton_matches_unfused(dtype, nf4):
     _check(dtype, nf4, "silu", dropout=(0.1, 0.0, 0.2), device=triton_device(), lead=(9,))
+
+
+def test_peft_lora_on_bitsandbytes_4bit():
+    """After get_peft_model on a bitsandbytes Linear4bit MLP: the PEFT layers' tensors as LoraProjections give
+    PEFT's output and adapter gradients (K a multiple of the blocksize: bitsandbytes 0.50.2's CPU dequantize
+    misplaces blocks that straddle rows, which qpeft's kernels do not)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    torch.manual_seed(0)
+    Hh, Ii = 64, 128
+    mlp = LlamaMLP(LlamaConfig(hidden_size=Hh, intermediate_size=Ii, num_attention_heads=4, hidden_act="silu"))
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        lin = getattr(mlp, name)
+        q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=False, compute_dtype=torch.float32,
+                              compress_statistics=True, quant_type="nf4")
+        q.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False, compress_statistics=True,
+                                     quant_type="nf4")
+        setattr(mlp, name, q.to("cpu"))
+    model = get_peft_model(mlp, LoraConfig(target_modules=["gate_proj", "up_proj", "down_proj"], r=4,
+                                           lora_alpha=8, init_lora_weights=False))
+    inner = model.base_model.model
+
+    def proj(layer):
+        base = layer.base_layer
+        return LoraProjection((base.weight, base.weight.quant_state), layer.lora_A["default"].weight,
+                              layer.lora_B["default"].weight, layer.scaling["default"], bias=base.bias)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    x = torch.randn(2, 5, Hh)
+    y = lora_mlp(x, proj(inner.gate_proj), proj(inner.up_proj), proj(inner.down_proj))
+    want = model(x)
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+    for a, b in zip(torch.autograd.grad(y.square().sum(), params), torch.autograd.grad(want.square().sum(), params)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
