@@ -225,10 +225,50 @@ def _grouped_nf4_cases():
                     grouped_lora_grad_triton(torch.ones(S, 1), None, dy, perm, seg, 1.0)  # bias gradient
 
 
+# ----------------------------------------------------------------------------------------------- RMSNorm
+def _rmsnorm_cases():
+    from qpeft.triton_kernels.rmsnorm import MAX_HIDDEN, rms_norm_backward_triton, rms_norm_triton
+
+    for H in (128, 4096, 5376, MAX_HIDDEN):  # q/k norm over the head dim, Llama-8B, Gemma-3-27B, Llama-70B
+        for dtype in DTYPES:
+            for w_dtype, llama in ((dtype, True), (torch.float32, True), (dtype, False)):
+                x, w = _randn(512, H, dtype=dtype), _randn(H, dtype=w_dtype)
+                out = torch.promote_types(dtype, w_dtype) if llama else dtype
+                rms_norm_triton(x, w, 1e-6, 0.0 if llama else 1.0, llama, out)
+                rms_norm_backward_triton(_randn(512, H, dtype=out), x, w, torch.rand(512), 1.0, llama)
+
+
+# ----------------------------------------------------------------------------------------------- RoPE
+def _rope_cases():
+    from qpeft.triton_kernels.rope import rope_triton
+
+    B, S = 2, 1024
+    for dtype in DTYPES:
+        # Llama q / k, Gemma's 256-wide heads, 1-warp tiles (256 and 64 pairs)
+        for heads, D in ((32, 128), (8, 128), (16, 256), (8, 64), (4, 32)):
+            x = _randn(B, heads, S, D, dtype=dtype).transpose(1, 2)  # HF's (B, heads, S, D) view, strided
+            cos, sin = _randn(B, S, D, dtype=dtype), _randn(B, S, D, dtype=dtype)
+            for backward in (False, True):
+                rope_triton(x, x, cos, sin, None, backward)  # in place
+                rope_triton(x, torch.empty_like(x), cos[0], sin[0], torch.zeros(1, S, dtype=torch.int64), backward)
+
+
+# ----------------------------------------------------------------------------------------------- SwiGLU / GeGLU
+def _swiglu_cases():
+    from qpeft.triton_kernels.swiglu import ACTIVATION_IDS, glu_backward_triton, glu_triton
+
+    for dtype in DTYPES:
+        for act in ACTIVATION_IDS:
+            g, u = _randn(512, 14336, dtype=dtype), _randn(512, 14336, dtype=dtype)
+            glu_triton(g, u, act)
+            glu_backward_triton(_randn(512, 14336, dtype=dtype), g, u, act)
+
+
 CASES = {"quantize": _quantize_cases, "nf4_matmul": _nf4_matmul_cases, "lora": _lora_cases,
          "bottleneck": _bottleneck_cases, "multi_lora": _multi_lora_cases, "optim_8bit": _optim_8bit_cases,
          "linear_cross_entropy": _linear_cross_entropy_cases,
-         "grouped_nf4": _grouped_nf4_cases}
+         "grouped_nf4": _grouped_nf4_cases,
+         "rmsnorm": _rmsnorm_cases, "rope": _rope_cases, "swiglu": _swiglu_cases}
 
 
 def _launches(case: str):
