@@ -121,3 +121,18 @@ def test_old_names_as_attributes_warn_too():
             "assert d[0].filename == '<string>', d[0].filename\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_no_two_public_modules_export_one_name_differently():
+    """qpeft.X is the first module's X in _PUBLIC_MODULES: two modules exporting different objects under one name
+    would make the other unreachable at top level (the experts' one-argument swiglu once hid qpeft.swiglu)."""
+    owners: dict[str, tuple[str, object]] = {}
+    clashes = []
+    for module in qpeft._PUBLIC_MODULES:
+        mod = importlib.import_module(module)
+        for name in mod.__all__:
+            value = getattr(mod, name)
+            if name in owners and owners[name][1] is not value:
+                clashes.append((name, owners[name][0], module))
+            owners.setdefault(name, (module, value))
+    assert not clashes, clashes

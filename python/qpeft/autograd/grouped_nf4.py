@@ -32,7 +32,7 @@ from ..ops import grouped_nf4 as _ops  # noqa: F401  (registers qpeft::grouped_*
 from ..reference import grouped_nf4 as ref
 
 __all__ = ["FourBitExperts", "ExpertsLoRA", "ExpertRouting", "route_experts", "grouped_nf4_linear",
-           "grouped_nf4_experts", "peft_expert_lora", "swiglu", "gpt_oss_swiglu"]
+           "grouped_nf4_experts", "peft_expert_lora", "gpt_oss_swiglu"]
 
 swiglu = ref.swiglu
 gpt_oss_swiglu = ref.gpt_oss_swiglu

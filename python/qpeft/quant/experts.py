@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..autograd.grouped_nf4 import (ExpertRouting, ExpertsLoRA, gpt_oss_swiglu, grouped_nf4_experts,
-                                    grouped_nf4_linear, peft_expert_lora, route_experts, swiglu)
+                                    grouped_nf4_linear, peft_expert_lora, route_experts)
 from ..ops import grouped_nf4 as _ops
 from ..reference import grouped_nf4 as ref
 from ..reference.nf4_matmul import NESTED_BLOCKSIZE
@@ -25,7 +25,7 @@ from .functional import quantize_4bit
 from .state import QuantState
 
 __all__ = ["quantize_experts", "GroupedNF4Weight", "ExpertsLoRA", "ExpertRouting", "route_experts",
-           "grouped_nf4_linear", "grouped_nf4_experts", "peft_expert_lora", "swiglu", "gpt_oss_swiglu"]
+           "grouped_nf4_linear", "grouped_nf4_experts", "peft_expert_lora", "gpt_oss_swiglu"]
 
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
