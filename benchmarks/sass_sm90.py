@@ -11,7 +11,8 @@ What is read from each instruction:
   b is in flight until an instruction waits on b; cp.async copies (LDGSTS) are tracked by their commit groups
   (LDGDEPBAR) and `DEPBAR.LE SB0, n`.
 
-The main loop is the loop (a backward branch) with the most instructions of its own (nested loops excluded:
+The main loop is the loop (a backward branch) that streams the weight (evict-first loads), else the one holding
+the MMAs, else the FMAs; among several, the one with the most instructions of its own (nested loops excluded:
 they are the element-by-element slow paths of ragged tiles). The path through it is the heaviest path from the
 loop head to a back edge, with nested loops taken as not executed: on full, aligned tiles every guarded
 fast-path block runs and no slow-path loop does, and a fast-path arm is never lighter than the branch that
@@ -311,7 +312,17 @@ def main_loop(kernel: Kernel) -> LoopProfile | None:
         inner = sum(t2 - h2 + 1 for h2, t2 in loops if (h2, t2) != lp and h <= h2 and t2 <= t)
         return (t - h + 1) - inner
 
-    head, latch = max(loops, key=own)
+    def has(lp, pred):
+        h, t = lp
+        return any(pred(i) for i in instrs[h:t + 1])
+
+    # the loop that streams the weight (evict-first loads), else the one with the MMAs, else the FMAs
+    for pred in (lambda i: i.is_global_load() and ".EF" in i.opcode, lambda i: i.pipe == "tensor",
+                 lambda i: i.base in ("FFMA", "HFMA2"), lambda i: True):
+        cands = [lp for lp in loops if has(lp, pred)]
+        if cands:
+            break
+    head, latch = max(cands, key=own)
     # collapse nested loops (not executed on the hot path) and find the heaviest forward path head -> back edge
     nested = [(h2, t2) for h2, t2 in loops if (h2, t2) != (head, latch) and head <= h2 and t2 <= latch]
     index = {ins.addr: n for n, ins in enumerate(instrs)}

@@ -34,7 +34,7 @@ The model (every number an assumption until a GPU calibrates it; `--calibrate` r
   latency of ramp. Issue-bound rate: one pass per max(dispatch = instructions / 4, per-pipe cycles, tensor
   cycles). Latency-bound rate: resident warps / cycles of one warp's pass alone (sass_sm90.simulate: in-order
   issue, the scoreboard waits and stall counts of the SASS). Dequantization and MMA overlap (max, not sum) when
-  an SM holds two or more warpgroups; the busiest SM's work includes the zero-padding of partial tiles.
+  an SM holds two or more warps per scheduler; the busiest SM's work includes the zero-padding of partial tiles.
 - Floors: decode fraction = max(unique bytes / 3.02 TB/s, FLOPs / 700 TFLOP/s) / predicted time; cuBLAS time =
   max(bf16 bytes / 3.02 TB/s, FLOPs / 700 TFLOP/s) (its roofline at the measured ceilings, so ratios are
   conservative where cuBLAS falls short of it, e.g. 4096^2 decode, which it runs at 63% of that roofline).
@@ -111,7 +111,6 @@ class Launch:
     passes_per_warp: float       # main-loop passes one warp makes
     weights_per_pass: float      # weights one warp's pass decodes
     useful_macs_per_pass: float  # multiply-accumulates of the real M rows per pass
-    warpgroups_per_cta: int = 1
     note: str = ""
     loop: LoopProfile | None = None
 
@@ -129,8 +128,10 @@ def occupancy(l: Launch) -> int:
     return max(0, min(by_regs, by_smem, by_warps, HW.max_ctas))
 
 
-def pass_cycles(l: Launch, resident_warpgroups: int) -> dict:
-    """SM cycles of one warp pass per resource, when the SM is kept busy (issue-bound view)."""
+def pass_cycles(l: Launch, resident_warps: int) -> dict:
+    """SM cycles of one warp pass per resource, when the SM is kept busy (issue-bound view). The tensor pipe
+    overlaps the other pipes when the SM holds two or more warps per scheduler (one warp's MMAs run while
+    another decodes); with fewer, a warp's own MMAs and decode follow each other."""
     lp = l.loop
     c = lp.counts
     n = len(lp.path)
@@ -146,9 +147,9 @@ def pass_cycles(l: Launch, resident_warpgroups: int) -> dict:
     if macs:
         rate = HW.peak_macs_per_clk * HW.mma_efficiency * (1.0 if lp.kinds() == "HGMMA" else HW.hmma_fraction)
         tensor = macs / rate
-        if resident_warpgroups >= 2:
+        if resident_warps >= 2 * HW.schedulers:
             out["tensor"] = tensor
-        else:  # one warpgroup: its own dequantization and MMAs do not overlap
+        else:
             out["dispatch"] += tensor
     return out
 
@@ -170,7 +171,7 @@ def launch_times(l: Launch) -> dict:
     alone = l.loop.cycles_alone(HW.lat)
 
     def issue_rate(r):  # passes per clock per SM with r CTAs resident
-        return 1.0 / max(pass_cycles(l, r * l.warpgroups_per_cta).values())
+        return 1.0 / max(pass_cycles(l, r * l.warps_per_cta).values())
 
     def lat_rate(r):
         return r * l.warps_per_cta / alone
@@ -247,7 +248,7 @@ def _triton_launch(rec, direction, M, N, K) -> Launch:
         raise ValueError(rec.name)
     weights = bn * bk / warps
     return Launch("triton", kern, res, shared, ctas, warps, iters, weights, weights * min(rows, bm),
-                  warpgroups_per_cta=max(1, warps // 4), note=f"{bm}x{bn}x{bk} w{warps}"
+                  note=f"{bm}x{bn}x{bk} w{warps}"
                   + (f" s{rec.options()['num_stages']}" if "num_stages" in rec.options() else ""))
 
 
@@ -267,15 +268,22 @@ def cuda_launches(direction: str, M: int, N: int, K: int) -> list[Launch]:
     """The CUDA C++ launches of qpeft_C::nf4_matmul_out / nf4_matmul_dx_out for bf16 activations, mirroring the
     host code of csrc/nf4_matmul.cu and csrc/nf4_gemv.cu (keep the two in step)."""
     out = []
-    if direction == "fwd" and M <= 16 and K % 32 == 0:  # launch_gemv_t: passes of <= 8 rows
-        for m_base in range(0, M, 8):
-            rows = min(M - m_base, 8)
-            mt = 1 if rows <= 1 else 4 if rows <= 4 else 8
-            kern, res = _cuda_kernel("nf4_gemv.cu", f"nf4_gemv_kernelI13__nv_bfloat16Li{mt}E")
-            warps_total = math.ceil(N / 4)  # kGemvRows = 4 rows per warp, kGemvWarps = 4 warps per CTA
-            chunks = K // 32                 # a lane's step: 32 weights of each of its warp's 4 rows
-            out.append(Launch("cuda_gemv", kern, res, res.get("SHARED", 0), math.ceil(warps_total / 4), 4,
-                              math.ceil(chunks / 32), 4 * 32 * 32, 4 * 32 * 32 * rows, note=f"MT={mt}"))
+    if direction == "fwd" and M <= 16 and K % 256 == 0:  # nf4_decode_mma_applies (bf16, blocksize 64)
+        mt16 = int(M > 8)
+        kern, res = _cuda_kernel("nf4_gemv.cu", f"nf4_decode_mma_kernelI13__nv_bfloat16Lb{mt16}ELb1E")
+        passes = K // 256                  # kDecPassK: a warp pass = 8 rows x 256 k
+        warps = min(8, passes)             # kDecMaxWarps: split-K across the warps of a CTA
+        per_warp = math.ceil(passes / warps)
+        # the loop body holds two passes (alternating load buffers): 2 x 2048 weights per iteration
+        out.append(Launch("cuda_decode", kern, res, res.get("SHARED", 0), math.ceil(N / 8), warps,
+                          per_warp / 2, 2 * 8 * 256, 2 * 8 * 256 * M, note=f"mma.sync MT16={mt16} w{warps}"))
+        return out
+    if direction == "fwd" and M <= 16 and K % 32 == 0:  # the SIMT kernel (fp32 / blocksize 32 / K % 256 != 0)
+        mt, rows = (1, 4) if M <= 1 else (4, 4) if M <= 4 else (8, 4) if M <= 8 else (16, 2)
+        kern, res = _cuda_kernel("nf4_gemv.cu", f"nf4_gemv_kernelI13__nv_bfloat16Li{mt}ELi{rows}E")
+        chunks = K // 32
+        out.append(Launch("cuda_gemv", kern, res, res.get("SHARED", 0), math.ceil(math.ceil(N / rows) / 4), 4,
+                          math.ceil(chunks / 32), rows * 32 * 32, rows * 32 * 32 * M, note=f"SIMT MT={mt}"))
         return out
     kind = 0 if direction == "fwd" else 1
     kern, res = _cuda_kernel("nf4_matmul.cu", f"tile_gemm_kernelI13__nv_bfloat16Li{kind}E")
@@ -357,7 +365,7 @@ def paths_for(direction: str, M: int, N: int, K: int, which: str) -> list[tuple[
 
     plan = _h100_plan(direction, M, N, K, torch.bfloat16)
     out = []
-    cuda_name = "cuda_gemv" if direction == "fwd" and M <= 16 else "cuda_tile"
+    cuda_name = "cuda_decode" if direction == "fwd" and M <= 16 else "cuda_tile"
     cands = [(cuda_name, plan.backend == "cuda", lambda: cuda_launches(direction, M, N, K)),
              ("triton", plan.backend == "triton",
               lambda: [_triton_launch(r, direction, M, N, K)
@@ -427,12 +435,13 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default="all", choices=["all", "8b", "70b"])
     ap.add_argument("--paths", default="all", choices=["all", "dispatched"])
     ap.add_argument("--ms", default=",".join(map(str, MS)))
+    ap.add_argument("--directions", default="fwd,dx")
     ap.add_argument("--out", default=str(OUT_DIR))
     ap.add_argument("--tag", default=None, help="file name tag (default: triton<version>)")
     args = ap.parse_args(argv)
     from benchmarks.sm90_compile import triton_version
 
-    rows = run(args.shapes, args.paths, [int(m) for m in args.ms.split(",")])
+    rows = run(args.shapes, args.paths, [int(m) for m in args.ms.split(",")], tuple(args.directions.split(",")))
     tag = args.tag or f"triton{triton_version()}"
     for p in write(rows, Path(args.out), tag):
         print(f"wrote {p}")

@@ -237,8 +237,10 @@ LoraEpilogue make_epilogue(const at::Tensor& a, int64_t M, int64_t Nout, const s
                            double scale);
 
 // Small-M path of nf4_matmul_out (nf4_gemv.cu): M = x.size(0) <= kGemvMaxM, K % 32 == 0, packed and x
-// 16-byte aligned (the caller checks; x rows stay 16-byte aligned because K % 32 == 0).
+// 16-byte aligned (the caller checks; x rows stay 16-byte aligned because K % 32 == 0). Picks the tensor-core
+// kernel when nf4_decode_mma_applies (fp16 / bf16, blocksize >= 64, K % 256 == 0), else the SIMT kernel.
 constexpr int kGemvMaxM = 16;
+bool nf4_decode_mma_applies(const at::Tensor& x, const Weight4& w);
 void launch_nf4_gemv(const at::Tensor& x, const Weight4& w, const LoraEpilogue& ep, at::Tensor& out,
                      cudaStream_t stream);
 

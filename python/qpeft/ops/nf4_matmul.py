@@ -16,14 +16,48 @@ from __future__ import annotations
 import torch
 from torch.library import custom_op, register_fake
 
+from .._backend import _warn_once
 from .._backend import select as select_backend
 from . import nf4_matmul_dispatch
 from ..reference import nf4_matmul as ref
 
-__all__ = ["nf4_matmul", "nf4_matmul_dx", "check_weight_args"]
+__all__ = ["nf4_matmul", "nf4_matmul_dx", "check_weight_args", "cuda_forward_input"]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+# csrc/nf4_matmul.cu + nf4_gemv.cu: the decode kernels' range (kGemvMaxM) and the tensor-core kernel's K step
+# (kDecPassK); they need 16-byte aligned x and packed W
+CUDA_DECODE_MAX_M = 16
+CUDA_DECODE_K_STEP = 256
+
+
+def cuda_forward_input(x2d: torch.Tensor, packed: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """The activation to hand the CUDA C++ forward (qpeft_C::nf4_matmul_out), and a one-time warning per reason
+    when a decode-sized call (M <= 16) cannot take its fast kernels:
+    - x not 16-byte aligned (a view at an odd offset): copied here, M x K elements, far less than the weight the
+      kernel streams, so the call stays on the fast kernel;
+    - K % 32 != 0 or a misaligned packed weight: the tiled GEMM (several times slower at these M);
+    - blocksize 32 or K % 256 != 0 (fp16 / bf16): the SIMT kernel instead of the tensor-core one.
+    fp32 activations always take the SIMT kernel (no tensor cores for fp32): documented, not warned.
+    Larger M goes to the tiled GEMM, which handles any alignment at full speed."""
+    M, K = x2d.shape
+    if M > CUDA_DECODE_MAX_M:
+        return x2d
+    if x2d.data_ptr() % 16:
+        x2d = x2d.clone()  # a fresh allocation: the caching allocator aligns every block to 512 bytes
+    reason = kernel = None
+    if packed.data_ptr() % 16:
+        reason, kernel = "the packed weight is not 16-byte aligned (a view at an offset)", "tiled GEMM"
+    elif K % 32:
+        reason, kernel = f"K={K} is not a multiple of 32", "tiled GEMM"
+    elif x2d.dtype != torch.float32 and blocksize < 64:
+        reason, kernel = f"blocksize {blocksize} < 64", "SIMT kernel"
+    elif x2d.dtype != torch.float32 and K % CUDA_DECODE_K_STEP:
+        reason, kernel = f"K={K} is not a multiple of {CUDA_DECODE_K_STEP}", "SIMT kernel"
+    if reason is not None:
+        _warn_once(f"qpeft.nf4_matmul: {reason}, so decode-sized calls (M <= {CUDA_DECODE_MAX_M}) on the CUDA "
+                   f"backend use the {kernel} instead of the tensor-core decode kernel (several times slower)")
+    return x2d
 
 
 def check_weight_args(a: torch.Tensor, a_name: str, packed: torch.Tensor, absmax: torch.Tensor,
@@ -123,6 +157,7 @@ def nf4_matmul(x2d: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, co
     plan = nf4_matmul_dispatch.plan("fwd", M, N, x2d.shape[1], x2d.dtype, x2d.device)
     impl = select_backend("nf4_matmul", x2d.device, prefer_triton=plan.backend == "triton")
     if impl == "cuda":
+        x2d = cuda_forward_input(x2d, packed, blocksize)
         out = torch.empty((M, N), dtype=x2d.dtype, device=x2d.device)
         torch.ops.qpeft_C.nf4_matmul_out(x2d, packed, absmax, code, blocksize, nested_absmax, nested_code, offset,
                                          bias, lora_xa, lora_B, lora_scale, out)
