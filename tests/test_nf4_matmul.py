@@ -258,6 +258,80 @@ def test_triton_split_k_refused_for_half_activations():
                                                                           SPLIT_K=2))
 
 
+@pytest.mark.triton
+@requires_triton_runtime
+def test_triton_split_k_deterministic_mode(monkeypatch):
+    """Under torch.use_deterministic_algorithms(True) split-K writes one fp32 slice per split and sums them in a
+    fixed order (no atomics, whose order varies run to run); the result meets the 2x rule and repeats bit for bit."""
+    import qpeft.triton_kernels.nf4_matmul as tk
+
+    dev = triton_device()
+    M, N, K, r = 3, 37, 320, 4
+    packed, state, W = make_weight(N, K, device=dev)
+    p, a, c, bs, _, _, na, nc, off = weight_args(packed, state)
+    x, b, _, (xa, lB, _) = _inputs(M, N, K, torch.float32, device=dev, r=r)
+    seen = []
+    real_run = tk._nf4_matmul_kernel.run
+    monkeypatch.setattr(tk._nf4_matmul_kernel, "run",
+                        lambda *args, **kw: seen.append(kw["ATOMIC_SPLIT"]) or real_run(*args, **kw))
+    cfg = dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=32, SPLIT_K=3)
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        y1 = tk.nf4_matmul_triton(x, p, a, c, bs, N, na, nc, off, b, xa, lB, 0.5, config=cfg)
+        y2 = tk.nf4_matmul_triton(x, p, a, c, bs, N, na, nc, off, b, xa, lB, 0.5, config=cfg)
+    finally:
+        torch.use_deterministic_algorithms(was)
+    y3 = tk.nf4_matmul_triton(x, p, a, c, bs, N, na, nc, off, b, xa, lB, 0.5, config=cfg)
+    assert seen == [False, False, True]
+    assert torch.equal(y1, y2) and y1.shape == (M, N)
+    ref32 = x.double() @ W.double().t() + b.double() + 0.5 * (xa.double() @ lB.double().t())
+    same = x @ W.t() + b + 0.5 * (xa @ lB.t())
+    assert_close_2x(y1, ref32, same, what="deterministic split-K")
+    assert_close_2x(y3, ref32, same, what="atomic split-K")
+
+
+def test_triton_grid_limits():
+    """Output column tiles go on grid axis 0 (2^31 - 1 programs: 75,000 tiles of 8 columns are fine, where axis 1
+    stopped at 65,535); a problem beyond axis 0 is refused with the sizes; M tiles (axis 1) are launched in
+    chunks of at most 65,535."""
+    pytest.importorskip("triton")
+    from qpeft.triton_kernels.nf4_matmul import MAX_GRID_X, MAX_GRID_Y, _grid_cols, _row_chunks
+
+    assert _grid_cols(600_000, 8) == 75_000
+    with pytest.raises(ValueError, match="more than the 2147483647 of CUDA grid axis 0"):
+        _grid_cols(2 ** 36, 16)
+    assert MAX_GRID_X == 2 ** 31 - 1 and MAX_GRID_Y == 65535
+    assert _row_chunks(100, 16) == [(0, 100)]
+    assert _row_chunks(65535 * 16 + 5, 16) == [(0, 65535 * 16), (65535 * 16, 65535 * 16 + 5)]
+
+
+@pytest.mark.triton
+@requires_triton_runtime
+def test_triton_forward_row_chunks_give_the_same_result(monkeypatch):
+    """With grid axes 1 and 2 limited to 2 programs (instead of 65,535): 3 N tiles go on axis 0 and the 5 M tiles
+    on axis 1 in three launches on row slices of x, the output and the LoRA rows; the result is bit for bit the
+    single launch's. dx keeps M tiles on axis 0 and refuses K tiles beyond axis 1."""
+    import qpeft.triton_kernels.nf4_matmul as tk
+
+    dev, dtype = triton_device(), torch.float16
+    M, N, K, r = 70, 40, 64, 4
+    packed, state, _ = make_weight(N, K, device=dev)
+    p, a, c, bs, _, _, na, nc, off = weight_args(packed, state)
+    x, b, dy, (xa, lB, lA) = _inputs(M, N, K, dtype, device=dev, r=r)
+    cfg = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, SPLIT_K=1)
+    whole = tk.nf4_matmul_triton(x, p, a, c, bs, N, na, nc, off, b, xa, lB, 0.5, config=cfg)
+    seen = []
+    real_run = tk._nf4_matmul_kernel.run
+    monkeypatch.setattr(tk._nf4_matmul_kernel, "run",
+                        lambda *args, **kw: seen.append((kw["grid"], kw["SWAP_AXES"])) or real_run(*args, **kw))
+    monkeypatch.setattr(tk, "MAX_GRID_Y", 2)
+    assert torch.equal(tk.nf4_matmul_triton(x, p, a, c, bs, N, na, nc, off, b, xa, lB, 0.5, config=cfg), whole)
+    assert seen == [((3, 2, 1), True), ((3, 2, 1), True), ((3, 1, 1), True)]
+    with pytest.raises(ValueError, match="K=64 in tiles of 16 is 4 programs on CUDA grid axis 1, more than its 2"):
+        tk.nf4_matmul_dx_triton(dy, p, a, c, bs, K, na, nc, off, config=dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16))
+
+
 @pytest.mark.parametrize("M", [1, 2, 16])
 @pytest.mark.parametrize("N", [64, 4096, 28672])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -313,6 +387,80 @@ def test_cuda_forward_dx_lora(M, N, K, dtype, quant_type, blocksize, nested, mon
     dx = torch.ops.qpeft.nf4_matmul_dx(dy, p, a, c, bs, K, na, nc, off, xa, lA, 0.5)
     assert_close_2x(dx, dy.double() @ W.double() + 0.5 * (xa.double() @ lA.double()), dy @ W.to(dtype) + 0.5 * (xa @ lA),
                     what="cuda dx")
+
+
+# decode kernel of csrc/nf4_gemv.cu (M <= 16): tensor cores for fp16 / bf16 with blocksize >= 64 and K % 256 == 0,
+# the SIMT kernel otherwise. Shapes: one warp (K = 256), split-K over 8 warps with 1 and 2 passes each
+# (K = 2816 = 11 passes: warps 0-2 take two, the loop's early exit), N not a multiple of 8 (clamped rows),
+# blocksizes below, at and above the 256-k pass (a pass inside one block / the block spanning passes)
+DECODE_SHAPES = [(1, 37, 256), (3, 64, 2816), (8, 29, 512), (9, 40, 4096), (16, 33, 768)]
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("M,N,K", DECODE_SHAPES)
+@pytest.mark.parametrize("blocksize,nested", [(64, True), (128, False), (1024, True), (32, True)])
+def test_cuda_decode_kernels(M, N, K, dtype, blocksize, nested, monkeypatch):
+    """Against the exactly dequantized weight rounded to the activation dtype (what the tensor-core kernel
+    multiplies): within 2 ulps of the output dtype of the fp64 product (a single wrong weight moves a K >= 256
+    dot product by far more), and the 2x rule against plain PyTorch; bias and the LoRA epilogue included."""
+    monkeypatch.setenv("QPEFT_BACKEND", "cuda")
+    packed, state, W = make_weight(N, K, "nf4", blocksize, nested, device="cuda")
+    p, a, c, bs, _, _, na, nc, off = weight_args(packed, state)
+    x, b, _, (xa, lB, _) = _inputs(M, N, K, dtype, device="cuda", r=8)
+    y = torch.ops.qpeft.nf4_matmul(x, p, a, c, bs, N, na, nc, off, b, xa, lB, 0.5)
+    exact = x.double() @ W.to(dtype).double().t() + b.double() + 0.5 * (xa.double() @ lB.double().t())
+    ulp = torch.finfo(dtype).eps * exact.abs().clamp_min(1e-3)
+    assert ((y.double() - exact).abs() <= 2 * ulp).all(), (y.double() - exact).abs().max()
+    assert_close_2x(y, x.double() @ W.double().t() + b.double() + 0.5 * (xa.double() @ lB.double().t()),
+                    x @ W.to(dtype).t() + b + 0.5 * (xa @ lB.t()), what="cuda decode")
+
+
+@requires_cuda
+def test_cuda_decode_misaligned_activation_view_is_exact():
+    """A decode call on a view at an odd offset takes the fast kernel on an aligned copy (cuda_forward_input)."""
+    packed, state, W = make_weight(64, 512, device="cuda")
+    base = torch.randn(1 + 4 * 512, device="cuda", dtype=torch.bfloat16)
+    x = base[1:].view(4, 512)
+    assert x.data_ptr() % 16
+    y = nf4_matmul(x, packed, state)
+    torch.testing.assert_close(y, nf4_matmul(x.clone(), packed, state), rtol=0, atol=0)
+
+
+def test_cuda_forward_input_copies_misaligned_x_and_warns_once_per_slow_path(monkeypatch):
+    """The CUDA forward's seam, on CPU tensors: which calls take the decode kernels' fast path, which get one
+    warning naming the reason."""
+    import warnings
+
+    from qpeft import _backend
+    from qpeft.ops.nf4_matmul import cuda_forward_input
+
+    monkeypatch.setattr(_backend, "_warned", set())
+
+    def call(M, K, blocksize=64, dtype=torch.bfloat16, x_offset=0, w_offset=0):
+        x = torch.randn(x_offset + M * K).to(dtype)[x_offset:].view(M, K)
+        packed = torch.zeros(w_offset + 64 * K // 2, dtype=torch.uint8)[w_offset:]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = cuda_forward_input(x, packed, blocksize)
+        return x, out, [str(w.message) for w in caught]
+
+    x, out, warned = call(4, 512)
+    assert out is x and not warned                          # the fast path as is
+    x, out, warned = call(4, 512, x_offset=1)                # misaligned view: an aligned copy, no warning
+    assert x.data_ptr() % 16 and out.data_ptr() % 16 == 0 and torch.equal(out, x) and not warned
+    x, out, warned = call(32, 512, x_offset=1)               # M > 16: the tiled GEMM handles any alignment
+    assert out is x and not warned
+    for kwargs, reason, kernel in ((dict(K=100), "K=100 is not a multiple of 32", "tiled GEMM"),
+                                   (dict(K=512, w_offset=8), "packed weight is not 16-byte aligned", "tiled GEMM"),
+                                   (dict(K=512, blocksize=32), "blocksize 32 < 64", "SIMT kernel"),
+                                   (dict(K=288), "K=288 is not a multiple of 256", "SIMT kernel")):
+        _, _, warned = call(1, **kwargs)
+        assert len(warned) == 1 and reason in warned[0] and kernel in warned[0], warned
+        _, _, again = call(2, **kwargs)
+        assert not again  # once per reason
+    _, _, warned = call(1, 288, dtype=torch.float32)         # fp32 always takes the SIMT kernel: not warned
+    assert not warned
 
 
 # --- auto dispatch: the measured table (built by benchmarks/tune_nf4_matmul.py) and its lookup ---------------
@@ -488,9 +636,9 @@ def _compile_sm90(direction: str, cfg: dict):
     if direction == "fwd":
         fn = k._nf4_matmul_kernel
         sig = {"x_ptr": p16, "out_ptr": p16, "M": i32, "N": i32, "K": i32, "stride_xm": i32, "stride_om": i32,
-               **weight, "bias_ptr": p16, "xa_ptr": p16, "lb_ptr": p16, "lora_scale": "fp32", "R": i32,
+               "stride_split": i32, **weight, "bias_ptr": p16, "xa_ptr": p16, "lb_ptr": p16, "lora_scale": "fp32", "R": i32,
                "stride_xam": i32, "stride_lbn": i32}
-        const = dict(HAS_BIAS=True, USE_DOT=cfg["BLOCK_M"] >= 16, **cfg)
+        const = dict(HAS_BIAS=True, USE_DOT=cfg["BLOCK_M"] >= 16, ATOMIC_SPLIT=True, SWAP_AXES=False, **cfg)
     else:
         fn = k._nf4_matmul_dx_kernel
         sig = {"dy_ptr": p16, "dx_ptr": p16, "M": i32, "N": i32, "K": i32, "stride_dym": i32, "stride_dxm": i32,

@@ -37,6 +37,7 @@ clock per SM. A 256-entry byte -> (hi, lo) pair table would halve it; that is th
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -47,6 +48,32 @@ __all__ = ["nf4_matmul_triton", "nf4_matmul_dx_triton"]
 # compiled kernels may only read globals declared constexpr
 NESTED_BLOCKSIZE = tl.constexpr(256)  # absmax values per second-level (double-quant) block, as bitsandbytes
 DECODE_MAX_M = 16
+MAX_GRID_X = 2 ** 31 - 1  # programs on CUDA grid axis 0
+MAX_GRID_Y = 65535        # ... on axes 1 and 2
+
+# Rounding of the double-quantized absmax, pinned: code2[q] * absmax2 rounded to fp32, then + offset rounded
+# again, as the reference and bitsandbytes compute it. A plain `a * b + c` is contracted into one FFMA when FP
+# fusion is on (Triton's default up to 3.9; 3.10 turns it off), which moves the scale by up to 1 ulp and every
+# weight of the block with it. mul.rn / add.rn (libdevice __nv_fmul_rn / __nv_fadd_rn) are never contracted.
+# The interpreter evaluates each operation separately (numpy), which is the same two roundings.
+if os.environ.get("TRITON_INTERPRET") == "1":
+    @triton.jit
+    def _mul_rn(a, b):
+        return a * b
+
+    @triton.jit
+    def _add_rn(a, b):
+        return a + b
+else:
+    from triton.language.extra.cuda import libdevice
+
+    @triton.jit
+    def _mul_rn(a, b):
+        return libdevice.mul_rn(a, b)
+
+    @triton.jit
+    def _add_rn(a, b):
+        return libdevice.add_rn(a, b)
 
 
 @triton.jit
@@ -63,7 +90,7 @@ def _dequant_tile(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_co
     if NESTED:
         q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
         scale2 = tl.load(nested_absmax_ptr + block // NESTED_BLOCKSIZE, mask=mask, other=0.0)
-        scale = tl.load(nested_code_ptr + q) * scale2 + offset
+        scale = _add_rn(_mul_rn(tl.load(nested_code_ptr + q), scale2), offset)
     else:
         scale = tl.load(absmax_ptr + block, mask=mask, other=0.0)
     return tl.where(mask, value * scale, 0.0)
@@ -91,7 +118,7 @@ def _dequant_tile_aligned(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, n
     if NESTED:
         q = tl.load(absmax_ptr + block, mask=gmask, other=0).to(tl.int32)
         scale2 = tl.load(nested_absmax_ptr + block // NESTED_BLOCKSIZE, mask=gmask, other=0.0)
-        scale = tl.load(nested_code_ptr + q) * scale2 + offset
+        scale = _add_rn(_mul_rn(tl.load(nested_code_ptr + q), scale2), offset)
     else:
         scale = tl.load(absmax_ptr + block, mask=gmask, other=0.0)
     if GROUPS == 1:
@@ -105,8 +132,8 @@ def _dequant_tile_aligned(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, n
 
 @triton.jit
 def _nf4_matmul_kernel(
-    # activations (M, K) and output (M, N), row-major
-    x_ptr, out_ptr, M, N, K, stride_xm, stride_om,
+    # activations (M, K) and output (M, N), row-major; split-K partials (deterministic mode) stride_split apart
+    x_ptr, out_ptr, M, N, K, stride_xm, stride_om, stride_split,
     # 4-bit weight (N, K)
     packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
     # epilogue: bias (N,), LoRA xa (M, R) @ lora_B (N, R)^T * lora_scale
@@ -115,9 +142,17 @@ def _nf4_matmul_kernel(
     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
     R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGNED: tl.constexpr,
+    ATOMIC_SPLIT: tl.constexpr = True, SWAP_AXES: tl.constexpr = False,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    # M tiles on grid axis 0 and N tiles on axis 1, K splits on axis 2; more than 65,535 N tiles (axis 1's limit)
+    # swap the two (SWAP_AXES, and the launcher then chunks M at 65,535 tiles). Only then: ptxas allocates the
+    # swapped variant's registers differently, and some decode tiles spill in it.
+    if SWAP_AXES:
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+    else:
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
@@ -171,8 +206,10 @@ def _nf4_matmul_kernel(
     out_mask = mask_m[:, None] & mask_n[None, :]
     if SPLIT_K == 1:
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
-    else:
+    elif ATOMIC_SPLIT:
         tl.atomic_add(out_ptrs, acc, mask=out_mask)
+    else:  # deterministic: each split's partial sums into its own slice, summed in a fixed order afterwards
+        tl.store(out_ptrs + pid_k * stride_split, acc, mask=out_mask)
 
 
 @triton.jit
@@ -188,6 +225,8 @@ def _nf4_matmul_dx_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ALIGNED: tl.constexpr,
 ):
+    # M tiles on grid axis 0 (2^31 - 1), K tiles on axis 1 (<= 65,535: K up to 2M columns, checked by the launcher).
+    # (Swapping the two axes puts the 128 x 64 x 128 tile over 255 registers: it spills.)
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -335,6 +374,21 @@ def _stages(num_stages: int | None) -> dict:
     return {} if num_stages is None else {"num_stages": int(num_stages)}
 
 
+def _grid_cols(cols: int, block_cols: int) -> int:
+    """Programs on grid axis 0 (tiles of `cols` output rows or columns), checked against the axis' limit."""
+    n = triton.cdiv(cols, block_cols)
+    if n > MAX_GRID_X:
+        raise ValueError(f"problem too large for one launch: {cols} outputs in tiles of {block_cols} are {n} "
+                         f"programs, more than the {MAX_GRID_X} of CUDA grid axis 0")
+    return n
+
+
+def _row_chunks(M: int, block_m: int):
+    """[row start, row end) ranges of at most MAX_GRID_Y M tiles each: one launch per range."""
+    step = MAX_GRID_Y * block_m
+    return [(r, min(M, r + step)) for r in range(0, M, step)]
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     # fp32 inputs: full-precision products ("ieee"); tf32 would lose ~3 decimal digits vs torch's fp32 matmul.
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -352,11 +406,15 @@ def nf4_matmul_triton(x2d, packed, absmax, code, blocksize, N, nested_absmax=Non
     aligned = _aligned(K, blocksize, cfg)
     use_dot = cfg["BLOCK_M"] >= 16
     split = cfg["SPLIT_K"]
+    # split-K reduces across programs: fp32 atomics straight into the (zero-filled) fp32 output, or, under
+    # torch.use_deterministic_algorithms(True), one fp32 slice per split summed in a fixed order afterwards
+    # (atomics add in whatever order the programs finish: the result can change in the last bit run to run)
+    atomic = not torch.are_deterministic_algorithms_enabled()
     if split == 1:
         out = torch.empty((M, N), dtype=x2d.dtype, device=x2d.device)
     elif x2d.dtype == torch.float32:
-        # split-K partial sums are added with fp32 atomics straight into the (zero-filled) fp32 output
-        out = torch.zeros((M, N), dtype=torch.float32, device=x2d.device)
+        out = torch.zeros((M, N), dtype=torch.float32, device=x2d.device) if atomic else \
+            torch.empty((split, M, N), dtype=torch.float32, device=x2d.device)
     else:
         raise ValueError(f"config SPLIT_K must be 1 for {x2d.dtype} activations (split-K accumulates with fp32 "
                          f"atomics into the output, so it needs float32 x), got SPLIT_K={split}")
@@ -364,16 +422,23 @@ def nf4_matmul_triton(x2d, packed, absmax, code, blocksize, N, nested_absmax=Non
     has_lora = lora_xa is not None
     r = lora_xa.shape[1] if has_lora else 0
     dummy = code
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]), split)
-    _nf4_matmul_kernel[grid](
-        x2d, out, M, N, K, x2d.stride(0), out.stride(0),
-        packed, absmax, code, nested_absmax if nested else dummy, nested_code if nested else dummy,
-        offset if nested else dummy,
-        bias if bias is not None else dummy, lora_xa if has_lora else dummy, lora_B if has_lora else dummy,
-        float(lora_scale), r, lora_xa.stride(0) if has_lora else 0, lora_B.stride(0) if has_lora else 0,
-        BLOCKSIZE=blocksize, NESTED=nested, HAS_BIAS=bias is not None, HAS_LORA=has_lora,
-        R_PAD=max(16, triton.next_power_of_2(max(r, 1))), USE_DOT=use_dot, DOT_PRECISION=_dot_precision(x2d.dtype),
-        ALIGNED=aligned, num_warps=num_warps, **_stages(num_stages), **cfg)
+    n_tiles = _grid_cols(N, cfg["BLOCK_N"])
+    swap = n_tiles > MAX_GRID_Y
+    for r0, r1 in (_row_chunks(M, cfg["BLOCK_M"]) if swap else [(0, M)]):
+        m_tiles = _grid_cols(r1 - r0, cfg["BLOCK_M"])
+        xa = lora_xa[r0:r1] if has_lora else dummy
+        _nf4_matmul_kernel[(n_tiles, m_tiles, split) if swap else (m_tiles, n_tiles, split)](
+            x2d[r0:r1], out[..., r0:r1, :], r1 - r0, N, K, x2d.stride(0), N, M * N,
+            packed, absmax, code, nested_absmax if nested else dummy, nested_code if nested else dummy,
+            offset if nested else dummy,
+            bias if bias is not None else dummy, xa, lora_B if has_lora else dummy,
+            float(lora_scale), r, lora_xa.stride(0) if has_lora else 0, lora_B.stride(0) if has_lora else 0,
+            BLOCKSIZE=blocksize, NESTED=nested, HAS_BIAS=bias is not None, HAS_LORA=has_lora,
+            R_PAD=max(16, triton.next_power_of_2(max(r, 1))), USE_DOT=use_dot,
+            DOT_PRECISION=_dot_precision(x2d.dtype), ALIGNED=aligned, ATOMIC_SPLIT=atomic, SWAP_AXES=swap,
+            num_warps=num_warps, enable_fp_fusion=True, **_stages(num_stages), **cfg)
+    if split > 1 and not atomic:
+        out = out.sum(0)
     return out
 
 
@@ -390,14 +455,17 @@ def nf4_matmul_dx_triton(dy2d, packed, absmax, code, blocksize, K, nested_absmax
     has_lora = lora_dyb is not None
     r = lora_dyb.shape[1] if has_lora else 0
     dummy = code
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(K, cfg["BLOCK_K"]))
-    _nf4_matmul_dx_kernel[grid](
+    k_tiles = triton.cdiv(K, cfg["BLOCK_K"])
+    if k_tiles > MAX_GRID_Y:
+        raise ValueError(f"K={K} in tiles of {cfg['BLOCK_K']} is {k_tiles} programs on CUDA grid axis 1, more than "
+                         f"its {MAX_GRID_Y}: use a larger BLOCK_K")
+    _nf4_matmul_dx_kernel[(_grid_cols(M, cfg["BLOCK_M"]), k_tiles)](
         dy2d, dx, M, N, K, dy2d.stride(0), dx.stride(0),
         packed, absmax, code, nested_absmax if nested else dummy, nested_code if nested else dummy,
         offset if nested else dummy,
         lora_dyb if has_lora else dummy, lora_A if has_lora else dummy, float(lora_scale), r,
         lora_dyb.stride(0) if has_lora else 0, lora_A.stride(0) if has_lora else 0,
         BLOCKSIZE=blocksize, NESTED=nested, HAS_LORA=has_lora, R_PAD=max(16, triton.next_power_of_2(max(r, 1))),
-        DOT_PRECISION=_dot_precision(dy2d.dtype), ALIGNED=aligned, num_warps=num_warps, **_stages(num_stages),
-        **cfg)
+        DOT_PRECISION=_dot_precision(dy2d.dtype), ALIGNED=aligned, num_warps=num_warps, enable_fp_fusion=True,
+        **_stages(num_stages), **cfg)
     return dx
