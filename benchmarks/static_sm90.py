@@ -22,6 +22,8 @@ The model (every number an assumption until a GPU calibrates it; `--calibrate` r
 - Memory: 3.02 TB/s (the copy bandwidth measured in ../shared/reference/performance.md) = 13.0 B/clk/SM, i.e.
   25.3 NF4 weights (0.516 B each with double quant) per clock per SM at the floor. A global load served by HBM
   releases its scoreboard 900 cycles after issue under load, an L2 hit 300, shared memory 30 (`Latencies`).
+  Operands re-read by several CTAs (x per row tile of W, W per M tile) come from L2 at 6.5 TB/s (measurements of
+  L2 bandwidth on H100 range 5.5 (PCIe, 114 SMs) to ~12 TB/s; no reuse between co-resident CTAs is assumed).
 - Pipes (thread-ops/clk/SM, sass_sm90.PIPE_RATES): fp32 FMA 128, IMAD 64 (sharing the 128 FMA slots), ALU 64
   (LOP3/IADD3/SHF/PRMT/ISETP/SEL/MOV/LEA), conversions (F2F/F2FP/I2F) and MUFU 16, shuffles 32, L1 / shared data
   path 128 B/clk (a 128-bit load of 32 lanes = 4 clocks).
@@ -29,10 +31,10 @@ The model (every number an assumption until a GPU calibrates it; `--calibrate` r
   (= 73.8% of that peak at 1.755 GHz) and HGMMA kernels at the same efficiency; mma.sync (HMMA) at 0.66 of it
   (published microbenchmarks put Hopper's mma.sync at about two-thirds of wgmma; fast-kernels.md: "mma.sync tops
   out around 75%").
-- A launch's time: the busiest SM's main-loop passes (ceil(CTAs / 132) per wave, waves of 132 x occupancy) at
-  min(issue-bound rate, latency-bound rate) per SM, or the DRAM time of its unique bytes if longer, plus one HBM
-  latency of ramp. Issue-bound rate: one pass per max(dispatch = instructions / 4, per-pipe cycles, tensor
-  cycles). Latency-bound rate: resident warps / cycles of one warp's pass alone (sass_sm90.simulate: in-order
+- A launch's time: the longest of the DRAM time of its unique bytes, the L2 time of its re-reads, and the busiest
+  SM's main-loop passes (ceil(CTAs / 132) per wave, waves of 132 x occupancy) at min(issue-bound rate,
+  latency-bound rate) per SM; plus one HBM latency of ramp. Issue-bound rate: one pass per max(dispatch =
+  instructions / 4, per-pipe cycles, tensor cycles). Latency-bound rate: resident warps / cycles of one warp's pass alone (sass_sm90.simulate: in-order
   issue, the scoreboard waits and stall counts of the SASS). Dequantization and MMA overlap (max, not sum) when
   an SM holds two or more warps per scheduler; the busiest SM's work includes the zero-padding of partial tiles.
 - Floors: decode fraction = max(unique bytes / 3.02 TB/s, FLOPs / 700 TFLOP/s) / predicted time; cuBLAS time =
@@ -47,6 +49,7 @@ import argparse
 import csv
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +71,7 @@ class H100:
     clock_hz: float = 1.755e9
     schedulers: int = 4
     bandwidth: float = 3.02e12
+    l2_bandwidth: float = 6.5e12         # L2 -> SMs for re-read operands (x tiles, W tiles of other M tiles)
     cublas_flops: float = 700e12
     peak_macs_per_clk: int = 2048        # dense bf16 per SM (4096 FLOP)
     hmma_fraction: float = 0.66          # mma.sync vs wgmma
@@ -112,6 +116,7 @@ class Launch:
     weights_per_pass: float      # weights one warp's pass decodes
     useful_macs_per_pass: float  # multiply-accumulates of the real M rows per pass
     note: str = ""
+    l2_reread: float = 0.0       # bytes re-read through L2 beyond the unique DRAM bytes (x per row tile, ...)
     loop: LoopProfile | None = None
 
     def __post_init__(self):
@@ -195,7 +200,10 @@ def _h100_plan(direction: str, M: int, N: int, K: int, dtype):
     saved = d.is_hopper_or_newer
     d.is_hopper_or_newer = lambda device: True
     try:
-        return d.default_plan(direction, M, torch.device("cuda", 0))
+        try:
+            return d.default_plan(direction, M, torch.device("cuda", 0), K, dtype)
+        except TypeError:  # a dispatcher from before the K / dtype rule (BEFORE runs of the model)
+            return d.default_plan(direction, M, torch.device("cuda", 0))
     finally:
         d.is_hopper_or_newer = saved
 
@@ -247,7 +255,12 @@ def _triton_launch(rec, direction, M, N, K) -> Launch:
     else:
         raise ValueError(rec.name)
     weights = bn * bk / warps
-    return Launch("triton", kern, res, shared, ctas, warps, iters, weights, weights * min(rows, bm),
+    m_tiles = math.ceil(M / bm)
+    if rec.name == "_nf4_matmul_kernel":  # x once per N tile, W once per M tile
+        reread = math.ceil(N / bn) * M * K * 2 + m_tiles * N * K * HW.nf4_bytes_per_weight
+    else:                                 # dy once per K tile, W once per M tile
+        reread = math.ceil(K / bk) * M * N * 2 + m_tiles * N * K * HW.nf4_bytes_per_weight
+    return Launch("triton", kern, res, shared, ctas, warps, iters, weights, weights * min(rows, bm), l2_reread=reread,
                   note=f"{bm}x{bn}x{bk} w{warps}"
                   + (f" s{rec.options()['num_stages']}" if "num_stages" in rec.options() else ""))
 
@@ -267,31 +280,72 @@ def _cuda_kernel(tu: str, needle: str) -> tuple[Kernel, dict]:
 def cuda_launches(direction: str, M: int, N: int, K: int) -> list[Launch]:
     """The CUDA C++ launches of qpeft_C::nf4_matmul_out / nf4_matmul_dx_out for bf16 activations, mirroring the
     host code of csrc/nf4_matmul.cu and csrc/nf4_gemv.cu (keep the two in step)."""
+    from benchmarks.sm90_compile import sass_of_cu
+
     out = []
-    if direction == "fwd" and M <= 16 and K % 256 == 0:  # nf4_decode_mma_applies (bf16, blocksize 64)
-        mt16 = int(M > 8)
-        kern, res = _cuda_kernel("nf4_gemv.cu", f"nf4_decode_mma_kernelI13__nv_bfloat16Lb{mt16}ELb1E")
-        passes = K // 256                  # kDecPassK: a warp pass = 8 rows x 256 k
+    if direction == "fwd" and "nf4_decode_mma_kernel" not in sass_of_cu("nf4_gemv.cu")[0]:
+        return _cuda_launches_main_5a321ff(direction, M, N, K)
+    if direction == "fwd" and M <= 64 and K % 256 == 0:  # nf4_decode_mma_applies (bf16, blocksize 64)
+        tg = 1 if M <= 8 else 2 if M <= 16 else 4 if M <= 32 else 8  # groups of 8 tokens
+        kern, res = _cuda_kernel("nf4_gemv.cu", f"nf4_decode_mma_kernelI13__nv_bfloat16Li{tg}ELb1E")
+        r8 = max_r8 = 2 if tg == 4 else 1   # decode_max_r8: 8-row tiles per warp
+        while r8 > 1 and math.ceil(N / (8 * r8)) < HW.sms * 31 // 32:  # decode_row_tiles
+            r8 //= 2
+        passes = K // 256                  # kDecPassK: a warp pass = 8 r8 rows x 256 k
         warps = min(8, passes)             # kDecMaxWarps: split-K across the warps of a CTA
         per_warp = math.ceil(passes / warps)
-        # the loop body holds two passes (alternating load buffers): 2 x 2048 weights per iteration
-        out.append(Launch("cuda_decode", kern, res, res.get("SHARED", 0), math.ceil(N / 8), warps,
-                          per_warp / 2, 2 * 8 * 256, 2 * 8 * 256 * M, note=f"mma.sync MT16={mt16} w{warps}"))
+        ctas = math.ceil(N / (8 * r8))
+        # the loop body holds two passes (alternating load buffers); its SASS path decodes max_r8 tiles, so with
+        # fewer (small N) the instructions per weight are overstated
+        w_iter = 2 * 8 * r8 * 256
+        l = Launch("cuda_decode", kern, res, res.get("SHARED", 0), ctas, warps, per_warp / 2, w_iter, w_iter * M,
+                   note=f"mma.sync {tg}x8 tokens, {r8}x8 rows, w{warps}")
+        # x through L2: every CTA reads its tokens' whole x (each CTA covers all of K). CTAs resident on an SM walk
+        # the same passes at the same time (one L2 read serves them through L1), and when an SM's x fits in L1
+        # (<= 192 KB) its later CTAs find it there too
+        per_sm = min(M, 8 * tg) * K * 2
+        share = math.ceil(ctas / HW.sms) if per_sm <= 192 * 1024 else max(1, min(occupancy(l), ctas // HW.sms))
+        l.l2_reread = ctas * per_sm / share
+        out.append(l)
         return out
     if direction == "fwd" and M <= 16 and K % 32 == 0:  # the SIMT kernel (fp32 / blocksize 32 / K % 256 != 0)
         mt, rows = (1, 4) if M <= 1 else (4, 4) if M <= 4 else (8, 4) if M <= 8 else (16, 2)
         kern, res = _cuda_kernel("nf4_gemv.cu", f"nf4_gemv_kernelI13__nv_bfloat16Li{mt}ELi{rows}E")
         chunks = K // 32
-        out.append(Launch("cuda_gemv", kern, res, res.get("SHARED", 0), math.ceil(math.ceil(N / rows) / 4), 4,
-                          math.ceil(chunks / 32), rows * 32 * 32, rows * 32 * 32 * M, note=f"SIMT MT={mt}"))
+        ctas = math.ceil(math.ceil(N / rows) / 4)
+        out.append(Launch("cuda_gemv", kern, res, res.get("SHARED", 0), ctas, 4, math.ceil(chunks / 32),
+                          rows * 32 * 32, rows * 32 * 32 * M, note=f"SIMT MT={mt}", l2_reread=ctas * M * K * 2))
         return out
     kind = 0 if direction == "fwd" else 1
     kern, res = _cuda_kernel("nf4_matmul.cu", f"tile_gemm_kernelI13__nv_bfloat16Li{kind}E")
     nout, red = (N, K) if direction == "fwd" else (K, N)
     ctas = math.ceil(M / 64) * math.ceil(nout / 64)
     per_pass = 64 * 32 / 4
+    mt, nt = math.ceil(M / 64), math.ceil(nout / 64)
     return [Launch("cuda_tile", kern, res, res.get("SHARED", 0), ctas, 4, math.ceil(red / 32), per_pass,
-                   per_pass * min(M, 64), note="64x64x32 wmma")]
+                   per_pass * min(M, 64), note="64x64x32 wmma",
+                   l2_reread=nt * M * red * 2 + mt * N * K * HW.nf4_bytes_per_weight)]
+
+
+def _cuda_launches_main_5a321ff(direction: str, M: int, N: int, K: int) -> list[Launch]:
+    """The CUDA forward as main 5a321ff launched it (the BEFORE of issue 27): for M <= 16 the SIMT GEMV in passes
+    of <= 8 rows (MT 1 / 4 / 8, 4 rows per warp, 4 warps per CTA), else the tiled GEMM."""
+    if M > 16 or K % 32:
+        kern, res = _cuda_kernel("nf4_matmul.cu", "tile_gemm_kernelI13__nv_bfloat16Li0E")
+        per_pass = 64 * 32 / 4
+        mt, nt = math.ceil(M / 64), math.ceil(N / 64)
+        return [Launch("cuda_tile", kern, res, res.get("SHARED", 0), mt * nt, 4, math.ceil(K / 32), per_pass,
+                       per_pass * min(M, 64), note="64x64x32 wmma",
+                       l2_reread=nt * M * K * 2 + mt * N * K * HW.nf4_bytes_per_weight)]
+    out = []
+    for m_base in range(0, M, 8):
+        rows = min(M - m_base, 8)
+        mt = 1 if rows <= 1 else 4 if rows <= 4 else 8
+        kern, res = _cuda_kernel("nf4_gemv.cu", f"nf4_gemv_kernelI13__nv_bfloat16Li{mt}E")
+        ctas = math.ceil(math.ceil(N / 4) / 4)
+        out.append(Launch("cuda_gemv", kern, res, res.get("SHARED", 0), ctas, 4, math.ceil(K // 32 / 32),
+                          4 * 32 * 32, 4 * 32 * 32 * rows, note=f"SIMT MT={mt}", l2_reread=ctas * rows * K * 2))
+    return out
 
 
 # ------------------------------------------------------------------------------------------ evaluation
@@ -312,7 +366,8 @@ def evaluate(path: str, launches: list[Launch], direction: str, M: int, N: int, 
         t_issue += t["issue"]
         t_lat += t["latency"]
         t_both += t["both"]
-    total = max(t_both, dram) + ramp * len(launches)
+    t_l2 = sum(l.l2_reread for l in launches) / HW.l2_bandwidth
+    total = max(t_both, dram, t_l2) + ramp * len(launches)
     l0 = launches[0]
     lp = l0.loop
     decoded = sum(l.ctas * l.warps_per_cta * l.passes_per_warp * l.weights_per_pass for l in launches)
@@ -331,7 +386,7 @@ def evaluate(path: str, launches: list[Launch], direction: str, M: int, N: int, 
         book = "registers"
     decode = M <= 16 and direction == "fwd"
     row = {
-        "path": path, "direction": direction, "K": K, "N": N, "M": M,
+        "path": l0.path if path.startswith("cuda") else path, "direction": direction, "K": K, "N": N, "M": M,
         "kernel": l0.kernel.name[:60], "config": "; ".join(l.note for l in launches), "launches": len(launches),
         "ctas": l0.ctas, "threads": 32 * l0.warps_per_cta, "regs": l0.usage.get("REG"), "smem": l0.shared,
         "spills": l0.usage.get("LOCAL", 0) + l0.usage.get("STACK", 0),
@@ -340,6 +395,7 @@ def evaluate(path: str, launches: list[Launch], direction: str, M: int, N: int, 
         **{f"{p}_per_w": round(v, 3) for p, v in per_w.items()},
         "loads": lp.load_widths(), "codebook": book, "mma": lp.kinds(),
         "inflight_B_per_warp": lp.inflight_bytes, "pass_cycles_alone": round(launch_times(l0)["alone_cycles"]),
+        "l2_reread_MB": round(sum(l.l2_reread for l in launches) / 1e6, 2), "l2_us": round(t_l2 * 1e6, 3),
         "floor_us": round(floor * 1e6, 3), "cublas_us": round(cublas * 1e6, 3),
         "predicted_us": round(total * 1e6, 3),
     }
@@ -365,7 +421,7 @@ def paths_for(direction: str, M: int, N: int, K: int, which: str) -> list[tuple[
 
     plan = _h100_plan(direction, M, N, K, torch.bfloat16)
     out = []
-    cuda_name = "cuda_decode" if direction == "fwd" and M <= 16 else "cuda_tile"
+    cuda_name = "cuda_decode" if direction == "fwd" and (M <= 16 or M <= 64 and K % 256 == 0) else "cuda_tile"
     cands = [(cuda_name, plan.backend == "cuda", lambda: cuda_launches(direction, M, N, K)),
              ("triton", plan.backend == "triton",
               lambda: [_triton_launch(r, direction, M, N, K)
@@ -430,6 +486,79 @@ def write(rows: list[dict], out: Path, tag: str) -> tuple[Path, Path]:
     return csv_p, md_p
 
 
+def calibrate(measured_csv: Path, predicted_csv: Path, out: Path) -> tuple[Path, Path]:
+    """Measured (benchmarks/measure_static_cases.py on a GPU) next to predicted (this model's CSV for the same
+    Triton version), per dispatched case: the measured fraction of the floor (M <= 16 forward: CUDA-graph time
+    when measured) or speed vs the cuBLAS measured in the same run, the prediction, and measured / predicted. The
+    median of that ratio per path says how far to trust the model on that path."""
+    import statistics
+
+    with open(predicted_csv) as f:
+        pred = {(r["model"], r["layer"], r["direction"], int(r["M"])): r for r in csv.DictReader(f)
+                if r["dispatched"] == "True"}
+    rows = []
+    with open(measured_csv) as f:
+        for m in csv.DictReader(f):
+            key = (m["model"], m["layer"], m["direction"], int(m["M"]))
+            p = pred.get(key)
+            if p is None:
+                continue
+            ours = float(m.get("qpeft_graph_ms") or m["qpeft_ms"])
+            if p["metric"].startswith("fraction"):
+                measured = float(p["floor_us"]) / 1e3 / ours
+            else:
+                measured = float(m.get("cublas_graph_ms") or m["cublas_ms"]) / ours
+            predicted = float(p["predicted"])
+            rows.append({"model": key[0], "layer": key[1], "direction": key[2], "M": key[3], "path": p["path"],
+                         "metric": p["metric"], "predicted": predicted, "measured": round(measured, 3),
+                         "measured_over_predicted": round(measured / predicted, 3) if predicted else None,
+                         "measured_us": round(ours * 1e3, 3), "predicted_us": float(p["predicted_us"]),
+                         "device": m.get("device", "")})
+    out.mkdir(parents=True, exist_ok=True)
+    device = re.sub(r"[^A-Za-z0-9_.-]+", "_", rows[0]["device"] if rows else "unknown")
+    csv_p, md_p = out / f"calibration_{device}.csv", out / f"calibration_{device}.md"
+    with open(csv_p, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["model"])
+        w.writeheader()
+        w.writerows(rows)
+    lines = [f"# Static sm_90 model vs measurement ({device})", "",
+             "| path | cases | median measured / predicted | min | max |", "|---|---:|---:|---:|---:|"]
+    for path in sorted({r["path"] for r in rows}):
+        ratios = [r["measured_over_predicted"] for r in rows if r["path"] == path and r["measured_over_predicted"]]
+        if ratios:
+            lines.append(f"| {path} | {len(ratios)} | {statistics.median(ratios):.2f} | {min(ratios):.2f} | "
+                         f"{max(ratios):.2f} |")
+    lines += ["", "| model | layer | dir | M | path | predicted | measured | metric |", "|---|---|---|---:|---|---:|---:|---|"]
+    lines += [f"| {r['model']} | {r['layer']} | {r['direction']} | {r['M']} | {r['path']} | {r['predicted']:.2f} | "
+              f"{r['measured']:.2f} | {r['metric']} |" for r in rows]
+    md_p.write_text("\n".join(lines) + "\n")
+    return csv_p, md_p
+
+
+def compare(before_csv: Path, after_csv: Path, model: str = "8b") -> str:
+    """Markdown table of the dispatched path per case, before vs after: instructions per weight and the
+    predicted fraction of the floor / speed vs cuBLAS, with the target."""
+    def load(p):
+        with open(p) as f:
+            return {(r["layer"], r["K"], r["N"], r["direction"], int(r["M"])): r for r in csv.DictReader(f)
+                    if r["dispatched"] == "True" and r["model"] == model}
+
+    before, after = load(before_csv), load(after_csv)
+    lines = ["| layer (K, N) | dir | M | before: path, instr/w | before: predicted | after: path, instr/w | "
+             "after: predicted | target |", "|---|---|---:|---|---:|---|---:|---|"]
+    layers = list(dict.fromkeys(k[0] for k in after))
+    for key in sorted(after, key=lambda k: (layers.index(k[0]), k[3] != "fwd", k[4])):
+        a, b = after[key], before.get(key)
+        unit = "floor" if a["metric"].startswith("fraction") else "x cuBLAS"
+        target = "-" if not a["target"] else (f"{float(a['target']):.2f} "
+                                               f"{'met' if a['meets'] == 'True' else 'MISSED'}")
+        bcol = (f"{b['path']}, {float(b['instr_per_weight']):.2f} | {float(b['predicted']):.2f} {unit}" if b
+                else "- | -")
+        lines.append(f"| {key[0]} ({key[1]}, {key[2]}) | {key[3]} | {key[4]} | {bcol} | {a['path']}, "
+                     f"{float(a['instr_per_weight']):.2f} | {float(a['predicted']):.2f} {unit} | {target} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", default="all", choices=["all", "8b", "70b"])
@@ -438,8 +567,21 @@ def main(argv=None) -> int:
     ap.add_argument("--directions", default="fwd,dx")
     ap.add_argument("--out", default=str(OUT_DIR))
     ap.add_argument("--tag", default=None, help="file name tag (default: triton<version>)")
+    ap.add_argument("--compare", nargs=2, metavar=("BEFORE_CSV", "AFTER_CSV"),
+                    help="markdown table of two model runs (dispatched paths of --shapes, default 8b)")
+    ap.add_argument("--calibrate", default=None, metavar="MEASURED_CSV",
+                    help="compare a GPU run of benchmarks.measure_static_cases with this model's predictions")
     args = ap.parse_args(argv)
     from benchmarks.sm90_compile import triton_version
+
+    if args.compare:
+        print(compare(Path(args.compare[0]), Path(args.compare[1]), args.shapes if args.shapes != "all" else "8b"))
+        return 0
+    if args.calibrate:
+        predicted = Path(args.out) / f"static_sm90_{args.tag or 'triton' + triton_version()}.csv"
+        for p in calibrate(Path(args.calibrate), predicted, Path(args.out)):
+            print(f"wrote {p}")
+        return 0
 
     rows = run(args.shapes, args.paths, [int(m) for m in args.ms.split(",")], tuple(args.directions.split(",")))
     tag = args.tag or f"triton{triton_version()}"

@@ -1,12 +1,12 @@
-// Small-M (decode) path of nf4_matmul_out: y[0:M, :] = x @ W^T (+ epilogue) for M <= 16, one pass over the
-// packed 4-bit weight for any M. Dispatch and validation are in nf4_matmul.cu; these kernels live in their own
+// Small-M (decode) path of nf4_matmul_out: y[0:M, :] = x @ W^T (+ epilogue), one pass over the packed 4-bit
+// weight for any M it takes. Dispatch and validation are in nf4_matmul.cu; these kernels live in their own
 // translation unit so that the two compile in parallel (MAX_JOBS=2).
 //
 // Two kernels:
-// - nf4_decode_mma_kernel (fp16 / bf16 activations, blocksize >= 64, K % 256 == 0, 16-byte aligned x and W):
-//   tensor cores (mma.sync m16n8k16, fp32 accumulation) with W dequantized straight into B fragments through a
-//   code book held in registers. See the comment above it for the numbers.
-// - nf4_gemv_kernel (everything else: fp32 activations, blocksize 32, K % 256 != 0): SIMT FMAs, the code book
+// - nf4_decode_mma_kernel (fp16 / bf16 activations, M <= 64, blocksize >= 64, K % 256 == 0, 16-byte aligned x
+//   and W): tensor cores (mma.sync m16n8k16, fp32 accumulation) with W dequantized straight into B fragments
+//   through a code book held in registers. See the comment above it for the numbers.
+// - nf4_gemv_kernel (M <= 16 otherwise: fp32 activations, blocksize 32, K % 256 != 0): SIMT FMAs, the code book
 //   in shared memory; kept simple, it is not on a performance target.
 #include "common.h"
 
@@ -30,7 +30,7 @@ namespace qpeft {
 // memory access per weight; 2.6 ALU operations per weight plus 0.5 / 64 per weight for the table, against
 // the 5.06 issue slots per weight that the bandwidth floor leaves (3.02 TB/s, 132 SMs at 1.755 GHz: 25.3
 // weights per clock per SM, 128 thread-instructions); the three right shifts of a word run on the FMA pipe
-// (IMAD.HI). The MMAs cost 1 HMMA per 128 weights (M <= 8) or 2 (M <= 16).
+// (IMAD.HI). The MMAs cost 1 HMMA per 128 weights per group of 8 tokens (M <= 8, 16, 32, 64: 1, 2, 4, 8).
 // Loads: W and absmax are streamed once (evict-first), the next pass's issued before this pass decodes.
 constexpr int kDecPassK = 256;     // k per warp pass (4 lanes x 64)
 constexpr int kDecMaxWarps = 8;    // warps per CTA (split-K)
@@ -157,43 +157,72 @@ __device__ __forceinline__ void load_pass(const Weight4& w, const LaneStream& ls
   }
 }
 
-// One pass of one lane: decode its 64 weights and multiply them with its token rows' x. The A operand of each
-// MMA is one 16-byte load of x as is, (x[k0, k0+1], x[k0+2, k0+3], x[k0+4, k0+5], x[k0+6, k0+7]) of the
-// lane's token row: its first and third pairs sit in the A rows of the lane's token (g), the second and fourth
-// in rows g + 8. So each 8 k take two MMAs on the same A registers (no moves): B = the W pairs of k0 and k0+4
-// makes D rows 0-7 right (rows 8-15 mix mismatched k: discarded), B = the pairs of k0+2 and k0+6 makes rows
-// 8-15 right. acc[2 * r + 0] keeps the first kind (token rows 8r + g), acc[2 * r + 1] the second.
-template <typename T, bool MT16, bool NESTED>
-__device__ __forceinline__ void decode_pass(const PassLoads& L, const float (&code)[16], const float* s_ncode,
-                                            float off, const uint4* xq0, const uint4* xq1,
-                                            float (&acc)[MT16 ? 4 : 2][4]) {
-  float s = L.absmax;
-  if constexpr (NESTED) s = __fadd_rn(__fmul_rn(s_ncode[L.q], L.absmax), off);
-  const CodePlanes planes = scaled_planes<T>(code, s);
-  const uint32_t words[8] = {L.w0.x, L.w0.y, L.w0.z, L.w0.w, L.w1.x, L.w1.y, L.w1.z, L.w1.w};
+// One pass of one lane: decode its 64 weights of each of its rows (one per 8-row tile) and multiply them with its
+// token rows' x. The A operand of each MMA is one 16-byte load of x as is, (x[k0, k0+1], x[k0+2, k0+3],
+// x[k0+4, k0+5], x[k0+6, k0+7]) of one of the lane's token rows: its first and third pairs sit in the A rows of
+// the lane's token (g), the second and fourth in rows g + 8. So each 8 k take two MMAs on the same A registers
+// (no moves): B = the W pairs of k0 and k0+4 makes D rows 0-7 right (rows 8-15 mix mismatched k: discarded),
+// B = the pairs of k0+2 and k0+6 makes rows 8-15 right. Token group i (tokens 8i .. 8i + 7, the lane's token
+// 8i + g) of row tile r accumulates in acc[r][2i] (the first kind) and acc[r][2i + 1] (the second). The x loads
+// of a word serve all R8 row tiles: x is re-read from L1 / L2 once per 8 R8 rows of W.
+template <typename T, int TG, int R8, bool NESTED>
+__device__ __forceinline__ void decode_pass(const PassLoads (&L)[R8], int r8, const float (&code)[16],
+                                            const float* s_ncode, float off, const T* const (&xr)[TG], uint32_t p,
+                                            float (&acc)[R8][2 * TG][4]) {
+  CodePlanes planes[R8];
+#pragma unroll
+  for (int r = 0; r < R8; ++r) {
+    float s = L[r].absmax;
+    if constexpr (NESTED) s = __fadd_rn(__fmul_rn(s_ncode[L[r].q], L[r].absmax), off);
+    planes[r] = scaled_planes<T>(code, s);
+  }
+  // kHoist: the pass's x (32 TG registers) is loaded before any decode, its L2 latency paid once per pass;
+  // otherwise each word's x right before its MMAs (fewer registers: more warps per SM hide the latency)
+  constexpr bool kHoist = TG <= 2;
+  uint4 xall[kHoist ? TG : 1][kHoist ? 8 : 1];
+  if constexpr (kHoist) {
+#pragma unroll
+    for (int i = 0; i < TG; ++i)
+#pragma unroll
+      for (int j = 0; j < 8; ++j) xall[i][j] = __ldg(reinterpret_cast<const uint4*>(xr[i] + size_t(p) * kDecPassK) + j);
+  }
 #pragma unroll
   for (int j = 0; j < 8; ++j) {  // word j: physical k kb + 8j .. kb + 8j + 7
-    uint32_t b[4];
-    decode_word(words[j], planes, b);
-    const uint4 xa = __ldg(xq0 + j);
-    mma16816<T>(acc[0], xa.x, xa.y, xa.z, xa.w, b[0], b[2]);
-    mma16816<T>(acc[1], xa.x, xa.y, xa.z, xa.w, b[1], b[3]);
-    if constexpr (MT16) {
-      const uint4 xb = __ldg(xq1 + j);
-      mma16816<T>(acc[2], xb.x, xb.y, xb.z, xb.w, b[0], b[2]);
-      mma16816<T>(acc[3], xb.x, xb.y, xb.z, xb.w, b[1], b[3]);
+    uint4 xa[TG];
+#pragma unroll
+    for (int i = 0; i < TG; ++i)
+      xa[i] = kHoist ? xall[kHoist ? i : 0][kHoist ? j : 0]
+                     : __ldg(reinterpret_cast<const uint4*>(xr[i] + size_t(p) * kDecPassK) + j);
+#pragma unroll
+    for (int r = 0; r < R8; ++r) {
+      if (R8 > 1 && r >= r8) break;  // uniform: a CTA's row-tile count
+      const uint4 wv = j < 4 ? L[r].w0 : L[r].w1;
+      const uint32_t word = (j & 3) == 0 ? wv.x : (j & 3) == 1 ? wv.y : (j & 3) == 2 ? wv.z : wv.w;
+      uint32_t b[4];
+      decode_word(word, planes[r], b);
+#pragma unroll
+      for (int i = 0; i < TG; ++i) {
+        mma16816<T>(acc[r][2 * i], xa[i].x, xa[i].y, xa[i].z, xa[i].w, b[0], b[2]);
+        mma16816<T>(acc[r][2 * i + 1], xa[i].x, xa[i].y, xa[i].z, xa[i].w, b[1], b[3]);
+      }
     }
   }
 }
 
-template <typename T, bool MT16, bool NESTED>
-// Register budget: (256) alone lets ptxas cap the kernel at 80 registers and spill; with 1 CTA per SM the M <= 8
-// kernel takes 107, and 2 CTAs per SM keep the M <= 16 one at 126 without spills (16 warps per SM either way).
-__global__ void __launch_bounds__(kDecMaxWarps * 32, MT16 ? 2 : 1)
-nf4_decode_mma_kernel(const T* __restrict__ x, Weight4 w, int M, T* __restrict__ out, LoraEpilogue ep) {
-  constexpr int kAcc = MT16 ? 4 : 2;
+// Row tiles per warp (x is re-read once per 8 R8 rows) against registers (acc is 8 R8 TG floats, the hoisted x
+// 32 TG): TG 1 and 2 hoist x and stay at <= 128 registers (2 CTAs, 16 warps per SM) with one row tile; TG 4 takes
+// two row tiles and TG 8 one, both at 1 CTA per SM without hoisting.
+template <int TG> __host__ __device__ constexpr int decode_max_r8() { return TG == 4 ? 2 : 1; }
+
+// Register budget: (256) alone lets ptxas cap the kernel at 80 registers and spill; (256, 2) caps it at 128.
+template <typename T, int TG, bool NESTED>
+__global__ void __launch_bounds__(kDecMaxWarps * 32, TG <= 2 ? 2 : 1)
+nf4_decode_mma_kernel(const T* __restrict__ x, Weight4 w, int M, int r8, T* __restrict__ out, LoraEpilogue ep) {
+  constexpr int R8 = decode_max_r8<TG>();
   __shared__ float s_ncode[NESTED ? 256 : 1];
-  __shared__ float s_red[kDecMaxWarps][kAcc][32][4];
+  // per warp, row tile, token group and lane: the 4 D values that hold real sums (c0, c1 of acc[r][2i], c2, c3 of
+  // acc[r][2i + 1]): 32 KB at most (R8 x TG <= 8)
+  __shared__ float4 s_red[kDecMaxWarps][R8 * TG][32];
   float off = 0.f;
   if constexpr (NESTED) {
     for (int i = threadIdx.x; i < 256; i += blockDim.x) s_ncode[i] = __ldg(w.nested_code + i);
@@ -207,52 +236,69 @@ nf4_decode_mma_kernel(const T* __restrict__ x, Weight4 w, int M, T* __restrict__
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int64_t N = w.rows, K = w.cols;
-  const int64_t row = int64_t(blockIdx.x) * 8 + g;
+  const int64_t n0 = int64_t(blockIdx.x) * 8 * r8;  // this CTA's rows: n0 .. n0 + 8 r8
   const uint32_t passes = static_cast<uint32_t>(K / kDecPassK);  // the host requires K % 256 == 0
   // Token rows of this lane's A operands, clamped into range: rows >= M only feed D rows that are never stored.
-  const T* x0 = x + int64_t(g < M ? g : 0) * K + 64 * t;
-  const T* x1 = x + int64_t(g + 8 < M ? g + 8 : 0) * K + 64 * t;
-  LaneStream ls;
-  ls.e0 = static_cast<uint32_t>((row < N ? row : N - 1) * K + 64 * t);
-  ls.w = w.packed + (ls.e0 >> 1);
-  ls.blk_mult = 1u << (32 - w.log2bs);
+  const T* xr[TG];
+#pragma unroll
+  for (int i = 0; i < TG; ++i) xr[i] = x + int64_t(8 * i + g < M ? 8 * i + g : 0) * K + 64 * t;
+  LaneStream ls[R8];
+#pragma unroll
+  for (int r = 0; r < R8; ++r) {
+    const int64_t row = n0 + 8 * r + g;
+    ls[r].e0 = static_cast<uint32_t>((row < N ? row : N - 1) * K + 64 * t);
+    ls[r].w = w.packed + (ls[r].e0 >> 1);
+    ls[r].blk_mult = 1u << (32 - w.log2bs);
+  }
 
-  float acc[kAcc][4];
+  float acc[R8][2 * TG][4];
 #pragma unroll
-  for (int a = 0; a < kAcc; ++a)
+  for (int r = 0; r < R8; ++r)
 #pragma unroll
-    for (int c = 0; c < 4; ++c) acc[a][c] = 0.f;
+    for (int a = 0; a < 2 * TG; ++a)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) acc[r][a][c] = 0.f;
 
   // passes p = warp, warp + warps, ... two per iteration on alternating load buffers (no register copies);
   // a pass's loads are issued one pass ahead
-  auto xq = [&](const T* xr, uint32_t p) { return reinterpret_cast<const uint4*>(xr + size_t(p) * kDecPassK); };
-  PassLoads bufA, bufB;
+  auto load = [&](uint32_t p, PassLoads (&buf)[R8]) {
+#pragma unroll
+    for (int r = 0; r < R8; ++r)
+      if (R8 == 1 || r < r8) load_pass<NESTED>(w, ls[r], p, buf[r]);
+  };
+  PassLoads bufA[R8], bufB[R8];
   uint32_t p = warp;
-  if (p < passes) load_pass<NESTED>(w, ls, p, bufA);
+  if (p < passes) load(p, bufA);
 #pragma unroll 1
   for (; p < passes; p += 2 * warps) {
     const uint32_t q = p + warps;
-    if (q < passes) load_pass<NESTED>(w, ls, q, bufB);
-    decode_pass<T, MT16, NESTED>(bufA, code, s_ncode, off, xq(x0, p), xq(x1, p), acc);
+    if (q < passes) load(q, bufB);
+    decode_pass<T, TG, R8, NESTED>(bufA, r8, code, s_ncode, off, xr, p, acc);
     if (q >= passes) break;
-    if (q + warps < passes) load_pass<NESTED>(w, ls, q + warps, bufA);
-    decode_pass<T, MT16, NESTED>(bufB, code, s_ncode, off, xq(x0, q), xq(x1, q), acc);
+    if (q + warps < passes) load(q + warps, bufA);
+    decode_pass<T, TG, R8, NESTED>(bufB, r8, code, s_ncode, off, xr, q, acc);
   }
 
   // split-K reduction in warp order (deterministic), then bias / LoRA and one rounding per output
 #pragma unroll
-  for (int a = 0; a < kAcc; ++a)
+  for (int r = 0; r < R8; ++r)
 #pragma unroll
-    for (int c = 0; c < 4; ++c) s_red[warp][a][lane][c] = acc[a][c];
+    for (int i = 0; i < TG; ++i)
+      s_red[warp][r * TG + i][lane] = make_float4(acc[r][2 * i][0], acc[r][2 * i][1], acc[r][2 * i + 1][2],
+                                                  acc[r][2 * i + 1][3]);
   __syncthreads();
-  for (int o = threadIdx.x; o < M * 8; o += blockDim.x) {
-    const int m = o >> 3, ni = o & 7;
-    // token m = 8 * tile + g' sits in D row g' of acc[2 * tile] (c0 / c1) and D row g' + 8 of acc[2 * tile + 1]
-    // (c2 / c3), column ni held by lane g' * 4 + ni / 2
-    const int tile = m >> 3, ln = (m & 7) * 4 + (ni >> 1), c = ni & 1;
+  const int cols = 8 * r8;
+  for (int o = threadIdx.x; o < M * cols; o += blockDim.x) {
+    // token m = 8 i + g' of row tile r, column ni: lane g' * 4 + ni / 2, components ni & 1 (first kind, D row g')
+    // and 2 + (ni & 1) (second kind, D row g' + 8)
+    const int m = o / cols, nn = o % cols, r = nn >> 3, ni = nn & 7, i = m >> 3;
+    const int ln = (m & 7) * 4 + (ni >> 1);
     float v = 0.f;
-    for (int wi = 0; wi < warps; ++wi) v += s_red[wi][2 * tile][ln][c] + s_red[wi][2 * tile + 1][ln][c + 2];
-    const int64_t n = int64_t(blockIdx.x) * 8 + ni;
+    for (int wi = 0; wi < warps; ++wi) {
+      const float4 s4 = s_red[wi][r * TG + i][ln];
+      v += (ni & 1) ? s4.y + s4.w : s4.x + s4.z;
+    }
+    const int64_t n = n0 + nn;
     if (n < N) out[int64_t(m) * N + n] = Cvt<T>::from_f(apply_epilogue(ep, v, m, n));
   }
 }
@@ -372,21 +418,33 @@ void launch_gemv_t(const T* x, const Weight4& w, int64_t M, T* out, const LoraEp
   else launch_simt<T, 16, 2>(x, w, M, out, ep, stream);
 }
 
-template <typename T, bool MT16>
+// 8-row tiles per warp: as many as allowed (x is re-read once per 8 R8 rows of W) while the grid still gives
+// every SM a CTA (132 on an H100; N = 4096 takes 4 tiles: 128 CTAs, N = 1024 one: 128 CTAs).
+inline int decode_row_tiles(int64_t N, int max_r8) {
+  int dev = 0, sms = 132;  // two cheap host queries, no synchronization
+  if (cudaGetDevice(&dev) == cudaSuccess) cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  int r8 = max_r8;
+  while (r8 > 1 && ceil_div(N, 8 * r8) < sms * 31 / 32) r8 /= 2;  // within 3% of every SM busy
+  return r8;
+}
+
+template <typename T, int TG>
 void launch_decode_t(const T* x, const Weight4& w, int64_t M, T* out, const LoraEpilogue& ep, cudaStream_t stream) {
   const int64_t passes = ceil_div(w.cols, kDecPassK);
   const int warps = static_cast<int>(std::min<int64_t>(kDecMaxWarps, passes));
-  const int64_t grid = ceil_div(w.rows, 8);
+  const int r8 = decode_row_tiles(w.rows, decode_max_r8<TG>());
+  const int64_t grid = ceil_div(w.rows, 8 * r8);
   TORCH_CHECK(grid <= 0x7fffffff, "N too large for the decode kernel: ", w.rows);
   if (w.nested)
-    nf4_decode_mma_kernel<T, MT16, true><<<grid, warps * 32, 0, stream>>>(x, w, static_cast<int>(M), out, ep);
+    nf4_decode_mma_kernel<T, TG, true><<<grid, warps * 32, 0, stream>>>(x, w, static_cast<int>(M), r8, out, ep);
   else
-    nf4_decode_mma_kernel<T, MT16, false><<<grid, warps * 32, 0, stream>>>(x, w, static_cast<int>(M), out, ep);
+    nf4_decode_mma_kernel<T, TG, false><<<grid, warps * 32, 0, stream>>>(x, w, static_cast<int>(M), r8, out, ep);
 }
 
 bool nf4_decode_mma_applies(const at::Tensor& x, const Weight4& w) {
-  return x.scalar_type() != at::kFloat && w.log2bs >= 6 && w.cols % kDecPassK == 0 && x.size(0) <= kGemvMaxM &&
-         aligned(x.data_ptr(), 16) && aligned(w.packed, 16) && w.rows * w.cols < (int64_t{1} << 32);
+  return x.scalar_type() != at::kFloat && w.log2bs >= 6 && w.cols % kDecPassK == 0 &&
+         x.size(0) <= kDecodeMmaMaxM && aligned(x.data_ptr(), 16) && aligned(w.packed, 16) &&
+         w.rows * w.cols < (int64_t{1} << 32);
 }
 
 void launch_nf4_gemv(const at::Tensor& x, const Weight4& w, const LoraEpilogue& ep, at::Tensor& out,
@@ -397,13 +455,16 @@ void launch_nf4_gemv(const at::Tensor& x, const Weight4& w, const LoraEpilogue& 
       using T = decltype(tag);
       const T* xp = reinterpret_cast<const T*>(x.data_ptr());
       T* op = reinterpret_cast<T*>(out.data_ptr());
-      if (M <= 8) launch_decode_t<T, false>(xp, w, M, op, ep, stream);
-      else launch_decode_t<T, true>(xp, w, M, op, ep, stream);
+      if (M <= 8) launch_decode_t<T, 1>(xp, w, M, op, ep, stream);
+      else if (M <= 16) launch_decode_t<T, 2>(xp, w, M, op, ep, stream);
+      else if (M <= 32) launch_decode_t<T, 4>(xp, w, M, op, ep, stream);
+      else launch_decode_t<T, 8>(xp, w, M, op, ep, stream);
     };
     if (x.scalar_type() == at::kBFloat16) run(__nv_bfloat16{});
     else run(__half{});
     return;
   }
+  TORCH_CHECK(M <= kGemvMaxM, "launch_nf4_gemv: the SIMT decode kernel takes M <= ", kGemvMaxM, ", got ", M);
   QPEFT_DISPATCH_FLOAT(x.scalar_type(), "nf4_matmul_out (gemv)", [&] {
     launch_gemv_t<scalar_t>(reinterpret_cast<const scalar_t*>(x.data_ptr()), w, M,
                             reinterpret_cast<scalar_t*>(out.data_ptr()), ep, stream);

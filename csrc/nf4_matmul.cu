@@ -2,11 +2,12 @@
 // W (N, K) in bitsandbytes' layout, fp32 or double-quantized absmax decoded in-kernel.
 //
 // Dispatch by M (rows of x):
-//   M <= 16 (decode / small batch), K % 32 == 0, 16-byte aligned x and W: nf4_gemv.cu, one pass over W for any
-//     M <= 16. fp16 / bf16 with blocksize >= 64 and K % 256 == 0 (every Llama shape) take the tensor-core
-//     kernel (mma.sync with W dequantized into fragments through a register code book, split-K across the warps
-//     of a CTA); fp32, blocksize 32 or K % 256 != 0 the SIMT kernel. At these M the op is bound by streaming W
-//     (4.127 bits per weight with double quant: an 8192 x 28672 layer is 121 MB of bf16 but 30 MB of NF4).
+//   Decode / small batch, nf4_gemv.cu, one pass over W: fp16 / bf16 with M <= 64, blocksize >= 64, K % 256 == 0
+//     (every Llama shape) and 16-byte aligned x and W take the tensor-core kernel (mma.sync with W dequantized
+//     into fragments through a register code book, split-K across the warps of a CTA); M <= 16 with K % 32 == 0
+//     and aligned pointers otherwise the SIMT kernel (fp32, blocksize 32, K % 256 != 0). At these M the op is
+//     bound by streaming W (4.127 bits per weight with double quant: an 8192 x 28672 layer is 121 MB of bf16 but
+//     30 MB of NF4).
 //   Otherwise: the tiled GEMM of tile_gemm.cuh (tensor cores for fp16/bf16, SIMT for fp32) that dequantizes W
 //     tiles into shared memory in its main loop. On sm_90 the auto dispatch sends M > 16 to Triton (wgmma).
 // dx always uses the tiled GEMM with transposed access (it is only needed in training, where M is the token
@@ -133,7 +134,8 @@ void nf4_matmul_out(const at::Tensor& x, const at::Tensor& packed, const at::Ten
   if (M == 0 || N == 0) return;
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  if (M <= kGemvMaxM && K % 32 == 0 && aligned(packed.data_ptr(), 16) && aligned(x.data_ptr(), 16)) {
+  if (nf4_decode_mma_applies(x, w) ||
+      (M <= kGemvMaxM && K % 32 == 0 && aligned(packed.data_ptr(), 16) && aligned(x.data_ptr(), 16))) {
     launch_nf4_gemv(x, w, ep, out, stream);  // nf4_gemv.cu
   } else {
     QPEFT_DISPATCH_FLOAT(x.scalar_type(), "nf4_matmul_out", [&] {

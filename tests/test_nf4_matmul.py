@@ -193,8 +193,9 @@ def test_op_level_checks():
 
 
 # --- Triton kernels (interpreter on CPU: fp16/fp32, small shapes) -------------------------------------------------
-# generic loader (K % blocksize != 0, odd K) and aligned loader (K % blocksize == 0) shapes
-TRITON_SHAPES = [(1, 33, 70), (5, 17, 131), (20, 48, 96), (2, 21, 256)]
+# generic loader (K % blocksize != 0, odd K), aligned loader (K % blocksize == 0) and whole tiles (EVEN_NK: N and K
+# multiples of the default tiles, no masked loads) shapes
+TRITON_SHAPES = [(1, 33, 70), (5, 17, 131), (20, 48, 96), (2, 21, 256), (20, 64, 256)]
 
 
 @pytest.mark.triton
@@ -389,11 +390,13 @@ def test_cuda_forward_dx_lora(M, N, K, dtype, quant_type, blocksize, nested, mon
                     what="cuda dx")
 
 
-# decode kernel of csrc/nf4_gemv.cu (M <= 16): tensor cores for fp16 / bf16 with blocksize >= 64 and K % 256 == 0,
-# the SIMT kernel otherwise. Shapes: one warp (K = 256), split-K over 8 warps with 1 and 2 passes each
+# decode kernels of csrc/nf4_gemv.cu: tensor cores for fp16 / bf16 with M <= 64, blocksize >= 64 and K % 256 == 0
+# (1, 2, 4 or 8 groups of 8 tokens; M = 24 with N = 2056 takes two 8-row tiles per warp on an H100, the last CTA's
+# second one half past N), the SIMT kernel at M <= 16 otherwise (blocksize 32 below), the tiled GEMM above. Shapes: one warp (K = 256), split-K over 8 warps with 1 and 2 passes each
 # (K = 2816 = 11 passes: warps 0-2 take two, the loop's early exit), N not a multiple of 8 (clamped rows),
 # blocksizes below, at and above the 256-k pass (a pass inside one block / the block spanning passes)
-DECODE_SHAPES = [(1, 37, 256), (3, 64, 2816), (8, 29, 512), (9, 40, 4096), (16, 33, 768)]
+DECODE_SHAPES = [(1, 37, 256), (3, 64, 2816), (8, 29, 512), (9, 40, 4096), (16, 33, 768), (17, 24, 512),
+                 (32, 19, 1280), (24, 2056, 256), (41, 1000, 512), (64, 72, 256)]
 
 
 @requires_cuda
@@ -449,18 +452,23 @@ def test_cuda_forward_input_copies_misaligned_x_and_warns_once_per_slow_path(mon
     assert out is x and not warned                          # the fast path as is
     x, out, warned = call(4, 512, x_offset=1)                # misaligned view: an aligned copy, no warning
     assert x.data_ptr() % 16 and out.data_ptr() % 16 == 0 and torch.equal(out, x) and not warned
-    x, out, warned = call(32, 512, x_offset=1)               # M > 16: the tiled GEMM handles any alignment
-    assert out is x and not warned
-    for kwargs, reason, kernel in ((dict(K=100), "K=100 is not a multiple of 32", "tiled GEMM"),
-                                   (dict(K=512, w_offset=8), "packed weight is not 16-byte aligned", "tiled GEMM"),
-                                   (dict(K=512, blocksize=32), "blocksize 32 < 64", "SIMT kernel"),
-                                   (dict(K=288), "K=288 is not a multiple of 256", "SIMT kernel")):
-        _, _, warned = call(1, **kwargs)
+    x, out, warned = call(32, 512, x_offset=1)               # M <= 64: the tensor-core kernel too
+    assert out.data_ptr() % 16 == 0 and torch.equal(out, x) and not warned
+    for M, kwargs, reason, kernel in ((1, dict(K=100), "K=100 is not a multiple of 32", "tiled GEMM"),
+                                      (1, dict(K=512, w_offset=8), "packed weight is not 16-byte aligned",
+                                       "tiled GEMM"),
+                                      (1, dict(K=512, blocksize=32), "blocksize 32 < 64", "SIMT kernel"),
+                                      (1, dict(K=288), "K=288 is not a multiple of 256", "SIMT kernel"),
+                                      (20, dict(K=512, blocksize=32), "blocksize 32 < 64", "tiled GEMM")):
+        _, _, warned = call(M, **kwargs)
         assert len(warned) == 1 and reason in warned[0] and kernel in warned[0], warned
-        _, _, again = call(2, **kwargs)
+        _, _, again = call(M + 1, **kwargs)
         assert not again  # once per reason
-    _, _, warned = call(1, 288, dtype=torch.float32)         # fp32 always takes the SIMT kernel: not warned
-    assert not warned
+    for M in (1, 20):                                        # fp32: SIMT or tiled GEMM by design, not warned
+        _, _, warned = call(M, 288, dtype=torch.float32)
+        assert not warned
+    x, out, warned = call(70, 512, x_offset=1, blocksize=32)  # M > 64: the tiled GEMM, any alignment
+    assert out is x and not warned
 
 
 # --- auto dispatch: the measured table (built by benchmarks/tune_nf4_matmul.py) and its lookup ---------------
@@ -537,6 +545,24 @@ def test_dispatch_default_plan_and_argument_check():
     assert (p.backend, p.triton_config, p.source) == ("cuda", None, "default")
     with pytest.raises(ValueError, match="direction must be 'fwd' or 'dx'"):
         plan("bwd", 1, 4096, 4096, torch.bfloat16, cpu)
+
+
+def test_dispatch_default_rule_on_hopper(monkeypatch):
+    """On sm_90 (reported by a stand-in): the CUDA decode kernels up to M = 16, and up to 64 where the tensor-core
+    one applies (fp16 / bf16, K % 256 == 0); Triton (wgmma) above, and for every dx."""
+    from qpeft.ops import nf4_matmul_dispatch as d
+
+    monkeypatch.setattr(d, "is_hopper_or_newer", lambda device: True)
+    dev, bf16 = torch.device("cuda", 0), torch.bfloat16
+
+    def backend(direction, M, K, dtype=bf16):
+        return d.default_plan(direction, M, dev, K, dtype).backend
+
+    assert [backend("fwd", M, 4096) for M in (1, 16, 17, 64, 65)] == ["cuda"] * 4 + ["triton"]
+    assert [backend("fwd", M, 4000) for M in (16, 17)] == ["cuda", "triton"]           # K % 256 != 0
+    assert [backend("fwd", M, 4096, torch.float32) for M in (16, 17)] == ["cuda", "triton"]
+    assert backend("dx", 1, 4096) == "triton"
+    assert d.default_plan("fwd", 24, dev).backend == "triton"  # K / dtype not given: the M <= 16 rule
 
 
 @pytest.mark.triton

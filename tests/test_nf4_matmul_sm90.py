@@ -257,8 +257,8 @@ def _nvcc() -> bool:
 
 
 @pytest.mark.skipif(not _nvcc(), reason="needs nvcc (compiles csrc/nf4_gemv.cu for sm_90)")
-@pytest.mark.parametrize("mt16", [0, 1])
-def test_cuda_decode_kernel_sass(mt16):
+@pytest.mark.parametrize("M", [1, 16])
+def test_cuda_decode_kernel_sass(M):
     """csrc/nf4_gemv.cu compiled for sm_90 (cached in build/static_sm90): the tensor-core decode kernel keeps
     everything in registers (no local memory), reads the code book from no memory in its main loop (PRMTs, no
     narrow loads per weight), streams W with 16-byte evict-first loads, issues mma.sync (HMMA), and its ALU work
@@ -270,7 +270,7 @@ def test_cuda_decode_kernel_sass(mt16):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from benchmarks import static_sm90
 
-    launch, = static_sm90.cuda_launches("fwd", 16 if mt16 else 1, 4096, 4096)
+    launch, = static_sm90.cuda_launches("fwd", M, 4096, 4096)
     assert launch.path == "cuda_decode"
     usage, lp = launch.usage, launch.loop
     assert usage["LOCAL"] == 0 and usage["STACK"] == 0, usage
@@ -284,3 +284,42 @@ def test_cuda_decode_kernel_sass(mt16):
     alu_per_w = lp.counts["alu"] * per_w
     floor_rate = static_sm90.HW.floor_weights_per_clk
     assert 64 / alu_per_w >= 0.8 * floor_rate, f"{alu_per_w:.2f} ALU ops per weight"
+
+
+def test_static_model_calibration_joins_measured_and_predicted(tmp_path):
+    """`static_sm90 --calibrate`: a GPU run of the model's cases (benchmarks/measure_static_cases.py) next to the
+    predictions: decode rows as a fraction of the floor (CUDA-graph time when measured), the others vs the cuBLAS
+    of the same run, and measured / predicted per case and per path."""
+    import csv
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.static_sm90 import calibrate
+
+    pred = tmp_path / "pred.csv"
+    with open(pred, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["model", "layer", "direction", "M", "dispatched", "path", "metric",
+                                          "predicted", "floor_us", "predicted_us"])
+        w.writeheader()
+        w.writerow(dict(model="8b", layer="q/o", direction="fwd", M=1, dispatched=True, path="cuda_decode",
+                        metric="fraction of floor", predicted=0.8, floor_us=2.0, predicted_us=2.5))
+        w.writerow(dict(model="8b", layer="q/o", direction="dx", M=1024, dispatched=True, path="triton",
+                        metric="x bf16 cuBLAS", predicted=0.5, floor_us=50.0, predicted_us=100.0))
+        w.writerow(dict(model="8b", layer="q/o", direction="dx", M=1024, dispatched=False, path="cuda_tile",
+                        metric="x bf16 cuBLAS", predicted=0.1, floor_us=50.0, predicted_us=500.0))
+    meas = tmp_path / "static_cases.csv"
+    with open(meas, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["model", "layer", "direction", "M", "qpeft_ms", "qpeft_graph_ms",
+                                          "cublas_ms", "cublas_graph_ms", "device"])
+        w.writeheader()
+        w.writerow(dict(model="8b", layer="q/o", direction="fwd", M=1, qpeft_ms=0.01, qpeft_graph_ms=0.004,
+                        cublas_ms=0.02, cublas_graph_ms=0.017, device="NVIDIA H100 80GB HBM3"))
+        w.writerow(dict(model="8b", layer="q/o", direction="dx", M=1024, qpeft_ms=0.1, qpeft_graph_ms="",
+                        cublas_ms=0.06, cublas_graph_ms="", device="NVIDIA H100 80GB HBM3"))
+    csv_p, md_p = calibrate(meas, pred, tmp_path / "out")
+    rows = list(csv.DictReader(open(csv_p)))
+    assert [(r["path"], float(r["measured"]), float(r["measured_over_predicted"])) for r in rows] == [
+        ("cuda_decode", 0.5, 0.625),  # 2.0 us floor / 4.0 us under the graph
+        ("triton", 0.6, 1.2)]         # 0.06 ms cuBLAS / 0.1 ms
+    assert csv_p.name == "calibration_NVIDIA_H100_80GB_HBM3.csv" and "| cuda_decode | 1 | 0.62 |" in md_p.read_text()

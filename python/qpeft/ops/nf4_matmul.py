@@ -25,38 +25,43 @@ __all__ = ["nf4_matmul", "nf4_matmul_dx", "check_weight_args", "cuda_forward_inp
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-# csrc/nf4_matmul.cu + nf4_gemv.cu: the decode kernels' range (kGemvMaxM) and the tensor-core kernel's K step
-# (kDecPassK); they need 16-byte aligned x and packed W
-CUDA_DECODE_MAX_M = 16
+# csrc/nf4_matmul.cu + nf4_gemv.cu: the decode kernels' ranges (kDecodeMmaMaxM for the tensor-core kernel,
+# kGemvMaxM for the SIMT one) and the tensor-core kernel's K step (kDecPassK); both need 16-byte aligned x and W
+CUDA_DECODE_MMA_MAX_M = 64
+CUDA_DECODE_SIMT_MAX_M = 16
 CUDA_DECODE_K_STEP = 256
 
 
 def cuda_forward_input(x2d: torch.Tensor, packed: torch.Tensor, blocksize: int) -> torch.Tensor:
     """The activation to hand the CUDA C++ forward (qpeft_C::nf4_matmul_out), and a one-time warning per reason
-    when a decode-sized call (M <= 16) cannot take its fast kernels:
+    when a decode-sized call (M <= 64, fp16 / bf16) cannot take the tensor-core decode kernel:
     - x not 16-byte aligned (a view at an odd offset): copied here, M x K elements, far less than the weight the
       kernel streams, so the call stays on the fast kernel;
-    - K % 32 != 0 or a misaligned packed weight: the tiled GEMM (several times slower at these M);
-    - blocksize 32 or K % 256 != 0 (fp16 / bf16): the SIMT kernel instead of the tensor-core one.
-    fp32 activations always take the SIMT kernel (no tensor cores for fp32): documented, not warned.
-    Larger M goes to the tiled GEMM, which handles any alignment at full speed."""
+    - blocksize 32 or K % 256 != 0: the SIMT kernel at M <= 16, the tiled GEMM above;
+    - K % 32 != 0 or a misaligned packed weight: the tiled GEMM.
+    fp32 activations take the SIMT kernel (M <= 16) or the tiled GEMM (no tensor cores for fp32): documented,
+    not warned. Larger M goes to the tiled GEMM, which handles any alignment at full speed."""
     M, K = x2d.shape
-    if M > CUDA_DECODE_MAX_M:
+    if M > CUDA_DECODE_MMA_MAX_M or (x2d.dtype == torch.float32 and M > CUDA_DECODE_SIMT_MAX_M):
         return x2d
     if x2d.data_ptr() % 16:
         x2d = x2d.clone()  # a fresh allocation: the caching allocator aligns every block to 512 bytes
-    reason = kernel = None
     if packed.data_ptr() % 16:
-        reason, kernel = "the packed weight is not 16-byte aligned (a view at an offset)", "tiled GEMM"
+        reason = "the packed weight is not 16-byte aligned (a view at an offset)"
     elif K % 32:
-        reason, kernel = f"K={K} is not a multiple of 32", "tiled GEMM"
-    elif x2d.dtype != torch.float32 and blocksize < 64:
-        reason, kernel = f"blocksize {blocksize} < 64", "SIMT kernel"
-    elif x2d.dtype != torch.float32 and K % CUDA_DECODE_K_STEP:
-        reason, kernel = f"K={K} is not a multiple of {CUDA_DECODE_K_STEP}", "SIMT kernel"
-    if reason is not None:
-        _warn_once(f"qpeft.nf4_matmul: {reason}, so decode-sized calls (M <= {CUDA_DECODE_MAX_M}) on the CUDA "
-                   f"backend use the {kernel} instead of the tensor-core decode kernel (several times slower)")
+        reason = f"K={K} is not a multiple of 32"
+    elif x2d.dtype == torch.float32:
+        return x2d
+    elif blocksize < 64:
+        reason = f"blocksize {blocksize} < 64"
+    elif K % CUDA_DECODE_K_STEP:
+        reason = f"K={K} is not a multiple of {CUDA_DECODE_K_STEP}"
+    else:
+        return x2d
+    simt = M <= CUDA_DECODE_SIMT_MAX_M and K % 32 == 0 and packed.data_ptr() % 16 == 0
+    _warn_once(f"qpeft.nf4_matmul: {reason}, so decode-sized calls (M <= {CUDA_DECODE_MMA_MAX_M}) on the CUDA "
+               f"backend use the {'SIMT kernel' if simt else 'tiled GEMM'} instead of the tensor-core decode kernel "
+               f"(several times slower)")
     return x2d
 
 
