@@ -403,6 +403,13 @@ def _row_chunks(M: int, block_m: int):
     return [(r, min(M, r + step)) for r in range(0, M, step)]
 
 
+def _two_ctas_per_sm(num_warps: int) -> dict:
+    """maxnreg for 8-warp dx tiles: 128 registers, so two CTAs share an SM. The 128 x 64 x 128 tile takes 129
+    without the cap (the explicit mul.rn / add.rn of the scale), which halves its occupancy (static sm_90 model:
+    0.23x instead of 0.42x cuBLAS at M >= 1024); with it, 125 registers and no spills."""
+    return {"maxnreg": 128} if num_warps == 8 else {}
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     # fp32 inputs: full-precision products ("ieee"); tf32 would lose ~3 decimal digits vs torch's fp32 matmul.
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -460,8 +467,8 @@ def nf4_matmul_triton(x2d, packed, absmax, code, blocksize, N, nested_absmax=Non
 def nf4_matmul_dx_triton(dy2d, packed, absmax, code, blocksize, K, nested_absmax=None, nested_code=None,
                          offset=None, lora_dyb=None, lora_A=None, lora_scale=0.0, config: dict | None = None):
     """(M, K) = dy2d (M, N) @ W (+ lora_scale * lora_dyb @ lora_A). Inputs validated by the L2 op.
-    EVEN_NK (unmasked whole tiles) stays off here: the 128 x 64 x 128 tile takes 134 registers with it instead of
-    128, one CTA per SM instead of two (the static sm_90 model: 0.27x instead of 0.46x cuBLAS at M >= 1024)."""
+    EVEN_NK (unmasked whole tiles) stays off here: the 128 x 64 x 128 tile takes 134 registers with it, one CTA
+    per SM instead of two (the static sm_90 model: 0.27x instead of 0.46x cuBLAS at M >= 1024)."""
     M, N = dy2d.shape
     cfg = dict(config or _dx_config(M, N, K, dy2d.device, dy2d.dtype, aligned=K % blocksize == 0))
     num_warps = cfg.pop("num_warps", 4)
@@ -484,5 +491,5 @@ def nf4_matmul_dx_triton(dy2d, packed, absmax, code, blocksize, K, nested_absmax
         lora_dyb.stride(0) if has_lora else 0, lora_A.stride(0) if has_lora else 0,
         BLOCKSIZE=blocksize, NESTED=nested, HAS_LORA=has_lora, R_PAD=max(16, triton.next_power_of_2(max(r, 1))),
         DOT_PRECISION=_dot_precision(dy2d.dtype), ALIGNED=aligned, num_warps=num_warps, enable_fp_fusion=True,
-        **_stages(num_stages), **cfg)
+        **_stages(num_stages), **_two_ctas_per_sm(num_warps), **cfg)
     return dx
