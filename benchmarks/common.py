@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import datetime as _dt
+import io
 import os
 import platform
 import re
@@ -18,6 +19,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from qpeft._io import atomic_write_text
 
 RESULTS_ROOT = Path(__file__).resolve().parent / "results"
 
@@ -99,10 +102,11 @@ def write_csv(suite: str, rows: list[dict]) -> Path:
     keys: list[str] = []
     for r in rows:
         keys += [k for k in r if k not in keys]
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=keys)
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(path, buf.getvalue())  # a failed run never leaves a truncated result behind
     return path
 
 

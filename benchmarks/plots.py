@@ -12,6 +12,8 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
+from qpeft._io import atomic_paths
+
 __all__ = ["plot_speed_vs_m", "provider_columns", "shape_key", "roofline_ms"]
 
 # columns that are never a provider's time
@@ -93,14 +95,16 @@ def plot_speed_vs_m(rows: list[dict], suite: str, out_dir: Path, ceilings: dict 
         fig.tight_layout()
         name = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{suite}_{'_'.join(f'{k}{v}' for k, v in key)}")
         path = Path(out_dir) / f"{name}.png"
-        fig.savefig(path, dpi=110)
+        with atomic_paths(path) as (tmp,):  # a result plot is replaced only by a complete one
+            fig.savefig(tmp, dpi=110, format="png")
         plt.close(fig)
         paths.append(path)
     return paths
 
 
 def _floor(rows: list[dict], ceilings: dict | None, bits: float) -> list[tuple[int, float]]:
-    ideal = [c for c in rows[0] if c.startswith("ideal") and "nf4" in c] or [c for c in rows[0] if c.startswith("ideal")]
+    ideal = ([c for c in rows[0] if c.startswith("ideal") and "nf4" in c]
+             or [c for c in rows[0] if c.startswith("ideal")])
     by_m: dict[int, float] = {}
     if ideal:
         for r in rows:

@@ -2,7 +2,7 @@
 warp takes through it, counting its instructions by issue pipe, and the bytes of global loads it keeps in flight.
 
 Used by the static performance model (benchmarks/static_sm90.py) and by the CPU tests of SASS properties
-(tests/test_nf4_matmul_sm90.py). Works on any cubin: nvcc's (csrc/) and Triton's.
+(tests/ops/test_nf4_matmul_sm90.py). Works on any cubin: nvcc's (csrc/) and Triton's.
 
 What is read from each instruction:
 - the opcode and operands (`LDG.E.EF.128 R12, desc[UR10][R12.64]`), the guard predicate, the address;
@@ -55,7 +55,7 @@ _ALU = {"LOP3", "LOP", "IADD3", "IADD", "SHF", "SHL", "SHR", "PRMT", "ISETP", "F
         "FSEL", "MOV", "LEA", "IABS", "IMNMX", "FMNMX", "HMNMX2", "VIADD", "VIADDMNMX", "VIMNMX", "BMSK", "SGXT",
         "PLOP3", "P2R", "R2P", "CS2R", "FLO", "POPC", "BREV", "ICMP", "I2IP", "F2IP", "I2FP", "ISCADD", "BFE",
         "BFI", "LOP32I", "IADD32I", "FSET", "ISET", "PSETP", "VOTE", "VOTEU", "NOP"}
-_CONV = {"F2F", "F2I", "I2F", "F2FP", "FRND", "I2I", "F2FP"}
+_CONV = {"F2F", "F2I", "I2F", "F2FP", "FRND", "I2I"}
 _LSU = {"LDG", "STG", "LDS", "STS", "LDSM", "STSM", "LDGSTS", "ATOM", "ATOMS", "ATOMG", "RED", "LDL", "STL", "LD",
         "ST", "MATCH", "LDGMC", "REDG"}
 _TENSOR = {"HMMA", "HGMMA", "IMMA", "IGMMA", "QGMMA", "BMMA", "DMMA"}
@@ -131,7 +131,8 @@ class Instr:
         return self.base in ("LDG", "LDGSTS", "LD")
 
 
-_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z][A-Za-z0-9_.]*)\s*(.*?)\s*;\s*/\*\s*(0x[0-9a-f]{16})\s*\*/")
+_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z][A-Za-z0-9_.]*)\s*(.*?)\s*;"
+                   r"\s*/\*\s*(0x[0-9a-f]{16})\s*\*/")
 _HI = re.compile(r"^\s*/\*\s*(0x[0-9a-f]{16})\s*\*/\s*$")
 
 

@@ -34,9 +34,10 @@ The model (every number an assumption until a GPU calibrates it; `--calibrate` r
 - A launch's time: the longest of the DRAM time of its unique bytes, the L2 time of its re-reads, and the busiest
   SM's main-loop passes (ceil(CTAs / 132) per wave, waves of 132 x occupancy) at min(issue-bound rate,
   latency-bound rate) per SM; plus one HBM latency of ramp. Issue-bound rate: one pass per max(dispatch =
-  instructions / 4, per-pipe cycles, tensor cycles). Latency-bound rate: resident warps / cycles of one warp's pass alone (sass_sm90.simulate: in-order
-  issue, the scoreboard waits and stall counts of the SASS). Dequantization and MMA overlap (max, not sum) when
-  an SM holds two or more warps per scheduler; the busiest SM's work includes the zero-padding of partial tiles.
+  instructions / 4, per-pipe cycles, tensor cycles). Latency-bound rate: resident warps / cycles of one warp's
+  pass alone (sass_sm90.simulate: in-order issue, the scoreboard waits and stall counts of the SASS).
+  Dequantization and MMA overlap (max, not sum) when an SM holds two or more warps per scheduler; the busiest
+  SM's work includes the zero-padding of partial tiles.
 - Floors: decode fraction = max(unique bytes / 3.02 TB/s, FLOPs / 700 TFLOP/s) / predicted time; cuBLAS time =
   max(bf16 bytes / 3.02 TB/s, FLOPs / 700 TFLOP/s) (its roofline at the measured ceilings, so ratios are
   conservative where cuBLAS falls short of it, e.g. 4096^2 decode, which it runs at 63% of that roofline).
@@ -288,7 +289,7 @@ def cuda_launches(direction: str, M: int, N: int, K: int) -> list[Launch]:
     if direction == "fwd" and M <= 64 and K % 256 == 0:  # nf4_decode_mma_applies (bf16, blocksize 64)
         tg = 1 if M <= 8 else 2 if M <= 16 else 4 if M <= 32 else 8  # groups of 8 tokens
         kern, res = _cuda_kernel("nf4_gemv.cu", f"nf4_decode_mma_kernelI13__nv_bfloat16Li{tg}ELb1E")
-        r8 = max_r8 = 2 if tg == 4 else 1   # decode_max_r8: 8-row tiles per warp
+        r8 = 2 if tg == 4 else 1   # decode_max_r8: 8-row tiles per warp
         while r8 > 1 and math.ceil(N / (8 * r8)) < HW.sms * 31 // 32:  # decode_row_tiles
             r8 //= 2
         passes = K // 256                  # kDecPassK: a warp pass = 8 r8 rows x 256 k
@@ -528,7 +529,8 @@ def calibrate(measured_csv: Path, predicted_csv: Path, out: Path) -> tuple[Path,
         if ratios:
             lines.append(f"| {path} | {len(ratios)} | {statistics.median(ratios):.2f} | {min(ratios):.2f} | "
                          f"{max(ratios):.2f} |")
-    lines += ["", "| model | layer | dir | M | path | predicted | measured | metric |", "|---|---|---|---:|---|---:|---:|---|"]
+    lines += ["", "| model | layer | dir | M | path | predicted | measured | metric |",
+              "|---|---|---|---:|---|---:|---:|---|"]
     lines += [f"| {r['model']} | {r['layer']} | {r['direction']} | {r['M']} | {r['path']} | {r['predicted']:.2f} | "
               f"{r['measured']:.2f} | {r['metric']} |" for r in rows]
     md_p.write_text("\n".join(lines) + "\n")

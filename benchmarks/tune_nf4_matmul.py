@@ -140,6 +140,7 @@ def summary(rows: list[dict]) -> list[dict]:
 
 
 def write_table(rows: list[dict]) -> Path:
+    from qpeft._io import atomic_write_text
     from qpeft.ops import nf4_matmul_dispatch, nf4_matmul_tuned
 
     env = env_info()
@@ -149,7 +150,7 @@ def write_table(rows: list[dict]) -> Path:
     tables[torch.cuda.get_device_name()] = nf4_matmul_dispatch.build_table(
         rows, torch.cuda.get_device_capability(), measured)
     path = Path(nf4_matmul_tuned.__file__)
-    path.write_text(nf4_matmul_dispatch.render_tables(tables))
+    atomic_write_text(path, nf4_matmul_dispatch.render_tables(tables))
     return path
 
 

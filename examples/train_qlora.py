@@ -23,6 +23,7 @@ import torch
 from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments, set_seed
 
 import qpeft
+from qpeft._io import atomic_write_text
 
 
 class RandomTokens(torch.utils.data.Dataset):
@@ -70,8 +71,8 @@ class WriteLosses(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
-            with open(self.path, "w") as f:
-                json.dump({h["step"]: h["loss"] for h in state.log_history if "loss" in h}, f)
+            losses = {h["step"]: h["loss"] for h in state.log_history if "loss" in h}
+            atomic_write_text(self.path, json.dumps(losses))
 
 
 def main(argv=None):

@@ -3,6 +3,8 @@ import os
 import pytest
 import torch
 
+from fake_cuda import fake_cuda  # noqa: F401  (fixture: a pretend CUDA device for CPU tests)
+
 
 @pytest.fixture(autouse=True)
 def _seed():

@@ -44,7 +44,7 @@ if [ "$STAGE" = tests ] || [ "$STAGE" = all ]; then
     | tee "$LOG/pytest_triton_gpu.log" || status=1
 fi
 if [ "$STAGE" = quick ]; then
-  $PY -m pytest tests/test_nf4_matmul.py tests/test_nf4_matmul_sm90.py -q -p no:cacheprovider -rs -x 2>&1 \
+  $PY -m pytest tests/ops/test_nf4_matmul.py tests/ops/test_nf4_matmul_sm90.py -q -p no:cacheprovider -rs -x 2>&1 \
     | tee "$LOG/pytest_nf4_gpu.log" || status=1
   $PY -m benchmarks.measure_static_cases 2>&1 | tee "$LOG/static_cases.log" || status=1
   measured=$(ls benchmarks/results/*/static_cases.csv 2>/dev/null | grep -v cpu- | head -1)

@@ -36,12 +36,13 @@ clock per SM. A 256-entry byte -> (hi, lo) pair table would halve it; that is th
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
+
+from qpeft import _cuda
 
 __all__ = ["nf4_matmul_triton", "nf4_matmul_dx_triton"]
 
@@ -280,11 +281,12 @@ def _nf4_matmul_dx_kernel(
              mask=mask_m[:, None] & mask_k[None, :])
 
 
-@functools.lru_cache(maxsize=None)
+@_cuda.cached
 def _num_sms(device: torch.device) -> int:
     """Cached: the tile choice runs on every call, and decode calls are a few microseconds each."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+    rt = _cuda.rt
+    if rt.is_cuda(device):
+        return rt.multi_processor_count(device.index if device.index is not None else rt.current_device())
     return 132  # interpreter: pretend H100 so tiles are chosen as on the GPU
 
 
@@ -294,7 +296,7 @@ def _prev_pow2(n: int) -> int:
 
 # Tiled-GEMM tiles (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), largest first. Every entry compiles for
 # sm_90 without register spills with bias and the LoRA epilogue (ptxas via Triton 3.9, bf16, NF4 blocksize 64,
-# double quant; tests/test_nf4_matmul.py checks this offline), e.g. 128x128x32 with 8 warps: 221 registers,
+# double quant; tests/ops/test_nf4_matmul.py checks this offline), e.g. 128x128x32 with 8 warps: 221 registers,
 # while 4 warps spill (128x64x64: 552 B) and so does 128x128x64 with 8 (120 B). dx names its tiles
 # (BLOCK_M rows of dy, BLOCK_N reduction step over N, BLOCK_K columns of dx).
 _FWD_GEMM_TILES = ((128, 128, 32, 8, 4), (128, 64, 64, 8, 3), (64, 128, 32, 8, 4), (64, 64, 64, 8, 3),
@@ -303,7 +305,7 @@ _DX_GEMM_TILES = ((128, 64, 128, 8, 3), (128, 64, 64, 8, 3), (64, 64, 128, 8, 3)
                   (32, 64, 64, 4, None), (32, 64, 32, 4, None), (16, 64, 32, 4, None))
 # fp32 activations use exact IEEE dots (FMA loops, operands in registers): the 16-bit tiles spill there (the
 # 32 x 32 x 128 forward tile 3240 B per thread, the 32 x 64 x 64 dx tile 256 B), these do not (sm_90, Triton
-# 3.6 and 3.9; tests/test_triton_sm90.py).
+# 3.6 and 3.9; tests/ops/test_triton_sm90.py).
 _FWD_GEMM_TILES_FP32 = ((64, 64, 16, 8, None), (32, 64, 32, 8, None), (32, 32, 32, 8, None), (16, 32, 32, 4, None))
 _DX_GEMM_TILES_FP32 = ((64, 64, 16, 8, None), (64, 32, 32, 8, None), (32, 32, 64, 8, None), (32, 32, 32, 8, None),
                        (16, 32, 64, 4, None))
@@ -403,13 +405,6 @@ def _row_chunks(M: int, block_m: int):
     return [(r, min(M, r + step)) for r in range(0, M, step)]
 
 
-def _two_ctas_per_sm(num_warps: int) -> dict:
-    """maxnreg for 8-warp dx tiles: 128 registers, so two CTAs share an SM. The 128 x 64 x 128 tile takes 129
-    without the cap (the explicit mul.rn / add.rn of the scale), which halves its occupancy (static sm_90 model:
-    0.23x instead of 0.42x cuBLAS at M >= 1024); with it, 125 registers and no spills."""
-    return {"maxnreg": 128} if num_warps == 8 else {}
-
-
 def _dot_precision(dtype: torch.dtype) -> str:
     # fp32 inputs: full-precision products ("ieee"); tf32 would lose ~3 decimal digits vs torch's fp32 matmul.
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -467,8 +462,11 @@ def nf4_matmul_triton(x2d, packed, absmax, code, blocksize, N, nested_absmax=Non
 def nf4_matmul_dx_triton(dy2d, packed, absmax, code, blocksize, K, nested_absmax=None, nested_code=None,
                          offset=None, lora_dyb=None, lora_A=None, lora_scale=0.0, config: dict | None = None):
     """(M, K) = dy2d (M, N) @ W (+ lora_scale * lora_dyb @ lora_A). Inputs validated by the L2 op.
-    EVEN_NK (unmasked whole tiles) stays off here: the 128 x 64 x 128 tile takes 134 registers with it, one CTA
-    per SM instead of two (the static sm_90 model: 0.27x instead of 0.46x cuBLAS at M >= 1024)."""
+    EVEN_NK (unmasked whole tiles) stays off here: the 128 x 64 x 128 tile takes 134 registers with it. Without
+    it, 129 since the scale's rounding is pinned (mul.rn / add.rn), so one CTA per SM (the static sm_90 model:
+    0.46x cuBLAS at M >= 1024 before the pinning). A maxnreg=128 cap would give two CTAs but spills (sm_90, Triton
+    3.9: 360-848 B of stack for the 128 x 64 x 128 / 128 x 64 x 64 tiles with the LoRA epilogue, or without
+    16-divisible strides), so it is not applied."""
     M, N = dy2d.shape
     cfg = dict(config or _dx_config(M, N, K, dy2d.device, dy2d.dtype, aligned=K % blocksize == 0))
     num_warps = cfg.pop("num_warps", 4)
@@ -491,5 +489,5 @@ def nf4_matmul_dx_triton(dy2d, packed, absmax, code, blocksize, K, nested_absmax
         lora_dyb.stride(0) if has_lora else 0, lora_A.stride(0) if has_lora else 0,
         BLOCKSIZE=blocksize, NESTED=nested, HAS_LORA=has_lora, R_PAD=max(16, triton.next_power_of_2(max(r, 1))),
         DOT_PRECISION=_dot_precision(dy2d.dtype), ALIGNED=aligned, num_warps=num_warps, enable_fp_fusion=True,
-        **_stages(num_stages), **_two_ctas_per_sm(num_warps), **cfg)
+        **_stages(num_stages), **cfg)
     return dx

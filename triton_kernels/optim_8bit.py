@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from qpeft import _cuda
 from qpeft.reference.optim_8bit import BLOCKSIZE, midpoints
 
 __all__ = ["optim_8bit_step_triton"]
@@ -168,9 +169,9 @@ def optim_8bit_step_triton(params, grads, state1, state2, absmax1, absmax2, qmap
         # the table is built on the host and copied without a host sync (pinned memory, non_blocking)
         meta = torch.tensor(rows, dtype=torch.int64)
         st = torch.tensor(starts, dtype=torch.int64)
-        if dev.type == "cuda":
-            meta, st = meta.pin_memory(), st.pin_memory()
-            if torch.cuda.is_current_stream_capturing():
+        if _cuda.rt.is_cuda(dev):
+            meta, st = _cuda.rt.pin(meta), _cuda.rt.pin(st)
+            if _cuda.rt.is_capturing():
                 # a CUDA graph replays these copies from the same host addresses: keep the buffers for good
                 # (torch >= 2.11's host allocator also never recycles blocks used in a capture; 72 B per tensor)
                 _CAPTURED_TABLES.append((meta, st))

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qpeft import codes
+from qpeft.formats import codes
 from qpeft.reference.quantize import ABSMAX_FLOOR, midpoints
 
 __all__ = ["quantize_4bit_triton", "dequantize_4bit_triton", "quantize_blockwise_triton",

@@ -11,31 +11,45 @@ import sys
 
 __version__ = "0.1.0"
 
-# Submodules that are part of the API as modules (qpeft.codes.nf4(), ...).
-_SUBMODULES = ("codes", "methods", "ops", "reference", "modules", "autograd", "optim")
+from . import _moved
+
+# Old module paths (qpeft.codes, qpeft.methods.*, ...) keep working with a DeprecationWarning naming the new one.
+_moved.install()
+
+# Sub-packages that are part of the API as modules (qpeft.formats.codes.nf4(), qpeft.optim.AdamW8bit, ...), and
+# the old names of moved ones (qpeft.codes, qpeft.methods), which warn.
+_SUBMODULES = ("formats", "quant", "reference", "ops", "autograd", "modules", "models", "tuners", "optim",
+               "distributed", "integrations", "codes", "methods")
 
 # Modules whose `__all__` names are re-exported at top level, searched in this order.
 _PUBLIC_MODULES = (
     "qpeft._backend",
-    "qpeft.quant_state",
-    "qpeft.quantize",
+    "qpeft.quant.state",
+    "qpeft.quant.functional",
     "qpeft.autograd.nf4_matmul",
     "qpeft.modules.qlinear_nf4",
-    "qpeft.model_quantization",
+    "qpeft.models.quantization",
     "qpeft.autograd.lora",
+    "qpeft.autograd.linear_cross_entropy",
+    "qpeft.quant.experts",
+    "qpeft.autograd.rmsnorm",
+    "qpeft.autograd.rope",
+    "qpeft.autograd.swiglu",
+    "qpeft.autograd.lora_mlp",
+    "qpeft.autograd.lora_qkv",
     "qpeft.modules.lora_linear",
-    "qpeft.lora_model",
-    "qpeft.params",
-    "qpeft.adapter_io",
-    "qpeft.methods.prompt_tuning",
-    "qpeft.methods.p_tuning",
-    "qpeft.methods.prefix_tuning",
-    "qpeft.methods.p_tuning_v2",
-    "qpeft.methods.dect",
-    "qpeft.methods.bottleneck",
-    "qpeft.methods.bitfit",
-    "qpeft.methods.adalora",
-    "qpeft.methods.unipelt",
+    "qpeft.tuners.lora.model",
+    "qpeft.tuners.params",
+    "qpeft.tuners.adapter_io",
+    "qpeft.tuners.prompt_tuning",
+    "qpeft.tuners.p_tuning",
+    "qpeft.tuners.prefix_tuning",
+    "qpeft.tuners.p_tuning_v2",
+    "qpeft.tuners.dect",
+    "qpeft.tuners.bottleneck",
+    "qpeft.tuners.bitfit",
+    "qpeft.tuners.adalora",
+    "qpeft.tuners.unipelt",
 )
 
 # Names served by modules that import an optional library (PEFT, transformers): {name: module}. Looked up
@@ -88,42 +102,63 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'qpeft' has no attribute {name!r}")
 
 
-class _RegisterWhenTransformersLoads:
-    """A one-shot import hook: when transformers is imported after qpeft, register quant_method "qpeft" with it
-    (qpeft.integrations.transformers), so that `from_pretrained` of a checkpoint saved with qpeft's quantizer
-    finds it. Without the registration transformers would warn and load that checkpoint unquantized, with
-    freshly initialised weights. `import qpeft` itself never imports transformers."""
+class _RunWhenImported:
+    """An import hook: once `name` is imported after qpeft, run `then` (import qpeft's integration with it).
+
+    transformers: register quant_method "qpeft" (qpeft.integrations.transformers), so that `from_pretrained` of a
+    checkpoint saved with qpeft's quantizer finds it; without it transformers would warn and load that checkpoint
+    unquantized, with freshly initialised weights. PEFT: install qpeft's LoRA hook (qpeft.integrations.peft), so
+    that a plain `peft.LoraConfig` builds qpeft's layer on QLinearNF4. `import qpeft` itself imports neither.
+    A probe (`importlib.util.find_spec(name)`, as transformers does for peft) is answered but does not use the
+    hook up: it stays until the module really executes."""
+
+    def __init__(self, name: str, then):
+        self.name, self.then, self._looking = name, then, False
 
     def find_spec(self, fullname, path=None, target=None):
-        if fullname != "transformers":
+        if fullname != self.name or self._looking:
             return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(fullname)  # the real spec, from the finders after this one
+        self._looking = True
+        try:
+            spec = importlib.util.find_spec(fullname)  # the real spec, from the finders after this one
+        finally:
+            self._looking = False
         if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
             exec_module = spec.loader.exec_module
 
-            def exec_then_register(module):
+            def exec_then_run(module):
                 exec_module(module)
-                _register_with_transformers()
+                if self in sys.meta_path:
+                    sys.meta_path.remove(self)
+                self.then()
 
-            spec.loader.exec_module = exec_then_register
+            spec.loader.exec_module = exec_then_run
         return spec
 
 
-def _register_with_transformers() -> None:
+def _import_integration(module: str, what: str) -> None:
     try:
-        importlib.import_module("qpeft.integrations.transformers")
-    except ImportError as e:  # e.g. an unsupported transformers: QPeftConfig raises the reason when used
+        importlib.import_module(module)
+    except ImportError as e:  # e.g. an unsupported release: the integration's entry points raise the reason
         import warnings
 
-        warnings.warn(f"qpeft: quant_method 'qpeft' not registered with transformers: {e}", RuntimeWarning,
-                      stacklevel=2)
+        warnings.warn(f"qpeft: {what}: {e}", RuntimeWarning, stacklevel=2)
 
 
-if "transformers" in sys.modules:
-    _register_with_transformers()
-elif importlib.util.find_spec("transformers") is not None:
-    sys.meta_path.insert(0, _RegisterWhenTransformersLoads())
+def _register_with_transformers() -> None:
+    _import_integration("qpeft.integrations.transformers", "quant_method 'qpeft' not registered with transformers")
+
+
+def _hook_into_peft() -> None:
+    _import_integration("qpeft.integrations.peft", "a plain peft.LoraConfig will not build qpeft's LoRA layers")
+
+
+for _name, _then in (("transformers", _register_with_transformers), ("peft", _hook_into_peft)):
+    if _name in sys.modules:
+        _then()
+    elif importlib.util.find_spec(_name) is not None:
+        sys.meta_path.insert(0, _RunWhenImported(_name, _then))
+del _name, _then
 
 
 def __dir__():

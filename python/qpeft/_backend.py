@@ -9,13 +9,12 @@ breaks, and fake/meta tracing never triggers a build.
 """
 from __future__ import annotations
 
-import functools
 import os
 import warnings
 
 import torch
 
-from . import _versions
+from . import _cuda, _jit, _versions
 
 __all__ = ["backend_info"]
 
@@ -31,23 +30,21 @@ def requested() -> str:
     return b
 
 
-@functools.cache
+@_cuda.cached
 def cuda_ext_status() -> tuple[bool, str]:
     """(available, reason). Builds the extension on first call (only ever called for CUDA tensors)."""
     if os.environ.get("QPEFT_DISABLE_CUDA_EXT") == "1":
         return False, "disabled by QPEFT_DISABLE_CUDA_EXT=1"
-    if not torch.cuda.is_available():
+    if not _cuda.rt.available():
         return False, "no CUDA device"
     try:
-        from . import _jit
-
         _jit.load()
         return True, "built"
     except Exception as e:  # no nvcc / ninja, compile error
         return False, f"{type(e).__name__}: {e}"
 
 
-@functools.cache
+@_cuda.cached
 def triton_status() -> tuple[bool, str]:
     try:
         import triton
@@ -61,7 +58,7 @@ def triton_status() -> tuple[bool, str]:
         if broken is not None:
             return False, broken
         return True, "interpreter (TRITON_INTERPRET=1)"
-    if not torch.cuda.is_available():
+    if not _cuda.rt.available():
         return False, "no CUDA device"
     return True, "available"
 
@@ -75,16 +72,16 @@ def _warn_once(msg: str) -> None:
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
-@functools.lru_cache(maxsize=None)
+@_cuda.cached
 def _capability(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
+    return _cuda.rt.capability(index)
 
 
 def is_hopper_or_newer(device: torch.device) -> bool:
     """sm_90+: where Triton lowers tl.dot to wgmma, which our CUDA C++ tiles (mma.sync) do not use."""
-    if device.type != "cuda":
+    if not _cuda.rt.is_cuda(device):
         return False
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = device.index if device.index is not None else _cuda.rt.current_device()
     return _capability(index)[0] >= 9
 
 
@@ -96,7 +93,7 @@ def select(op: str, device: torch.device, *, cuda: bool = True, triton: bool = T
     prefer_triton: under `auto` only, try Triton before the CUDA extension (a shape/arch gate of the caller:
     e.g. the tensor-core GEMMs on Hopper, where the Triton kernels use wgmma and ours do not).
     """
-    if device.type != "cuda":
+    if not _cuda.rt.is_cuda(device):
         # CPU tensors use the reference, except the Triton interpreter when explicitly asked for
         # (CI runs the Triton kernels this way: QPEFT_BACKEND=triton TRITON_INTERPRET=1).
         if requested() == "triton" and os.environ.get("TRITON_INTERPRET") == "1" and triton:
@@ -143,15 +140,13 @@ def backend_info() -> dict:
     info = {
         "requested": requested(),
         "torch": torch.__version__,
-        "torch_cuda": torch.version.cuda,
-        "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "torch_cuda": _cuda.rt.torch_cuda(),
+        "cuda_device": _cuda.rt.device_name(_cuda.rt.current_device()) if _cuda.rt.available() else None,
         "triton": triton_status(),
     }
-    if torch.cuda.is_available():
+    if _cuda.rt.available():
         info["cuda_ext"] = cuda_ext_status()
     else:
-        from . import _jit
-
         nvcc = _jit.find_nvcc()
         info["cuda_ext"] = (False, "no CUDA device" + ("" if nvcc else "; nvcc not found"))
     return info

@@ -9,10 +9,11 @@ TORCH_CUDA_ARCH_LIST (e.g. "9.0"; default: the visible GPU), MAX_JOBS.
 """
 from __future__ import annotations
 
-import functools
 import os
 import shutil
 from pathlib import Path
+
+from . import _cuda
 
 _PKG_CSRC = Path(__file__).resolve().parent / "csrc"          # non-editable install (package data)
 _REPO_CSRC = Path(__file__).resolve().parents[2] / "csrc"     # editable install / source tree
@@ -55,13 +56,12 @@ def _cuda_home() -> str | None:
 
 
 def target_arch() -> str:
-    import torch
-
+    rt = _cuda.rt
     env = os.environ.get("TORCH_CUDA_ARCH_LIST")
     if env:
         return env
-    if torch.cuda.is_available():
-        major, minor = torch.cuda.get_device_capability()
+    if rt.available():
+        major, minor = rt.capability(rt.current_device())
         return f"{major}.{minor}"
     raise RuntimeError("qpeft: no CUDA device visible and TORCH_CUDA_ARCH_LIST is not set; "
                        "set TORCH_CUDA_ARCH_LIST (e.g. '9.0') to build without a GPU")
@@ -88,33 +88,27 @@ def build_dir() -> Path:
     import torch
 
     arch = target_arch().replace(";", "_").replace(".", "").replace(" ", "_")
-    tag = f"torch{torch.__version__.split('+')[0]}-cu{torch.version.cuda}-sm{arch}"
+    tag = f"torch{torch.__version__.split('+')[0]}-cu{_cuda.rt.torch_cuda()}-sm{arch}"
     root = Path(os.environ.get("QPEFT_BUILD_DIR", Path.home() / ".cache" / "qpeft"))
     return root / tag
 
 
-@functools.cache
+@_cuda.cached
 def load() -> Path:
     """Build (if needed) and load `qpeft_C`; returns the build directory. Raises with the reason."""
-    import torch
-
-    if torch.version.cuda is None:
+    rt = _cuda.rt
+    if rt.torch_cuda() is None:
         raise RuntimeError("qpeft: this torch build has no CUDA support (torch.version.cuda is None)")
     if find_nvcc() is None:
         raise RuntimeError("qpeft: nvcc not found (set CUDA_HOME or put nvcc on PATH)")
-    from torch.utils import cpp_extension
-
     cuda_home = _cuda_home()
     os.environ.setdefault("CUDA_HOME", cuda_home)
-    # cpp_extension resolved CUDA_HOME at torch import time from `which nvcc` (a wrapper's /usr/local has no
-    # lib64/libcudart: "cannot find -lcudart"); override it with the toolkit root found above.
-    cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"]
-    cpp_extension.verify_ninja_availability()
     arch = target_arch()
     os.environ["TORCH_CUDA_ARCH_LIST"] = arch
     out = build_dir()
     out.mkdir(parents=True, exist_ok=True)
-    cpp_extension.load(
+    rt.build_extension(
+        os.environ["CUDA_HOME"],
         name="qpeft_C",
         sources=[str(p) for p in sources()],
         # csrc/ needs no header from the pip CUDA wheels; putting them first (-I) shadowed nvcc's own toolkit

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 import qpeft
-from qpeft.lora_model import add_lora, lora_layers, set_lora_adapter
+from qpeft.tuners.lora.model import add_lora, lora_layers, set_lora_adapter
 from qpeft.modules.qlinear_nf4 import QLinearNF4
 from utils import assert_close_2x, tiny_llama
 
@@ -97,6 +97,27 @@ def test_import_qpeft_imports_neither_peft_nor_transformers():
     assert qpeft.QPeftLoraLinear is QPeftLoraLinear and "lora_config" in dir(qpeft)
 
 
+def test_a_plain_config_works_with_no_qpeft_integration_import():
+    """A script that imports qpeft, then PEFT (after a find_spec probe, as transformers makes one) and never
+    qpeft.integrations: importing PEFT installs qpeft's hook, and a plain LoraConfig builds QPeftLoraLinear. (PEFT
+    imported before qpeft: `import qpeft` installs it.)"""
+    code = """
+import importlib.util, sys, warnings
+warnings.simplefilter("error", RuntimeWarning)
+import torch.nn as nn
+import qpeft
+importlib.util.find_spec("peft")
+assert "peft" not in sys.modules
+import peft
+assert "qpeft.integrations.peft" in sys.modules
+model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+qpeft.quantize_model(model)
+pm = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["0", "2"]))
+assert [type(pm.base_model.model[i]).__name__ for i in (0, 2)] == ["QPeftLoraLinear"] * 2
+"""
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def test_get_peft_model_wraps_every_qlinear_nf4():
     model = nf4_llama()
     nf4 = {n: m for n, m in model.named_modules() if isinstance(m, QLinearNF4)}
@@ -121,16 +142,128 @@ def test_all_linear_without_the_model_counts_the_4bit_layers():
     layers = {n.removeprefix(PREFIX) for n, m in pm.named_modules() if isinstance(m, QPeftLoraLinear)}
     assert layers == set(all_linear(nf4_llama())) and len(layers) == 14
     assert isinstance(pm.base_model.model.lm_head, nn.Linear)
-    if not PEFT_SEES_NF4:
-        # PEFT 0.21.2 resolves "all-linear" by type (nn.Linear / Conv1D only): on an NF4 model it finds nothing
-        with pytest.raises(ValueError, match="target_modules"):
-            peft.get_peft_model(nf4_llama(), peft.LoraConfig(target_modules="all-linear"))
+    # PEFT 0.21.2 alone resolves "all-linear" by type (nn.Linear / Conv1D only) and would find nothing on an NF4
+    # model: qpeft's hook counts QLinearNF4 for a stock config too
+    assert not PEFT_SEES_NF4
+    stock = peft.get_peft_model(nf4_llama(), peft.LoraConfig(target_modules="all-linear"))
+    assert {n.removeprefix(PREFIX) for n, m in stock.named_modules() if isinstance(m, QPeftLoraLinear)} == layers
     # a dense model through a stock config: PEFT's resolution, untouched
     dense = peft.get_peft_model(tiny_llama(), peft.LoraConfig(target_modules="all-linear"))
     assert sum(type(m).__name__ == "Linear" and hasattr(m, "lora_A") for m in dense.modules()) == 14
     assert len(all_linear(nf4_llama())) == 14
     with pytest.raises(ValueError, match="no nn.Linear"):
         all_linear(nn.Sequential(nn.ReLU()))
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj", "down_proj"], "all-linear"])
+def test_plain_lora_config_builds_qpeft_layers_bit_for_bit(targets):
+    """get_peft_model(qpeft model, peft.LoraConfig(...)) with no qpeft call: every targeted QLinearNF4 becomes
+    QPeftLoraLinear, with the same init, logits and gradients as the qpeft.lora_config path, bit for bit."""
+    def build(make_config):
+        model = nf4_llama()
+        torch.manual_seed(7)  # the adapters' init draws
+        return peft.get_peft_model(model, make_config(r=8, lora_alpha=16, target_modules=targets))
+
+    plain, ours = build(peft.LoraConfig), build(qpeft.lora_config)
+    nf4 = {n for n, m in nf4_llama().named_modules() if isinstance(m, QLinearNF4)}
+    expected = nf4 if targets == "all-linear" else {n for n in nf4 if n.rsplit(".", 1)[-1] in targets}
+    assert len(expected) == (14 if targets == "all-linear" else 6)
+    for pm in (plain, ours):
+        assert {n.removeprefix(PREFIX) for n, m in pm.named_modules() if isinstance(m, QPeftLoraLinear)} == expected
+    assert set(plain.peft_config["default"].target_modules) == set(ours.peft_config["default"].target_modules)
+    a, b = lora_params(plain), lora_params(ours)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # the same init
+    randomize_lora(plain)
+    randomize_lora(ours)
+    x = ids()
+    y1, g1 = loss_and_grads(plain.train(), x)
+    y2, g2 = loss_and_grads(ours.train(), x)
+    assert torch.equal(y1, y2) and g1.keys() == g2.keys() and all(torch.equal(g1[n], g2[n]) for n in g1)
+
+
+def test_peft_multi_adapter_flow_with_plain_configs(tmp_path):
+    """PEFT's own multi-adapter API on a qpeft base, plain LoraConfigs only: PeftModel.load_adapter of a second
+    adapter on other modules, set_adapter between them, add_adapter, delete_adapter. Each adapter gives the logits
+    of a model holding it alone."""
+    def single(targets, seed, r):
+        pm = peft.get_peft_model(nf4_llama(), peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets,
+                                                              init_lora_weights=False))
+        randomize_lora(pm, seed=seed)
+        return pm.eval()
+
+    first, second = single(["q_proj"], 3, 4), single(["v_proj", "down_proj"], 5, 2)
+    second.save_pretrained(tmp_path)
+    x = ids()
+    with torch.no_grad():
+        y_first, y_second, y_base = first(x).logits, second(x).logits, nf4_llama()(x).logits
+    pm = first
+    pm.load_adapter(tmp_path, adapter_name="second")
+
+    def holding(name):
+        return {n.removeprefix(PREFIX) for n, m in pm.named_modules()
+                if isinstance(m, QPeftLoraLinear) and name in m.lora_A}
+
+    assert holding("second") == {f"model.layers.{i}.{m}" for i in (0, 1) for m in ("self_attn.v_proj", "mlp.down_proj")}
+    assert len(holding("default")) == 2
+    with torch.no_grad():
+        pm.set_adapter("second")
+        assert torch.equal(pm(x).logits, y_second)
+        pm.set_adapter("default")
+        assert torch.equal(pm(x).logits, y_first)
+        pm.add_adapter("third", peft.LoraConfig(r=2, target_modules=["k_proj"], init_lora_weights=False))
+        assert len(holding("third")) == 2
+        pm.set_adapter("third")
+        assert not torch.equal(pm(x).logits, y_base)  # init_lora_weights=False: B != 0
+        pm.delete_adapter("second")
+        assert "second" not in pm.peft_config and not holding("second")
+        pm.set_adapter("default")
+        assert torch.equal(pm(x).logits, y_first)
+
+
+def test_plain_config_with_an_unsupported_option_is_refused_before_anything_changes():
+    model = nf4_llama()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    types = {n: type(m) for n, m in model.named_modules()}
+    with pytest.raises(ValueError, match=r"qpeft: LoraConfig\(use_dora=True\) is not supported"):
+        peft.get_peft_model(model, peft.LoraConfig(target_modules=["q_proj", "lm_head"], use_dora=True))
+    assert {n: type(m) for n, m in model.named_modules()} == types
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    # an option for the dense layers alone (here the fp head): PEFT's own layer takes it, as on any model
+    pm = peft.get_peft_model(model, peft.LoraConfig(target_modules=["lm_head"], use_dora=True))
+    assert pm.base_model.model.lm_head.use_dora["default"] and not any(isinstance(m, QPeftLoraLinear)
+                                                                         for m in pm.modules())
+
+
+def test_lora_model_hook_is_version_checked_and_loud_on_an_unknown_release():
+    """The hook is a patch of PEFT internals (LoraModel._prepare_model): installed silently on the releases it was
+    tested with, with a RuntimeWarning on any other, and not at all (with a warning) where the method is gone."""
+    from qpeft._versions import parse
+    from qpeft.integrations.peft import HOOK_TESTED_PEFT, install_lora_model_hook
+
+    # a new PEFT release in the latest lane fails here first: test the hook with it, then add it to the list
+    assert parse(peft.__version__) in {parse(v) for v in HOOK_TESTED_PEFT}, peft.__version__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert install_lora_model_hook() is True  # in place since the import: nothing to do, nothing said
+    assert peft.tuners.lora.LoraModel._prepare_model._qpeft
+
+    class Newer:  # a release the hook does not know, which still has the method
+        def _prepare_model(self, peft_config, model):
+            self.seen = peft_config
+
+    with pytest.warns(RuntimeWarning, match=r"PEFT 0\.99\.0 is a release .* not tested with"):
+        assert install_lora_model_hook(Newer, "0.99.0") is True
+    tuner = Newer()
+    tuner._prepare_model("not a LoraConfig", nn.Linear(2, 2))  # passed through to the original
+    assert tuner.seen == "not a LoraConfig" and Newer._prepare_model._qpeft
+
+    class Without:
+        pass
+
+    with pytest.warns(RuntimeWarning, match=r"PEFT 0\.99\.0 has no LoraModel\._prepare_model"):
+        assert install_lora_model_hook(Without, "0.99.0") is False
+    assert not hasattr(Without, "_prepare_model")
 
 
 @pytest.mark.parametrize("compute_dtype", [None, torch.bfloat16])
@@ -311,6 +444,7 @@ def test_merge_unmerge_and_merge_and_unload_equal_qpeft():
     layer.unmerge()
     ref.unmerge()
     assert not layer.merged
+    assert torch.equal(layer.base_layer.weight, before)  # the kept pre-merge codes, not a second re-quantization
     for a, b in zip(layer.base_layer.state_dict().values(), ref.base_layer.state_dict().values()):
         assert torch.equal(a, b)
     with pytest.warns(UserWarning, match="Already unmerged"):
@@ -327,6 +461,34 @@ def test_merge_unmerge_and_merge_and_unload_equal_qpeft():
         if isinstance(m, QLinearNF4):
             assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(),
                                                          ours.get_submodule(n).base_layer.state_dict().values()))
+
+
+def test_unmerge_after_the_base_was_written_subtracts_as_peft_does():
+    """A merged base written since the merge (load_state_dict) makes the kept codes stale: unmerge subtracts the
+    delta and re-quantizes (PEFT's rule) instead of putting back codes the user replaced."""
+    pm = peft_nf4(r=4, lora_alpha=8)
+    layer = pm.base_model.model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        for p in layer.lora_B.parameters():
+            p.normal_()
+    original = {k: v.clone() for k, v in layer.base_layer.state_dict().items()}
+    with pytest.warns(UserWarning, match="re-quantizes"):
+        layer.merge()
+    merged = {k: v.clone() for k, v in layer.base_layer.state_dict().items()}
+    layer.base_layer.load_state_dict(merged)  # written in place: a new version of every tensor
+    layer.unmerge()
+    assert not layer.merged
+    w = layer.base_layer.weight
+    assert not torch.equal(w, merged["weight"])  # the delta was subtracted ...
+    assert not torch.equal(w, original["weight"])  # ... by a re-quantization, not by restoring stale codes
+    # ... which brings the weight back near the original (within NF4 rounding), far closer than the merged one
+    from qpeft.modules.lora_linear import _dequantize_nf4
+    now = _dequantize_nf4(layer.base_layer)
+    layer.base_layer.load_state_dict(original)
+    w0 = _dequantize_nf4(layer.base_layer)
+    layer.base_layer.load_state_dict(merged)
+    w1 = _dequantize_nf4(layer.base_layer)
+    assert (now - w0).abs().mean() < 0.5 * (w1 - w0).abs().mean()
 
 
 def test_safe_merge_rejects_non_finite_and_leaves_the_base():
@@ -362,10 +524,12 @@ def test_second_adapter_with_unsupported_option_raises():
         pm.add_adapter("dora", register(peft.LoraConfig(target_modules=["q_proj"], use_dora=True)))
 
 
-def test_add_adapter_transformers_integration(tmp_path):
+@pytest.mark.parametrize("plain", [False, True], ids=["lora_config", "plain_LoraConfig"])
+def test_add_adapter_transformers_integration(tmp_path, plain):
     pm = peft_nf4(r=4, lora_alpha=8)
     model = nf4_llama()
-    config = qpeft.lora_config(model=model, r=4, lora_alpha=8, init_lora_weights=False, target_modules="all-linear")
+    kw = dict(r=4, lora_alpha=8, init_lora_weights=False, target_modules="all-linear")
+    config = peft.LoraConfig(**kw) if plain else qpeft.lora_config(model=model, **kw)
     if not transformers_peft_integration_works():
         # transformers 5.24's PEFT integration (add_adapter, set_adapter, load_adapter, ...) demands peft >= 0.22.0,
         # newer than any release (0.21.2): it refuses before looking at the model or the config
@@ -388,6 +552,12 @@ def test_add_adapter_transformers_integration(tmp_path):
     assert sum(isinstance(m, QPeftLoraLinear) for m in loaded.modules()) == 14
     with torch.no_grad():
         assert torch.equal(loaded(x).logits, y)
+    # and transformers' own load_adapter onto a fresh qpeft base
+    again = nf4_llama()
+    again.load_adapter(str(tmp_path))
+    assert sum(isinstance(m, QPeftLoraLinear) for m in again.modules()) == 14
+    with torch.no_grad():
+        assert torch.equal(again(x).logits, y)
 
 
 def test_saved_adapter_reloads_with_registration_and_loads_on_a_dense_base(tmp_path):
@@ -398,9 +568,11 @@ def test_saved_adapter_reloads_with_registration_and_loads_on_a_dense_base(tmp_p
     x = ids()
     with torch.no_grad():
         y = pm(x).logits
-    # without the registration, stock PEFT cannot build a layer for QLinearNF4
-    with pytest.raises(ValueError, match="QLinearNF4"):
-        peft.PeftModel.from_pretrained(nf4_llama(), tmp_path)
+    # stock PEFT onto a qpeft base (no qpeft.peft_from_pretrained): qpeft's layers, the same logits
+    stock = peft.PeftModel.from_pretrained(nf4_llama(), tmp_path)
+    assert sum(isinstance(m, QPeftLoraLinear) for m in stock.modules()) == 14
+    with torch.no_grad():
+        assert torch.equal(stock(x).logits, y)
     loaded = qpeft.peft_from_pretrained(nf4_llama(), tmp_path)
     assert not any(p.requires_grad for p in loaded.parameters())  # inference mode, as PEFT's default
     with torch.no_grad():

@@ -191,8 +191,10 @@ def _tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
 
-@pytest.mark.parametrize("how", ["peft_config", "peft_model"])
+@pytest.mark.parametrize("how", ["peft_config", "peft_model", "plain_peft_config"])
 def test_sft_trainer_trains_qpeft_lora_layers(tmp_path, how):
+    """SFTTrainer on a qpeft model, the adapter from qpeft.lora_config or (plain_peft_config) a stock
+    peft.LoraConfig as TRL recipes write it."""
     trl = pytest.importorskip("trl")
     from datasets import Dataset
 
@@ -201,8 +203,11 @@ def test_sft_trainer_trains_qpeft_lora_layers(tmp_path, how):
     model = tiny_llama(0, intermediate_size=128)
     qpeft.quantize_model(model, compute_dtype=None)
     packed = {n: m.weight.clone() for n, m in model.named_modules() if isinstance(m, QLinearNF4)}
-    config = qpeft.lora_config(model=model, r=4, lora_alpha=8, target_modules="all-linear")
-    kw = dict(peft_config=config) if how == "peft_config" else {}
+    if how == "plain_peft_config":
+        config = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
+    else:
+        config = qpeft.lora_config(model=model, r=4, lora_alpha=8, target_modules="all-linear")
+    kw = dict(peft_config=config) if how != "peft_model" else {}
     if how == "peft_model":
         model = peft.get_peft_model(model, config)
     sft_args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2,
@@ -262,9 +267,11 @@ def test_trainer_on_add_adapter_model(tmp_path):
     assert saved.keys() == theirs.keys() and len(saved) == 28 and all(torch.equal(saved[k], theirs[k]) for k in saved)
 
 
-def test_sft_trainer_from_a_path_quantizes_on_load_and_trains(tmp_path):
-    """SFTTrainer(model=<path>, quantization_config=QPeftConfig(), peft_config=qpeft.lora_config(...)): TRL loads
-    the model through qpeft's quantizer, wraps it with PEFT, trains qpeft's LoRA layers and saves the adapter."""
+@pytest.mark.parametrize("plain", [False, True], ids=["lora_config", "plain_LoraConfig"])
+def test_sft_trainer_from_a_path_quantizes_on_load_and_trains(tmp_path, plain):
+    """SFTTrainer(model=<path>, quantization_config=QPeftConfig(), peft_config=qpeft.lora_config(...) or a plain
+    peft.LoraConfig(...)): TRL loads the model through qpeft's quantizer, wraps it with PEFT, trains qpeft's LoRA
+    layers and saves the adapter."""
     trl = pytest.importorskip("trl")
     from datasets import Dataset
 
@@ -280,7 +287,8 @@ def test_sft_trainer_from_a_path_quantizes_on_load_and_trains(tmp_path):
     tr = trl.SFTTrainer(model=str(tmp_path / "base"), args=sft_args, train_dataset=Dataset.from_dict({"text": texts}),
                         processing_class=_tokenizer(),
                         quantization_config=qpeft.QPeftConfig(compute_dtype=torch.float32),
-                        peft_config=qpeft.lora_config(r=4, lora_alpha=8, target_modules="all-linear"))
+                        peft_config=(peft.LoraConfig if plain else qpeft.lora_config)(
+                            r=4, lora_alpha=8, target_modules="all-linear"))
     layers = {n.removeprefix(PREFIX): m for n, m in tr.model.named_modules() if isinstance(m, QPeftLoraLinear)}
     assert len(layers) == 14
     ours = {n: m for n, m in reference.named_modules() if isinstance(m, QLinearNF4)}

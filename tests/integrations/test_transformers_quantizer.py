@@ -105,12 +105,43 @@ def test_a_fresh_process_with_qpeft_imported_reloads_the_checkpoint(tmp_path):
     code = (f"import qpeft, torch, sys\nassert 'transformers' not in sys.modules\n"
             f"from transformers import AutoModelForCausalLM\n"
             f"m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'q')!r})\n"
-            f"assert type(m.model.layers[0].mlp.up_proj).__name__ == 'QLinearNF4', type(m.model.layers[0].mlp.up_proj)\n"
+            f"up = m.model.layers[0].mlp.up_proj\n"
+            f"assert type(up).__name__ == 'QLinearNF4', type(up)\n"
             f"ids = torch.randint(3, 128, (2, 11), generator=torch.Generator().manual_seed(1))\n"
             f"with torch.no_grad(): y = m(ids).logits\n"
             f"assert torch.equal(y, torch.load({str(tmp_path / 'logits.pt')!r}, weights_only=True))\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_a_passed_config_sets_the_compute_dtype_of_a_qpeft_checkpoint(tmp_path, recwarn):
+    """One rule for pre-quantized checkpoints (bitsandbytes' above, load_sharded_qlora's): the checkpoint's format
+    wins, the passed QPeftConfig sets the compute dtype (transformers alone would ignore it, with a warning)."""
+    from qpeft.distributed.loading import _resolve_config
+
+    _save_dense(tmp_path / "dense")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", quantization_config=QPeftConfig(
+        quant_type="fp4", blocksize=128, double_quant=False, modules_to_not_convert=["lm_head", "down_proj"]))
+    model.save_pretrained(tmp_path / "q")
+    passed = QPeftConfig(compute_dtype=torch.float16)  # nf4, 64, double quant: the checkpoint's win
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q", quantization_config=passed)
+    layers = [m for m in reloaded.modules() if isinstance(m, QLinearNF4)]
+    assert layers and all(m.compute_dtype == torch.float16 for m in layers)
+    assert not any("will be used" in str(w.message) for w in recwarn)  # transformers' "passed config ignored"
+    cfg = reloaded.config.quantization_config
+    assert (cfg.quant_type, cfg.blocksize, cfg.double_quant, cfg.compute_dtype) == ("fp4", 128, False, "float16")
+    assert cfg.to_dict() == _resolve_config(model.config, passed)[0].to_dict()  # load_sharded_qlora's rule
+    assert type(reloaded.model.layers[0].mlp.down_proj) is nn.Linear
+    _assert_same_state(reloaded.state_dict(), model.state_dict())
+    x = torch.randn(3, 64)
+    ours, saved = reloaded.model.layers[0].self_attn.q_proj, model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        y_bf16 = saved(x)
+        saved.compute_dtype = torch.float16
+        assert torch.equal(ours(x), saved(x)) and not torch.equal(ours(x), y_bf16)
+    # without a passed config the checkpoint's compute dtype stays
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    assert all(m.compute_dtype == torch.bfloat16 for m in again.modules() if isinstance(m, QLinearNF4))
 
 
 @pytest.mark.parametrize("how", ["quantize_model", "prepare_for_qlora"])

@@ -37,7 +37,7 @@ def test_kernel_equals_reference_on_gpu(kind, quant, dtype, backend, monkeypatch
     args[1][2][5] = float("inf")
     args = _to(args, "cuda")
     expected = copy.deepcopy(args)
-    q1, q2 = qpeft.codes.dynamic_map(True, device="cuda"), qpeft.codes.dynamic_map(False, device="cuda")
+    q1, q2 = qpeft.formats.codes.dynamic_map(True, device="cuda"), qpeft.formats.codes.dynamic_map(False, device="cuda")
     ref.optim_8bit_step_ref(*expected[:6], q1, q2, expected[6], args[7], args[8], kind)
     monkeypatch.setenv("QPEFT_BACKEND", backend)
     torch.ops.qpeft.optim_8bit_step(*args[:6], q1, q2, args[6], args[7], args[8], kind)

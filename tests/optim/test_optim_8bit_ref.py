@@ -18,7 +18,7 @@ BETAS = {"adam": (0.9, 0.999), "lion": (0.9, 0.99)}
 
 
 def _qmaps():
-    return qpeft.codes.dynamic_map(signed=True), qpeft.codes.dynamic_map(signed=False)
+    return qpeft.formats.codes.dynamic_map(signed=True), qpeft.formats.codes.dynamic_map(signed=False)
 
 
 def _state(n, quant, lion, gen):

@@ -33,7 +33,7 @@ def test_triton_equals_reference(kind, quant, dtype):
     args = [[t.to(dev) for t in x] if isinstance(x, list) else (x.to(dev) if isinstance(x, torch.Tensor) else x)
             for x in args]
     expected = copy.deepcopy(args)
-    q1, q2 = qpeft.codes.dynamic_map(True, device=dev), qpeft.codes.dynamic_map(False, device=dev)
+    q1, q2 = qpeft.formats.codes.dynamic_map(True, device=dev), qpeft.formats.codes.dynamic_map(False, device=dev)
     params, grads, s1, s2, a1, a2, hyper, b1, b2 = args
     ref.optim_8bit_step_ref(*expected[:6], q1, q2, expected[6], b1, b2, kind)
     optim_8bit_step_triton(params, grads, s1, s2, a1, a2, q1, q2, hyper, b1, b2, kind)
@@ -53,7 +53,7 @@ def test_triton_mixed_dtypes_one_call():
     args = [[t.to(dev) for t in x] if isinstance(x, list) else (x.to(dev) if isinstance(x, torch.Tensor) else x)
             for x in args]
     expected = copy.deepcopy(args)
-    q1, q2 = qpeft.codes.dynamic_map(True, device=dev), qpeft.codes.dynamic_map(False, device=dev)
+    q1, q2 = qpeft.formats.codes.dynamic_map(True, device=dev), qpeft.formats.codes.dynamic_map(False, device=dev)
     ref.optim_8bit_step_ref(*expected[:6], q1, q2, expected[6], args[7], args[8], "adam")
     optim_8bit_step_triton(*args[:6], q1, q2, args[6], args[7], args[8], "adam")
     for got, want in zip(_flat(args), _flat(expected)):
@@ -72,6 +72,6 @@ def test_op_dispatches_to_triton_under_the_interpreter(monkeypatch):
     dev = triton_device()
     args = [[t.to(dev) for t in x] if isinstance(x, list) else (x.to(dev) if isinstance(x, torch.Tensor) else x)
             for x in _inputs("lion", True, [4097], torch.float32)]
-    q1, q2 = qpeft.codes.dynamic_map(True, device=dev), qpeft.codes.dynamic_map(False, device=dev)
+    q1, q2 = qpeft.formats.codes.dynamic_map(True, device=dev), qpeft.formats.codes.dynamic_map(False, device=dev)
     torch.ops.qpeft.optim_8bit_step(*args[:6], q1, q2, args[6], args[7], args[8], "lion")
     assert calls == [1]

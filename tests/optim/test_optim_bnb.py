@@ -25,7 +25,7 @@ PARAM_ERR = {torch.float32: (6e-5, 6e-4), torch.bfloat16: (1.7e-4, 1.6e-3)}
 def _dequant(opt, p, k):
     st = opt.state[p]
     q = st[f"state{k}"]
-    qmap = qpeft.codes.dynamic_map(signed=(k == 1))
+    qmap = qpeft.formats.codes.dynamic_map(signed=(k == 1))
     return (qmap[q.reshape(-1).long()] * st[f"absmax{k}"].repeat_interleave(256)[: q.numel()]).view(q.shape)
 
 

@@ -1,13 +1,22 @@
 """PEFT-native LoRA on qpeft's 4-bit layers: `QPeftLoraLinear`, a `peft.tuners.lora.LoraLayer` whose forward is
-qpeft's fused LoRA op, registered for `QLinearNF4` through PEFT's custom-module dispatch.
+qpeft's fused LoRA op, built for every `QLinearNF4` a LoRA config targets, whatever made the config.
 
-    config = qpeft.lora_config(r=16, lora_alpha=32, target_modules="all-linear", model=model)
-    model = peft.get_peft_model(model, config)        # or model.add_adapter(config), SFTTrainer(peft_config=config)
-    model = qpeft.peft_from_pretrained(base, "path")  # PeftModel.from_pretrained with the registration redone
+    model = peft.get_peft_model(model, peft.LoraConfig(r=16, target_modules="all-linear"))  # or qpeft.lora_config
+    model.add_adapter(config); model.load_adapter(path, adapter_name="b"); model.set_adapter("b")    # PEFT's own
+    model = peft.PeftModel.from_pretrained(base, "path")   # or qpeft.peft_from_pretrained(base, "path")
+
+PEFT builds a layer for a module type it does not know only through a config's custom-module mapping
+(`LoraConfig._register_custom_module`, tried first by `LoraModel._create_new_module`), and its "all-linear" counts
+only nn.Linear / Conv1D (bitsandbytes' Linear4bit subclasses nn.Linear; QLinearNF4 does not). Neither is reachable
+from the model, so a plain config needs one hook in PEFT: `LoraModel._prepare_model(peft_config, model)`, which
+`inject_adapter` calls for every LoRA adapter (get_peft_model, add_adapter, load_adapter, from_pretrained,
+transformers' add_adapter, TRL) before it resolves "all-linear" and before it builds any layer. When the model holds
+a QLinearNF4, the hook registers QPeftLoraLinear for it in the config, refuses (before anything changes) an option
+the layer does not implement if the config targets a 4-bit layer, and resolves "all-linear" with QLinearNF4
+counted. Configs from `lora_config` carry the registration themselves (PEFT's documented API alone).
 
 Checkpoints are stock PEFT (`lora_A.<adapter>.weight` / `lora_B.<adapter>.weight`, adapter_config.json): they load
-with `peft.PeftModel.from_pretrained` onto a dense or bitsandbytes base. PEFT does not save the registration, so
-loading onto a qpeft base goes through `peft_from_pretrained`, which re-registers before PEFT builds the layers.
+with `peft.PeftModel.from_pretrained` onto a dense, bitsandbytes or qpeft base.
 
 Only `QLinearNF4` is registered: `nn.Linear` layers keep PEFT's own `lora.Linear`. The fused dense path has not
 been measured faster than PEFT's two small GEMMs (no GPU benchmark yet), so PEFT's layer stays the one there.
@@ -15,14 +24,13 @@ been measured faster than PEFT's two small GEMMs (no GPU benchmark yet), so PEFT
 from __future__ import annotations
 
 import functools
-
-import dataclasses
 import warnings
 
 import torch
 import torch.nn as nn
 
 from .. import _versions
+from .accelerate import fsdp_requested, install
 
 _versions.require("peft")
 
@@ -30,39 +38,18 @@ from peft.tuners.lora import LoraConfig, LoraLayer  # noqa: E402
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge  # noqa: E402
 
 from ..autograd.lora import lora_linear  # noqa: E402
+from ..modules import merge_state  # noqa: E402
 from ..modules.lora_linear import _dequantize_nf4, _requantize_nf4  # noqa: E402
 from ..modules.qlinear_nf4 import QLinearNF4  # noqa: E402
+from ..tuners.lora.options import SUPPORTED_INITS, UNSUPPORTED, check_lora_options  # noqa: E402,F401  (one rule, all paths)
 
 __all__ = ["QPeftLoraLinear", "lora_config", "register", "all_linear", "from_pretrained", "peft_from_pretrained"]
 
-# init_lora_weights values whose init needs only the adapter (the others read or rewrite the base weight:
-# PiSSA, OLoRA, CorDA, LoftQ, EVA, orthogonal, LoRA-GA, MiCA).
-SUPPORTED_INITS = (True, False, "gaussian")
-# LoraConfig fields that change the layer's maths and that this layer does not implement, with their off value.
-UNSUPPORTED = {
-    "use_dora": False,
-    "lora_bias": False,
-    "fan_in_fan_out": False,   # QLinearNF4 stores W as (out_features, in_features); there is no Conv1D layout
-    "use_qalora": False,       # QA-LoRA's pooled input is defined for GPTQ layers only
-    "megatron_config": None,
-}
 
-
-def check_config(config: LoraConfig, where: str = "QPeftLoraLinear") -> None:
-    """Raise ValueError naming the first LoraConfig option this layer does not implement (never ignore one)."""
-    for name, off in UNSUPPORTED.items():
-        value = getattr(config, name, off)
-        if value != off:
-            raise ValueError(f"{where}: LoraConfig({name}={value!r}) is not supported by qpeft's fused LoRA layer "
-                             f"on QLinearNF4 (supported: {name}={off!r})")
-    for field in dataclasses.fields(config):  # DoRA-like variants: VeLoRA, aLoRA, MonteCLoRA, BD-LoRA, Arrow, KaSA
-        if field.metadata.get("is_lora_variant") and getattr(config, field.name):
-            raise ValueError(f"{where}: LoraConfig({field.name}={getattr(config, field.name)!r}) is a LoRA "
-                             f"variant that qpeft's fused LoRA layer does not implement (leave it unset)")
-    init = config.init_lora_weights
-    if not any(init is v if isinstance(v, bool) else init == v for v in SUPPORTED_INITS):
-        raise ValueError(f"{where}: LoraConfig(init_lora_weights={init!r}) is not supported on a 4-bit base "
-                         f"(it reads or rewrites the base weight); use one of {SUPPORTED_INITS}")
+def check_config(config: LoraConfig) -> None:
+    """Raise ValueError naming the first LoraConfig option qpeft's LoRA layers do not implement (never ignore one):
+    qpeft.tuners.lora.options' rule, the one qpeft.load_adapter applies to adapter_config.json."""
+    check_lora_options(config)
 
 
 def _compute_dtypes(layer: QLinearNF4, x: torch.Tensor):
@@ -183,28 +170,56 @@ class QPeftLoraLinear(nn.Module, LoraLayer):
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Dequantize W to fp32, add the adapters' deltas, re-quantize (PEFT's Linear4bit merge, qpeft's quantizer).
 
-        safe_merge: check W + delta is finite before anything is written (ValueError naming the adapter)."""
+        safe_merge: check W + delta is finite before anything is written (ValueError naming the adapter).
+        The pre-merge 4-bit tensors are kept while merged (merging replaces them, so keeping them copies nothing;
+        0.53 bytes per weight at blocksize 64) so that unmerge() restores them bit for bit, as qpeft's LoraLinear
+        does: PEFT's subtract-and-re-quantize changes codes on every round trip (qpeft.modules.merge_state)."""
         adapter_names = check_adapters_to_merge(self, adapter_names)
         base = self.get_base_layer()
-        for name in adapter_names:
-            if name not in self.lora_A:
-                continue
-            with torch.no_grad():
-                w = _dequantize_nf4(base) + self.get_delta_weight(name)
-                if safe_merge and not torch.isfinite(w).all():
-                    raise ValueError(f"NaNs or infs in the merged weight of adapter {name!r}; the base was left "
-                                     f"unchanged")
-                _requantize_nf4(base, w)
-            self.merged_adapters.append(name)
-            warnings.warn(f"merging LoRA adapter {name!r} into a 4-bit weight re-quantizes it: outputs differ "
-                          f"from the unmerged layer by the NF4 rounding of W + delta", UserWarning, stacklevel=2)
+        premerge = self._valid_premerge(base)
+        if premerge is None and adapter_names and not self.merged_adapters:
+            premerge = {"original": merge_state.snapshot(base, nf4=True, clone=False)}
+        try:
+            for name in adapter_names:
+                if name not in self.lora_A:
+                    continue
+                with torch.no_grad():
+                    w = _dequantize_nf4(base) + self.get_delta_weight(name)
+                    if safe_merge and not torch.isfinite(w).all():
+                        raise ValueError(f"NaNs or infs in the merged weight of adapter {name!r}; the base was left "
+                                         f"unchanged")
+                    _requantize_nf4(base, w)
+                self.merged_adapters.append(name)
+                warnings.warn(f"merging LoRA adapter {name!r} into a 4-bit weight re-quantizes it: outputs differ "
+                              f"from the unmerged layer by the NF4 rounding of W + delta", UserWarning, stacklevel=2)
+        finally:
+            if premerge is not None and self.merged_adapters:
+                premerge["stamp"] = merge_state.stamp(base, nf4=True)
+                self.__dict__["_qpeft_premerge"] = premerge
+
+    def _valid_premerge(self, base: nn.Module) -> dict | None:
+        """The kept pre-merge tensors if the base still holds what the last merge wrote (else dropped: stale)."""
+        premerge = self.__dict__.get("_qpeft_premerge")
+        if premerge is not None and not merge_state.same_stamp(premerge.get("stamp"),
+                                                                merge_state.stamp(base, nf4=True)):
+            premerge = None
+        self.__dict__["_qpeft_premerge"] = premerge
+        return premerge
 
     def unmerge(self) -> None:
-        """Subtract the merged deltas again (one more re-quantization each)."""
+        """Restore the base from before merge(): bit for bit from the kept tensors; where the base was written since
+        (a load_state_dict, a move of the base alone) subtract the merged deltas as PEFT does (one more
+        re-quantization each)."""
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.", UserWarning, stacklevel=2)
             return
         base = self.get_base_layer()
+        premerge = self._valid_premerge(base)
+        self.__dict__["_qpeft_premerge"] = None
+        if premerge is not None:
+            merge_state.put(base, premerge["original"], nf4=True)
+            self.merged_adapters.clear()
+            return
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             if name not in self.lora_A:
@@ -246,11 +261,7 @@ def _zero3_register_base(layer: "QPeftLoraLinear", args) -> None:
 def _install_accelerate_fsdp2_fix() -> None:
     """Under `accelerate launch` with FSDP: wrap accelerate's FSDP2 preparation for qpeft models
     (integrations/accelerate.py: cpu_ram_efficient_loading and the auto-wrap policy)."""
-    from .accelerate import fsdp_requested
-
     if fsdp_requested():
-        from .accelerate import install
-
         install()
 
 
@@ -294,72 +305,134 @@ def all_linear(model: nn.Module) -> list[str]:
 
 
 # PEFT's "all-linear" collects isinstance(m, (nn.Linear, Conv1D)): it finds QLinearNF4 only if that subclasses
-# nn.Linear (as bitsandbytes' Linear4bit does). It does not: for the configs lora_config returns, PEFT's
-# resolution is extended below to count QLinearNF4 too.
+# nn.Linear (as bitsandbytes' Linear4bit does). It does not (a QLinearNF4 would then also be taken for a dense layer
+# by PEFT's dispatch_default, transformers' weight init, ...): the hook below counts it instead.
 PEFT_SEES_NF4 = issubclass(QLinearNF4, nn.Linear)
 
+# The PEFT releases whose LoraModel._prepare_model / inject_adapter the hook below was written against and is tested
+# with (tests/integrations/test_peft_lora.py, in both CI lanes). 0.21.2 is both the oldest release qpeft supports
+# and the newest on PyPI (2026-12): add a release here once the latest lane has passed on it.
+HOOK_TESTED_PEFT = ("0.21.2",)
 
-def _is_qpeft_config(config) -> bool:
-    return QLinearNF4 in (getattr(config, "_custom_modules", None) or {})
+
+def _is_lora(config) -> bool:
+    # not AdaLoRA (an AdaLoraConfig is a LoraConfig; its tuner subclasses LoraModel but has no custom dispatch)
+    return isinstance(config, LoraConfig) and getattr(config, "peft_type", None) == "LORA"
 
 
-def _count_nf4_in_all_linear() -> None:
-    """Wrap PEFT's `_maybe_include_all_linear_layers` (what LoRA's inject_adapter calls to expand "all-linear")
-    so that, for a config with qpeft's registration, "all-linear" is `all_linear(model)`: PEFT's rule with
-    QLinearNF4 counted as a linear layer. Every other config is resolved by PEFT unchanged. This is what lets
-    `lora_config(target_modules="all-linear")` work without the model, e.g. in `SFTTrainer(model=<path>,
-    peft_config=...)`, where the model does not exist yet when the config is built."""
-    from peft.tuners import tuners_utils
+def _nf4_layers(model: nn.Module) -> list[str]:
+    """Paths of the 4-bit layers PEFT would adapt: each QLinearNF4 outside an adapter layer, and each adapter layer
+    (QPeftLoraLinear) whose base is one."""
+    found, inside = [], None
+    for name, m in model.named_modules():  # depth first: an adapter layer's submodules follow it
+        if inside is not None and name.startswith(inside):
+            continue
+        inside = None
+        if isinstance(m, BaseTunerLayer):
+            inside = name + "."
+            if isinstance(m.get_base_layer(), QLinearNF4):
+                found.append(name)
+        elif isinstance(m, QLinearNF4):
+            found.append(name)
+    return found
 
-    original = tuners_utils._maybe_include_all_linear_layers
+
+def _is_all_linear(config) -> bool:
+    target = getattr(config, "target_modules", None)
+    return isinstance(target, str) and target.lower() == "all-linear"
+
+
+def _prepare_for_qpeft_layers(tuner, peft_config, model: nn.Module) -> bool:
+    """What a LoRA config needs on a model with QLinearNF4 layers, before PEFT builds anything: refuse an option
+    QPeftLoraLinear does not implement if the config targets a 4-bit layer (the model is still untouched), then
+    register QPeftLoraLinear for QLinearNF4 in the config (a mapping the user made for it is kept). True when the
+    model has such layers."""
+    if not _is_lora(peft_config):
+        return False
+    layers = _nf4_layers(model)
+    if not layers:
+        return False
+    if _is_all_linear(peft_config) or any(tuner._check_target_module_exists(peft_config, n) for n in layers):
+        check_config(peft_config)
+    if QLinearNF4 not in (getattr(peft_config, "_custom_modules", None) or {}):
+        register(peft_config)
+    return True
+
+
+def install_lora_model_hook(lora_model_cls=None, peft_version: str | None = None) -> bool:
+    """Wrap `lora_model_cls._prepare_model` (PEFT's LoraModel: what inject_adapter calls for every LoRA adapter
+    before it resolves "all-linear" and builds layers) so that any LoRA config works on QLinearNF4 layers:
+    `_prepare_for_qpeft_layers`, PEFT's own `_prepare_model` (layer replication), then "all-linear" resolved as
+    `all_linear(model)` (PEFT's rule with QLinearNF4 counted; PEFT's own resolution then leaves the list alone).
+    Models without QLinearNF4 and non-LoRA configs go through PEFT unchanged.
+
+    A patch of PEFT's internals, so: on a PEFT release not in HOOK_TESTED_PEFT it warns (RuntimeWarning) and still
+    installs; where the method is missing it warns that plain configs will not work and installs nothing
+    (qpeft.lora_config, PEFT's documented custom-module API, keeps working). Returns whether the hook is in place."""
+    if lora_model_cls is None:
+        from peft.tuners.lora import LoraModel as lora_model_cls
+    peft_version = peft_version or _versions.installed("peft")
+    original = lora_model_cls.__dict__.get("_prepare_model")
+    if not callable(original):
+        warnings.warn(f"qpeft: PEFT {peft_version} has no LoraModel._prepare_model (qpeft's hook knows PEFT "
+                      f"{', '.join(HOOK_TESTED_PEFT)}): a plain peft.LoraConfig will not build qpeft's layer on "
+                      f"QLinearNF4 (PEFT raises 'Target module QLinearNF4 ... is not supported'), and "
+                      f"target_modules='all-linear' will skip the 4-bit layers; build configs with "
+                      f"qpeft.lora_config(...) instead", RuntimeWarning, stacklevel=2)
+        return False
     if getattr(original, "_qpeft", False):
-        return
+        return True
+    if _versions.parse(peft_version) not in {_versions.parse(v) for v in HOOK_TESTED_PEFT}:
+        warnings.warn(f"qpeft: PEFT {peft_version} is a release qpeft's LoraConfig hook (LoraModel._prepare_model) "
+                      f"was not tested with (tested: {', '.join(HOOK_TESTED_PEFT)}). A plain peft.LoraConfig on "
+                      f"QLinearNF4 layers relies on it; if PEFT raises 'Target module QLinearNF4 ... is not "
+                      f"supported' or 'all-linear' misses the 4-bit layers, build the config with "
+                      f"qpeft.lora_config(...)", RuntimeWarning, stacklevel=2)
 
     @functools.wraps(original)
-    def include_all_linear(peft_config, model):
-        target = getattr(peft_config, "target_modules", None)
-        if (not PEFT_SEES_NF4 and isinstance(target, str) and target.lower() == "all-linear"
-                and _is_qpeft_config(peft_config)):
+    def _prepare_model(self, peft_config, model):
+        ours = _prepare_for_qpeft_layers(self, peft_config, model)
+        result = original(self, peft_config, model)
+        if ours and not PEFT_SEES_NF4 and _is_all_linear(peft_config):
             peft_config.target_modules = set(all_linear(model))
-            return peft_config
-        return original(peft_config, model)
+        return result
 
-    include_all_linear._qpeft = True
-    tuners_utils._maybe_include_all_linear_layers = include_all_linear
+    _prepare_model._qpeft = True
+    lora_model_cls._prepare_model = _prepare_model
+    return True
 
 
-_count_nf4_in_all_linear()
+install_lora_model_hook()
 
 
 def lora_config(*, model: nn.Module | None = None, **kwargs) -> LoraConfig:
     """A `peft.LoraConfig(**kwargs)` with QLinearNF4 -> QPeftLoraLinear registered, for `get_peft_model`,
-    `model.add_adapter`, `trl.SFTTrainer(peft_config=...)`.
-
-    target_modules="all-linear": PEFT 0.21.2 resolves it by type and counts only nn.Linear / Conv1D (QLinearNF4
-    is neither), so it would leave every 4-bit layer out. qpeft resolves it instead, as `all_linear(model)`:
-    here when `model` is given (stored as an explicit list), else when PEFT injects the adapter.
-    Raises ValueError naming any option the fused layer does not implement (DoRA, lora_bias, ...).
+    `model.add_adapter`, `trl.SFTTrainer(peft_config=...)`. A plain LoraConfig works there too (the hook above);
+    this one also raises here, at once, a ValueError naming any option the fused layer does not implement (DoRA,
+    lora_bias, ...), resolves target_modules="all-linear" to an explicit list (`all_linear(model)`) when `model`
+    is given, and carries its registration through PEFT's documented API alone (no hook needed).
     """
     target = kwargs.get("target_modules")
     if isinstance(target, str) and target.lower() == "all-linear" and model is not None:
         kwargs["target_modules"] = all_linear(model)
     config = LoraConfig(**kwargs)
-    check_config(config, where="lora_config")
+    check_config(config)
     return register(config)
 
 
 def from_pretrained(model: nn.Module, model_id, adapter_name: str = "default", is_trainable: bool = False,
                     config=None, **kwargs):
-    """`peft.PeftModel.from_pretrained(model, model_id, ...)` with the QLinearNF4 registration redone (PEFT does
-    not save it). `config`: a PeftConfig to use instead of the one saved at `model_id`; other kwargs
-    (subfolder, revision, token, ...) go to PEFT unchanged. Non-LoRA adapters are loaded as PEFT loads them."""
+    """`peft.PeftModel.from_pretrained(model, model_id, ...)` (which also works on a qpeft base), with the LoRA config
+    checked before PEFT reads the weights and the QLinearNF4 registration redone (PEFT does not save it).
+    `config`: a PeftConfig to use instead of the one saved at `model_id`; other kwargs (subfolder, revision,
+    token, ...) go to PEFT unchanged. Non-LoRA adapters are loaded as PEFT loads them."""
     from peft import PeftConfig, PeftModel
 
     if config is None:
         hub = {k: kwargs[k] for k in ("subfolder", "revision", "cache_dir", "token") if k in kwargs}
         config = PeftConfig.from_pretrained(model_id, **hub)
     if isinstance(config, LoraConfig):
-        check_config(config, where="from_pretrained")
+        check_config(config)
         register(config)
     return PeftModel.from_pretrained(model, model_id, adapter_name=adapter_name, is_trainable=is_trainable,
                                      config=config, **kwargs)

@@ -13,7 +13,8 @@ Pre-quantized: a checkpoint whose config.json names quant_method "qpeft" (what `
 after `qpeft.quantize_model`) reloads byte for byte with no config passed. Its tensors are bitsandbytes'
 Linear4bit keys, so a transformers + bitsandbytes 4-bit checkpoint also loads into qpeft layers when
 `quantization_config=QPeftConfig()` is passed (transformers alone refuses a config of another class for a
-quantized checkpoint; `_allow_bitsandbytes_checkpoints` lets exactly that case through).
+quantized checkpoint; `_merge_configs_on_load` lets exactly that case through). Passing a QPeftConfig for a
+pre-quantized checkpoint (qpeft's or bitsandbytes') sets its compute dtype; the checkpoint's format wins.
 
 Written against the quantizer API of transformers 5.17 .. 5.24 (the hooks both have; tested in both CI lanes).
 Importing this module imports transformers; `import qpeft` does not import this module.
@@ -28,17 +29,18 @@ import re
 import torch
 import torch.nn as nn
 
-from .. import _versions
+from .. import _cuda, _versions
+from .accelerate import fsdp_requested, install
 
 _versions.require("transformers")
 
 from transformers.core_model_loading import ConversionOps, WeightConverter, WeightRenaming  # noqa: E402
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer  # noqa: E402
-from transformers.quantizers.auto import (  # noqa: E402
-    AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING, AutoHfQuantizer)
+from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING, AutoHfQuantizer  # noqa: E402
 from transformers.quantizers.quantizers_utils import get_module_from_name, should_convert_module  # noqa: E402
 from transformers.utils.quantization_config import QuantizationConfigMixin  # noqa: E402
 
+from ..models.quantization import on_model_quantized  # noqa: E402
 from ..modules.qlinear_nf4 import BLOCKSIZES, QUANT_TYPES, QLinearNF4  # noqa: E402
 
 __all__ = ["QPeftConfig", "QPeftHfQuantizer", "register", "record_quantization_config", "to_bitsandbytes_config"]
@@ -74,8 +76,8 @@ class QPeftConfig(QuantizationConfigMixin):
 
     quant_type: "nf4" or "fp4"; blocksize: 32..4096 (powers of two; bitsandbytes' default 64); double_quant:
     8-bit absmax (bitsandbytes' compress_statistics); compute_dtype: the matmul dtype (float32, float16,
-    bfloat16; None: the input's dtype); modules_to_not_convert: module names or patterns kept in full precision (transformers' rule;
-    None: the output head and tied weights, as transformers skips by default).
+    bfloat16; None: the input's dtype); modules_to_not_convert: module names or patterns kept in full precision
+    (transformers' rule; None: the output head and tied weights, as transformers skips by default).
     """
 
     def __init__(self, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
@@ -117,7 +119,8 @@ class QPeftConfig(QuantizationConfigMixin):
         storage = str(d.get("bnb_4bit_quant_storage", "uint8")).removeprefix("torch.")
         if storage != "uint8":
             raise ValueError(f"bnb_4bit_quant_storage={storage} is not supported (qpeft stores uint8)")
-        return cls(quant_type=d.get("bnb_4bit_quant_type", "fp4"), double_quant=bool(d.get("bnb_4bit_use_double_quant")),
+        return cls(quant_type=d.get("bnb_4bit_quant_type", "fp4"),
+                   double_quant=bool(d.get("bnb_4bit_use_double_quant")),
                    compute_dtype=str(d.get("bnb_4bit_compute_dtype") or "float32"),
                    modules_to_not_convert=d.get("llm_int8_skip_modules"))
 
@@ -231,7 +234,7 @@ class QPeftHfQuantizer(HfQuantizer):
     def update_device_map(self, device_map):
         # transformers' default (None) is the CPU; quantize where the model will run, as bitsandbytes does
         if device_map is None:
-            return {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
+            return {"": _cuda.rt.current_device()} if _cuda.rt.available() else {"": "cpu"}
         return device_map
 
     def adjust_max_memory(self, max_memory):
@@ -272,10 +275,8 @@ class QPeftHfQuantizer(HfQuantizer):
         used = getattr(model, "_weight_conversions", None)
         if used:
             model._weight_conversions = [c for c in used if not _is_ours(c)]
-        from .accelerate import fsdp_requested
 
         if fsdp_requested():  # accelerate launch with FSDP: see integrations/accelerate.py
-            from .accelerate import install
 
             install()
         return model
@@ -351,6 +352,7 @@ def replace_linear_layers(model: nn.Module, modules_to_not_convert: list[str], c
     return converted
 
 
+@on_model_quantized
 def record_quantization_config(model: nn.Module, converted: list[str], quant_type: str, blocksize: int,
                                double_quant: bool, compute_dtype: torch.dtype | None) -> None:
     """After an in-place `qpeft.quantize_model` of a transformers model: record the equivalent QPeftConfig in
@@ -364,11 +366,15 @@ def record_quantization_config(model: nn.Module, converted: list[str], quant_typ
                                                    modules_to_not_convert=sorted(skipped))
 
 
-def _allow_bitsandbytes_checkpoints() -> None:
-    """transformers raises when a quantized checkpoint's config class differs from the one passed to
-    from_pretrained ("The model is quantized with BitsAndBytesConfig but you are passing a QPeftConfig"). A
-    bitsandbytes 4-bit checkpoint has exactly qpeft's tensors, so that one case is let through as a
-    pre-quantized qpeft load; every other combination keeps transformers' behaviour."""
+def _merge_configs_on_load() -> None:
+    """A QPeftConfig passed to from_pretrained of a pre-quantized checkpoint, one rule for qpeft and bitsandbytes
+    checkpoints (and load_sharded_qlora's): the checkpoint's format wins (quant type, double quant, skipped
+    modules; each layer's saved header decides the rest), the passed config sets compute_dtype.
+
+    transformers alone would keep a qpeft checkpoint's whole config (its compute dtype too, with a warning that
+    the passed one is ignored), and raises for a bitsandbytes checkpoint ("The model is quantized with
+    BitsAndBytesConfig but you are passing a QPeftConfig"), which has exactly qpeft's tensors and so loads as a
+    pre-quantized qpeft checkpoint. Every other combination keeps transformers' behaviour."""
     original = AutoHfQuantizer.merge_quantization_configs.__func__
     if getattr(original, "_qpeft", False):
         return
@@ -377,10 +383,14 @@ def _allow_bitsandbytes_checkpoints() -> None:
     def merge(cls, quantization_config, quantization_config_from_args):
         if isinstance(quantization_config_from_args, QPeftConfig):
             saved = quantization_config if isinstance(quantization_config, dict) else quantization_config.to_dict()
-            if str(saved.get("quant_method")) in ("bitsandbytes", "QuantizationMethod.BITS_AND_BYTES") \
-                    and saved.get("load_in_4bit"):
+            args = quantization_config_from_args
+            method = str(saved.get("quant_method"))
+            if method == QUANT_METHOD:
+                fields = {k: saved[k] for k in ("quant_type", "blocksize", "double_quant", "modules_to_not_convert")
+                          if k in saved}
+                return QPeftConfig(**fields, compute_dtype=args.compute_dtype)
+            if method in ("bitsandbytes", "QuantizationMethod.BITS_AND_BYTES") and saved.get("load_in_4bit"):
                 from_checkpoint = QPeftConfig.from_bitsandbytes(saved)
-                args = quantization_config_from_args
                 return QPeftConfig(quant_type=from_checkpoint.quant_type, blocksize=args.blocksize,
                                    double_quant=from_checkpoint.double_quant, compute_dtype=args.compute_dtype,
                                    modules_to_not_convert=from_checkpoint.modules_to_not_convert)
@@ -397,7 +407,7 @@ def register() -> None:
         register_quantization_config(QUANT_METHOD)(QPeftConfig)
     if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
         register_quantizer(QUANT_METHOD)(QPeftHfQuantizer)
-    _allow_bitsandbytes_checkpoints()
+    _merge_configs_on_load()
 
 
 register()

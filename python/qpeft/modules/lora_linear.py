@@ -16,7 +16,10 @@ import warnings
 import torch
 import torch.nn as nn
 
+from ..autograd._lora_projection import LoraProjection
 from ..autograd.lora import lora_linear
+from . import merge_state
+from .mixed_batch import mixed_batch_forward
 
 __all__ = ["LoraLinear", "LoraRankWarning"]
 
@@ -87,6 +90,11 @@ class LoraLinear(nn.Module):
         self.last_merge_error: dict[str, float] = {}
         self._active: list[str] = []
         self._disabled = False
+        # merge() keeps the pre-merge base weight (see modules/merge_state.py): `_premerge` {"original": Storage,
+        # "stamp": the base right after the last merge}; `_held`: the merged weight set aside while
+        # disable_adapters() runs the original
+        self._premerge: dict | None = None
+        self._held: merge_state.Held | None = None
         self.add_adapter(adapter_name, r, lora_alpha, lora_dropout, init, use_rslora)
         self._active = [adapter_name]
 
@@ -172,18 +180,76 @@ class LoraLinear(nn.Module):
 
     @contextlib.contextmanager
     def disable_adapters(self):
-        """Inside the context the layer computes its base output only (merged adapters are unmerged for the
-        duration and merged back on exit)."""
-        merged = list(self.merged_adapters)
-        if merged:
-            self.unmerge()
+        """Inside the context the layer computes its base output only.
+
+        A merged layer: PEFT unmerges it once (dequantize, subtract, re-quantize on a 4-bit base) and leaves it
+        unmerged, the adapters computed beside the base again after the context. qpeft swaps in the pre-merge
+        weight that merge() kept, and the merged weight back on exit, both by reference: nothing is
+        re-quantized, the output inside is the original base's bit for bit, and leaving restores the merged
+        layer bit for bit however often the context is used. Where merge() has no valid pre-merge weight (the
+        base was written since the merge, e.g. by load_state_dict), it does what PEFT does: unmerges once and
+        stays unmerged. merge() inside the context raises; unmerge() inside it keeps the original weight.
+        """
+        swapped = False
+        if self.merged_adapters and self._held is None:
+            premerge = self._valid_premerge()
+            if premerge is not None:
+                merged = merge_state.snapshot(self.base_layer, self.is_nf4, clone=False)
+                merge_state.put(self.base_layer, premerge["original"], self.is_nf4)
+                self._held = merge_state.Held(merged, merge_state.stamp(self.base_layer, self.is_nf4))
+                swapped = True
+            else:
+                self.unmerge()
         prev, self._disabled = self._disabled, True
         try:
             yield self
         finally:
             self._disabled = prev
-            if merged:
-                self.merge(merged)
+            if swapped:
+                self._restore_held()
+
+    def _restore_held(self) -> None:
+        """Leaving disable_adapters(): the merged weight goes back if the base still holds the original one
+        (moved with the layer or not); if the base was replaced inside the context, that is kept, unmerged."""
+        held, self._held = self._held, None
+        if held is None:  # unmerge() inside the context: stays unmerged
+            return
+        nf4 = self.is_nf4
+        if merge_state.same_stamp(held.stamp, merge_state.stamp(self.base_layer, nf4)):
+            original = merge_state.snapshot(self.base_layer, nf4, clone=False)
+            merge_state.put(self.base_layer, held.merged, nf4)
+            self._premerge = {"original": original, "stamp": merge_state.stamp(self.base_layer, nf4)}
+        else:
+            self.merged_adapters.clear()
+            self._premerge = None
+
+    def _valid_premerge(self) -> dict | None:
+        """The kept pre-merge weight if the base still holds what the last merge wrote; a stale one is dropped."""
+        premerge = self._premerge
+        if premerge is not None and not merge_state.same_stamp(premerge["stamp"],
+                                                                merge_state.stamp(self.base_layer, self.is_nf4)):
+            self._premerge = premerge = None
+        return premerge
+
+    def _apply(self, fn, recurse=True):
+        # .to() / .cuda() / .half(): the kept weights follow the base layer (converted as it was)
+        held, premerge = self.__dict__.get("_held"), self.__dict__.get("_premerge")
+        if not recurse or (held is None and premerge is None):
+            return super()._apply(fn, recurse)
+        nf4 = self.is_nf4
+        current = merge_state.stamp(self.base_layer, nf4)
+        valid = merge_state.same_stamp(held.stamp if held is not None else premerge["stamp"], current)
+        super()._apply(fn, recurse)
+        if held is not None:
+            if valid:
+                held.merged = merge_state.moved(held.merged, fn, nf4)
+                held.stamp = merge_state.stamp(self.base_layer, nf4)
+        elif valid:
+            premerge["original"] = merge_state.moved(premerge["original"], fn, nf4)
+            premerge["stamp"] = merge_state.stamp(self.base_layer, nf4)
+        else:
+            self._premerge = None
+        return self
 
     # ------------------------------------------------------------------ forward
     def _device(self) -> torch.device:
@@ -193,12 +259,10 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, *, adapter_names: list[str] | None = None) -> torch.Tensor:
         """adapter_names: one adapter name per row of x (its first dimension; "__base__": none), inference
-        only, as PEFT's; see qpeft.multi_lora. A model-level call sets it for every layer."""
+        only, as PEFT's; see qpeft.modules.mixed_batch. A model-level call sets it for every layer."""
         if adapter_names is None:
             adapter_names = self.__dict__.get("_qpeft_batch_adapter_names")
         if adapter_names is not None:
-            from ..multi_lora import mixed_batch_forward
-
             return mixed_batch_forward(self, x, adapter_names)
         names = [n for n in self._active if n not in self.merged_adapters]
         if self._disabled or not names:
@@ -268,36 +332,89 @@ class LoraLinear(nn.Module):
             weight.copy_(w.to(weight.dtype))
         return weight.detach().float()
 
+    def fused_projection(self) -> LoraProjection:
+        """The projection this layer computes, as the fused blocks take it (qpeft.lora_mlp / lora_qkv): its base
+        with the active, unmerged adapters (one adapter; several are stacked along the rank, which needs them
+        without dropout). A disabled layer gives its base alone; a mixed-adapter batch is refused."""
+        if self.__dict__.get("_qpeft_batch_adapter_names") is not None:
+            raise ValueError("LoraProjection.from_module: a mixed-adapter batch (adapter_names) is not "
+                             "supported by the fused blocks")
+        names = [n for n in self.active_adapters if n not in self.merged_adapters]
+        if self._disabled or not names:
+            return LoraProjection(self.base_layer)
+        if len(names) == 1:
+            n = names[0]
+            return LoraProjection(self.base_layer, self.lora_A[n].weight, self.lora_B[n].weight, self.scaling[n],
+                                  dropout_p=self.lora_dropout[n])
+        if any(self.lora_dropout[n] > 0.0 for n in names):
+            raise ValueError(f"LoraProjection.from_module: several active adapters {names} with dropout are "
+                             f"not supported by the fused blocks (independent masks per adapter)")
+        A = torch.cat([self.lora_A[n].weight.float() for n in names], 0)
+        B = torch.cat([self.lora_B[n].weight.float() * self.scaling[n] for n in names], 1)
+        return LoraProjection(self.base_layer, A, B, 1.0)
+
     def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> dict[str, float]:
         """Add the adapters' deltas into the base weight (default: the active, not yet merged adapters).
 
         Returns {adapter: max |W_stored - (W + delta)|}: the rounding of the base dtype, or for an NF4 base
         the re-quantization error (dequantize, add, re-quantize; NF4 cannot represent W + delta exactly).
         safe_merge: check the merged weight is finite before writing it.
+        The pre-merge weight is kept while merged (memory: the base weight once more; an NF4 base's previous
+        packed bytes and scales), so that unmerge() and disable_adapters() restore it bit for bit.
         """
+        return self._merge(adapter_names, safe_merge, keep_original=True)
+
+    def _merge(self, adapter_names, safe_merge: bool, keep_original: bool) -> dict[str, float]:
+        if self._held is not None:
+            raise ValueError("merge() inside disable_adapters(): the adapters are disabled there; merge after the "
+                             "context")
         names = self._active if adapter_names is None else list(adapter_names)
         names = [n for n in names if n not in self.merged_adapters]
         unknown = [n for n in names if n not in self.lora_A]
         if unknown:
             raise ValueError(f"unknown adapter(s) {unknown}; this layer has {list(self.lora_A)}")
+        premerge = self._valid_premerge()
+        if premerge is None and keep_original and names and not self.merged_adapters:
+            # an NF4 merge replaces the quantized tensors (keeping the old ones copies nothing); a dense merge
+            # writes the weight in place (its original is cloned)
+            premerge = {"original": merge_state.snapshot(self.base_layer, self.is_nf4, clone=not self.is_nf4)}
         errors = {}
-        for n in names:
-            target = self._dense_weight_fp32() + self.get_delta_weight(n)
-            if safe_merge and not torch.isfinite(target).all():
-                raise ValueError(f"merging adapter {n!r} gives non-finite weights; the base was left unchanged")
-            stored = self._store_weight(target)
-            errors[n] = (stored - target).abs().max().item()
-            self.merged_adapters.append(n)
+        try:
+            for n in names:
+                target = self._dense_weight_fp32() + self.get_delta_weight(n)
+                if safe_merge and not torch.isfinite(target).all():
+                    raise ValueError(f"merging adapter {n!r} gives non-finite weights; the base was left unchanged")
+                stored = self._store_weight(target)
+                errors[n] = (stored - target).abs().max().item()
+                self.merged_adapters.append(n)
+        finally:
+            if premerge is not None and self.merged_adapters and keep_original:
+                premerge["stamp"] = merge_state.stamp(self.base_layer, self.is_nf4)
+                self._premerge = premerge
         if self.is_nf4 and errors:
             warnings.warn(f"LoraLinear.merge into an NF4 base re-quantizes the weight: max abs error {errors}; "
                           "outputs will differ slightly (use merge_and_unload for a dense merged layer)",
-                          UserWarning, stacklevel=2)
+                          UserWarning, stacklevel=3)
         self.last_merge_error = errors
         return errors
 
     def unmerge(self) -> dict[str, float]:
-        """Subtract the merged adapters' deltas again (exact up to rounding on a dense base; an NF4 base is
-        re-quantized once more). Returns the errors as `merge` does."""
+        """Restore the base weight from before merge(): bit for bit, from the kept pre-merge weight (errors
+        {adapter: 0.0}). Where that is not valid (the base was written since the merge, e.g. by load_state_dict)
+        the merged adapters' deltas are subtracted as PEFT does, which is not exact (a dense base rounds, an NF4
+        base is re-quantized once more); returns those errors as `merge` does."""
+        if self._held is not None:  # inside disable_adapters(): the original weight is in place already
+            errors = {n: 0.0 for n in reversed(self.merged_adapters)}
+            self.merged_adapters.clear()
+            self._held = self._premerge = None
+            return errors
+        premerge = self._valid_premerge()
+        self._premerge = None
+        if premerge is not None and self.merged_adapters:
+            merge_state.put(self.base_layer, premerge["original"], self.is_nf4)
+            errors = {n: 0.0 for n in reversed(self.merged_adapters)}
+            self.merged_adapters.clear()
+            return errors
         errors = {}
         while self.merged_adapters:
             n = self.merged_adapters.pop()
@@ -313,7 +430,8 @@ class LoraLinear(nn.Module):
         (default torch.bfloat16, QLoRA's compute dtype); the NF4 layer is not modified.
         """
         if not self.is_nf4:
-            self.merge()
+            self._merge(None, safe_merge=False, keep_original=False)  # the LoraLinear is dropped: keep nothing
+            self._premerge = None
             layer = self.base_layer
             return layer.to(dtype) if dtype is not None else layer
         dtype = torch.bfloat16 if dtype is None else dtype

@@ -24,10 +24,11 @@ import types
 import torch
 import torch.nn as nn
 
-from .. import codes
 from ..autograd.nf4_matmul import nf4_matmul_parts
+from ..formats import codes
 from ..ops import quantize as quant_ops  # noqa: F401  (registers qpeft::quantize_4bit / quantize_blockwise)
-from ..quant_state import QuantState
+from ..quant.functional import dequantize_4bit
+from ..quant.state import QuantState
 from ..reference.nf4_matmul import NESTED_BLOCKSIZE
 
 __all__ = ["QLinearNF4"]
@@ -245,7 +246,7 @@ class QLinearNF4(nn.Module):
         return tuple(getattr(self, n) for n in _STORAGE_PARAMETERS)
 
     def quantized_numel(self) -> int:
-        """Logical number of weights held in 4 bits (qpeft.params counts it instead of the packed bytes)."""
+        """Logical number of weights held in 4 bits (qpeft.tuners.params counts it instead of the packed bytes)."""
         return self.in_features * self.out_features
 
     def memory_bytes(self) -> int:
@@ -254,7 +255,7 @@ class QLinearNF4(nn.Module):
 
     @property
     def quant_state(self):
-        """The weight's QuantState (qpeft.quant_state.QuantState), sharing this module's buffers."""
+        """The weight's QuantState (qpeft.quant.state.QuantState), sharing this module's buffers."""
         return self._quant_state(self.absmax)
 
     def _quant_state(self, absmax: torch.Tensor):
@@ -281,8 +282,6 @@ class QLinearNF4(nn.Module):
     @torch.no_grad()
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Dense (out_features, in_features) weight in `dtype` (default: the dtype it was quantized from)."""
-        from ..quantize import dequantize_4bit
-
         return dequantize_4bit(self.weight, self.quant_state, dtype or self.weight_dtype)
 
     def _apply(self, fn, recurse=True):
@@ -367,10 +366,9 @@ class QLinearNF4(nn.Module):
             return
         bias = state_dict.get(prefix + "bias")
         if self.bias is not None:
-            if bias is None:
+            if bias is None:  # as nn.Linear: the weight still loads, the bias is reported missing
                 missing_keys.append(prefix + "bias")
-                return
-            if tuple(bias.shape) != (self.out_features,):
+            elif tuple(bias.shape) != (self.out_features,):
                 error_msgs.append(f"size mismatch for {prefix}bias: expected ({self.out_features},), "
                                   f"got {tuple(bias.shape)}")
                 return
@@ -384,7 +382,7 @@ class QLinearNF4(nn.Module):
         self.quant_type, self.blocksize, self.weight_dtype = parsed["quant_type"], parsed["blocksize"], parsed["dtype"]
         self._set_quantized(**{n: (parsed[n].to(device).clone() if parsed[n] is not None else None)
                                for n in _QUANT_TENSORS})
-        if self.bias is not None:
+        if self.bias is not None and bias is not None:
             with torch.no_grad():
                 if self.bias.device.type == "meta":
                     self.bias = nn.Parameter(bias.to(device).clone(), requires_grad=self.bias.requires_grad)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch.library import custom_op, register_fake
 
+from .. import _cuda
 from .._backend import is_hopper_or_newer
 from .._backend import select as _select_backend  # not `from .. import _backend`: qpeft.__getattr__
 from ..reference import lora as ref
@@ -83,7 +84,7 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if impl == "cuda":
         out = torch.empty((x.shape[0], weight.shape[0]), device=x.device, dtype=x.dtype)
         # the raw kernel reads xa / B / bias in their own dtypes (fp32 adapters stay fp32, no cast pass)
-        torch.ops.qpeft_C.dense_lora_matmul_out(x, weight, bias, xa, B, scale, out)
+        _cuda.rt.ext.dense_lora_matmul_out(x, weight, bias, xa, B, scale, out)
         return out
     if impl == "triton":
         from qpeft.triton_kernels.lora import lora_matmul_triton

@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 from torch.library import custom_op, register_fake
 
+from .. import _cuda
 from .._backend import select as _select_backend  # not `from .. import _backend`: qpeft.__getattr__
 from ..reference import multi_lora as ref
 
@@ -54,7 +55,7 @@ def _check_values(where: str, index: torch.Tensor, rank_start: torch.Tensor, R: 
     idx_ok = ((index >= -1) & (index < L)).all()
     pool_ok = (rank_start[0] == 0) & (rank_start[-1] == R) & (ranks >= 1).all()
     rank_ok = (ranks <= max_rank).all() if max_rank is not None and L > 0 else None
-    if index.device.type == "cpu":
+    if not _cuda.rt.is_cuda(index.device):
         if not bool(idx_ok):
             raise ValueError(f"{where}: index values must be in [-1, {L}) (-1: no adapter; {L} adapters), got "
                              f"min {int(index.min())}, max {int(index.max())}")
@@ -115,7 +116,7 @@ def lora_shrink_gathered(x: torch.Tensor, A_cat: torch.Tensor, rank_start: torch
     impl = _impl("lora_shrink_gathered", x.device, x.shape[0])
     if impl == "cuda":
         xa = torch.empty((x.shape[0], max_rank), device=x.device, dtype=torch.float32)
-        torch.ops.qpeft_C.lora_shrink_gathered_out(x, A_cat, rank_start, index, xa)
+        _cuda.rt.ext.lora_shrink_gathered_out(x, A_cat, rank_start, index, xa)
         return xa
     if impl == "triton":
         from qpeft.triton_kernels.multi_lora import lora_shrink_gathered_triton
@@ -141,7 +142,7 @@ def lora_expand_gathered(y: torch.Tensor, xa: torch.Tensor, B_cat: torch.Tensor,
     impl = _impl("lora_expand_gathered", y.device, y.shape[0])
     if impl == "cuda":
         out = torch.empty_like(y)
-        torch.ops.qpeft_C.lora_expand_gathered_out(y, xa, B_cat, rank_start, scale, index, out)
+        _cuda.rt.ext.lora_expand_gathered_out(y, xa, B_cat, rank_start, scale, index, out)
         return out
     if impl == "triton":
         from qpeft.triton_kernels.multi_lora import lora_expand_gathered_triton

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch.library import custom_op, register_fake
 
+from .. import _cuda
 from .._backend import _warn_once
 from .._backend import select as select_backend
 from . import nf4_matmul_dispatch
@@ -164,8 +165,8 @@ def nf4_matmul(x2d: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, co
     if impl == "cuda":
         x2d = cuda_forward_input(x2d, packed, blocksize)
         out = torch.empty((M, N), dtype=x2d.dtype, device=x2d.device)
-        torch.ops.qpeft_C.nf4_matmul_out(x2d, packed, absmax, code, blocksize, nested_absmax, nested_code, offset,
-                                         bias, lora_xa, lora_B, lora_scale, out)
+        _cuda.rt.ext.nf4_matmul_out(x2d, packed, absmax, code, blocksize, nested_absmax, nested_code, offset,
+                                    bias, lora_xa, lora_B, lora_scale, out)
         return out
     if impl == "triton":
         from qpeft.triton_kernels.nf4_matmul import nf4_matmul_triton
@@ -196,8 +197,8 @@ def nf4_matmul_dx(dy2d: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor
     impl = select_backend("nf4_matmul_dx", dy2d.device, prefer_triton=plan.backend == "triton")
     if impl == "cuda":
         dx = torch.empty((dy2d.shape[0], K), dtype=dy2d.dtype, device=dy2d.device)
-        torch.ops.qpeft_C.nf4_matmul_dx_out(dy2d, packed, absmax, code, blocksize, nested_absmax, nested_code,
-                                            offset, lora_dyb, lora_A, lora_scale, dx)
+        _cuda.rt.ext.nf4_matmul_dx_out(dy2d, packed, absmax, code, blocksize, nested_absmax, nested_code,
+                                       offset, lora_dyb, lora_A, lora_scale, dx)
         return dx
     if impl == "triton":
         from qpeft.triton_kernels.nf4_matmul import nf4_matmul_dx_triton

@@ -24,12 +24,12 @@ Triton run always uses the plan's tiles. Lookups are cached per (direction, M, N
 """
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
 import torch
 
+from .. import _cuda
 from .._backend import is_hopper_or_newer
 
 __all__ = ["Plan", "plan", "default_plan", "lookup_tuned", "build_table", "render_tables"]
@@ -92,14 +92,15 @@ def lookup_tuned(tables: dict, name: str, capability: tuple[int, int], direction
     return Plan(entry["backend"], entry.get("config"), f"tuned:{key} K={near[0]} N={near[1]} M<={entry['max_m']}")
 
 
-@functools.lru_cache(maxsize=4096)
+@_cuda.cached(maxsize=4096)
 def _plan_cached(direction: str, M: int, N: int, K: int, dtype: torch.dtype, device: torch.device) -> Plan:
-    if device.type == "cuda" and dtype in TUNED_DTYPES:
+    rt = _cuda.rt
+    if rt.is_cuda(device) and dtype in TUNED_DTYPES:
         from . import nf4_matmul_tuned
 
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        tuned = lookup_tuned(nf4_matmul_tuned.TABLES, torch.cuda.get_device_name(index),
-                             torch.cuda.get_device_capability(index), direction, M, N, K)
+        index = device.index if device.index is not None else rt.current_device()
+        tuned = lookup_tuned(nf4_matmul_tuned.TABLES, rt.device_name(index), rt.capability(index), direction, M,
+                             N, K)
         if tuned is not None:
             return tuned
     return default_plan(direction, M, device, K, dtype)

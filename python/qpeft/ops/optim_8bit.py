@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch.library import custom_op, register_fake
 
-from .. import _backend
+from .. import _backend, _cuda
 from ..reference import optim_8bit as ref
 
 __all__ = ["optim_8bit_step"]
@@ -91,8 +91,8 @@ def optim_8bit_step(params: list[torch.Tensor], grads: list[torch.Tensor], state
     _check(params, grads, state1, state2, absmax1, absmax2, qmap1, qmap2, hyper, beta1, beta2, optimizer)
     impl = _backend.select("optim_8bit_step", params[0].device)
     if impl == "cuda":
-        torch.ops.qpeft_C.optim_8bit_step_out(params, grads, state1, state2, absmax1, absmax2, qmap1, qmap2, hyper,
-                                              beta1, beta2, optimizer)
+        _cuda.rt.ext.optim_8bit_step_out(params, grads, state1, state2, absmax1, absmax2, qmap1, qmap2, hyper,
+                                         beta1, beta2, optimizer)
         return
     if impl == "triton":
         from qpeft.triton_kernels.optim_8bit import optim_8bit_step_triton

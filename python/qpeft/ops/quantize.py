@@ -7,12 +7,13 @@
     qpeft::quantize_linear(A, bits, blocksize, symmetric) -> (codes, scale fp32 [blocks], zero uint8 [blocks])
     qpeft::dequantize_linear(q, scale, zero, bits, blocksize, symmetric, shape, dtype) -> Tensor(shape, dtype)
 
-All take contiguous tensors (the public API in qpeft.quantize calls .contiguous() and checks the data:
+All take contiguous tensors (the public API in qpeft.quant.functional calls .contiguous() and checks the data:
 dtypes, blocksize, non-finite values); the checks here are shape/dtype only (torch._check, so the fakes run
 them too and nothing syncs with the device). Every op returns new tensors (mutates_args=()).
 Contract of the quantize ops on every backend: a block holding a NaN or an Inf gets a non-finite absmax
 (scale), which is how the public API rejects non-finite input without a second pass over A.
-Backend per call: CUDA C++ raw op (`torch.ops.qpeft_C.*_out`, destination passing), Triton, or the reference.
+Backend per call: CUDA C++ raw op (`qpeft_C::*_out`, through `_cuda.rt.ext`; destination passing), Triton, or
+the reference.
 The linear quantizers have only the reference implementation (they are a one-off step on small tensors).
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch.library import custom_op, register_fake
 
-from .. import _backend
+from .. import _backend, _cuda
 from ..reference import quantize as ref
 
 __all__ = ["quantize_4bit", "dequantize_4bit", "quantize_blockwise", "dequantize_blockwise", "quantize_linear",
@@ -80,7 +81,7 @@ def quantize_4bit(A: torch.Tensor, blocksize: int, quant_type: str) -> tuple[tor
         n = A.numel()
         packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=A.device)
         absmax = torch.empty((n + blocksize - 1) // blocksize, dtype=torch.float32, device=A.device)
-        torch.ops.qpeft_C.quantize_4bit_out(A, blocksize, quant_type, packed, absmax)
+        _cuda.rt.ext.quantize_4bit_out(A, blocksize, quant_type, packed, absmax)
         return packed, absmax
     if impl == "triton":
         from qpeft.triton_kernels.quantize import quantize_4bit_triton
@@ -118,7 +119,7 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tens
     impl = _backend.select("dequantize_4bit", packed.device)
     if impl == "cuda":
         out = torch.empty(shape, dtype=dtype, device=packed.device)
-        torch.ops.qpeft_C.dequantize_4bit_out(packed, absmax, code, blocksize, out)
+        _cuda.rt.ext.dequantize_4bit_out(packed, absmax, code, blocksize, out)
         return out
     if impl == "triton":
         from qpeft.triton_kernels.quantize import dequantize_4bit_triton
@@ -143,7 +144,7 @@ def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int) -> t
         n = A.numel()
         q = torch.empty(n, dtype=torch.uint8, device=A.device)
         absmax = torch.empty((n + blocksize - 1) // blocksize, dtype=torch.float32, device=A.device)
-        torch.ops.qpeft_C.quantize_blockwise_out(A, code, blocksize, q, absmax)
+        _cuda.rt.ext.quantize_blockwise_out(A, code, blocksize, q, absmax)
         return q, absmax
     if impl == "triton":
         from qpeft.triton_kernels.quantize import quantize_blockwise_triton
@@ -176,7 +177,7 @@ def dequantize_blockwise(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tens
     impl = _backend.select("dequantize_blockwise", q.device)
     if impl == "cuda":
         out = torch.empty(q.numel(), dtype=dtype, device=q.device)
-        torch.ops.qpeft_C.dequantize_blockwise_out(q.reshape(-1), absmax, code, blocksize, out)
+        _cuda.rt.ext.dequantize_blockwise_out(q.reshape(-1), absmax, code, blocksize, out)
         return out
     if impl == "triton":
         from qpeft.triton_kernels.quantize import dequantize_blockwise_triton

@@ -1,6 +1,7 @@
 """Paged optimizer states: real CUDA tensors in unified (managed) memory, owned through PyTorch's allocator.
 
-UNVERIFIED ON A GPU: written and compiled (csrc/paged_alloc.cu links into qpeft_C) on a machine without one.
+NOT YET RUN ON A GPU: compiled (csrc/paged_alloc.cu links into qpeft_C) on a machine without one; the Python
+here runs in CPU tests through the fake CUDA runtime of qpeft._cuda (tests/optim/test_optim_seam.py).
 
 How (bitsandbytes disguises cudaMallocManaged buffers as CPU tensors, never frees them, prefetches on stream 0
 and hides them from torch.cuda.memory_allocated; ../shared/reference/optimizers.md section 2):
@@ -15,6 +16,8 @@ and hides them from torch.cuda.memory_allocated; ../shared/reference/optimizers.
 - Where the device reports concurrentManagedAccess = 0 (WSL, some virtualised GPUs) prefetching is unsupported and
   host access faults: states then live in pinned host memory and each update works on a device copy (copied in
   and back asynchronously on the current stream), which says so once.
+- Ownership is by identity (`owns`): a WeakSet compares two live tensors with `==`, which is elementwise, so
+  `t in WeakSet` raised "Boolean value of Tensor ... is ambiguous" on the first paged step.
 """
 from __future__ import annotations
 
@@ -23,12 +26,12 @@ import weakref
 
 import torch
 
+from .. import _cuda, _jit
+
 MODES = ("managed", "pinned")
 
 
 def _library_path() -> str:
-    from .. import _jit
-
     out = _jit.load()
     libs = sorted(out.glob("qpeft_C*.so"))
     if not libs:
@@ -40,60 +43,60 @@ class PagedStates:
     """Allocator, prefetcher and (fallback) stager of the paged states of one CUDA device."""
 
     def __init__(self, device: torch.device):
-        if device.type != "cuda":
+        rt = _cuda.rt
+        if not rt.is_cuda(device):
             raise ValueError(f"PagedStates needs a CUDA device, got {device}")
-        self.device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
-        from .. import _jit
+        self.device = device
+        self.index = device.index if device.index is not None else rt.current_device()
 
         _jit.load()  # builds qpeft_C (raises with the reason: no nvcc, ...)
-        concurrent = bool(torch.ops.qpeft_C.managed_concurrent_access(self.device.index))
+        concurrent = bool(rt.ext.managed_concurrent_access(self.index))
         self.mode = "managed" if concurrent else "pinned"
-        self._owned = weakref.WeakSet()  # by identity; entries vanish with their tensors
+        # id -> tensor, by identity; an entry vanishes with its tensor (no id is reused while its entry lives)
+        self._owned: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
         self._event = None
         if self.mode == "managed":
-            alloc = torch.cuda.memory.CUDAPluggableAllocator(_library_path(), "qpeft_managed_alloc",
-                                                             "qpeft_managed_free")
-            self.pool = torch.cuda.MemPool(alloc.allocator())
+            self.pool = rt.managed_pool(_library_path(), "qpeft_managed_alloc", "qpeft_managed_free")
         else:
             self.pool = None
-            warnings.warn(f"qpeft.optim: {torch.cuda.get_device_name(self.device)} reports no concurrent managed "
+            warnings.warn(f"qpeft.optim: {rt.device_name(self.index)} reports no concurrent managed "
                           f"memory access (WSL or a virtualised GPU): paged states live in pinned host memory and "
                           f"are copied to the GPU for each update", UserWarning, stacklevel=3)
 
     def zeros(self, shape, dtype: torch.dtype) -> torch.Tensor:
         if self.mode == "managed":
-            with torch.cuda.use_mem_pool(self.pool, device=self.device):
+            with _cuda.rt.use_pool(self.pool, self.device):
                 t = torch.zeros(shape, dtype=dtype, device=self.device)
         else:
-            t = torch.zeros(shape, dtype=dtype, pin_memory=True)
-        self._owned.add(t)
+            t = _cuda.rt.pinned_zeros(shape, dtype)
+        self._owned[id(t)] = t
         return t
 
     def owns(self, t: torch.Tensor) -> bool:
-        return t in self._owned
+        return self._owned.get(id(t)) is t
 
     def stage(self, t: torch.Tensor) -> torch.Tensor:
         """The tensor the update kernel should write: `t` itself (prefetched), or a device copy of it."""
         if self.mode == "managed":
             # a prefetch is a hint; while a CUDA graph is captured (capturable=True) the kernel's accesses page
             # the states in on demand instead
-            if not torch.cuda.is_current_stream_capturing():
-                torch.ops.qpeft_C.managed_prefetch(t, self.device.index)
+            if not _cuda.rt.is_capturing():
+                _cuda.rt.ext.managed_prefetch(t, self.index)
             return t
-        return t.to(self.device, non_blocking=True)
+        # copy=True: a copy even where host and device memory are one (the CPU stand-in of the tests)
+        return t.to(self.device, non_blocking=True, copy=True)
 
     def unstage(self, home: torch.Tensor, staged: torch.Tensor) -> None:
         if staged is home:
             return
         home.copy_(staged, non_blocking=True)
-        if torch.cuda.is_current_stream_capturing():
+        if _cuda.rt.is_capturing():
             return  # an event recorded in a capture cannot be waited on from the host: state_dict synchronizes
-        self._event = torch.cuda.Event()
-        self._event.record()
+        self._event = _cuda.rt.record_event()
 
     def evict(self, t: torch.Tensor) -> None:
         if self.mode == "managed":
-            torch.ops.qpeft_C.managed_prefetch(t, -1)  # -1: the host (cudaCpuDeviceId)
+            _cuda.rt.ext.managed_prefetch(t, -1)  # -1: the host (cudaCpuDeviceId)
 
     def synchronize(self) -> None:
         """Wait for the asynchronous copies back to pinned host memory (before the host reads the states)."""

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import codes
+from ..formats import codes
 
 # bnb clamps absmax to 1e-38 before taking its reciprocal: an all-zero block then scales by 1e38 (finite in
 # fp32) and every element rounds to the code of 0 instead of NaN.

@@ -1,0 +1,109 @@
+"""Which LoRA options qpeft's LoRA layers implement: one rule for every path that builds or loads a LoRA adapter.
+
+Used by `qpeft.load_adapter` (an adapter_config.json dict) and by PEFT's entry points on qpeft's 4-bit layers
+(`get_peft_model`, `add_adapter`, `PeftModel.from_pretrained` / `load_adapter`, `qpeft.peft_from_pretrained`,
+`qpeft.lora_config`: a `peft.LoraConfig`, checked in integrations/peft.py). Both ask `unsupported_option`, so an
+adapter refused on one path is refused on every path, with the same message.
+
+Imports nothing: qpeft's own load path works without PEFT. PEFT marks its LoRA variants with the dataclass metadata
+`is_lora_variant` (DoRA, VeLoRA, aLoRA, MonteCLoRA, BD-LoRA, Arrow, KaSA in PEFT 0.21.2) and treats a variant as on
+when its field is truthy (peft/tuners/lora/layer.py, resolve_lora_variant). Without PEFT qpeft knows them from
+`LORA_VARIANTS` below (tests/tuners/test_lora_options.py checks it against the installed PEFT); with PEFT loaded, the
+variant fields of its LoraConfig are refused too, so a variant added by a newer PEFT is never silently ignored.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from typing import Any
+
+__all__ = ["SUPPORTED_INITS", "UNSUPPORTED", "LORA_VARIANTS", "lora_variant_fields", "unsupported_option",
+           "check_lora_options"]
+
+# init_lora_weights values whose init needs only the adapter (the others read or rewrite the base weight:
+# PiSSA, OLoRA, CorDA, LoftQ, EVA, orthogonal, LoRA-GA, MiCA). A loaded adapter keeps the init in its config.
+SUPPORTED_INITS = (True, False, "gaussian")
+
+# LoraConfig fields that change the layer's maths and that qpeft's LoRA layers do not implement, with their off value.
+UNSUPPORTED = {
+    "use_dora": False,
+    "lora_bias": False,
+    "fan_in_fan_out": False,   # qpeft's layers hold W as (out_features, in_features); there is no Conv1D layout
+    "use_qalora": False,       # QA-LoRA's pooled input is defined for GPTQ layers only
+    "megatron_config": None,
+}
+
+# PEFT 0.21.2's LoraConfig fields with metadata is_lora_variant=True, with their default (off) value.
+LORA_VARIANTS = {
+    "use_dora": False,
+    "velora_config": None,
+    "alora_invocation_tokens": None,
+    "monteclora_config": None,
+    "use_bdlora": None,
+    "arrow_config": None,
+    "kasa_config": None,
+}
+
+
+def _peft_lora_config_class():
+    """PEFT's LoraConfig class if PEFT is already imported (never imports it)."""
+    module = sys.modules.get("peft.tuners.lora.config")
+    return getattr(module, "LoraConfig", None)
+
+
+def lora_variant_fields(config: Any = None) -> list[str]:
+    """The LoRA-variant field names: qpeft's list, then any other field the config's dataclass (or, for a dict,
+    the loaded PEFT's LoraConfig) marks is_lora_variant."""
+    names = list(LORA_VARIANTS)
+    cls = type(config) if dataclasses.is_dataclass(config) and not isinstance(config, type) else \
+        _peft_lora_config_class()
+    if cls is not None and dataclasses.is_dataclass(cls):
+        names += [f.name for f in dataclasses.fields(cls) if f.metadata.get("is_lora_variant") and f.name not in names]
+    return names
+
+
+def _get(config: Any, name: str, default: Any) -> Any:
+    if isinstance(config, dict):
+        return config.get(name, default)
+    return getattr(config, name, default)
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    if isinstance(value, dict):
+        return {k: _plain(value[k]) for k in sorted(value, key=str)}
+    return value
+
+
+def _shown(value: Any) -> str:
+    """A value as the message shows it: a sub-config as its dict with sorted keys, so a LoraConfig object and the
+    adapter_config.json it was saved to (json.dumps(sort_keys=True)) give the same text."""
+    return repr(_plain(value))
+
+
+def unsupported_option(config: Any) -> str | None:
+    """Why qpeft cannot build or load this LoRA adapter (a peft.LoraConfig or an adapter_config.json dict), naming
+    the first unsupported option; None when every option is supported."""
+    for name, off in UNSUPPORTED.items():
+        value = _get(config, name, off)
+        if value != off:
+            return (f"qpeft: LoraConfig({name}={_shown(value)}) is not supported by qpeft's LoRA layers "
+                    f"(supported: {name}={off!r})")
+    for name in lora_variant_fields(config):
+        value = _get(config, name, None)
+        if value:  # PEFT's rule: a variant is on when its field is truthy
+            return (f"qpeft: LoraConfig({name}={_shown(value)}) is a LoRA variant that qpeft's LoRA layers do not "
+                    f"implement (leave it unset)")
+    init = _get(config, "init_lora_weights", True)
+    if not any(init is v if isinstance(v, bool) else init == v for v in SUPPORTED_INITS):
+        return (f"qpeft: LoraConfig(init_lora_weights={_shown(init)}) is not supported by qpeft's LoRA layers (it "
+                f"reads or rewrites the base weight); use one of {SUPPORTED_INITS}")
+    return None
+
+
+def check_lora_options(config: Any) -> None:
+    """Raise ValueError(unsupported_option(config)) when qpeft cannot build or load this LoRA adapter."""
+    reason = unsupported_option(config)
+    if reason is not None:
+        raise ValueError(reason)

@@ -1,0 +1,764 @@
+"""qpeft.nf4_matmul (L3) and the qpeft::nf4_matmul / qpeft::nf4_matmul_dx ops (L2) against an fp64 matmul on
+the dequantized weight (fp64, so that fp32 inputs have an oracle more precise than themselves) and plain
+PyTorch in the same dtype (the 2x rule), on random data, odd M/N/K (K % blocksize != 0 included), NF4 and
+FP4, with and without double quant, bias and the LoRA epilogue.
+
+CPU runs use the reference; the `triton` tests run the Triton kernels (TRITON_INTERPRET=1 QPEFT_BACKEND=triton
+on CPU with fp16/fp32, or on a GPU)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import qpeft
+from qpeft.autograd.nf4_matmul import nf4_matmul, weight_args
+from qpeft.reference import nf4_matmul as ref
+from utils import (DTYPES, TRITON_INTERPRET, assert_close_2x, compile_for_sm90, has_triton, requires_cuda,
+                   requires_triton_runtime, triton_device, triton_dtypes)
+
+# (M, N, K): single row, odd everything, K % 64 != 0 (blocks span rows), odd K (rows start mid-byte)
+SHAPES = [(1, 33, 70), (5, 17, 131), (20, 48, 96), (3, 40, 128)]
+FORMATS = [("nf4", 64, True), ("nf4", 32, False), ("fp4", 128, True), ("fp4", 64, False)]
+
+
+def make_weight(N, K, quant_type="nf4", blocksize=64, nested=True, device="cpu", seed=0):
+    """(packed, state, W fp32 dequantized) for a random (N, K) weight quantized with qpeft."""
+    g = torch.Generator().manual_seed(seed)
+    W = (torch.randn(N, K, generator=g) / K ** 0.5).to(device)
+    packed, state = qpeft.quantize_4bit(W, blocksize=blocksize, quant_type=quant_type, double_quant=nested)
+    return packed, state, qpeft.dequantize_4bit(packed, state, torch.float32)
+
+
+def _inputs(M, N, K, dtype, device="cpu", r=0, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    t = lambda *s: torch.randn(*s, generator=g).to(device, dtype)  # noqa: E731
+    lora = (t(M, r), t(N, r) / r, t(r, K) / K ** 0.5) if r else (None, None, None)
+    return t(M, K), t(N), t(M, N), lora
+
+
+# --- the reference itself ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("quant_type,blocksize,nested", FORMATS)
+def test_reference_dequantizes_like_bitsandbytes(quant_type, blocksize, nested):
+    bnbf = pytest.importorskip("bitsandbytes.functional")
+    W = torch.randn(48, 4 * blocksize)  # K % blocksize == 0: bnb 0.50.2's CPU dequant mis-handles the rest
+    packed, st = bnbf.quantize_4bit(W, blocksize=blocksize, compress_statistics=nested, quant_type=quant_type)
+    nested_args = (st.state2.absmax, st.state2.code, st.offset) if nested else (None, None, None)
+    got = ref.dequantize_weight_ref(packed, ref.decode_absmax_ref(st.absmax, *nested_args), st.code, blocksize,
+                                    *W.shape)
+    assert torch.equal(got, bnbf.dequantize_4bit(packed, st))
+
+
+def test_reference_blocks_span_rows():
+    """K % blocksize != 0: block b covers flat elements [b*bs, (b+1)*bs) across the row boundary."""
+    N, K, bs = 3, 40, 32
+    W = torch.randn(N, K)
+    packed, state = qpeft.quantize_4bit(W, blocksize=bs, double_quant=False)
+    deq = ref.dequantize_weight_ref(packed, state.absmax, state.code, bs, N, K).reshape(-1)
+    flat = W.reshape(-1)
+    for b in range(state.absmax.numel()):
+        blk = slice(b * bs, (b + 1) * bs)
+        assert deq[blk].abs().max() == pytest.approx(flat[blk].abs().max().item(), rel=1e-6)
+
+
+# --- forward / backward accuracy (2x rule) ------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,N,K", SHAPES)
+@pytest.mark.parametrize("quant_type,blocksize,nested", FORMATS)
+def test_forward_backward_accuracy(M, N, K, dtype, quant_type, blocksize, nested):
+    packed, state, W = make_weight(N, K, quant_type, blocksize, nested)
+    x, b, dy, _ = _inputs(M, N, K, dtype)
+    x.requires_grad_(True)
+    b.requires_grad_(True)
+    y = nf4_matmul(x, packed, state, b)
+    y.backward(dy)
+    assert y.dtype == dtype and y.shape == (M, N)
+    ref32 = x.detach().double() @ W.double().t() + b.detach().double()
+    same = x.detach() @ W.to(dtype).t() + b.detach()
+    assert_close_2x(y, ref32, same, what="forward")
+    assert_close_2x(x.grad, dy.double() @ W.double(), dy @ W.to(dtype), what="dx")
+    assert_close_2x(b.grad, dy.double().sum(0), dy.sum(0), what="dbias")
+
+
+def test_leading_dims_and_non_contiguous_x():
+    packed, state, W = make_weight(24, 64)
+    x = torch.randn(2, 3, 64)
+    y = nf4_matmul(x, packed, state)
+    assert y.shape == (2, 3, 24)
+    torch.testing.assert_close(y, x @ W.t(), rtol=1e-5, atol=1e-5)
+    xt = torch.randn(64, 5).t()  # non-contiguous view
+    torch.testing.assert_close(nf4_matmul(xt, packed, state), nf4_matmul(xt.contiguous(), packed, state),
+                               rtol=0, atol=0)
+
+
+def test_empty_batch():
+    packed, state, _ = make_weight(16, 64)
+    x = torch.randn(0, 64, requires_grad=True)
+    y = nf4_matmul(x, packed, state, torch.randn(16))
+    y.sum().backward()
+    assert y.shape == (0, 16) and x.grad.shape == (0, 64)
+
+
+def test_no_grad_for_weight_and_saved_tensors_are_packed():
+    packed, state, _ = make_weight(16, 64)
+    x = torch.randn(4, 64, requires_grad=True)
+    y = nf4_matmul(x, packed, state)
+    node = y.grad_fn
+    while type(node).__name__ != "NF4MatmulFunctionBackward":
+        node = node.next_functions[0][0]
+    saved = [t for t in node.saved_tensors if t is not None]
+    assert packed.data_ptr() in {t.data_ptr() for t in saved}
+    assert all(t.dtype == torch.uint8 or t.numel() <= 256 for t in saved)  # no dequantized (16, 64) weight
+    y.sum().backward()
+    assert x.grad is not None and not packed.requires_grad
+
+
+def test_accepts_bitsandbytes_state_and_storage_view():
+    bnbf = pytest.importorskip("bitsandbytes.functional")
+    W = torch.randn(32, 128)
+    x = torch.randn(3, 128)
+    p_bnb, s_bnb = bnbf.quantize_4bit(W, blocksize=64, compress_statistics=True, quant_type="nf4")
+    p_q, s_q = qpeft.quantize_4bit(W, blocksize=64, double_quant=True)
+    assert torch.equal(p_bnb.view(-1), p_q.view(-1))
+    ours = nf4_matmul(x, p_q, s_q)
+    torch.testing.assert_close(nf4_matmul(x, p_bnb, s_bnb), ours, rtol=0, atol=0)
+    as_fp16_storage = p_q.reshape(-1).view(torch.float16).reshape(-1, 1)  # bnb quant_storage=torch.float16
+    torch.testing.assert_close(nf4_matmul(x, as_fp16_storage, s_q), ours, rtol=0, atol=0)
+
+
+# --- LoRA epilogue (the LoRA op family's contract) -----------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("nested", [True, False])
+def test_lora_epilogue(dtype, nested):
+    M, N, K, r, scale = 7, 37, 96, 5, 0.75
+    packed, state, W = make_weight(N, K, nested=nested)
+    args = weight_args(packed, state)
+    x, b, dy, (xa, lB, lA) = _inputs(M, N, K, dtype, r=r)
+    nest = args[6:]
+    y = torch.ops.qpeft.nf4_matmul(x, args[0], args[1], args[2], args[3], N, *nest, b, xa, lB, scale)
+    ref32 = x.double() @ W.double().t() + b.double() + scale * (xa.double() @ lB.double().t())
+    same = x @ W.to(dtype).t() + b + scale * (xa @ lB.t())
+    assert_close_2x(y, ref32, same, what="forward + lora")
+    dx = torch.ops.qpeft.nf4_matmul_dx(dy, args[0], args[1], args[2], args[3], K, *nest, xa, lA, scale)
+    assert_close_2x(dx, dy.double() @ W.double() + scale * (xa.double() @ lA.double()),
+                    dy @ W.to(dtype) + scale * (xa @ lA),
+                    what="dx + lora")
+
+
+# --- torch.library registration -------------------------------------------------------------------------------
+@pytest.mark.parametrize("nested", [True, False])
+def test_opcheck(nested):
+    M, N, K = 3, 20, 72
+    packed, state, _ = make_weight(N, K, nested=nested)
+    p, a, c, bs, _, _, na, nc, off = weight_args(packed, state)
+    x, b, dy, (xa, lB, lA) = _inputs(M, N, K, torch.float32, r=4)
+    torch.library.opcheck(torch.ops.qpeft.nf4_matmul.default, (x, p, a, c, bs, N, na, nc, off, b, xa, lB, 0.5))
+    torch.library.opcheck(torch.ops.qpeft.nf4_matmul.default, (x, p, a, c, bs, N, na, nc, off, None, None, None, 0.0))
+    torch.library.opcheck(torch.ops.qpeft.nf4_matmul_dx.default, (dy, p, a, c, bs, K, na, nc, off, xa, lA, 0.5))
+
+
+# --- bad input ----------------------------------------------------------------------------------------------------
+def test_bad_inputs_raise_with_shapes_and_dtypes():
+    packed, state, _ = make_weight(16, 64)
+    with pytest.raises(ValueError, match=r"\(\.\.\., 64\).*\(16, 64\).*\(4, 60\)"):
+        nf4_matmul(torch.randn(4, 60), packed, state)
+    with pytest.raises(TypeError, match="float16, bfloat16 or float32, got torch.int32"):
+        nf4_matmul(torch.ones(4, 64, dtype=torch.int32), packed, state)
+    with pytest.raises(ValueError, match="x is on meta but the weight is on cpu"):
+        nf4_matmul(torch.empty(4, 64, device="meta"), packed, state)
+    with pytest.raises(ValueError, match=r"bias must have shape \(16,\), got \(15,\)"):
+        nf4_matmul(torch.randn(4, 64), packed, state, torch.randn(15))
+    bad_state = qpeft.QuantState.from_dict(state.as_dict(packed=True))
+    bad_state.state2.blocksize = 128
+    with pytest.raises(ValueError, match="state2.blocksize must be 256, got 128"):
+        nf4_matmul(torch.randn(4, 64), packed, bad_state)
+
+
+def test_op_level_checks():
+    packed, state, _ = make_weight(16, 64, nested=False)
+    p, a, c, bs, N, K, *_ = weight_args(packed, state)
+    x = torch.randn(4, 64)
+    op = torch.ops.qpeft.nf4_matmul
+    with pytest.raises(RuntimeError, match=r"absmax must have ceil\(N\*K/blocksize\) = 16 entries"):
+        op(x, p, a[:-1].contiguous(), c, bs, N, None, None, None, None, None, None, 0.0)
+    with pytest.raises(RuntimeError, match="blocksize must be one of"):
+        op(x, p, a, c, 48, N, None, None, None, None, None, None, 0.0)
+    with pytest.raises(RuntimeError,
+                       match=r"packed must hold \(N\*K\+1\)//2 = 544 bytes for W \(17, 64\), got shape \(512, 1\)"):
+        op(x, p, a, c, bs, N + 1, None, None, None, None, None, None, 0.0)
+    with pytest.raises(RuntimeError, match="x must be contiguous"):
+        op(torch.randn(64, 4).t(), p, a, c, bs, N, None, None, None, None, None, None, 0.0)
+    with pytest.raises(RuntimeError, match="bias must have x's dtype torch.float32, got torch.float16"):
+        op(x, p, a, c, bs, N, None, None, None, torch.randn(N).half(), None, None, 0.0)
+    with pytest.raises(RuntimeError, match=r"lora_B must be \(16, 3\), got \(16, 4\)"):
+        op(x, p, a, c, bs, N, None, None, None, None, torch.randn(4, 3), torch.randn(N, 4), 1.0)
+
+
+# --- Triton kernels (interpreter on CPU: fp16/fp32, small shapes) -------------------------------------------------
+# generic loader (K % blocksize != 0, odd K), aligned loader (K % blocksize == 0) and whole tiles (EVEN_NK: N and K
+# multiples of the default tiles, no masked loads) shapes
+TRITON_SHAPES = [(1, 33, 70), (5, 17, 131), (20, 48, 96), (2, 21, 256), (20, 64, 256)]
+
+
+@pytest.mark.triton
+@requires_triton_runtime
+@pytest.mark.parametrize("dtype", triton_dtypes())
+@pytest.mark.parametrize("M,N,K", TRITON_SHAPES)
+@pytest.mark.parametrize("quant_type,blocksize,nested", [("nf4", 64, True), ("fp4", 32, False)])
+def test_triton_forward_dx(M, N, K, dtype, quant_type, blocksize, nested, monkeypatch):
+    monkeypatch.setenv("QPEFT_BACKEND", "triton")
+    dev = triton_device()
+    packed, state, W = make_weight(N, K, quant_type, blocksize, nested, device=dev)
+    x, b, dy, _ = _inputs(M, N, K, dtype, device=dev)
+    x.requires_grad_(True)
+    y = nf4_matmul(x, packed, state, b)
+    y.backward(dy)
+    assert_close_2x(y, x.detach().double() @ W.double().t() + b.double(), x.detach() @ W.to(dtype).t() + b,
+                    what="forward")
+    assert_close_2x(x.grad, dy.double() @ W.double(), dy @ W.to(dtype), what="dx")
+
+
+@pytest.mark.triton
+@requires_triton_runtime
+@pytest.mark.parametrize("K,aligned", [(160, False), (320, True), (320, False)])
+@pytest.mark.parametrize("config,dtype", [
+    # split-K adds fp32 partial sums with atomics into the output: float32 only (the refusal is tested below)
+    (dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=32, SPLIT_K=3), torch.float32),    # GEMV multiply-reduce, split-K
+    (dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, SPLIT_K=2), torch.float32),  # decode tl.dot, split-K, 2 groups
+] + [(cfg, dtype) for dtype in triton_dtypes() for cfg in (
+    dict(BLOCK_M=1, BLOCK_N=8, BLOCK_K=256, SPLIT_K=1),    # GEMV multiply-reduce, whole K per program
+    dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, SPLIT_K=1),   # tiled GEMM / decode tl.dot without split
+    dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, SPLIT_K=1, num_warps=2, num_stages=2),  # tuned-table keys
+)])
+def test_triton_forward_configs_with_lora(config, K, aligned, dtype):
+    from qpeft.triton_kernels.nf4_matmul import nf4_matmul_triton
+
+    config = {**config, "ALIGNED": aligned}
+    M = 1 if config["BLOCK_M"] == 1 else 9
+    N, r, scale = 37, 6, 0.5
+    dev = triton_device()
+    packed, state, W = make_weight(N, K, "nf4", 64, True, device=dev)
+    p, a, c, bs, _, _, na, nc, off = weight_args(packed, state)
+    x, b, _, (xa, lB, _) = _inputs(M, N, K, dtype, device=dev, r=r)
+    y = nf4_matmul_triton(x, p, a, c, bs, N, na, nc, off, b, xa, lB, scale, config=config)
+    assert y.dtype == dtype and y.shape == (M, N)
+    ref32 = x.double() @ W.double().t() + b.double() + scale * (xa.double() @ lB.double().t())
+    assert_close_2x(y, ref32, x @ W.to(dtype).t() + b + scale * (xa @ lB.t()), what=f"forward {config}")
+
+
+@pytest.mark.triton
+@requires_triton_runtime
+def test_triton_split_k_refused_for_half_activations():
+    """A 16-bit output cannot hold split-K partial sums; an fp32 scratch buffer would be a second allocation
+    (the op allocates only its output), so the launcher refuses instead of silently losing precision."""
+    from qpeft.triton_kernels.nf4_matmul import nf4_matmul_triton
+
+    dev = triton_device()
+    packed, state, _ = make_weight(32, 128, device=dev)
+    p, a, c, bs, _, _, na, nc, off = weight_args(packed, state)
+    x = torch.randn(1, 128).to(dev, torch.float16)
+    with pytest.raises(ValueError, match="SPLIT_K must be 1 for torch.float16"):
+        nf4_matmul_triton(x, p, a, c, bs, 32, na, nc, off, config=dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=32,
+                                                                          SPLIT_K=2))
+
+
+@pytest.mark.triton
+@requires_triton_runtime
+def test_triton_split_k_deterministic_mode(monkeypatch):
+    """Under torch.use_deterministic_algorithms(True) split-K writes one fp32 slice per split and sums them in a
+    fixed order (no atomics, whose order varies run to run); the result meets the 2x rule and repeats bit for bit."""
+    import qpeft.triton_kernels.nf4_matmul as tk
+
+    dev = triton_device()
+    M, N, K, r = 3, 37, 320, 4
+    packed, state, W = make_weight(N, K, device=dev)
+    p, a, c, bs, _, _, na, nc, off = weight_args(packed, state)
+    x, b, _, (xa, lB, _) = _inputs(M, N, K, torch.float32, device=dev, r=r)
+    seen = []
+    real_run = tk._nf4_matmul_kernel.run
+    monkeypatch.setattr(tk._nf4_matmul_kernel, "run",
+                        lambda *args, **kw: seen.append(kw["ATOMIC_SPLIT"]) or real_run(*args, **kw))
+    cfg = dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=32, SPLIT_K=3)
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        y1 = tk.nf4_matmul_triton(x, p, a, c, bs, N, na, nc, off, b, xa, lB, 0.5, config=cfg)
+        y2 = tk.nf4_matmul_triton(x, p, a, c, bs, N, na, nc, off, b, xa, lB, 0.5, config=cfg)
+    finally:
+        torch.use_deterministic_algorithms(was)
+    y3 = tk.nf4_matmul_triton(x, p, a, c, bs, N, na, nc, off, b, xa, lB, 0.5, config=cfg)
+    assert seen == [False, False, True]
+    assert torch.equal(y1, y2) and y1.shape == (M, N)
+    ref32 = x.double() @ W.double().t() + b.double() + 0.5 * (xa.double() @ lB.double().t())
+    same = x @ W.t() + b + 0.5 * (xa @ lB.t())
+    assert_close_2x(y1, ref32, same, what="deterministic split-K")
+    assert_close_2x(y3, ref32, same, what="atomic split-K")
+
+
+def test_triton_grid_limits():
+    """Output column tiles go on grid axis 0 (2^31 - 1 programs: 75,000 tiles of 8 columns are fine, where axis 1
+    stopped at 65,535); a problem beyond axis 0 is refused with the sizes; M tiles (axis 1) are launched in
+    chunks of at most 65,535."""
+    pytest.importorskip("triton")
+    from qpeft.triton_kernels.nf4_matmul import MAX_GRID_X, MAX_GRID_Y, _grid_cols, _row_chunks
+
+    assert _grid_cols(600_000, 8) == 75_000
+    with pytest.raises(ValueError, match="more than the 2147483647 of CUDA grid axis 0"):
+        _grid_cols(2 ** 36, 16)
+    assert MAX_GRID_X == 2 ** 31 - 1 and MAX_GRID_Y == 65535
+    assert _row_chunks(100, 16) == [(0, 100)]
+    assert _row_chunks(65535 * 16 + 5, 16) == [(0, 65535 * 16), (65535 * 16, 65535 * 16 + 5)]
+
+
+@pytest.mark.triton
+@requires_triton_runtime
+def test_triton_forward_row_chunks_give_the_same_result(monkeypatch):
+    """With grid axes 1 and 2 limited to 2 programs (instead of 65,535): 3 N tiles go on axis 0 and the 5 M tiles
+    on axis 1 in three launches on row slices of x, the output and the LoRA rows; the result is bit for bit the
+    single launch's. dx keeps M tiles on axis 0 and refuses K tiles beyond axis 1."""
+    import qpeft.triton_kernels.nf4_matmul as tk
+
+    dev, dtype = triton_device(), torch.float16
+    M, N, K, r = 70, 40, 64, 4
+    packed, state, _ = make_weight(N, K, device=dev)
+    p, a, c, bs, _, _, na, nc, off = weight_args(packed, state)
+    x, b, dy, (xa, lB, lA) = _inputs(M, N, K, dtype, device=dev, r=r)
+    cfg = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, SPLIT_K=1)
+    whole = tk.nf4_matmul_triton(x, p, a, c, bs, N, na, nc, off, b, xa, lB, 0.5, config=cfg)
+    seen = []
+    real_run = tk._nf4_matmul_kernel.run
+    monkeypatch.setattr(tk._nf4_matmul_kernel, "run",
+                        lambda *args, **kw: seen.append((kw["grid"], kw["SWAP_AXES"])) or real_run(*args, **kw))
+    monkeypatch.setattr(tk, "MAX_GRID_Y", 2)
+    assert torch.equal(tk.nf4_matmul_triton(x, p, a, c, bs, N, na, nc, off, b, xa, lB, 0.5, config=cfg), whole)
+    assert seen == [((3, 2, 1), True), ((3, 2, 1), True), ((3, 1, 1), True)]
+    with pytest.raises(ValueError, match="K=64 in tiles of 16 is 4 programs on CUDA grid axis 1, more than its 2"):
+        tk.nf4_matmul_dx_triton(dy, p, a, c, bs, K, na, nc, off, config=dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16))
+
+
+@pytest.mark.parametrize("M", [1, 2, 16])
+@pytest.mark.parametrize("N", [64, 4096, 28672])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_triton_decode_default_config_fills_the_gpu_without_scratch(M, N, dtype):
+    """Default decode tiles: half precision never splits K (no scratch buffer); BLOCK_N gives >= 2 programs
+    per SM whenever N allows it (132 SMs, as the interpreter pretends), within tl.dot's minimum of 16."""
+    pytest.importorskip("triton")
+    from qpeft.triton_kernels.nf4_matmul import _fwd_config
+
+    cfg = _fwd_config(M, N, 4096, torch.device("cpu"), dtype)
+    assert cfg["BLOCK_M"] == (1 if M == 1 else 16)
+    assert cfg["BLOCK_N"] >= (8 if M == 1 else 16)
+    programs = -(-N // cfg["BLOCK_N"])
+    if dtype != torch.float32:
+        assert cfg["SPLIT_K"] == 1
+    if N >= 2 * 132 * 16:
+        assert programs >= 2 * 132
+    if dtype == torch.float32 and programs < 132:
+        assert cfg["SPLIT_K"] > 1
+
+
+@pytest.mark.triton
+@requires_triton_runtime
+@pytest.mark.parametrize("dtype", triton_dtypes())
+@pytest.mark.parametrize("K", [100, 128])
+def test_triton_dx_with_lora(dtype, K):
+    from qpeft.triton_kernels.nf4_matmul import nf4_matmul_dx_triton
+
+    M, N, r, scale = 6, 45, 3, 2.0
+    dev = triton_device()
+    packed, state, W = make_weight(N, K, "fp4", 32, False, device=dev)
+    p, a, c, bs, _, _, na, nc, off = weight_args(packed, state)
+    _, _, dy, (dyb, _, lA) = _inputs(M, N, K, dtype, device=dev, r=r)
+    dx = nf4_matmul_dx_triton(dy, p, a, c, bs, K, na, nc, off, dyb, lA, scale,
+                              config=dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32))
+    ref32 = dy.double() @ W.double() + scale * (dyb.double() @ lA.double())
+    assert_close_2x(dx, ref32, dy @ W.to(dtype) + scale * (dyb @ lA), what="dx + lora")
+
+
+# --- CUDA C++ extension (GPU only): the raw qpeft_C ops behind the same L2 op ---------------------------------
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,N,K", SHAPES + [(64, 256, 512), (300, 128, 4096)])
+@pytest.mark.parametrize("quant_type,blocksize,nested", FORMATS)
+def test_cuda_forward_dx_lora(M, N, K, dtype, quant_type, blocksize, nested, monkeypatch):
+    monkeypatch.setenv("QPEFT_BACKEND", "cuda")
+    packed, state, W = make_weight(N, K, quant_type, blocksize, nested, device="cuda")
+    p, a, c, bs, _, _, na, nc, off = weight_args(packed, state)
+    x, b, dy, (xa, lB, lA) = _inputs(M, N, K, dtype, device="cuda", r=8)
+    y = torch.ops.qpeft.nf4_matmul(x, p, a, c, bs, N, na, nc, off, b, xa, lB, 0.5)
+    assert_close_2x(y, x.double() @ W.double().t() + b.double() + 0.5 * (xa.double() @ lB.double().t()),
+                    x @ W.to(dtype).t() + b + 0.5 * (xa @ lB.t()), what="cuda forward")
+    dx = torch.ops.qpeft.nf4_matmul_dx(dy, p, a, c, bs, K, na, nc, off, xa, lA, 0.5)
+    assert_close_2x(dx, dy.double() @ W.double() + 0.5 * (xa.double() @ lA.double()),
+                    dy @ W.to(dtype) + 0.5 * (xa @ lA),
+                    what="cuda dx")
+
+
+# decode kernels of csrc/nf4_gemv.cu: tensor cores for fp16 / bf16 with M <= 64, blocksize >= 64 and K % 256 == 0
+# (1, 2, 4 or 8 groups of 8 tokens; M = 24 with N = 2056 takes two 8-row tiles per warp on an H100, the last CTA's
+# second one half past N), the SIMT kernel at M <= 16 otherwise (blocksize 32 below), the tiled GEMM above.
+# Shapes: one warp (K = 256), split-K over 8 warps with 1 and 2 passes each
+# (K = 2816 = 11 passes: warps 0-2 take two, the loop's early exit), N not a multiple of 8 (clamped rows),
+# blocksizes below, at and above the 256-k pass (a pass inside one block / the block spanning passes)
+DECODE_SHAPES = [(1, 37, 256), (3, 64, 2816), (8, 29, 512), (9, 40, 4096), (16, 33, 768), (17, 24, 512),
+                 (32, 19, 1280), (24, 2056, 256), (41, 1000, 512), (64, 72, 256)]
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("M,N,K", DECODE_SHAPES)
+@pytest.mark.parametrize("blocksize,nested", [(64, True), (128, False), (1024, True), (32, True)])
+def test_cuda_decode_kernels(M, N, K, dtype, blocksize, nested, monkeypatch):
+    """Against the exactly dequantized weight rounded to the activation dtype (what the tensor-core kernel
+    multiplies): within 2 ulps of the output dtype of the fp64 product (a single wrong weight moves a K >= 256
+    dot product by far more), and the 2x rule against plain PyTorch; bias and the LoRA epilogue included."""
+    monkeypatch.setenv("QPEFT_BACKEND", "cuda")
+    packed, state, W = make_weight(N, K, "nf4", blocksize, nested, device="cuda")
+    p, a, c, bs, _, _, na, nc, off = weight_args(packed, state)
+    x, b, _, (xa, lB, _) = _inputs(M, N, K, dtype, device="cuda", r=8)
+    y = torch.ops.qpeft.nf4_matmul(x, p, a, c, bs, N, na, nc, off, b, xa, lB, 0.5)
+    exact = x.double() @ W.to(dtype).double().t() + b.double() + 0.5 * (xa.double() @ lB.double().t())
+    ulp = torch.finfo(dtype).eps * exact.abs().clamp_min(1e-3)
+    assert ((y.double() - exact).abs() <= 2 * ulp).all(), (y.double() - exact).abs().max()
+    assert_close_2x(y, x.double() @ W.double().t() + b.double() + 0.5 * (xa.double() @ lB.double().t()),
+                    x @ W.to(dtype).t() + b + 0.5 * (xa @ lB.t()), what="cuda decode")
+
+
+@requires_cuda
+def test_cuda_decode_misaligned_activation_view_is_exact():
+    """A decode call on a view at an odd offset takes the fast kernel on an aligned copy (cuda_forward_input)."""
+    packed, state, W = make_weight(64, 512, device="cuda")
+    base = torch.randn(1 + 4 * 512, device="cuda", dtype=torch.bfloat16)
+    x = base[1:].view(4, 512)
+    assert x.data_ptr() % 16
+    y = nf4_matmul(x, packed, state)
+    torch.testing.assert_close(y, nf4_matmul(x.clone(), packed, state), rtol=0, atol=0)
+
+
+def test_cuda_forward_input_copies_misaligned_x_and_warns_once_per_slow_path(monkeypatch):
+    """The CUDA forward's seam, on CPU tensors: which calls take the decode kernels' fast path, which get one
+    warning naming the reason."""
+    import warnings
+
+    from qpeft import _backend
+    from qpeft.ops.nf4_matmul import cuda_forward_input
+
+    monkeypatch.setattr(_backend, "_warned", set())
+
+    def call(M, K, blocksize=64, dtype=torch.bfloat16, x_offset=0, w_offset=0):
+        x = torch.randn(x_offset + M * K).to(dtype)[x_offset:].view(M, K)
+        packed = torch.zeros(w_offset + 64 * K // 2, dtype=torch.uint8)[w_offset:]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = cuda_forward_input(x, packed, blocksize)
+        return x, out, [str(w.message) for w in caught]
+
+    x, out, warned = call(4, 512)
+    assert out is x and not warned                          # the fast path as is
+    x, out, warned = call(4, 512, x_offset=1)                # misaligned view: an aligned copy, no warning
+    assert x.data_ptr() % 16 and out.data_ptr() % 16 == 0 and torch.equal(out, x) and not warned
+    x, out, warned = call(32, 512, x_offset=1)               # M <= 64: the tensor-core kernel too
+    assert out.data_ptr() % 16 == 0 and torch.equal(out, x) and not warned
+    for M, kwargs, reason, kernel in ((1, dict(K=100), "K=100 is not a multiple of 32", "tiled GEMM"),
+                                      (1, dict(K=512, w_offset=8), "packed weight is not 16-byte aligned",
+                                       "tiled GEMM"),
+                                      (1, dict(K=512, blocksize=32), "blocksize 32 < 64", "SIMT kernel"),
+                                      (1, dict(K=288), "K=288 is not a multiple of 256", "SIMT kernel"),
+                                      (20, dict(K=512, blocksize=32), "blocksize 32 < 64", "tiled GEMM")):
+        _, _, warned = call(M, **kwargs)
+        assert len(warned) == 1 and reason in warned[0] and kernel in warned[0], warned
+        _, _, again = call(M + 1, **kwargs)
+        assert not again  # once per reason
+    for M in (1, 20):                                        # fp32: SIMT or tiled GEMM by design, not warned
+        _, _, warned = call(M, 288, dtype=torch.float32)
+        assert not warned
+    x, out, warned = call(70, 512, x_offset=1, blocksize=32)  # M > 64: the tiled GEMM, any alignment
+    assert out is x and not warned
+
+
+# --- auto dispatch: the measured table (built by benchmarks/tune_nf4_matmul.py) and its lookup ---------------
+def _synthetic_tuning_rows(seed=0):
+    """Rows as the tuner writes them, with random times: two shapes, four M, both directions; one candidate
+    always fails (inf) and dense cuBLAS is context only (no backend)."""
+    g = torch.Generator().manual_seed(seed)
+    cands = [("cuda", "cuda", None), ("triton:a", "triton", dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=128)),
+             ("triton:b", "triton", dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_stages=3)),
+             ("dense", None, None), ("triton:broken", "triton", dict(BLOCK_M=256, BLOCK_N=256, BLOCK_K=256))]
+    rows = []
+    for direction in ("fwd", "dx"):
+        for K, N in ((4096, 4096), (8192, 28672)):
+            for M in (1, 16, 64, 1024):
+                for name, backend, cfg in cands:
+                    ms = float("inf") if name == "triton:broken" else float(torch.rand((), generator=g)) + 0.01
+                    if name == "dense":
+                        ms = 1e-6  # fastest of all, but not a candidate
+                    rows.append(dict(dir=direction, K=K, N=N, M=M, candidate=name, backend=backend, config=cfg,
+                                     ms=ms))
+    return rows
+
+
+def test_dispatch_table_picks_the_measured_winner_and_round_trips_through_source():
+    from qpeft.ops.nf4_matmul_dispatch import build_table, lookup_tuned, render_tables
+
+    rows = _synthetic_tuning_rows()
+    table = build_table(rows, (9, 0), "synthetic")
+    tables = {"GPU A": table}
+    namespace: dict = {}
+    exec(render_tables(tables), namespace)  # the generated module is valid Python holding the same table
+    assert namespace["TABLES"] == tables
+    for r in rows:
+        if r["backend"] is None:
+            continue
+        same = [q for q in rows if (q["dir"], q["K"], q["N"], q["M"]) == (r["dir"], r["K"], r["N"], r["M"])
+                and q["backend"] is not None]
+        winner = min(same, key=lambda q: q["ms"])
+        got = lookup_tuned(tables, "GPU A", (9, 0), r["dir"], r["M"], r["N"], r["K"])
+        assert (got.backend, got.triton_config) == (winner["backend"], winner["config"]), (r, got)
+        assert got.source.startswith("tuned:GPU A")
+
+
+def test_dispatch_lookup_buckets_nearest_shape_and_device_fallback():
+    from qpeft.ops.nf4_matmul_dispatch import build_table, lookup_tuned
+
+    rows = [dict(dir="fwd", K=K, N=N, M=M, candidate=name, backend=backend, config=None, ms=ms)
+            for K, N, fast_upto in ((4096, 4096, 16), (8192, 28672, 64))
+            for M in (1, 16, 64, 1024)
+            for name, backend, ms in (("cuda", "cuda", 1.0 if M <= fast_upto else 3.0),
+                                      ("triton:default", "triton", 2.0))]
+    tables = {"GPU A": build_table(rows, (9, 0), "synthetic")}
+    buckets = tables["GPU A"]["fwd"][(4096, 4096)]
+    assert [(b["max_m"], b["backend"]) for b in buckets] == [(16, "cuda"), (1024, "triton")]  # merged runs
+    assert set(buckets[0]["ms"]) == {1, 16} and buckets[0]["ms"][16] == {"cuda": 1.0, "triton:default": 2.0}
+
+    def backend(M, N, K, name="GPU A", cap=(9, 0)):
+        p = lookup_tuned(tables, name, cap, "fwd", M, N, K)
+        return None if p is None else p.backend
+
+    assert [backend(M, 4096, 4096) for M in (1, 7, 16, 17, 64, 5000)] == ["cuda"] * 3 + ["triton"] * 3
+    assert backend(40, 14336, 8192) == "cuda"     # nearest measured shape: (8192, 28672), cuda up to M = 64
+    assert backend(40, 4096, 3072) == "triton"    # nearest: (4096, 4096)
+    assert backend(40, 4096, 4096, name="GPU B") == "triton"  # unknown name, same capability: that table
+    assert backend(40, 4096, 4096, name="GPU B", cap=(8, 0)) is None  # no table for this arch: default rule
+    assert lookup_tuned(tables, "GPU A", (9, 0), "dx", 40, 4096, 4096) is None  # direction not measured
+
+
+def test_dispatch_default_plan_and_argument_check():
+    from qpeft.ops.nf4_matmul_dispatch import plan
+
+    cpu = torch.device("cpu")
+    p = plan("fwd", 1, 4096, 4096, torch.bfloat16, cpu)
+    assert (p.backend, p.triton_config, p.source) == ("cuda", None, "default")
+    with pytest.raises(ValueError, match="direction must be 'fwd' or 'dx'"):
+        plan("bwd", 1, 4096, 4096, torch.bfloat16, cpu)
+
+
+def test_dispatch_default_rule_on_hopper(monkeypatch):
+    """On sm_90 (reported by a stand-in): the CUDA decode kernels up to M = 16, and up to 64 where the tensor-core
+    one applies (fp16 / bf16, K % 256 == 0); Triton (wgmma) above, and for every dx."""
+    from qpeft.ops import nf4_matmul_dispatch as d
+
+    monkeypatch.setattr(d, "is_hopper_or_newer", lambda device: True)
+    dev, bf16 = torch.device("cuda", 0), torch.bfloat16
+
+    def backend(direction, M, K, dtype=bf16):
+        return d.default_plan(direction, M, dev, K, dtype).backend
+
+    assert [backend("fwd", M, 4096) for M in (1, 16, 17, 64, 65)] == ["cuda"] * 4 + ["triton"]
+    assert [backend("fwd", M, 4000) for M in (16, 17)] == ["cuda", "triton"]           # K % 256 != 0
+    assert [backend("fwd", M, 4096, torch.float32) for M in (16, 17)] == ["cuda", "triton"]
+    assert backend("dx", 1, 4096) == "triton"
+    assert d.default_plan("fwd", 24, dev).backend == "triton"  # K / dtype not given: the M <= 16 rule
+
+
+@pytest.mark.triton
+@requires_triton_runtime
+@pytest.mark.parametrize("direction", ["fwd", "dx"])
+def test_op_runs_triton_with_the_planned_tiles(direction, monkeypatch):
+    """The L2 op hands the plan's tiles to the Triton launcher (and the result still meets the 2x rule)."""
+    import qpeft.triton_kernels.nf4_matmul as tk
+    from qpeft.ops import nf4_matmul_dispatch
+
+    monkeypatch.setenv("QPEFT_BACKEND", "triton")
+    cfg = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, num_warps=2)
+    if direction == "fwd":
+        cfg["SPLIT_K"] = 1
+    monkeypatch.setattr(nf4_matmul_dispatch, "plan", lambda *a: nf4_matmul_dispatch.Plan("triton", cfg, "test"))
+    seen = []
+    launcher = "nf4_matmul_triton" if direction == "fwd" else "nf4_matmul_dx_triton"
+    real = getattr(tk, launcher)
+    monkeypatch.setattr(tk, launcher, lambda *a, config=None, **k: seen.append(config) or real(*a, config=config,
+                                                                                              **k))
+    dev, dtype = triton_device(), torch.float16
+    M, N, K = 5, 40, 96
+    packed, state, W = make_weight(N, K, device=dev)
+    p, a, c, bs, _, _, na, nc, off = weight_args(packed, state)
+    x, _, dy, _ = _inputs(M, N, K, dtype, device=dev)
+    if direction == "fwd":
+        got = torch.ops.qpeft.nf4_matmul(x, p, a, c, bs, N, na, nc, off, None, None, None, 0.0)
+        assert_close_2x(got, x.float() @ W.t(), x @ W.to(dtype).t(), what="forward")
+    else:
+        got = torch.ops.qpeft.nf4_matmul_dx(dy, p, a, c, bs, K, na, nc, off, None, None, 0.0)
+        assert_close_2x(got, dy.float() @ W, dy @ W.to(dtype), what="dx")
+    assert seen == [cfg]
+
+
+# --- GPU: the op (every backend, fwd and dx) allocates only its output and captures in a CUDA graph -----------
+def _op_call(direction, args, a, N, K):
+    p, ab, c, bs, _, _, na, nc, off = args
+    if direction == "fwd":
+        return torch.ops.qpeft.nf4_matmul(a, p, ab, c, bs, N, na, nc, off, None, None, None, 0.0)
+    return torch.ops.qpeft.nf4_matmul_dx(a, p, ab, c, bs, K, na, nc, off, None, None, 0.0)
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", ["auto", "cuda", "triton"])
+@pytest.mark.parametrize("direction", ["fwd", "dx"])
+@pytest.mark.parametrize("M", [1, 8, 100])
+def test_op_allocates_only_its_output_and_captures_in_a_cuda_graph(backend, direction, M, monkeypatch):
+    monkeypatch.setenv("QPEFT_BACKEND", backend)
+    N, K = 4096, 1024  # N large enough for the decode tiles the GPU gets (no split-K)
+    packed, state, W = make_weight(N, K, device="cuda")
+    args = weight_args(packed, state)
+    a = torch.randn(M, K if direction == "fwd" else N, device="cuda", dtype=torch.bfloat16)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        _op_call(direction, args, a, N, K)  # warm-up (build, Triton compile) outside the measurement
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_stats()["allocation.all.allocated"]
+        eager = _op_call(direction, args, a, N, K)
+        torch.cuda.synchronize()
+        assert torch.cuda.memory_stats()["allocation.all.allocated"] - before == 1, "allocations besides the output"
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = _op_call(direction, args, a, N, K)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, eager)
+    a.copy_(torch.randn_like(a))  # replay on new data equals a fresh eager call
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, _op_call(direction, args, a, N, K))
+
+
+# --- offline sm_90 compile of the default Triton tiles (no GPU needed) -----------------------------------------
+def _compile_sm90(direction: str, cfg: dict, has_lora: bool = True):
+    """(shared bytes, cuobjdump resource usage, SASS) of one kernel configuration compiled for sm_90, bf16,
+    NF4 blocksize 64 with double quant, the aligned tile loader (every real model shape)."""
+    import os
+    import subprocess
+    import tempfile
+
+    import triton
+
+    import qpeft.triton_kernels.nf4_matmul as k
+
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(cuobjdump):
+        pytest.skip("cuobjdump not shipped with this Triton")
+    cfg = dict(cfg)
+    opts = {"num_warps": cfg.pop("num_warps")}
+    if "num_stages" in cfg:
+        opts["num_stages"] = cfg.pop("num_stages")
+    p16, u8, f32, i32 = "*bf16", "*u8", "*fp32", "i32"
+    weight = {"packed_ptr": u8, "absmax_ptr": u8, "code_ptr": f32, "nested_absmax_ptr": f32,
+              "nested_code_ptr": f32, "offset_ptr": f32}
+    if direction == "fwd":
+        fn = k._nf4_matmul_kernel
+        sig = {"x_ptr": p16, "out_ptr": p16, "M": i32, "N": i32, "K": i32, "stride_xm": i32, "stride_om": i32,
+               "stride_split": i32, **weight, "bias_ptr": p16, "xa_ptr": p16, "lb_ptr": p16, "lora_scale": "fp32",
+               "R": i32, "stride_xam": i32, "stride_lbn": i32}
+        # EVEN_NK: whole tiles, as the launcher sets it for every real model shape (N, K multiples of the tile)
+        const = dict(HAS_BIAS=True, USE_DOT=cfg["BLOCK_M"] >= 16, ATOMIC_SPLIT=True, SWAP_AXES=False, EVEN_NK=True,
+                     **cfg)
+    else:
+        fn = k._nf4_matmul_dx_kernel
+        sig = {"dy_ptr": p16, "dx_ptr": p16, "M": i32, "N": i32, "K": i32, "stride_dym": i32, "stride_dxm": i32,
+               **weight, "dyb_ptr": p16, "la_ptr": p16, "lora_scale": "fp32", "R": i32, "stride_dybm": i32,
+               "stride_lar": i32}
+        const = dict(EVEN_NK=False, **cfg)  # the dx launcher leaves it off (nf4_matmul_dx_triton)
+    const.update(BLOCKSIZE=64, NESTED=True, HAS_LORA=has_lora, R_PAD=16, DOT_PRECISION="tf32", ALIGNED=True)
+    compiled = compile_for_sm90(fn, sig, const, options=opts)
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+        sass = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True).stdout
+    return compiled.metadata.shared, usage, sass
+
+
+def _default_gemm_tiles():
+    from qpeft.triton_kernels import nf4_matmul as k
+
+    return k._FWD_GEMM_TILES, k._DX_GEMM_TILES
+
+
+@pytest.mark.skipif(TRITON_INTERPRET or not has_triton(), reason="compiles for sm_90 (not under the interpreter)")
+@pytest.mark.parametrize("direction,tile", [("fwd", t) for t in _default_gemm_tiles()[0]]
+                         + [("dx", t) for t in _default_gemm_tiles()[1]]
+                         + [("fwd", "M=1"), ("fwd", "M=8"), ("dx", "M=8")])
+def test_default_triton_tiles_compile_for_sm90_without_register_spills(direction, tile):
+    """Every default tile (with bias and the LoRA epilogue: the most registers) must not spill to local memory
+    and must fit in the 227 KB of shared memory a Hopper block may use; the 64- and 128-row GEMM tiles must
+    issue wgmma."""
+    from qpeft.triton_kernels.nf4_matmul import _dx_config, _fwd_config, tile_config
+
+    if isinstance(tile, str):  # the decode configs, at the widest BLOCK_N (it grows with N)
+        M, N, K = int(tile[2:]), 28672, 8192
+        cfg = (_fwd_config(M, N, K, torch.device("cpu"), torch.bfloat16) if direction == "fwd"
+               else _dx_config(M, N, K, torch.device("cpu")))
+    else:
+        cfg = tile_config(tile)
+        if direction == "fwd":
+            cfg["SPLIT_K"] = 1
+    # dx also without the LoRA epilogue (the inference / frozen-adapter case)
+    for has_lora in (True, False) if direction == "dx" else (True,):
+        shared, usage, sass = _compile_sm90(direction, cfg, has_lora)
+        what = f"{cfg}, LoRA epilogue {has_lora}"
+        assert " STACK:0 " in usage and " LOCAL:0 " in usage, f"register spills for {what}: {usage.strip()}"
+        assert shared <= 227 * 1024, f"{what} needs {shared} B of shared memory"
+        if cfg["BLOCK_M"] >= 64:
+            assert "HGMMA" in sass, f"{what}: no wgmma in the sm_90 SASS"
+
+
+@pytest.mark.parametrize("M", [17, 40, 64, 65, 128, 256, 1024, 16384])
+@pytest.mark.parametrize("N,K", [(4096, 4096), (14336, 4096), (4096, 14336), (28672, 8192)])
+def test_default_gemm_tiles_fill_the_gpu_without_padding_m_twice(M, N, K):
+    pytest.importorskip("triton")
+    from qpeft.triton_kernels.nf4_matmul import _FWD_GEMM_TILES, _DX_GEMM_TILES, _dx_config, _fwd_config
+
+    cpu = torch.device("cpu")  # pretends 132 SMs, as an H100
+    for cfg, cols, col_key, tiles in ((_fwd_config(M, N, K, cpu), N, "BLOCK_N", _FWD_GEMM_TILES),
+                                      (_dx_config(M, N, K, cpu), K, "BLOCK_K", _DX_GEMM_TILES)):
+        programs = -(-M // cfg["BLOCK_M"]) * -(-cols // cfg[col_key])
+        smallest = tiles[-1]
+        assert programs >= 132 or (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]) == smallest[:3], cfg
+        assert cfg["BLOCK_M"] < 2 * M or cfg["BLOCK_M"] == 16, cfg
+        if M >= 4096:  # plenty of work: the largest tile
+            assert (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]) == tiles[0][:3], cfg
+
+
+@pytest.mark.triton
+@requires_triton_runtime
+def test_tuner_measures_candidates_and_its_rows_build_a_table():
+    """benchmarks/tune_nf4_matmul.py end to end on one tiny shape (CPU: the interpreter; its times mean
+    nothing, the plumbing does): every candidate runs, and the rows give a table the dispatch can read."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from benchmarks import tune_nf4_matmul as tune
+    from qpeft.ops.nf4_matmul_dispatch import build_table, lookup_tuned
+
+    dtype = torch.bfloat16 if triton_device() == "cuda" else torch.float16
+    rows = tune.measure([(128, 96)], [1, 20], dtype, triton_device(), quick=True)
+    names = {(r["dir"], r["M"], r["candidate"]) for r in rows}
+    for direction in ("fwd", "dx"):
+        for M in (1, 20):
+            assert (direction, M, "triton:default") in names and (direction, M, "dense") in names
+    failed = [r["candidate"] for r in rows if r["backend"] == "triton" and not r["ms"] < float("inf")]
+    assert not failed, f"candidates failed: {failed}"
+    table = build_table(rows, (9, 0), "test")
+    for direction in ("fwd", "dx"):
+        plan = lookup_tuned({"T": table}, "T", (9, 0), direction, 20, 96, 128)
+        assert plan.backend in ("cuda", "triton")
