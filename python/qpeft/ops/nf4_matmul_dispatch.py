@@ -13,9 +13,11 @@ Two sources, in this order:
 2. The default rule, reasoned and NOT measured (no GPU was available when it was written):
    - fwd, M <= 16, and M <= 64 for fp16 / bf16 with K % 256 == 0: the CUDA decode kernels (csrc/nf4_gemv.cu):
      one pass over W with 16-byte evict-first loads; the tensor-core one dequantizes into mma.sync fragments
-     through a register code book (the static sm_90 model, benchmarks/static_sm90.py, puts it at 0.84-0.98 of
-     the bandwidth floor for K, N >= 4096 and M <= 16; up to M = 64 it beats bf16 cuBLAS, still bound by W).
-   - fwd, M > 16, and dx at every M, on sm_90+: Triton, whose tl.dot lowers to wgmma (HGMMA 64x64x16 in the
+     through a register code book (the static sm_90 model, benchmarks/static_sm90.py, Triton 3.9: 0.83-0.97 of
+     the bandwidth floor for K, N >= 4096 at M <= 8, 0.55-0.89 at M = 9..16; 1.13-1.18x bf16 cuBLAS at M = 17 on
+     N >= 4096; 0.27x at M = 64 (x re-read through L2 per 8 rows; the 8-group kernel spills), about even with
+     Triton except k/v (Triton 0.07x) and gate/up (Triton 0.47x); predictions, docs/nf4_matmul_performance.md).
+   - fwd above those M, and dx at every M, on sm_90+: Triton, whose tl.dot lowers to wgmma (HGMMA 64x64x16 in the
      offline sm_90 SASS), while the CUDA C++ tiles use mma.sync, which tops out around 75% of Hopper's
      tensor-core peak (fast-kernels.md section 0). Before sm_90: the CUDA C++ kernels.
 
