@@ -25,19 +25,23 @@ from benchmarks.static_sm90 import MS, SHAPES
 L2_FLUSH_BYTES = 150e6  # 3x the 50 MB L2
 
 
-def _case(K: int, N: int, ms: list[int], directions: tuple[str, ...]) -> list[dict]:
+def _case(K: int, N: int, ms: list[int], directions: tuple[str, ...], device: str = "cuda",
+          flush_bytes: float = L2_FLUSH_BYTES) -> list[dict]:
+    """The rows of one layer shape. `device` / `flush_bytes` are the CPU test's seam (tests/ops/
+    test_nf4_matmul_sm90.py runs this on tiny shapes so the one GPU call that calibrates the model cannot fail on
+    the script)."""
     import qpeft
     from qpeft.autograd.nf4_matmul import weight_args
     from qpeft.ops.nf4_matmul_dispatch import plan
 
-    dev, dtype = "cuda", torch.bfloat16
-    copies = max(1, math.ceil(L2_FLUSH_BYTES / (N * K * 0.52)))
+    dev, dtype = device, torch.bfloat16
+    copies = max(1, math.ceil(flush_bytes / (N * K * 0.52)))
     q_args, dense = [], []
     for _ in range(copies):
         W = torch.randn(N, K, device=dev, dtype=dtype) / math.sqrt(K)
         packed, state = qpeft.quantize_4bit(W, blocksize=64, quant_type="nf4", double_quant=True)
         q_args.append(weight_args(packed, state))
-    dense_copies = max(1, math.ceil(L2_FLUSH_BYTES / (N * K * 2)))
+    dense_copies = max(1, math.ceil(flush_bytes / (N * K * 2)))
     dense = [torch.randn(N, K, device=dev, dtype=dtype) / math.sqrt(K) for _ in range(dense_copies)]
     rows = []
     for M in ms:

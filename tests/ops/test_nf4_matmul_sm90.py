@@ -267,7 +267,7 @@ def test_cuda_decode_kernel_sass(M):
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from benchmarks import static_sm90
 
     launch, = static_sm90.cuda_launches("fwd", M, 4096, 4096)
@@ -294,7 +294,7 @@ def test_static_model_calibration_joins_measured_and_predicted(tmp_path):
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from benchmarks.static_sm90 import calibrate
 
     pred = tmp_path / "pred.csv"
@@ -323,3 +323,38 @@ def test_static_model_calibration_joins_measured_and_predicted(tmp_path):
         ("cuda_decode", 0.5, 0.625),  # 2.0 us floor / 4.0 us under the graph
         ("triton", 0.6, 1.2)]         # 0.06 ms cuBLAS / 0.1 ms
     assert csv_p.name == "calibration_NVIDIA_H100_80GB_HBM3.csv" and "| cuda_decode | 1 | 0.62 |" in md_p.read_text()
+
+
+def test_measure_static_cases_rows_calibrate_the_model(tmp_path):
+    """benchmarks/measure_static_cases.py (GPU only in use) run through its CPU seam on a tiny shape: both
+    directions, a decode M (CUDA-graph columns) and a GEMM M, with the columns `static_sm90 --calibrate` reads."""
+    import csv
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from benchmarks.measure_static_cases import _case
+    from benchmarks.static_sm90 import calibrate
+
+    rows = _case(256, 64, [1, 17], ("fwd", "dx"), device="cpu", flush_bytes=0)
+    assert [(r["M"], r["direction"]) for r in rows] == [(1, "fwd"), (1, "dx"), (17, "fwd"), (17, "dx")]
+    for r in rows:
+        assert r["qpeft_ms"] > 0 and r["cublas_ms"] > 0 and r["backend"] in ("cuda", "triton", "reference")
+        assert ("qpeft_graph_ms" in r) == (r["M"] <= 16)
+    meas, pred = tmp_path / "static_cases.csv", tmp_path / "pred.csv"
+    with open(meas, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["model", "layer", *rows[0], "device"])
+        w.writeheader()
+        w.writerows({"model": "8b", "layer": "t", "device": "cpu", **r} for r in rows)
+    with open(pred, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["model", "layer", "direction", "M", "dispatched", "path", "metric",
+                                          "predicted", "floor_us", "predicted_us"])
+        w.writeheader()
+        for r in rows:
+            decode = r["M"] <= 16 and r["direction"] == "fwd"
+            w.writerow(dict(model="8b", layer="t", direction=r["direction"], M=r["M"], dispatched=True,
+                            path="p", metric="fraction of floor" if decode else "x bf16 cuBLAS", predicted=0.5,
+                            floor_us=1.0, predicted_us=2.0))
+    csv_p, _ = calibrate(meas, pred, tmp_path / "out")
+    got = list(csv.DictReader(open(csv_p)))
+    assert len(got) == 4 and all(float(g["measured"]) > 0 for g in got)
