@@ -350,7 +350,9 @@ def test_reload_mismatch_fails_the_run(tmp_path, monkeypatch, capsys):
         return model
 
     monkeypatch.setattr(qpeft, "load_adapter", load_and_perturb)
-    argv = ["--model", str(_tiny_model_dir(tmp_path)), "--device", "cpu", "--quick", "--skip-compare",
+    model_dir = _tiny_model_dir(tmp_path)
+    capsys.readouterr()  # the fixture's own save_pretrained progress bar is not the demo's output
+    argv = ["--model", str(model_dir), "--device", "cpu", "--quick", "--skip-compare",
             "--steps", "1", "--batch-size", "2", "--eval-size", "2", "--rank", "2", "--output", str(tmp_path / "o")]
     assert main(argv) == 1
     err = capsys.readouterr().err
@@ -371,6 +373,7 @@ def test_missing_accelerate_is_one_line(tmp_path, monkeypatch, capsys):
                         lambda name, *a: None if name == "accelerate" else real(name, *a))
     with pytest.raises(DemoSetupError, match="accelerate.*qpeft\\[demo\\]"):
         demo_model.resolve_model_dir(_tiny_model_dir(tmp_path))
+    capsys.readouterr()  # the fixture's own save_pretrained progress bar is not the demo's output
     assert main(["--device", "cpu", "--model", str(tmp_path / "tiny")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "accelerate" in err and "qpeft[demo]" in err
@@ -387,3 +390,22 @@ def test_demo_extra_declares_everything_the_demo_imports():
     """`pip install qpeft[demo]` alone must be enough (issue 21: transformers 5.25 needs accelerate for GGUF)."""
     names = {re.split(r"[<>=!~;\[ ]", r, maxsplit=1)[0].lower() for r in _setup_extras()["demo"]}
     assert {"transformers", "accelerate", "gguf", "tqdm", "safetensors"} <= names
+
+
+def test_loading_leaves_transformers_logging_as_the_caller_had_it(tmp_path):
+    """load_model quiets transformers only while it loads: a caller's verbosity and progress bars come back (the
+    demo's functions run inside notebooks and test processes, where a lasting set_verbosity_error hid the
+    CONVERSION errors transformers logs on a failed load)."""
+    from transformers.utils import logging as hf_logging
+
+    from qpeft.demo.model import load_model
+
+    path = _tiny_model_dir(tmp_path)
+    hf_logging.set_verbosity_info()
+    hf_logging.enable_progress_bar()
+    try:
+        load_model(path, dtype=torch.float32)
+        assert hf_logging.get_verbosity() == hf_logging.INFO
+        assert hf_logging.is_progress_bar_enabled()
+    finally:
+        hf_logging.set_verbosity_warning()

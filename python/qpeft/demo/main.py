@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 
 from .. import _cuda
-from .model import DemoSetupError
+from .model import DemoSetupError, _quiet_transformers
 from .._io import atomic_write_text
 
 __all__ = ["main", "run", "parse_args", "DEFAULTS", "QUICK", "DemoCheckError", "int4_absmax_roundtrip_"]
@@ -316,7 +316,8 @@ def main(argv=None, prog: str = "qpeft demo") -> int:
     """Console entry point: returns the exit code; setup problems print one line, not a traceback."""
     try:
         args = parse_args(argv, prog)
-        run(args)
+        with _quiet_transformers():  # for the whole command: its own progress lines, not transformers' notices
+            run(args)
     except DemoSetupError as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return 2

@@ -8,6 +8,7 @@ the next run loads them in about a second.
 from __future__ import annotations
 
 import importlib.util
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -63,12 +64,24 @@ def _converted_path(gguf: Path) -> Path:
     return cache_dir() / f"smollm2-135m-instruct-{st.st_size}-{int(st.st_mtime)}"
 
 
-def _quiet_transformers() -> None:
-    """The demo prints its own progress; transformers' per-file bars and notices would bury it."""
-    from transformers.utils import logging as hf_logging
-
+@contextlib.contextmanager
+def _quiet_transformers():
+    """The demo prints its own progress; transformers' per-file bars and notices would bury it. Restored on exit:
+    these are process-wide settings, and a caller of load_model (a notebook, a test) keeps its own."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # the run reports the missing package itself, in one line
+        yield
+        return
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _convert_gguf(gguf: Path, target: Path, log) -> None:
@@ -76,22 +89,22 @@ def _convert_gguf(gguf: Path, target: Path, log) -> None:
     _require("gguf", "the 'gguf' package")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    _quiet_transformers()
-    log(f"converting {gguf.name} with transformers + gguf (once; cached in {target}) ...")
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    # transformers marks a GGUF-loaded model as "quantized with gguf" and refuses to save it; the weights are
-    # already plain fp32 tensors, so drop the marker and save normally.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.config._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(str(tmp))
-    tokenizer.save_pretrained(str(tmp))
-    shutil.rmtree(target, ignore_errors=True)
+    with _quiet_transformers():
+        log(f"converting {gguf.name} with transformers + gguf (once; cached in {target}) ...")
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        # transformers marks a GGUF-loaded model as "quantized with gguf" and refuses to save it; the weights are
+        # already plain fp32 tensors, so drop the marker and save normally.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.config._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)  # atomic: an interrupted conversion never leaves a half-written cache
 
 
@@ -122,14 +135,15 @@ def load_model(model_path: str | os.PathLike | None = None, dtype: torch.dtype =
     path = resolve_model_dir(model_path, log)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    _quiet_transformers()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local: never reach for the Hub
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    if quantization_config is None:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device).eval()
-    else:  # each weight is read, moved to `device` and quantized there, one at a time
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, quantization_config=quantization_config,
-                                                     device_map={"": str(device)}).eval()
+    with _quiet_transformers():
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        if quantization_config is None:
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device).eval()
+        else:  # each weight is read, moved to `device` and quantized there, one at a time
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype,
+                                                         quantization_config=quantization_config,
+                                                         device_map={"": str(device)}).eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer, path
