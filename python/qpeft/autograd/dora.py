@@ -21,7 +21,7 @@ from ..ops import dora as _dora_ops  # noqa: F401  (registers qpeft::dora_weight
 from .lora import _nf4_parts, lora_linear
 from .nf4_matmul import nf4_matmul_parts
 
-__all__ = ["dora_linear", "dora_weight_norm"]
+__all__ = ["dora_linear", "dora_delta", "dora_weight_norm", "adapters_in_peft_order"]
 
 
 def _dense_weight(base) -> torch.Tensor | None:
@@ -41,8 +41,8 @@ def dora_weight_norm(base, A: torch.Tensor, B: torch.Tensor, scale: float) -> to
     A, B = A.detach(), B.detach()
     weight = _dense_weight(base)
     if weight is not None:
-        if weight.dim() != 2 or tuple(A.shape) != (A.shape[0], weight.shape[1]) or B.shape != (weight.shape[0],
-                                                                                               A.shape[0]):
+        N, K = weight.shape if weight.dim() == 2 else (-1, -1)
+        if A.dim() != 2 or A.shape[1] != K or B.dim() != 2 or tuple(B.shape) != (N, A.shape[0]):
             raise ValueError(f"dora_weight_norm: weight {tuple(weight.shape)}, A {tuple(A.shape)} and B "
                              f"{tuple(B.shape)} do not fit (W (N, K), A (r, K), B (N, r))")
         return torch.linalg.vector_norm(torch.addmm(weight.float(), B.float(), A.float(), alpha=scale), dim=1)
@@ -74,6 +74,36 @@ def _base_matmul(x: torch.Tensor, base, bias: torch.Tensor | None) -> torch.Tens
     return nf4_matmul_parts(x, packed, absmax, code, blocksize, N, K, nested_absmax, nested_code, offset, bias=bias)
 
 
+def _gain(magnitude: torch.Tensor, weight_norm: torch.Tensor) -> torch.Tensor:
+    if not isinstance(magnitude, torch.Tensor) or magnitude.dim() != 1:
+        raise ValueError(f"dora: magnitude must be a 1-D tensor (out_features,), got "
+                         f"{getattr(magnitude, 'shape', type(magnitude))}")
+    if weight_norm.shape != magnitude.shape:
+        raise ValueError(f"dora: magnitude has shape {tuple(magnitude.shape)} but the layer has "
+                         f"{weight_norm.shape[0]} output features")
+    return magnitude.float() / weight_norm.detach()  # fp32 (N,)
+
+
+def dora_delta(result: torch.Tensor, x: torch.Tensor, base, A: torch.Tensor, B: torch.Tensor, scale: float,
+               magnitude: torch.Tensor, bias: torch.Tensor | None = None, dropout_p: float = 0.0,
+               training: bool = False, *, weight_norm: torch.Tensor | None = None) -> torch.Tensor:
+    """What PEFT's DoraLinearLayer.forward adds to `result` (the layer's output so far: the base output with its
+    bias, plus any adapter applied before this one), step by step as PEFT computes it:
+    (g - 1) * base_result + g * s * B A drop(x), base_result = result - bias without dropout (PEFT reuses the
+    running result there), drop(x) W^T with it. For several active adapters in PEFT's order; one DoRA adapter
+    alone is `dora_linear` (fused). x in the adapters' dtype, as PEFT casts it; returns fp32 or x's dtype."""
+    if weight_norm is None:
+        weight_norm = dora_weight_norm(base, A, B, scale)
+    g = _gain(magnitude, weight_norm)
+    if training and dropout_p > 0.0:
+        x = F.dropout(x, dropout_p, training=True)
+        base_result = _base_matmul(x, base, None)
+    else:
+        base_result = result if bias is None else result - bias
+    lora = F.linear(F.linear(x.to(A.dtype), A), B)
+    return (g - 1) * base_result + g * lora * scale
+
+
 def dora_linear(x: torch.Tensor, base, A: torch.Tensor, B: torch.Tensor, scale: float, magnitude: torch.Tensor,
                 bias: torch.Tensor | None = None, dropout_p: float = 0.0, training: bool = False, *,
                 weight_norm: torch.Tensor | None = None) -> torch.Tensor:
@@ -84,15 +114,9 @@ def dora_linear(x: torch.Tensor, base, A: torch.Tensor, B: torch.Tensor, scale: 
     A (r, K), B (N, r), magnitude (N,): any float dtype, gradients in their dtypes (x, A, B, magnitude);
     dropout_p: on the adapter input, only when `training`; weight_norm: ||W + s B A||_row if already known
     (fp32 (N,)), else computed here."""
-    if not isinstance(magnitude, torch.Tensor) or magnitude.dim() != 1:
-        raise ValueError(f"dora_linear: magnitude must be a 1-D tensor (out_features,), got "
-                         f"{getattr(magnitude, 'shape', type(magnitude))}")
     if weight_norm is None:
         weight_norm = dora_weight_norm(base, A, B, scale)
-    if weight_norm.shape != magnitude.shape:
-        raise ValueError(f"dora_linear: magnitude has shape {tuple(magnitude.shape)} but the layer has "
-                         f"{weight_norm.shape[0]} output features")
-    g = magnitude.float() / weight_norm.detach()  # fp32 (N,)
+    g = _gain(magnitude, weight_norm)
     if not (training and dropout_p > 0.0):
         u = lora_linear(x, _no_bias(base), A, B, scale)  # x W^T + s (x A^T) B^T, one fused call
         y = u * g  # fp32 (type promotion): u is rounded once, by its GEMM
@@ -106,3 +130,20 @@ def dora_linear(x: torch.Tensor, base, A: torch.Tensor, B: torch.Tensor, scale: 
     lora = F.linear(F.linear(xd.to(A.dtype), A), B) * scale
     y = base_out + (g - 1) * t + g * lora
     return y.to(x.dtype)
+
+
+def adapters_in_peft_order(result: torch.Tensor, x: torch.Tensor, base, bias: torch.Tensor | None, adapters,
+                           training: bool) -> torch.Tensor:
+    """Several active adapters on one layer, at least one of them DoRA: PEFT's LoRA forward step by step. `result`
+    is the base output (with `bias`); each adapter (A, B, scale, dropout_p, magnitude or None, lora_bias or None)
+    is applied in order on x cast to its dtype: plain LoRA adds scale * (B A drop(x) + lora_bias), DoRA adds
+    `dora_delta` of the running result (so it rescales the earlier adapters' terms too, as PEFT does). Each
+    step's sum is kept in result's dtype, as PEFT casts it back."""
+    for A, B, scale, p, magnitude, lora_bias in adapters:
+        xa = x.to(A.dtype)
+        if magnitude is not None:
+            delta = dora_delta(result, xa, base, A, B, scale, magnitude, bias=bias, dropout_p=p, training=training)
+        else:
+            delta = F.linear(F.linear(F.dropout(xa, p, training=training), A), B, lora_bias) * scale
+        result = (result + delta).to(result.dtype)
+    return result

@@ -34,8 +34,11 @@ from .. import _versions
 _versions.require("peft")
 
 from peft.tuners.lora import LoraConfig, LoraLayer  # noqa: E402
+from peft.tuners.lora.dora import DoraLinearLayer  # noqa: E402
+from peft.tuners.lora.layer import LoraVariant  # noqa: E402
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge  # noqa: E402
 
+from ..autograd.dora import adapters_in_peft_order, dora_linear, dora_weight_norm  # noqa: E402
 from ..autograd.lora import lora_linear  # noqa: E402
 from ..tuners.lora.options import SUPPORTED_INITS, UNSUPPORTED, check_lora_options  # noqa: E402,F401  (one rule, all paths)
 from ..modules.lora_linear import _dequantize_nf4, _requantize_nf4  # noqa: E402
@@ -59,14 +62,37 @@ def _compute_dtypes(layer: QLinearNF4, x: torch.Tensor):
     return layer.compute_dtype or x.dtype, x.dtype
 
 
+class QPeftDoraVariant(LoraVariant):
+    """DoRA (`LoraConfig(use_dora=True)`) on a QLinearNF4, stored as PEFT stores it: `lora_magnitude_vector[adapter]`
+    is PEFT's DoraLinearLayer, whose `weight` is the magnitude m (out_features,), so state dicts, adapter files and
+    parameter lists are PEFT's. The maths is PEFT's too (qpeft.autograd.dora); what differs is how: the norm
+    ||W + s B A||_row comes from qpeft's kernel, which streams the 4-bit weight once (PEFT dequantizes W in full
+    on every forward), and a single DoRA adapter runs as qpeft's fused LoRA op scaled per output column.
+    Forward and merging live in QPeftLoraLinear (`_fused`, `merge`, `unmerge`)."""
+
+    @staticmethod
+    def init(module: "QPeftLoraLinear", adapter_name: str, **kwargs) -> None:
+        if not module.lora_magnitude_vector:  # PEFT's DoraLinearVariant.init: the magnitude becomes trainable
+            module.adapter_layer_names = module.adapter_layer_names[:] + ("lora_magnitude_vector",)
+        A = module.lora_A[adapter_name].weight
+        norm = dora_weight_norm(module.get_base_layer(), A, module.lora_B[adapter_name].weight,
+                                module.scaling[adapter_name])
+        layer = DoraLinearLayer(fan_in_fan_out=False)
+        layer.weight = nn.Parameter(norm.to(A.dtype), requires_grad=True)
+        module.lora_magnitude_vector[adapter_name] = layer
+
+
 class QPeftLoraLinear(nn.Module, LoraLayer):
     """PEFT LoRA layer over a QLinearNF4: y = base(x) + sum_a scaling_a * B_a(A_a(dropout_a(x))), one fused call.
 
     Built by PEFT's dispatch as `QPeftLoraLinear(target, adapter_name, config=config, r=..., lora_alpha=...,
     **kwargs)`; `update_layer` is PEFT's (r, lora_alpha, lora_dropout, init_lora_weights True/False/"gaussian",
-    use_rslora, rank/alpha patterns), after `check_config` has refused what this layer does not implement.
-    Merging dequantizes the NF4 weight to fp32, adds the delta and re-quantizes it in the layer's own format
-    (as PEFT's bitsandbytes Linear4bit does); the result differs from W + delta by the NF4 rounding.
+    use_rslora, rank/alpha patterns, lora_bias, use_dora), after `check_config` has refused what this layer does
+    not implement. DoRA: QPeftDoraVariant. lora_bias: the bias of lora_B, added as scaling * bias (PEFT's forward).
+    Merging dequantizes the NF4 weight to fp32, adds the delta (DoRA: rescales the rows) and re-quantizes it in
+    the layer's own format (as PEFT's bitsandbytes Linear4bit does); the result differs from W + delta by the
+    NF4 rounding. A lora_bias merges as scaling * bias into the base bias (PEFT's dense layers; PEFT 0.21.2's
+    Linear4bit adds the bias unscaled, which disagrees with its own forward when scaling != 1).
     """
 
     _zero3_registered = False  # set per layer once its base's ZeRO-3 Parameters are registered
@@ -99,6 +125,20 @@ class QPeftLoraLinear(nn.Module, LoraLayer):
         check_config(config)  # also for a second adapter added to an existing layer
         super().update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
 
+    @property
+    def lora_variants(self):
+        # PEFT's LoraLayer.resolve_lora_variant reads this table: DoRA is the one variant this layer serves (the
+        # others are refused by check_config, with the option named, before PEFT gets here)
+        return {(): None, ("use_dora",): QPeftDoraVariant}
+
+    def _is_dora(self, name: str) -> bool:
+        return isinstance(self.lora_variant.get(name), QPeftDoraVariant)
+
+    def _lora_bias(self, name: str) -> torch.Tensor | None:
+        """scaling * lora_B.bias (PEFT's forward adds lora_B(...) * scaling), or None without lora_bias."""
+        bias = self.lora_B[name].bias if self.lora_bias.get(name, False) else None
+        return None if bias is None else bias * self.scaling[name]
+
     # ------------------------------------------------------------------ forward
     def _dropout_p(self, name: str) -> float:
         drop = self.lora_dropout[name]
@@ -110,7 +150,19 @@ class QPeftLoraLinear(nn.Module, LoraLayer):
         compute_dtype, out_dtype = _compute_dtypes(base, x)
         xc = x.to(compute_dtype)
         ps = [self._dropout_p(n) for n in names]
-        if len(names) == 1 or not (self.training and any(p > 0.0 for p in ps)):
+        if any(self._is_dora(n) for n in names):
+            if len(names) == 1:  # one DoRA adapter: the fused LoRA op scaled per output column
+                n = names[0]
+                y = dora_linear(xc, base, self.lora_A[n].weight, self.lora_B[n].weight, self.scaling[n],
+                                self.lora_magnitude_vector[n].weight, bias=base.bias, dropout_p=ps[0],
+                                training=self.training)
+            else:
+                y = self._in_peft_order(xc, names, ps)
+        elif len(names) == 1 or not (self.training and any(p > 0.0 for p in ps)):
+            biases = [b for b in (self._lora_bias(n) for n in names) if b is not None]
+            bias = base.bias
+            for b in biases:  # lora_bias: scaling * lora_B.bias joins the base bias (one epilogue add)
+                bias = b if bias is None else bias + b
             if len(names) == 1:
                 n = names[0]
                 A, B, scale, p = self.lora_A[n].weight, self.lora_B[n].weight, self.scaling[n], ps[0]
@@ -118,16 +170,27 @@ class QPeftLoraLinear(nn.Module, LoraLayer):
                 A = torch.cat([self.lora_A[n].weight.float() for n in names], 0)
                 B = torch.cat([self.lora_B[n].weight.float() * self.scaling[n] for n in names], 1)
                 scale, p = 1.0, 0.0
-            y = lora_linear(xc, base, A, B, scale, base.bias, dropout_p=p, training=self.training)
+            y = lora_linear(xc, base, A, B, scale, bias, dropout_p=p, training=self.training)
         else:  # independent dropout masks (PEFT semantics): the first adapter fused, the others as rank-r products
             n0 = names[0]
-            y = lora_linear(xc, base, self.lora_A[n0].weight, self.lora_B[n0].weight, self.scaling[n0], base.bias,
+            bias0 = self._lora_bias(n0)
+            bias = base.bias if bias0 is None else (bias0 if base.bias is None else base.bias + bias0)
+            y = lora_linear(xc, base, self.lora_A[n0].weight, self.lora_B[n0].weight, self.scaling[n0], bias,
                             dropout_p=ps[0], training=True)
             for n, p in zip(names[1:], ps[1:]):
                 A = self.lora_A[n]
                 xd = nn.functional.dropout(xc.to(A.weight.dtype), p, training=True)
                 y = y + (self.lora_B[n](A(xd)) * self.scaling[n]).to(y.dtype)
         return y if out_dtype is None or y.dtype == out_dtype else y.to(out_dtype)
+
+    def _in_peft_order(self, xc: torch.Tensor, names: list[str], ps: list[float]) -> torch.Tensor:
+        """Several active adapters, at least one DoRA: PEFT's Linear4bit.forward step by step (see
+        qpeft.autograd.dora.adapters_in_peft_order)."""
+        base = self.get_base_layer()
+        adapters = [(self.lora_A[n].weight, self.lora_B[n].weight, self.scaling[n], p,
+                     self.lora_magnitude_vector[n].weight if self._is_dora(n) else None,
+                     self.lora_B[n].bias if self.lora_bias.get(n, False) else None) for n, p in zip(names, ps)]
+        return adapters_in_peft_order(base(xc), xc, base, base.bias, adapters, self.training)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         self._check_forward_args(x, *args, **kwargs)
@@ -165,27 +228,60 @@ class QPeftLoraLinear(nn.Module, LoraLayer):
         B = self.lora_B[adapter].weight.float()
         return (B @ A) * self.scaling[adapter]
 
+    def _dora_factor(self, adapter: str, weight_norm: torch.Tensor) -> torch.Tensor:
+        return (self.lora_magnitude_vector[adapter].weight.float() / weight_norm)[:, None]
+
+    def _unmerged(self, w: torch.Tensor) -> torch.Tensor:
+        """fp32 w with the merged adapters taken out again, newest first (what PEFT's _unmerged_base_weight gives
+        DoRA's norm, without PEFT's round trip through the 4-bit format)."""
+        for name in reversed(self.merged_adapters):
+            if name not in self.lora_A:
+                continue
+            if self._is_dora(name):
+                w = w / self._dora_factor(name, self._caches[f"{name}-weight_norm"])
+            w = w - self.get_delta_weight(name)
+        return w
+
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Dequantize W to fp32, add the adapters' deltas, re-quantize (PEFT's Linear4bit merge, qpeft's quantizer).
+        DoRA: W <- m / ||W0 + delta||_row * (W + delta), W0 the weight without merged adapters (PEFT's rule); the
+        norm is kept for unmerge. lora_bias: the base bias += scaling * lora_B.bias.
 
-        safe_merge: check W + delta is finite before anything is written (ValueError naming the adapter)."""
+        safe_merge: check the merged weight and bias are finite before anything is written (ValueError naming the
+        adapter). RuntimeError, before anything is written, for lora_bias on a base without bias (PEFT's)."""
         adapter_names = check_adapters_to_merge(self, adapter_names)
         base = self.get_base_layer()
         for name in adapter_names:
             if name not in self.lora_A:
                 continue
+            lora_bias = self._lora_bias(name)
+            if lora_bias is not None and base.bias is None:
+                raise RuntimeError("Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias.")
             with torch.no_grad():
-                w = _dequantize_nf4(base) + self.get_delta_weight(name)
-                if safe_merge and not torch.isfinite(w).all():
+                w = _dequantize_nf4(base)
+                delta = self.get_delta_weight(name)
+                weight_norm = None
+                if self._is_dora(name):
+                    weight_norm = torch.linalg.vector_norm(self._unmerged(w) + delta, dim=1)
+                    w = self._dora_factor(name, weight_norm) * (w + delta)
+                else:
+                    w = w + delta
+                new_bias = None if lora_bias is None else base.bias.float() + lora_bias.float()
+                if safe_merge and not (torch.isfinite(w).all() and (new_bias is None or torch.isfinite(new_bias).all())):
                     raise ValueError(f"NaNs or infs in the merged weight of adapter {name!r}; the base was left "
                                      f"unchanged")
                 _requantize_nf4(base, w)
+                if new_bias is not None:
+                    base.bias.data = new_bias.to(base.bias.dtype)
+                if weight_norm is not None:
+                    self._cache_store(f"{name}-weight_norm", weight_norm)
             self.merged_adapters.append(name)
             warnings.warn(f"merging LoRA adapter {name!r} into a 4-bit weight re-quantizes it: outputs differ "
-                          f"from the unmerged layer by the NF4 rounding of W + delta", UserWarning, stacklevel=2)
+                          f"from the unmerged layer by the NF4 rounding of the merged weight", UserWarning,
+                          stacklevel=2)
 
     def unmerge(self) -> None:
-        """Subtract the merged deltas again (one more re-quantization each)."""
+        """Take the merged adapters out again, newest first (one more re-quantization each)."""
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.", UserWarning, stacklevel=2)
             return
@@ -195,7 +291,13 @@ class QPeftLoraLinear(nn.Module, LoraLayer):
             if name not in self.lora_A:
                 continue
             with torch.no_grad():
-                _requantize_nf4(base, _dequantize_nf4(base) - self.get_delta_weight(name))
+                w = _dequantize_nf4(base)
+                if self._is_dora(name):
+                    w = w / self._dora_factor(name, self._cache_pop(f"{name}-weight_norm"))
+                _requantize_nf4(base, w - self.get_delta_weight(name))
+                lora_bias = self._lora_bias(name)
+                if lora_bias is not None:
+                    base.bias.data = (base.bias.float() - lora_bias.float()).to(base.bias.dtype)
 
     def __repr__(self) -> str:
         return "qpeft.lora." + super().__repr__()

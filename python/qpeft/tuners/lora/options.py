@@ -17,8 +17,8 @@ import dataclasses
 import sys
 from typing import Any
 
-__all__ = ["SUPPORTED_INITS", "UNSUPPORTED", "LORA_VARIANTS", "lora_variant_fields", "unsupported_option",
-           "check_lora_options"]
+__all__ = ["SUPPORTED_INITS", "UNSUPPORTED", "LORA_VARIANTS", "SUPPORTED_VARIANTS", "lora_variant_fields",
+           "unsupported_option", "check_lora_options"]
 
 # init_lora_weights values whose init needs only the adapter (the others read or rewrite the base weight:
 # PiSSA, OLoRA, CorDA, LoftQ, EVA, orthogonal, LoRA-GA, MiCA). A loaded adapter keeps the init in its config.
@@ -26,8 +26,6 @@ SUPPORTED_INITS = (True, False, "gaussian")
 
 # LoraConfig fields that change the layer's maths and that qpeft's LoRA layers do not implement, with their off value.
 UNSUPPORTED = {
-    "use_dora": False,
-    "lora_bias": False,
     "fan_in_fan_out": False,   # qpeft's layers hold W as (out_features, in_features); there is no Conv1D layout
     "use_qalora": False,       # QA-LoRA's pooled input is defined for GPTQ layers only
     "megatron_config": None,
@@ -43,6 +41,10 @@ LORA_VARIANTS = {
     "arrow_config": None,
     "kasa_config": None,
 }
+
+
+# The LoRA variants qpeft's layers implement (DoRA: qpeft.autograd.dora, in LoraLinear and QPeftLoraLinear).
+SUPPORTED_VARIANTS = ("use_dora",)
 
 
 def _peft_lora_config_class():
@@ -91,6 +93,8 @@ def unsupported_option(config: Any) -> str | None:
             return (f"qpeft: LoraConfig({name}={_shown(value)}) is not supported by qpeft's LoRA layers "
                     f"(supported: {name}={off!r})")
     for name in lora_variant_fields(config):
+        if name in SUPPORTED_VARIANTS:
+            continue
         value = _get(config, name, None)
         if value:  # PEFT's rule: a variant is on when its field is truthy
             return (f"qpeft: LoraConfig({name}={_shown(value)}) is a LoRA variant that qpeft's LoRA layers do not "
