@@ -88,7 +88,8 @@ def _twins(nf4=False, bias=True, adapters=(("default", dict(use_dora=True)),), q
 def _grads(model, x, dy):
     x = x.clone().requires_grad_()
     y = model(x)
-    params = {n.removeprefix(PREFIX): p for n, p in model.named_parameters() if p.requires_grad}
+    params = {n.removeprefix("_orig_mod.").removeprefix(PREFIX): p for n, p in model.named_parameters()
+              if p.requires_grad}
     grads = torch.autograd.grad(y, [x, *params.values()], dy)
     return y.detach(), dict(zip(["x", *params], grads))
 
@@ -251,3 +252,17 @@ def test_mixed_batch_refuses_dora_rows_and_serves_lora_bias_rows():
     torch.testing.assert_close(y[1::2], y0[1::2], rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="Cannot pass `adapter_names` when DoRA is enabled."):
         pm(x, adapter_names=["d", "b", "__base__", "d"])  # PEFT's own refusal, the same words
+
+
+@pytest.mark.parametrize("nf4", [False, True], ids=["dense", "nf4"])
+def test_dora_compiles_fullgraph(nf4):
+    torch._dynamo.reset()
+    ours, _ = _twins(nf4, adapters=(("default", dict(use_dora=True)),))
+    compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
+    x, dy = torch.randn(5, 48), torch.randn(5, 40)
+    y1, g1 = _grads(ours, x, dy)
+    y2, g2 = _grads(compiled, x, dy)
+    torch.testing.assert_close(y2, y1, rtol=1e-5, atol=1e-5)
+    assert g1.keys() == g2.keys()
+    for n in g1:
+        torch.testing.assert_close(g2[n], g1[n], rtol=1e-5, atol=1e-5, msg=n)
