@@ -31,6 +31,7 @@ SUITES = {
     "nf4_matmul": "benchmarks.bench_nf4_matmul",
     "lora": "benchmarks.bench_lora",
     "multilora": "benchmarks.bench_multilora",
+    "dora": "benchmarks.bench_dora",
     "bottleneck": "benchmarks.bench_bottleneck",
     "optim": "benchmarks.bench_optim",
     "e2e_training": "benchmarks.bench_e2e_training",
