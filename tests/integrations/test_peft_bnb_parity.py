@@ -327,3 +327,50 @@ def test_dora_with_other_adapters_and_mixed_batches_as_peft(checkpoints):
     for model in (ours, theirs):
         with pytest.raises(ValueError, match="Cannot pass `adapter_names` when DoRA is enabled."):
             model(x, adapter_names=["default", "b", "__base__", "b"])
+
+
+# ------------------------------------------------------------------------------------------ parameter counts
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_parameter_counts_are_the_dense_models(checkpoints, arch, capsys):
+    """PEFT's get_nb_trainable_parameters / print_trainable_parameters and qpeft.trainable_parameters report a 4-bit
+    model's logical parameter count (the dense model's), on qpeft's base as PEFT does on bitsandbytes'."""
+    from transformers import AutoModelForCausalLM
+
+    path = checkpoints[arch]
+    dense = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    n_dense = sum(p.numel() for p in dense.parameters())
+    bnb_model = bnb_base(path, "nf4")
+    ours_base = qpeft_base(path, bnb_model, "nf4")
+    assert qpeft.trainable_parameters(ours_base).total == qpeft.trainable_parameters(bnb_model).total == n_dense
+    cfg = dict(r=4, target_modules=["q_proj", "v_proj"])
+    ours = peft.get_peft_model(ours_base, peft.LoraConfig(**cfg))
+    theirs = peft.get_peft_model(bnb_model, peft.LoraConfig(**cfg))
+    n_lora = sum(p.numel() for n, p in ours.named_parameters() if ".lora_" in n)
+    assert n_lora == sum(p.numel() for n, p in theirs.named_parameters() if ".lora_" in n) > 0
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters() == (n_lora, n_dense + n_lora)
+    report = qpeft.trainable_parameters(ours)
+    assert (report.trainable, report.total) == (n_lora, n_dense + n_lora)
+    ours.print_trainable_parameters()
+    assert f"all params: {n_dense + n_lora:,}" in capsys.readouterr().out
+    # DoRA: the magnitudes are trainable parameters too, counted as PEFT counts them
+    dora = peft.get_peft_model(qpeft_base(path, bnb_base(path, "nf4"), "nf4"), peft.LoraConfig(use_dora=True, **cfg))
+    n_mag = sum(p.numel() for n, p in dora.named_parameters() if "lora_magnitude_vector" in n)
+    assert n_mag > 0 and dora.get_nb_trainable_parameters() == (n_lora + n_mag, n_dense + n_lora + n_mag)
+
+
+def test_parameter_count_fix_is_version_checked():
+    from qpeft.integrations.peft import install_parameter_count_fix
+
+    class Fake:
+        def get_nb_trainable_parameters(self):
+            return 1, 2
+
+    with pytest.warns(RuntimeWarning, match="not tested with"):
+        assert install_parameter_count_fix([Fake], peft_version="99.0") == ["Fake"]
+    assert Fake.get_nb_trainable_parameters._qpeft
+
+    class Gone:
+        pass
+
+    with pytest.warns(RuntimeWarning, match="has no get_nb_trainable_parameters"):
+        assert install_parameter_count_fix([Gone], peft_version="0.21.2") == []

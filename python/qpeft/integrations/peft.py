@@ -481,6 +481,74 @@ def install_lora_model_hook(lora_model_cls=None, peft_version: str | None = None
 install_lora_model_hook()
 
 
+# ----------------------------------------------------------------------------------------------- parameter counts
+def _counted_by_peft(p: torch.Tensor) -> int:
+    """What PEFT 0.21.2's get_nb_trainable_parameters counts for a Parameter that is not bitsandbytes' Params4bit:
+    numel, or DeepSpeed ZeRO-3's ds_numel for a partitioned (empty) one."""
+    n = p.numel()
+    if n == 0 and hasattr(p, "ds_numel"):
+        n = p.ds_numel
+    return int(n)
+
+
+def logical_parameter_correction(model: nn.Module) -> int:
+    """Logical weights minus what PEFT counts for qpeft's 4-bit layers (any module with `quantized_parameters()` and
+    `quantized_numel()`, as QLinearNF4): PEFT counts their uint8 storage (packed weight + scale bytes) one element
+    per byte; the layer holds in_features * out_features weights, what the dense model has."""
+    extra, seen = 0, set()
+    for m in model.modules():
+        quantized = getattr(m, "quantized_parameters", None)
+        numel = getattr(m, "quantized_numel", None)
+        if not (callable(quantized) and callable(numel)):
+            continue
+        params = [p for p in quantized() if id(p) not in seen]
+        seen.update(id(p) for p in params)
+        extra += int(numel()) - sum(_counted_by_peft(p) for p in params)
+    return extra
+
+
+def install_parameter_count_fix(classes=None, peft_version: str | None = None) -> list[str]:
+    """Wrap `get_nb_trainable_parameters` of PEFT's PeftModel and PeftMixedModel (print_trainable_parameters calls
+    it) so that "all params" counts a qpeft 4-bit layer as its logical weights (PEFT knows only bitsandbytes'
+    Params4bit by class name and counts QLinearNF4's uint8 storage byte by byte: a tiny Llama read 199,936 where
+    the dense model has 314,624). The trainable count is unchanged (4-bit storage is frozen). A patch of PEFT's
+    counting: tested with HOOK_TESTED_PEFT, loud (RuntimeWarning) on another release, as the LoRA hook. Returns the
+    classes wrapped."""
+    if classes is None:
+        from peft import PeftMixedModel, PeftModel
+
+        classes = (PeftModel, PeftMixedModel)
+    peft_version = peft_version or _versions.installed("peft")
+    wrapped = []
+    for cls in classes:
+        original = cls.__dict__.get("get_nb_trainable_parameters")
+        if not callable(original):
+            warnings.warn(f"qpeft: PEFT {peft_version}'s {cls.__name__} has no get_nb_trainable_parameters: its "
+                          f"parameter count is left as PEFT computes it (qpeft.trainable_parameters counts 4-bit "
+                          f"layers by their logical size)", RuntimeWarning, stacklevel=2)
+            continue
+        if getattr(original, "_qpeft", False):
+            wrapped.append(cls.__name__)
+            continue
+
+        def get_nb_trainable_parameters(self, _original=original):
+            trainable, total = _original(self)
+            return trainable, total + logical_parameter_correction(self)
+
+        functools.update_wrapper(get_nb_trainable_parameters, original)
+        get_nb_trainable_parameters._qpeft = True
+        cls.get_nb_trainable_parameters = get_nb_trainable_parameters
+        wrapped.append(cls.__name__)
+    if wrapped and _versions.parse(peft_version) not in {_versions.parse(v) for v in HOOK_TESTED_PEFT}:
+        warnings.warn(f"qpeft: PEFT {peft_version} is a release qpeft's parameter-count fix was not tested with "
+                      f"(tested: {', '.join(HOOK_TESTED_PEFT)}); if print_trainable_parameters() reports 4-bit "
+                      f"layers wrongly, use qpeft.trainable_parameters(model)", RuntimeWarning, stacklevel=2)
+    return wrapped
+
+
+install_parameter_count_fix()
+
+
 def lora_config(*, model: nn.Module | None = None, **kwargs) -> LoraConfig:
     """A `peft.LoraConfig(**kwargs)` with QLinearNF4 -> QPeftLoraLinear registered, for `get_peft_model`,
     `model.add_adapter`, `trl.SFTTrainer(peft_config=...)`. A plain LoraConfig works there too (the hook above);
