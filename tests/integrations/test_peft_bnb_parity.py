@@ -374,3 +374,65 @@ def test_parameter_count_fix_is_version_checked():
 
     with pytest.warns(RuntimeWarning, match="has no get_nb_trainable_parameters"):
         assert install_parameter_count_fix([Gone], peft_version="0.21.2") == []
+
+
+# ------------------------------------------------------------------------------------------ adapter dtypes
+def bf16_bases(path):
+    """bitsandbytes' and qpeft's bases of a bf16 model with bf16 compute (the QLoRA setting), same bytes."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.bfloat16)
+    bnb_model = no_cpu_repack(AutoModelForCausalLM.from_pretrained(path, quantization_config=cfg, device_map="cpu",
+                                                                   dtype=torch.bfloat16)).eval()
+    ours = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    qpeft.quantize_model(ours, compute_dtype=torch.bfloat16)
+    ours.load_state_dict(bnb_model.state_dict())
+    return ours.eval(), bnb_model
+
+
+def adapter_dtypes(model) -> dict[str, torch.dtype]:
+    return {n: p.dtype for n, p in adapters(model).items()}
+
+
+@pytest.mark.parametrize("autocast", [True, False])
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_adapter_dtype_follows_autocast_adapter_dtype_as_peft(checkpoints, tmp_path, autocast, use_dora):
+    """get_peft_model / PeftModel.from_pretrained(autocast_adapter_dtype=...) on a bf16 model with bf16 compute:
+    the adapters (and DoRA's magnitudes) get the dtype PEFT + bitsandbytes gives them (fp32 with the default
+    autocast_adapter_dtype=True, bf16 with False), and the two models compute the same."""
+    path = checkpoints["llama"]
+    ours_base, bnb_model = bf16_bases(path)
+    cfg = dict(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False, use_dora=use_dora)
+    ours = peft.get_peft_model(ours_base, peft.LoraConfig(**cfg), autocast_adapter_dtype=autocast)
+    theirs = peft.get_peft_model(bnb_model, peft.LoraConfig(**cfg), autocast_adapter_dtype=autocast)
+    expected = torch.float32 if autocast else torch.bfloat16
+    assert adapter_dtypes(ours) == adapter_dtypes(theirs) and set(adapter_dtypes(ours).values()) == {expected}
+    randomize(ours)
+    copy_adapters(ours, theirs)
+    x = ids()
+    with torch.no_grad():
+        y1, y2 = ours(x).logits, theirs(x).logits
+    assert y1.dtype == y2.dtype == torch.bfloat16
+    torch.testing.assert_close(y1.float(), y2.float(), rtol=0.05, atol=0.05)  # bf16 models: bf16's tolerance
+    ours.save_pretrained(tmp_path)
+    for base in (bf16_bases(path)[0], bf16_bases(path)[1]):
+        loaded = peft.PeftModel.from_pretrained(base, tmp_path, autocast_adapter_dtype=autocast)
+        assert set(adapter_dtypes(loaded).values()) == {expected}
+
+
+def test_transformers_add_adapter_keeps_qpeft_fp32_default(checkpoints):
+    """transformers' model.add_adapter never casts (PEFT + bitsandbytes trains bf16 adapters there); qpeft's layer
+    keeps its default, fp32 adapters (TRL casts quantized models' adapters itself)."""
+    from packaging.version import Version
+    from transformers.integrations import peft as hf_peft
+
+    if Version(peft.__version__) < Version(hf_peft.MIN_PEFT_VERSION):
+        pytest.skip(f"transformers {transformers.__version__}'s PEFT integration needs PEFT >= "
+                    f"{hf_peft.MIN_PEFT_VERSION}")
+    ours, bnb_model = bf16_bases(checkpoints["llama"])
+    cfg = dict(r=4, target_modules=["q_proj"])
+    ours.add_adapter(peft.LoraConfig(**cfg))
+    bnb_model.add_adapter(peft.LoraConfig(**cfg))
+    assert set(adapter_dtypes(ours).values()) == {torch.float32}
+    assert set(adapter_dtypes(bnb_model).values()) == {torch.bfloat16}

@@ -117,9 +117,22 @@ class QPeftLoraLinear(nn.Module, LoraLayer):
 
     def _get_base_layer_device_and_dtype(self, base_layer: nn.Module):
         # PEFT moves a new adapter to the base's device *and* casts it to the base's `compute_dtype` (bf16 for
-        # QLoRA); get_peft_model casts it back to fp32 (autocast_adapter_dtype=True) but model.add_adapter does not
-        # and would train bf16 adapters. Device only: adapters stay fp32, as qpeft's LoraLinear keeps them.
+        # QLoRA); get_peft_model casts it back to fp32 (autocast_adapter_dtype=True) but transformers'
+        # model.add_adapter does not and would train bf16 adapters. Device only: adapters are created in fp32, as
+        # qpeft's LoraLinear keeps them, and `autocast_adapter_dtype=False` casts them to the compute dtype
+        # afterwards (`cast_adapters_to_compute_dtype`, through the hook below), which is where PEFT leaves them.
         return base_layer.weight.device, None
+
+    def cast_adapters_to_compute_dtype(self, adapter_name: str) -> None:
+        """Adapter `adapter_name` (A, B, DoRA magnitude) in the base's compute_dtype, where PEFT + bitsandbytes
+        creates it (a compute_dtype of None: left as is, as PEFT leaves it)."""
+        dtype = getattr(self.get_base_layer(), "compute_dtype", None)
+        if dtype is None or not dtype.is_floating_point:
+            return
+        for name in self.adapter_layer_names:
+            layers = getattr(self, name, None)
+            if isinstance(layers, nn.ModuleDict) and adapter_name in layers:
+                layers[adapter_name].to(dtype)
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: int, config: LoraConfig, **kwargs) -> None:
         check_config(config)  # also for a second adapter added to an existing layer
@@ -479,6 +492,46 @@ def install_lora_model_hook(lora_model_cls=None, peft_version: str | None = None
 
 
 install_lora_model_hook()
+
+
+def install_adapter_dtype_hook(lora_model_cls=None, peft_version: str | None = None) -> bool:
+    """Honour `autocast_adapter_dtype=False` (get_peft_model, PeftModel.from_pretrained / load_adapter /
+    add_adapter) on qpeft's 4-bit layers: wrap `lora_model_cls._cast_adapter_dtype` (PEFT's BaseTuner method those
+    entry points call once the adapter exists) so that, when the flag is False, each QPeftLoraLinear holding the
+    adapter moves it to its base's compute_dtype, the dtype PEFT + bitsandbytes creates it in; with the flag True
+    (PEFT's default) PEFT's own cast leaves it fp32, as there. Paths that never call it (transformers'
+    model.add_adapter) keep qpeft's default, fp32 adapters. Version-checked like the LoRA hook; returns whether
+    the hook is in place."""
+    if lora_model_cls is None:
+        from peft.tuners.lora import LoraModel as lora_model_cls
+    peft_version = peft_version or _versions.installed("peft")
+    original = getattr(lora_model_cls, "_cast_adapter_dtype", None)
+    if not callable(original):
+        warnings.warn(f"qpeft: PEFT {peft_version} has no {lora_model_cls.__name__}._cast_adapter_dtype: "
+                      f"autocast_adapter_dtype=False leaves adapters on qpeft's 4-bit layers in fp32",
+                      RuntimeWarning, stacklevel=2)
+        return False
+    if getattr(original, "_qpeft", False):
+        return True
+    if _versions.parse(peft_version) not in {_versions.parse(v) for v in HOOK_TESTED_PEFT}:
+        warnings.warn(f"qpeft: PEFT {peft_version} is a release qpeft's autocast_adapter_dtype hook "
+                      f"({lora_model_cls.__name__}._cast_adapter_dtype) was not tested with (tested: "
+                      f"{', '.join(HOOK_TESTED_PEFT)})", RuntimeWarning, stacklevel=2)
+
+    @functools.wraps(original)
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        if not autocast_adapter_dtype:
+            for m in self.model.modules():
+                if isinstance(m, QPeftLoraLinear):
+                    m.cast_adapters_to_compute_dtype(adapter_name)
+        return original(self, adapter_name=adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+
+    _cast_adapter_dtype._qpeft = True
+    lora_model_cls._cast_adapter_dtype = _cast_adapter_dtype
+    return True
+
+
+install_adapter_dtype_hook()
 
 
 # ----------------------------------------------------------------------------------------------- parameter counts
