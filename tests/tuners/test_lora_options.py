@@ -36,6 +36,9 @@ def test_every_variant_refused_in_a_config_dict(name):
      "megatron_config": None, "use_rslora": True, "target_modules": ["q_proj"]},
     {"alora_invocation_tokens": [], "velora_config": {}},  # falsy: off, as PEFT's resolve_lora_variant reads them
     {"use_dora": True}, {"lora_bias": True},  # DoRA and lora_bias: implemented by both layers
+    {"init_lora_weights": "pissa"}, {"init_lora_weights": "pissa_niter_16"}, {"init_lora_weights": "olora"},
+    {"init_lora_weights": "corda"}, {"init_lora_weights": "eva"},
+    {"init_lora_weights": "loftq", "loftq_config": {"loftq_bits": 4, "loftq_iter": 2}},
 ])
 def test_plain_lora_configs_pass(config):
     assert unsupported_option(config) is None
@@ -43,7 +46,8 @@ def test_plain_lora_configs_pass(config):
 
 @pytest.mark.parametrize("config, name", [
     ({"fan_in_fan_out": True}, "fan_in_fan_out"),
-    ({"use_qalora": True}, "use_qalora"), ({"init_lora_weights": "pissa"}, "init_lora_weights"),
+    ({"use_qalora": True}, "use_qalora"), ({"init_lora_weights": "orthogonal"}, "init_lora_weights"),
+    ({"init_lora_weights": "pissa_niter_0"}, "init_lora_weights"), ({"init_lora_weights": "loftq", "loftq_config": {"loftq_bits": 2}}, "loftq_config"),
     ({"init_lora_weights": "mica"}, "init_lora_weights")])
 def test_unsupported_options_named(config, name):
     assert f"LoraConfig({name}=" in unsupported_option(config)

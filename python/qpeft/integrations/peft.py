@@ -23,6 +23,7 @@ been measured faster than PEFT's two small GEMMs (no GPU benchmark yet), so PEFT
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 
@@ -44,7 +45,8 @@ from ..tuners.lora.options import SUPPORTED_INITS, UNSUPPORTED, check_lora_optio
 from ..modules.lora_linear import _dequantize_nf4, _requantize_nf4  # noqa: E402
 from ..modules.qlinear_nf4 import QLinearNF4  # noqa: E402
 
-__all__ = ["QPeftLoraLinear", "lora_config", "register", "all_linear", "from_pretrained", "peft_from_pretrained"]
+__all__ = ["QPeftLoraLinear", "lora_config", "register", "all_linear", "from_pretrained", "peft_from_pretrained",
+           "attach_original_weights", "preprocess_corda"]
 
 
 def check_config(config: LoraConfig) -> None:
@@ -137,6 +139,69 @@ class QPeftLoraLinear(nn.Module, LoraLayer):
     def update_layer(self, adapter_name: str, r: int, lora_alpha: int, config: LoraConfig, **kwargs) -> None:
         check_config(config)  # also for a second adapter added to an existing layer
         super().update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
+
+    # ------------------------------------------------------------------ weight-reading inits
+    @contextlib.contextmanager
+    def _dense_base(self, dtype: torch.dtype):
+        """For PEFT's own PiSSA / OLoRA / CorDA init code: the base as a dense nn.Linear holding the dequantized
+        weight (rounded to the dtype it was quantized from, as bitsandbytes dequantizes, then in `dtype`) and
+        CorDA's `eigens`; what the init writes into that weight (the residual W - s B A) is re-quantized into the
+        4-bit base in its own format (quant type, blocksize, double quant) when the init succeeds."""
+        base = self.get_base_layer()
+        proxy = nn.Linear(base.in_features, base.out_features, bias=False, device="meta")
+        proxy.weight = nn.Parameter(base.dequantize(base.weight_dtype).to(dtype), requires_grad=False)
+        if "eigens" in base.__dict__:
+            proxy.eigens = base.eigens
+        self.base_layer = proxy
+        try:
+            yield proxy
+        finally:
+            self.base_layer = base
+        _requantize_nf4(base, proxy.weight.detach().float())
+        if "eigens" in base.__dict__ and "eigens" not in proxy.__dict__:  # CorDA deletes them once used
+            del base.eigens
+
+    def pissa_init(self, adapter_name, init_lora_weights):
+        """PEFT's PiSSA (full SVD, or "pissa_niter_<n>": torch.svd_lowrank) on the dequantized weight; the residual
+        W - s B A, in the base's original dtype as PEFT leaves it, re-quantized (PEFT's QPiSSA recipe: PiSSA on the
+        full-precision weights, then quantize the residual model)."""
+        with self._dense_base(self.get_base_layer().weight_dtype):
+            super().pissa_init(adapter_name, init_lora_weights)
+
+    def olora_init(self, adapter_name):
+        """PEFT's OLoRA as on bitsandbytes' Linear4bit: QR of the dequantized weight in fp32, the fp32 residual
+        re-quantized."""
+        with self._dense_base(torch.float32):
+            super().olora_init(adapter_name)
+
+    def corda_init(self, adapter_name, init_lora_weights):
+        """PEFT's CorDA from the `eigens` that qpeft.integrations.peft.preprocess_corda attached to the 4-bit
+        layer; the residual re-quantized."""
+        with self._dense_base(self.get_base_layer().weight_dtype):
+            super().corda_init(adapter_name, init_lora_weights)
+
+    def loftq_init(self, adapter_name, config: LoraConfig):
+        """LoftQ (PEFT's loftq_init: loftq_iter alternations of NF4-quantizing W - B A and an SVD of the
+        quantization error) from the weight this 4-bit layer was quantized from, which it cannot recover from its
+        own bytes: `original_weight` (set by `attach_original_weights`). The base becomes the NF4 quantization of the
+        last LoftQ residual, as PEFT's LoftQ leaves the base, in the layer's own format."""
+        from ..tuners.lora.loftq import loftq_nf4
+
+        base = self.get_base_layer()
+        original = getattr(base, "original_weight", None)
+        if original is None:
+            raise ValueError("init_lora_weights='loftq' on a 4-bit base needs the full-precision weight it was "
+                             "quantized from (LoftQ fits A, B to its quantization error): call "
+                             "qpeft.integrations.peft.attach_original_weights(model, checkpoint) before "
+                             "get_peft_model, or apply LoftQ to the full-precision model")
+        weight = original() if callable(original) else original
+        loftq = config.loftq_config or {}
+        qweight, lora_A, lora_B = loftq_nf4(weight, reduced_rank=self.r[adapter_name],
+                                            num_iter=loftq.get("loftq_iter", 1), bits=loftq.get("loftq_bits", 4))
+        self.lora_A[adapter_name].weight.data = lora_A
+        self.lora_B[adapter_name].weight.data = lora_B
+        _requantize_nf4(base, qweight)
+        del base.original_weight
 
     @property
     def lora_variants(self):
@@ -636,3 +701,124 @@ def from_pretrained(model: nn.Module, model_id, adapter_name: str = "default", i
 
 
 peft_from_pretrained = from_pretrained  # the top-level name (qpeft.peft_from_pretrained)
+
+
+# ----------------------------------------------------------------------------------------- weight-reading inits
+def _base(model: nn.Module) -> nn.Module:
+    from peft import PeftModel
+
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+class _Checkpoint:
+    """Tensors of a safetensors checkpoint (a file, a directory with model.safetensors or a sharded index), read one
+    at a time, or of a mapping."""
+
+    def __init__(self, source):
+        import os
+
+        self.mapping, self.files = None, {}
+        if isinstance(source, dict):
+            self.mapping = source
+            return
+        path = os.fspath(source)
+        if os.path.isdir(path):
+            index = os.path.join(path, "model.safetensors.index.json")
+            if os.path.exists(index):
+                import json
+
+                with open(index) as f:
+                    weight_map = json.load(f)["weight_map"]
+                self.files = {k: os.path.join(path, v) for k, v in weight_map.items()}
+                return
+            path = os.path.join(path, "model.safetensors")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no safetensors checkpoint at {source!r} (a .safetensors file, or a directory "
+                                    f"with model.safetensors or model.safetensors.index.json)")
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            self.files = {k: path for k in f.keys()}
+
+    def keys(self):
+        return self.mapping.keys() if self.mapping is not None else self.files.keys()
+
+    def get(self, key: str) -> torch.Tensor:
+        if self.mapping is not None:
+            return self.mapping[key]
+        from safetensors import safe_open
+
+        with safe_open(self.files[key], framework="pt") as f:
+            return f.get_tensor(key)
+
+
+def attach_original_weights(model: nn.Module, checkpoint) -> list[str]:
+    """Give each QLinearNF4 of `model` (a transformers model or a PeftModel of one) access to the full-precision
+    weight it was quantized from, read lazily from `checkpoint` (the dense safetensors checkpoint the model was
+    loaded from: a file, a directory, or a {name: tensor} mapping), for LoftQ (`init_lora_weights="loftq"`), which
+    fits A and B to the quantization error and re-quantizes the base. Keys are matched by module path (+ ".weight"),
+    with or without the model's base_model_prefix. Returns the module paths given a weight; raises ValueError when
+    a 4-bit layer has none (a pre-quantized checkpoint holds packed bytes, not the weights)."""
+    base = _base(model)
+    reader = _Checkpoint(checkpoint)
+    keys = set(reader.keys())
+    prefix = getattr(base, "base_model_prefix", "") or ""
+    attached, missing = [], []
+    for name, m in base.named_modules():
+        if not isinstance(m, QLinearNF4):
+            continue
+        name = name.replace(".base_layer", "")
+        candidates = [f"{name}.weight"]
+        if prefix and name.startswith(prefix + "."):
+            candidates.append(f"{name[len(prefix) + 1:]}.weight")
+        elif prefix:
+            candidates.append(f"{prefix}.{name}.weight")
+        key = next((k for k in candidates if k in keys), None)
+        if key is None:
+            missing.append(name)
+            continue
+        m.original_weight = functools.partial(_original_weight, reader, key, (m.out_features, m.in_features))
+        attached.append(name)
+    if missing:
+        raise ValueError(f"attach_original_weights: the checkpoint has no full-precision weight for the 4-bit layers "
+                         f"{missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    return attached
+
+
+def _original_weight(reader: _Checkpoint, key: str, shape: tuple[int, int]) -> torch.Tensor:
+    w = reader.get(key)
+    if tuple(w.shape) != shape or not w.is_floating_point():
+        raise ValueError(f"checkpoint tensor {key!r} is {w.dtype} {tuple(w.shape)}, not the full-precision weight "
+                         f"{shape} of the 4-bit layer (is the checkpoint itself quantized?)")
+    return w
+
+
+def preprocess_corda(model: nn.Module, lora_config: LoraConfig, run_model=None, hooked_model=None) -> None:
+    """PEFT's `preprocess_corda` (peft.tuners.lora.corda) on a model with qpeft 4-bit layers. PEFT's collects the
+    layer-input covariances and the CorDA eigens of nn.Linear / Conv1D layers only (bitsandbytes' Linear4bit is one,
+    and its packed weight then reads as garbage); here each targeted QLinearNF4 is swapped for a dense nn.Linear
+    holding its dequantized weight (in the dtype it was quantized from) and bias while PEFT runs, and the eigens
+    move to the 4-bit layers afterwards, where QPeftLoraLinear.corda_init reads them. Memory: the targeted layers
+    dense for the duration, as PEFT's CorDA on the full-precision model."""
+    from peft.tuners.lora.corda import preprocess_corda as peft_preprocess_corda
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    swapped = []
+    try:
+        for name, m in list(model.named_modules()):
+            if not (isinstance(m, QLinearNF4) and check_target_module_exists(lora_config, name)):
+                continue
+            proxy = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+            proxy.weight = nn.Parameter(m.dequantize(m.weight_dtype), requires_grad=False)
+            if m.bias is not None:
+                proxy.bias = nn.Parameter(m.bias.detach().to(m.weight_dtype), requires_grad=False)
+            parent_name, _, leaf = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, leaf, proxy)
+            swapped.append((parent, leaf, m, proxy))
+        peft_preprocess_corda(model, lora_config, run_model=run_model, hooked_model=hooked_model)
+    finally:
+        for parent, leaf, m, proxy in swapped:
+            setattr(parent, leaf, m)
+            if "eigens" in proxy.__dict__:
+                m.eigens = proxy.eigens
