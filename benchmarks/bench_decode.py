@@ -91,7 +91,8 @@ def run(quick: bool = False) -> list[dict]:
                 gc.collect()
                 if gpu:
                     torch.cuda.empty_cache()
-    ref = {(r["model"], r["batch"]): r["tokens_per_s"] for r in rows if r.get("provider") == "bf16" and "tokens_per_s" in r}
+    ref = {(r["model"], r["batch"]): r["tokens_per_s"] for r in rows
+           if r.get("provider") == "bf16" and "tokens_per_s" in r}
     for r in rows:
         if "tokens_per_s" in r and (r["model"], r["batch"]) in ref:
             r["x_vs_bf16"] = r["tokens_per_s"] / ref[(r["model"], r["batch"])]

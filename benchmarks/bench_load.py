@@ -156,8 +156,9 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     rows = run(args.size_gb, args.quick)
     print(env_info())
-    print_table(rows, ["mode", "seconds", "checkpoint_mib", "model_mib", "largest_tensor_mib", "peak_rss_anon_delta_mib",
-                       "cuda_peak_mib", "bound_mib", "within_bound", "peak_over_model", "error"])
+    print_table(rows, ["mode", "seconds", "checkpoint_mib", "model_mib", "largest_tensor_mib",
+                       "peak_rss_anon_delta_mib", "cuda_peak_mib", "bound_mib", "within_bound", "peak_over_model",
+                       "error"])
     print("wrote", write_csv("load", rows))
 
 

@@ -44,7 +44,7 @@ def _providers(K, N, dtype, device, copies):
     from qpeft.autograd.nf4_matmul import weight_args
 
     dense, q_args = [], []
-    for i in range(copies):
+    for _ in range(copies):
         W = torch.randn(N, K, device=device, dtype=dtype) / math.sqrt(K)
         packed, state = qpeft.quantize_4bit(W, blocksize=64, quant_type="nf4", double_quant=True)
         dense.append(W)

@@ -103,7 +103,8 @@ def plot_speed_vs_m(rows: list[dict], suite: str, out_dir: Path, ceilings: dict 
 
 
 def _floor(rows: list[dict], ceilings: dict | None, bits: float) -> list[tuple[int, float]]:
-    ideal = [c for c in rows[0] if c.startswith("ideal") and "nf4" in c] or [c for c in rows[0] if c.startswith("ideal")]
+    ideal = ([c for c in rows[0] if c.startswith("ideal") and "nf4" in c]
+             or [c for c in rows[0] if c.startswith("ideal")])
     by_m: dict[int, float] = {}
     if ideal:
         for r in rows:

@@ -31,7 +31,7 @@ sys.path.insert(0, str(HERE.parent))
 from _compare_common import (LinearHead, Result, Task, count_trainable, evaluate, load_vader_task,  # noqa: E402
                              mean_pool, train_classifier)
 
-from qpeft.tuners.adalora import add_adalora, adalora_layers, orthogonal_regularization, update_and_allocate
+from qpeft.tuners.adalora import add_adalora, adalora_layers, orthogonal_regularization, update_and_allocate  # noqa: E402
 from qpeft.tuners.bitfit import apply_bitfit  # noqa: E402
 from qpeft.tuners.bottleneck import add_bottleneck_adapters  # noqa: E402
 from qpeft.tuners.unipelt import add_unipelt  # noqa: E402

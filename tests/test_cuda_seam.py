@@ -295,20 +295,23 @@ def test_transformers_default_device_map_is_the_current_gpu(fake_cuda):
     assert QPeftHfQuantizer.update_device_map(None, None) == {"": "cpu"}
 
 
-def test_sharded_loader_defaults_to_the_current_gpu(fake_cuda):
+def test_sharded_loader_defaults_to_the_current_gpu(fake_cuda, monkeypatch):
+    """load_sharded_qlora's default device, and where its failure-agreement collectives put their small tensors:
+    the current GPU (NCCL needs CUDA tensors), the CPU for gloo or without a GPU."""
     import torch.distributed as dist
 
-    from qpeft.distributed.loading import _group_and_device
+    from qpeft.distributed.errors import collective_device
+    from qpeft.distributed.loading import _device
 
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialised in this process")
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        assert _group_and_device(None, None) == (None, torch.device("cuda", 0))
-        fake_cuda.pretend(present=False)
-        assert _group_and_device(None, None) == (None, torch.device("cpu"))
-    finally:
-        dist.destroy_process_group()
+    assert _device(None) == torch.device("cuda", 0)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+    assert collective_device() == torch.device("cuda", 0)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "gloo")
+    assert collective_device() == torch.device("cpu")
+    fake_cuda.pretend(present=False)
+    assert _device(None) == torch.device("cpu")
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+    assert collective_device() == torch.device("cpu")
 
 
 def test_demo_resolves_auto_to_the_gpu(fake_cuda):

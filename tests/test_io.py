@@ -157,3 +157,25 @@ def test_benchmark_results_are_written_atomically(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="cannot be written"):
         common.write_csv("suite", [{"M": 2, "ms": 0.25}, {"M": Unprintable(), "ms": 0.1}])
     assert path.read_bytes() == good and [p.name for p in path.parent.iterdir()] == [path.name]
+
+
+def test_a_pickled_adapter_is_refused_not_unpickled(tmp_path, monkeypatch):
+    """Files load only from safetensors/JSON: an adapter directory holding only the legacy adapter_model.bin (a
+    pickle) is refused with the way to convert it, torch.load is never called, and the model is left as it was."""
+    model = tiny_llama()
+    qpeft.add_lora(model, target_modules=["q_proj"], r=2)
+    qpeft.save_adapter(model, tmp_path)
+    tensors = safetensors.torch.load_file(tmp_path / "adapter_model.safetensors")
+    (tmp_path / "adapter_model.safetensors").unlink()
+    torch.save(tensors, tmp_path / "adapter_model.bin")
+
+    def no_unpickling(*args, **kwargs):
+        raise AssertionError("torch.load called")
+
+    monkeypatch.setattr(torch, "load", no_unpickling)
+    target = tiny_llama()
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(ValueError, match=r"adapter_model\.bin, a pickle.*save_pretrained"):
+        qpeft.load_adapter(target, tmp_path)
+    after = target.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)

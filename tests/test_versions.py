@@ -58,7 +58,8 @@ def test_too_old_or_missing_names_the_version_and_the_range(monkeypatch):
 
 
 @pytest.mark.parametrize("triton_version, numpy_version, broken", [
-    ("3.6.0", "2.5.2", True), ("3.6.0", "2.4.0", True), ("3.6.0", "2.3.5", False), ("3.7.1", "2.5.2", False), ("3.9.0", "2.4.6", False)])
+    ("3.6.0", "2.5.2", True), ("3.6.0", "2.4.0", True), ("3.6.0", "2.3.5", False), ("3.7.1", "2.5.2", False),
+    ("3.9.0", "2.4.6", False)])
 def test_interpreter_reason(triton_version, numpy_version, broken):
     reason = _versions.interpreter_reason(triton_version, numpy_version)
     assert (reason is not None) == broken

@@ -41,7 +41,7 @@ def compile_for_sm90(fn, signature: dict, constexprs: dict, options: dict | None
     return triton_compile(src, target=GPUTarget("cuda", 90, 32), options=options or {"num_warps": 4})
 
 
-# ------------------------------------------------------------------ Triton launches recorded on the CPU, compiled for sm_90
+# ---------------------------------------------------------- Triton launches recorded on the CPU, compiled for sm_90
 _TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.uint8: "u8",
                   torch.int8: "i8", torch.int16: "i16", torch.int32: "i32", torch.int64: "i64", torch.bool: "i1"}
 _LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg", "enable_fp_fusion")

@@ -14,7 +14,7 @@ import warnings
 
 import torch
 
-from . import _cuda, _versions
+from . import _cuda, _jit, _versions
 
 __all__ = ["backend_info"]
 
@@ -38,8 +38,6 @@ def cuda_ext_status() -> tuple[bool, str]:
     if not _cuda.rt.available():
         return False, "no CUDA device"
     try:
-        from . import _jit
-
         _jit.load()
         return True, "built"
     except Exception as e:  # no nvcc / ninja, compile error
@@ -149,8 +147,6 @@ def backend_info() -> dict:
     if _cuda.rt.available():
         info["cuda_ext"] = cuda_ext_status()
     else:
-        from . import _jit
-
         nvcc = _jit.find_nvcc()
         info["cuda_ext"] = (False, "no CUDA device" + ("" if nvcc else "; nvcc not found"))
     return info

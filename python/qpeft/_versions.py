@@ -25,6 +25,14 @@ MINIMUM = {
 INTERPRETER_NUMPY_FIX = "3.7"
 NUMPY_SCALAR_ERROR = "2.4"
 
+# torch 2.11's fully_shard builds each sharded Parameter as nn.Parameter(dtensor) followed by
+# .requires_grad_(param.requires_grad), which raises "only Tensors of floating point dtype can require gradients"
+# for a frozen uint8 Parameter (pytorch #177844, fixed by PR #177948 / #178075 in 2.12; scaleout.md §2a: 2.12.0
+# and 2.14.1 shard it bit-exactly). The same fix stopped MixedPrecisionPolicy from casting non-float Parameters.
+# Checked here (not in qpeft.distributed) because accelerate's FSDP2 prepare, wrapped by qpeft.integrations, asks
+# the same question.
+FSDP2_MIN_TORCH = (2, 12)
+
 
 def parse(version: str) -> tuple[int, ...]:
     """'2.11.0+cu130' -> (2, 11, 0); pre-release and local tags are dropped (2.12.0a0 counts as 2.12.0)."""
@@ -80,3 +88,27 @@ def interpreter_reason(triton_version: str | None = None, numpy_version: str | N
                 f"{numpy_version}: use numpy<{NUMPY_SCALAR_ERROR} or triton>={INTERPRETER_NUMPY_FIX} (compiled "
                 f"kernels on a GPU are not affected)")
     return None
+
+
+class FSDP2UnsupportedError(RuntimeError):
+    """The installed torch cannot shard QLinearNF4's uint8 Parameters with FSDP2."""
+
+
+def _torch_version() -> tuple[int, int]:
+    import torch  # a dependency of qpeft, imported only when asked (this module imports nothing at load)
+
+    major, minor = torch.__version__.split("+")[0].split(".")[:2]
+    return int(major), int(minor)
+
+
+def check_fsdp2_supported() -> None:
+    """Raise FSDP2UnsupportedError (naming the installed and the needed version) on torch older than 2.12."""
+    if _torch_version() < FSDP2_MIN_TORCH:
+        import torch
+
+        need = ".".join(map(str, FSDP2_MIN_TORCH))
+        raise FSDP2UnsupportedError(
+            f"qpeft.distributed.shard_qlora_model: FSDP2 needs torch>={need} to shard QLinearNF4's frozen uint8 "
+            f"parameters; torch {torch.__version__} is installed, whose fully_shard raises 'only Tensors of "
+            f"floating point dtype can require gradients' on them (pytorch #177844, fixed in {need}). Upgrade "
+            f"torch, or train with DeepSpeed ZeRO-3 (qpeft.distributed.zero3_config).")

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import sys
 
+from . import _jit
+
 
 def main(argv: list[str] | None = None) -> int:
-    from . import _jit
-
     try:
         out = _jit.load()
     except Exception as e:

@@ -11,6 +11,8 @@ import json
 import sys
 from pathlib import Path
 
+from qpeft._backend import backend_info
+
 __all__ = ["main"]
 
 USAGE = __doc__.split("\n\n", 1)[1].rstrip()
@@ -40,7 +42,6 @@ def _info(argv: list[str]) -> int:
     if argv:
         print(f"qpeft info: takes no arguments, got {argv}", file=sys.stderr)
         return 2
-    from qpeft._backend import backend_info
 
     print(json.dumps(backend_info(), indent=2, default=str))
     return 0

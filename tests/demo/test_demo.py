@@ -1,6 +1,9 @@
 """Fast CPU tests of the demo's pieces (not the 10-minute run): task generator and exact-match scorer, the
 eval text and perplexity, batching / loss / training loop / generation on a tiny random Llama with a
-character-level tokenizer, the int4 round trip, model resolution and cache, and the one-line setup errors."""
+character-level tokenizer, the int4 round trip, model resolution and cache, the one-line setup errors, --quick,
+the reload check, and the `demo` extra. The real model through `--quick` runs in tests/run.sh (demo lane)."""
+import ast
+import copy
 import json
 import math
 import re
@@ -17,7 +20,8 @@ pytest.importorskip("transformers")
 
 from qpeft.demo import model as demo_model  # noqa: E402
 from qpeft.demo.evaltext import perplexity, stdlib_docstrings  # noqa: E402
-from qpeft.demo.main import DEFAULTS, int4_absmax_roundtrip_, main, parse_args, run  # noqa: E402
+from qpeft.demo.main import (DEFAULTS, QUICK, DemoCheckError, _check_finite, compare_reloaded,  # noqa: E402
+                             int4_absmax_roundtrip_, main, parse_args, run)
 from qpeft.demo.model import DemoSetupError  # noqa: E402
 from qpeft.demo.task import exact_match, make_examples, split_examples  # noqa: E402
 from qpeft.demo.train import IGNORE, answer_loss, build_batch, chat_prompt_ids, evaluate, train  # noqa: E402
@@ -271,10 +275,9 @@ def test_parse_args_defaults_and_overrides():
 
 
 def test_full_run_on_a_tiny_local_model(tmp_path):
-    """The whole pipeline through --model PATH: formats compared, QLoRA, adapter saved in PEFT's format."""
-    model_dir = tmp_path / "tiny"
-    tiny_model().save_pretrained(model_dir)
-    char_tokenizer().save_pretrained(model_dir)
+    """The whole pipeline through --model PATH: formats compared, QLoRA, adapter saved in PEFT's format and
+    reloaded onto a fresh NF4 base with identical logits."""
+    model_dir = _tiny_model_dir(tmp_path)
     out = tmp_path / "out"
     args = parse_args(["--model", str(model_dir), "--device", "cpu", "--steps", "3", "--batch-size", "2",
                        "--eval-size", "2", "--ppl-tokens", "128", "--output", str(out), "--rank", "4"])
@@ -288,4 +291,99 @@ def test_full_run_on_a_tiny_local_model(tmp_path):
     cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and (out / "adapter" / "adapter_model.safetensors").is_file()
     assert json.loads((out / "summary.json").read_text())["steps"] == 3
-    assert "qpeft demo summary" in logs[-1]
+    assert summary["reload"] == {"identical_logits": True, "max_abs_logit_difference": 0.0, "examples": 2}
+    assert set(summary["stage_seconds"]) == {"convert", "load_bf16", "perplexity_bf16", "perplexity_fp4",
+                                             "perplexity_int4", "load_nf4", "perplexity_nf4", "eval_before", "train",
+                                             "eval_after", "save", "reload"}
+    assert all(v >= 0 for v in summary["stage_seconds"].values())
+    assert "qpeft demo summary" in logs[-1] and "adapter reloaded" in logs[-1]
+
+
+# --- --quick, the reload check, result checks ---------------------------------------------------------------
+def test_quick_sets_small_sizes_and_explicit_options_win():
+    args = parse_args(["--device", "cpu", "--quick"])
+    assert args.quick and all(getattr(args, k) == v for k, v in QUICK.items())
+    args = parse_args(["--device", "cpu", "--quick", "--steps", "7", "--eval-size", "5"])
+    assert args.steps == 7 and args.eval_size == 5 and args.ppl_tokens == QUICK["ppl_tokens"]
+    assert not parse_args(["--device", "cpu"]).quick
+    for k, v in QUICK.items():  # smaller than the defaults on every device, but never empty
+        assert 0 < v <= DEFAULTS["cpu"][k]
+    assert QUICK["ppl_tokens"] >= 256  # perplexity needs one full 256-token window
+
+
+def test_compare_reloaded_detects_a_changed_adapter():
+    import qpeft
+
+    tok, model = char_tokenizer(), tiny_model()
+    qpeft.quantize_model(model, quant_type="nf4", compute_dtype=None)
+    qpeft.add_lora(model, "all-linear", r=4, lora_alpha=8)
+    for n, p in model.named_parameters():  # B starts at zero: give the adapter an effect
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1)
+    batch = build_batch(tok, make_examples(3, seed=9))
+    twin = copy.deepcopy(model)
+    assert compare_reloaded(model, twin, batch) == (True, 0.0)
+    with torch.no_grad():
+        next(p for n, p in twin.named_parameters() if "lora_B" in n)[0, 0] += 0.5
+    identical, diff = compare_reloaded(model, twin, batch)
+    assert not identical and diff > 0
+
+
+def _tiny_model_dir(tmp_path):
+    model_dir = tmp_path / "tiny"
+    tiny_model().save_pretrained(model_dir)
+    char_tokenizer().save_pretrained(model_dir)
+    return model_dir
+
+
+def test_reload_mismatch_fails_the_run(tmp_path, monkeypatch, capsys):
+    """A saved adapter that does not reproduce the tuned model is an error (exit code 1, one line), not a
+    line in a summary: CI's demo lane relies on it."""
+    import qpeft
+
+    real_load = qpeft.load_adapter
+
+    def load_and_perturb(model, path, *a, **k):
+        real_load(model, path, *a, **k)
+        with torch.no_grad():
+            next(p for n, p in model.named_parameters() if "lora_A" in n).mul_(1.5)
+        return model
+
+    monkeypatch.setattr(qpeft, "load_adapter", load_and_perturb)
+    argv = ["--model", str(_tiny_model_dir(tmp_path)), "--device", "cpu", "--quick", "--skip-compare",
+            "--steps", "1", "--batch-size", "2", "--eval-size", "2", "--rank", "2", "--output", str(tmp_path / "o")]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "does not reproduce the tuned model" in err
+
+
+def test_check_finite():
+    _check_finite("perplexity", {"bf16": 17.5, "nf4": 22.3})
+    for bad in (math.nan, math.inf):
+        with pytest.raises(DemoCheckError, match="perplexity not finite.*nf4"):
+            _check_finite("perplexity", {"bf16": 17.5, "nf4": bad})
+
+
+def test_missing_accelerate_is_one_line(tmp_path, monkeypatch, capsys):
+    """transformers >= 5.25 cannot load a GGUF file without accelerate: the demo says so before converting."""
+    real = demo_model.importlib.util.find_spec
+    monkeypatch.setattr(demo_model.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "accelerate" else real(name, *a))
+    with pytest.raises(DemoSetupError, match="accelerate.*qpeft\\[demo\\]"):
+        demo_model.resolve_model_dir(_tiny_model_dir(tmp_path))
+    assert main(["--device", "cpu", "--model", str(tmp_path / "tiny")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "accelerate" in err and "qpeft[demo]" in err
+
+
+def _setup_extras():
+    tree = ast.parse((Path(__file__).parents[1] / "setup.py").read_text())
+    call = next(n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "setup")
+    extras = next(k.value for k in call.keywords if k.arg == "extras_require")
+    return ast.literal_eval(extras)
+
+
+def test_demo_extra_declares_everything_the_demo_imports():
+    """`pip install qpeft[demo]` alone must be enough (issue 21: transformers 5.25 needs accelerate for GGUF)."""
+    names = {re.split(r"[<>=!~;\[ ]", r, maxsplit=1)[0].lower() for r in _setup_extras()["demo"]}
+    assert {"transformers", "accelerate", "gguf", "tqdm", "safetensors"} <= names

@@ -217,6 +217,74 @@ def bad_input(root: Path, rank: int) -> dict:
     return out
 
 
+def case_errors(out_dir: Path, rank: int, ws: int) -> dict:
+    """Failures that are not rank 0's ShardedLoadError checks, before and during loading: each must raise the
+    same exception on every rank (never "Connection closed by peer" or a hang on the others), and the group
+    must stay in step (a correct load after them works)."""
+    from qpeft.distributed import load_sharded_qlora
+    from qpeft.distributed import loading
+
+    root = out_dir / "ckpt"
+    cfg = qpeft.QPeftConfig(compute_dtype=torch.float32)
+    if rank == 0:
+        root.mkdir(parents=True)
+        tiny().save_pretrained(root / "fp32")
+        (root / "no_weights").mkdir()
+        (root / "no_weights" / "config.json").write_text((root / "fp32" / "config.json").read_text())
+    dist.barrier()
+
+    def fail_at(n, exc, on_rank):
+        """A stand-in for `fn` that raises `exc` on its n-th call on rank `on_rank`."""
+        def wrap(fn):
+            calls = [0]
+
+            def wrapped(*a, **kw):
+                calls[0] += 1
+                if rank == on_rank and calls[0] == n:
+                    raise exc
+                return fn(*a, **kw)
+            return wrapped
+        return wrap
+
+    real_get, real_copy = loading._Checkpoint.get, loading._local_copy
+    cases = {
+        # rank 0 alone reads the weights: a directory with a config.json but no safetensors
+        "no_weights": lambda: load_sharded_qlora(root / "no_weights", cfg, device="cpu"),
+        # the checkpoint is only on rank 0's file system (rank 1 fails its argument check alone)
+        "path_on_rank0_only": lambda: load_sharded_qlora(root / "fp32" if rank == 0 else root / "elsewhere",
+                                                         cfg, device="cpu"),
+        # a read error on rank 0 in the middle of loading (the 20th of 39 tensor reads: decoder layer 3 of 4)
+        "read_error": lambda: load_sharded_qlora(root / "fp32", cfg, device="cpu"),
+        # a failure on rank 1 while it copies its rows (the 100th of 179 copies: decoder layer 3)
+        "copy_error_rank1": lambda: load_sharded_qlora(root / "fp32", cfg, device="cpu"),
+    }
+    patches = {
+        "read_error": (loading._Checkpoint, "get", fail_at(20, OSError("[Errno 5] Input/output error"), 0)(real_get)),
+        "copy_error_rank1": (loading, "_local_copy", fail_at(100, MemoryError("out of memory"), 1)(real_copy)),
+    }
+    out = {}
+    for name, call in cases.items():
+        target, attr, fn = patches.get(name, (None, None, None))
+        if target is not None:
+            setattr(target, attr, fn)
+        try:
+            call()
+            msg = None
+        except Exception as e:
+            msg = f"{type(e).__name__}: {e}"
+        finally:
+            if target is not None:
+                setattr(target, attr, real_get if attr == "get" else real_copy)
+        msgs = [None] * ws
+        dist.all_gather_object(msgs, msg)  # test plumbing only (the loader itself never pickles)
+        out[name] = msgs
+    # every rank is still in step: a correct load now works and loads every unit
+    model = load_sharded_qlora(root / "fp32", cfg, device="cpu")
+    out["then_loads_units"] = loading.LAST_LOAD_STATS["units"]
+    out["then_n_quantized"] = sum(isinstance(m, QLinearNF4) for m in model.modules())
+    return {"world_size": ws, "errors": out}
+
+
 # --- training and resume ----------------------------------------------------------------------------------
 LORA = dict(target_modules="all-linear", r=4, lora_alpha=8, init="random")  # random B: non-zero LoRA gradients
 
@@ -393,4 +461,4 @@ def case_train(out_dir: Path, rank: int, ws: int) -> dict:
 
 
 if __name__ == "__main__":
-    run_case({"load": case_load, "train": case_train})
+    run_case({"load": case_load, "train": case_train, "errors": case_errors})

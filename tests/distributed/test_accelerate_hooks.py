@@ -100,7 +100,7 @@ def test_install_wraps_once_and_only_under_accelerates_fsdp_environment(monkeypa
 def test_fsdp2_prepare_of_a_qpeft_model_on_old_torch_raises_naming_the_versions(monkeypatch):
     """torch 2.11's fully_shard cannot shard the uint8 storage: under accelerate the wrapper refuses first, with
     qpeft's error (the same check as shard_qlora_model), and never reaches accelerate's preparation."""
-    from qpeft.distributed import fsdp2
+    from qpeft import _versions as fsdp2  # the FSDP2 version check lives in qpeft._versions
     from qpeft.integrations.accelerate import _patched
 
     called = []
@@ -120,3 +120,87 @@ def test_fsdp2_prepare_of_a_qpeft_model_on_old_torch_raises_naming_the_versions(
     plain = torch.nn.Sequential(torch.nn.Linear(4, 4))  # no qpeft layer: accelerate's own path, untouched
     prepare(Accelerator(), plain)
     assert called == [plain]
+
+
+def _two_adapter_model():
+    """A PEFT model with qpeft layers and two adapters with distinct random values: the trainable policy
+    ("default") and a frozen second adapter, as TRL's DPOTrainer(ref_adapter_name="reference") has."""
+    pm = _peft_model()
+    pm.add_adapter("reference", qpeft.lora_config(model=pm.get_base_model(), r=4, target_modules="all-linear"))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if ".lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g))
+                p.requires_grad_(".default." in n)
+    return pm
+
+
+def _fsdp_save_model(pm, out, monkeypatch):
+    """The patched Trainer.save_model on a real Trainer, its FSDP state set as accelerate sets it
+    (SHARDED_STATE_DICT)."""
+    import types
+
+    from transformers import Trainer, TrainingArguments
+
+    from qpeft.integrations.accelerate import _patched_save_model
+
+    trainer = Trainer(model=pm, args=TrainingArguments(output_dir=str(out), use_cpu=True, report_to=[]))
+    plugin = types.SimpleNamespace(state_dict_type="StateDictType.SHARDED_STATE_DICT")
+    monkeypatch.setattr(trainer, "is_fsdp_enabled", True)
+    monkeypatch.setattr(trainer, "accelerator", types.SimpleNamespace(
+        state=types.SimpleNamespace(fsdp_plugin=plugin), wait_for_everyone=lambda: None))
+    _patched_save_model(Trainer.save_model)(trainer, str(out))
+
+
+def _expected_files(pm, out) -> dict:
+    """What PEFT writes for every adapter without FSDP: {adapter: {key: tensor}}."""
+    from safetensors.torch import load_file
+
+    pm.save_pretrained(str(out))
+    return {name: load_file(str(out / ("" if name == "default" else name) / "adapter_model.safetensors"))
+            for name in ("default", "reference")}
+
+
+def _check_saved(out, expected) -> None:
+    from safetensors.torch import load_file
+
+    for name, want in expected.items():
+        got = load_file(str(out / ("" if name == "default" else name) / "adapter_model.safetensors"))
+        assert sorted(got) == sorted(want) and len(got) == 28, name
+        assert all(torch.equal(got[k], want[k]) for k in want), name
+    # the two adapters hold different values (so the check above tells them apart)
+    assert not any(torch.equal(expected["default"][k], expected["reference"][k]) for k in expected["default"])
+
+
+def test_fsdp_save_model_writes_every_adapter_with_its_own_tensors(tmp_path, monkeypatch):
+    """Trainer.save_model under FSDP (SHARDED_STATE_DICT) with a frozen second adapter: reference/ must hold the
+    reference adapter's tensors, not the policy's (PEFT's fallback when the state dict lacks an adapter's keys)."""
+    pm = _two_adapter_model()
+    expected = _expected_files(pm, tmp_path / "plain")
+    _fsdp_save_model(pm, tmp_path / "fsdp", monkeypatch)
+    _check_saved(tmp_path / "fsdp", expected)
+
+
+@pytest.mark.skipif(tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) < (2, 12),
+                    reason="FSDP2 shards uint8 Parameters from torch 2.12 (test_fsdp2.py tests the refusal)")
+def test_fsdp_save_model_gathers_every_adapter_from_fsdp2_shards(tmp_path, monkeypatch):
+    """The same with the model sharded by FSDP2 (one gloo rank: every adapter tensor is a DTensor, the frozen
+    ones too, and is gathered with full_tensor())."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    from qpeft.distributed import shard_qlora_model
+
+    from .launch import free_port
+
+    pm = _two_adapter_model()
+    expected = _expected_files(pm, tmp_path / "plain")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        shard_qlora_model(pm)
+        assert all(isinstance(p, DTensor) for n, p in pm.named_parameters() if ".lora_" in n)
+        _fsdp_save_model(pm, tmp_path / "fsdp", monkeypatch)
+    finally:
+        dist.destroy_process_group()
+    _check_saved(tmp_path / "fsdp", expected)

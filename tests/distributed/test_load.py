@@ -115,3 +115,23 @@ def test_shard_refuses_a_half_meta_model():
             shard_qlora_model(model)
     finally:
         dist.destroy_process_group()
+
+
+@needs_fsdp2
+def test_every_failure_reaches_every_rank(tmp_path):
+    """Not only rank 0's ShardedLoadError checks: a directory without weights (FileNotFoundError on rank 0), a
+    checkpoint missing on rank 1's file system, a read error on rank 0 and a failure on rank 1 in the middle of
+    loading each raise the same exception on every rank, and the ranks stay in step (a load afterwards works)."""
+    r = spawn("load_worker.py", 2, tmp_path, "errors")
+    e = r["errors"]
+    for name, msgs in e.items():
+        if name.startswith("then_"):
+            continue
+        assert msgs[0] is not None and msgs == [msgs[0]] * 2, (name, msgs)
+    assert e["no_weights"][0].startswith("FileNotFoundError: no model.safetensors or model.safetensors.index.json")
+    assert "[failed on rank 0 of 2; every rank raises this error]" in e["no_weights"][0]
+    assert e["path_on_rank0_only"][0].startswith("ValueError: load_sharded_qlora: pretrained_model_name_or_path")
+    assert "[failed on rank 1 of 2; every rank raises this error]" in e["path_on_rank0_only"][0]
+    assert e["read_error"][0].startswith("OSError: [Errno 5] Input/output error [failed on rank 0 of 2")
+    assert e["copy_error_rank1"][0].startswith("MemoryError: out of memory [failed on rank 1 of 2")
+    assert e["then_loads_units"] == 5 and e["then_n_quantized"] == 28

@@ -279,6 +279,54 @@ def test_lora_bias_merge_is_scaled_as_the_forward():
         torch.testing.assert_close(layer.base_layer.bias, before)
 
 
+@pytest.mark.parametrize("cfg", [dict(use_dora=True), dict(lora_bias=True)], ids=["dora", "lora_bias"])
+def test_unmerge_restores_the_4bit_base_bit_for_bit(cfg):
+    """merge() then unmerge() on qpeft's PEFT layer gives back the 4-bit bytes (and the bias a lora_bias merge
+    changed) exactly, DoRA's kept norms dropped; a base written while merged is unmerged PEFT's way (DoRA: divided
+    by the kept norm factor, the delta subtracted, re-quantized): near the original, not the stale bytes."""
+    def lora(model):
+        config = peft.LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "fc1"], init_lora_weights=False,
+                                 **cfg)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pm = peft.get_peft_model(model, config)
+        randomize(pm)
+        return pm
+
+    ours = lora(tiny_opt_nf4())
+    layers = [m for m in ours.modules() if isinstance(m, QPeftLoraLinear)]
+    assert len(layers) == 4
+    before = [{k: v.clone() for k, v in m.base_layer.state_dict().items()} for m in layers]
+    x = ids()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        y = ours(x).logits
+        ours.merge_adapter()
+        changed = [m.base_layer.state_dict() for m in layers]
+        assert all(not torch.equal(c["weight"], b["weight"]) for c, b in zip(changed, before))
+        if "lora_bias" in cfg:
+            assert all(not torch.equal(c["bias"], b["bias"]) for c, b in zip(changed, before))
+        ours.unmerge_adapter()
+        for m, b in zip(layers, before):
+            state = m.base_layer.state_dict()
+            assert state.keys() == b.keys() and all(torch.equal(state[k], b[k]) for k in b)
+            assert not m.merged and not m._caches
+        assert torch.equal(ours(x).logits, y)
+        # the base written while merged: the kept bytes are stale, PEFT's subtracting unmerge
+        layer = layers[0]
+        layer.merge()
+        merged = {k: v.clone() for k, v in layer.base_layer.state_dict().items()}
+        layer.base_layer.load_state_dict(merged)
+        layer.unmerge()
+        assert not layer.merged and not layer._caches
+        now = layer.base_layer.dequantize(torch.float32)
+        layer.base_layer.load_state_dict(before[0])
+        w0 = layer.base_layer.dequantize(torch.float32)
+        layer.base_layer.load_state_dict(merged)
+        w1 = layer.base_layer.dequantize(torch.float32)
+        assert (now - w0).abs().mean() < 0.5 * (w1 - w0).abs().mean()
+
+
 def tiny_opt_nf4():
     model = tiny_opt()
     qpeft.quantize_model(model, compute_dtype=torch.float32)

@@ -105,7 +105,8 @@ def test_a_fresh_process_with_qpeft_imported_reloads_the_checkpoint(tmp_path):
     code = (f"import qpeft, torch, sys\nassert 'transformers' not in sys.modules\n"
             f"from transformers import AutoModelForCausalLM\n"
             f"m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'q')!r})\n"
-            f"assert type(m.model.layers[0].mlp.up_proj).__name__ == 'QLinearNF4', type(m.model.layers[0].mlp.up_proj)\n"
+            f"up = m.model.layers[0].mlp.up_proj\n"
+            f"assert type(up).__name__ == 'QLinearNF4', type(up)\n"
             f"ids = torch.randint(3, 128, (2, 11), generator=torch.Generator().manual_seed(1))\n"
             f"with torch.no_grad(): y = m(ids).logits\n"
             f"assert torch.equal(y, torch.load({str(tmp_path / 'logits.pt')!r}, weights_only=True))\n")

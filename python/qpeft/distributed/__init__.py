@@ -14,6 +14,11 @@
   `load_full_state_dict(model, full_state_dict)` loads such a gathered dict (rank 0's copy) into a sharded model
   (torch's `set_model_state_dict` cannot: it matches parameter names, not bitsandbytes' keys), and
   `load_sharded_qlora(..., adapter=dir)` a saved adapter.
+- Failures: whatever fails on any rank while loading (rank 0's checks, a missing file, a read error, a bad
+  argument on one rank) is raised as the same exception on every rank (errors.py), never left for the other
+  ranks to find as a closed connection or a hang.
+- Optimizers: qpeft.optim's classes take the sharded (DTensor) parameters; their states live on the local
+  shards (qpeft/optim/_sharded.py).
 
 `import qpeft` never imports this package; it imports torch.distributed.fsdp only when called.
 """

@@ -9,43 +9,18 @@ the enclosing decoder layer's group, unsharded by the layer's pre-forward hook b
 """
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
 
+# the torch version FSDP2 needs and its check live in qpeft._versions (accelerate's FSDP2 prepare asks too)
+from .._versions import FSDP2_MIN_TORCH, FSDP2UnsupportedError, _torch_version, check_fsdp2_supported  # noqa: F401
+from ..modules.lora_linear import is_nf4_layer
+
 __all__ = ["shard_qlora_model", "check_fsdp2_supported", "FSDP2_MIN_TORCH", "decoder_layers"]
-
-# torch 2.11's fully_shard builds each sharded Parameter as nn.Parameter(dtensor) followed by
-# .requires_grad_(param.requires_grad), which raises "only Tensors of floating point dtype can require gradients"
-# for a frozen uint8 Parameter (pytorch #177844, fixed by PR #177948 / #178075 in 2.12; scaleout.md §2a: 2.12.0
-# and 2.14.1 shard it bit-exactly). The same fix stopped MixedPrecisionPolicy from casting non-float Parameters.
-FSDP2_MIN_TORCH = (2, 12)
-
-
-class FSDP2UnsupportedError(RuntimeError):
-    """The installed torch cannot shard QLinearNF4's uint8 Parameters with FSDP2."""
-
-
-def _torch_version() -> tuple[int, int]:
-    major, minor = torch.__version__.split("+")[0].split(".")[:2]
-    return int(major), int(minor)
-
-
-def check_fsdp2_supported() -> None:
-    """Raise FSDP2UnsupportedError (naming the installed and the needed version) on torch older than 2.12."""
-    if _torch_version() < FSDP2_MIN_TORCH:
-        need = ".".join(map(str, FSDP2_MIN_TORCH))
-        raise FSDP2UnsupportedError(
-            f"qpeft.distributed.shard_qlora_model: FSDP2 needs torch>={need} to shard QLinearNF4's frozen uint8 "
-            f"parameters; torch {torch.__version__} is installed, whose fully_shard raises 'only Tensors of "
-            f"floating point dtype can require gradients' on them (pytorch #177844, fixed in {need}). Upgrade "
-            f"torch, or train with DeepSpeed ZeRO-3 (qpeft.distributed.zero3_config).")
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The model's transformer blocks: modules whose class is listed in transformers' `_no_split_modules`
     (LlamaDecoderLayer, ...), else the children of each nn.ModuleList that hold a 4-bit layer."""
-    from ..modules.lora_linear import is_nf4_layer
-
     names = set(getattr(model, "_no_split_modules", None) or ())
     layers = [m for m in model.modules() if type(m).__name__ in names and m is not model]
     if layers:
@@ -67,8 +42,8 @@ def shard_qlora_model(model: nn.Module, mesh=None, mixed_precision=None, reshard
     The process group must be initialised, and the model either fully materialised on this rank's device (every
     rank holds the same values; FSDP2 keeps each rank's shard and drops the rest) or entirely on the meta device
     (then `model.to_empty(device=...)` allocates only the shards and `loading.load_full_state_dict` fills them;
-    `load_sharded_qlora` does all of this from a checkpoint). Raises FSDP2UnsupportedError on torch < 2.12, TypeError / ValueError naming the
-    argument for bad input.
+    `load_sharded_qlora` does all of this from a checkpoint). Raises FSDP2UnsupportedError on torch < 2.12,
+    TypeError / ValueError naming the argument for bad input.
     """
     check_fsdp2_supported()
     import torch.distributed as dist

@@ -36,7 +36,10 @@ state dict in safetensors (`load_full_state_dict`) and the adapter files.
 
 Consistency: rank 0 checks every tensor of a unit (present, shape, dtype, header) before anything is sent; on a
 problem every rank raises the same ShardedLoadError and no model is returned (a half-loaded model is never
-handed out). The broadcast carries raw bytes and int64 headers only: nothing is pickled.
+handed out). Any other failure, on any rank, before or during loading (a directory without weights, a read
+error, a bad argument, memory) also reaches every rank as the same exception (errors.py: the ranks meet after
+each phase and after each unit's broadcast), never as another rank's "Connection closed by peer" or a hang. The
+broadcast carries raw bytes and int64 headers only: nothing is pickled.
 """
 from __future__ import annotations
 
@@ -50,8 +53,14 @@ import torch
 import torch.nn as nn
 
 from .. import _cuda
+from .._dtensor import _dtensor_type
 from ..modules.lora_linear import LoraLinear
 from ..modules.qlinear_nf4 import QUANT_TYPES, QLinearNF4, absmax_to_bytes, parse_bnb_state
+from ..tuners.adapter_io import load_adapter, read_adapter_files
+from ..tuners.lora.model import add_lora
+from . import errors
+from .errors import ShardedLoadError
+from .fsdp2 import check_fsdp2_supported, decoder_layers, shard_qlora_model
 
 __all__ = ["load_sharded_qlora", "load_full_state_dict", "ShardedLoadError"]
 
@@ -61,10 +70,6 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _QTABLES = ("quant_map", "nested_absmax", "nested_quant_map", "offset")
 # what the last load did on this rank (read by tests/distributed/load_worker.py for the memory checks)
 LAST_LOAD_STATS: dict = {}
-
-
-class ShardedLoadError(RuntimeError):
-    """Loading into a sharded model failed on rank 0's check; raised on every rank."""
 
 
 # --- building the empty model ------------------------------------------------------------------------------
@@ -207,8 +212,6 @@ def _checkpoint_key(fqn: str) -> str:
 # --- the per-unit plan (identical on every rank) -------------------------------------------------------------
 def _units(model: nn.Module):
     """[(name, [(fqn, module)])]: each decoder layer, then everything outside them (embeddings, norm, head)."""
-    from .fsdp2 import decoder_layers
-
     layers = decoder_layers(model)
     names = {id(m): n for n, m in model.named_modules()}
     inside = set()
@@ -376,8 +379,6 @@ class _Rank0:
 # --- every rank: broadcast and keep the local rows ----------------------------------------------------------
 def _local_copy(target: torch.Tensor, full: torch.Tensor) -> None:
     """Copy this rank's part of `full` into `target` (a DTensor shard: the rows FSDP2's torch.chunk gives it)."""
-    from .._dtensor import _dtensor_type
-
     dtensor = _dtensor_type()
     if dtensor is not None and isinstance(target, dtensor):
         from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
@@ -401,23 +402,33 @@ class _Broadcaster:
         self.dist.broadcast(t, src=self.src, group=self.group)
         return t
 
-    def status(self, error: str | None) -> None:
-        """Rank 0's verdict: every rank raises the same ShardedLoadError, or none does."""
-        msg = (error or "").encode()
-        n = self.send(torch.tensor([len(msg)], dtype=torch.int64, device=self.device))
-        if int(n) == 0:
-            return
-        buf = torch.zeros(int(n), dtype=torch.uint8, device=self.device)
-        if self.rank == 0:
-            buf.copy_(torch.frombuffer(bytearray(msg), dtype=torch.uint8))
-        self.send(buf)
-        raise ShardedLoadError(bytes(buf.cpu().tolist()).decode())
+    def status(self, error: BaseException | None) -> None:
+        """Rank 0's verdict: every rank raises the same error (its ShardedLoadError as it is), or none does."""
+        errors.from_rank0(error, self.group, self.device)
+
+    def agree(self, error: BaseException | None) -> None:
+        """Every rank's verdict: any rank's failure is raised on every rank."""
+        errors.agree(error, self.group, self.device)
+
+
+def _pack(buf: torch.Tensor, values: list, sizes: list) -> None:
+    pos = 0
+    for v, size in zip(values, sizes):
+        if size:
+            v = v.detach().contiguous().reshape(-1).view(torch.uint8)
+            buf[pos:pos + v.numel()].copy_(v)
+        pos += size
 
 
 def _load_units(model: nn.Module, rank0: _Rank0 | None, group, device, stats: dict) -> None:
+    """Per unit: rank 0 reads and checks it (its failure, of any kind, raised on every rank before anything of
+    the unit is sent), broadcasts the unit's bytes, every rank copies its rows. A failure on any rank (allocating
+    the buffer, copying) is agreed on before the next broadcast, and after the last unit, so every rank raises it
+    and none waits in a broadcast that will not come."""
     bc = _Broadcaster(group, device)
     seen: set = set()
-    for unit_name, modules in _units(model):
+    pending = None  # this rank's failure in the previous unit's copy, raised everywhere at the next agreement
+    for _unit_name, modules in _units(model):
         plan = [(fqn, m, _slots(fqn, m, seen)) for fqn, m in modules]
         flat = [t for _, _, slots in plan for _, t in slots]
         qlayers = [m for _, m, _ in plan if isinstance(m, QLinearNF4)]
@@ -425,8 +436,8 @@ def _load_units(model: nn.Module, rank0: _Rank0 | None, group, device, stats: di
         if bc.rank == 0:
             try:
                 values, headers = rank0.unit(plan)
-            except ShardedLoadError as e:
-                error = str(e)
+            except Exception as e:  # ShardedLoadError from the checks, or the file's (OSError, safetensors', ...)
+                error = e
         bc.status(error)
         # which slots carry a value (a buffer absent from the source keeps the rank's own), and the headers
         meta = torch.zeros(len(flat) + 3 * len(qlayers), dtype=torch.int64, device=device)
@@ -438,24 +449,28 @@ def _load_units(model: nn.Module, rank0: _Rank0 | None, group, device, stats: di
         present = meta[:len(flat)].tolist()
         sizes = [_aligned(_nbytes(*_global(t))) if p else 0 for t, p in zip(flat, present)]
         total = sum(sizes)
+        buf = full = None
+        try:
+            if total:
+                buf = torch.empty(total, dtype=torch.uint8, device=device)  # the unit's full tensors, once
+                if bc.rank == 0:
+                    _pack(buf, values, sizes)
+        except Exception as e:
+            pending = pending or e
+        bc.agree(pending)
         if total:
-            buf = torch.empty(total, dtype=torch.uint8, device=device)  # the unit's full tensors, once
-            if bc.rank == 0:
-                pos = 0
-                for v, size in zip(values, sizes):
-                    if size:
-                        v = v.detach().contiguous().reshape(-1).view(torch.uint8)
-                        buf[pos:pos + v.numel()].copy_(v)
-                    pos += size
             bc.send(buf)
-            pos = 0
-            with torch.no_grad():
-                for t, size in zip(flat, sizes):
-                    if size:
-                        shape, dtype = _global(t)
-                        full = buf[pos:pos + _nbytes(shape, dtype)].view(dtype).reshape(shape)
-                        _local_copy(t, full)
-                    pos += size
+            try:
+                pos = 0
+                with torch.no_grad():
+                    for t, size in zip(flat, sizes):
+                        if size:
+                            shape, dtype = _global(t)
+                            full = buf[pos:pos + _nbytes(shape, dtype)].view(dtype).reshape(shape)
+                            _local_copy(t, full)
+                        pos += size
+            except Exception as e:
+                pending = e
             stats["max_unit_bytes"] = max(stats.get("max_unit_bytes", 0), total)
             stats["received_bytes"] = stats.get("received_bytes", 0) + total
             del buf, full  # `full` views the buffer: both go, or the trim below cannot return it
@@ -475,6 +490,7 @@ def _load_units(model: nn.Module, rank0: _Rank0 | None, group, device, stats: di
             from ..integrations.transformers import _return_freed_heap_to_os
 
             _return_freed_heap_to_os()
+    bc.agree(pending)
 
 
 def _tied_aliases(model: nn.Module) -> dict:
@@ -484,20 +500,36 @@ def _tied_aliases(model: nn.Module) -> dict:
     return {n: group for group in names.values() for n in group}
 
 
-def _group_and_device(mesh, device):
+def _group(mesh, where: str):
+    """The process group of `mesh` (None: the default group); RuntimeError when torch.distributed is not
+    initialised (no collective could tell the other ranks). A `mesh` that is not a 1-D DeviceMesh is reported
+    by the argument checks; the ranks agree on that failure over the default group."""
     import torch.distributed as dist
+    from torch.distributed.device_mesh import DeviceMesh
 
     if not dist.is_initialized():
-        raise RuntimeError("load_sharded_qlora: torch.distributed is not initialised "
+        raise RuntimeError(f"{where}: torch.distributed is not initialised "
                            "(call torch.distributed.init_process_group first, e.g. under torchrun)")
-    group = mesh.get_group() if mesh is not None else None
+    if isinstance(mesh, DeviceMesh) and mesh.ndim == 1:
+        return mesh.get_group()
+    return None
+
+
+def _check_mesh(mesh, where: str) -> None:
+    from torch.distributed.device_mesh import DeviceMesh
+
+    if mesh is not None and (not isinstance(mesh, DeviceMesh) or mesh.ndim != 1):
+        raise ValueError(f"{where}: mesh must be None or a 1-D DeviceMesh (HSDP / 2-D meshes are not supported), "
+                         f"got {mesh!r}")
+
+
+def _device(device):
     if device is None:
-        device = torch.device("cuda", _cuda.rt.current_device()) if _cuda.rt.available() else torch.device("cpu")
+        return torch.device("cuda", _cuda.rt.current_device()) if _cuda.rt.available() else torch.device("cpu")
     try:
-        device = torch.device(device)
+        return torch.device(device)
     except (TypeError, RuntimeError) as e:
         raise ValueError(f"load_sharded_qlora: device must be a torch.device or its name, got {device!r}") from e
-    return group, device
 
 
 # --- public API -------------------------------------------------------------------------------------------
@@ -520,12 +552,52 @@ def load_sharded_qlora(pretrained_model_name_or_path, quantization_config=None, 
         checkpoint config's dtype, else float32). device: where the shards live (None: the current CUDA
         device, else the CPU); the broadcast runs on it, so it must suit the process group's backend.
 
-    Raises TypeError / ValueError naming the argument on bad input, ShardedLoadError (on every rank) when the
-    checkpoint does not fit the model; no model is returned then.
+    Every failure, on any rank, raises the same exception on every rank (qpeft.distributed.errors): TypeError /
+    ValueError naming the argument on bad input, ShardedLoadError when the checkpoint does not fit the model,
+    FileNotFoundError for a directory without weights (rank 0 opens them before any rank shards), and any other
+    failure of a rank (reading, memory, ...) with its type where it is a builtin one, else as ShardedLoadError;
+    a failure that not every rank had names the rank(s). No model is returned then. RuntimeError when
+    torch.distributed is not initialised, FSDP2UnsupportedError on torch < 2.12 (before any collective).
     """
-    from .fsdp2 import check_fsdp2_supported, shard_qlora_model
-
     check_fsdp2_supported()
+    group = _group(mesh, "load_sharded_qlora")
+    # Every failure, on any rank, reaches every rank as the same exception (errors.agree): each phase runs under
+    # try on every rank and the ranks meet after it; a rank that raised on its own would leave the others in the
+    # first broadcast ("Connection closed by peer", or a hang)
+    comm_device = errors.collective_device(group)
+    model = rank0 = failure = None
+    try:
+        model, rank0, device = _prepare(pretrained_model_name_or_path, quantization_config, lora, adapter, mesh,
+                                        torch_dtype, device, group)
+    except Exception as e:
+        failure = e
+    errors.agree(failure, group, comm_device)
+    try:
+        kept = {(id(m), n): b.detach().clone() for m in model.modules() for n, b in m._buffers.items()
+                if b is not None and b.device.type != "meta"}
+        shard_qlora_model(model, mesh=mesh, mixed_precision=mixed_precision)
+        model.to_empty(device=device)
+        with torch.no_grad():
+            for m in model.modules():  # the buffers every rank computed (to_empty emptied them)
+                for n, b in m._buffers.items():
+                    if (id(m), n) in kept:
+                        b.copy_(kept[(id(m), n)])
+    except Exception as e:
+        failure = e
+    errors.agree(failure, group, comm_device)
+    stats = LAST_LOAD_STATS
+    stats.clear()
+    _load_units(model, rank0, group, device, stats)
+    if rank0 is not None:
+        stats["checkpoint_opened"] = True
+    return model.eval()
+
+
+def _prepare(pretrained_model_name_or_path, quantization_config, lora, adapter, mesh, torch_dtype, device, group):
+    """load_sharded_qlora's rank-local part: the argument checks, the meta model with its LoRA layers, and on rank
+    0 the opened checkpoint and adapter; returns (model, rank 0's reader or None, device)."""
+    import torch.distributed as dist
+
     path = Path(pretrained_model_name_or_path) if isinstance(pretrained_model_name_or_path, (str, Path)) else None
     if path is None or not (path / "config.json").is_file():
         raise ValueError(f"load_sharded_qlora: pretrained_model_name_or_path must be a local directory with a "
@@ -538,9 +610,8 @@ def load_sharded_qlora(pretrained_model_name_or_path, quantization_config=None, 
                         f"{type(lora).__name__}")
     if torch_dtype is not None and torch_dtype not in _DTYPES:
         raise ValueError(f"load_sharded_qlora: torch_dtype must be None or one of {_DTYPES}, got {torch_dtype!r}")
-    group, device = _group_and_device(mesh, device)
-    import torch.distributed as dist
-
+    _check_mesh(mesh, "load_sharded_qlora")
+    device = _device(device)
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(str(path))
@@ -552,50 +623,32 @@ def load_sharded_qlora(pretrained_model_name_or_path, quantization_config=None, 
 
     adapter_tensors = None
     if lora is not None:
-        import qpeft
-
-        qpeft.add_lora(model, **lora)
+        add_lora(model, **lora)
     elif adapter is not None:
-        import qpeft
-        from ..tuners.adapter_io import read_adapter_files
-
-        qpeft.load_adapter(model, adapter)  # validates and builds the LoRA layers (values: rank 0, below)
+        load_adapter(model, adapter)  # validates and builds the LoRA layers (values: rank 0, below)
         if dist.get_rank(group) == 0:
             adapter_tensors = read_adapter_files(adapter)[1]
-
-    kept = {(id(m), n): b.detach().clone() for m in model.modules() for n, b in m._buffers.items()
-            if b is not None and b.device.type != "meta"}
-    aliases = _tied_aliases(model)
-    shard_qlora_model(model, mesh=mesh, mixed_precision=mixed_precision)
-    model.to_empty(device=device)
-    with torch.no_grad():
-        for m in model.modules():  # the buffers every rank computed (to_empty emptied them)
-            for n, b in m._buffers.items():
-                if (id(m), n) in kept:
-                    b.copy_(kept[(id(m), n)])
     rank0 = None
-    stats = LAST_LOAD_STATS
-    stats.clear()
     if dist.get_rank(group) == 0:
-        rank0 = _Rank0(_Checkpoint(path), "checkpoint", aliases, adapter_tensors, lora_init=lora is not None)
-    _load_units(model, rank0, group, device, stats)
-    if rank0 is not None:
-        stats["checkpoint_opened"] = True
-    return model.eval()
+        # opened (headers parsed) before any rank shards: a directory without weights fails here, on every rank
+        rank0 = _Rank0(_Checkpoint(path), "checkpoint", _tied_aliases(model), adapter_tensors,
+                       lora_init=lora is not None)
+    return model, rank0, device
 
 
-def _dry_run(model: nn.Module, rank0: _Rank0) -> str | None:
+def _dry_run(model: nn.Module, rank0: _Rank0) -> None:
     """Rank 0 checks every unit (keys, shapes, dtypes, 4-bit headers) before anything is sent, so that a bad
     dict leaves the model as it was; the values are built and dropped one unit at a time (the dict is already in
-    memory, and a packed layer is only parsed, not re-quantized)."""
+    memory, and a packed layer is only parsed, not re-quantized). Raises ShardedLoadError."""
     seen: set = set()
     for _, modules in _units(model):
         plan = [(fqn, m, _slots(fqn, m, seen)) for fqn, m in modules]
         try:
             rank0.unit(plan)
         except ShardedLoadError as e:
-            return f"load_full_state_dict: nothing was loaded: {e}"
-    return None
+            raise ShardedLoadError(f"load_full_state_dict: nothing was loaded: {e}") from None
+        except Exception as e:  # e.g. a value that is not a tensor
+            raise ShardedLoadError(f"load_full_state_dict: nothing was loaded: {type(e).__name__}: {e}") from e
 
 
 def load_full_state_dict(model: nn.Module, state_dict: dict | None, *, mesh=None, strict: bool = True) -> None:
@@ -608,33 +661,42 @@ def load_full_state_dict(model: nn.Module, state_dict: dict | None, *, mesh=None
     and every key of the dict must belong to the model, checked on rank 0 before anything is sent; buffers
     absent from the dict keep their values. strict=False: whatever is absent keeps its value (e.g. a dict of the
     LoRA tensors only). Raises ShardedLoadError on every rank, before anything changed: rank 0 checks the key
-    set, then every unit's shapes, dtypes and 4-bit headers, before the first broadcast."""
+    set, then every unit's shapes, dtypes and 4-bit headers, before the first broadcast; any other failure on
+    a rank is raised on every rank too (errors.py)."""
     import torch.distributed as dist
 
-    group, device = _group_and_device(mesh, None)
+    _check_mesh(mesh, "load_full_state_dict")
+    group = _group(mesh, "load_full_state_dict")
     params = [p for p in model.parameters()]
-    if params:
-        device = params[0].device
+    device = params[0].device if params else _device(None)
     rank0 = None
     error = None
     if dist.get_rank(group) == 0:
-        if not isinstance(state_dict, dict):
-            error = f"load_full_state_dict: state_dict must be a dict on rank 0, got {type(state_dict).__name__}"
-        else:
-            rank0 = _Rank0(_DictSource(state_dict), "state_dict", _tied_aliases(model), None, False,
-                           keep_missing=not strict)
-            if strict:
-                expected = set(model.state_dict().keys())  # local: no collective (FSDP2's sharded state dict)
-                missing = sorted(k for k in expected if k not in state_dict
-                                 and not any(a in state_dict for a in _tied_aliases(model).get(k, ())))
-                unexpected = sorted(k for k in state_dict if k not in expected)
-                if missing or unexpected:
-                    error = (f"load_full_state_dict: the state dict does not match the model; nothing was loaded: "
-                             f"missing {missing[:8]}{' ...' if len(missing) > 8 else ''}, unexpected "
-                             f"{unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
-            if error is None:
-                error = _dry_run(model, rank0)
+        try:  # any failure here (not only the checks' ShardedLoadError) is raised on every rank by status()
+            rank0 = _check_full_state_dict(model, state_dict, strict)
+        except Exception as e:
+            error = e
     _Broadcaster(group, device).status(error)
     stats = LAST_LOAD_STATS
     stats.clear()
     _load_units(model, rank0, group, device, stats)
+
+
+def _check_full_state_dict(model: nn.Module, state_dict, strict: bool) -> _Rank0:
+    """Rank 0: the reader of `state_dict` once its key set (strict) and every unit check out; ShardedLoadError
+    otherwise."""
+    if not isinstance(state_dict, dict):
+        raise ShardedLoadError(f"load_full_state_dict: state_dict must be a dict on rank 0, got "
+                               f"{type(state_dict).__name__}")
+    rank0 = _Rank0(_DictSource(state_dict), "state_dict", _tied_aliases(model), None, False, keep_missing=not strict)
+    if strict:
+        expected = set(model.state_dict().keys())  # local: no collective (FSDP2's sharded state dict)
+        missing = sorted(k for k in expected if k not in state_dict
+                         and not any(a in state_dict for a in _tied_aliases(model).get(k, ())))
+        unexpected = sorted(k for k in state_dict if k not in expected)
+        if missing or unexpected:
+            raise ShardedLoadError(f"load_full_state_dict: the state dict does not match the model; nothing was "
+                                   f"loaded: missing {missing[:8]}{' ...' if len(missing) > 8 else ''}, unexpected "
+                                   f"{unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+    _dry_run(model, rank0)
+    return rank0

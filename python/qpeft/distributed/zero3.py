@@ -49,6 +49,8 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from ..modules.lora_linear import LoraLinear, is_nf4_layer
+
 __all__ = ["zero3_config", "prepare_zero3"]
 
 DTYPES = ("fp32", "bf16", "fp16")
@@ -97,8 +99,6 @@ def prepare_zero3(model: nn.Module) -> nn.Module:
     gathers them in the LoraLinear's forward (which calls the kernel on them directly). Call after
     `deepspeed.initialize` (or inside `deepspeed.zero.Init`'s model); returns the model."""
     import deepspeed
-
-    from ..modules.lora_linear import LoraLinear, is_nf4_layer
 
     for m in model.modules():
         if isinstance(m, LoraLinear) and is_nf4_layer(m.base_layer):

@@ -23,8 +23,9 @@ layers: what accelerate 1.16 gets wrong for them, and the narrow fix installed b
    model, 4-bit base included, to save an adapter, and its checkpoint step (`save_fsdp_model(adapter_only=True)`
    -> DCP `get_model_state_dict(ignore_frozen_params=True)`) raises KeyError on `...base_layer.absmax_bytes`,
    which DCP pops by parameter name from a state dict holding bitsandbytes' keys. With the (default)
-   SHARDED_STATE_DICT, `save_model` of a PEFT model with qpeft layers gathers only the adapter (PEFT's
-   `get_peft_model_state_dict`, each DTensor's `full_tensor()` on every rank) and rank 0 writes it through the
+   SHARDED_STATE_DICT, `save_model` of a PEFT model with qpeft layers gathers only the adapters (every adapter
+   PEFT's `save_pretrained` writes, frozen ones such as TRL's `ref_adapter_name` included; each DTensor's
+   `full_tensor()` on every rank) and rank 0 writes it through the
    Trainer's own `_save` (adapter_model.safetensors + adapter_config.json): the final save and every checkpoint
    directory hold the adapter in PEFT's format, next to the Trainer's sharded (DCP, adapter-only) resume state.
 
@@ -43,6 +44,10 @@ import os
 import torch
 import torch.nn as nn
 
+from .._dtensor import gather_full
+from .._versions import check_fsdp2_supported
+from ..modules.lora_linear import is_nf4_layer
+
 __all__ = ["install", "fsdp_requested", "has_qpeft_layers", "broadcast_from_rank0"]
 
 
@@ -52,8 +57,6 @@ def fsdp_requested() -> bool:
 
 
 def has_qpeft_layers(model: nn.Module) -> bool:
-    from ..modules.lora_linear import is_nf4_layer
-
     return any(is_nf4_layer(m) for m in model.modules())
 
 
@@ -88,8 +91,6 @@ def _patched(original):
             return original(accelerator, model, *args, **kwargs)
         # torch < 2.12: fully_shard would fail deep inside on the uint8 Parameters ("only Tensors of floating
         # point dtype can require gradients"); raise qpeft's error naming the installed and the needed version
-        from ..distributed.fsdp2 import check_fsdp2_supported
-
         check_fsdp2_supported()
         saved = plugin.cpu_ram_efficient_loading, plugin.auto_wrap_policy
         try:
@@ -105,20 +106,31 @@ def _patched(original):
     return fsdp2_prepare_model
 
 
-def gather_adapter(model: nn.Module) -> dict:
-    """{PeftModel state-dict key: full tensor on CPU} of the active adapter (a collective under FSDP2: every rank
-    calls; keys in sorted order so that every rank gathers in the same order). Only adapter tensors move."""
+def gather_adapters(model: nn.Module) -> dict:
+    """{PeftModel state-dict key: full tensor on CPU} of every adapter of `model` (a collective under FSDP2: every
+    rank calls; keys in sorted order so that every rank gathers in the same order). Only adapter tensors move.
+
+    Every adapter, not only the trainable one: `save_pretrained(state_dict=...)` writes each adapter of
+    `peft_config` (TRL's DPO `ref_adapter_name`: a frozen "reference" adapter next to the policy), picking its
+    tensors out of the dict by name, and when the dict holds none of an adapter's keys PEFT falls back to the
+    whole dict (`get_peft_model_state_dict`: "the adapter weights are not stored with the adapter name") and
+    writes the *other* adapter's tensors under its name. The keys are exactly those PEFT selects from the
+    model's own (local, sharded) state dict for each adapter, matched by identity, so modules_to_save and saved
+    embeddings travel too."""
     from peft import get_peft_model_state_dict
 
-    from .._dtensor import gather_full
-
-    adapter = get_peft_model_state_dict(model, adapter_name=model.active_adapter)
-    # get_peft_model_state_dict drops the adapter name from the keys; _save -> save_pretrained(state_dict=...)
-    # filters a *model* state dict, so hand it the model's own names
-    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    full, _ = gather_full(named)
-    if len(full) < len(adapter):
-        raise RuntimeError(f"qpeft: gathered {len(full)} trainable tensors for an adapter of {len(adapter)}")
+    local = model.state_dict()  # FSDP2: the local DTensor shards, no collective
+    key_of = {id(v): k for k, v in local.items()}
+    keys: set[str] = set()
+    for name in model.peft_config:
+        # get_peft_model_state_dict drops the adapter name from the keys; _save -> save_pretrained(state_dict=...)
+        # filters a *model* state dict, so hand it the model's own names (the same tensor objects)
+        for k, v in get_peft_model_state_dict(model, state_dict=local, adapter_name=name).items():
+            if id(v) not in key_of:
+                raise RuntimeError(f"qpeft: PEFT's state dict of adapter {name!r} holds {k!r}, which is not one of "
+                                   f"the model's own tensors; cannot gather it under FSDP")
+            keys.add(key_of[id(v)])
+    full, _ = gather_full({k: local[k] for k in keys})
     return full
 
 
@@ -132,7 +144,7 @@ def _patched_save_model(original):
                 or not isinstance(self.model, PeftModel) or not has_qpeft_layers(self.model)):
             return original(self, output_dir, _internal_call=_internal_call)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        state_dict = gather_adapter(self.model)
+        state_dict = gather_adapters(self.model)
         self._save(output_dir, state_dict=state_dict)  # writes on the main process only (args.should_save)
         self.accelerator.wait_for_everyone()
         if self.args.push_to_hub and not _internal_call:

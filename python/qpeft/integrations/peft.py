@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 
 from .. import _versions
+from .accelerate import fsdp_requested, install
 
 _versions.require("peft")
 
@@ -41,9 +42,10 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge  # 
 
 from ..autograd.dora import adapters_in_peft_order, dora_linear, dora_weight_norm  # noqa: E402
 from ..autograd.lora import lora_linear  # noqa: E402
-from ..tuners.lora.options import SUPPORTED_INITS, UNSUPPORTED, check_lora_options  # noqa: E402,F401  (one rule, all paths)
+from ..modules import merge_state  # noqa: E402
 from ..modules.lora_linear import _dequantize_nf4, _requantize_nf4  # noqa: E402
 from ..modules.qlinear_nf4 import QLinearNF4  # noqa: E402
+from ..tuners.lora.options import SUPPORTED_INITS, UNSUPPORTED, check_lora_options  # noqa: E402,F401  (one rule, all paths)
 
 __all__ = ["QPeftLoraLinear", "lora_config", "register", "all_linear", "from_pretrained", "peft_from_pretrained",
            "attach_original_weights", "preprocess_corda"]
@@ -326,44 +328,81 @@ class QPeftLoraLinear(nn.Module, LoraLayer):
         norm is kept for unmerge. lora_bias: the base bias += scaling * lora_B.bias.
 
         safe_merge: check the merged weight and bias are finite before anything is written (ValueError naming the
-        adapter). RuntimeError, before anything is written, for lora_bias on a base without bias (PEFT's)."""
+        adapter). RuntimeError, before anything is written, for lora_bias on a base without bias (PEFT's).
+        The pre-merge 4-bit tensors (and, when a lora_bias adapter is merged, the bias) are kept while merged
+        (merging replaces the 4-bit tensors, so keeping them copies nothing; 0.53 bytes per weight at blocksize 64)
+        so that unmerge() restores them bit for bit, as qpeft's LoraLinear does: PEFT's subtract-and-re-quantize
+        changes codes on every round trip (qpeft.modules.merge_state)."""
         adapter_names = check_adapters_to_merge(self, adapter_names)
         base = self.get_base_layer()
-        for name in adapter_names:
-            if name not in self.lora_A:
-                continue
-            lora_bias = self._lora_bias(name)
-            if lora_bias is not None and base.bias is None:
-                raise RuntimeError("Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias.")
-            with torch.no_grad():
-                w = _dequantize_nf4(base)
-                delta = self.get_delta_weight(name)
-                weight_norm = None
-                if self._is_dora(name):
-                    weight_norm = torch.linalg.vector_norm(self._unmerged(w) + delta, dim=1)
-                    w = self._dora_factor(name, weight_norm) * (w + delta)
-                else:
-                    w = w + delta
-                new_bias = None if lora_bias is None else base.bias.float() + lora_bias.float()
-                if safe_merge and not (torch.isfinite(w).all() and (new_bias is None or torch.isfinite(new_bias).all())):
-                    raise ValueError(f"NaNs or infs in the merged weight of adapter {name!r}; the base was left "
-                                     f"unchanged")
-                _requantize_nf4(base, w)
-                if new_bias is not None:
-                    base.bias.data = new_bias.to(base.bias.dtype)
-                if weight_norm is not None:
-                    self._cache_store(f"{name}-weight_norm", weight_norm)
-            self.merged_adapters.append(name)
-            warnings.warn(f"merging LoRA adapter {name!r} into a 4-bit weight re-quantizes it: outputs differ "
-                          f"from the unmerged layer by the NF4 rounding of the merged weight", UserWarning,
-                          stacklevel=2)
+        names = [n for n in adapter_names if n in self.lora_A]
+        if base.bias is None and any(self._lora_bias(n) is not None for n in names):
+            raise RuntimeError("Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias.")
+        premerge = self._valid_premerge(base)
+        if premerge is None and names and not self.merged_adapters:
+            premerge = {"original": merge_state.snapshot(base, nf4=True, clone=False)}
+        if premerge is not None and "bias" not in premerge and base.bias is not None \
+                and any(self._lora_bias(n) is not None for n in names):
+            premerge["bias"] = base.bias.detach().clone()
+        try:
+            for name in names:
+                lora_bias = self._lora_bias(name)
+                with torch.no_grad():
+                    w = _dequantize_nf4(base)
+                    delta = self.get_delta_weight(name)
+                    weight_norm = None
+                    if self._is_dora(name):
+                        weight_norm = torch.linalg.vector_norm(self._unmerged(w) + delta, dim=1)
+                        w = self._dora_factor(name, weight_norm) * (w + delta)
+                    else:
+                        w = w + delta
+                    new_bias = None if lora_bias is None else base.bias.float() + lora_bias.float()
+                    if safe_merge and not (torch.isfinite(w).all()
+                                           and (new_bias is None or torch.isfinite(new_bias).all())):
+                        raise ValueError(f"NaNs or infs in the merged weight of adapter {name!r}; the base was left "
+                                         f"unchanged")
+                    _requantize_nf4(base, w)
+                    if new_bias is not None:
+                        base.bias.data = new_bias.to(base.bias.dtype)
+                    if weight_norm is not None:
+                        self._cache_store(f"{name}-weight_norm", weight_norm)
+                self.merged_adapters.append(name)
+                warnings.warn(f"merging LoRA adapter {name!r} into a 4-bit weight re-quantizes it: outputs differ "
+                              f"from the unmerged layer by the NF4 rounding of the merged weight", UserWarning,
+                              stacklevel=2)
+        finally:
+            if premerge is not None and self.merged_adapters:
+                premerge["stamp"] = merge_state.stamp(base, nf4=True)
+                self.__dict__["_qpeft_premerge"] = premerge
+
+    def _valid_premerge(self, base: nn.Module) -> dict | None:
+        """The kept pre-merge tensors if the base still holds what the last merge wrote (else dropped: stale)."""
+        premerge = self.__dict__.get("_qpeft_premerge")
+        if premerge is not None and not merge_state.same_stamp(premerge.get("stamp"),
+                                                                merge_state.stamp(base, nf4=True)):
+            premerge = None
+        self.__dict__["_qpeft_premerge"] = premerge
+        return premerge
 
     def unmerge(self) -> None:
-        """Take the merged adapters out again, newest first (one more re-quantization each)."""
+        """Restore the base from before merge(): bit for bit from the kept tensors (weight, and bias where a lora_bias
+        adapter was merged); where the base was written since (a load_state_dict, a move of the base alone) take
+        the merged adapters out newest first as PEFT does (DoRA: divide by the kept norm factor, subtract the delta;
+        one more re-quantization each)."""
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.", UserWarning, stacklevel=2)
             return
         base = self.get_base_layer()
+        premerge = self._valid_premerge(base)
+        self.__dict__["_qpeft_premerge"] = None
+        if premerge is not None:
+            merge_state.put(base, premerge["original"], nf4=True)
+            if "bias" in premerge:
+                base.bias.data = premerge["bias"]
+            for name in self.merged_adapters:  # DoRA's kept norms: used by the subtracting path only
+                self._caches.pop(f"{name}-weight_norm", None)
+            self.merged_adapters.clear()
+            return
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             if name not in self.lora_A:
@@ -411,11 +450,7 @@ def _zero3_register_base(layer: "QPeftLoraLinear", args) -> None:
 def _install_accelerate_fsdp2_fix() -> None:
     """Under `accelerate launch` with FSDP: wrap accelerate's FSDP2 preparation for qpeft models
     (integrations/accelerate.py: cpu_ram_efficient_loading and the auto-wrap policy)."""
-    from .accelerate import fsdp_requested
-
     if fsdp_requested():
-        from .accelerate import install
-
         install()
 
 

@@ -30,16 +30,17 @@ import torch
 import torch.nn as nn
 
 from .. import _cuda, _versions
+from .accelerate import fsdp_requested, install
 
 _versions.require("transformers")
 
 from transformers.core_model_loading import ConversionOps, WeightConverter, WeightRenaming  # noqa: E402
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer  # noqa: E402
-from transformers.quantizers.auto import (  # noqa: E402
-    AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING, AutoHfQuantizer)
+from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING, AutoHfQuantizer  # noqa: E402
 from transformers.quantizers.quantizers_utils import get_module_from_name, should_convert_module  # noqa: E402
 from transformers.utils.quantization_config import QuantizationConfigMixin  # noqa: E402
 
+from ..models.quantization import on_model_quantized  # noqa: E402
 from ..modules.qlinear_nf4 import BLOCKSIZES, QUANT_TYPES, QLinearNF4  # noqa: E402
 
 __all__ = ["QPeftConfig", "QPeftHfQuantizer", "register", "record_quantization_config", "to_bitsandbytes_config"]
@@ -75,8 +76,8 @@ class QPeftConfig(QuantizationConfigMixin):
 
     quant_type: "nf4" or "fp4"; blocksize: 32..4096 (powers of two; bitsandbytes' default 64); double_quant:
     8-bit absmax (bitsandbytes' compress_statistics); compute_dtype: the matmul dtype (float32, float16,
-    bfloat16; None: the input's dtype); modules_to_not_convert: module names or patterns kept in full precision (transformers' rule;
-    None: the output head and tied weights, as transformers skips by default).
+    bfloat16; None: the input's dtype); modules_to_not_convert: module names or patterns kept in full precision
+    (transformers' rule; None: the output head and tied weights, as transformers skips by default).
     """
 
     def __init__(self, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
@@ -118,7 +119,8 @@ class QPeftConfig(QuantizationConfigMixin):
         storage = str(d.get("bnb_4bit_quant_storage", "uint8")).removeprefix("torch.")
         if storage != "uint8":
             raise ValueError(f"bnb_4bit_quant_storage={storage} is not supported (qpeft stores uint8)")
-        return cls(quant_type=d.get("bnb_4bit_quant_type", "fp4"), double_quant=bool(d.get("bnb_4bit_use_double_quant")),
+        return cls(quant_type=d.get("bnb_4bit_quant_type", "fp4"),
+                   double_quant=bool(d.get("bnb_4bit_use_double_quant")),
                    compute_dtype=str(d.get("bnb_4bit_compute_dtype") or "float32"),
                    modules_to_not_convert=d.get("llm_int8_skip_modules"))
 
@@ -273,10 +275,8 @@ class QPeftHfQuantizer(HfQuantizer):
         used = getattr(model, "_weight_conversions", None)
         if used:
             model._weight_conversions = [c for c in used if not _is_ours(c)]
-        from .accelerate import fsdp_requested
 
         if fsdp_requested():  # accelerate launch with FSDP: see integrations/accelerate.py
-            from .accelerate import install
 
             install()
         return model
@@ -352,6 +352,7 @@ def replace_linear_layers(model: nn.Module, modules_to_not_convert: list[str], c
     return converted
 
 
+@on_model_quantized
 def record_quantization_config(model: nn.Module, converted: list[str], quant_type: str, blocksize: int,
                                double_quant: bool, compute_dtype: torch.dtype | None) -> None:
     """After an in-place `qpeft.quantize_model` of a transformers model: record the equivalent QPeftConfig in

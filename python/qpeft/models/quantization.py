@@ -13,6 +13,7 @@ import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -20,6 +21,19 @@ import torch.nn as nn
 from ..modules.qlinear_nf4 import QLinearNF4, parse_bnb_state
 
 __all__ = ["quantize_model", "QuantizeReport", "load_quantized_checkpoint"]
+
+# Observers of quantize_model on a transformers model: fn(model, converted_names, quant_type, blocksize,
+# double_quant, compute_dtype). qpeft.integrations.transformers registers the one that records the
+# quantization_config in model.config (dependency inversion: models sit below integrations).
+_ON_QUANTIZED: list[Callable] = []
+
+
+def on_model_quantized(observer: Callable) -> Callable:
+    """Register `observer` (idempotent); returns it, so it can decorate."""
+    if observer not in _ON_QUANTIZED:
+        _ON_QUANTIZED.append(observer)
+    return observer
+
 
 
 @dataclass
@@ -84,15 +98,14 @@ def quantize_model(model: nn.Module, target_modules=None, skip_modules=("lm_head
         raise ValueError(f"target_modules {target_modules!r} matched no nn.Linear layer")
     if report.converted and _is_transformers_model(model):
         # save_pretrained must write a quantization_config, or from_pretrained would rebuild plain nn.Linear
-        # layers and freshly initialise their weights
-        try:
-            from ..integrations.transformers import record_quantization_config
-        except ImportError as e:  # an unsupported transformers: the model works, save_pretrained cannot record it
-            warnings.warn(f"quantize_model: quantization_config not recorded in model.config ({e}); "
-                          f"from_pretrained of its save_pretrained output would not restore the 4-bit layers",
-                          RuntimeWarning, stacklevel=2)
-        else:
-            record_quantization_config(model, report.converted, quant_type, blocksize, double_quant, compute_dtype)
+        # layers and freshly initialise their weights: the transformers integration records it (it registers
+        # itself below when transformers is imported beside qpeft; this module does not know transformers)
+        if not _ON_QUANTIZED:
+            warnings.warn("quantize_model: quantization_config not recorded in model.config (qpeft's transformers "
+                          "integration is not loaded: an unsupported transformers release?); from_pretrained of its "
+                          "save_pretrained output would not restore the 4-bit layers", RuntimeWarning, stacklevel=2)
+        for observer in _ON_QUANTIZED:
+            observer(model, report.converted, quant_type, blocksize, double_quant, compute_dtype)
     report.bytes_after = model_bytes(model)
     return report
 

@@ -18,6 +18,7 @@ import warnings
 import torch
 import torch.nn as nn
 
+from ..autograd._lora_projection import LoraProjection
 from ..autograd.dora import adapters_in_peft_order, dora_linear, dora_weight_norm
 from ..autograd.lora import _nf4_parts, lora_linear
 from . import merge_state
@@ -433,6 +434,27 @@ class LoraLinear(nn.Module):
         with torch.no_grad():
             weight.copy_(w.to(weight.dtype))
         return weight.detach().float()
+
+    def fused_projection(self) -> LoraProjection:
+        """The projection this layer computes, as the fused blocks take it (qpeft.lora_mlp / lora_qkv): its base
+        with the active, unmerged adapters (one adapter; several are stacked along the rank, which needs them
+        without dropout). A disabled layer gives its base alone; a mixed-adapter batch is refused."""
+        if self.__dict__.get("_qpeft_batch_adapter_names") is not None:
+            raise ValueError("LoraProjection.from_module: a mixed-adapter batch (adapter_names) is not "
+                             "supported by the fused blocks")
+        names = [n for n in self.active_adapters if n not in self.merged_adapters]
+        if self._disabled or not names:
+            return LoraProjection(self.base_layer)
+        if len(names) == 1:
+            n = names[0]
+            return LoraProjection(self.base_layer, self.lora_A[n].weight, self.lora_B[n].weight, self.scaling[n],
+                                  dropout_p=self.lora_dropout[n])
+        if any(self.lora_dropout[n] > 0.0 for n in names):
+            raise ValueError(f"LoraProjection.from_module: several active adapters {names} with dropout are "
+                             f"not supported by the fused blocks (independent masks per adapter)")
+        A = torch.cat([self.lora_A[n].weight.float() for n in names], 0)
+        B = torch.cat([self.lora_B[n].weight.float() * self.scaling[n] for n in names], 1)
+        return LoraProjection(self.base_layer, A, B, 1.0)
 
     def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> dict[str, float]:
         """Add the adapters' deltas into the base weight (default: the active, not yet merged adapters).

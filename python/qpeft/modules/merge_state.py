@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from .qlinear_nf4 import absmax_from_bytes
+
 __all__ = ["Storage", "Stamp", "snapshot", "put", "stamp", "same_stamp", "moved", "Held"]
 
 # the tensors that are the weight of a QLinearNF4 (what _set_quantized writes) and of an nn.Linear
@@ -50,8 +52,6 @@ def snapshot(layer: nn.Module, nf4: bool, clone: bool) -> Storage:
 def put(layer: nn.Module, saved: Storage, nf4: bool) -> None:
     """Make `saved` the layer's weight, by reference (no copy, no re-quantization)."""
     if nf4:
-        from .qlinear_nf4 import absmax_from_bytes
-
         double_quant = saved["nested_absmax"] is not None
         layer._set_quantized(weight=saved["weight"], absmax=absmax_from_bytes(saved["absmax_bytes"], double_quant),
                              quant_map=saved["quant_map"], nested_absmax=saved["nested_absmax"],

@@ -24,9 +24,10 @@ import types
 import torch
 import torch.nn as nn
 
-from ..formats import codes
 from ..autograd.nf4_matmul import nf4_matmul_parts
+from ..formats import codes
 from ..ops import quantize as quant_ops  # noqa: F401  (registers qpeft::quantize_4bit / quantize_blockwise)
+from ..quant.functional import dequantize_4bit
 from ..quant.state import QuantState
 from ..reference.nf4_matmul import NESTED_BLOCKSIZE
 
@@ -281,8 +282,6 @@ class QLinearNF4(nn.Module):
     @torch.no_grad()
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Dense (out_features, in_features) weight in `dtype` (default: the dtype it was quantized from)."""
-        from ..quant.functional import dequantize_4bit
-
         return dequantize_4bit(self.weight, self.quant_state, dtype or self.weight_dtype)
 
     def _apply(self, fn, recurse=True):

@@ -19,6 +19,10 @@ load_state_dict (it installs new state tensors), as with torch's optimizers.
 `state_dict()` writes bitsandbytes' layout (the quantization tensors under "__bnb_optimizer_quant_state__", step an
 int); `load_state_dict()` reads that layout and bitsandbytes' older flat one; both contain only tensors, ints,
 floats, tuples and strings, so `torch.load(weights_only=True)` reads them.
+
+DTensor parameters (FSDP2): states on the local shard, sized to it; state_dict() gives them as DTensors sharded
+like the parameters (what DCP's get/set_optimizer_state_dict expect); every parameter of one optimizer sharded
+the same way (add_param_group and step() refuse otherwise). The rules and the 8-bit blocking per shard: _sharded.py.
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ from .. import _cuda
 from ..formats import codes
 from ..ops import optim_8bit as _ops  # noqa: F401  (registers qpeft::optim_8bit_step)
 from ..reference.optim_8bit import BLOCKSIZE, f32, hyper_table
+from . import _sharded
 from . import paged as _paged
 
 WRAP_KEY = "__bnb_optimizer_quant_state__"  # bitsandbytes >= 0.49.2 (PR #1840)
@@ -77,6 +82,7 @@ class Optimizer8bitBase(torch.optim.Optimizer):
         self.page_min_size = page_min_size
         self._qmaps: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self._pagers: dict[torch.device, _paged.PagedStates] = {}
+        self._checked_params: tuple = ()  # the parameters _check_sharding last accepted (by identity)
         super().__init__(params, defaults)
         for i, group in enumerate(self.param_groups):
             self._check_hparams(group, f"param_groups[{i}]")
@@ -121,6 +127,25 @@ class Optimizer8bitBase(torch.optim.Optimizer):
             return lr
         return torch.tensor(float(lr), dtype=torch.float64, device=dev)
 
+    # ------------------------------------------------------------------------------------------ DTensor params
+    def add_param_group(self, param_group: dict) -> None:
+        """torch's add_param_group, refusing a group whose parameters are sharded differently from the others'
+        (a plain tensor among FSDP2's DTensors: a parameter added after sharding); the optimizer is unchanged."""
+        super().add_param_group(param_group)
+        try:
+            self._check_sharding()
+        except ValueError:
+            self.param_groups.pop()
+            raise
+
+    def _check_sharding(self) -> None:
+        """_sharded.check_params when the parameter set changed (param_groups can be edited in place, as
+        accelerate's FSDP2 preparation does)."""
+        ids = tuple(id(p) for g in self.param_groups for p in g["params"])
+        if ids != self._checked_params:
+            _sharded.check_params(self.param_groups)
+            self._checked_params = ids
+
     # ------------------------------------------------------------------------------------------ state
     def _qmap(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The two code books, one copy per device shared by every parameter (as bitsandbytes)."""
@@ -150,16 +175,19 @@ class Optimizer8bitBase(torch.optim.Optimizer):
         return torch.zeros(p.shape, dtype=dtype, device=p.device)
 
     def _init_state(self, p: torch.Tensor) -> dict:
-        n = p.numel()
-        pager = self._pager(p)
-        quant = self.bits == 8 and n >= self.min_8bit_size  # strict <: 4096 elements get 8-bit states
-        st = {"step": self._step_value(0, p.device)}
+        # a DTensor's states live on its local shard (`lp`), at the shard's size; the 8-bit decision is made on
+        # the whole parameter (p.numel() is the global count), so it does not change with the mesh (_sharded)
+        lp = _sharded.local(p)
+        pager = self._pager(lp)
+        quant = self.bits == 8 and p.numel() >= self.min_8bit_size  # strict <: 4096 elements get 8-bit states
+        st = {"step": self._step_value(0, lp.device)}
         names = ("state1", "state2") if self.kind == "adam" else ("state1",)
         for k, name in enumerate(names):
-            st[name] = self._zeros(p, torch.uint8 if quant else torch.float32, pager)
+            st[name] = self._zeros(lp, torch.uint8 if quant else torch.float32, pager)
             if quant:
-                st[f"qmap{k + 1}"] = self._qmap(p.device)[k]
-                st[f"absmax{k + 1}"] = torch.zeros(-(-n // BLOCKSIZE), dtype=torch.float32, device=p.device)
+                st[f"qmap{k + 1}"] = self._qmap(lp.device)[k]
+                blocks = -(-lp.numel() // BLOCKSIZE)
+                st[f"absmax{k + 1}"] = torch.zeros(blocks, dtype=torch.float32, device=lp.device)
         return st
 
     def _step_value(self, step: int, device: torch.device):
@@ -188,6 +216,11 @@ class Optimizer8bitBase(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._check_sharding()
+        for gi, group in enumerate(self.param_groups):  # every gradient checked before any update
+            for i, p in enumerate(group["params"]):
+                if p.grad is not None and _sharded.is_dtensor(p):
+                    _sharded.check_grad(p, f"param_groups[{gi}]['params'][{i}]")
         for gi, group in enumerate(self.param_groups):
             self._check_hparams(group, f"param_groups[{gi}]")
             b1, b2 = (f32(b) for b in group["betas"])
@@ -202,9 +235,17 @@ class Optimizer8bitBase(torch.optim.Optimizer):
                     st.update(self._init_state(p))
                 if not self.capturable:
                     st["step"] += 1
+                lp = _sharded.local(p)  # a DTensor's local shard and gradient; `p` itself otherwise
+                if lp.numel() == 0:
+                    # an empty shard (FSDP2: 4 rows on 3 ranks are 2, 2, 0): nothing to update; its step counts
+                    # (capturable: below) as on the ranks that hold rows
+                    if self.capturable:
+                        st["step"] += 1
+                    continue
                 quant = st["state1"].dtype == torch.uint8
-                b = buckets[(p.device, quant)]
-                b["p"].append(p)
+                b = buckets[(lp.device, quant)]
+                b["p"].append(lp)
+                b["g"].append(_sharded.local(p.grad))
                 b["st"].append(st)
             for (device, quant), b in buckets.items():
                 steps = [st["step"] for st in b["st"]]
@@ -216,8 +257,8 @@ class Optimizer8bitBase(torch.optim.Optimizer):
     def _update(self, device, quant: bool, b: dict, hyper: torch.Tensor, b1: float, b2: float) -> None:
         adam = self.kind == "adam"
         params, grads, copies = [], [], []
-        for p in b["p"]:
-            g = p.grad if p.grad.is_contiguous() else p.grad.contiguous()
+        for p, g in zip(b["p"], b["g"]):
+            g = g if g.is_contiguous() else g.contiguous()
             if p.is_contiguous():
                 params.append(p.data)
             else:  # updated in a contiguous copy, written back below
@@ -228,7 +269,7 @@ class Optimizer8bitBase(torch.optim.Optimizer):
         sts = b["st"]
         lists = {k: [st[k] for st in sts] for k in (("state1", "state2") if adam else ("state1",))}
         staged = []
-        for k, ts in lists.items():
+        for ts in lists.values():
             for i, t in enumerate(ts):
                 pager = self._pagers.get(device)
                 if pager is not None and pager.owns(t):
@@ -267,8 +308,11 @@ class Optimizer8bitBase(torch.optim.Optimizer):
         (as bitsandbytes stores them), so either kind of optimizer, and bitsandbytes', loads the result."""
         self._sync_paged()
         sd = super().state_dict()
+        params = [p for g in self.param_groups for p in g["params"]]  # super() numbers them in this order
         state = {}
         for k, st in sd["state"].items():
+            if _sharded.is_dtensor(params[k]):  # DTensor copies sharded like the parameter (_sharded)
+                st = _sharded.wrap_state(params[k], st, ("absmax1", "absmax2"))
             out = {key: v for key, v in st.items() if key not in WRAPPED_KEYS}
             if isinstance(out.get("step"), torch.Tensor):
                 out["step"] = int(out["step"].item())
@@ -279,6 +323,12 @@ class Optimizer8bitBase(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         """Load our state_dict() or bitsandbytes' (wrapped or flat layout). Validates everything before changing
         the optimizer; states are copied onto each parameter's device (into paged memory for paged states)."""
+        self._check_sharding()
+        if not isinstance(state_dict, dict) or not isinstance(state_dict.get("state"), dict) or \
+                not isinstance(state_dict.get("param_groups"), list):
+            keys = list(state_dict)[:4] if isinstance(state_dict, dict) else ""
+            raise ValueError(f"state_dict must be a dict with 'state' (a dict) and 'param_groups' (a list), got "
+                             f"{type(state_dict).__name__} {keys}")
         groups = self.param_groups
         # Tensor hyper-parameters (torch's capturable optimizers store lr, schedulers initial_lr as tensors) are read
         # as their values; a capturable optimizer keeps its own lr tensors and fills them below
@@ -318,32 +368,38 @@ class Optimizer8bitBase(torch.optim.Optimizer):
         if step is None or int(step) != step or step < 0:
             raise ValueError(f"{where}['step'] must be an int >= 0, got {flat.get('step')!r}")
         names = ("state1", "state2") if self.kind == "adam" else ("state1",)
-        if "state1" not in flat:
-            raise ValueError(f"{where} has no 'state1'")
+        if "state1" not in flat or not isinstance(flat["state1"], torch.Tensor):
+            raise ValueError(f"{where} has no 'state1' tensor")
         quant = flat["state1"].dtype == torch.uint8
-        pager = self._pager(p)
-        st = {"step": self._step_value(int(step), p.device)}
+        # a DTensor parameter: its states are the saved DTensors' local shards (checked against its sharding)
+        if _sharded.is_dtensor(p):
+            flat.update(_sharded.unwrap_state(p, _sharded.local(p), flat, quant, where))
+        else:
+            _sharded.check_unsharded_state(flat, where)
+        lp = _sharded.local(p)
+        pager = self._pager(lp)
+        st = {"step": self._step_value(int(step), lp.device)}
         for k, name in enumerate(names):
             t = flat.get(name)
             want = torch.uint8 if quant else torch.float32
-            if not isinstance(t, torch.Tensor) or t.dtype != want or t.numel() != p.numel():
-                raise ValueError(f"{where}['{name}'] must be a {want} tensor with {p.numel()} elements, got "
+            if not isinstance(t, torch.Tensor) or t.dtype != want or t.numel() != lp.numel():
+                raise ValueError(f"{where}['{name}'] must be a {want} tensor with {lp.numel()} elements, got "
                                  f"{getattr(t, 'dtype', type(t))} {tuple(getattr(t, 'shape', ()))}")
-            buf = self._zeros(p, want, pager)
+            buf = self._zeros(lp, want, pager)
             buf.view(-1).copy_(t.reshape(-1))
             st[name] = buf
             if quant:
                 qmap = flat.get(f"qmap{k + 1}")
-                mine = self._qmap(p.device)[k]
+                mine = self._qmap(lp.device)[k]
                 if not isinstance(qmap, torch.Tensor) or qmap.shape != (256,) or \
                         not torch.equal(qmap.to(mine.device, torch.float32), mine):
                     raise ValueError(f"{where}['qmap{k + 1}'] must be bitsandbytes' "
                                      f"{'signed' if k == 0 else 'unsigned'} dynamic map (256 fp32 entries)")
                 st[f"qmap{k + 1}"] = mine
-                blocks = -(-p.numel() // BLOCKSIZE)
+                blocks = -(-lp.numel() // BLOCKSIZE)
                 a = flat.get(f"absmax{k + 1}")
                 if not isinstance(a, torch.Tensor) or a.dtype != torch.float32 or a.numel() != blocks:
                     raise ValueError(f"{where}['absmax{k + 1}'] must be fp32 with ceil(n/256) = {blocks} entries, "
                                      f"got {getattr(a, 'dtype', type(a))} {tuple(getattr(a, 'shape', ()))}")
-                st[f"absmax{k + 1}"] = a.reshape(-1).to(p.device, copy=True)
+                st[f"absmax{k + 1}"] = a.reshape(-1).to(lp.device, copy=True)
         return st

@@ -8,7 +8,9 @@ Differences from bitsandbytes 0.50.2, on purpose:
 - one multi-tensor launch per parameter group, on the current stream, no synchronize per parameter;
 - paged states are real CUDA tensors in a PyTorch memory pool, freed with the optimizer, recreated (paged) by
   load_state_dict, paged from `page_min_size` elements (bitsandbytes: 1e5), with `evict()`;
-- `capturable=True` (torch's name) makes step() CUDA-graph capturable: steps and lr as device tensors.
+- `capturable=True` (torch's name) makes step() CUDA-graph capturable: steps and lr as device tensors;
+- FSDP2 (DTensor) parameters work: states on the local shard, min_8bit_size decided on the whole parameter,
+  DCP's optimizer state dicts (bitsandbytes passes DTensors to its kernels, bitsandbytes #1633; _sharded.py).
 As in bitsandbytes, `Adam8bit(weight_decay > 0)` decays decoupled (as AdamW), not by L2 in the gradient.
 Unsupported bitsandbytes arguments raise: amsgrad=True, optim_bits other than the default, args (use param groups).
 """

@@ -26,14 +26,12 @@ import weakref
 
 import torch
 
-from .. import _cuda
+from .. import _cuda, _jit
 
 MODES = ("managed", "pinned")
 
 
 def _library_path() -> str:
-    from .. import _jit
-
     out = _jit.load()
     libs = sorted(out.glob("qpeft_C*.so"))
     if not libs:
@@ -50,7 +48,6 @@ class PagedStates:
             raise ValueError(f"PagedStates needs a CUDA device, got {device}")
         self.device = device
         self.index = device.index if device.index is not None else rt.current_device()
-        from .. import _jit
 
         _jit.load()  # builds qpeft_C (raises with the reason: no nvcc, ...)
         concurrent = bool(rt.ext.managed_concurrent_access(self.index))

@@ -18,6 +18,8 @@ import math
 
 import torch
 
+from ..ops import quantize  # noqa: F401  (registers qpeft::dequantize_blockwise)
+
 __all__ = ["QuantState"]
 
 QUANT_TYPES = ("nf4", "fp4", "blockwise8")
@@ -101,7 +103,6 @@ class QuantState:
         bitsandbytes: dequantize, then add the offset), computed by the L2 blockwise-dequant op."""
         if not self.nested:
             return self.absmax
-        from ..ops import quantize  # noqa: F401  (registers qpeft::dequantize_blockwise)
 
         s2 = self.state2
         decoded = torch.ops.qpeft.dequantize_blockwise(self.absmax.reshape(-1).contiguous(), s2.absmax.contiguous(),

@@ -29,8 +29,8 @@ SUPPORTED_ATTENTION = ("eager", "sdpa")  # implementations that take a 4-D (or N
 
 
 class PrefixKV:
-    """Stands in for the KV cache (`cache` / `past_key_values`) inside one encoder self-attention call: prepends the prefix K/V
-    (B, kv_heads, n, head_dim) to the keys/values the attention just projected."""
+    """Stands in for the KV cache (`cache` / `past_key_values`) inside one encoder self-attention call: prepends the
+    prefix K/V (B, kv_heads, n, head_dim) to the keys/values the attention just projected."""
 
     def __init__(self, key: torch.Tensor, value: torch.Tensor):
         self.key, self.value = key, value

@@ -29,6 +29,8 @@ import torch.nn as nn
 
 from .. import _versions
 from .._hf_compat import CACHE_ARGUMENTS, cache_argument, cache_from, cache_given
+from ._prefix_hooks import encoder_prefix_hooks
+from .adapter_io import AdapterMethod, register_method
 
 EMBEDDINGS = "embeddings"
 PREFIX = "prefix"
@@ -373,7 +375,6 @@ class PromptLearningModel(nn.Module):
         if stack is None:
             yield
             return
-        from ._prefix_hooks import encoder_prefix_hooks
 
         with encoder_prefix_hooks(self.base_model, stack.prompt().to(self._dtype())):
             yield
@@ -607,8 +608,6 @@ def peft_config(model: PromptLearningModel, adapter_name: str) -> dict:
 def register_prompt_method(peft_type: str, kind: str) -> None:
     """Register `peft_type` with qpeft.tuners.adapter_io: saves `prompt_embeddings` = the adapter's prompt after
     reparameterization ((n, hidden) or (n, L*2*kv_dim)), loads it into a `FixedPrompt`."""
-    from .adapter_io import AdapterMethod, register_method
-
     def names(model):
         if not isinstance(model, PromptLearningModel):
             return []

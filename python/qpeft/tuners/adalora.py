@@ -27,7 +27,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from ..autograd.lora import lora_linear
 from .adapter_io import AdapterMethod, register_method
+from .bottleneck import freeze_except
+from .lora.mixed_batch import enable_adapter_names
 
 __all__ = ["AdaLoraLinear", "add_adalora", "update_and_allocate", "orthogonal_regularization", "budget_schedule",
            "adalora_layers", "adalora_rank_pattern", "merge_adalora"]
@@ -107,7 +110,6 @@ class AdaLoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.disabled or self.r == 0:
             return self.base_layer(x)
-        from ..autograd.lora import lora_linear
 
         return lora_linear(x, self.base_layer, self.lora_A * self.lora_E, self.lora_B, self.scale,
                            dropout_p=self.lora_dropout, training=self.training)
@@ -197,7 +199,6 @@ def add_adalora(model: nn.Module, target_modules, init_r: int = 12, target_r: in
     if getattr(model, "_qpeft_adalora", None) is not None:
         raise ValueError("model already has an AdaLoRA adapter (PEFT trains one AdaLoRA adapter at a time)")
     names = _match_targets(model, target_modules)
-    from .bottleneck import freeze_except
 
     freeze_except(model, modules_to_save)
     for n in names:
@@ -210,7 +211,6 @@ def add_adalora(model: nn.Module, target_modules, init_r: int = 12, target_r: in
            "modules_to_save": list(modules_to_save) if modules_to_save else None}
     model._qpeft_adalora = AdaLoraState(adapter_name, cfg, init_bgt=init_r * len(names),
                                         target_bgt=target_r * len(names))
-    from .lora.mixed_batch import enable_adapter_names
 
     enable_adapter_names(model)  # so that adapter_names= is refused as PEFT does, never silently ignored
     return model
@@ -252,7 +252,7 @@ def _update_ipt(model: nn.Module, st: AdaLoraState) -> None:
 def _mask_to_budget(model: nn.Module, st: AdaLoraState, budget: int) -> dict[str, list[bool]]:
     layers = adalora_layers(model)
     scores = {}
-    for name, layer in layers.items():
+    for name in layers:
         def s(k):
             key = (name, k)
             if key not in st.exp_avg_ipt:
@@ -443,7 +443,6 @@ def _peft_load(model: nn.Module, config: dict, tensors: dict, adapter_name: str)
            "modules_to_save": config.get("modules_to_save")}
     model._qpeft_adalora = AdaLoraState(adapter_name, cfg, init_bgt=init_r * len(plan),
                                         target_bgt=cfg["target_r"] * len(plan))
-    from .lora.mixed_batch import enable_adapter_names
 
     enable_adapter_names(model)
 

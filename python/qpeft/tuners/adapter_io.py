@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from .._dtensor import gather_full, is_sharded
 from .._io import atomic_paths
 
 __all__ = ["save_adapter", "load_adapter", "register_method", "AdapterMethod"]
@@ -97,8 +98,6 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
         # the barrier returns on every rank once the files exist.
         import torch.distributed as dist
 
-        from .._dtensor import gather_full
-
         tensors, writer = gather_full(tensors)
         if writer:
             _write(out, tensors, config, save_file)
@@ -113,7 +112,6 @@ def _any_sharded(tensors: dict) -> bool:
 
     if "torch.distributed.tensor" not in sys.modules and not any(hasattr(t, "ds_id") for t in tensors.values()):
         return False  # no DTensor can exist, no ZeRO-3 parameter: the single-process path, nothing imported
-    from .._dtensor import is_sharded
 
     return any(is_sharded(t) for t in tensors.values())
 
@@ -133,7 +131,8 @@ def _write(out: Path, tensors: dict, config: dict, save_file) -> None:
 
 
 def read_adapter_files(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(config, tensors) from a PEFT adapter directory (safetensors, or legacy adapter_model.bin)."""
+    """(config, tensors) from a PEFT adapter directory. Weights load only from adapter_model.safetensors: a legacy
+    adapter_model.bin is a pickle, which qpeft never loads (even torch.load(weights_only=True) unpickles)."""
     path = Path(path)
     cfg_file = path / CONFIG_NAME
     if not cfg_file.is_file():
@@ -148,9 +147,11 @@ def read_adapter_files(path: str | os.PathLike) -> tuple[dict, dict[str, torch.T
 
         tensors = load_file(str(weights))
     elif (path / "adapter_model.bin").is_file():
-        tensors = torch.load(path / "adapter_model.bin", map_location="cpu", weights_only=True)
+        raise ValueError(f"load_adapter: {path} holds only adapter_model.bin, a pickle, which qpeft does not load; "
+                         f"convert it once where you trust the file: peft.PeftModel.from_pretrained(base, path)"
+                         f".save_pretrained(path) writes {WEIGHTS_NAME}")
     else:
-        raise FileNotFoundError(f"load_adapter: no {WEIGHTS_NAME} (or adapter_model.bin) in {path}")
+        raise FileNotFoundError(f"load_adapter: no {WEIGHTS_NAME} in {path}")
     return config, tensors
 
 

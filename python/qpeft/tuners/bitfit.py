@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from .._io import atomic_paths
+from .bottleneck import freeze_except
 
 __all__ = ["apply_bitfit", "merge_bitfit", "bitfit_state_dict", "save_bitfit", "load_bitfit"]
 
@@ -61,8 +62,6 @@ def apply_bitfit(model: nn.Module, bias_names=None, add_missing_biases: bool = F
         (with bias_names=None: every Linear except the output/LM head).
     modules_to_save: modules that stay fully trainable (e.g. ["classifier"]).
     """
-    from .bottleneck import freeze_except
-
     if getattr(model, "_qpeft_bitfit", None) is not None:
         raise ValueError("apply_bitfit: BitFit is already applied to this model")
     mods = [(n, m) for n, m in model.named_modules() if n]
@@ -91,7 +90,7 @@ def apply_bitfit(model: nn.Module, bias_names=None, add_missing_biases: bool = F
         raise ValueError(f"apply_bitfit: {type(model).__name__} has no biases to train (bias_names={bias_names!r}); "
                          "pass add_missing_biases=True to add zero-initialized ones to its Linear layers")
     freeze_except(model, modules_to_save)
-    for n, m in to_add:
+    for _n, m in to_add:
         w = m.weight
         m.bias = nn.Parameter(torch.zeros(m.out_features, dtype=w.dtype, device=w.device))
     for n in chosen:
@@ -127,17 +126,18 @@ def merge_bitfit(model: nn.Module) -> nn.Module:
         if not any(n in added for n, _ in group):
             continue
         if cfg is not None and hasattr(cfg, flag):
-            for n, m in group:
+            for _n, m in group:
                 if m.bias is None:
                     m.bias = nn.Parameter(torch.zeros(m.out_features, dtype=m.weight.dtype, device=m.weight.device))
             setattr(cfg, flag, True)
         else:
             warnings.warn(f"merge_bitfit: biases were added to {type(model).__name__} layers its config cannot "
-                          f"describe ({flag}); a from_pretrained reload will not re-create them", RuntimeWarning)
+                          f"describe ({flag}); a from_pretrained reload will not re-create them", RuntimeWarning,
+                          stacklevel=2)
     other_added = [n for n in added if n.split(".")[-1] not in sum(_HF_BIAS_FLAGS.values(), ())]
     if other_added:
         warnings.warn(f"merge_bitfit: added biases on {other_added[:4]} have no config flag; keep the model's "
-                      "state_dict (not just its config) to reproduce them", RuntimeWarning)
+                      "state_dict (not just its config) to reproduce them", RuntimeWarning, stacklevel=2)
     for p in model.parameters():
         p.requires_grad_(False)
     model._qpeft_bitfit = None
@@ -201,7 +201,6 @@ def load_bitfit(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             raise ValueError(f"load_bitfit: {key} has shape {tuple(t.shape)}, model expects {shape}")
         if not torch.isfinite(t).all():
             raise ValueError(f"load_bitfit: {key} has non-finite values")
-    from .bottleneck import freeze_except
 
     freeze_except(model, rec.get("modules_to_save"))
     with torch.no_grad():

@@ -24,6 +24,7 @@ from ._prompt_common import (
     register_prompt_method,
     wrap,
 )
+from .adapter_io import load_adapter
 
 __all__ = ["add_prompt_tuning", "PromptTuningEncoder", "PromptLearningModel", "load_prompt_adapter"]
 
@@ -103,8 +104,6 @@ def load_prompt_adapter(model: nn.Module, path, adapter_name: str = "default") -
     """Load a PEFT/qpeft prompt-tuning, P-tuning or prefix-tuning adapter; wraps `model` if needed.
 
     A failed load leaves `model` as it was (no wrapper is returned, the base model is not frozen)."""
-    from .adapter_io import load_adapter
-
     if isinstance(model, PromptLearningModel):
         load_adapter(model, path, adapter_name)
         return model

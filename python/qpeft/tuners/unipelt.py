@@ -12,10 +12,10 @@ With gating=False the gates are absent: LoRA uses alpha / r, prefix and adapter 
 methods). Submodules can be left out at creation or switched on/off later (`set_unipelt_submodules`).
 
 The prefix needs no change to model source: a forward pre-hook on each self-attention module passes, as
-its KV cache (`cache` / `past_key_values`), a small object whose `update(k, v, layer_idx)` (called by HF Llama/BERT attention right
-before the attention kernel) returns the keys/values with the gated prefix in front, and widens the attention
-mask by `prefix_length` always-visible columns. Positions of the real tokens are unchanged (the prefix carries
-no rotary/absolute position). Supports HF "eager" and "sdpa" attention.
+its KV cache (`cache` / `past_key_values`), a small object whose `update(k, v, layer_idx)` (called by HF
+Llama/BERT attention right before the attention kernel) returns the keys/values with the gated prefix in
+front, and widens the attention mask by `prefix_length` always-visible columns. Positions of the real tokens
+are unchanged (the prefix carries no rotary/absolute position). Supports HF "eager" and "sdpa" attention.
 
 The adapter and gates are non-linear in the input, so UniPELT cannot be merged into base weights.
 """
@@ -32,8 +32,15 @@ import torch.nn.functional as F
 
 from .._hf_compat import CACHE_ARGUMENTS, cache_argument, cache_from
 from .._io import atomic_paths
-from .bottleneck import (AdapterMergeError, BottleneckAdapter, _float_dtype_device, find_adapter_sites,
-                         freeze_except, is_linear_like)
+from ..autograd.lora import lora_linear
+from .bottleneck import (
+    AdapterMergeError,
+    BottleneckAdapter,
+    _float_dtype_device,
+    find_adapter_sites,
+    freeze_except,
+    is_linear_like,
+)
 
 __all__ = ["add_unipelt", "set_unipelt_submodules", "merge_unipelt", "unipelt_state_dict", "save_unipelt",
            "load_unipelt", "GatedLoraLinear", "GatedPrefix", "remove_unipelt"]
@@ -86,7 +93,6 @@ class GatedLoraLinear(nn.Module):
         if not self.active:
             return self.base_layer(x)
         if self.gate is None:  # the plain LoRA layer: fused base + LoRA path
-            from ..autograd.lora import lora_linear
 
             return lora_linear(x, self.base_layer, self.lora_A, self.lora_B, self.scaling,
                                dropout_p=self.lora_dropout, training=self.training)
@@ -229,7 +235,7 @@ def add_unipelt(model: nn.Module, lora: bool = True, prefix: bool = True, adapte
                        else f"reduction_factor={reduction_factor}")
                 raise ValueError(f"add_unipelt: {arg} leaves no hidden units for {name} (hidden size {hidden})")
     freeze_except(model, modules_to_save)
-    for name, attn, (qn, vn), hidden, kv_heads, head_dim in attns:
+    for _name, attn, (qn, vn), hidden, kv_heads, head_dim in attns:
         _, device = _float_dtype_device(getattr(attn, qn))
         if lora:
             for child in (qn, vn):
@@ -239,7 +245,7 @@ def add_unipelt(model: nn.Module, lora: bool = True, prefix: bool = True, adapte
             attn.add_module("unipelt_prefix", pre)
             pre._hook_handle = attn.register_forward_pre_hook(pre._pre_hook, with_kwargs=True)
     if adapter:
-        for name, _, parent, hooked, hidden in sites:
+        for _name, _, parent, hooked, hidden in sites:
             r = bottleneck_size if bottleneck_size is not None else int(hidden // reduction_factor)
             _, device = _float_dtype_device(hooked if is_linear_like(hooked) else parent)
             ad = BottleneckAdapter(hidden, r, non_linearity, adapter_init, use_gate=gating, device=device,

@@ -15,6 +15,7 @@ from collections import defaultdict
 import torch
 import torch.nn as nn
 
+from ...models.quantization import quantize_model
 from ...modules.lora_linear import (LoraLinear, LoraRankWarning, base_shape, check_rank, dora_refusal, is_nf4_layer,
                                     warn_not_low_rank)
 from ..adapter_io import AdapterMethod, register_method
@@ -226,8 +227,6 @@ def prepare_for_qlora(model: nn.Module, r: int = 64, lora_alpha: float = 16, lor
     """QLoRA's recipe: every Linear but the output layer to NF4 (blocksize 64, double quant, bf16 compute)
     through `qpeft.quantize_model`, then `add_lora(model, "all-linear", ...)` (defaults r=64, alpha=16 as in
     artidoro/qlora). Returns the model, frozen except the adapters."""
-    from ...models.quantization import quantize_model
-
     skip = tuple(sorted(_output_layer_names(model))) or ("lm_head",)
     quantize_model(model, skip_modules=skip, quant_type="nf4", blocksize=blocksize, double_quant=True,
                    compute_dtype=compute_dtype)
