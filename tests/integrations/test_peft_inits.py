@@ -19,7 +19,7 @@ import torch.nn as nn
 
 import qpeft
 from qpeft.modules.qlinear_nf4 import QLinearNF4
-from utils import tiny_llama
+from utils import assert_close_2x, tiny_llama
 
 peft = pytest.importorskip("peft")
 bnb = pytest.importorskip("bitsandbytes")
@@ -154,6 +154,68 @@ def test_pissa_is_refused_by_peft_on_bitsandbytes_and_runs_here(checkpoint):
         torch.testing.assert_close(model(x).logits, y0, rtol=0.1, atol=0.1)
 
 
+def test_failed_init_leaves_the_base(checkpoint, monkeypatch):
+    """An init that raises inside PEFT's code (here PiSSA's SVD) leaves the 4-bit base as it was."""
+    model = qpeft_model(checkpoint, False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("svd failed")
+
+    monkeypatch.setattr(torch.linalg, "svd", broken)
+    with pytest.raises(RuntimeError, match="svd failed"):
+        get_peft(model, init_lora_weights="pissa")
+    monkeypatch.undo()
+    after = {k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if ".lora_" not in k}
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+# ------------------------------------------------------------------------------------------ PiSSA/OLoRA to LoRA
+def perturb(model, seed=7):
+    """A stand-in for training: the same change to the adapters of both models."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted((n, p) for n, p in model.named_parameters() if ".lora_" in n):
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_conversion_to_plain_lora_as_peft(checkpoint, tmp_path, init):
+    """PEFT's documented conversion of a PiSSA / OLoRA adapter to a plain LoRA against the original base (save the
+    initial adapter with init_lora_weights=True, train, save with path_initial_model_for_weight_conversion): on
+    qpeft's 4-bit base it writes PEFT's files (rank 2r, the same tensors as PEFT's recipe on the dequantized
+    weights), and that LoRA on the original 4-bit base gives the outputs of PEFT on the original dequantized
+    weights with it."""
+    from safetensors.torch import load_file
+
+    x = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(3))
+    saved = {}
+    for side, model in (("ours", qpeft_model(checkpoint, False)), ("ref", dequantized_model(checkpoint, False))):
+        pm = get_peft(model, init_lora_weights=init)
+        pm.peft_config["default"].init_lora_weights = True  # PEFT's example: the initial adapter, as a plain LoRA
+        pm.save_pretrained(tmp_path / side / "init")
+        perturb(pm)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pm.save_pretrained(tmp_path / side / "lora",
+                               path_initial_model_for_weight_conversion=str(tmp_path / side / "init"))
+        saved[side] = load_file(tmp_path / side / "lora" / "adapter_model.safetensors")
+    cfg = peft.LoraConfig.from_pretrained(tmp_path / "ours" / "lora")
+    assert cfg.r == 8 and cfg.lora_alpha == 16 and cfg.init_lora_weights is True
+    assert saved["ours"].keys() == saved["ref"].keys() and saved["ours"]
+    for k, v in saved["ours"].items():
+        assert v.shape[0 if "lora_A" in k else 1] == 8
+        torch.testing.assert_close(v, saved["ref"][k], rtol=1e-5, atol=1e-6, msg=k)
+    ours = qpeft.peft_from_pretrained(qpeft_model(checkpoint, False), tmp_path / "ours" / "lora")
+    assert any(isinstance(m, QPeftLoraLinear) for m in ours.modules())
+    reference = peft.PeftModel.from_pretrained(dequantized_model(checkpoint, False).double(),
+                                               tmp_path / "ours" / "lora")
+    plain = peft.PeftModel.from_pretrained(dequantized_model(checkpoint, False), tmp_path / "ours" / "lora")
+    with torch.no_grad():
+        assert_close_2x(ours(x).logits, reference(x).logits, plain(x).logits, what=f"{init} as LoRA")
+
+
 # ------------------------------------------------------------------------------------------------ OLoRA
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_olora_equals_peft_on_bitsandbytes(checkpoint, double_quant):
@@ -256,6 +318,17 @@ def test_loftq_refusals(checkpoint):
     with pytest.raises(ValueError, match=r"loftq_bits must be one of \(4,\), got 8"):
         get_peft(qpeft_model(checkpoint, False), init_lora_weights="loftq",
                  loftq_config=peft.LoftQConfig(loftq_bits=8))
+    from transformers import AutoModelForCausalLM
+
+    for fmt in (dict(quant_type="fp4"), dict(blocksize=128)):  # not the NF4 / 64 that LoftQ fits A, B to
+        model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+        qpeft.quantize_model(model, compute_dtype=torch.float32, **fmt)
+        attach_original_weights(model, checkpoint)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(ValueError, match="needs an NF4 base with blocksize 64"):
+            get_peft(model, init_lora_weights="loftq", loftq_config=peft.LoftQConfig())
+        after = {k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if ".lora_" not in k}
+        assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
     model = qpeft_model(checkpoint, False)
     prequantized = {k: v for k, v in model.state_dict().items()}  # a 4-bit checkpoint holds no weights to fit
     with pytest.raises(ValueError, match="not the full-precision weight"):

@@ -189,7 +189,15 @@ class QPeftLoraLinear(nn.Module, LoraLayer):
         last LoftQ residual, as PEFT's LoftQ leaves the base, in the layer's own format."""
         from ..tuners.lora.loftq import loftq_nf4
 
+        from ..tuners.lora.loftq import LOFTQ_BLOCKSIZE
+
         base = self.get_base_layer()
+        if base.quant_type != "nf4" or base.blocksize != LOFTQ_BLOCKSIZE:
+            # LoftQ's A, B cancel the error of NF4 at blocksize 64 (PEFT's loftq_init); another format would
+            # re-quantize its base and leave A, B fitted to an error the layer does not have
+            raise ValueError(f"init_lora_weights='loftq' needs an NF4 base with blocksize {LOFTQ_BLOCKSIZE} (PEFT's "
+                             f"LoftQ quantization); this layer has quant_type={base.quant_type!r}, "
+                             f"blocksize={base.blocksize}")
         original = getattr(base, "original_weight", None)
         if original is None:
             raise ValueError("init_lora_weights='loftq' on a 4-bit base needs the full-precision weight it was "
