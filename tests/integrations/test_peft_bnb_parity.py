@@ -327,6 +327,27 @@ def test_unmerge_restores_the_4bit_base_bit_for_bit(cfg):
         assert (now - w0).abs().mean() < 0.5 * (w1 - w0).abs().mean()
 
 
+def test_lora_bias_merge_into_a_base_without_bias_raises_before_anything_changes():
+    """PEFT's RuntimeError for a lora_bias merge into a layer without bias (Llama's projections); with a plain
+    adapter merged in the same call, neither is merged."""
+    model = tiny_llama(0)
+    qpeft.quantize_model(model, compute_dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+        pm.add_adapter("biased", peft.LoraConfig(r=4, target_modules=["q_proj"], lora_bias=True,
+                                                 init_lora_weights=False))
+    randomize(pm)
+    layer = pm.base_model.model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, QPeftLoraLinear) and layer.base_layer.bias is None
+    before = {k: v.clone() for k, v in layer.base_layer.state_dict().items()}
+    with pytest.raises(RuntimeError, match="lora_bias=True.*no bias"):
+        layer.merge(adapter_names=["default", "biased"])
+    assert not layer.merged
+    state = layer.base_layer.state_dict()
+    assert state.keys() == before.keys() and all(torch.equal(state[k], before[k]) for k in before)
+
+
 def tiny_opt_nf4():
     model = tiny_opt()
     qpeft.quantize_model(model, compute_dtype=torch.float32)
