@@ -38,10 +38,10 @@ def checkpoint(tmp_path_factory):
     return path
 
 
-def bnb_model(path, double_quant):
+def bnb_model(path, double_quant, quant_type="nf4"):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant,
+    cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=double_quant,
                              bnb_4bit_compute_dtype=torch.float32)
     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=cfg, device_map="cpu", dtype=torch.float32)
     for m in model.modules():
@@ -50,22 +50,22 @@ def bnb_model(path, double_quant):
     return model.eval()
 
 
-def qpeft_model(path, double_quant):
+def qpeft_model(path, double_quant, quant_type="nf4"):
     """qpeft's 4-bit model holding bitsandbytes' bytes of the checkpoint."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    qpeft.quantize_model(model, double_quant=double_quant, compute_dtype=torch.float32)
-    model.load_state_dict(bnb_model(path, double_quant).state_dict())
+    qpeft.quantize_model(model, double_quant=double_quant, compute_dtype=torch.float32, quant_type=quant_type)
+    model.load_state_dict(bnb_model(path, double_quant, quant_type).state_dict())
     return model.eval()
 
 
-def dequantized_model(path, double_quant):
+def dequantized_model(path, double_quant, quant_type="nf4"):
     """The dense fp32 model holding the 4-bit model's dequantized weights (PEFT's recipe starts from it)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    q = qpeft_model(path, double_quant)
+    q = qpeft_model(path, double_quant, quant_type)
     with torch.no_grad():
         for name, m in q.named_modules():
             if isinstance(m, QLinearNF4):
@@ -77,12 +77,12 @@ def lora_tensors(model) -> dict[str, torch.Tensor]:
     return {n.removeprefix(PREFIX): p.detach() for n, p in model.named_parameters() if ".lora_" in n}
 
 
-def bnb_bytes(weight: torch.Tensor, double_quant: bool) -> dict[str, torch.Tensor]:
+def bnb_bytes(weight: torch.Tensor, double_quant: bool, quant_type: str = "nf4") -> dict[str, torch.Tensor]:
     """bitsandbytes' 4-bit state dict of a dense weight (what bitsandbytes makes of PEFT's residual)."""
     layer = bnb.nn.Linear4bit(weight.shape[1], weight.shape[0], bias=False, compute_dtype=torch.float32,
-                              compress_statistics=double_quant, quant_type="nf4")
+                              compress_statistics=double_quant, quant_type=quant_type)
     layer.weight = bnb.nn.Params4bit(weight.detach().cpu().clone(), requires_grad=False,
-                                     compress_statistics=double_quant, quant_type="nf4").to("cpu")
+                                     compress_statistics=double_quant, quant_type=quant_type).to("cpu")
     return {k: v for k, v in layer.state_dict().items() if "quant_state" not in k}
 
 
@@ -121,8 +121,8 @@ def assert_same_bytes(ours, expected: dict[str, dict[str, torch.Tensor]], double
                 assert torch.equal(got[k], want[k]), f"{name} {k}"
 
 
-def residual_bytes(reference, double_quant):
-    return {n: bnb_bytes(m.weight, double_quant) for n, m in base_layers(reference).items()}
+def residual_bytes(reference, double_quant, quant_type="nf4"):
+    return {n: bnb_bytes(m.weight, double_quant, quant_type) for n, m in base_layers(reference).items()}
 
 
 def get_peft(model, **cfg):
@@ -133,14 +133,14 @@ def get_peft(model, **cfg):
 
 # ------------------------------------------------------------------------------------------------ PiSSA
 @pytest.mark.parametrize("init", ["pissa", "pissa_niter_4"])
-@pytest.mark.parametrize("double_quant", [False, True])
-def test_pissa_as_peft_then_bitsandbytes(checkpoint, init, double_quant):
+@pytest.mark.parametrize("double_quant, quant_type", [(False, "nf4"), (True, "nf4"), (True, "fp4")])
+def test_pissa_as_peft_then_bitsandbytes(checkpoint, init, double_quant, quant_type):
     torch.manual_seed(0)  # pissa_niter_<n>: torch.svd_lowrank draws from torch's generator, in layer order
-    ours = get_peft(qpeft_model(checkpoint, double_quant), init_lora_weights=init)
+    ours = get_peft(qpeft_model(checkpoint, double_quant, quant_type), init_lora_weights=init)
     torch.manual_seed(0)
-    reference = get_peft(dequantized_model(checkpoint, double_quant), init_lora_weights=init)
+    reference = get_peft(dequantized_model(checkpoint, double_quant, quant_type), init_lora_weights=init)
     assert_same_adapter(ours, reference)
-    assert_same_bytes(ours, residual_bytes(reference, double_quant), double_quant)
+    assert_same_bytes(ours, residual_bytes(reference, double_quant, quant_type), double_quant)
 
 
 def test_pissa_is_refused_by_peft_on_bitsandbytes_and_runs_here(checkpoint):
@@ -217,10 +217,10 @@ def test_conversion_to_plain_lora_as_peft(checkpoint, tmp_path, init):
 
 
 # ------------------------------------------------------------------------------------------------ OLoRA
-@pytest.mark.parametrize("double_quant", [False, True])
-def test_olora_equals_peft_on_bitsandbytes(checkpoint, double_quant):
-    ours = get_peft(qpeft_model(checkpoint, double_quant), init_lora_weights="olora")
-    theirs = get_peft(bnb_model(checkpoint, double_quant), init_lora_weights="olora")  # PEFT's own 4-bit OLoRA
+@pytest.mark.parametrize("double_quant, quant_type", [(False, "nf4"), (True, "nf4"), (True, "fp4")])
+def test_olora_equals_peft_on_bitsandbytes(checkpoint, double_quant, quant_type):
+    ours = get_peft(qpeft_model(checkpoint, double_quant, quant_type), init_lora_weights="olora")
+    theirs = get_peft(bnb_model(checkpoint, double_quant, quant_type), init_lora_weights="olora")  # PEFT's 4-bit
     assert_same_adapter(ours, theirs)
     expected = {n: {k: v for k, v in m.state_dict().items() if "quant_state" not in k and k != "bias"}
                 for n, m in base_layers(theirs).items()}
@@ -334,6 +334,57 @@ def test_loftq_refusals(checkpoint):
     with pytest.raises(ValueError, match="not the full-precision weight"):
         attach_original_weights(model, prequantized)
         model.model.layers[0].self_attn.q_proj.original_weight()
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_replace_lora_weights_loftq_equals_peft_on_bitsandbytes(checkpoint, monkeypatch, double_quant):
+    """PEFT's LoftQ on an already quantized base (replace_lora_weights_loftq: one SVD of W - dequant(Q), the base
+    kept) on qpeft's layers equals PEFT's on bitsandbytes' Linear4bit holding the same bytes."""
+    from peft import replace_lora_weights_loftq as peft_replace
+
+    from qpeft.integrations.peft import replace_lora_weights_loftq
+
+    ours = get_peft(qpeft_model(checkpoint, double_quant))
+    theirs = get_peft(bnb_model(checkpoint, double_quant))
+    base_before = {k: v.clone() for k, v in ours.state_dict().items() if ".lora_" not in k}
+    replace_lora_weights_loftq(ours, checkpoint / "model.safetensors")
+    with cuda_runs_on_cpu(monkeypatch):
+        peft_replace(theirs, str(checkpoint / "model.safetensors"))
+    assert_same_adapter(ours, theirs)
+    assert all(torch.equal(v, base_before[k]) for k, v in ours.state_dict().items() if ".lora_" not in k)
+    assert any(lora_tensors(ours)[n].any() for n in lora_tensors(ours) if ".lora_B." in n)
+
+
+def test_replace_lora_weights_loftq_callback_and_refusals(checkpoint):
+    from qpeft.integrations.peft import replace_lora_weights_loftq
+
+    model = get_peft(qpeft_model(checkpoint, False))
+    start = {n: p.clone() for n, p in lora_tensors(model).items()}
+    calls = []
+
+    def keep_all_but_q(m, name):  # PEFT's callback: False rolls the layer back
+        calls.append(name)
+        return "q_proj" not in name
+
+    replace_lora_weights_loftq(model, checkpoint, callback=keep_all_but_q)  # a directory works too
+    assert len(calls) == 6 and all(n.startswith("model.layers.") for n in calls)
+    now = lora_tensors(model)
+    for n, p in now.items():
+        assert torch.equal(p, start[n]) == ("q_proj" in n), n
+    # model_path=None: the base's _name_or_path, here the local directory it was loaded from
+    implicit, explicit = get_peft(qpeft_model(checkpoint, False)), get_peft(qpeft_model(checkpoint, False))
+    replace_lora_weights_loftq(implicit)
+    replace_lora_weights_loftq(explicit, checkpoint / "model.safetensors")
+    assert_same_adapter(implicit, explicit)
+    with pytest.raises(TypeError, match="peft_model must be a PeftModel"):
+        replace_lora_weights_loftq(model.get_base_model(), checkpoint)
+    model.get_base_model().config._name_or_path = "org/not-local"
+    with pytest.raises(ValueError, match="model_path: pass the full-precision safetensors checkpoint"):
+        replace_lora_weights_loftq(model)
+    with pytest.raises(FileNotFoundError, match="no safetensors checkpoint"):
+        replace_lora_weights_loftq(model, checkpoint / "missing.safetensors")
+    with pytest.raises(ValueError, match="no qpeft 4-bit LoRA layer"):
+        replace_lora_weights_loftq(get_peft(dequantized_model(checkpoint, False)), checkpoint)
 
 
 # ------------------------------------------------------------------------------------------------ EVA

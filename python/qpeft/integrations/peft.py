@@ -48,7 +48,7 @@ from ..modules.qlinear_nf4 import QLinearNF4  # noqa: E402
 from ..tuners.lora.options import SUPPORTED_INITS, UNSUPPORTED, check_lora_options  # noqa: E402,F401  (one rule, all paths)
 
 __all__ = ["QPeftLoraLinear", "lora_config", "register", "all_linear", "from_pretrained", "peft_from_pretrained",
-           "attach_original_weights", "preprocess_corda"]
+           "attach_original_weights", "preprocess_corda", "replace_lora_weights_loftq"]
 
 
 def check_config(config: LoraConfig) -> None:
@@ -865,3 +865,53 @@ def preprocess_corda(model: nn.Module, lora_config: LoraConfig, run_model=None, 
             setattr(parent, leaf, m)
             if "eigens" in proxy.__dict__:
                 m.eigens = proxy.eigens
+
+
+@torch.no_grad()
+def replace_lora_weights_loftq(peft_model: nn.Module, model_path=None, adapter_name: str = "default",
+                               callback=None) -> None:
+    """PEFT's `replace_lora_weights_loftq` for qpeft's 4-bit layers (PEFT's own acts on bitsandbytes' Linear4bit
+    only, and computes on CUDA): for each QPeftLoraLinear of `peft_model`, lora_A / lora_B of `adapter_name` become
+    the rank-r SVD factors of W - dequant(Q), W the full-precision weight read from `model_path` (a safetensors
+    file, a directory with model.safetensors or a sharded index, or a {name: tensor} mapping; None: the base
+    model's config `_name_or_path` when it is a local directory), Q the layer's 4-bit weight, dequantized in the
+    dtype it was quantized from as bitsandbytes does; the base is kept. `callback(peft_model, module_name) -> bool`
+    after each layer: False rolls that layer back (PEFT's semantics). Computes on the layer's device."""
+    import os
+
+    from peft import PeftModel
+
+    from ..tuners.lora.loftq import loftq_correction
+
+    if not isinstance(peft_model, PeftModel):
+        raise TypeError(f"peft_model must be a PeftModel, got {type(peft_model).__name__}")
+    if model_path is None:
+        model_path = getattr(getattr(peft_model.get_base_model(), "config", None), "_name_or_path", None)
+        if not model_path or not os.path.isdir(model_path):
+            raise ValueError("model_path: pass the full-precision safetensors checkpoint (the base model's "
+                             f"_name_or_path {model_path!r} is not a local directory)")
+    reader = _Checkpoint(model_path)
+    keys = set(reader.keys())
+    prefix = "base_model.model."
+    base_prefix = getattr(peft_model.get_base_model(), "base_model_prefix", "") or ""
+    layers = [(n, m) for n, m in peft_model.named_modules() if isinstance(m, QPeftLoraLinear)]
+    if not layers:
+        raise ValueError("replace_lora_weights_loftq: no qpeft 4-bit LoRA layer (QPeftLoraLinear) in peft_model")
+    for name, module in layers:
+        if adapter_name not in module.lora_A:
+            continue
+        name = name.removeprefix(prefix)
+        candidates = [f"{name}.weight"]
+        if base_prefix and name.startswith(base_prefix + "."):
+            candidates.append(f"{name[len(base_prefix) + 1:]}.weight")
+        key = next((k for k in candidates if k in keys), None)
+        if key is None:
+            raise ValueError(f"model_path: the checkpoint has no weight {candidates[0]!r} for the 4-bit layer {name}")
+        base = module.get_base_layer()
+        weight = _original_weight(reader, key, (base.out_features, base.in_features))
+        lora_A, lora_B = loftq_correction(weight, base.dequantize(base.weight_dtype), module.r[adapter_name])
+        A, B = module.lora_A[adapter_name].weight, module.lora_B[adapter_name].weight
+        before = A.data, B.data
+        A.data, B.data = lora_A.to(A.dtype), lora_B.to(B.dtype)
+        if callback is not None and not callback(peft_model, name):
+            A.data, B.data = before

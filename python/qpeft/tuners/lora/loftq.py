@@ -19,7 +19,7 @@ import torch
 
 from ...quant.functional import dequantize_4bit, quantize_4bit
 
-__all__ = ["loftq_nf4", "LOFTQ_BLOCKSIZE"]
+__all__ = ["loftq_nf4", "loftq_correction", "LOFTQ_BLOCKSIZE"]
 
 LOFTQ_BLOCKSIZE = 64  # bitsandbytes' Params4bit default, which PEFT's loftq_init quantizes with
 
@@ -53,3 +53,15 @@ def loftq_nf4(weight: torch.Tensor, reduced_rank: int, num_iter: int = 1, bits: 
             break
         res = weight - L @ R
     return q, R, L
+
+
+@torch.no_grad()
+def loftq_correction(weight: torch.Tensor, dequantized: torch.Tensor, reduced_rank: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lora_A (r, K), lora_B (N, r)) fp32 with B A the best rank-r approximation of weight - dequantized: PEFT's
+    replace_lora_weights_loftq (one LoftQ step on an already quantized base, the base kept)."""
+    if weight.shape != dequantized.shape or weight.dim() != 2:
+        raise ValueError(f"weight {tuple(weight.shape)} and dequantized {tuple(dequantized.shape)} must be the same "
+                         f"2-D shape")
+    L, R = _low_rank(weight.float().to(dequantized.device) - dequantized.float(), reduced_rank)
+    return R, L
