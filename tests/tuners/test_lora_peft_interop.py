@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import warnings
 
 import pytest
@@ -147,6 +148,24 @@ def test_unknown_module_and_unsupported_config_raise(tmp_path):
     with pytest.raises(ValueError, match=r"fan_in_fan_out=True\) is not supported"):
         qpeft.load_adapter(model, other)
     _assert_unchanged(model, snap)
+
+
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora", "corda", "loftq"])
+def test_base_rewriting_init_refused_by_qpeft_load_adapter(tmp_path, init):
+    """An adapter saved with an init that rewrites the base (PEFT re-runs it on load) is refused by qpeft's own
+    load path, which adds A, B only, naming init_lora_weights and the paths that work; nothing changes. EVA and
+    the plain inits load."""
+    _peft_saved(tmp_path, target_modules=["q_proj"], r=2)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**cfg, "init_lora_weights": init}))
+    model = tiny_llama()
+    snap = _snapshot(model)
+    with pytest.raises(ValueError, match=re.escape(f"init_lora_weights={init!r}: PEFT re-runs this init")):
+        qpeft.load_adapter(model, tmp_path)
+    _assert_unchanged(model, snap)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**cfg, "init_lora_weights": "eva"}))
+    qpeft.load_adapter(model, tmp_path)
+    assert any(".lora_A." in n for n, _ in model.named_parameters())
 
 
 def _variant_value(name: str):

@@ -20,7 +20,7 @@ from ...modules.lora_linear import (LoraLinear, LoraRankWarning, base_shape, che
                                     warn_not_low_rank)
 from ..adapter_io import AdapterMethod, register_method
 from .mixed_batch import enable_adapter_names
-from .options import check_lora_options
+from .options import check_lora_options, init_rewrites_base
 
 __all__ = ["add_lora", "prepare_for_qlora", "lora_layers", "set_lora_adapter", "delete_lora_adapter",
            "disable_lora", "merge_lora", "unmerge_lora", "merge_and_unload"]
@@ -341,6 +341,12 @@ def _load(model: nn.Module, config: dict, tensors: dict, adapter_name: str) -> N
     for key, ok in _UNSUPPORTED.items():
         if key in config and config[key] not in ok:
             errors.append(f"config {key}={config[key]!r} is not supported (supported: {ok[0]!r})")
+    init = config.get("init_lora_weights", True)
+    if init_rewrites_base(init):  # PEFT re-runs it on the base as it loads the adapter; this path only adds A, B
+        errors.append(f"config init_lora_weights={init!r}: PEFT re-runs this init on the base weight when it loads "
+                      f"the adapter, qpeft.load_adapter does not; load it with qpeft.peft_from_pretrained (PEFT's "
+                      f"path on qpeft's 4-bit layers), or save it as a plain LoRA (PEFT's save_pretrained("
+                      f"path_initial_model_for_weight_conversion=...))")
     r_default, alpha_default = config.get("r", 8), config.get("lora_alpha", 8)
     use_dora, lora_bias = bool(config.get("use_dora", False)), bool(config.get("lora_bias", False))
     if use_dora and lora_bias:  # PEFT's LoraConfig refuses the pair

@@ -18,6 +18,7 @@ import sys
 from typing import Any
 
 __all__ = ["SUPPORTED_INITS", "UNSUPPORTED", "LORA_VARIANTS", "SUPPORTED_VARIANTS", "LOFTQ_BITS", "init_supported",
+           "init_rewrites_base",
            "lora_variant_fields", "unsupported_option", "check_lora_options"]
 
 # init_lora_weights values qpeft's layers implement: the adapter-only inits and PEFT's weight-reading ones on a 4-bit
@@ -62,6 +63,13 @@ def init_supported(init: Any) -> bool:
         n = init[len("pissa_niter_"):]
         return n.isdigit() and int(n) >= 1
     return init in SUPPORTED_INITS and init != "pissa_niter_<n>"
+
+
+def init_rewrites_base(init: Any) -> bool:
+    """Whether init_lora_weights=`init` rewrites the base weight (PiSSA, OLoRA, CorDA, LoftQ): PEFT re-runs such an
+    init on the base when it loads an adapter saved with it, so the adapter's A, B are meant for that rewritten
+    base."""
+    return isinstance(init, str) and (init.startswith("pissa") or init in ("olora", "corda", "loftq"))
 
 
 def _peft_lora_config_class():
