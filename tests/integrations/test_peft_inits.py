@@ -171,6 +171,21 @@ def test_failed_init_leaves_the_base(checkpoint, monkeypatch):
     assert all(torch.equal(after[k], before[k]) for k in before)
 
 
+def test_pissa_adapter_reloads_through_peft_onto_the_original_base(checkpoint, tmp_path):
+    """docs/lora.md: a PiSSA adapter (its config keeps init_lora_weights="pissa") loads with
+    qpeft.peft_from_pretrained onto the original 4-bit base: PEFT re-runs PiSSA there (the same residual bytes) and
+    then loads the trained A, B; the model is the one that was saved."""
+    x = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(4))
+    model = get_peft(qpeft_model(checkpoint, False), init_lora_weights="pissa")
+    perturb(model)
+    model.save_pretrained(tmp_path)
+    loaded = qpeft.peft_from_pretrained(qpeft_model(checkpoint, False), tmp_path)
+    assert_same_bytes(loaded, {n: qpeft_bytes(m) for n, m in base_layers(model).items()}, False)
+    assert_same_adapter(loaded, model)
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, model(x).logits)
+
+
 # ------------------------------------------------------------------------------------------ PiSSA/OLoRA to LoRA
 def perturb(model, seed=7):
     """A stand-in for training: the same change to the adapters of both models."""
