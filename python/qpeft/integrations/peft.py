@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
+import os
 import warnings
 
 import torch
@@ -35,6 +37,7 @@ from .accelerate import fsdp_requested, install
 
 _versions.require("peft")
 
+from peft import PeftModel  # noqa: E402
 from peft.tuners.lora import LoraConfig, LoraLayer  # noqa: E402
 from peft.tuners.lora.dora import DoraLinearLayer  # noqa: E402
 from peft.tuners.lora.layer import LoraVariant  # noqa: E402
@@ -46,6 +49,7 @@ from ..modules import merge_state  # noqa: E402
 from ..modules.lora_linear import _dequantize_nf4, _requantize_nf4  # noqa: E402
 from ..modules.qlinear_nf4 import QLinearNF4  # noqa: E402
 from ..tuners.lora.options import SUPPORTED_INITS, UNSUPPORTED, check_lora_options  # noqa: E402,F401  (one rule, all paths)
+from ..tuners.lora.loftq import LOFTQ_BLOCKSIZE, loftq_correction, loftq_nf4  # noqa: E402
 
 __all__ = ["QPeftLoraLinear", "lora_config", "register", "all_linear", "from_pretrained", "peft_from_pretrained",
            "attach_original_weights", "preprocess_corda", "replace_lora_weights_loftq"]
@@ -187,10 +191,6 @@ class QPeftLoraLinear(nn.Module, LoraLayer):
         quantization error) from the weight this 4-bit layer was quantized from, which it cannot recover from its
         own bytes: `original_weight` (set by `attach_original_weights`). The base becomes the NF4 quantization of the
         last LoftQ residual, as PEFT's LoftQ leaves the base, in the layer's own format."""
-        from ..tuners.lora.loftq import loftq_nf4
-
-        from ..tuners.lora.loftq import LOFTQ_BLOCKSIZE
-
         base = self.get_base_layer()
         if base.quant_type != "nf4" or base.blocksize != LOFTQ_BLOCKSIZE:
             # LoftQ's A, B cancel the error of NF4 at blocksize 64 (PEFT's loftq_init); another format would
@@ -748,8 +748,6 @@ peft_from_pretrained = from_pretrained  # the top-level name (qpeft.peft_from_pr
 
 # ----------------------------------------------------------------------------------------- weight-reading inits
 def _base(model: nn.Module) -> nn.Module:
-    from peft import PeftModel
-
     return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
@@ -758,8 +756,6 @@ class _Checkpoint:
     at a time, or of a mapping."""
 
     def __init__(self, source):
-        import os
-
         self.mapping, self.files = None, {}
         if isinstance(source, dict):
             self.mapping = source
@@ -768,8 +764,6 @@ class _Checkpoint:
         if os.path.isdir(path):
             index = os.path.join(path, "model.safetensors.index.json")
             if os.path.exists(index):
-                import json
-
                 with open(index) as f:
                     weight_map = json.load(f)["weight_map"]
                 self.files = {k: os.path.join(path, v) for k, v in weight_map.items()}
@@ -877,12 +871,6 @@ def replace_lora_weights_loftq(peft_model: nn.Module, model_path=None, adapter_n
     model's config `_name_or_path` when it is a local directory), Q the layer's 4-bit weight, dequantized in the
     dtype it was quantized from as bitsandbytes does; the base is kept. `callback(peft_model, module_name) -> bool`
     after each layer: False rolls that layer back (PEFT's semantics). Computes on the layer's device."""
-    import os
-
-    from peft import PeftModel
-
-    from ..tuners.lora.loftq import loftq_correction
-
     if not isinstance(peft_model, PeftModel):
         raise TypeError(f"peft_model must be a PeftModel, got {type(peft_model).__name__}")
     if model_path is None:
