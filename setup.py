@@ -46,6 +46,7 @@ setup(
             "scipy",        # bitsandbytes' create_normal_map (the oracle for codes.normal_map) needs it
             "matplotlib",   # benchmark plots (tests/test_cli.py)
             "deepspeed>=0.19.8",  # tests/distributed/test_zero3.py (ZeRO-3 on the CPU accelerator, gloo)
+            "attrs",        # PEFT 0.21.2's CorDA (peft/tuners/lora/corda.py) imports it without declaring it
             "import-linter>=2.1",  # lint-imports: the package's layering (contracts in pyproject.toml), run by CI
             "ruff",         # ruff check (rules in pyproject.toml), run by CI
         ],

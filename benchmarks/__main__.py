@@ -31,6 +31,7 @@ SUITES = {
     "nf4_matmul": "benchmarks.bench_nf4_matmul",
     "lora": "benchmarks.bench_lora",
     "multilora": "benchmarks.bench_multilora",
+    "dora": "benchmarks.bench_dora",
     "grouped_nf4": "benchmarks.bench_grouped_nf4",
     "bottleneck": "benchmarks.bench_bottleneck",
     "rmsnorm": "benchmarks.bench_rmsnorm",

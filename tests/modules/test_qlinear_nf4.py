@@ -122,6 +122,31 @@ def test_qpeft_to_bitsandbytes_identical_outputs(quant_type, double_quant):
         torch.testing.assert_close(ref(x), q(x), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("quant_type,double_quant", BNB_CASES)
+def test_bitsandbytes_state_dict_half_precision_outputs(quant_type, double_quant, dtype):
+    """docs/quantization.md: in fp16/bf16 a bitsandbytes state dict gives QLinearNF4 bit-identical dequantized
+    weights, but not identical outputs on the CPU (the matmuls round differently); both are within 2x of PyTorch's
+    own error in that dtype against an fp64 oracle."""
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(2)
+    ref = bnb.nn.Linear4bit(256, 64, compute_dtype=dtype, quant_type=quant_type,
+                            compress_statistics=double_quant).to("cpu")
+    ref.bias = nn.Parameter(torch.randn(64, dtype=dtype) * 0.1)
+    q = QLinearNF4(256, 64, compute_dtype=dtype)
+    q.load_state_dict(ref.state_dict())
+    W = bnb.functional.dequantize_4bit(ref.weight.data, ref.weight.quant_state).to(dtype)
+    assert torch.equal(q.dequantize(dtype), W)
+    x = torch.randn(16, 256).to(dtype)
+    with torch.no_grad():
+        ours, theirs = q(x), ref(x)
+        oracle = F.linear(x.double(), W.double(), ref.bias.double())
+        plain = F.linear(x, W, ref.bias)
+    assert ours.dtype == theirs.dtype == dtype
+    assert_close_2x(ours, oracle, plain, what="qpeft")
+    assert_close_2x(theirs, oracle, plain, what="bitsandbytes")
+
+
 def test_safetensors_round_trip(tmp_path):
     from safetensors.torch import load_file, save_file
 

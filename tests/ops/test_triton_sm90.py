@@ -160,6 +160,18 @@ def _optim_8bit_cases():
                                        0.9, 0.999, kind)
 
 
+# ----------------------------------------------------------------------------------------------- DoRA
+def _dora_cases():
+    from qpeft.triton_kernels.dora import dora_weight_norm_triton
+
+    for N, K, blocksize, nested in ((4096, 4096, 64, True), (14336, 4096, 64, False), (4096, 4160, 128, True)):
+        w = _nf4_weight(N, K, blocksize, nested)
+        for r in (8, 16, 64, 256):  # one rank chunk, and the rank looped in chunks of 32
+            for dtype in (torch.float32, torch.bfloat16):
+                dora_weight_norm_triton(*w[:4], N, K, *w[4:], _randn(r, K, dtype=dtype), _randn(N, r, dtype=dtype),
+                                        0.5)
+
+
 # ----------------------------------------------------------------------------------------------- linear cross-entropy
 def _linear_cross_entropy_cases():
     from qpeft.reference.linear_cross_entropy import Head
@@ -266,6 +278,7 @@ def _swiglu_cases():
 
 CASES = {"quantize": _quantize_cases, "nf4_matmul": _nf4_matmul_cases, "lora": _lora_cases,
          "bottleneck": _bottleneck_cases, "multi_lora": _multi_lora_cases, "optim_8bit": _optim_8bit_cases,
+         "dora": _dora_cases,
          "linear_cross_entropy": _linear_cross_entropy_cases,
          "grouped_nf4": _grouped_nf4_cases,
          "rmsnorm": _rmsnorm_cases, "rope": _rope_cases, "swiglu": _swiglu_cases}

@@ -89,14 +89,18 @@ def test_round_trips(tmp_path):
     assert torch.equal(qpeft.dequantize_4bit(w, back), want)
 
 
-def test_blockwise8_state_round_trip():
+@pytest.mark.parametrize("blocksize", [64, 100, 16384])  # 8-bit blockwise: any length, as bitsandbytes' CPU
+def test_blockwise8_state_round_trip(blocksize):
     A = torch.randn(300, generator=torch.Generator().manual_seed(4))
-    q, st = qpeft.quantize_blockwise(A, blocksize=64)
+    q, st = qpeft.quantize_blockwise(A, blocksize=blocksize)
     d = st.as_dict(packed=True)
     assert "quant_state.qpeft__blockwise8" in d and d["quant_map"].numel() == 256
     back = QuantState.from_dict(d, "cpu", packed=q)
     assert back.quant_type == "blockwise8" and torch.equal(qpeft.dequantize_blockwise(q, back),
                                                            qpeft.dequantize_blockwise(q, st))
+    for bad in (0, -1, True, 64.0):
+        with pytest.raises(ValueError, match=f"blocksize must be a positive int for blockwise8, got {bad!r}"):
+            QuantState(st.absmax, st.shape, st.dtype, bad, "blockwise8", st.code).validate(q)
 
 
 def test_to_device_moves_every_tensor():

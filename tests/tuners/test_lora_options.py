@@ -10,6 +10,7 @@ import pytest
 from qpeft.tuners.lora.options import (
     LORA_VARIANTS,
     SUPPORTED_INITS,
+    SUPPORTED_VARIANTS,
     UNSUPPORTED,
     lora_variant_fields,
     unsupported_option,
@@ -23,7 +24,7 @@ def test_imports_neither_peft_nor_transformers():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-@pytest.mark.parametrize("name", sorted(LORA_VARIANTS))
+@pytest.mark.parametrize("name", sorted(set(LORA_VARIANTS) - set(SUPPORTED_VARIANTS)))
 def test_every_variant_refused_in_a_config_dict(name):
     reason = unsupported_option({"peft_type": "LORA", "r": 4, name: {"on": 1} if name.endswith("config") else [3]})
     assert reason is not None and f"LoraConfig({name}=" in reason
@@ -34,14 +35,20 @@ def test_every_variant_refused_in_a_config_dict(name):
     {"r": 8, "lora_alpha": 16, "init_lora_weights": "gaussian", "use_dora": False, "alora_invocation_tokens": None,
      "megatron_config": None, "use_rslora": True, "target_modules": ["q_proj"]},
     {"alora_invocation_tokens": [], "velora_config": {}},  # falsy: off, as PEFT's resolve_lora_variant reads them
+    {"use_dora": True}, {"lora_bias": True},  # DoRA and lora_bias: implemented by both layers
+    {"init_lora_weights": "pissa"}, {"init_lora_weights": "pissa_niter_16"}, {"init_lora_weights": "olora"},
+    {"init_lora_weights": "corda"}, {"init_lora_weights": "eva"},
+    {"init_lora_weights": "loftq", "loftq_config": {"loftq_bits": 4, "loftq_iter": 2}},
 ])
 def test_plain_lora_configs_pass(config):
     assert unsupported_option(config) is None
 
 
 @pytest.mark.parametrize("config, name", [
-    ({"lora_bias": True}, "lora_bias"), ({"fan_in_fan_out": True}, "fan_in_fan_out"),
-    ({"use_qalora": True}, "use_qalora"), ({"init_lora_weights": "pissa"}, "init_lora_weights"),
+    ({"fan_in_fan_out": True}, "fan_in_fan_out"),
+    ({"use_qalora": True}, "use_qalora"), ({"init_lora_weights": "orthogonal"}, "init_lora_weights"),
+    ({"init_lora_weights": "pissa_niter_0"}, "init_lora_weights"),
+    ({"init_lora_weights": "loftq", "loftq_config": {"loftq_bits": 2}}, "loftq_config"),
     ({"init_lora_weights": "mica"}, "init_lora_weights")])
 def test_unsupported_options_named(config, name):
     assert f"LoraConfig({name}=" in unsupported_option(config)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import warnings
 
 import pytest
@@ -10,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 import qpeft
 from qpeft.tuners.lora.model import add_lora, lora_layers
-from qpeft.tuners.lora.options import LORA_VARIANTS
+from qpeft.tuners.lora.options import LORA_VARIANTS, SUPPORTED_VARIANTS
 from utils import tiny_llama
 
 peft = pytest.importorskip("peft")
@@ -140,11 +141,31 @@ def test_unknown_module_and_unsupported_config_raise(tmp_path):
     with pytest.raises(ValueError, match=r"model\.layers\.9\.self_attn\.q_proj.*does not exist"):
         qpeft.load_adapter(model, tmp_path)
     _assert_unchanged(model, snap)
-    dora = tmp_path / "dora"
-    _peft_saved(dora, target_modules=["q_proj"], r=2, use_dora=True)
-    with pytest.raises(ValueError, match=r"use_dora=True\) is not supported"):
-        qpeft.load_adapter(model, dora)
+    other = tmp_path / "fan_in_fan_out"
+    _peft_saved(other, target_modules=["q_proj"], r=2)
+    cfg = json.loads((other / "adapter_config.json").read_text())
+    (other / "adapter_config.json").write_text(json.dumps({**cfg, "fan_in_fan_out": True}))
+    with pytest.raises(ValueError, match=r"fan_in_fan_out=True\) is not supported"):
+        qpeft.load_adapter(model, other)
     _assert_unchanged(model, snap)
+
+
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora", "corda", "loftq"])
+def test_base_rewriting_init_refused_by_qpeft_load_adapter(tmp_path, init):
+    """An adapter saved with an init that rewrites the base (PEFT re-runs it on load) is refused by qpeft's own
+    load path, which adds A, B only, naming init_lora_weights and the paths that work; nothing changes. EVA and
+    the plain inits load."""
+    _peft_saved(tmp_path, target_modules=["q_proj"], r=2)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**cfg, "init_lora_weights": init}))
+    model = tiny_llama()
+    snap = _snapshot(model)
+    with pytest.raises(ValueError, match=re.escape(f"init_lora_weights={init!r}: PEFT re-runs this init")):
+        qpeft.load_adapter(model, tmp_path)
+    _assert_unchanged(model, snap)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**cfg, "init_lora_weights": "eva"}))
+    qpeft.load_adapter(model, tmp_path)
+    assert any(".lora_A." in n for n, _ in model.named_parameters())
 
 
 def _variant_value(name: str):
@@ -156,7 +177,7 @@ def _variant_value(name: str):
             "kasa_config": c.KasaConfig}[name]()
 
 
-@pytest.mark.parametrize("name", sorted(LORA_VARIANTS))
+@pytest.mark.parametrize("name", sorted(set(LORA_VARIANTS) - set(SUPPORTED_VARIANTS)))
 def test_lora_variants_refused_on_every_load_path_with_one_message(tmp_path, name):
     """An adapter_config.json with a LoRA variant on (aLoRA's alora_invocation_tokens, DoRA, VeLoRA, ...; the list
     is PEFT's, see test_lora_options): qpeft.load_adapter (dense or 4-bit base), qpeft.peft_from_pretrained, stock

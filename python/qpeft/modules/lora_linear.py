@@ -6,6 +6,8 @@ Defaults and scaling follow PEFT's `LoraConfig`: r=8, lora_alpha=8, scaling alph
 rsLoRA), kaiming-uniform(a=sqrt(5)) A and zero B, so the layer equals its base at initialisation.
 Adapters are kept in fp32 whatever the base dtype, as PEFT does by default (autocast_adapter_dtype=True):
 their gradients and optimizer state then stay fp32, and the fused kernels read them at activation precision.
+DoRA (use_dora=True) adds `lora_magnitude_vector.<adapter>.weight` (out_features,), PEFT's name; lora_bias=True
+gives lora_B a bias (`lora_B.<adapter>.bias`), added as scaling * bias, as in PEFT.
 """
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ import torch
 import torch.nn as nn
 
 from ..autograd._lora_projection import LoraProjection
-from ..autograd.lora import lora_linear
+from ..autograd.dora import adapters_in_peft_order, dora_linear, dora_weight_norm
+from ..autograd.lora import _nf4_parts, lora_linear
 from . import merge_state
 from .mixed_batch import mixed_batch_forward
 
@@ -39,6 +42,29 @@ def base_shape(layer: nn.Module) -> tuple[int, int]:
         shape = layer.quant_state.shape
         return int(shape[0]), int(shape[1])
     raise TypeError(f"LoraLinear wraps nn.Linear or QLinearNF4, got {type(layer).__name__}")
+
+
+class Magnitude(nn.Module):
+    """DoRA's magnitude vector m (out_features,) as `weight`: PEFT's in-memory key `lora_magnitude_vector.<adapter>
+    .weight` (PEFT keeps it on a DoraLinearLayer; its adapter files drop the `.weight`)."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+
+
+def dora_refusal(layer: nn.Module) -> str | None:
+    """Why DoRA cannot run on this base layer, or None: it needs the dense weight of an nn.Linear or a 4-bit
+    NF4/FP4 (out_features, in_features) weight with its QuantState (what qpeft::dora_weight_norm reads)."""
+    if isinstance(layer, nn.Linear):
+        return None
+    try:
+        parts = _nf4_parts(layer)
+    except ValueError as e:
+        return f"its 4-bit weight cannot be read ({e})"
+    if parts is None:
+        return f"{type(layer).__name__} is neither an nn.Linear nor a 4-bit layer with a QuantState"
+    return None
 
 
 class LoraRankWarning(UserWarning):
@@ -69,10 +95,15 @@ class LoraLinear(nn.Module):
         LoRA paper), or "random" (nn.Linear's default init for A *and* B: not a no-op; for tests, like PEFT's
         init_lora_weights=False).
     use_rslora: scaling lora_alpha / sqrt(r) instead of lora_alpha / r.
+    use_dora: DoRA (PEFT's maths, qpeft.autograd.dora): a magnitude m per output row, initialised to
+        ||W + s B A||_row, y = m / ||W + s B A||_row * (x W^T + s x A^T B^T) + bias.
+    lora_bias: a trainable bias on lora_B (zero-initialised by the kaiming/gaussian inits), added as s * bias; not
+        with DoRA (PEFT's rule).
     """
 
     def __init__(self, base_layer: nn.Module, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
-                 init: str | bool = "kaiming", use_rslora: bool = False, adapter_name: str = "default"):
+                 init: str | bool = "kaiming", use_rslora: bool = False, adapter_name: str = "default",
+                 use_dora: bool = False, lora_bias: bool = False):
         super().__init__()
         self.out_features, self.in_features = base_shape(base_layer)
         self.base_layer = base_layer
@@ -80,6 +111,10 @@ class LoraLinear(nn.Module):
             p.requires_grad_(False)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters only
+        self.use_dora: dict[str, bool] = {}
+        self.lora_bias: dict[str, bool] = {}
+        self._dora_merge_norm: dict[str, torch.Tensor] = {}  # ||W0 + delta||_row of each merged DoRA adapter
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.lora_dropout: dict[str, float] = {}
@@ -95,7 +130,7 @@ class LoraLinear(nn.Module):
         # disable_adapters() runs the original
         self._premerge: dict | None = None
         self._held: merge_state.Held | None = None
-        self.add_adapter(adapter_name, r, lora_alpha, lora_dropout, init, use_rslora)
+        self.add_adapter(adapter_name, r, lora_alpha, lora_dropout, init, use_rslora, use_dora, lora_bias)
         self._active = [adapter_name]
 
     # ------------------------------------------------------------------ adapters
@@ -112,7 +147,8 @@ class LoraLinear(nn.Module):
         return bool(self.merged_adapters)
 
     def add_adapter(self, adapter_name: str, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
-                    init: str | bool = "kaiming", use_rslora: bool = False) -> None:
+                    init: str | bool = "kaiming", use_rslora: bool = False, use_dora: bool = False,
+                    lora_bias: bool = False) -> None:
         """Add a new adapter (not activated unless it is the layer's first; see set_adapter)."""
         if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
             raise ValueError(f"adapter_name must be a non-empty string without '.', got {adapter_name!r}")
@@ -130,9 +166,17 @@ class LoraLinear(nn.Module):
             init = "random"
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        if use_dora and lora_bias:  # PEFT's LoraConfig refuses the pair too
+            raise ValueError("lora_bias=True is not supported for DoRA (use_dora=True); pass one of them")
+        if use_dora:
+            why = dora_refusal(self.base_layer)
+            if why is not None:
+                raise ValueError(f"use_dora=True: DoRA cannot serve this base layer: {why}")
         device = self._device()
         self.lora_A[adapter_name] = nn.Linear(K, r, bias=False, device=device, dtype=torch.float32)
-        self.lora_B[adapter_name] = nn.Linear(r, N, bias=False, device=device, dtype=torch.float32)
+        self.lora_B[adapter_name] = nn.Linear(r, N, bias=bool(lora_bias), device=device, dtype=torch.float32)
+        self.use_dora[adapter_name] = bool(use_dora)
+        self.lora_bias[adapter_name] = bool(lora_bias)
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
         self.lora_dropout[adapter_name] = float(lora_dropout)
@@ -140,18 +184,27 @@ class LoraLinear(nn.Module):
         self.scaling[adapter_name] = lora_alpha / (math.sqrt(r) if use_rslora else r)
         self.init[adapter_name] = init
         self.reset_lora_parameters(adapter_name)
+        if use_dora:  # PEFT: m = ||W + s B A||_row of the initialised adapter (||W|| when B = 0)
+            norm = dora_weight_norm(self.base_layer, self.lora_A[adapter_name].weight,
+                                    self.lora_B[adapter_name].weight, self.scaling[adapter_name])
+            self.lora_magnitude_vector[adapter_name] = Magnitude(norm)
 
     def reset_lora_parameters(self, adapter_name: str) -> None:
         A = self.lora_A[adapter_name].weight
         B = self.lora_B[adapter_name].weight
         with torch.no_grad():
             init = self.init[adapter_name]
+            bias = self.lora_B[adapter_name].bias
             if init == "kaiming":  # PEFT/loralib: the nn.Linear default for A, zero B
                 nn.init.kaiming_uniform_(A, a=math.sqrt(5))
                 B.zero_()
+                if bias is not None:
+                    bias.zero_()
             elif init == "gaussian":  # PEFT's "gaussian": std 1/r
                 nn.init.normal_(A, std=1.0 / self.r[adapter_name])
                 B.zero_()
+                if bias is not None:
+                    bias.zero_()
             else:
                 self.lora_A[adapter_name].reset_parameters()
                 self.lora_B[adapter_name].reset_parameters()
@@ -163,8 +216,10 @@ class LoraLinear(nn.Module):
         if missing:
             raise ValueError(f"unknown adapter(s) {missing}; this layer has {list(self.lora_A)}")
         for n in self.lora_A:
-            self.lora_A[n].weight.requires_grad_(n in names)
-            self.lora_B[n].weight.requires_grad_(n in names)
+            self.lora_A[n].requires_grad_(n in names)
+            self.lora_B[n].requires_grad_(n in names)
+            if n in self.lora_magnitude_vector:
+                self.lora_magnitude_vector[n].requires_grad_(n in names)
         self._active = names
 
     def delete_adapter(self, adapter_name: str) -> None:
@@ -172,10 +227,13 @@ class LoraLinear(nn.Module):
             raise ValueError(f"unknown adapter {adapter_name!r}; this layer has {list(self.lora_A)}")
         if adapter_name in self.merged_adapters:
             raise ValueError(f"adapter {adapter_name!r} is merged into the base weight; unmerge() it first")
-        for d in (self.r, self.lora_alpha, self.lora_dropout, self.use_rslora, self.scaling, self.init):
+        for d in (self.r, self.lora_alpha, self.lora_dropout, self.use_rslora, self.scaling, self.init, self.use_dora,
+                  self.lora_bias):
             del d[adapter_name]
         del self.lora_A[adapter_name]
         del self.lora_B[adapter_name]
+        if adapter_name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[adapter_name]
         self._active = [n for n in self._active if n != adapter_name]
 
     @contextlib.contextmanager
@@ -191,6 +249,8 @@ class LoraLinear(nn.Module):
         stays unmerged. merge() inside the context raises; unmerge() inside it keeps the original weight.
         """
         swapped = False
+        if self.merged_adapters and self._held is None and any(self.lora_bias.get(n) for n in self.merged_adapters):
+            self.unmerge()  # a merged lora_bias changed the base bias too: PEFT's way, unmerge once
         if self.merged_adapters and self._held is None:
             premerge = self._valid_premerge()
             if premerge is not None:
@@ -270,6 +330,13 @@ class LoraLinear(nn.Module):
         base, bias, compute_dtype, out_dtype = self._base_operand(x)
         xc = x.to(compute_dtype)
         dropping = self.training and any(self.lora_dropout[n] > 0.0 for n in names)
+        if any(self.use_dora[n] for n in names):
+            y = self._dora_forward(xc, base, bias, names)
+            return y if out_dtype is None or y.dtype == out_dtype else y.to(out_dtype)
+        for n in names:  # lora_bias: scaling * lora_B.bias joins the base bias (one epilogue add)
+            if self.lora_bias[n] and (len(names) == 1 or not dropping or n == names[0]):
+                b = self.lora_B[n].bias * self.scaling[n]
+                bias = b if bias is None else bias + b
         if len(names) == 1 or not dropping:
             # one fused call: several adapters stack along the rank, scalings folded into B
             if len(names) == 1:
@@ -291,6 +358,19 @@ class LoraLinear(nn.Module):
                 xd = nn.functional.dropout(xc.float(), self.lora_dropout[n], training=True)
                 y = y + (self.lora_B[n](self.lora_A[n](xd)) * self.scaling[n]).to(y.dtype)
         return y if out_dtype is None or y.dtype == out_dtype else y.to(out_dtype)
+
+    def _dora_forward(self, xc: torch.Tensor, base, bias: torch.Tensor | None, names: list[str]) -> torch.Tensor:
+        """One DoRA adapter: the fused DoRA op; several adapters with a DoRA one: PEFT's order, step by step."""
+        if len(names) == 1:
+            n = names[0]
+            return dora_linear(xc, base, self.lora_A[n].weight, self.lora_B[n].weight, self.scaling[n],
+                               self.lora_magnitude_vector[n].weight, bias=bias, dropout_p=self.lora_dropout[n],
+                               training=self.training)
+        adapters = [(self.lora_A[n].weight, self.lora_B[n].weight, self.scaling[n], self.lora_dropout[n],
+                     self.lora_magnitude_vector[n].weight if self.use_dora[n] else None, self.lora_B[n].bias)
+                    for n in names]
+        start = base(xc) if isinstance(base, nn.Module) else nn.functional.linear(xc, base, bias)
+        return adapters_in_peft_order(start, xc, base, bias, adapters, self.training)
 
     def _base_operand(self, x: torch.Tensor):
         """(base for lora_linear, bias, compute dtype, output dtype or None to keep the compute dtype).
@@ -316,6 +396,29 @@ class LoraLinear(nn.Module):
         A = self.lora_A[adapter_name].weight.detach().float()
         B = self.lora_B[adapter_name].weight.detach().float()
         return (B @ A) * self.scaling[adapter_name]
+
+    def _merged_target(self, n: str, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the fp32 weight after merging adapter n into the fp32 weight w, DoRA's norm or None). DoRA (PEFT's
+        rule): m / ||W0 + delta||_row * (w + delta), W0 = w without the adapters merged before it."""
+        delta = self.get_delta_weight(n)
+        if not self.use_dora[n]:
+            return w + delta, None
+        w0 = w
+        for prev in reversed(self.merged_adapters):
+            if self.use_dora[prev]:
+                w0 = w0 / self._dora_factor(prev, self._dora_merge_norm[prev])
+            w0 = w0 - self.get_delta_weight(prev)
+        norm = torch.linalg.vector_norm(w0 + delta, dim=1)
+        return self._dora_factor(n, norm) * (w + delta), norm
+
+    def _dora_factor(self, n: str, norm: torch.Tensor) -> torch.Tensor:
+        return (self.lora_magnitude_vector[n].weight.detach().float() / norm)[:, None]
+
+    def _bias_delta(self, n: str) -> torch.Tensor | None:
+        """scaling * lora_B.bias (fp32) for a lora_bias adapter, else None."""
+        if not self.lora_bias[n]:
+            return None
+        return self.lora_B[n].bias.detach().float() * self.scaling[n]
 
     def _dense_weight_fp32(self) -> torch.Tensor:
         if self.is_nf4:
@@ -373,18 +476,34 @@ class LoraLinear(nn.Module):
         unknown = [n for n in names if n not in self.lora_A]
         if unknown:
             raise ValueError(f"unknown adapter(s) {unknown}; this layer has {list(self.lora_A)}")
+        base_bias = getattr(self.base_layer, "bias", None)
+        no_bias = [n for n in names if self.lora_bias[n] and base_bias is None]
+        if no_bias:  # PEFT: "Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias."
+            raise ValueError(f"cannot merge adapter(s) {no_bias}: lora_bias=True needs a base layer with a bias, "
+                             f"this {type(self.base_layer).__name__} has none; the base was left unchanged")
         premerge = self._valid_premerge()
         if premerge is None and keep_original and names and not self.merged_adapters:
             # an NF4 merge replaces the quantized tensors (keeping the old ones copies nothing); a dense merge
             # writes the weight in place (its original is cloned)
             premerge = {"original": merge_state.snapshot(self.base_layer, self.is_nf4, clone=not self.is_nf4)}
+        if premerge is not None and keep_original and "bias" not in premerge and base_bias is not None \
+                and any(self.lora_bias[n] for n in names):
+            premerge["bias"] = base_bias.detach().clone()
         errors = {}
         try:
             for n in names:
-                target = self._dense_weight_fp32() + self.get_delta_weight(n)
-                if safe_merge and not torch.isfinite(target).all():
+                target, norm = self._merged_target(n, self._dense_weight_fp32())
+                bias_delta = self._bias_delta(n)
+                new_bias = None if bias_delta is None else base_bias.detach().float() + bias_delta
+                if safe_merge and not (torch.isfinite(target).all() and
+                                       (new_bias is None or torch.isfinite(new_bias).all())):
                     raise ValueError(f"merging adapter {n!r} gives non-finite weights; the base was left unchanged")
                 stored = self._store_weight(target)
+                if new_bias is not None:
+                    with torch.no_grad():
+                        base_bias.copy_(new_bias.to(base_bias.dtype))
+                if norm is not None:
+                    self._dora_merge_norm[n] = norm
                 errors[n] = (stored - target).abs().max().item()
                 self.merged_adapters.append(n)
         finally:
@@ -412,14 +531,26 @@ class LoraLinear(nn.Module):
         self._premerge = None
         if premerge is not None and self.merged_adapters:
             merge_state.put(self.base_layer, premerge["original"], self.is_nf4)
+            if "bias" in premerge:
+                with torch.no_grad():
+                    self.base_layer.bias.copy_(premerge["bias"])
             errors = {n: 0.0 for n in reversed(self.merged_adapters)}
             self.merged_adapters.clear()
+            self._dora_merge_norm.clear()
             return errors
         errors = {}
         while self.merged_adapters:
             n = self.merged_adapters.pop()
-            target = self._dense_weight_fp32() - self.get_delta_weight(n)
+            w = self._dense_weight_fp32()
+            if self.use_dora[n]:
+                w = w / self._dora_factor(n, self._dora_merge_norm.pop(n))
+            target = w - self.get_delta_weight(n)
             errors[n] = (self._store_weight(target) - target).abs().max().item()
+            bias_delta = self._bias_delta(n)
+            if bias_delta is not None:
+                bias = self.base_layer.bias
+                with torch.no_grad():
+                    bias.copy_((bias.detach().float() - bias_delta).to(bias.dtype))
         return errors
 
     def merge_and_unload(self, dtype: torch.dtype | None = None) -> nn.Module:
@@ -436,22 +567,38 @@ class LoraLinear(nn.Module):
             return layer.to(dtype) if dtype is not None else layer
         dtype = torch.bfloat16 if dtype is None else dtype
         w = self._dense_weight_fp32()
-        merged = set(self.merged_adapters)  # already inside the quantized weight
-        for n in self._active:
-            if n not in merged:
-                w = w + self.get_delta_weight(n)
         bias = getattr(self.base_layer, "bias", None)
+        todo = [n for n in self._active if n not in self.merged_adapters]  # the merged ones: in the weight already
+        no_bias = [n for n in todo if self.lora_bias[n] and bias is None]
+        if no_bias:
+            raise ValueError(f"cannot merge adapter(s) {no_bias}: lora_bias=True needs a base layer with a bias, "
+                             f"this {type(self.base_layer).__name__} has none")
+        bias = None if bias is None else bias.detach().float()
+        merged_before = list(self.merged_adapters)
+        try:
+            for n in todo:  # DoRA's norm needs the adapters merged before it: tracked as merge() does
+                w, norm = self._merged_target(n, w)
+                if norm is not None:
+                    self._dora_merge_norm[n] = norm
+                self.merged_adapters.append(n)
+                if self._bias_delta(n) is not None:
+                    bias = bias + self._bias_delta(n)
+        finally:
+            for n in self.merged_adapters[len(merged_before):]:
+                self._dora_merge_norm.pop(n, None)
+            self.merged_adapters[:] = merged_before
         layer = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device=w.device, dtype=dtype)
         with torch.no_grad():
             layer.weight.copy_(w.to(dtype))
             if bias is not None:
-                layer.bias.copy_(bias.detach().to(dtype))
+                layer.bias.copy_(bias.to(dtype))
         layer.requires_grad_(False)
         return layer
 
     def extra_repr(self) -> str:
         ad = ", ".join(f"{n}(r={self.r[n]}, alpha={self.lora_alpha[n]}, dropout={self.lora_dropout[n]}"
-                       f"{', rslora' if self.use_rslora[n] else ''})" for n in self.lora_A)
+                       f"{', rslora' if self.use_rslora[n] else ''}{', dora' if self.use_dora[n] else ''}"
+                       f"{', lora_bias' if self.lora_bias[n] else ''})" for n in self.lora_A)
         return (f"in_features={self.in_features}, out_features={self.out_features}, adapters=[{ad}], "
                 f"active={self._active}, merged={self.merged_adapters}")
 

@@ -27,6 +27,7 @@ BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in adapter_names
 
 TRAINING = "Cannot pass `adapter_names` when the model is in training mode."
 MERGED = "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first."
+DORA = "Cannot pass `adapter_names` when DoRA is enabled."  # PEFT 0.21.2's LoraLayer._check_forward_args
 
 
 def check_names_type(adapter_names) -> list[str]:
@@ -50,6 +51,7 @@ class AdapterPool:
     max_rank: int
     refs: list
     index_cache: dict = field(default_factory=dict)
+    bias_cat: torch.Tensor | None = None  # (L, N) fp32 scaling * lora_B.bias (zeros without lora_bias), or None
 
 
 def _pool_key(layer: nn.Module, device: torch.device) -> tuple:
@@ -58,8 +60,12 @@ def _pool_key(layer: nn.Module, device: torch.device) -> tuple:
     def ident(t):
         return id(t), t.data_ptr(), t._version
 
-    return (device,) + tuple((n, *ident(layer.lora_A[n].weight), *ident(layer.lora_B[n].weight), layer.r[n],
-                              layer.scaling[n]) for n in layer.lora_A)
+    def bias_ident(n):
+        bias = layer.lora_B[n].bias
+        return () if bias is None else ident(bias)
+
+    return (device,) + tuple((n, *ident(layer.lora_A[n].weight), *ident(layer.lora_B[n].weight), *bias_ident(n),
+                              layer.r[n], layer.scaling[n]) for n in layer.lora_A)
 
 
 def adapter_pool(layer: nn.Module, device: torch.device) -> AdapterPool:
@@ -72,6 +78,11 @@ def adapter_pool(layer: nn.Module, device: torch.device) -> AdapterPool:
     with torch.no_grad():
         A_cat = torch.cat([layer.lora_A[n].weight.detach().float() for n in names], 0).to(device).contiguous()
         B_cat = torch.cat([layer.lora_B[n].weight.detach().float() for n in names], 1).to(device).contiguous()
+        bias_cat = None
+        if any(layer.lora_B[n].bias is not None for n in names):  # lora_bias: scaling * bias per adapter
+            bias_cat = torch.stack([layer.lora_B[n].bias.detach().float() * layer.scaling[n]
+                                    if layer.lora_B[n].bias is not None else
+                                    torch.zeros(layer.out_features, device=A_cat.device) for n in names]).to(device)
     starts = [0]
     for n in names:
         starts.append(starts[-1] + layer.r[n])
@@ -79,7 +90,8 @@ def adapter_pool(layer: nn.Module, device: torch.device) -> AdapterPool:
                        rank_start=torch.tensor(starts, dtype=torch.int32, device=device),
                        scale=torch.tensor([layer.scaling[n] for n in names], dtype=torch.float32, device=device),
                        slot={n: a for a, n in enumerate(names)}, max_rank=max(layer.r[n] for n in names),
-                       refs=[t for n in names for t in (layer.lora_A[n].weight, layer.lora_B[n].weight)])
+                       refs=[t for n in names for t in (layer.lora_A[n].weight, layer.lora_B[n].weight)],
+                       bias_cat=bias_cat)
     layer.__dict__["_qpeft_pool"] = pool
     return pool
 
@@ -94,6 +106,9 @@ def mixed_batch_forward(layer: nn.Module, x: torch.Tensor, adapter_names) -> tor
         raise ValueError(MERGED)
     if layer.training:  # PEFT checks this at model level; a lone layer refuses too (the ops have no backward)
         raise ValueError(TRAINING)
+    use_dora = getattr(layer, "use_dora", {})
+    if any(use_dora.get(n, False) for n in set(names) - {BASE_ADAPTER}):
+        raise ValueError(DORA)
     if layer._disabled:
         return layer.base_layer(x)
     y = layer.base_layer(x)
@@ -117,6 +132,9 @@ def mixed_batch_forward(layer: nn.Module, x: torch.Tensor, adapter_names) -> tor
     xa = ops.lora_shrink_gathered(x.reshape(-1, K).to(compute_dtype), pool.A_cat, pool.rank_start, index,
                                   pool.max_rank)
     out = ops.lora_expand_gathered(y.reshape(-1, N), xa, pool.B_cat, pool.rank_start, pool.scale, index)
+    if pool.bias_cat is not None:  # lora_bias rows: + scaling * bias of their adapter (base rows: + 0)
+        table = torch.cat([pool.bias_cat, pool.bias_cat.new_zeros(1, N)])  # index -1 -> the zero row
+        out = (out.float() + table[index.long()]).to(out.dtype)
     return out.reshape(y.shape)
 
 

@@ -4,6 +4,8 @@
     qpeft::dequantize_4bit(packed, absmax, code, blocksize, shape, dtype) -> Tensor(shape, dtype)
     qpeft::quantize_blockwise(A, code, blocksize) -> (q uint8 [n], absmax fp32 [blocks])
     qpeft::dequantize_blockwise(q, absmax, code, blocksize, dtype) -> Tensor [n]
+        (any blocksize >= 1, as bitsandbytes' CPU quantizer; the kernels take BLOCKSIZES, 32..4096, and the
+        other lengths run the PyTorch reference on every device)
     qpeft::quantize_linear(A, bits, blocksize, symmetric) -> (codes, scale fp32 [blocks], zero uint8 [blocks])
     qpeft::dequantize_linear(q, scale, zero, bits, blocksize, symmetric, shape, dtype) -> Tensor(shape, dtype)
 
@@ -39,15 +41,23 @@ def _numel(shape) -> int:
     return n
 
 
-def _check_input(A: torch.Tensor, blocksize: int) -> None:
+def _check_blocksize(blocksize: int, any_size: bool) -> None:
+    if any_size:  # the 8-bit blockwise ops: any block length, as bitsandbytes' CPU quantizer
+        torch._check(blocksize >= 1, lambda: f"blocksize must be a positive int, got {blocksize}")
+    else:
+        torch._check(blocksize in BLOCKSIZES, lambda: f"blocksize must be one of {BLOCKSIZES}, got {blocksize}")
+
+
+def _check_input(A: torch.Tensor, blocksize: int, any_size: bool = False) -> None:
     torch._check(A.dtype in FLOAT_DTYPES, lambda: f"A must be float32, float16 or bfloat16, got {A.dtype}")
     torch._check(A.is_contiguous(), lambda: "A must be contiguous (call .contiguous() first)")
     torch._check(A.numel() > 0, lambda: "A must not be empty")
-    torch._check(blocksize in BLOCKSIZES, lambda: f"blocksize must be one of {BLOCKSIZES}, got {blocksize}")
+    _check_blocksize(blocksize, any_size)
 
 
-def _check_scales(absmax: torch.Tensor, n: int, blocksize: int, like: torch.Tensor, name: str = "absmax") -> None:
-    torch._check(blocksize in BLOCKSIZES, lambda: f"blocksize must be one of {BLOCKSIZES}, got {blocksize}")
+def _check_scales(absmax: torch.Tensor, n: int, blocksize: int, like: torch.Tensor, name: str = "absmax",
+                  any_size: bool = False) -> None:
+    _check_blocksize(blocksize, any_size)
     blocks = (n + blocksize - 1) // blocksize
     torch._check(absmax.dtype == torch.float32, lambda: f"{name} must be float32, got {absmax.dtype}")
     torch._check(absmax.numel() == blocks,
@@ -137,8 +147,10 @@ def _(packed, absmax, code, blocksize, shape, dtype):
 # --- 8-bit blockwise ------------------------------------------------------------------------------------------
 @custom_op("qpeft::quantize_blockwise", mutates_args=())
 def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
-    _check_input(A, blocksize)
+    _check_input(A, blocksize, any_size=True)
     _check_code(code, A, None)
+    if blocksize not in BLOCKSIZES:  # the kernels tile by these powers of two; any other length: the reference
+        return ref.quantize_blockwise_ref(A, code, blocksize)
     impl = _backend.select("quantize_blockwise", A.device)
     if impl == "cuda":
         n = A.numel()
@@ -155,7 +167,7 @@ def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int) -> t
 
 @register_fake("qpeft::quantize_blockwise")
 def _(A, code, blocksize):
-    _check_input(A, blocksize)
+    _check_input(A, blocksize, any_size=True)
     _check_code(code, A, None)
     n = A.numel()
     return (A.new_empty(n, dtype=torch.uint8), A.new_empty((n + blocksize - 1) // blocksize, dtype=torch.float32))
@@ -165,7 +177,7 @@ def _check_dequantize_blockwise(q, absmax, code, blocksize, dtype) -> None:
     torch._check(q.dtype == torch.uint8, lambda: f"q must be uint8, got {q.dtype}")
     torch._check(q.is_contiguous(), lambda: "q must be contiguous")
     torch._check(q.numel() > 0, lambda: "q must not be empty")
-    _check_scales(absmax, q.numel(), blocksize, q)
+    _check_scales(absmax, q.numel(), blocksize, q, any_size=True)
     _check_code(code, q, None)
     _check_out_dtype(dtype)
 
@@ -174,6 +186,8 @@ def _check_dequantize_blockwise(q, absmax, code, blocksize, dtype) -> None:
 def dequantize_blockwise(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
                          dtype: torch.dtype) -> torch.Tensor:
     _check_dequantize_blockwise(q, absmax, code, blocksize, dtype)
+    if blocksize not in BLOCKSIZES:
+        return ref.dequantize_blockwise_ref(q, absmax, code, blocksize, dtype)
     impl = _backend.select("dequantize_blockwise", q.device)
     if impl == "cuda":
         out = torch.empty(q.numel(), dtype=dtype, device=q.device)

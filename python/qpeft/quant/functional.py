@@ -65,8 +65,15 @@ def _absmax_flags_nan(device: torch.device, requested_backend: str) -> bool:
     return bool(torch.isnan(absmax4).all()) and bool(torch.isnan(absmax8).all())
 
 
-def _check_blocksize(blocksize, name: str = "blocksize") -> None:
-    if not isinstance(blocksize, int) or isinstance(blocksize, bool) or blocksize not in ops.BLOCKSIZES:
+def _check_blocksize(blocksize, name: str = "blocksize", any_size: bool = False) -> None:
+    """any_size (8-bit blockwise): any int >= 1, as bitsandbytes' CPU quantizer accepts (its CUDA kernels take
+    64..4096; qpeft's kernels take ops.BLOCKSIZES and run the PyTorch reference for the other lengths)."""
+    if not isinstance(blocksize, int) or isinstance(blocksize, bool):
+        raise ValueError(f"{name} must be {'a positive int' if any_size else f'one of {ops.BLOCKSIZES}'}, got "
+                         f"{blocksize!r}")
+    if any_size and blocksize < 1:
+        raise ValueError(f"{name} must be a positive int, got {blocksize!r}")
+    if not any_size and blocksize not in ops.BLOCKSIZES:
         raise ValueError(f"{name} must be one of {ops.BLOCKSIZES}, got {blocksize!r}")
 
 
@@ -139,13 +146,15 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype 
 # --- 8-bit blockwise ------------------------------------------------------------------------------------------
 def quantize_blockwise(A: torch.Tensor, code: torch.Tensor | None = None,
                        blocksize: int = 256) -> tuple[torch.Tensor, QuantState]:
-    """8-bit blockwise quantization against a sorted code book (default: the signed dynamic map).
+    """8-bit blockwise quantization against a sorted code book (default: the signed dynamic map), in blocks of any
+    length `blocksize` >= 1 (bitsandbytes' CPU range; 32..4096 powers of two run qpeft's kernels on a GPU, other
+    lengths the PyTorch reference).
 
     Returns (q uint8 of A's shape, state) with state.quant_type "blockwise8". `code`: 2..256 sorted fp32
     values in [-1, 1] (e.g. qpeft.formats.codes.quantile_code(A)); codes index it.
     """
     _check_tensor(A)
-    _check_blocksize(blocksize)
+    _check_blocksize(blocksize, any_size=True)
     if code is None:
         code = codes.dynamic_map(device=A.device)
     if not isinstance(code, torch.Tensor) or code.dim() != 1 or not 2 <= code.numel() <= 256 \

@@ -118,7 +118,10 @@ class QuantState:
 
         if self.quant_type not in QUANT_TYPES:
             bad(f"quant_type must be one of {QUANT_TYPES}, got {self.quant_type!r}")
-        if self.blocksize not in BLOCKSIZES:
+        if self.quant_type == "blockwise8":  # 8-bit blockwise: any block length (bitsandbytes' CPU quantizer)
+            if not isinstance(self.blocksize, int) or isinstance(self.blocksize, bool) or self.blocksize < 1:
+                bad(f"blocksize must be a positive int for blockwise8, got {self.blocksize!r}")
+        elif self.blocksize not in BLOCKSIZES:
             bad(f"blocksize must be one of {BLOCKSIZES}, got {self.blocksize!r}")
         if self.shape is None or self.numel <= 0:
             bad(f"shape must be a non-empty shape, got {self.shape}")

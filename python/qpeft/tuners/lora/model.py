@@ -16,10 +16,11 @@ import torch
 import torch.nn as nn
 
 from ...models.quantization import quantize_model
-from ...modules.lora_linear import LoraLinear, LoraRankWarning, base_shape, check_rank, is_nf4_layer, warn_not_low_rank
+from ...modules.lora_linear import (LoraLinear, LoraRankWarning, base_shape, check_rank, dora_refusal, is_nf4_layer,
+                                    warn_not_low_rank)
 from ..adapter_io import AdapterMethod, register_method
 from .mixed_batch import enable_adapter_names
-from .options import check_lora_options
+from .options import check_lora_options, init_rewrites_base
 
 __all__ = ["add_lora", "prepare_for_qlora", "lora_layers", "set_lora_adapter", "delete_lora_adapter",
            "disable_lora", "merge_lora", "unmerge_lora", "merge_and_unload"]
@@ -111,9 +112,12 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, leaf, new)
 
 
+_ADAPTER_PARTS = ("lora_A", "lora_B", "lora_magnitude_vector")
+
+
 def _freeze_non_lora(model: nn.Module) -> None:
     for n, p in model.named_parameters():
-        if ".lora_A." not in n and ".lora_B." not in n and not n.startswith(("lora_A.", "lora_B.")):
+        if not any(f".{a}." in n or n.startswith(f"{a}.") for a in _ADAPTER_PARTS):
             p.requires_grad_(False)
 
 
@@ -128,7 +132,7 @@ def _task_type(model: nn.Module) -> str | None:
 
 
 def _peft_config(model: nn.Module, r: int, lora_alpha: float, lora_dropout: float, use_rslora: bool, init: str,
-                 target_modules) -> dict:
+                 target_modules, use_dora: bool = False, lora_bias: bool = False) -> dict:
     cfg = getattr(model, "config", None)
     name_or_path = getattr(cfg, "_name_or_path", None) or getattr(cfg, "name_or_path", None) or None
     return {
@@ -136,7 +140,8 @@ def _peft_config(model: nn.Module, r: int, lora_alpha: float, lora_dropout: floa
         "revision": None, "inference_mode": False, "r": r, "lora_alpha": lora_alpha, "lora_dropout": lora_dropout,
         "target_modules": target_modules, "use_rslora": use_rslora, "bias": "none", "fan_in_fan_out": False,
         "init_lora_weights": {"kaiming": True, "gaussian": "gaussian", "random": False}[init],
-        "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {}, "use_dora": False, "lora_bias": False,
+        "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {}, "use_dora": bool(use_dora),
+        "lora_bias": bool(lora_bias),
         "layers_to_transform": None, "layers_pattern": None, "exclude_modules": None,
     }
 
@@ -149,13 +154,14 @@ def _configs(model: nn.Module) -> dict:
 
 def add_lora(model: nn.Module, target_modules="all-linear", r: int = 8, lora_alpha: float = 8,
              lora_dropout: float = 0.0, adapter_name: str = "default", use_rslora: bool = False,
-             init: str | bool = "kaiming") -> nn.Module:
+             init: str | bool = "kaiming", use_dora: bool = False, lora_bias: bool = False) -> nn.Module:
     """Inject LoRA adapter `adapter_name` into the matching layers, freeze everything else, return `model`.
 
     target_modules (PEFT's rules): a list of names, each matching a module path exactly or as a suffix on a
     '.' boundary ("q_proj" matches "model.layers.0.self_attn.q_proj"); a str, a regex that must match the
     whole module path; or "all-linear", every nn.Linear / QLinearNF4 except the output layer (lm_head).
     Layers already wrapped get the adapter added (not activated; see set_lora_adapter).
+    use_dora: DoRA (PEFT's LoraConfig(use_dora=True)); lora_bias: a bias on lora_B (PEFT's lora_bias=True).
     Raises ValueError, before changing anything, when a target matches nothing (naming available modules),
     when a match is not a Linear layer, or when r is not an int >= 1. As in PEFT, r above a layer's
     min(in_features, out_features) is accepted, with one LoraRankWarning naming those layers.
@@ -175,6 +181,14 @@ def add_lora(model: nn.Module, target_modules="all-linear", r: int = 8, lora_alp
             raise ValueError(f"add_lora: module {n!r} already has an adapter named {adapter_name!r}")
     if not 0.0 <= float(lora_dropout) < 1.0:
         raise ValueError(f"add_lora: lora_dropout must be in [0, 1), got {lora_dropout}")
+    if use_dora and lora_bias:
+        raise ValueError("add_lora: lora_bias=True is not supported for DoRA (use_dora=True); pass one of them")
+    if use_dora:
+        for n in names:
+            m = model.get_submodule(n)
+            why = dora_refusal(m.base_layer if isinstance(m, LoraLinear) else m)
+            if why is not None:
+                raise ValueError(f"add_lora: use_dora=True: DoRA cannot serve module {n!r}: {why}")
     if full_rank:  # one warning for the whole call, not one per layer
         more = f" and {len(full_rank) - 4} more" if len(full_rank) > 4 else ""
         warn_not_low_rank(f"{len(full_rank)} layer(s): {', '.join(full_rank[:4])}{more}", r)
@@ -183,9 +197,10 @@ def add_lora(model: nn.Module, target_modules="all-linear", r: int = 8, lora_alp
         for n in names:
             m = model.get_submodule(n)
             if isinstance(m, LoraLinear):
-                m.add_adapter(adapter_name, r, lora_alpha, lora_dropout, init, use_rslora)
+                m.add_adapter(adapter_name, r, lora_alpha, lora_dropout, init, use_rslora, use_dora, lora_bias)
             else:
-                layer = LoraLinear(m, r, lora_alpha, lora_dropout, init, use_rslora, adapter_name)
+                layer = LoraLinear(m, r, lora_alpha, lora_dropout, init, use_rslora, adapter_name, use_dora,
+                                   lora_bias)
                 layer.train(m.training)
                 _set_module(model, n, layer)
     _freeze_non_lora(model)
@@ -193,7 +208,7 @@ def add_lora(model: nn.Module, target_modules="all-linear", r: int = 8, lora_alp
         layer.set_adapter(layer.active_adapters)
     init_name = {True: "kaiming", False: "random"}.get(init, init) if isinstance(init, bool) else init
     _configs(model)[adapter_name] = _peft_config(model, r, lora_alpha, lora_dropout, use_rslora, init_name,
-                                                 _target_modules_for_config(model, names))
+                                                 _target_modules_for_config(model, names), use_dora, lora_bias)
     enable_adapter_names(model)
     return model
 
@@ -283,7 +298,8 @@ def _config_for_save(model: nn.Module, adapter_name: str) -> dict:
     first = next(iter(layers.values()))
     cfg = dict(_configs(model).get(adapter_name) or _peft_config(
         model, first.r[adapter_name], first.lora_alpha[adapter_name], first.lora_dropout[adapter_name],
-        first.use_rslora[adapter_name], first.init[adapter_name], []))
+        first.use_rslora[adapter_name], first.init[adapter_name], [], first.use_dora[adapter_name],
+        first.lora_bias[adapter_name]))
     # the files describe what the model holds now (layers may have been added by several calls)
     cfg["target_modules"] = _target_modules_for_config(model, list(layers))
     r, alpha = cfg["r"], cfg["lora_alpha"]
@@ -299,6 +315,10 @@ def _state_dict(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
         if adapter_name in m.lora_A:
             out[f"{PEFT_PREFIX}{n}.lora_A.weight"] = m.lora_A[adapter_name].weight
             out[f"{PEFT_PREFIX}{n}.lora_B.weight"] = m.lora_B[adapter_name].weight
+            if m.lora_bias[adapter_name]:
+                out[f"{PEFT_PREFIX}{n}.lora_B.bias"] = m.lora_B[adapter_name].bias
+            if m.use_dora[adapter_name]:  # PEFT's file key: no ".weight" (lora/model.py _get_adapter_state_dict)
+                out[f"{PEFT_PREFIX}{n}.lora_magnitude_vector"] = m.lora_magnitude_vector[adapter_name].weight
     return out
 
 
@@ -321,18 +341,37 @@ def _load(model: nn.Module, config: dict, tensors: dict, adapter_name: str) -> N
     for key, ok in _UNSUPPORTED.items():
         if key in config and config[key] not in ok:
             errors.append(f"config {key}={config[key]!r} is not supported (supported: {ok[0]!r})")
+    init = config.get("init_lora_weights", True)
+    if init_rewrites_base(init):  # PEFT re-runs it on the base as it loads the adapter; this path only adds A, B
+        errors.append(f"config init_lora_weights={init!r}: PEFT re-runs this init on the base weight when it loads "
+                      f"the adapter, qpeft.load_adapter does not; load it with qpeft.peft_from_pretrained (PEFT's "
+                      f"path on qpeft's 4-bit layers), or save it as a plain LoRA (PEFT's save_pretrained("
+                      f"path_initial_model_for_weight_conversion=...))")
     r_default, alpha_default = config.get("r", 8), config.get("lora_alpha", 8)
+    use_dora, lora_bias = bool(config.get("use_dora", False)), bool(config.get("lora_bias", False))
+    if use_dora and lora_bias:  # PEFT's LoraConfig refuses the pair
+        errors.append("config use_dora=True with lora_bias=True is not supported (PEFT refuses it too)")
+    expected = {"lora_A", "lora_B"} | ({"lora_magnitude_vector"} if use_dora else set()) | \
+        ({"lora_B.bias"} if lora_bias else set())
     pieces: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     for key, t in tensors.items():
         path = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
-        m = re.fullmatch(r"(.+)\.(lora_A|lora_B)(?:\.[^.]+)?\.weight", path)
+        # PEFT's file keys (<module>.lora_A.weight, .lora_B.weight, .lora_B.bias, .lora_magnitude_vector), also
+        # with the adapter name in them (the in-memory form)
+        m = (re.fullmatch(r"(.+)\.(lora_A|lora_B)(?:\.[^.]+)?\.(weight|bias)", path)
+             or re.fullmatch(r"(.+)\.(lora_magnitude_vector)(?:(?:\.[^.]+)?\.weight)?()", path))
         if m is None:
-            errors.append(f"unexpected key {key!r} (a LoRA file holds <module>.lora_A.weight / .lora_B.weight)")
+            errors.append(f"unexpected key {key!r} (a LoRA file holds <module>.lora_A.weight / .lora_B.weight, "
+                          f"and .lora_B.bias with lora_bias, .lora_magnitude_vector with DoRA)")
             continue
+        part = m.group(2) + (".bias" if m.group(3) == "bias" else "")
         if m.group(1).endswith(".base_layer") or ".lora_" in m.group(1):
             errors.append(f"unexpected key {key!r}")
             continue
-        pieces[m.group(1)][m.group(2)] = t
+        if part not in expected:
+            errors.append(f"unexpected key {key!r}: the config has use_dora={use_dora}, lora_bias={lora_bias}")
+            continue
+        pieces[m.group(1)][part] = t
     if not pieces and not errors:
         errors.append("the adapter file holds no LoRA tensors")
     plan = []
@@ -349,9 +388,14 @@ def _load(model: nn.Module, config: dict, tensors: dict, adapter_name: str) -> N
         else:
             errors.append(f"module {path!r} is a {type(m).__name__}, not an nn.Linear/QLinearNF4")
             continue
-        if set(ab) != {"lora_A", "lora_B"}:
-            errors.append(f"module {path!r}: the file has {sorted(ab)} but needs both lora_A and lora_B")
+        if set(ab) != expected:
+            errors.append(f"module {path!r}: the file has {sorted(ab)} but needs {sorted(expected)}")
             continue
+        if use_dora:
+            why = dora_refusal(m.base_layer if isinstance(m, LoraLinear) else m)
+            if why is not None:
+                errors.append(f"module {path!r}: use_dora=True: DoRA cannot serve it: {why}")
+                continue
         A, B = ab["lora_A"], ab["lora_B"]
         r = _pattern_value(config.get("rank_pattern"), path, r_default)
         alpha = _pattern_value(config.get("alpha_pattern"), path, alpha_default)
@@ -359,31 +403,47 @@ def _load(model: nn.Module, config: dict, tensors: dict, adapter_name: str) -> N
             errors.append(f"module {path!r} (out={N}, in={K}) with r={r}: expected lora_A ({r}, {K}) and lora_B "
                           f"({N}, {r}), the file has lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)}")
             continue
-        if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
-            errors.append(f"module {path!r}: lora_A / lora_B hold non-finite values")
+        extra = {k: v for k, v in ab.items() if k in ("lora_magnitude_vector", "lora_B.bias")}
+        bad = [k for k, v in extra.items() if tuple(v.shape) != (N,)]
+        if bad:
+            errors.append(f"module {path!r} (out={N}): {', '.join(f'{k} {tuple(ab[k].shape)}' for k in bad)}, "
+                          f"expected ({N},)")
+            continue
+        if not all(torch.isfinite(t).all() for t in ab.values()):
+            errors.append(f"module {path!r}: {'/'.join(sorted(ab))} hold non-finite values")
+            continue
+        if isinstance(m, LoraLinear) and adapter_name in m.lora_A and (m.use_dora[adapter_name], m.lora_bias[
+                adapter_name]) != (use_dora, lora_bias):
+            errors.append(f"module {path!r} already has adapter {adapter_name!r} with use_dora="
+                          f"{m.use_dora[adapter_name]}, lora_bias={m.lora_bias[adapter_name]}; the file has "
+                          f"use_dora={use_dora}, lora_bias={lora_bias}")
             continue
         if isinstance(m, LoraLinear) and adapter_name in m.lora_A and m.r[adapter_name] != r:
             errors.append(f"module {path!r} already has adapter {adapter_name!r} with r={m.r[adapter_name]}, "
                           f"the file has r={r}")
             continue
-        plan.append((path, m, A, B, r, alpha))
+        plan.append((path, m, ab, r, alpha))
     if errors:
         raise ValueError("load_adapter: the LoRA adapter does not fit the model; nothing was changed:\n  "
                          + "\n  ".join(errors[:20]) + (f"\n  ... ({len(errors)} errors)" if len(errors) > 20 else ""))
     dropout = float(config.get("lora_dropout", 0.0) or 0.0)
     rslora = bool(config.get("use_rslora", False))
-    for path, m, A, B, r, alpha in plan:
+    for path, m, ab, r, alpha in plan:
         if isinstance(m, LoraLinear):
             layer = m
             if adapter_name not in layer.lora_A:
-                layer.add_adapter(adapter_name, r, alpha, dropout, "kaiming", rslora)
+                layer.add_adapter(adapter_name, r, alpha, dropout, "kaiming", rslora, use_dora, lora_bias)
         else:
-            layer = LoraLinear(m, r, alpha, dropout, "kaiming", rslora, adapter_name)
+            layer = LoraLinear(m, r, alpha, dropout, "kaiming", rslora, adapter_name, use_dora, lora_bias)
             layer.train(m.training)
             _set_module(model, path, layer)
         with torch.no_grad():
-            layer.lora_A[adapter_name].weight.copy_(A)
-            layer.lora_B[adapter_name].weight.copy_(B)
+            layer.lora_A[adapter_name].weight.copy_(ab["lora_A"])
+            layer.lora_B[adapter_name].weight.copy_(ab["lora_B"])
+            if lora_bias:
+                layer.lora_B[adapter_name].bias.copy_(ab["lora_B.bias"])
+            if use_dora:
+                layer.lora_magnitude_vector[adapter_name].weight.copy_(ab["lora_magnitude_vector"])
     _freeze_non_lora(model)
     for layer in lora_layers(model).values():
         layer.set_adapter(layer.active_adapters)

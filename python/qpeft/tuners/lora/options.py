@@ -17,17 +17,20 @@ import dataclasses
 import sys
 from typing import Any
 
-__all__ = ["SUPPORTED_INITS", "UNSUPPORTED", "LORA_VARIANTS", "lora_variant_fields", "unsupported_option",
-           "check_lora_options"]
+__all__ = ["SUPPORTED_INITS", "UNSUPPORTED", "LORA_VARIANTS", "SUPPORTED_VARIANTS", "LOFTQ_BITS", "init_supported",
+           "init_rewrites_base",
+           "lora_variant_fields", "unsupported_option", "check_lora_options"]
 
-# init_lora_weights values whose init needs only the adapter (the others read or rewrite the base weight:
-# PiSSA, OLoRA, CorDA, LoftQ, EVA, orthogonal, LoRA-GA, MiCA). A loaded adapter keeps the init in its config.
-SUPPORTED_INITS = (True, False, "gaussian")
+# init_lora_weights values qpeft's layers implement: the adapter-only inits and PEFT's weight-reading ones on a 4-bit
+# base (the base dequantized, PEFT's maths, the rewritten base re-quantized in the layer's own format): PiSSA (and
+# its fast SVD "pissa_niter_<n>"), OLoRA, CorDA, LoftQ (NF4: loftq_bits 4), EVA (B = 0 here; A comes from PEFT's
+# initialize_lora_eva_weights). Not implemented: "orthogonal", "mica", "lora_ga". A loaded adapter keeps the init
+# in its config (PEFT re-runs a base-rewriting init on load).
+SUPPORTED_INITS = (True, False, "gaussian", "pissa", "pissa_niter_<n>", "olora", "corda", "loftq", "eva")
+LOFTQ_BITS = (4,)  # qpeft's 4-bit formats; PEFT's 8-bit LoftQ (bitsandbytes' int8) has no qpeft layer
 
 # LoraConfig fields that change the layer's maths and that qpeft's LoRA layers do not implement, with their off value.
 UNSUPPORTED = {
-    "use_dora": False,
-    "lora_bias": False,
     "fan_in_fan_out": False,   # qpeft's layers hold W as (out_features, in_features); there is no Conv1D layout
     "use_qalora": False,       # QA-LoRA's pooled input is defined for GPTQ layers only
     "megatron_config": None,
@@ -43,6 +46,30 @@ LORA_VARIANTS = {
     "arrow_config": None,
     "kasa_config": None,
 }
+
+
+# The LoRA variants qpeft's layers implement (DoRA: qpeft.autograd.dora, in LoraLinear and QPeftLoraLinear).
+SUPPORTED_VARIANTS = ("use_dora",)
+
+
+def init_supported(init: Any) -> bool:
+    """Whether init_lora_weights=`init` is one of SUPPORTED_INITS ("pissa_niter_<n>": any int n >= 1, as PEFT
+    parses it)."""
+    if isinstance(init, bool):
+        return True
+    if not isinstance(init, str):
+        return False
+    if init.startswith("pissa_niter_"):
+        n = init[len("pissa_niter_"):]
+        return n.isdigit() and int(n) >= 1
+    return init in SUPPORTED_INITS and init != "pissa_niter_<n>"
+
+
+def init_rewrites_base(init: Any) -> bool:
+    """Whether init_lora_weights=`init` rewrites the base weight (PiSSA, OLoRA, CorDA, LoftQ): PEFT re-runs such an
+    init on the base when it loads an adapter saved with it, so the adapter's A, B are meant for that rewritten
+    base."""
+    return isinstance(init, str) and (init.startswith("pissa") or init in ("olora", "corda", "loftq"))
 
 
 def _peft_lora_config_class():
@@ -91,14 +118,22 @@ def unsupported_option(config: Any) -> str | None:
             return (f"qpeft: LoraConfig({name}={_shown(value)}) is not supported by qpeft's LoRA layers "
                     f"(supported: {name}={off!r})")
     for name in lora_variant_fields(config):
+        if name in SUPPORTED_VARIANTS:
+            continue
         value = _get(config, name, None)
         if value:  # PEFT's rule: a variant is on when its field is truthy
             return (f"qpeft: LoraConfig({name}={_shown(value)}) is a LoRA variant that qpeft's LoRA layers do not "
                     f"implement (leave it unset)")
     init = _get(config, "init_lora_weights", True)
-    if not any(init is v if isinstance(v, bool) else init == v for v in SUPPORTED_INITS):
-        return (f"qpeft: LoraConfig(init_lora_weights={_shown(init)}) is not supported by qpeft's LoRA layers (it "
-                f"reads or rewrites the base weight); use one of {SUPPORTED_INITS}")
+    if not init_supported(init):
+        return (f"qpeft: LoraConfig(init_lora_weights={_shown(init)}) is not supported by qpeft's LoRA layers; use one "
+                f"of {SUPPORTED_INITS}")
+    if init == "loftq":
+        loftq = _plain(_get(config, "loftq_config", None) or {})
+        bits = loftq.get("loftq_bits", 4) if isinstance(loftq, dict) else None
+        if bits not in LOFTQ_BITS:
+            return (f"qpeft: LoraConfig(loftq_config={_shown(loftq)}) is not supported by qpeft's LoRA layers: LoftQ "
+                    f"quantizes to qpeft's NF4, loftq_bits must be one of {LOFTQ_BITS}, got {bits!r}")
     return None
 
 
