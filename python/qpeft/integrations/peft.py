@@ -40,6 +40,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge  # 
 from ..autograd.lora import lora_linear  # noqa: E402
 from ..modules.lora_linear import _dequantize_nf4, _requantize_nf4  # noqa: E402
 from ..modules.qlinear_nf4 import QLinearNF4  # noqa: E402
+from .peft_experts import prepare_experts_config, register_experts  # noqa: E402  (LoRA on 4-bit MoE experts)
 from ..tuners.lora.options import SUPPORTED_INITS, UNSUPPORTED, check_lora_options  # noqa: E402,F401  (one rule, all paths)
 
 __all__ = ["QPeftLoraLinear", "lora_config", "register", "all_linear", "from_pretrained", "peft_from_pretrained"]
@@ -241,6 +242,7 @@ def register(config: LoraConfig) -> LoraConfig:
     if not isinstance(config, LoraConfig):
         raise TypeError(f"register: config must be a peft.LoraConfig, got {type(config).__name__}")
     config._register_custom_module({QLinearNF4: QPeftLoraLinear})
+    register_experts(config)
     return config
 
 
@@ -363,6 +365,8 @@ def install_lora_model_hook(lora_model_cls=None, peft_version: str | None = None
     @functools.wraps(original)
     def _prepare_model(self, peft_config, model):
         ours = _prepare_for_qpeft_layers(self, peft_config, model)
+        if _is_lora(peft_config):
+            prepare_experts_config(peft_config, model)  # target_parameters on 4-bit experts (peft_experts.py)
         result = original(self, peft_config, model)
         if ours and not PEFT_SEES_NF4 and _is_all_linear(peft_config):
             peft_config.target_modules = set(all_linear(model))
