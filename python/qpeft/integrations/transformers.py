@@ -272,8 +272,8 @@ class QPeftHfQuantizer(HfQuantizer):
         if not converted:
             kinds = sorted({type(m).__name__ for m in model.modules() if "Linear" in type(m).__name__ or
                             type(m).__name__ == "Conv1D"})
-            raise ValueError(f"QPeftConfig: {type(model).__name__} has no nn.Linear layer or fused experts to "
-                             f"quantize outside modules_to_not_convert={self.modules_to_not_convert} (linear-like "
+            raise ValueError(f"QPeftConfig: {type(model).__name__} has no nn.Linear layer to quantize (nor fused "
+                             f"MoE experts) outside modules_to_not_convert={self.modules_to_not_convert} (linear-like "
                              f"modules found: {kinds or 'none'}; transformers' Conv1D is not supported)")
         return model
 
@@ -391,10 +391,23 @@ def record_quantization_config(model: nn.Module, converted: list[str], quant_typ
     other nn.Linear is named in modules_to_not_convert). Without it the reload would be a plain model whose
     linear weights transformers freshly initialises."""
     skipped = [re.escape(name) for name, m in model.named_modules() if type(m) is nn.Linear]
+    skipped += [re.escape(t.name) for t in moe.find_experts(model) if not is_nf4_experts(t.module)]
     model.config.quantization_config = QPeftConfig(quant_type=quant_type, blocksize=blocksize,
                                                    double_quant=double_quant,
                                                    compute_dtype=compute_dtype,
                                                    modules_to_not_convert=sorted(skipped))
+    if any(is_nf4_experts(m) for m in model.modules()):
+        # 4-bit experts run with the "qpeft" implementation, and save_pretrained must not split their packed bytes
+        # per expert (the model's merge converters reversed): the conversions it reverses, without those
+        moe.use_qpeft_experts(model)
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import PrefixChange
+
+        conversions = getattr(model, "_weight_conversions", None)
+        if conversions is None:  # what revert_weight_conversion would build for a model not from from_pretrained
+            conversions = [c for c in get_model_conversion_mapping(model, add_legacy=False)
+                           if not isinstance(c, PrefixChange)]
+        model._weight_conversions = moe.drop_experts_conversions(model, conversions)
 
 
 def _merge_configs_on_load() -> None:
