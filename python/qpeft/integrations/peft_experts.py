@@ -239,7 +239,7 @@ def prepare_experts_config(peft_config, model: nn.Module) -> bool:
         keys = _parameter_keys(model)
         for t in targets:
             if not any(k == t or k.endswith("." + t) for k in keys):
-                experts = sorted({k.rpartition(".")[2] for k in keys if "experts" in k})
+                experts = sorted({p for m in model.modules() if is_nf4_experts(m) for p in m.nf4_params()})
                 raise ValueError(f"LoraConfig: target_parameters entry {t!r} matches no parameter of the model "
                                  f"(the fused experts parameters are named e.g. 'mlp.experts.gate_up_proj'; this "
                                  f"model's experts parameters: {experts})")
