@@ -176,3 +176,35 @@ def test_a_target_parameters_entry_that_matches_nothing_raises_naming_it():
 def test_an_init_that_needs_a_dense_weight_is_refused():
     with pytest.raises(ValueError, match=r"init_lora_weights in \(True, False, 'gaussian'\).*'pissa'"):
         peft.get_peft_model(_4bit("qwen3_moe"), _config(init_lora_weights="pissa"))
+
+
+def test_all_linear_on_a_model_with_4bit_linears_and_experts_adapts_both():
+    """PEFT resolves "all-linear" on a transformers 5 MoE in its v4->v5 config conversion, before qpeft's LoraModel
+    hook runs; its own resolution does not count QLinearNF4, so the 4-bit attention projections were dropped
+    silently (target_modules became set()). qpeft's hook on that resolution counts them."""
+    import qpeft
+    from qpeft.integrations.peft import QPeftLoraLinear
+
+    model = tiny_moe("qwen3_moe")
+    qpeft.quantize_model(model, compute_dtype=torch.float32)
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules="all-linear"))
+    adapted = sorted(n.removeprefix(PREFIX) for n, m in pm.named_modules() if isinstance(m, QPeftLoraLinear))
+    assert adapted == sorted(f"model.layers.{i}.self_attn.{p}" for i in range(2)
+                             for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
+    # and PEFT's own "all-linear" rule on a v5 MoE also targets the experts' parameters: qpeft's wrappers there
+    assert sum(type(m) is ParamWrapper for m in pm.modules()) == 4
+
+
+def test_the_moe_all_linear_hook_is_version_checked_and_loud_on_an_unknown_release():
+    import types
+
+    from qpeft.integrations.peft import install_moe_all_linear_hook
+
+    from peft.utils import transformers_weight_conversion as twc
+    assert getattr(twc._maybe_include_all_linear_layers, "_qpeft", False)  # in place since the import
+    assert install_moe_all_linear_hook() is True
+    newer = types.SimpleNamespace(_maybe_include_all_linear_layers=lambda config, model: config)
+    with pytest.warns(RuntimeWarning, match=r"PEFT 0\.99\.0 is a release qpeft's MoE 'all-linear' hook"):
+        assert install_moe_all_linear_hook(newer, "0.99.0") is True
+    assert newer._maybe_include_all_linear_layers._qpeft
+    assert install_moe_all_linear_hook(types.SimpleNamespace(), "0.99.0") is False  # nothing to wrap: nothing done

@@ -406,7 +406,46 @@ def install_lora_model_hook(lora_model_cls=None, peft_version: str | None = None
     return True
 
 
+def install_moe_all_linear_hook(module=None, peft_version: str | None = None) -> bool:
+    """On a transformers 5 MoE model PEFT converts the config before `_prepare_model` runs
+    (peft.utils.transformers_weight_conversion, for adapters trained on the v4 per-expert layout): it resolves
+    "all-linear" there with its own `_maybe_include_all_linear_layers`, which does not count QLinearNF4, so on a model
+    with 4-bit linears the attention projections were silently dropped (target_modules became set(), only the
+    experts' target_parameters remained). Wrapped here so that it counts them as `all_linear(model)` does. A patch of
+    PEFT's internals: version-checked as the hook above; where the function is missing (a PEFT without the v5
+    conversion) nothing needs it and nothing is installed. Returns whether it is in place."""
+    if module is None:
+        try:
+            from peft.utils import transformers_weight_conversion as module
+        except ImportError:
+            return False
+    original = getattr(module, "_maybe_include_all_linear_layers", None)
+    if not callable(original):
+        return False
+    if getattr(original, "_qpeft", False):
+        return True
+    peft_version = peft_version or _versions.installed("peft")
+    if _versions.parse(peft_version) not in {_versions.parse(v) for v in HOOK_TESTED_PEFT}:
+        warnings.warn(f"qpeft: PEFT {peft_version} is a release qpeft's MoE 'all-linear' hook "
+                      f"(transformers_weight_conversion._maybe_include_all_linear_layers) was not tested with "
+                      f"(tested: {', '.join(HOOK_TESTED_PEFT)}); on a MoE model with 4-bit linears check that "
+                      f"target_modules='all-linear' still adapts them, or list them", RuntimeWarning, stacklevel=2)
+
+    @functools.wraps(original)
+    def _maybe_include_all_linear_layers(peft_config, model):
+        wanted = _is_lora(peft_config) and _is_all_linear(peft_config) and not PEFT_SEES_NF4 and _nf4_layers(model)
+        result = original(peft_config, model)
+        if wanted:
+            result.target_modules = set(result.target_modules or ()) | set(all_linear(model))
+        return result
+
+    _maybe_include_all_linear_layers._qpeft = True
+    module._maybe_include_all_linear_layers = _maybe_include_all_linear_layers
+    return True
+
+
 install_lora_model_hook()
+install_moe_all_linear_hook()
 
 
 def lora_config(*, model: nn.Module | None = None, **kwargs) -> LoraConfig:
