@@ -87,6 +87,14 @@ def test_quantize_on_load_streams_every_family_and_reloads_byte_for_byte(tmp_pat
     for t in experts:
         gate_up = t.module.nf4_weight(t.param_names[0])
         assert gate_up.dtype == torch.bfloat16 and gate_up.double_quant and gate_up.quant_type == "nf4"
+    # the router (a custom module in transformers 5) stays dense; shared experts are linears: 4-bit
+    mlp = model.model.layers[-1].mlp
+    router = getattr(mlp, "router", None) or mlp.gate
+    assert not isinstance(router, qpeft.QLinearNF4) and router.weight.is_floating_point()
+    shared = getattr(mlp, "shared_expert", None) or getattr(mlp, "shared_experts", None)
+    assert (shared is not None) == (family in ("qwen2_moe", "deepseek_v3"))
+    if shared is not None:
+        assert all(isinstance(getattr(shared, n), qpeft.QLinearNF4) for n in ("gate_proj", "up_proj", "down_proj"))
     # on load == quantizing the dense model in place (bf16 weights, one expert at a time, byte for byte)
     reference = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", dtype=torch.bfloat16)
     assert not any(is_nf4_experts(m) for m in reference.modules())
