@@ -231,3 +231,24 @@ def test_an_expert_index_out_of_range_from_a_custom_router_raises():
     index = torch.tensor([[0, 1], [2, 3], [1, 4], [0, 2], [3, 1]])  # 4 is not an expert of 4
     with pytest.raises(ValueError, match=r"top_k_index"):
         experts(x, index, torch.full((5, 2), 0.5))
+
+
+def test_quantize_on_load_quantizes_one_expert_slice_at_a_time(tmp_path, monkeypatch):
+    """A per-expert checkpoint (Mixtral's experts.<e>.w1/w3/w2) is merged and quantized expert by expert: every
+    quantization the experts' loader runs gets one expert's 2-D slice, E per parameter, never the 3-D stack."""
+    from qpeft.integrations import transformers_moe
+
+    seen = []
+    real = transformers_moe.quantize_4bit
+
+    def recording(w, *args, **kwargs):
+        seen.append(tuple(w.shape))
+        return real(w, *args, **kwargs)
+
+    monkeypatch.setattr(transformers_moe, "quantize_4bit", recording)
+    _save_dense("mixtral", tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=QPeftConfig(compute_dtype=torch.float32))
+    assert sorted(seen) == sorted([(64, 64)] * 4 * 2 + [(64, 32)] * 4 * 2)  # gate_up (2I, H), down (H, I); 2 layers
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path)
+    qpeft.quantize_model(reference, compute_dtype=torch.float32)
+    _assert_same_state(model.state_dict(), reference.state_dict())
