@@ -252,3 +252,19 @@ def test_quantize_on_load_quantizes_one_expert_slice_at_a_time(tmp_path, monkeyp
     reference = AutoModelForCausalLM.from_pretrained(tmp_path)
     qpeft.quantize_model(reference, compute_dtype=torch.float32)
     _assert_same_state(model.state_dict(), reference.state_dict())
+
+
+def test_the_4bit_experts_module_compiles_fullgraph():
+    """transformers' experts dispatcher -> the "qpeft" implementation -> the grouped NF4 ops, one graph."""
+    model = tiny_moe("qwen3_moe")
+    quantize_model_experts(model)
+    qpeft.models.moe.interface.register_experts_implementation()
+    model.set_experts_implementation("qpeft")
+    experts = model.model.layers[0].mlp.experts
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 64, generator=g)
+    index = torch.tensor([[0, 1], [1, 0], [2, 1], [0, 2], [1, 2], [2, 0], [0, 1]])  # expert 3 gets no token
+    weights = torch.rand(7, 2, generator=g)
+    torch._dynamo.reset()
+    compiled = torch.compile(experts, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(x, index, weights), experts(x, index, weights))
