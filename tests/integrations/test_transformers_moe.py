@@ -268,3 +268,25 @@ def test_the_4bit_experts_module_compiles_fullgraph():
     torch._dynamo.reset()
     compiled = torch.compile(experts, fullgraph=True, backend="aot_eager")
     assert torch.equal(compiled(x, index, weights), experts(x, index, weights))
+
+
+def test_fp4_experts_without_double_quant_round_trip(tmp_path):
+    """QPeftConfig(quant_type="fp4", double_quant=False, blocksize=128): the experts follow the config as the
+    linears do (fp32 absmax, no nested tables), equal quantize_model's bytes and reload byte for byte."""
+    _save_dense("olmoe", tmp_path / "dense")
+    config = QPeftConfig(quant_type="fp4", double_quant=False, blocksize=128, compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", quantization_config=config)
+    w = model.model.layers[0].mlp.experts.nf4_weight("gate_up_proj")
+    assert w.quant_type == "fp4" and not w.double_quant and w.blocksize == 128 and w.absmax.dtype == torch.float32
+    keys = {k.split("experts.", 1)[1] for k in model.state_dict() if ".layers.0.mlp.experts.gate_up_proj" in k}
+    assert keys == {"gate_up_proj", "gate_up_proj.absmax", "gate_up_proj.quant_map",
+                    "gate_up_proj.quant_state.qpeft_experts__fp4"}
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
+    qpeft.quantize_model(reference, quant_type="fp4", double_quant=False, blocksize=128, compute_dtype=torch.float32)
+    _assert_same_state(model.state_dict(), reference.state_dict())
+    y = _logits(model)
+    assert torch.equal(y, _logits(reference))
+    model.save_pretrained(tmp_path / "q")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    _assert_same_state(reloaded.state_dict(), model.state_dict())
+    assert torch.equal(_logits(reloaded), y)
