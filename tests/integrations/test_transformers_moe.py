@@ -290,3 +290,23 @@ def test_fp4_experts_without_double_quant_round_trip(tmp_path):
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
     _assert_same_state(reloaded.state_dict(), model.state_dict())
     assert torch.equal(_logits(reloaded), y)
+
+
+def test_expert_parallel_sentinel_ids_are_dropped():
+    """transformers' expert parallelism routes a token slot whose expert lives on another rank to id num_experts
+    (weight 0): on a module it marked `_is_expert_parallel` those slots contribute nothing, as in its own
+    implementations; elsewhere the same id raises (test_an_expert_index_out_of_range...)."""
+    model = tiny_moe("qwen3_moe")
+    quantize_model_experts(model)
+    qpeft.models.moe.interface.register_experts_implementation()
+    model.set_experts_implementation("qpeft")
+    experts = model.model.layers[0].mlp.experts
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 64, generator=g)
+    index = torch.tensor([[0, 4], [2, 3], [4, 4], [1, 2], [3, 4]])  # 4: on another rank
+    weights = torch.rand(5, 2, generator=g)
+    kept = index != 4
+    want = experts(x, index.masked_fill(~kept, 0), weights * kept)  # the sentinel slots with weight 0
+    experts._is_expert_parallel = True
+    got = experts(x, index, weights)
+    assert torch.equal(got, want) and got[2].abs().max() == 0  # token 2 had both slots elsewhere
