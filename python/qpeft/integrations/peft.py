@@ -48,6 +48,7 @@ from ..autograd.lora import lora_linear  # noqa: E402
 from ..modules import merge_state  # noqa: E402
 from ..modules.lora_linear import _dequantize_nf4, _requantize_nf4  # noqa: E402
 from ..modules.qlinear_nf4 import QLinearNF4  # noqa: E402
+from .peft_experts import prepare_experts_config, register_experts  # noqa: E402  (LoRA on 4-bit MoE experts)
 from ..tuners.lora.options import SUPPORTED_INITS, UNSUPPORTED, check_lora_options  # noqa: E402,F401  (one rule, all paths)
 from ..tuners.lora.loftq import LOFTQ_BLOCKSIZE, loftq_correction, loftq_nf4  # noqa: E402
 
@@ -467,6 +468,7 @@ def register(config: LoraConfig) -> LoraConfig:
     if not isinstance(config, LoraConfig):
         raise TypeError(f"register: config must be a peft.LoraConfig, got {type(config).__name__}")
     config._register_custom_module({QLinearNF4: QPeftLoraLinear})
+    register_experts(config)
     return config
 
 
@@ -589,6 +591,8 @@ def install_lora_model_hook(lora_model_cls=None, peft_version: str | None = None
     @functools.wraps(original)
     def _prepare_model(self, peft_config, model):
         ours = _prepare_for_qpeft_layers(self, peft_config, model)
+        if _is_lora(peft_config):
+            prepare_experts_config(peft_config, model)  # target_parameters on 4-bit experts (peft_experts.py)
         result = original(self, peft_config, model)
         if ours and not PEFT_SEES_NF4 and _is_all_linear(peft_config):
             peft_config.target_modules = set(all_linear(model))
@@ -599,7 +603,46 @@ def install_lora_model_hook(lora_model_cls=None, peft_version: str | None = None
     return True
 
 
+def install_moe_all_linear_hook(module=None, peft_version: str | None = None) -> bool:
+    """On a transformers 5 MoE model PEFT converts the config before `_prepare_model` runs
+    (peft.utils.transformers_weight_conversion, for adapters trained on the v4 per-expert layout): it resolves
+    "all-linear" there with its own `_maybe_include_all_linear_layers`, which does not count QLinearNF4, so on a model
+    with 4-bit linears the attention projections were silently dropped (target_modules became set(), only the
+    experts' target_parameters remained). Wrapped here so that it counts them as `all_linear(model)` does. A patch of
+    PEFT's internals: version-checked as the hook above; where the function is missing (a PEFT without the v5
+    conversion) nothing needs it and nothing is installed. Returns whether it is in place."""
+    if module is None:
+        try:
+            from peft.utils import transformers_weight_conversion as module
+        except ImportError:
+            return False
+    original = getattr(module, "_maybe_include_all_linear_layers", None)
+    if not callable(original):
+        return False
+    if getattr(original, "_qpeft", False):
+        return True
+    peft_version = peft_version or _versions.installed("peft")
+    if _versions.parse(peft_version) not in {_versions.parse(v) for v in HOOK_TESTED_PEFT}:
+        warnings.warn(f"qpeft: PEFT {peft_version} is a release qpeft's MoE 'all-linear' hook "
+                      f"(transformers_weight_conversion._maybe_include_all_linear_layers) was not tested with "
+                      f"(tested: {', '.join(HOOK_TESTED_PEFT)}); on a MoE model with 4-bit linears check that "
+                      f"target_modules='all-linear' still adapts them, or list them", RuntimeWarning, stacklevel=2)
+
+    @functools.wraps(original)
+    def _maybe_include_all_linear_layers(peft_config, model):
+        wanted = _is_lora(peft_config) and _is_all_linear(peft_config) and not PEFT_SEES_NF4 and _nf4_layers(model)
+        result = original(peft_config, model)
+        if wanted:
+            result.target_modules = set(result.target_modules or ()) | set(all_linear(model))
+        return result
+
+    _maybe_include_all_linear_layers._qpeft = True
+    module._maybe_include_all_linear_layers = _maybe_include_all_linear_layers
+    return True
+
+
 install_lora_model_hook()
+install_moe_all_linear_hook()
 
 
 def install_adapter_dtype_hook(lora_model_cls=None, peft_version: str | None = None) -> bool:

@@ -25,6 +25,7 @@ import ctypes
 import ctypes.util
 import functools
 import re
+import weakref
 
 import torch
 import torch.nn as nn
@@ -40,8 +41,11 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 from transformers.quantizers.quantizers_utils import get_module_from_name, should_convert_module  # noqa: E402
 from transformers.utils.quantization_config import QuantizationConfigMixin  # noqa: E402
 
+from ..models.moe import dequantize_experts_module  # noqa: E402
 from ..models.quantization import on_model_quantized  # noqa: E402
+from ..modules.nf4_experts import is_nf4_experts  # noqa: E402
 from ..modules.qlinear_nf4 import BLOCKSIZES, QUANT_TYPES, QLinearNF4  # noqa: E402
+from . import transformers_moe as moe  # noqa: E402
 
 __all__ = ["QPeftConfig", "QPeftHfQuantizer", "register", "record_quantization_config", "to_bitsandbytes_config"]
 
@@ -161,6 +165,12 @@ class QPeftQuantize(ConversionOps):
                 missing_keys=None, **kwargs):
         (value,) = input_dict.values()
         value = value[0] if isinstance(value, (list, tuple)) else value
+        experts = moe.experts_param(model, full_layer_name)
+        if experts is not None:  # a fused experts tensor (gpt-oss's checkpoints): quantized one expert at a time
+            moe.quantize_experts_param(*experts, full_layer_name, value, missing_keys)
+            if value.device.type == "cpu":
+                _return_freed_heap_to_os()
+            return {}
         module, _ = get_module_from_name(model, full_layer_name)
         module.quantize_weight_(value)
         if value.device.type == "cpu":
@@ -247,26 +257,31 @@ class QPeftHfQuantizer(HfQuantizer):
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
         module, name = get_module_from_name(model, param_name)
-        return isinstance(module, QLinearNF4) and name == "weight"
+        return (isinstance(module, QLinearNF4) and name == "weight") or moe.experts_param(model, param_name) is not None
 
     def _process_model_before_weight_loading(self, model, device_map=None, keep_in_fp32_modules=None, **kwargs):
         cfg = self.quantization_config
         self.modules_to_not_convert = self.get_modules_to_not_convert(
             model, cfg.modules_to_not_convert, getattr(model, "_keep_in_fp32_modules", None) or [])
         converted = replace_linear_layers(model, self.modules_to_not_convert, cfg)
+        # fused MoE experts (transformers 5's 3-D gate_up_proj / down_proj): 4-bit, run by the "qpeft" experts
+        # implementation (integrations/transformers_moe.py)
+        converted += moe.prepare_experts(model, lambda n: not should_convert_module(n, self.modules_to_not_convert),
+                                         cfg)
+        self._model_ref = weakref.ref(model)  # for update_weight_conversions (transformers 5.17 does not pass it)
         if not converted:
             kinds = sorted({type(m).__name__ for m in model.modules() if "Linear" in type(m).__name__ or
                             type(m).__name__ == "Conv1D"})
-            raise ValueError(f"QPeftConfig: {type(model).__name__} has no nn.Linear layer to quantize outside "
-                             f"modules_to_not_convert={self.modules_to_not_convert} (linear-like modules found: "
-                             f"{kinds or 'none'}; transformers' Conv1D is not supported)")
+            raise ValueError(f"QPeftConfig: {type(model).__name__} has no nn.Linear layer to quantize (nor fused "
+                             f"MoE experts) outside modules_to_not_convert={self.modules_to_not_convert} (linear-like "
+                             f"modules found: {kinds or 'none'}; transformers' Conv1D is not supported)")
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         # A layer the checkpoint did not fill would still be on the meta device: refuse rather than hand back
         # a model with missing weights.
         empty = [name for name, m in model.named_modules()
-                 if isinstance(m, QLinearNF4) and m.weight.device.type == "meta"]
+                 if isinstance(m, QLinearNF4) and m.weight.device.type == "meta"] + moe.unfinished_experts(model)
         if empty:
             raise ValueError(f"QPeftConfig: the checkpoint has no weight for {len(empty)} quantized layer(s): "
                              f"{empty[:5]}{' ...' if len(empty) > 5 else ''}")
@@ -274,7 +289,7 @@ class QPeftHfQuantizer(HfQuantizer):
         # reversal (the state dict is already the checkpoint's format) and have no reverse op: drop them.
         used = getattr(model, "_weight_conversions", None)
         if used:
-            model._weight_conversions = [c for c in used if not _is_ours(c)]
+            model._weight_conversions = moe.drop_experts_conversions(model, [c for c in used if not _is_ours(c)])
 
         if fsdp_requested():  # accelerate launch with FSDP: see integrations/accelerate.py
 
@@ -283,6 +298,17 @@ class QPeftHfQuantizer(HfQuantizer):
 
     def get_quantize_ops(self):
         return QPeftQuantize(self)
+
+    def update_weight_conversions(self, weight_conversions, model=None):
+        """The model's conversions with its fused-experts merges streamed one expert at a time (on the fly) or
+        preceded by the 4-bit experts' deserializers (pre-quantized); then transformers' own handling. transformers
+        5.24+ passes the model, 5.17 does not (the model prepared for loading is used then)."""
+        target = model if model is not None else (self._model_ref() if getattr(self, "_model_ref", None) else None)
+        if target is not None:
+            weight_conversions = moe.update_experts_conversions(weight_conversions, target, self)
+        if model is not None:
+            return super().update_weight_conversions(weight_conversions, model)
+        return super().update_weight_conversions(weight_conversions)
 
     def get_weight_conversions(self):
         """Pre-quantized: one converter per layer collecting its bitsandbytes tensors for QPeftDeserialize."""
@@ -312,6 +338,11 @@ class QPeftHfQuantizer(HfQuantizer):
         return True
 
     def _dequantize(self, model, dtype=None):
+        experts = [m for m in model.modules() if is_nf4_experts(m)]
+        for m in experts:
+            dequantize_experts_module(m, dtype)
+        if experts and getattr(model.config, "_experts_implementation", None) == moe.EXPERTS_IMPLEMENTATION:
+            model.set_experts_implementation("grouped_mm")  # transformers' default for dense experts
         for name, module in list(model.named_modules()):
             if isinstance(module, QLinearNF4):
                 dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
@@ -360,10 +391,23 @@ def record_quantization_config(model: nn.Module, converted: list[str], quant_typ
     other nn.Linear is named in modules_to_not_convert). Without it the reload would be a plain model whose
     linear weights transformers freshly initialises."""
     skipped = [re.escape(name) for name, m in model.named_modules() if type(m) is nn.Linear]
+    skipped += [re.escape(t.name) for t in moe.find_experts(model) if not is_nf4_experts(t.module)]
     model.config.quantization_config = QPeftConfig(quant_type=quant_type, blocksize=blocksize,
                                                    double_quant=double_quant,
                                                    compute_dtype=compute_dtype,
                                                    modules_to_not_convert=sorted(skipped))
+    if any(is_nf4_experts(m) for m in model.modules()):
+        # 4-bit experts run with the "qpeft" implementation, and save_pretrained must not split their packed bytes
+        # per expert (the model's merge converters reversed): the conversions it reverses, without those
+        moe.use_qpeft_experts(model)
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import PrefixChange
+
+        conversions = getattr(model, "_weight_conversions", None)
+        if conversions is None:  # what revert_weight_conversion would build for a model not from from_pretrained
+            conversions = [c for c in get_model_conversion_mapping(model, add_legacy=False)
+                           if not isinstance(c, PrefixChange)]
+        model._weight_conversions = moe.drop_experts_conversions(model, conversions)
 
 
 def _merge_configs_on_load() -> None:

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from ..modules.qlinear_nf4 import QLinearNF4, parse_bnb_state
+from .moe.convert import find_experts, quantize_model_experts
 
 __all__ = ["quantize_model", "QuantizeReport", "load_quantized_checkpoint"]
 
@@ -75,15 +76,22 @@ def _matches(name: str, patterns) -> bool:
 
 def quantize_model(model: nn.Module, target_modules=None, skip_modules=("lm_head",), quant_type: str = "nf4",
                    blocksize: int = 64, double_quant: bool = True,
-                   compute_dtype: torch.dtype | None = torch.bfloat16) -> QuantizeReport:
-    """Replace nn.Linear layers of `model` by QLinearNF4 in place (each quantized on its own device).
+                   compute_dtype: torch.dtype | None = torch.bfloat16, experts: bool = True) -> QuantizeReport:
+    """Replace nn.Linear layers of `model` by QLinearNF4 in place (each quantized on its own device), and hold the
+    fused MoE experts of a transformers 5 model in 4 bits (experts=True; see qpeft.models.moe).
 
-    target_modules: None (every nn.Linear), a regex (fullmatch on the module name) or a list of names /
-    name suffixes; skip_modules: names / suffixes never converted (default: the output head, as transformers
-    does). Returns a QuantizeReport."""
+    target_modules: None (every nn.Linear and experts module), a regex (fullmatch on the module name) or a list of
+    names / name suffixes; skip_modules: names / suffixes never converted (default: the output head, as
+    transformers does). Returns a QuantizeReport (converted experts modules are listed by module name)."""
     if isinstance(target_modules, (list, tuple, set)) and not target_modules:
         raise ValueError("target_modules must be None, a regex or a non-empty list of module names")
     report = QuantizeReport(bytes_before=model_bytes(model))
+    if experts:  # first: all experts are quantized before any module changes (a failure leaves the model as it was)
+        skipped = [t.name for t in find_experts(model) if (target_modules is not None and not _matches(
+            t.name, target_modules)) or _matches(t.name, skip_modules or ())]
+        report.skipped += skipped
+        report.converted += quantize_model_experts(model, skipped, quant_type=quant_type, blocksize=blocksize,
+                                                   double_quant=double_quant)
     linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     for name, linear in linears:
         if (target_modules is not None and not _matches(name, target_modules)) or _matches(name, skip_modules or ()):
@@ -95,7 +103,7 @@ def quantize_model(model: nn.Module, target_modules=None, skip_modules=("lm_head
         setattr(model.get_submodule(parent_name) if parent_name else model, child, q)
         report.converted.append(name)
     if target_modules is not None and not report.converted:
-        raise ValueError(f"target_modules {target_modules!r} matched no nn.Linear layer")
+        raise ValueError(f"target_modules {target_modules!r} matched no nn.Linear layer (nor fused experts)")
     if report.converted and _is_transformers_model(model):
         # save_pretrained must write a quantization_config, or from_pretrained would rebuild plain nn.Linear
         # layers and freshly initialise their weights: the transformers integration records it (it registers
