@@ -444,6 +444,7 @@ def test_merge_unmerge_and_merge_and_unload_equal_qpeft():
     layer.unmerge()
     ref.unmerge()
     assert not layer.merged
+    assert torch.equal(layer.base_layer.weight, before)  # the kept pre-merge codes, not a second re-quantization
     for a, b in zip(layer.base_layer.state_dict().values(), ref.base_layer.state_dict().values()):
         assert torch.equal(a, b)
     with pytest.warns(UserWarning, match="Already unmerged"):
@@ -460,6 +461,34 @@ def test_merge_unmerge_and_merge_and_unload_equal_qpeft():
         if isinstance(m, QLinearNF4):
             assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(),
                                                          ours.get_submodule(n).base_layer.state_dict().values()))
+
+
+def test_unmerge_after_the_base_was_written_subtracts_as_peft_does():
+    """A merged base written since the merge (load_state_dict) makes the kept codes stale: unmerge subtracts the
+    delta and re-quantizes (PEFT's rule) instead of putting back codes the user replaced."""
+    pm = peft_nf4(r=4, lora_alpha=8)
+    layer = pm.base_model.model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        for p in layer.lora_B.parameters():
+            p.normal_()
+    original = {k: v.clone() for k, v in layer.base_layer.state_dict().items()}
+    with pytest.warns(UserWarning, match="re-quantizes"):
+        layer.merge()
+    merged = {k: v.clone() for k, v in layer.base_layer.state_dict().items()}
+    layer.base_layer.load_state_dict(merged)  # written in place: a new version of every tensor
+    layer.unmerge()
+    assert not layer.merged
+    w = layer.base_layer.weight
+    assert not torch.equal(w, merged["weight"])  # the delta was subtracted ...
+    assert not torch.equal(w, original["weight"])  # ... by a re-quantization, not by restoring stale codes
+    # ... which brings the weight back near the original (within NF4 rounding), far closer than the merged one
+    from qpeft.modules.lora_linear import _dequantize_nf4
+    now = _dequantize_nf4(layer.base_layer)
+    layer.base_layer.load_state_dict(original)
+    w0 = _dequantize_nf4(layer.base_layer)
+    layer.base_layer.load_state_dict(merged)
+    w1 = _dequantize_nf4(layer.base_layer)
+    assert (now - w0).abs().mean() < 0.5 * (w1 - w0).abs().mean()
 
 
 def test_safe_merge_rejects_non_finite_and_leaves_the_base():

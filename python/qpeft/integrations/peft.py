@@ -38,6 +38,7 @@ from peft.tuners.lora import LoraConfig, LoraLayer  # noqa: E402
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge  # noqa: E402
 
 from ..autograd.lora import lora_linear  # noqa: E402
+from ..modules import merge_state  # noqa: E402
 from ..modules.lora_linear import _dequantize_nf4, _requantize_nf4  # noqa: E402
 from ..modules.qlinear_nf4 import QLinearNF4  # noqa: E402
 from ..tuners.lora.options import SUPPORTED_INITS, UNSUPPORTED, check_lora_options  # noqa: E402,F401  (one rule, all paths)
@@ -169,28 +170,56 @@ class QPeftLoraLinear(nn.Module, LoraLayer):
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Dequantize W to fp32, add the adapters' deltas, re-quantize (PEFT's Linear4bit merge, qpeft's quantizer).
 
-        safe_merge: check W + delta is finite before anything is written (ValueError naming the adapter)."""
+        safe_merge: check W + delta is finite before anything is written (ValueError naming the adapter).
+        The pre-merge 4-bit tensors are kept while merged (merging replaces them, so keeping them copies nothing;
+        0.53 bytes per weight at blocksize 64) so that unmerge() restores them bit for bit, as qpeft's LoraLinear
+        does: PEFT's subtract-and-re-quantize changes codes on every round trip (qpeft.modules.merge_state)."""
         adapter_names = check_adapters_to_merge(self, adapter_names)
         base = self.get_base_layer()
-        for name in adapter_names:
-            if name not in self.lora_A:
-                continue
-            with torch.no_grad():
-                w = _dequantize_nf4(base) + self.get_delta_weight(name)
-                if safe_merge and not torch.isfinite(w).all():
-                    raise ValueError(f"NaNs or infs in the merged weight of adapter {name!r}; the base was left "
-                                     f"unchanged")
-                _requantize_nf4(base, w)
-            self.merged_adapters.append(name)
-            warnings.warn(f"merging LoRA adapter {name!r} into a 4-bit weight re-quantizes it: outputs differ "
-                          f"from the unmerged layer by the NF4 rounding of W + delta", UserWarning, stacklevel=2)
+        premerge = self._valid_premerge(base)
+        if premerge is None and adapter_names and not self.merged_adapters:
+            premerge = {"original": merge_state.snapshot(base, nf4=True, clone=False)}
+        try:
+            for name in adapter_names:
+                if name not in self.lora_A:
+                    continue
+                with torch.no_grad():
+                    w = _dequantize_nf4(base) + self.get_delta_weight(name)
+                    if safe_merge and not torch.isfinite(w).all():
+                        raise ValueError(f"NaNs or infs in the merged weight of adapter {name!r}; the base was left "
+                                         f"unchanged")
+                    _requantize_nf4(base, w)
+                self.merged_adapters.append(name)
+                warnings.warn(f"merging LoRA adapter {name!r} into a 4-bit weight re-quantizes it: outputs differ "
+                              f"from the unmerged layer by the NF4 rounding of W + delta", UserWarning, stacklevel=2)
+        finally:
+            if premerge is not None and self.merged_adapters:
+                premerge["stamp"] = merge_state.stamp(base, nf4=True)
+                self.__dict__["_qpeft_premerge"] = premerge
+
+    def _valid_premerge(self, base: nn.Module) -> dict | None:
+        """The kept pre-merge tensors if the base still holds what the last merge wrote (else dropped: stale)."""
+        premerge = self.__dict__.get("_qpeft_premerge")
+        if premerge is not None and not merge_state.same_stamp(premerge.get("stamp"),
+                                                                merge_state.stamp(base, nf4=True)):
+            premerge = None
+        self.__dict__["_qpeft_premerge"] = premerge
+        return premerge
 
     def unmerge(self) -> None:
-        """Subtract the merged deltas again (one more re-quantization each)."""
+        """Restore the base from before merge(): bit for bit from the kept tensors; where the base was written since
+        (a load_state_dict, a move of the base alone) subtract the merged deltas as PEFT does (one more
+        re-quantization each)."""
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.", UserWarning, stacklevel=2)
             return
         base = self.get_base_layer()
+        premerge = self._valid_premerge(base)
+        self.__dict__["_qpeft_premerge"] = None
+        if premerge is not None:
+            merge_state.put(base, premerge["original"], nf4=True)
+            self.merged_adapters.clear()
+            return
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             if name not in self.lora_A:
