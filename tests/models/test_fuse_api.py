@@ -329,3 +329,43 @@ def test_fuse_again_updates_the_option_and_unfuse_is_idempotent():
     qpeft.unfuse(model)
     qpeft.unfuse(model)
     assert not qpeft.models.fused.api.is_fused(model)
+
+
+# ---- the one argument: QPeftConfig(fuse=True)
+
+
+def test_qpeft_config_fuse_on_load(tmp_path):
+    """from_pretrained(..., quantization_config=QPeftConfig(fuse=True)) returns the fused 4-bit model: its loss
+    (no logits) equals the unfused load's within the 2x rule of the dense fp64 model with the dequantized
+    weights; fuse is not written to config.json; a bad value and a family fuse does not take raise."""
+    import json
+
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+    tiny_causal_lm("llama", **NF4_SIZES).save_pretrained(tmp_path / "llama")
+    load = dict(quantization_config=qpeft.QPeftConfig(compute_dtype=torch.float32), dtype=torch.float32)
+    unfused = AutoModelForCausalLM.from_pretrained(tmp_path / "llama", **load)
+    fused = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "llama", dtype=torch.float32,
+        quantization_config=qpeft.QPeftConfig(compute_dtype=torch.float32, fuse=True))
+    assert qpeft.models.fused.api.is_fused(fused) and not qpeft.models.fused.api.is_fused(unfused)
+    oracle = tiny_causal_lm("llama", **NF4_SIZES)
+    _dequantize_into_(oracle, unfused)
+    x = ids(2, 9)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error", qpeft.FusedFallbackWarning)
+        got = fused(input_ids=x, labels=x)
+    with torch.no_grad():
+        same = unfused(input_ids=x, labels=x).loss
+        want = oracle.double()(input_ids=x, labels=x).loss
+    assert got.logits is None
+    assert_close_2x(got.loss, want, same, what="QPeftConfig(fuse=True) loss")
+    fused.save_pretrained(tmp_path / "saved")
+    saved = json.loads((tmp_path / "saved" / "config.json").read_text())["quantization_config"]
+    assert saved["quant_method"] == "qpeft" and "fuse" not in saved
+    with pytest.raises(ValueError, match="fuse must be True or False, got 'yes'"):
+        qpeft.QPeftConfig(fuse="yes")
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=64, n_head=2, vocab_size=V)).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(TypeError, match=r"GPT2LMHeadModel.*LlamaForCausalLM"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "gpt2",
+                                             quantization_config=qpeft.QPeftConfig(fuse=True))

@@ -65,6 +65,15 @@ def _unsupported(model: nn.Module) -> TypeError:
                      f"PeftModel). Train it unfused (its own forward), or add a family in qpeft/models/fused/")
 
 
+def check_fusable(model: nn.Module) -> list:
+    """[(CausalLM module, its Family)] of the CausalLMs fuse would swap in `model`; TypeError naming what it found
+    and what fuse takes when there is none (QPeftConfig(fuse=True) asks before the weights are read)."""
+    targets = [(m, fam) for m in model.modules() if (fam := family_of(m)) is not None]
+    if not targets:
+        raise _unsupported(model)
+    return targets
+
+
 def fuse(model: nn.Module, *, offload_checkpoints: bool = False) -> nn.Module:
     """Swap qpeft's fused training path into every supported CausalLM in `model`, in place; returns `model`.
 
@@ -88,9 +97,7 @@ def fuse(model: nn.Module, *, offload_checkpoints: bool = False) -> nn.Module:
     if not isinstance(offload_checkpoints, bool):
         raise TypeError(f"qpeft.fuse: offload_checkpoints must be True or False, got {offload_checkpoints!r}")
     _check_release()
-    targets = [(m, fam) for m in model.modules() if (fam := family_of(m)) is not None]
-    if not targets:
-        raise _unsupported(model)
+    targets = check_fusable(model)
     for lm, fam in targets:
         _fuse_causal_lm(lm, fam, offload_checkpoints)
     return model
