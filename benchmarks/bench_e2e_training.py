@@ -28,9 +28,11 @@ the suite runs and the relative cost of the Python paths, not GPU speed.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import statistics
 import time
+import warnings
 
 import torch
 import torch.nn as nn
@@ -149,6 +151,19 @@ def training_batch(batch: int, seq: int, vocab: int, device, packed: int = 1, se
     return out
 
 
+@contextlib.contextmanager
+def _fused_or_fail(model: nn.Module):
+    """For a fused model, a FusedFallbackWarning (a module ran unfused) fails the row: the numbers would not be
+    the fused path's."""
+    fused = any("_qpeft_fuse" in m.__dict__ for m in model.modules())
+    with warnings.catch_warnings():
+        if fused:
+            from qpeft import FusedFallbackWarning
+
+            warnings.simplefilter("error", FusedFallbackWarning)
+        yield
+
+
 def time_training(model: nn.Module, batch: int, seq: int, vocab: int, device, autocast_dtype, warmup: int,
                   reps: int, packed: int = 1) -> dict:
     """Median seconds per step over `reps` steps after `warmup`, and the peak memory of those steps."""
@@ -158,7 +173,8 @@ def time_training(model: nn.Module, batch: int, seq: int, vocab: int, device, au
     dev_type = torch.device(device).type
 
     def step():
-        with torch.autocast(dev_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        with torch.autocast(dev_type, dtype=autocast_dtype, enabled=autocast_dtype is not None), \
+                _fused_or_fail(model):
             loss = model(**inputs).loss
         loss.backward()
         opt.step()

@@ -311,7 +311,8 @@ def test_offload_puts_each_checkpointed_layer_input_in_pinned_memory(monkeypatch
 
 
 def test_offload_without_checkpointing_warns():
-    model = tiny_causal_lm("llama")
+    model = tiny_causal_lm("llama").requires_grad_(False)
+    model.model.norm.weight.requires_grad_(True)
     qpeft.fuse(model, offload_checkpoints=True)
     model.train()
     with pytest.warns(qpeft.FusedFallbackWarning, match="offload_checkpoints=True has no effect"):
