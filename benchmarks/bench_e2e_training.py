@@ -21,7 +21,7 @@ autocast; median of 4 steps after 2 warm-up (performance.md's protocol); tokens/
 Target on an H100: qpeft_fused >= 2x the tokens/s of peft_bnb at lower peak memory.
 `--max-context CAP_GIB` (GPU): the longest single sequence (multiple of 1024) whose training step fits in
 CAP_GIB of device memory, per provider, on the 8B shapes (a bisection over step attempts, OOM = does not fit).
-CPU (or quick=True without a GPU): a tiny config at 2 x 64 tokens, plain and packed, in fp32, 5 steps; it shows
+CPU (or quick=True without a GPU): a tiny config at 2 x 64 tokens, plain and packed, in fp32, 10 steps; it shows
 the suite runs and the relative cost of the Python paths, not GPU speed.
 
     python -m benchmarks.bench_e2e_training [--quick] [--max-context 80]
@@ -263,7 +263,7 @@ def run(quick: bool = False) -> list[dict]:
     runs = (GPU_RUNS[:1] if quick else GPU_RUNS) if gpu else CPU_RUNS
     dtype = torch.bfloat16 if gpu else torch.float32
     autocast_dtype = torch.bfloat16 if gpu else None
-    warmup, reps = (2, 4) if gpu else (1, 5)
+    warmup, reps = (2, 4) if gpu else (2, 10)
     rows = []
     for run_name, cfg_name, batch, seq, packed in runs:
         cfg_kw = configs[cfg_name][0]
