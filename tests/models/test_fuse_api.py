@@ -370,3 +370,53 @@ def test_qpeft_config_fuse_on_load(tmp_path):
     with pytest.raises(TypeError, match=r"GPT2LMHeadModel.*LlamaForCausalLM"):
         AutoModelForCausalLM.from_pretrained(tmp_path / "gpt2",
                                              quantization_config=qpeft.QPeftConfig(fuse=True))
+
+
+def test_packed_flash_attention_kwargs_reach_the_attention_function():
+    """DataCollatorWithFlattening(return_flash_attn_kwargs=True): the fused attention hands cu_seq_lens_q/k and
+    max_length_q/k to transformers' attention function as the unfused one does (flash attention reads them; here
+    sdpa, wrapped to record its keywords), and with sdpa each packed sequence's loss is its own."""
+    from transformers import DataCollatorWithFlattening
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    seqs = [ids(n, seed=n) for n in (4, 6, 3)]
+    batch = DataCollatorWithFlattening(return_flash_attn_kwargs=True)(
+        [{"input_ids": s.tolist(), "labels": s.tolist()} for s in seqs])
+    assert batch["cu_seq_lens_q"].tolist() == [0, 4, 10, 13]
+    model = _with_lora(tiny_causal_lm("qwen2", attn_implementation="sdpa"), "peft")
+    fused = qpeft.fuse(copy.deepcopy(model))
+    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    seen = []
+
+    def recording(module, q, k, v, mask, **kwargs):
+        seen.append({key: kwargs[key] for key in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q") if key in kwargs})
+        return sdpa(module, q, k, v, mask, **kwargs)
+
+    had_local = "sdpa" in ALL_ATTENTION_FUNCTIONS._local_mapping
+    ALL_ATTENTION_FUNCTIONS["sdpa"] = recording
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("error", qpeft.FusedFallbackWarning)
+            got = fused(**batch).loss
+        fused_seen, seen[:] = list(seen), []
+        with torch.no_grad():
+            same = model(**batch, use_cache=False).loss
+    finally:
+        if had_local:
+            ALL_ATTENTION_FUNCTIONS["sdpa"] = sdpa
+        else:
+            del ALL_ATTENTION_FUNCTIONS["sdpa"]
+    assert len(fused_seen) == len(seen) == 2
+    for f, u in zip(fused_seen, seen):
+        assert f.keys() == u.keys() == {"cu_seq_lens_q", "cu_seq_lens_k", "max_length_q"}
+        assert f["cu_seq_lens_q"].tolist() == [0, 4, 10, 13] and f["max_length_q"] == u["max_length_q"]
+    with torch.no_grad():
+        oracle = copy.deepcopy(model).double()
+        want = oracle(**{k: v for k, v in batch.items() if k in ("input_ids", "position_ids", "labels")},
+                      use_cache=False).loss
+        # the packed loss is the token-weighted mean of the sequences' own losses
+        n = torch.tensor([len(s) - 1 for s in seqs], dtype=torch.float64)
+        alone = torch.stack([oracle(input_ids=s[None], labels=s[None], use_cache=False).loss for s in seqs])
+    assert_close_2x(got, want, same, what="packed sdpa loss")
+    # (transformers' loss upcasts the logits with .float(): the fp64 model's losses are fp32)
+    torch.testing.assert_close(want.double(), (alone.double() * n).sum() / n.sum(), rtol=1e-6, atol=1e-7)
