@@ -236,9 +236,12 @@ LoraEpilogue make_epilogue(const at::Tensor& a, int64_t M, int64_t Nout, const s
                            const std::optional<at::Tensor>& cols, const char* cols_name, bool cols_transposed,
                            double scale);
 
-// Small-M path of nf4_matmul_out (nf4_gemv.cu): M = x.size(0) <= kGemvMaxM, K % 32 == 0, packed and x
-// 16-byte aligned (the caller checks; x rows stay 16-byte aligned because K % 32 == 0).
-constexpr int kGemvMaxM = 16;
+// Small-M path of nf4_matmul_out (nf4_gemv.cu): the tensor-core kernel when nf4_decode_mma_applies (fp16 /
+// bf16, M <= kDecodeMmaMaxM, blocksize >= 64, K % 256 == 0, 16-byte aligned x and packed), else the SIMT kernel
+// (M <= kGemvMaxM, K % 32 == 0, 16-byte aligned packed and x: the caller checks).
+constexpr int kGemvMaxM = 16;       // the SIMT kernel
+constexpr int kDecodeMmaMaxM = 64;  // the tensor-core kernel (token groups of 8: 1, 2, 4 or 8)
+bool nf4_decode_mma_applies(const at::Tensor& x, const Weight4& w);
 void launch_nf4_gemv(const at::Tensor& x, const Weight4& w, const LoraEpilogue& ep, at::Tensor& out,
                      cudaStream_t stream);
 

@@ -2,18 +2,17 @@
 // W (N, K) in bitsandbytes' layout, fp32 or double-quantized absmax decoded in-kernel.
 //
 // Dispatch by M (rows of x):
-//   M <= 16 (decode / small batch): nf4_gemv_kernel (nf4_gemv.cu). At these M the op is bound by streaming W
-//     (4.127 bits per weight with double quant; an 8192 x 28672 layer is 121 MB of bf16 but 30 MB
-//     of NF4), so the kernel reads each packed byte exactly once with 16-byte loads, keeps all M rows'
-//     sums (8 rows per pass; M = 9..16 takes two passes) in registers and re-reads x (<= 128 KB per
-//     pass at K = 8192, bf16) from L1/L2. A 64-row tensor-core tile would waste >= 75% of its MMAs
-//     at these M, and its 64-wide N tiles launch only N / 64 CTAs (64 for N = 4096: half of the
-//     H100's 132 SMs idle). x re-reads from L1 grow as M x the weight bytes, so the crossover with
-//     the tiled kernel must be measured on the GPU (owed); 16 is the task's small-M range.
-//   M > 16, or K % 32 != 0, or unaligned pointers: the tiled GEMM of tile_gemm.cuh (tensor cores
-//     for fp16/bf16, SIMT for fp32) that dequantizes W tiles into shared memory in its main loop.
-// dx always uses the tiled GEMM with transposed access (it is only needed in training, where M is
-// the token count, in the thousands).
+//   Decode / small batch, nf4_gemv.cu, one pass over W: fp16 / bf16 with M <= 64, blocksize >= 64, K % 256 == 0
+//     (every Llama shape) and 16-byte aligned x and W take the tensor-core kernel (mma.sync with W dequantized
+//     into fragments through a register code book, split-K across the warps of a CTA); M <= 16 with K % 32 == 0
+//     and aligned pointers otherwise the SIMT kernel (fp32, blocksize 32, K % 256 != 0). At these M the op is
+//     bound by streaming W (4.127 bits per weight with double quant: an 8192 x 28672 layer is 121 MB of bf16 but
+//     30 MB of NF4).
+//   Otherwise: the tiled GEMM of tile_gemm.cuh (tensor cores for fp16/bf16, SIMT for fp32) that dequantizes W
+//     tiles into shared memory in its main loop. On sm_90 the auto dispatch sends M > 16 to Triton (wgmma).
+// dx always uses the tiled GEMM with transposed access (it is only needed in training, where M is the token
+// count, in the thousands). The Python op warns once when a decode-sized call cannot take the fast kernels
+// (qpeft/ops/nf4_matmul.py names the reason).
 // No host synchronization and no allocation: every launch is CUDA-graph capturable.
 #include "common.h"
 #include "ops.h"
@@ -135,7 +134,8 @@ void nf4_matmul_out(const at::Tensor& x, const at::Tensor& packed, const at::Ten
   if (M == 0 || N == 0) return;
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  if (M <= kGemvMaxM && K % 32 == 0 && aligned(packed.data_ptr(), 16) && aligned(x.data_ptr(), 16)) {
+  if (nf4_decode_mma_applies(x, w) ||
+      (M <= kGemvMaxM && K % 32 == 0 && aligned(packed.data_ptr(), 16) && aligned(x.data_ptr(), 16))) {
     launch_nf4_gemv(x, w, ep, out, stream);  // nf4_gemv.cu
   } else {
     QPEFT_DISPATCH_FLOAT(x.scalar_type(), "nf4_matmul_out", [&] {

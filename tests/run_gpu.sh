@@ -7,6 +7,9 @@
 #                                 # python/qpeft/ops/nf4_matmul_tuned.py (copied to $OUT: commit it)
 #   bash tests/run_gpu.sh bench   # every benchmark suite (uses the tuned table when tune ran first)
 #   bash tests/run_gpu.sh all     # the three in order (default)
+#   bash tests/run_gpu.sh quick   # the NF4 matmul GPU tests (CUDA decode kernels, Triton, reference), then the
+#                                 # cases the static sm_90 model predicts, measured (benchmarks/measure_static_cases)
+#                                 # and compared with the prediction (static_sm90 --calibrate: calibration_<gpu>.*)
 # bitsandbytes (a benchmark baseline and interop tests) is not on the device image: carry it as a wheel in
 # .whl/ (git-ignored), fetched here with
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -19,7 +22,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 LOG=${OUT:-benchmarks/results}
 STAGE=${1:-all}
-case "$STAGE" in tests|tune|bench|all) ;; *) echo "unknown stage $STAGE (tests|tune|bench|all)" >&2; exit 2;; esac
+case "$STAGE" in tests|tune|bench|all|quick) ;; *) echo "unknown stage $STAGE (tests|tune|bench|all|quick)" >&2; exit 2;; esac
 mkdir -p "$LOG"
 export PYTHONUNBUFFERED=1
 # keep the JIT build inside the (git-ignored) build/ folder: the device tool keeps ignored build outputs
@@ -39,6 +42,20 @@ if [ "$STAGE" = tests ] || [ "$STAGE" = all ]; then
   $PY -m pytest tests -q -p no:cacheprovider -rs 2>&1 | tee "$LOG/pytest_gpu.log" || status=1
   QPEFT_BACKEND=triton $PY -m pytest tests -q -p no:cacheprovider -m triton 2>&1 \
     | tee "$LOG/pytest_triton_gpu.log" || status=1
+fi
+if [ "$STAGE" = quick ]; then
+  $PY -m pytest tests/ops/test_nf4_matmul.py tests/ops/test_nf4_matmul_sm90.py -q -p no:cacheprovider -rs -x 2>&1 \
+    | tee "$LOG/pytest_nf4_gpu.log" || status=1
+  $PY -m benchmarks.measure_static_cases 2>&1 | tee "$LOG/static_cases.log" || status=1
+  measured=$(ls benchmarks/results/*/static_cases.csv 2>/dev/null | grep -v cpu- | head -1)
+  if [ -n "$measured" ]; then
+    $PY -m benchmarks.static_sm90 --calibrate "$measured" 2>&1 | tee "$LOG/calibrate.log" || status=1
+    if [ -n "${OUT:-}" ]; then
+      cp "$measured" "$OUT/" && cp benchmarks/results/sm90-static/calibration_* "$OUT/" 2>/dev/null || status=1
+    fi
+  else
+    status=1
+  fi
 fi
 if [ "$STAGE" = tune ] || [ "$STAGE" = all ]; then
   $PY -m benchmarks.tune_nf4_matmul --write 2>&1 | tee "$LOG/tune.log" || status=1

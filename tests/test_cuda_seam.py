@@ -245,11 +245,13 @@ def test_default_nf4_plan_per_gpu(fake_cuda, gpu):
     if gpu == "A100":
         fake_cuda.pretend(**A100)
     hopper = gpu == "H100"
-    for M, want_fwd in ((1, "cuda"), (16, "cuda"), (17, "triton" if hopper else "cuda"),
+    # fwd: the CUDA decode kernels up to M = 16, and the tensor-core one up to M = 64 for 16-bit x and K % 256 == 0
+    for M, want_fwd in ((1, "cuda"), (16, "cuda"), (17, "cuda"), (64, "cuda"), (65, "triton" if hopper else "cuda"),
                         (512, "triton" if hopper else "cuda")):
         p = dispatch.plan("fwd", M, 4096, 4096, torch.bfloat16, DEV)
         assert (p.backend, p.source) == (want_fwd, "default"), M
         assert dispatch.plan("dx", M, 4096, 4096, torch.bfloat16, DEV).backend == ("triton" if hopper else "cuda")
+    assert dispatch.plan("fwd", 17, 4096, 4000, torch.bfloat16, DEV).backend == ("triton" if hopper else "cuda")
 
 
 def test_tuned_nf4_plan_found_by_device_name_then_capability(fake_cuda, monkeypatch):

@@ -187,7 +187,7 @@ def _blocks(R: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
     512) for 16-bit inputs; fp32 (IEEE dots: FMA loops with their operands in registers) takes 16 rows and
     steps H by 16 up to R = 256, by 32 at R = 512: under Triton 3.9 an H step of 32 spills 16 B at R = 256
     (backward, ReLU and tanh-GELU), 16 spills 8 B at R = 512, and 32 rows spill in 15 of 48 launches. With 8
-    warps every case compiles for sm_90 without spills under Triton 3.6 and 3.9 (tests/test_triton_sm90.py).
+    warps every case compiles for sm_90 without spills under Triton 3.6 and 3.9 (tests/ops/test_triton_sm90.py).
     The first choice (64 or 32 rows, H step 64, 4 warps) spilled up to 13.7 KB per thread at R = 256 in fp32."""
     block_r = max(16, triton.next_power_of_2(R))
     if dtype == torch.float32:

@@ -28,7 +28,7 @@ Kernels:
   partial sums are added by the launcher (deterministic: no atomics).
 
 Tiles are unmeasured starting points picked from the slot count per expert (no GPU here to tune them); every
-one is compiled for sm_90 without register spills in tests/test_triton_sm90.py.
+one is compiled for sm_90 without register spills in tests/ops/test_triton_sm90.py.
 """
 from __future__ import annotations
 
@@ -285,7 +285,7 @@ def _tile_map(seg_start: torch.Tensor, S: int, block_m: int) -> tuple[torch.Tens
 def _gemm_config(S: int, E: int, dtype: torch.dtype) -> dict:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) from the mean slots per expert: a decode step (a few slots per
     expert) gets 16-row tiles, a training batch 64-row ones. Unmeasured starting points (no GPU here);
-    each compiles for sm_90 without spills (tests/test_triton_sm90.py)."""
+    each compiles for sm_90 without spills (tests/ops/test_triton_sm90.py)."""
     per_expert = triton.cdiv(S, max(1, min(E, S)))
     if _INTERPRET:  # the interpreter's cost is per program and per op: small tiles, few wasted rows
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=4)

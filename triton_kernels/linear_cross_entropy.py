@@ -38,7 +38,7 @@ computed once (`_lce_logits_kernel` MODE 0), `_lce_rows_kernel` turns them into 
 follows as above: one logits GEMM instead of two.
 
 Tiles and CHUNK_BYTES are unmeasured starting points (written without a GPU, tested under TRITON_INTERPRET=1);
-every configuration the launchers can pick compiles for sm_90 without register spills (tests/test_triton_sm90.py).
+every configuration the launchers can pick compiles for sm_90 without register spills (tests/ops/test_triton_sm90.py).
 """
 from __future__ import annotations
 
@@ -339,7 +339,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 # (BLOCK_M, BLOCK_V, BLOCK_H, num_warps, num_stages or None) of the logits tiles (lse / logits kernels) and
 # (BLOCK_M, BLOCK_H, BLOCK_V, ...) of the dx kernel, by (dtype, 4-bit head). Unmeasured starting points (no GPU
-# here). Each compiles for sm_90 without register spills with Triton 3.6 and 3.9 (tests/test_triton_sm90.py):
+# here). Each compiles for sm_90 without register spills with Triton 3.6 and 3.9 (tests/ops/test_triton_sm90.py):
 # the 128 x 128 logits tile takes 247-255 registers with the softmax epilogue (HGMMA, 8 warps). fp32 uses IEEE
 # FMA dots with the operands in registers: dense 64 x 64 x 16 spills with 8 warps under Triton 3.6 (80 registers
 # per thread), not with 4; a 4-bit head needs the 8 warps (4 spill 32-208 B). The per-element 4-bit decoder

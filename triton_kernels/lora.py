@@ -183,7 +183,7 @@ def _lora_tn_kernel(
 # GPU tiles for the main GEMM, autotuned per (M, N, K) (no GPU was available to prune this list by
 # measurement): 128x128x64 / 8 warps / 3 stages is the usual bf16 Hopper/Ampere tile; the 64-row tiles keep all
 # SMs busy at M = 512 (4 x 32 = 128 tiles of 128x128 for N = 4096 would leave an H100's 132 SMs one wave
-# short). Every entry compiles for sm_90 without register spills with each epilogue (tests/test_triton_sm90.py,
+# short). Every entry compiles for sm_90 without register spills with each epilogue (tests/ops/test_triton_sm90.py,
 # Triton 3.6 and 3.9); 128x256x64 / 8 warps, once in this list, spilled 1024 B per thread with the LoRA epilogue.
 _GPU_CONFIGS_16BIT = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),

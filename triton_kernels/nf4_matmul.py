@@ -36,6 +36,7 @@ clock per SM. A 256-entry byte -> (hi, lo) pair table would halve it; that is th
 """
 from __future__ import annotations
 
+import os
 
 import torch
 import triton
@@ -48,6 +49,32 @@ __all__ = ["nf4_matmul_triton", "nf4_matmul_dx_triton"]
 # compiled kernels may only read globals declared constexpr
 NESTED_BLOCKSIZE = tl.constexpr(256)  # absmax values per second-level (double-quant) block, as bitsandbytes
 DECODE_MAX_M = 16
+MAX_GRID_X = 2 ** 31 - 1  # programs on CUDA grid axis 0
+MAX_GRID_Y = 65535        # ... on axes 1 and 2
+
+# Rounding of the double-quantized absmax, pinned: code2[q] * absmax2 rounded to fp32, then + offset rounded
+# again, as the reference and bitsandbytes compute it. A plain `a * b + c` is contracted into one FFMA when FP
+# fusion is on (Triton's default up to 3.9; 3.10 turns it off), which moves the scale by up to 1 ulp and every
+# weight of the block with it. mul.rn / add.rn (libdevice __nv_fmul_rn / __nv_fadd_rn) are never contracted.
+# The interpreter evaluates each operation separately (numpy), which is the same two roundings.
+if os.environ.get("TRITON_INTERPRET") == "1":
+    @triton.jit
+    def _mul_rn(a, b):
+        return a * b
+
+    @triton.jit
+    def _add_rn(a, b):
+        return a + b
+else:
+    from triton.language.extra.cuda import libdevice
+
+    @triton.jit
+    def _mul_rn(a, b):
+        return libdevice.mul_rn(a, b)
+
+    @triton.jit
+    def _add_rn(a, b):
+        return libdevice.add_rn(a, b)
 
 
 @triton.jit
@@ -64,7 +91,7 @@ def _dequant_tile(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_co
     if NESTED:
         q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
         scale2 = tl.load(nested_absmax_ptr + block // NESTED_BLOCKSIZE, mask=mask, other=0.0)
-        scale = tl.load(nested_code_ptr + q) * scale2 + offset
+        scale = _add_rn(_mul_rn(tl.load(nested_code_ptr + q), scale2), offset)
     else:
         scale = tl.load(absmax_ptr + block, mask=mask, other=0.0)
     return tl.where(mask, value * scale, 0.0)
@@ -74,14 +101,19 @@ def _dequant_tile(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_co
 def _dequant_tile_aligned(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset,
                           offs_n, mask_n, k0, K,
                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr,
-                          NESTED: tl.constexpr):
+                          NESTED: tl.constexpr, EVEN: tl.constexpr = False):
     """fp32 W[offs_n, k0:k0+BLOCK_K] when K % BLOCKSIZE == 0 (so rows start on a byte and a block boundary)
     and k0 % BLOCK_K == 0: one byte load per 2 weights (split into hi/lo nibbles and interleaved) and one
-    absmax per BLOCKSIZE weights instead of one of each per weight in `_dequant_tile`."""
+    absmax per BLOCKSIZE weights instead of one of each per weight in `_dequant_tile`. EVEN: the tile is
+    entirely inside W (N and K multiples of the tile), so no load is masked (the masks cost ~3 ALU operations
+    per weight in the sm_90 SASS of the 128 x 128 x 32 tile)."""
     half_k = K // 2
     offs_b = (k0 // 2 + tl.arange(0, BLOCK_K // 2)).to(tl.int64)
-    byte = tl.load(packed_ptr + offs_n[:, None] * half_k + offs_b[None, :],
-                   mask=mask_n[:, None] & (offs_b[None, :] < half_k), other=0).to(tl.int32)
+    if EVEN:
+        byte = tl.load(packed_ptr + offs_n[:, None] * half_k + offs_b[None, :]).to(tl.int32)
+    else:
+        byte = tl.load(packed_ptr + offs_n[:, None] * half_k + offs_b[None, :],
+                       mask=mask_n[:, None] & (offs_b[None, :] < half_k), other=0).to(tl.int32)
     hi = tl.load(code_ptr + (byte >> 4))   # element 2j: high nibble
     lo = tl.load(code_ptr + (byte & 0xF))  # element 2j + 1
     values = tl.reshape(tl.join(hi, lo), (BLOCK_N, BLOCK_K))
@@ -90,9 +122,15 @@ def _dequant_tile_aligned(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, n
     block = (offs_n[:, None] * K + k0) // BLOCKSIZE + offs_g[None, :]
     gmask = mask_n[:, None] & (k0 + offs_g[None, :] * BLOCKSIZE < K)
     if NESTED:
-        q = tl.load(absmax_ptr + block, mask=gmask, other=0).to(tl.int32)
-        scale2 = tl.load(nested_absmax_ptr + block // NESTED_BLOCKSIZE, mask=gmask, other=0.0)
-        scale = tl.load(nested_code_ptr + q) * scale2 + offset
+        if EVEN:
+            q = tl.load(absmax_ptr + block).to(tl.int32)
+            scale2 = tl.load(nested_absmax_ptr + block // NESTED_BLOCKSIZE)
+        else:
+            q = tl.load(absmax_ptr + block, mask=gmask, other=0).to(tl.int32)
+            scale2 = tl.load(nested_absmax_ptr + block // NESTED_BLOCKSIZE, mask=gmask, other=0.0)
+        scale = _add_rn(_mul_rn(tl.load(nested_code_ptr + q), scale2), offset)
+    elif EVEN:
+        scale = tl.load(absmax_ptr + block)
     else:
         scale = tl.load(absmax_ptr + block, mask=gmask, other=0.0)
     if GROUPS == 1:
@@ -100,14 +138,16 @@ def _dequant_tile_aligned(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, n
     else:
         w = values * tl.reshape(tl.broadcast_to(scale[:, :, None], (BLOCK_N, GROUPS, BLOCK_K // GROUPS)),
                                 (BLOCK_N, BLOCK_K))
+    if EVEN:
+        return w
     offs_k = k0 + tl.arange(0, BLOCK_K)
     return tl.where(mask_n[:, None] & (offs_k[None, :] < K), w, 0.0)
 
 
 @triton.jit
 def _nf4_matmul_kernel(
-    # activations (M, K) and output (M, N), row-major
-    x_ptr, out_ptr, M, N, K, stride_xm, stride_om,
+    # activations (M, K) and output (M, N), row-major; split-K partials (deterministic mode) stride_split apart
+    x_ptr, out_ptr, M, N, K, stride_xm, stride_om, stride_split,
     # 4-bit weight (N, K)
     packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
     # epilogue: bias (N,), LoRA xa (M, R) @ lora_B (N, R)^T * lora_scale
@@ -116,9 +156,17 @@ def _nf4_matmul_kernel(
     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
     R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGNED: tl.constexpr,
+    ATOMIC_SPLIT: tl.constexpr = True, SWAP_AXES: tl.constexpr = False, EVEN_NK: tl.constexpr = False,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    # M tiles on grid axis 0 and N tiles on axis 1, K splits on axis 2; more than 65,535 N tiles (axis 1's limit)
+    # swap the two (SWAP_AXES, and the launcher then chunks M at 65,535 tiles). Only then: ptxas allocates the
+    # swapped variant's registers differently, and some decode tiles spill in it.
+    if SWAP_AXES:
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+    else:
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
@@ -140,7 +188,7 @@ def _nf4_matmul_kernel(
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         if ALIGNED:
             w = _dequant_tile_aligned(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset,
-                                      offs_n, mask_n, k0, K, BLOCK_N, BLOCK_K, BLOCKSIZE, NESTED)
+                                      offs_n, mask_n, k0, K, BLOCK_N, BLOCK_K, BLOCKSIZE, NESTED, EVEN_NK)
         else:
             w = _dequant_tile(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset,
                               offs_n[:, None], offs_k[None, :], mask_n[:, None] & mask_k[None, :], K,
@@ -172,8 +220,10 @@ def _nf4_matmul_kernel(
     out_mask = mask_m[:, None] & mask_n[None, :]
     if SPLIT_K == 1:
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
-    else:
+    elif ATOMIC_SPLIT:
         tl.atomic_add(out_ptrs, acc, mask=out_mask)
+    else:  # deterministic: each split's partial sums into its own slice, summed in a fixed order afterwards
+        tl.store(out_ptrs + pid_k * stride_split, acc, mask=out_mask)
 
 
 @triton.jit
@@ -187,8 +237,10 @@ def _nf4_matmul_dx_kernel(
     # meta-parameters
     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, HAS_LORA: tl.constexpr, R_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    ALIGNED: tl.constexpr,
+    ALIGNED: tl.constexpr, EVEN_NK: tl.constexpr = False,  # not set by the launcher: see nf4_matmul_dx_triton
 ):
+    # M tiles on grid axis 0 (2^31 - 1), K tiles on axis 1 (<= 65,535: K up to 2M columns, checked by the launcher).
+    # (Swapping the two axes puts the 128 x 64 x 128 tile over 255 registers: it spills.)
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -208,7 +260,8 @@ def _nf4_matmul_dx_kernel(
         # transposed use of the same (BLOCK_N, BLOCK_K) weight tile: dx += dy @ W
         if ALIGNED:
             w = _dequant_tile_aligned(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset,
-                                      offs_n, mask_n, pid_k * BLOCK_K, K, BLOCK_N, BLOCK_K, BLOCKSIZE, NESTED)
+                                      offs_n, mask_n, pid_k * BLOCK_K, K, BLOCK_N, BLOCK_K, BLOCKSIZE, NESTED,
+                                      EVEN_NK)
         else:
             w = _dequant_tile(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset,
                               offs_n[:, None], offs_k[None, :], mask_n[:, None] & mask_k[None, :], K,
@@ -243,7 +296,7 @@ def _prev_pow2(n: int) -> int:
 
 # Tiled-GEMM tiles (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), largest first. Every entry compiles for
 # sm_90 without register spills with bias and the LoRA epilogue (ptxas via Triton 3.9, bf16, NF4 blocksize 64,
-# double quant; tests/test_nf4_matmul.py checks this offline), e.g. 128x128x32 with 8 warps: 221 registers,
+# double quant; tests/ops/test_nf4_matmul.py checks this offline), e.g. 128x128x32 with 8 warps: 221 registers,
 # while 4 warps spill (128x64x64: 552 B) and so does 128x128x64 with 8 (120 B). dx names its tiles
 # (BLOCK_M rows of dy, BLOCK_N reduction step over N, BLOCK_K columns of dx).
 _FWD_GEMM_TILES = ((128, 128, 32, 8, 4), (128, 64, 64, 8, 3), (64, 128, 32, 8, 4), (64, 64, 64, 8, 3),
@@ -252,7 +305,7 @@ _DX_GEMM_TILES = ((128, 64, 128, 8, 3), (128, 64, 64, 8, 3), (64, 64, 128, 8, 3)
                   (32, 64, 64, 4, None), (32, 64, 32, 4, None), (16, 64, 32, 4, None))
 # fp32 activations use exact IEEE dots (FMA loops, operands in registers): the 16-bit tiles spill there (the
 # 32 x 32 x 128 forward tile 3240 B per thread, the 32 x 64 x 64 dx tile 256 B), these do not (sm_90, Triton
-# 3.6 and 3.9; tests/test_triton_sm90.py).
+# 3.6 and 3.9; tests/ops/test_triton_sm90.py).
 _FWD_GEMM_TILES_FP32 = ((64, 64, 16, 8, None), (32, 64, 32, 8, None), (32, 32, 32, 8, None), (16, 32, 32, 4, None))
 _DX_GEMM_TILES_FP32 = ((64, 64, 16, 8, None), (64, 32, 32, 8, None), (32, 32, 64, 8, None), (32, 32, 32, 8, None),
                        (16, 32, 64, 4, None))
@@ -337,6 +390,21 @@ def _stages(num_stages: int | None) -> dict:
     return {} if num_stages is None else {"num_stages": int(num_stages)}
 
 
+def _grid_cols(cols: int, block_cols: int) -> int:
+    """Programs on grid axis 0 (tiles of `cols` output rows or columns), checked against the axis' limit."""
+    n = triton.cdiv(cols, block_cols)
+    if n > MAX_GRID_X:
+        raise ValueError(f"problem too large for one launch: {cols} outputs in tiles of {block_cols} are {n} "
+                         f"programs, more than the {MAX_GRID_X} of CUDA grid axis 0")
+    return n
+
+
+def _row_chunks(M: int, block_m: int):
+    """[row start, row end) ranges of at most MAX_GRID_Y M tiles each: one launch per range."""
+    step = MAX_GRID_Y * block_m
+    return [(r, min(M, r + step)) for r in range(0, M, step)]
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     # fp32 inputs: full-precision products ("ieee"); tf32 would lose ~3 decimal digits vs torch's fp32 matmul.
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -354,11 +422,15 @@ def nf4_matmul_triton(x2d, packed, absmax, code, blocksize, N, nested_absmax=Non
     aligned = _aligned(K, blocksize, cfg)
     use_dot = cfg["BLOCK_M"] >= 16
     split = cfg["SPLIT_K"]
+    # split-K reduces across programs: fp32 atomics straight into the (zero-filled) fp32 output, or, under
+    # torch.use_deterministic_algorithms(True), one fp32 slice per split summed in a fixed order afterwards
+    # (atomics add in whatever order the programs finish: the result can change in the last bit run to run)
+    atomic = not torch.are_deterministic_algorithms_enabled()
     if split == 1:
         out = torch.empty((M, N), dtype=x2d.dtype, device=x2d.device)
     elif x2d.dtype == torch.float32:
-        # split-K partial sums are added with fp32 atomics straight into the (zero-filled) fp32 output
-        out = torch.zeros((M, N), dtype=torch.float32, device=x2d.device)
+        out = torch.zeros((M, N), dtype=torch.float32, device=x2d.device) if atomic else \
+            torch.empty((split, M, N), dtype=torch.float32, device=x2d.device)
     else:
         raise ValueError(f"config SPLIT_K must be 1 for {x2d.dtype} activations (split-K accumulates with fp32 "
                          f"atomics into the output, so it needs float32 x), got SPLIT_K={split}")
@@ -366,22 +438,35 @@ def nf4_matmul_triton(x2d, packed, absmax, code, blocksize, N, nested_absmax=Non
     has_lora = lora_xa is not None
     r = lora_xa.shape[1] if has_lora else 0
     dummy = code
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]), split)
-    _nf4_matmul_kernel[grid](
-        x2d, out, M, N, K, x2d.stride(0), out.stride(0),
-        packed, absmax, code, nested_absmax if nested else dummy, nested_code if nested else dummy,
-        offset if nested else dummy,
-        bias if bias is not None else dummy, lora_xa if has_lora else dummy, lora_B if has_lora else dummy,
-        float(lora_scale), r, lora_xa.stride(0) if has_lora else 0, lora_B.stride(0) if has_lora else 0,
-        BLOCKSIZE=blocksize, NESTED=nested, HAS_BIAS=bias is not None, HAS_LORA=has_lora,
-        R_PAD=max(16, triton.next_power_of_2(max(r, 1))), USE_DOT=use_dot, DOT_PRECISION=_dot_precision(x2d.dtype),
-        ALIGNED=aligned, num_warps=num_warps, **_stages(num_stages), **cfg)
+    n_tiles = _grid_cols(N, cfg["BLOCK_N"])
+    swap = n_tiles > MAX_GRID_Y
+    for r0, r1 in (_row_chunks(M, cfg["BLOCK_M"]) if swap else [(0, M)]):
+        m_tiles = _grid_cols(r1 - r0, cfg["BLOCK_M"])
+        xa = lora_xa[r0:r1] if has_lora else dummy
+        _nf4_matmul_kernel[(n_tiles, m_tiles, split) if swap else (m_tiles, n_tiles, split)](
+            x2d[r0:r1], out[..., r0:r1, :], r1 - r0, N, K, x2d.stride(0), N, M * N,
+            packed, absmax, code, nested_absmax if nested else dummy, nested_code if nested else dummy,
+            offset if nested else dummy,
+            bias if bias is not None else dummy, xa, lora_B if has_lora else dummy,
+            float(lora_scale), r, lora_xa.stride(0) if has_lora else 0, lora_B.stride(0) if has_lora else 0,
+            BLOCKSIZE=blocksize, NESTED=nested, HAS_BIAS=bias is not None, HAS_LORA=has_lora,
+            R_PAD=max(16, triton.next_power_of_2(max(r, 1))), USE_DOT=use_dot,
+            DOT_PRECISION=_dot_precision(x2d.dtype), ALIGNED=aligned, ATOMIC_SPLIT=atomic, SWAP_AXES=swap,
+            EVEN_NK=aligned and N % cfg["BLOCK_N"] == 0 and K % cfg["BLOCK_K"] == 0,
+            num_warps=num_warps, enable_fp_fusion=True, **_stages(num_stages), **cfg)
+    if split > 1 and not atomic:
+        out = out.sum(0)
     return out
 
 
 def nf4_matmul_dx_triton(dy2d, packed, absmax, code, blocksize, K, nested_absmax=None, nested_code=None,
                          offset=None, lora_dyb=None, lora_A=None, lora_scale=0.0, config: dict | None = None):
-    """(M, K) = dy2d (M, N) @ W (+ lora_scale * lora_dyb @ lora_A). Inputs validated by the L2 op."""
+    """(M, K) = dy2d (M, N) @ W (+ lora_scale * lora_dyb @ lora_A). Inputs validated by the L2 op.
+    EVEN_NK (unmasked whole tiles) stays off here: the 128 x 64 x 128 tile takes 134 registers with it. Without
+    it, 129 since the scale's rounding is pinned (mul.rn / add.rn), so one CTA per SM (the static sm_90 model:
+    0.46x cuBLAS at M >= 1024 before the pinning). A maxnreg=128 cap would give two CTAs but spills (sm_90, Triton
+    3.9: 360-848 B of stack for the 128 x 64 x 128 / 128 x 64 x 64 tiles with the LoRA epilogue, or without
+    16-divisible strides), so it is not applied."""
     M, N = dy2d.shape
     cfg = dict(config or _dx_config(M, N, K, dy2d.device, dy2d.dtype, aligned=K % blocksize == 0))
     num_warps = cfg.pop("num_warps", 4)
@@ -392,14 +477,17 @@ def nf4_matmul_dx_triton(dy2d, packed, absmax, code, blocksize, K, nested_absmax
     has_lora = lora_dyb is not None
     r = lora_dyb.shape[1] if has_lora else 0
     dummy = code
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(K, cfg["BLOCK_K"]))
-    _nf4_matmul_dx_kernel[grid](
+    k_tiles = triton.cdiv(K, cfg["BLOCK_K"])
+    if k_tiles > MAX_GRID_Y:
+        raise ValueError(f"K={K} in tiles of {cfg['BLOCK_K']} is {k_tiles} programs on CUDA grid axis 1, more than "
+                         f"its {MAX_GRID_Y}: use a larger BLOCK_K")
+    _nf4_matmul_dx_kernel[(_grid_cols(M, cfg["BLOCK_M"]), k_tiles)](
         dy2d, dx, M, N, K, dy2d.stride(0), dx.stride(0),
         packed, absmax, code, nested_absmax if nested else dummy, nested_code if nested else dummy,
         offset if nested else dummy,
         lora_dyb if has_lora else dummy, lora_A if has_lora else dummy, float(lora_scale), r,
         lora_dyb.stride(0) if has_lora else 0, lora_A.stride(0) if has_lora else 0,
         BLOCKSIZE=blocksize, NESTED=nested, HAS_LORA=has_lora, R_PAD=max(16, triton.next_power_of_2(max(r, 1))),
-        DOT_PRECISION=_dot_precision(dy2d.dtype), ALIGNED=aligned, num_warps=num_warps, **_stages(num_stages),
-        **cfg)
+        DOT_PRECISION=_dot_precision(dy2d.dtype), ALIGNED=aligned, num_warps=num_warps, enable_fp_fusion=True,
+        **_stages(num_stages), **cfg)
     return dx

@@ -19,7 +19,7 @@ __all__ = ["rms_norm_triton", "rms_norm_backward_triton", "MAX_HIDDEN"]
 
 # Rows live in registers: 8,192 fp32 per row over 16 warps is 16 values per thread per live tensor; the backward
 # keeps about four (n, dn, w, the dw partial) and compiles for sm_90 without spills up to this size
-# (tests/test_triton_sm90.py), while 16,384 spilled (REG:128, 30 local stores, Triton 3.9). Wider rows (only
+# (tests/ops/test_triton_sm90.py), while 16,384 spilled (REG:128, 30 local stores, Triton 3.9). Wider rows (only
 # Llama-3.1-405B's 16,384 among the supported families) use the reference.
 MAX_HIDDEN = 8192
 _MAX_PROGRAMS = 256  # backward grid cap: partial dw rows to sum

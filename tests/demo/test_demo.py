@@ -377,7 +377,7 @@ def test_missing_accelerate_is_one_line(tmp_path, monkeypatch, capsys):
 
 
 def _setup_extras():
-    tree = ast.parse((Path(__file__).parents[1] / "setup.py").read_text())
+    tree = ast.parse((Path(__file__).resolve().parents[2] / "setup.py").read_text())
     call = next(n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "setup")
     extras = next(k.value for k in call.keywords if k.arg == "extras_require")
     return ast.literal_eval(extras)

@@ -194,8 +194,9 @@ def test_op_level_checks():
 
 
 # --- Triton kernels (interpreter on CPU: fp16/fp32, small shapes) -------------------------------------------------
-# generic loader (K % blocksize != 0, odd K) and aligned loader (K % blocksize == 0) shapes
-TRITON_SHAPES = [(1, 33, 70), (5, 17, 131), (20, 48, 96), (2, 21, 256)]
+# generic loader (K % blocksize != 0, odd K), aligned loader (K % blocksize == 0) and whole tiles (EVEN_NK: N and K
+# multiples of the default tiles, no masked loads) shapes
+TRITON_SHAPES = [(1, 33, 70), (5, 17, 131), (20, 48, 96), (2, 21, 256), (20, 64, 256)]
 
 
 @pytest.mark.triton
@@ -260,6 +261,80 @@ def test_triton_split_k_refused_for_half_activations():
                                                                           SPLIT_K=2))
 
 
+@pytest.mark.triton
+@requires_triton_runtime
+def test_triton_split_k_deterministic_mode(monkeypatch):
+    """Under torch.use_deterministic_algorithms(True) split-K writes one fp32 slice per split and sums them in a
+    fixed order (no atomics, whose order varies run to run); the result meets the 2x rule and repeats bit for bit."""
+    import qpeft.triton_kernels.nf4_matmul as tk
+
+    dev = triton_device()
+    M, N, K, r = 3, 37, 320, 4
+    packed, state, W = make_weight(N, K, device=dev)
+    p, a, c, bs, _, _, na, nc, off = weight_args(packed, state)
+    x, b, _, (xa, lB, _) = _inputs(M, N, K, torch.float32, device=dev, r=r)
+    seen = []
+    real_run = tk._nf4_matmul_kernel.run
+    monkeypatch.setattr(tk._nf4_matmul_kernel, "run",
+                        lambda *args, **kw: seen.append(kw["ATOMIC_SPLIT"]) or real_run(*args, **kw))
+    cfg = dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=32, SPLIT_K=3)
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        y1 = tk.nf4_matmul_triton(x, p, a, c, bs, N, na, nc, off, b, xa, lB, 0.5, config=cfg)
+        y2 = tk.nf4_matmul_triton(x, p, a, c, bs, N, na, nc, off, b, xa, lB, 0.5, config=cfg)
+    finally:
+        torch.use_deterministic_algorithms(was)
+    y3 = tk.nf4_matmul_triton(x, p, a, c, bs, N, na, nc, off, b, xa, lB, 0.5, config=cfg)
+    assert seen == [False, False, True]
+    assert torch.equal(y1, y2) and y1.shape == (M, N)
+    ref32 = x.double() @ W.double().t() + b.double() + 0.5 * (xa.double() @ lB.double().t())
+    same = x @ W.t() + b + 0.5 * (xa @ lB.t())
+    assert_close_2x(y1, ref32, same, what="deterministic split-K")
+    assert_close_2x(y3, ref32, same, what="atomic split-K")
+
+
+def test_triton_grid_limits():
+    """Output column tiles go on grid axis 0 (2^31 - 1 programs: 75,000 tiles of 8 columns are fine, where axis 1
+    stopped at 65,535); a problem beyond axis 0 is refused with the sizes; M tiles (axis 1) are launched in
+    chunks of at most 65,535."""
+    pytest.importorskip("triton")
+    from qpeft.triton_kernels.nf4_matmul import MAX_GRID_X, MAX_GRID_Y, _grid_cols, _row_chunks
+
+    assert _grid_cols(600_000, 8) == 75_000
+    with pytest.raises(ValueError, match="more than the 2147483647 of CUDA grid axis 0"):
+        _grid_cols(2 ** 36, 16)
+    assert MAX_GRID_X == 2 ** 31 - 1 and MAX_GRID_Y == 65535
+    assert _row_chunks(100, 16) == [(0, 100)]
+    assert _row_chunks(65535 * 16 + 5, 16) == [(0, 65535 * 16), (65535 * 16, 65535 * 16 + 5)]
+
+
+@pytest.mark.triton
+@requires_triton_runtime
+def test_triton_forward_row_chunks_give_the_same_result(monkeypatch):
+    """With grid axes 1 and 2 limited to 2 programs (instead of 65,535): 3 N tiles go on axis 0 and the 5 M tiles
+    on axis 1 in three launches on row slices of x, the output and the LoRA rows; the result is bit for bit the
+    single launch's. dx keeps M tiles on axis 0 and refuses K tiles beyond axis 1."""
+    import qpeft.triton_kernels.nf4_matmul as tk
+
+    dev, dtype = triton_device(), torch.float16
+    M, N, K, r = 70, 40, 64, 4
+    packed, state, _ = make_weight(N, K, device=dev)
+    p, a, c, bs, _, _, na, nc, off = weight_args(packed, state)
+    x, b, dy, (xa, lB, lA) = _inputs(M, N, K, dtype, device=dev, r=r)
+    cfg = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, SPLIT_K=1)
+    whole = tk.nf4_matmul_triton(x, p, a, c, bs, N, na, nc, off, b, xa, lB, 0.5, config=cfg)
+    seen = []
+    real_run = tk._nf4_matmul_kernel.run
+    monkeypatch.setattr(tk._nf4_matmul_kernel, "run",
+                        lambda *args, **kw: seen.append((kw["grid"], kw["SWAP_AXES"])) or real_run(*args, **kw))
+    monkeypatch.setattr(tk, "MAX_GRID_Y", 2)
+    assert torch.equal(tk.nf4_matmul_triton(x, p, a, c, bs, N, na, nc, off, b, xa, lB, 0.5, config=cfg), whole)
+    assert seen == [((3, 2, 1), True), ((3, 2, 1), True), ((3, 1, 1), True)]
+    with pytest.raises(ValueError, match="K=64 in tiles of 16 is 4 programs on CUDA grid axis 1, more than its 2"):
+        tk.nf4_matmul_dx_triton(dy, p, a, c, bs, K, na, nc, off, config=dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16))
+
+
 @pytest.mark.parametrize("M", [1, 2, 16])
 @pytest.mark.parametrize("N", [64, 4096, 28672])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -316,6 +391,88 @@ def test_cuda_forward_dx_lora(M, N, K, dtype, quant_type, blocksize, nested, mon
     assert_close_2x(dx, dy.double() @ W.double() + 0.5 * (xa.double() @ lA.double()),
                     dy @ W.to(dtype) + 0.5 * (xa @ lA),
                     what="cuda dx")
+
+
+# decode kernels of csrc/nf4_gemv.cu: tensor cores for fp16 / bf16 with M <= 64, blocksize >= 64 and K % 256 == 0
+# (1, 2, 4 or 8 groups of 8 tokens; M = 24 with N = 2056 takes two 8-row tiles per warp on an H100, the last CTA's
+# second one half past N), the SIMT kernel at M <= 16 otherwise (blocksize 32 below), the tiled GEMM above.
+# Shapes: one warp (K = 256), split-K over 8 warps with 1 and 2 passes each
+# (K = 2816 = 11 passes: warps 0-2 take two, the loop's early exit), N not a multiple of 8 (clamped rows),
+# blocksizes below, at and above the 256-k pass (a pass inside one block / the block spanning passes)
+DECODE_SHAPES = [(1, 37, 256), (3, 64, 2816), (8, 29, 512), (9, 40, 4096), (16, 33, 768), (17, 24, 512),
+                 (32, 19, 1280), (24, 2056, 256), (41, 1000, 512), (64, 72, 256)]
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("M,N,K", DECODE_SHAPES)
+@pytest.mark.parametrize("blocksize,nested", [(64, True), (128, False), (1024, True), (32, True)])
+def test_cuda_decode_kernels(M, N, K, dtype, blocksize, nested, monkeypatch):
+    """Against the exactly dequantized weight rounded to the activation dtype (what the tensor-core kernel
+    multiplies): within 2 ulps of the output dtype of the fp64 product (a single wrong weight moves a K >= 256
+    dot product by far more), and the 2x rule against plain PyTorch; bias and the LoRA epilogue included."""
+    monkeypatch.setenv("QPEFT_BACKEND", "cuda")
+    packed, state, W = make_weight(N, K, "nf4", blocksize, nested, device="cuda")
+    p, a, c, bs, _, _, na, nc, off = weight_args(packed, state)
+    x, b, _, (xa, lB, _) = _inputs(M, N, K, dtype, device="cuda", r=8)
+    y = torch.ops.qpeft.nf4_matmul(x, p, a, c, bs, N, na, nc, off, b, xa, lB, 0.5)
+    exact = x.double() @ W.to(dtype).double().t() + b.double() + 0.5 * (xa.double() @ lB.double().t())
+    ulp = torch.finfo(dtype).eps * exact.abs().clamp_min(1e-3)
+    assert ((y.double() - exact).abs() <= 2 * ulp).all(), (y.double() - exact).abs().max()
+    assert_close_2x(y, x.double() @ W.double().t() + b.double() + 0.5 * (xa.double() @ lB.double().t()),
+                    x @ W.to(dtype).t() + b + 0.5 * (xa @ lB.t()), what="cuda decode")
+
+
+@requires_cuda
+def test_cuda_decode_misaligned_activation_view_is_exact():
+    """A decode call on a view at an odd offset takes the fast kernel on an aligned copy (cuda_forward_input)."""
+    packed, state, W = make_weight(64, 512, device="cuda")
+    base = torch.randn(1 + 4 * 512, device="cuda", dtype=torch.bfloat16)
+    x = base[1:].view(4, 512)
+    assert x.data_ptr() % 16
+    y = nf4_matmul(x, packed, state)
+    torch.testing.assert_close(y, nf4_matmul(x.clone(), packed, state), rtol=0, atol=0)
+
+
+def test_cuda_forward_input_copies_misaligned_x_and_warns_once_per_slow_path(monkeypatch):
+    """The CUDA forward's seam, on CPU tensors: which calls take the decode kernels' fast path, which get one
+    warning naming the reason."""
+    import warnings
+
+    from qpeft import _backend
+    from qpeft.ops.nf4_matmul import cuda_forward_input
+
+    monkeypatch.setattr(_backend, "_warned", set())
+
+    def call(M, K, blocksize=64, dtype=torch.bfloat16, x_offset=0, w_offset=0):
+        x = torch.randn(x_offset + M * K).to(dtype)[x_offset:].view(M, K)
+        packed = torch.zeros(w_offset + 64 * K // 2, dtype=torch.uint8)[w_offset:]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = cuda_forward_input(x, packed, blocksize)
+        return x, out, [str(w.message) for w in caught]
+
+    x, out, warned = call(4, 512)
+    assert out is x and not warned                          # the fast path as is
+    x, out, warned = call(4, 512, x_offset=1)                # misaligned view: an aligned copy, no warning
+    assert x.data_ptr() % 16 and out.data_ptr() % 16 == 0 and torch.equal(out, x) and not warned
+    x, out, warned = call(32, 512, x_offset=1)               # M <= 64: the tensor-core kernel too
+    assert out.data_ptr() % 16 == 0 and torch.equal(out, x) and not warned
+    for M, kwargs, reason, kernel in ((1, dict(K=100), "K=100 is not a multiple of 32", "tiled GEMM"),
+                                      (1, dict(K=512, w_offset=8), "packed weight is not 16-byte aligned",
+                                       "tiled GEMM"),
+                                      (1, dict(K=512, blocksize=32), "blocksize 32 < 64", "SIMT kernel"),
+                                      (1, dict(K=288), "K=288 is not a multiple of 256", "SIMT kernel"),
+                                      (20, dict(K=512, blocksize=32), "blocksize 32 < 64", "tiled GEMM")):
+        _, _, warned = call(M, **kwargs)
+        assert len(warned) == 1 and reason in warned[0] and kernel in warned[0], warned
+        _, _, again = call(M + 1, **kwargs)
+        assert not again  # once per reason
+    for M in (1, 20):                                        # fp32: SIMT or tiled GEMM by design, not warned
+        _, _, warned = call(M, 288, dtype=torch.float32)
+        assert not warned
+    x, out, warned = call(70, 512, x_offset=1, blocksize=32)  # M > 64: the tiled GEMM, any alignment
+    assert out is x and not warned
 
 
 # --- auto dispatch: the measured table (built by benchmarks/tune_nf4_matmul.py) and its lookup ---------------
@@ -394,6 +551,24 @@ def test_dispatch_default_plan_and_argument_check():
         plan("bwd", 1, 4096, 4096, torch.bfloat16, cpu)
 
 
+def test_dispatch_default_rule_on_hopper(monkeypatch):
+    """On sm_90 (reported by a stand-in): the CUDA decode kernels up to M = 16, and up to 64 where the tensor-core
+    one applies (fp16 / bf16, K % 256 == 0); Triton (wgmma) above, and for every dx."""
+    from qpeft.ops import nf4_matmul_dispatch as d
+
+    monkeypatch.setattr(d, "is_hopper_or_newer", lambda device: True)
+    dev, bf16 = torch.device("cuda", 0), torch.bfloat16
+
+    def backend(direction, M, K, dtype=bf16):
+        return d.default_plan(direction, M, dev, K, dtype).backend
+
+    assert [backend("fwd", M, 4096) for M in (1, 16, 17, 64, 65)] == ["cuda"] * 4 + ["triton"]
+    assert [backend("fwd", M, 4000) for M in (16, 17)] == ["cuda", "triton"]           # K % 256 != 0
+    assert [backend("fwd", M, 4096, torch.float32) for M in (16, 17)] == ["cuda", "triton"]
+    assert backend("dx", 1, 4096) == "triton"
+    assert d.default_plan("fwd", 24, dev).backend == "triton"  # K / dtype not given: the M <= 16 rule
+
+
 @pytest.mark.triton
 @requires_triton_runtime
 @pytest.mark.parametrize("direction", ["fwd", "dx"])
@@ -467,7 +642,7 @@ def test_op_allocates_only_its_output_and_captures_in_a_cuda_graph(backend, dire
 
 
 # --- offline sm_90 compile of the default Triton tiles (no GPU needed) -----------------------------------------
-def _compile_sm90(direction: str, cfg: dict):
+def _compile_sm90(direction: str, cfg: dict, has_lora: bool = True):
     """(shared bytes, cuobjdump resource usage, SASS) of one kernel configuration compiled for sm_90, bf16,
     NF4 blocksize 64 with double quant, the aligned tile loader (every real model shape)."""
     import os
@@ -491,16 +666,18 @@ def _compile_sm90(direction: str, cfg: dict):
     if direction == "fwd":
         fn = k._nf4_matmul_kernel
         sig = {"x_ptr": p16, "out_ptr": p16, "M": i32, "N": i32, "K": i32, "stride_xm": i32, "stride_om": i32,
-               **weight, "bias_ptr": p16, "xa_ptr": p16, "lb_ptr": p16, "lora_scale": "fp32", "R": i32,
-               "stride_xam": i32, "stride_lbn": i32}
-        const = dict(HAS_BIAS=True, USE_DOT=cfg["BLOCK_M"] >= 16, **cfg)
+               "stride_split": i32, **weight, "bias_ptr": p16, "xa_ptr": p16, "lb_ptr": p16, "lora_scale": "fp32",
+               "R": i32, "stride_xam": i32, "stride_lbn": i32}
+        # EVEN_NK: whole tiles, as the launcher sets it for every real model shape (N, K multiples of the tile)
+        const = dict(HAS_BIAS=True, USE_DOT=cfg["BLOCK_M"] >= 16, ATOMIC_SPLIT=True, SWAP_AXES=False, EVEN_NK=True,
+                     **cfg)
     else:
         fn = k._nf4_matmul_dx_kernel
         sig = {"dy_ptr": p16, "dx_ptr": p16, "M": i32, "N": i32, "K": i32, "stride_dym": i32, "stride_dxm": i32,
                **weight, "dyb_ptr": p16, "la_ptr": p16, "lora_scale": "fp32", "R": i32, "stride_dybm": i32,
                "stride_lar": i32}
-        const = dict(cfg)
-    const.update(BLOCKSIZE=64, NESTED=True, HAS_LORA=True, R_PAD=16, DOT_PRECISION="tf32", ALIGNED=True)
+        const = dict(EVEN_NK=False, **cfg)  # the dx launcher leaves it off (nf4_matmul_dx_triton)
+    const.update(BLOCKSIZE=64, NESTED=True, HAS_LORA=has_lora, R_PAD=16, DOT_PRECISION="tf32", ALIGNED=True)
     compiled = compile_for_sm90(fn, sig, const, options=opts)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
@@ -534,11 +711,14 @@ def test_default_triton_tiles_compile_for_sm90_without_register_spills(direction
         cfg = tile_config(tile)
         if direction == "fwd":
             cfg["SPLIT_K"] = 1
-    shared, usage, sass = _compile_sm90(direction, cfg)
-    assert " STACK:0 " in usage and " LOCAL:0 " in usage, f"register spills for {cfg}: {usage.strip()}"
-    assert shared <= 227 * 1024, f"{cfg} needs {shared} B of shared memory"
-    if cfg["BLOCK_M"] >= 64:
-        assert "HGMMA" in sass, f"{cfg}: no wgmma in the sm_90 SASS"
+    # dx also without the LoRA epilogue (the inference / frozen-adapter case)
+    for has_lora in (True, False) if direction == "dx" else (True,):
+        shared, usage, sass = _compile_sm90(direction, cfg, has_lora)
+        what = f"{cfg}, LoRA epilogue {has_lora}"
+        assert " STACK:0 " in usage and " LOCAL:0 " in usage, f"register spills for {what}: {usage.strip()}"
+        assert shared <= 227 * 1024, f"{what} needs {shared} B of shared memory"
+        if cfg["BLOCK_M"] >= 64:
+            assert "HGMMA" in sass, f"{what}: no wgmma in the sm_90 SASS"
 
 
 @pytest.mark.parametrize("M", [17, 40, 64, 65, 128, 256, 1024, 16384])

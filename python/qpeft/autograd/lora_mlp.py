@@ -16,7 +16,7 @@ The unfused PEFT path (LoraLinear / peft LoRA on gate/up/down, act_fn, mul) save
 H + 4 I values, plus the dropout outputs (x twice, h once) and their masks when lora_dropout > 0. The saving is
 2 I b per token per layer without dropout (Llama-3-8B, I = 14,336, bf16: 56 KiB per token per layer, 14.7 GiB
 at 8k tokens x 32 layers), and with PEFT's dropout also its dropped copies of x (twice) and of h and their masks
-(tests/test_lora_mlp.py::test_saved_tensors_vs_unfused counts them).
+(tests/ops/test_lora_mlp.py::test_saved_tensors_vs_unfused counts them).
 Backward: h recomputed; dh = dy W_d + s_d drop'(dy B_d A_d); dg, du = qpeft::glu_backward(dh, g, u);
 dx = dg W_g + du W_u + the adapters' terms (summed in fp32, rounded once); dA, dB of all three in fp32
 (qpeft::lora_grad), cast to A/B's dtype.

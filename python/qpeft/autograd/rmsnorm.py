@@ -7,7 +7,7 @@ Matches the RMSNorm modules of transformers exactly in its upcast order (referen
         rms_norm(x, module.weight, module.eps, offset=1.0, casting="gemma")
 Saved for backward: x as given (no fp32 copy), the weight and rstd (4 bytes per row). The eager modules save an
 fp32 copy of x plus the normalised x (Llama: in x's dtype, Gemma: in fp32): per element of a bf16 x that is 6
-(Llama) or 8 (Gemma) bytes against our 2 (tests/test_rmsnorm.py::test_saved_bytes_vs_eager counts them).
+(Llama) or 8 (Gemma) bytes against our 2 (tests/ops/test_rmsnorm.py::test_saved_bytes_vs_eager counts them).
 """
 from __future__ import annotations
 

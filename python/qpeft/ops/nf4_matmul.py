@@ -17,14 +17,53 @@ import torch
 from torch.library import custom_op, register_fake
 
 from .. import _cuda
+from .._backend import _warn_once
 from .._backend import select as select_backend
 from . import nf4_matmul_dispatch
 from ..reference import nf4_matmul as ref
 
-__all__ = ["nf4_matmul", "nf4_matmul_dx", "check_weight_args"]
+__all__ = ["nf4_matmul", "nf4_matmul_dx", "check_weight_args", "cuda_forward_input"]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+# csrc/nf4_matmul.cu + nf4_gemv.cu: the decode kernels' ranges (kDecodeMmaMaxM for the tensor-core kernel,
+# kGemvMaxM for the SIMT one) and the tensor-core kernel's K step (kDecPassK); both need 16-byte aligned x and W
+CUDA_DECODE_MMA_MAX_M = 64
+CUDA_DECODE_SIMT_MAX_M = 16
+CUDA_DECODE_K_STEP = 256
+
+
+def cuda_forward_input(x2d: torch.Tensor, packed: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """The activation to hand the CUDA C++ forward (qpeft_C::nf4_matmul_out), and a one-time warning per reason
+    when a decode-sized call (M <= 64, fp16 / bf16) cannot take the tensor-core decode kernel:
+    - x not 16-byte aligned (a view at an odd offset): copied here, M x K elements, far less than the weight the
+      kernel streams, so the call stays on the fast kernel;
+    - blocksize 32 or K % 256 != 0: the SIMT kernel at M <= 16, the tiled GEMM above;
+    - K % 32 != 0 or a misaligned packed weight: the tiled GEMM.
+    fp32 activations take the SIMT kernel (M <= 16) or the tiled GEMM (no tensor cores for fp32): documented,
+    not warned. Larger M goes to the tiled GEMM, which handles any alignment at full speed."""
+    M, K = x2d.shape
+    if M > CUDA_DECODE_MMA_MAX_M or (x2d.dtype == torch.float32 and M > CUDA_DECODE_SIMT_MAX_M):
+        return x2d
+    if x2d.data_ptr() % 16:
+        x2d = x2d.clone()  # a fresh allocation: the caching allocator aligns every block to 512 bytes
+    if packed.data_ptr() % 16:
+        reason = "the packed weight is not 16-byte aligned (a view at an offset)"
+    elif K % 32:
+        reason = f"K={K} is not a multiple of 32"
+    elif x2d.dtype == torch.float32:
+        return x2d
+    elif blocksize < 64:
+        reason = f"blocksize {blocksize} < 64"
+    elif K % CUDA_DECODE_K_STEP:
+        reason = f"K={K} is not a multiple of {CUDA_DECODE_K_STEP}"
+    else:
+        return x2d
+    simt = M <= CUDA_DECODE_SIMT_MAX_M and K % 32 == 0 and packed.data_ptr() % 16 == 0
+    _warn_once(f"qpeft.nf4_matmul: {reason}, so decode-sized calls (M <= {CUDA_DECODE_MMA_MAX_M}) on the CUDA "
+               f"backend use the {'SIMT kernel' if simt else 'tiled GEMM'} instead of the tensor-core decode kernel "
+               f"(several times slower)")
+    return x2d
 
 
 def check_weight_args(a: torch.Tensor, a_name: str, packed: torch.Tensor, absmax: torch.Tensor,
@@ -124,6 +163,7 @@ def nf4_matmul(x2d: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, co
     plan = nf4_matmul_dispatch.plan("fwd", M, N, x2d.shape[1], x2d.dtype, x2d.device)
     impl = select_backend("nf4_matmul", x2d.device, prefer_triton=plan.backend == "triton")
     if impl == "cuda":
+        x2d = cuda_forward_input(x2d, packed, blocksize)
         out = torch.empty((M, N), dtype=x2d.dtype, device=x2d.device)
         _cuda.rt.ext.nf4_matmul_out(x2d, packed, absmax, code, blocksize, nested_absmax, nested_code, offset,
                                     bias, lora_xa, lora_B, lora_scale, out)

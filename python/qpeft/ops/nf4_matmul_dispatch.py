@@ -11,9 +11,13 @@ Two sources, in this order:
    measured shape nearest in log K + log N. Only 16-bit activations are tuned (the benchmark dtype);
    fp32 activations keep the default rule.
 2. The default rule, reasoned and NOT measured (no GPU was available when it was written):
-   - fwd, M <= 16: the CUDA GEMV (csrc/nf4_gemv.cu): reads each packed byte once with 16-byte loads and
-     keeps the <= 16 rows' sums in registers; a 64-row tensor-core tile would waste >= 75% of its MMAs.
-   - fwd, M > 16, and dx at every M, on sm_90+: Triton, whose tl.dot lowers to wgmma (HGMMA 64x64x16 in the
+   - fwd, M <= 16, and M <= 64 for fp16 / bf16 with K % 256 == 0: the CUDA decode kernels (csrc/nf4_gemv.cu):
+     one pass over W with 16-byte evict-first loads; the tensor-core one dequantizes into mma.sync fragments
+     through a register code book (the static sm_90 model, benchmarks/static_sm90.py, Triton 3.9: 0.83-0.97 of
+     the bandwidth floor for K, N >= 4096 at M <= 8, 0.55-0.89 at M = 9..16; 1.13-1.18x bf16 cuBLAS at M = 17 on
+     N >= 4096; 0.27x at M = 64 (x re-read through L2 per 8 rows; the 8-group kernel spills), about even with
+     Triton except k/v (Triton 0.07x) and gate/up (Triton 0.47x); predictions, docs/nf4_matmul_performance.md).
+   - fwd above those M, and dx at every M, on sm_90+: Triton, whose tl.dot lowers to wgmma (HGMMA 64x64x16 in the
      offline sm_90 SASS), while the CUDA C++ tiles use mma.sync, which tops out around 75% of Hopper's
      tensor-core peak (fast-kernels.md section 0). Before sm_90: the CUDA C++ kernels.
 
@@ -32,8 +36,11 @@ from .._backend import is_hopper_or_newer
 
 __all__ = ["Plan", "plan", "default_plan", "lookup_tuned", "build_table", "render_tables"]
 
-# fwd on CUDA C++ up to this M (the GEMV's range; csrc/nf4_matmul.cu kGemvMaxM); reasoned, see above
+# fwd on CUDA C++ up to this M (the decode kernels' range, csrc/nf4_gemv.cu: the SIMT kernel's kGemvMaxM, and the
+# tensor-core kernel's kDecodeMmaMaxM for fp16 / bf16 with K % 256 == 0); see above
 DEFAULT_CUDA_GEMV_MAX_M = 16
+DEFAULT_CUDA_DECODE_MMA_MAX_M = 64
+DECODE_MMA_K_STEP = 256
 TUNED_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -47,10 +54,16 @@ class Plan:
         return None if self.triton_config is None else dict(self.triton_config)
 
 
-def default_plan(direction: str, M: int, device: torch.device) -> Plan:
+def default_plan(direction: str, M: int, device: torch.device, K: int | None = None,
+                 dtype: torch.dtype | None = None) -> Plan:
+    """The reasoned rule (module docstring). K and dtype, when given, extend the CUDA decode range to the
+    tensor-core kernel's M <= 64 (fp16 / bf16, K % 256 == 0)."""
     hopper = is_hopper_or_newer(device)
     if direction == "fwd":
-        backend = "triton" if hopper and M > DEFAULT_CUDA_GEMV_MAX_M else "cuda"
+        max_m = DEFAULT_CUDA_GEMV_MAX_M
+        if K is not None and K % DECODE_MMA_K_STEP == 0 and dtype in (torch.float16, torch.bfloat16):
+            max_m = DEFAULT_CUDA_DECODE_MMA_MAX_M
+        backend = "triton" if hopper and M > max_m else "cuda"
     else:
         backend = "triton" if hopper else "cuda"
     return Plan(backend, None, "default")
@@ -92,7 +105,7 @@ def _plan_cached(direction: str, M: int, N: int, K: int, dtype: torch.dtype, dev
                              N, K)
         if tuned is not None:
             return tuned
-    return default_plan(direction, M, device)
+    return default_plan(direction, M, device, K, dtype)
 
 
 def plan(direction: str, M: int, N: int, K: int, dtype: torch.dtype, device: torch.device) -> Plan:
