@@ -4,28 +4,40 @@ One step = forward, backward and AdamW on the adapters of a LLaMA-style decoder 
 init: speed does not depend on the values), LoRA r=16 alpha=32 dropout 0 on every linear layer but lm_head,
 NF4 base (blocksize 64, double quant), gradient checkpointing, batch x sequence tokens of random ids.
 
-- qpeft:     qpeft.prepare_for_qlora (QLinearNF4 + LoraLinear)
-- peft_bnb:  the path users take today: bitsandbytes Linear4bit (transformers' BitsAndBytesConfig layer
-             swap, done here on the built model) + peft.get_peft_model(LoraConfig(target_modules="all-linear"))
-- peft_bf16: PEFT LoRA on the bf16 base (GPU only: the memory/speed reference without quantization)
+- qpeft:       qpeft.prepare_for_qlora (QLinearNF4 + LoraLinear)
+- qpeft_fused: the same + qpeft.fuse(model) (fused RMSNorm, LoRA MLP / QKV + RoPE, loss through
+               linear_cross_entropy without logits)
+- qpeft_fused_offload: the same with fuse(model, offload_checkpoints=True) (GPU only: a no-op on the CPU)
+- peft_bnb:    the path users take today: bitsandbytes Linear4bit (transformers' BitsAndBytesConfig layer
+               swap, done here on the built model) + peft.get_peft_model(LoraConfig(target_modules="all-linear"))
+               and transformers' eager loss (logits, then cross-entropy)
+- peft_bnb_fused: peft_bnb + qpeft.fuse(model) (a PEFT + bitsandbytes script with one added line)
+- peft_bf16:   PEFT LoRA on the bf16 base (GPU only: the memory/speed reference without quantization)
 
-GPU: ~1.1B (hidden 2048, 22 layers, vocab 32000) and ~8B (hidden 4096, 32 layers, vocab 128256) at 4 x 2048
-tokens, bf16 autocast; median of 4 steps after 2 warm-up (performance.md's protocol). Target on an H100:
-qpeft >= 2x the tokens/s of peft_bnb at equal or lower peak memory.
-CPU (or quick=True without a GPU): a tiny config at 2 x 64 tokens in fp32, 3 steps; only shows the suite runs.
+Runs (TRAIN_RUNS): GPU ~1.1B (hidden 2048, 22 layers, vocab 32000) at 4 x 2048 tokens, and Llama-3-8B shapes
+(hidden 4096, 32 layers, vocab 128256) at 1 x 2048, 1 x 8192 and 1 x 8192 packed (4 sequences of 2048 in one
+row, position_ids restarting per sequence as transformers' DataCollatorWithFlattening makes them), bf16
+autocast; median of 4 steps after 2 warm-up (performance.md's protocol); tokens/s and max_memory_allocated.
+Target on an H100: qpeft_fused >= 2x the tokens/s of peft_bnb at lower peak memory.
+`--max-context CAP_GIB` (GPU): the longest single sequence (multiple of 1024) whose training step fits in
+CAP_GIB of device memory, per provider, on the 8B shapes (a bisection over step attempts, OOM = does not fit).
+CPU (or quick=True without a GPU): a tiny config at 2 x 64 tokens, plain and packed, in fp32, 10 steps; it shows
+the suite runs and the relative cost of the Python paths, not GPU speed.
 
-    python -m benchmarks.bench_e2e_training [--quick]
+    python -m benchmarks.bench_e2e_training [--quick] [--max-context 80]
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import statistics
 import time
+import warnings
 
 import torch
 import torch.nn as nn
 
-from benchmarks.common import on_gpu, suite_main
+from benchmarks.common import on_gpu, print_table, suite_main, write_csv
 
 # name -> (LlamaConfig kwargs, batch, seq)
 GPU_CONFIGS = {
@@ -39,6 +51,10 @@ CPU_CONFIGS = {
                         num_key_value_heads=2, vocab_size=512), 2, 64),
 }
 LORA_R, LORA_ALPHA = 16, 32
+# training runs: (run name, config name, batch, seq, sequences packed per row (1: not packed))
+GPU_RUNS = [("llama-1.1B", "llama-1.1B", 4, 2048, 1), ("llama-8B", "llama-8B", 1, 2048, 1),
+            ("llama-8B", "llama-8B", 1, 8192, 1), ("llama-8B-packed", "llama-8B", 1, 8192, 4)]
+CPU_RUNS = [("llama-tiny", "llama-tiny", 2, 64, 1), ("llama-tiny-packed", "llama-tiny", 2, 64, 4)]
 
 
 def llama_config(**kw):
@@ -88,21 +104,25 @@ def bnb_quantize_(model: nn.Module, compute_dtype: torch.dtype, skip=("lm_head",
 
 def make_provider(name: str, cfg_kw: dict, dtype: torch.dtype, device) -> nn.Module:
     """The model of provider `name` with LoRA r=16 alpha=32 on all linear layers (lm_head excluded)."""
+    if name not in PROVIDERS:
+        raise ValueError(f"unknown provider {name!r}; expected one of {PROVIDERS}")
     model = build_llama(cfg_kw, dtype, device)
-    if name == "qpeft":
+    if name.startswith("qpeft"):
         import qpeft
 
         qpeft.prepare_for_qlora(model, r=LORA_R, lora_alpha=LORA_ALPHA, compute_dtype=dtype)
-    elif name in ("peft_bnb", "peft_bf16"):
+    else:
         from peft import LoraConfig, get_peft_model
 
-        if name == "peft_bnb":
+        if name.startswith("peft_bnb"):
             bnb_quantize_(model, dtype)
         model = get_peft_model(model, LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
                                                  target_modules="all-linear", task_type="CAUSAL_LM"))
-    else:
-        raise ValueError(f"unknown provider {name!r}")
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if "fused" in name:
+        import qpeft
+
+        qpeft.fuse(model, offload_checkpoints=name.endswith("_offload"))
     model.train()
     return model
 
@@ -112,17 +132,50 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
+def training_batch(batch: int, seq: int, vocab: int, device, packed: int = 1, seed: int = 0) -> dict:
+    """Random ids (batch, seq) as model kwargs with labels. packed > 1: each row holds `packed` sequences of
+    seq // packed tokens, position_ids restarting at 0 and the first label of each sequence -100, as
+    transformers' DataCollatorWithFlattening makes them (no attention_mask: transformers finds the sequences
+    from the position_ids)."""
+    if packed < 1 or seq % packed:
+        raise ValueError(f"packed must be a divisor of seq={seq} (>= 1), got {packed}")
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (batch, seq), generator=g)
+    out = {"input_ids": ids.to(device), "labels": ids.to(device)}
+    if packed > 1:
+        n = seq // packed
+        labels = ids.clone()
+        labels[:, ::n] = -100
+        out["labels"] = labels.to(device)
+        out["position_ids"] = torch.arange(n).repeat(packed).expand(batch, seq).contiguous().to(device)
+    return out
+
+
+@contextlib.contextmanager
+def _fused_or_fail(model: nn.Module):
+    """For a fused model, a FusedFallbackWarning (a module ran unfused) fails the row: the numbers would not be
+    the fused path's."""
+    fused = any("_qpeft_fuse" in m.__dict__ for m in model.modules())
+    with warnings.catch_warnings():
+        if fused:
+            from qpeft import FusedFallbackWarning
+
+            warnings.simplefilter("error", FusedFallbackWarning)
+        yield
+
+
 def time_training(model: nn.Module, batch: int, seq: int, vocab: int, device, autocast_dtype, warmup: int,
-                  reps: int) -> dict:
+                  reps: int, packed: int = 1) -> dict:
     """Median seconds per step over `reps` steps after `warmup`, and the peak memory of those steps."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
-    ids = torch.randint(0, vocab, (batch, seq), device=device)
+    inputs = training_batch(batch, seq, vocab, device, packed)
     dev_type = torch.device(device).type
 
     def step():
-        with torch.autocast(dev_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            loss = model(input_ids=ids, labels=ids).loss
+        with torch.autocast(dev_type, dtype=autocast_dtype, enabled=autocast_dtype is not None), \
+                _fused_or_fail(model):
+            loss = model(**inputs).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -142,8 +195,58 @@ def time_training(model: nn.Module, batch: int, seq: int, vocab: int, device, au
     return {"step_s": statistics.median(times), "peak_gib": peak, "trainable": sum(p.numel() for p in params)}
 
 
+PROVIDERS = ("qpeft", "qpeft_fused", "qpeft_fused_offload", "peft_bnb", "peft_bnb_fused", "peft_bf16")
+
+
 def providers(gpu: bool) -> list[str]:
-    return ["qpeft", "peft_bnb", "peft_bf16"] if gpu else ["qpeft", "peft_bnb"]
+    if gpu:
+        return list(PROVIDERS)
+    return ["qpeft", "qpeft_fused", "peft_bnb", "peft_bnb_fused"]
+
+
+def longest_fitting(fits, lo: int, hi: int, step: int) -> int | None:
+    """The largest multiple of `step` in [lo, hi] for which fits(n) is True, assuming fits is monotone (True up
+    to some n, False above), by bisection; None when fits(lo) is False."""
+    if lo % step or hi % step or lo > hi:
+        raise ValueError(f"lo={lo} and hi={hi} must be multiples of step={step} with lo <= hi")
+    if not fits(lo):
+        return None
+    good, bad = lo, hi + step
+    while bad - good > step:
+        mid = (good + bad) // 2 // step * step
+        if fits(mid):
+            good = mid
+        else:
+            bad = mid
+    return good
+
+
+def max_context(cap_gib: float, cfg_name: str = "llama-8B", lo: int = 1024, hi: int = 524288) -> list[dict]:
+    """GPU: per provider, the longest single sequence whose training step runs within `cap_gib` of device memory
+    (torch.cuda.set_per_process_memory_fraction; an OutOfMemoryError is "does not fit")."""
+    cfg_kw = GPU_CONFIGS[cfg_name][0]
+    total = torch.cuda.get_device_properties(0).total_memory / 2**30
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib / total))
+    rows = []
+    for prov in providers(True):
+        model = make_provider(prov, cfg_kw, torch.bfloat16, "cuda")
+
+        def fits(seq, model=model):
+            try:
+                time_training(model, 1, seq, cfg_kw["vocab_size"], "cuda", torch.bfloat16, warmup=0, reps=1)
+                return True
+            except torch.cuda.OutOfMemoryError:
+                return False
+            finally:
+                gc.collect()
+                torch.cuda.empty_cache()
+
+        rows.append({"model": cfg_name, "provider": prov, "cap_gib": cap_gib,
+                     "max_seq": longest_fitting(fits, lo, hi, 1024)})
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+    return rows
 
 
 def model_configs(gpu: bool, quick: bool) -> dict:
@@ -156,20 +259,24 @@ def model_configs(gpu: bool, quick: bool) -> dict:
 def run(quick: bool = False) -> list[dict]:
     gpu = on_gpu()
     device = "cuda" if gpu else "cpu"
-    configs = model_configs(gpu, quick)
+    configs = {**GPU_CONFIGS, **CPU_CONFIGS}
+    runs = (GPU_RUNS[:1] if quick else GPU_RUNS) if gpu else CPU_RUNS
     dtype = torch.bfloat16 if gpu else torch.float32
     autocast_dtype = torch.bfloat16 if gpu else None
-    warmup, reps = (2, 4) if gpu else (1, 5)
+    warmup, reps = (2, 4) if gpu else (2, 10)
     rows = []
-    for cfg_name, (cfg_kw, batch, seq) in configs.items():
+    for run_name, cfg_name, batch, seq, packed in runs:
+        cfg_kw = configs[cfg_name][0]
         base = {}
         for prov in providers(gpu):
-            row = {"model": cfg_name, "batch": batch, "seq": seq, "provider": prov, "dtype": str(dtype).split(".")[-1]}
+            row = {"model": run_name, "batch": batch, "seq": seq, "packed": packed, "provider": prov,
+                   "dtype": str(dtype).split(".")[-1]}
             model = None
             try:
                 model = make_provider(prov, cfg_kw, dtype, device)
                 row["params_M"] = sum(p.numel() for p in model.parameters()) / 1e6
-                row.update(time_training(model, batch, seq, cfg_kw["vocab_size"], device, autocast_dtype, warmup, reps))
+                row.update(time_training(model, batch, seq, cfg_kw["vocab_size"], device, autocast_dtype, warmup, reps,
+                                         packed))
                 row["tokens_per_s"] = batch * seq / row["step_s"]
             except Exception as e:  # noqa: BLE001  a provider this machine cannot run: skip it, say why
                 row["error"] = f"{type(e).__name__}: {str(e)[:160]}"
@@ -188,11 +295,25 @@ def run(quick: bool = False) -> list[dict]:
     return rows
 
 
-COLUMNS = ["model", "batch", "seq", "provider", "step_s", "tokens_per_s", "x_vs_peft_bnb", "peak_gib", "error"]
+COLUMNS = ["model", "batch", "seq", "packed", "provider", "step_s", "tokens_per_s", "x_vs_peft_bnb", "peak_gib",
+           "error"]
 
 
-def main() -> None:
-    suite_main("e2e_training", run, COLUMNS, description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(add_help=False)
+    ap.add_argument("--max-context", type=float, default=None, metavar="CAP_GIB")
+    args, rest = ap.parse_known_args(sys.argv[1:] if argv is None else argv)
+    if args.max_context is not None:
+        if not on_gpu():
+            raise SystemExit("--max-context needs a GPU (it measures device memory)")
+        rows = max_context(args.max_context)
+        print_table(rows)
+        print("wrote", write_csv("e2e_max_context", rows))
+        return
+    suite_main("e2e_training", run, COLUMNS, description=__doc__.splitlines()[0], argv=rest)
 
 
 if __name__ == "__main__":

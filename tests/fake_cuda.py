@@ -190,6 +190,10 @@ class FakeCuda:
         self.record("pinned_zeros", tuple(shape), dtype)
         return self._register_pinned(torch.zeros(shape, dtype=dtype))
 
+    def pinned_empty(self, shape, dtype: torch.dtype) -> torch.Tensor:
+        self.record("pinned_empty", tuple(shape), dtype)
+        return self._register_pinned(torch.full(shape, float("nan")).to(dtype))  # garbage, as uninitialised memory
+
     # ---- managed memory
     def managed_pool(self, library: str, alloc_fn: str, free_fn: str) -> FakePool:
         if not Path(library).is_file():

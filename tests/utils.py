@@ -347,3 +347,40 @@ def assert_seq2seq_generate_is_greedy(model, ids, mask, steps: int) -> None:
             logits[:, eos] = -float("inf")  # min_new_tokens: generate suppresses EOS for these steps
             dec = torch.cat([dec, logits.argmax(-1, keepdim=True)], 1)
     assert torch.equal(gen.sequences, dec)
+
+
+# the six families of qpeft.fuse as tiny random CausalLMs: {family: (config class, model class, extra config)}
+_SLIDING = dict(sliding_window=5, layer_types=["sliding_attention", "full_attention"])
+TINY_CAUSAL_LMS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=5)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(use_sliding_window=True, **_SLIDING)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=16, use_sliding_window=True, **_SLIDING)),
+    # softcaps small enough to matter at this init (logits of magnitude ~1)
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(head_dim=16, query_pre_attn_scalar=16,
+                                                         attn_logit_softcapping=1.0, final_logit_softcapping=0.5,
+                                                         **_SLIDING)),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(head_dim=16, query_pre_attn_scalar=16,
+                                                             final_logit_softcapping=0.5, **_SLIDING)),
+}
+
+
+def tiny_causal_lm(family: str = "llama", seed: int = 0, attn_implementation: str = "eager", vocab_size: int = 100,
+                   **overrides):
+    """A tiny random CausalLM of one of qpeft.fuse's families (hidden 64, 2 layers, 4 heads / 2 KV heads, vocab
+    100, a sliding window of 5 where the family has one), fp32, eval mode. The RMSNorm weights are perturbed
+    (not all ones / zeros) so that their gradients and the norm form matter."""
+    import transformers
+
+    cfg_name, model_name, extra = TINY_CAUSAL_LMS[family]
+    torch.manual_seed(seed)
+    kw = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False, initializer_range=0.1,
+              pad_token_id=0, bos_token_id=1, eos_token_id=2, attn_implementation=attn_implementation)
+    cfg = getattr(transformers, cfg_name)(**{**kw, **extra, **overrides})
+    model = getattr(transformers, model_name)(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.2)
+    return model.eval()

@@ -37,6 +37,7 @@ _PUBLIC_MODULES = (
     "qpeft.autograd.swiglu",
     "qpeft.autograd.lora_mlp",
     "qpeft.autograd.lora_qkv",
+    "qpeft.models.fused.api",
     "qpeft.modules.lora_linear",
     "qpeft.tuners.lora.model",
     "qpeft.tuners.params",

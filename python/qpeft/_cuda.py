@@ -88,6 +88,10 @@ class CudaRuntime:
     def pinned_zeros(self, shape, dtype: torch.dtype) -> torch.Tensor:
         return torch.zeros(shape, dtype=dtype, pin_memory=True)
 
+    def pinned_empty(self, shape, dtype: torch.dtype) -> torch.Tensor:
+        """Uninitialised pinned host memory (a copy destination: no memset of a buffer about to be overwritten)."""
+        return torch.empty(shape, dtype=dtype, pin_memory=True)
+
     # ---- managed (unified) memory
     def managed_pool(self, library: str, alloc_fn: str, free_fn: str):
         """A memory pool whose allocations come from the allocator functions exported by `library`."""

@@ -45,6 +45,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge  # 
 
 from ..autograd.dora import adapters_in_peft_order, dora_linear, dora_weight_norm  # noqa: E402
 from ..autograd.lora import lora_linear  # noqa: E402
+from ..autograd.lora_mlp import LoraProjection  # noqa: E402
 from ..modules import merge_state  # noqa: E402
 from ..modules.lora_linear import _dequantize_nf4, _requantize_nf4  # noqa: E402
 from ..modules.qlinear_nf4 import QLinearNF4  # noqa: E402
@@ -298,6 +299,36 @@ class QPeftLoraLinear(nn.Module, LoraLayer):
             return self.base_layer(x)
         return self._fused(x, names)
 
+    def fused_projection(self) -> LoraProjection:
+        """The projection this layer's forward computes, as qpeft.fuse's fused blocks take it (lora_mlp / lora_qkv
+        read these tensors and never call the layer): the base with its active adapters, as `_fused` stacks them.
+        Raises ValueError (the fused block then runs the module) for what it cannot describe: a merged layer with
+        adapters disabled (the forward unmerges first), several active adapters with dropout (independent masks),
+        a base partitioned by DeepSpeed ZeRO-3 (its gather happens in this layer's forward, which is skipped)."""
+        base = self.get_base_layer()
+        if any(hasattr(p, "ds_id") for p in base.parameters(recurse=False)):
+            raise ValueError("QPeftLoraLinear: a DeepSpeed ZeRO-3 partitioned base is gathered in the layer's own "
+                             "forward, which a fused block skips")
+        if self.disable_adapters:
+            if self.merged:
+                raise ValueError("QPeftLoraLinear: merged adapters with adapters disabled (its forward unmerges "
+                                 "first)")
+            return LoraProjection(base)
+        names = [n for n in self.active_adapters if n in self.lora_A]
+        if self.merged or not names:
+            return LoraProjection(base)
+        ps = [self._dropout_p(n) for n in names]
+        if len(names) == 1:
+            n = names[0]
+            return LoraProjection(base, self.lora_A[n].weight, self.lora_B[n].weight, self.scaling[n],
+                                  dropout_p=ps[0])
+        if any(p > 0.0 for p in ps):
+            raise ValueError(f"QPeftLoraLinear: several active adapters {names} with dropout (independent masks "
+                             f"per adapter) are not supported by the fused blocks")
+        A = torch.cat([self.lora_A[n].weight.float() for n in names], 0)
+        B = torch.cat([self.lora_B[n].weight.float() * self.scaling[n] for n in names], 1)
+        return LoraProjection(base, A, B, 1.0)
+
     def _mixed_batch_forward(self, x: torch.Tensor, *args, adapter_names: list[str], **kwargs) -> torch.Tensor:
         """Row i of the batch through adapter adapter_names[i] ("__base__" or an unknown name: the base only)."""
         out = None
@@ -454,6 +485,10 @@ def _zero3_register_base(layer: "QPeftLoraLinear", args) -> None:
     for p in params:
         deepspeed.zero.register_external_parameter(layer, p)
     layer._zero3_registered = True
+
+
+# fused_projection reads the base itself and refuses a partitioned one: the fused blocks may skip this hook
+_zero3_register_base._qpeft_fused_safe = True
 
 
 def _install_accelerate_fsdp2_fix() -> None:

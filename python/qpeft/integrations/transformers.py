@@ -41,6 +41,7 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 from transformers.quantizers.quantizers_utils import get_module_from_name, should_convert_module  # noqa: E402
 from transformers.utils.quantization_config import QuantizationConfigMixin  # noqa: E402
 
+from ..models.fused.api import check_fusable, fuse  # noqa: E402
 from ..models.moe import dequantize_experts_module  # noqa: E402
 from ..models.quantization import on_model_quantized  # noqa: E402
 from ..modules.nf4_experts import is_nf4_experts  # noqa: E402
@@ -82,14 +83,19 @@ class QPeftConfig(QuantizationConfigMixin):
     8-bit absmax (bitsandbytes' compress_statistics); compute_dtype: the matmul dtype (float32, float16,
     bfloat16; None: the input's dtype); modules_to_not_convert: module names or patterns kept in full precision
     (transformers' rule; None: the output head and tied weights, as transformers skips by default).
+    fuse: after loading, `qpeft.fuse(model)` (the fused training path: fused norms, LoRA MLP / QKV blocks, the loss
+    without logits; docs/fused-training.md). A model fuse does not take raises TypeError before any weight is
+    read. How this process trains, not a property of the checkpoint: not written to config.json.
     """
 
     def __init__(self, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
                  compute_dtype: torch.dtype | str = torch.bfloat16, modules_to_not_convert: list[str] | None = None,
-                 quant_method: str = QUANT_METHOD, **kwargs):
+                 quant_method: str = QUANT_METHOD, fuse: bool = False, **kwargs):
         if kwargs:
             raise TypeError(f"QPeftConfig got unexpected argument(s) {sorted(kwargs)}; it takes quant_type, "
-                            f"blocksize, double_quant, compute_dtype, modules_to_not_convert")
+                            f"blocksize, double_quant, compute_dtype, modules_to_not_convert, fuse")
+        if not isinstance(fuse, bool):
+            raise ValueError(f"QPeftConfig: fuse must be True or False, got {fuse!r}")
         if quant_method != QUANT_METHOD:
             raise ValueError(f"QPeftConfig: quant_method must be {QUANT_METHOD!r}, got {quant_method!r}")
         if quant_type not in QUANT_TYPES:
@@ -109,6 +115,12 @@ class QPeftConfig(QuantizationConfigMixin):
         self.double_quant = double_quant
         self.compute_dtype = _dtype_name(compute_dtype)  # stored by name: config.json is JSON
         self.modules_to_not_convert = None if modules_to_not_convert is None else list(modules_to_not_convert)
+        self.fuse = fuse
+
+    def to_dict(self) -> dict:
+        d = super().to_dict()
+        d.pop("fuse", None)  # a training option of this process, not of the checkpoint (config.json)
+        return d
 
     @property
     def torch_compute_dtype(self) -> torch.dtype | None:
@@ -261,6 +273,8 @@ class QPeftHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model, device_map=None, keep_in_fp32_modules=None, **kwargs):
         cfg = self.quantization_config
+        if getattr(cfg, "fuse", False):
+            check_fusable(model)  # refuse before any weight is read
         self.modules_to_not_convert = self.get_modules_to_not_convert(
             model, cfg.modules_to_not_convert, getattr(model, "_keep_in_fp32_modules", None) or [])
         converted = replace_linear_layers(model, self.modules_to_not_convert, cfg)
@@ -294,6 +308,8 @@ class QPeftHfQuantizer(HfQuantizer):
         if fsdp_requested():  # accelerate launch with FSDP: see integrations/accelerate.py
 
             install()
+        if getattr(self.quantization_config, "fuse", False):
+            fuse(model)
         return model
 
     def get_quantize_ops(self):
