@@ -420,3 +420,33 @@ def test_packed_flash_attention_kwargs_reach_the_attention_function():
     assert_close_2x(got, want, same, what="packed sdpa loss")
     # (transformers' loss upcasts the logits with .float(): the fp64 model's losses are fp32)
     torch.testing.assert_close(want.double(), (alone.double() * n).sum() / n.sum(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("method", ["peft", "qpeft"])
+@pytest.mark.parametrize("variant", ["use_dora", "lora_bias"])
+def test_dora_and_lora_bias_on_4bit_layers_fall_back_to_the_layer(method, variant):
+    """qpeft's own 4-bit LoRA layers (PEFT's QPeftLoraLinear and LoraLinear) with DoRA or lora_bias: a fused block
+    cannot compute either, so the layer runs itself (one FusedFallbackWarning naming the variant) and the loss
+    and gradients are the unfused model's -- never plain LoRA's silently."""
+    model = tiny_causal_lm("llama", **NF4_SIZES).requires_grad_(False)
+    qpeft.quantize_model(model, compute_dtype=torch.float32)
+    target = ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
+    if method == "peft":
+        model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=target,
+                                                           init_lora_weights=False, **{variant: True}))
+    else:
+        qpeft.add_lora(model, target, r=4, lora_alpha=8, **{variant: True})
+    with torch.no_grad():  # non-zero B, bias and magnitude: each variant changes the output
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))) * 0.1)
+    fused = qpeft.fuse(copy.deepcopy(model))
+    x = ids(2, 9)
+    batch = dict(input_ids=x, labels=x)
+    with pytest.warns(qpeft.FusedFallbackWarning, match="DoRA" if variant == "use_dora" else "lora_bias"):
+        lf, gf = named_loss_and_grads(fused, batch)
+    lu, gu = named_loss_and_grads(model, batch)
+    torch.testing.assert_close(lf, lu, rtol=1e-5, atol=1e-6)
+    assert set(gf) == set(gu)
+    for n in gf:
+        torch.testing.assert_close(gf[n], gu[n], rtol=1e-4, atol=1e-6, msg=n)

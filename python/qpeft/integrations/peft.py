@@ -47,7 +47,7 @@ from ..autograd.dora import adapters_in_peft_order, dora_linear, dora_weight_nor
 from ..autograd.lora import lora_linear  # noqa: E402
 from ..autograd.lora_mlp import LoraProjection  # noqa: E402
 from ..modules import merge_state  # noqa: E402
-from ..modules.lora_linear import _dequantize_nf4, _requantize_nf4  # noqa: E402
+from ..modules.lora_linear import _dequantize_nf4, _refuse_variants, _requantize_nf4  # noqa: E402
 from ..modules.qlinear_nf4 import QLinearNF4  # noqa: E402
 from .peft_experts import prepare_experts_config, register_experts  # noqa: E402  (LoRA on 4-bit MoE experts)
 from ..tuners.lora.options import SUPPORTED_INITS, UNSUPPORTED, check_lora_options  # noqa: E402,F401  (one rule, all paths)
@@ -317,6 +317,7 @@ class QPeftLoraLinear(nn.Module, LoraLayer):
         names = [n for n in self.active_adapters if n in self.lora_A]
         if self.merged or not names:
             return LoraProjection(base)
+        _refuse_variants(names, self.use_dora, self.lora_bias, "QPeftLoraLinear")
         ps = [self._dropout_p(n) for n in names]
         if len(names) == 1:
             n = names[0]

@@ -53,6 +53,16 @@ class Magnitude(nn.Module):
         self.weight = nn.Parameter(weight)
 
 
+def _refuse_variants(names, use_dora: dict, lora_bias: dict, who: str) -> None:
+    """ValueError for an active adapter a LoraProjection cannot describe (the fused blocks then run the layer):
+    DoRA (a per-row magnitude over the normalised W + delta) and lora_bias (a bias added after B)."""
+    for n in names:
+        if use_dora.get(n, False):
+            raise ValueError(f"{who}: adapter {n!r} uses DoRA, which the fused blocks do not compute")
+        if lora_bias.get(n, False):
+            raise ValueError(f"{who}: adapter {n!r} has a lora_bias, which the fused blocks do not compute")
+
+
 def dora_refusal(layer: nn.Module) -> str | None:
     """Why DoRA cannot run on this base layer, or None: it needs the dense weight of an nn.Linear or a 4-bit
     NF4/FP4 (out_features, in_features) weight with its QuantState (what qpeft::dora_weight_norm reads)."""
@@ -445,6 +455,7 @@ class LoraLinear(nn.Module):
         names = [n for n in self.active_adapters if n not in self.merged_adapters]
         if self._disabled or not names:
             return LoraProjection(self.base_layer)
+        _refuse_variants(names, self.use_dora, self.lora_bias, "LoraProjection.from_module")
         if len(names) == 1:
             n = names[0]
             return LoraProjection(self.base_layer, self.lora_A[n].weight, self.lora_B[n].weight, self.scaling[n],
