@@ -10,7 +10,8 @@ tensor-core floor, H100 numbers from ../shared/reference/performance.md) and spe
   bitsandbytes' backward is `dy @ dequantize_4bit(W)` (MatMul4Bit.backward), timed as exactly that.
 - Providers: `qpeft` is the op as users get it (auto dispatch); `qpeft_cuda` / `qpeft_triton` are the two
   backends alone (default Triton tiles); the speedup columns compare `qpeft` with dense and bnb.
-- CPU (or quick=True): tiny shapes, fp32, the PyTorch reference path; only checks that the suite runs.
+- GPU with quick=True: the same shapes at the headline sizes M = 1, 16, 256, 4096 only (tests/run_gpu.sh quick).
+- CPU: tiny shapes, fp32, the PyTorch reference path; only checks that the suite runs.
 
     python -m benchmarks.bench_nf4_matmul [--quick]
 """
@@ -24,6 +25,7 @@ from benchmarks.common import bench, on_gpu, suite_main
 
 GPU_SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672)]
 GPU_M = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096, 16384]
+QUICK_GPU_M = [1, 16, 256, 4096]  # decode, the end of the decode kernels' range, a small and a large GEMM
 CPU_SHAPES = [(256, 256), (512, 384)]
 CPU_M = [1, 16, 64]
 # H100 SXM ceilings measured in performance.md: 3.02 TB/s copy bandwidth, 700 TFLOP/s bf16 cuBLAS
@@ -111,10 +113,10 @@ def _dx_args(a):
 
 
 def run(quick: bool = False) -> list[dict]:
-    gpu = on_gpu() and not quick
-    device = "cuda" if on_gpu() else "cpu"
+    gpu = on_gpu()
+    device = "cuda" if gpu else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    shapes, ms_list = (GPU_SHAPES, GPU_M) if gpu else (CPU_SHAPES, CPU_M)
+    shapes, ms_list = (GPU_SHAPES, QUICK_GPU_M if quick else GPU_M) if gpu else (CPU_SHAPES, CPU_M)
     rows = []
     for K, N in shapes:
         copies = max(1, math.ceil(L2_FLUSH_BYTES / (N * K * 2))) if gpu else 1  # sized for the dense copies
