@@ -12,10 +12,11 @@ spanning two rows) and odd K. Each element gathers its byte, code and scale (one
 lanes from the same transaction): this is a streaming pass of about N*K/2 bytes next to a LoRA layer's
 GEMMs (2 M N K flops each), so its cost is the weight's bytes, not arithmetic.
 
-Tiles: BLOCK_N = 32 rows, BLOCK_K = 64, the rank in chunks of BLOCK_R = 16 (tl.dot's minimum; any r compiles to
-the same registers), 4 warps. Compiled offline for sm_90 (ptxas 12.x via Triton) that is the one tiling tried
-that compiles without local-memory traffic for every case of tests/ops/test_triton_sm90.py (32 x 64 with rank
-chunks of 32 and 8 warps, or 16 x 64 with chunks of 32, leave a few STL/LDL at 80-128 registers). Not measured on
+Tiles: BLOCK_N = 16 rows, BLOCK_K = 64, the rank in chunks of BLOCK_R = 16 (tl.dot's minimum; any r compiles to
+the same registers), 4 warps. Compiled offline for sm_90 that is the tiling that compiles without local-memory
+traffic for every case of tests/ops/test_triton_sm90.py under both Triton 3.6 and 3.9 (80-127 registers): 32 x 64
+with 4 warps leaves 8 B of stack under 3.6 (128 registers), 32 x 64 with 8 warps under 3.6 and 64 x 64 with 8 under
+3.9 leave 8-16 B. Half the rows per program doubles the programs, not the bytes read. Not measured on
 a GPU yet (written on a machine without one; tested under TRITON_INTERPRET=1 against qpeft.reference.dora).
 """
 from __future__ import annotations
@@ -27,7 +28,7 @@ import triton.language as tl
 __all__ = ["dora_weight_norm_triton"]
 
 NESTED_BLOCKSIZE = tl.constexpr(256)  # absmax values per second-level (double-quant) block, as bitsandbytes
-BLOCK_N, BLOCK_K, BLOCK_R, NUM_WARPS = 32, 64, 16, 4
+BLOCK_N, BLOCK_K, BLOCK_R, NUM_WARPS = 16, 64, 16, 4
 
 
 @triton.jit

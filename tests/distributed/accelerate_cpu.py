@@ -56,7 +56,13 @@ if not torch.cuda.is_available():
         # DeepSpeed's CPU backend builds and initialises a shared-memory all-reduce op at init_distributed
         # (only its inference all-reduce uses it; training collectives go through gloo). Built, it hung both
         # ranks here in its initialize (2 CPU ranks, other jobs on the 2 cores); skip it, as zero3_worker.py does.
-        import deepspeed.comm.torch as ds_comm_torch
+        # importlib, not `import deepspeed.comm.torch as ...`: that name resolves to the attribute `torch`
+        # of deepspeed.comm, which is PyTorch itself (patching it left the shm op built, and its
+        # initialize aborted a rank now and then: 'terminate called without an active exception')
+        import importlib
+
+        ds_comm_torch = importlib.import_module("deepspeed.comm.torch")
+        assert hasattr(ds_comm_torch, "TorchBackend"), ds_comm_torch
 
         ds_comm_torch.build_shm_op = lambda: None
 

@@ -32,7 +32,13 @@ def main():
     import faulthandler
     faulthandler.dump_traceback_later(float(os.environ.get("QPEFT_TEST_DUMP_S", "280")), exit=True)
     torch.set_num_threads(1)
-    import deepspeed.comm.torch as ds_comm_torch
+    # importlib, not `import deepspeed.comm.torch as ...`: that name resolves to the attribute `torch`
+    # of deepspeed.comm, which is PyTorch itself (patching it left the shm op built, and its
+    # initialize aborted a rank now and then: 'terminate called without an active exception')
+    import importlib
+
+    ds_comm_torch = importlib.import_module("deepspeed.comm.torch")
+    assert hasattr(ds_comm_torch, "TorchBackend"), ds_comm_torch
     ds_comm_torch.build_shm_op = lambda: None  # as zero3_worker.py: an op only inference all-reduce uses
     deepspeed.init_distributed(dist_backend="gloo")
     rank, ws = dist.get_rank(), dist.get_world_size()

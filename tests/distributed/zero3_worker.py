@@ -62,7 +62,13 @@ def main():
     # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op at init (first run: minutes on 2
     # cores, past the spawn timeout) that only its inference all-reduce uses, and only with LOCAL_SIZE set;
     # training collectives go through gloo. Skip the build.
-    import deepspeed.comm.torch as ds_comm_torch
+    # importlib, not `import deepspeed.comm.torch as ...`: that name resolves to the attribute `torch`
+    # of deepspeed.comm, which is PyTorch itself (patching it left the shm op built, and its
+    # initialize aborted a rank now and then: 'terminate called without an active exception')
+    import importlib
+
+    ds_comm_torch = importlib.import_module("deepspeed.comm.torch")
+    assert hasattr(ds_comm_torch, "TorchBackend"), ds_comm_torch
     ds_comm_torch.build_shm_op = lambda: None
     deepspeed.init_distributed(dist_backend="gloo")
     rank, ws = dist.get_rank(), dist.get_world_size()
