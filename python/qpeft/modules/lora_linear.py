@@ -379,10 +379,10 @@ class LoraLinear(nn.Module):
         if any(self.use_dora[n] for n in names):
             y = self._dora_forward(xc, base, bias, names)
             return y if out_dtype is None or y.dtype == out_dtype else y.to(out_dtype)
-        for n in names:  # lora_bias: scaling * lora_B.bias joins the base bias (one epilogue add)
-            if self.lora_bias[n] and (len(names) == 1 or not dropping or n == names[0]):
-                b = self.lora_B[n].bias * self.scaling[n]
-                bias = b if bias is None else bias + b
+        for n in names:  # lora_bias: scaling * lora_B.bias joins the base bias (one epilogue add), summed in fp32
+            if self.lora_bias[n] and (len(names) == 1 or not dropping or n == names[0]):  # and rounded once
+                b = self.lora_B[n].bias.float() * self.scaling[n]
+                bias = b if bias is None else bias.float() + b
         if len(names) == 1 or not dropping:
             # one fused call: several adapters stack along the rank, scalings folded into B
             if len(names) == 1:
