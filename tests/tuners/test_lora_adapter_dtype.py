@@ -17,6 +17,7 @@ import torch.nn as nn
 import qpeft
 from qpeft.autograd.lora_mlp import lora_mlp
 from qpeft.modules.lora_linear import LoraLinear
+from qpeft.models.fused.api import is_fused
 from qpeft.modules.qlinear_nf4 import QLinearNF4
 from utils import assert_close_2x, tiny_llama
 
@@ -356,7 +357,7 @@ def test_fuse_on_a_model_with_bf16_adapters():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         fused = qpeft.fuse(copy.deepcopy(model))
-    assert qpeft.is_fused(fused) and not qpeft.is_fused(model)
+    assert is_fused(fused) and not is_fused(model)
     x = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(2))
     model.train()
     fused.train()
