@@ -19,7 +19,7 @@ from qpeft.autograd.lora_mlp import lora_mlp
 from qpeft.modules.lora_linear import LoraLinear
 from qpeft.models.fused.api import is_fused
 from qpeft.modules.qlinear_nf4 import QLinearNF4
-from utils import assert_close_2x, tiny_llama
+from utils import assert_close_2x, requires_triton_runtime, tiny_llama, triton_device, triton_dtypes
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 K, N, R = 72, 40, 4
@@ -169,6 +169,21 @@ def test_bf16_adapters_forward_backward_within_2x(base, variant):
     randomize(layer)
     x = torch.randn(3, 5, K, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
     assert_layer_2x(layer, x, ["default"], f"{base} {variant}")
+
+
+@pytest.mark.triton
+@requires_triton_runtime
+@pytest.mark.parametrize("dtype", [d for d in triton_dtypes() if d != torch.float32])
+@pytest.mark.parametrize("variant", [{}, {"use_dora": True}, {"lora_bias": True}], ids=["lora", "dora", "bias"])
+def test_triton_half_adapters_within_2x(dtype, variant):
+    """The Triton kernels (lora_xa, the NF4 matmul with the LoRA epilogue, lora_grad, NF4 dx, DoRA's norm) on
+    adapters in the compute dtype (autocast_adapter_dtype=False): within 2x of plain PyTorch in that dtype."""
+    dev = triton_device()
+    layer = LoraLinear(nf4_base(dtype), r=R, lora_alpha=8, autocast_adapter_dtype=False, **variant)
+    layer = randomize(layer).to(dev)
+    assert layer.lora_A["default"].weight.dtype == dtype
+    x = torch.randn(3, 5, K, generator=torch.Generator().manual_seed(1)).to(dtype).to(dev)
+    assert_layer_2x(layer, x, ["default"], f"triton {dtype} {variant}")
 
 
 def test_several_bf16_adapters_with_dropout_train():
