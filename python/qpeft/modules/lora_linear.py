@@ -68,10 +68,11 @@ def _refuse_variants(names, use_dora: dict, lora_bias: dict, who: str) -> None:
 _ADAPTER_FLOATS = (torch.float32, torch.float16, torch.bfloat16)  # what the fused ops take for A and B
 
 
-def check_autocast_adapter_dtype(value, who: str = "autocast_adapter_dtype") -> bool:
+def check_autocast_adapter_dtype(value) -> bool:
     """PEFT's flag is a bool; anything else (a dtype, a string, None) raises rather than being read as truthy."""
     if not isinstance(value, bool):
-        raise ValueError(f"{who} must be True or False (PEFT's get_peft_model argument), got {value!r}")
+        raise ValueError(f"autocast_adapter_dtype must be True or False (PEFT's get_peft_model argument), "
+                         f"got {value!r}")
     return value
 
 
