@@ -505,3 +505,73 @@ def test_transformers_add_adapter_keeps_qpeft_fp32_default(checkpoints):
     bnb_model.add_adapter(peft.LoraConfig(**cfg))
     assert set(adapter_dtypes(ours).values()) == {torch.float32}
     assert set(adapter_dtypes(bnb_model).values()) == {torch.bfloat16}
+
+
+
+def layer_out_and_grads(layer, x, dy, dtype):
+    """A LoRA layer's output on x (in `dtype`) and the gradients of sum(y * dy) for x and its adapter tensors."""
+    x = x.to(dtype).requires_grad_(True)
+    params = {n: p for n, p in layer.named_parameters() if ".lora_" in "." + n}
+    y = layer(x)
+    grads = torch.autograd.grad((y.double() * dy).sum(), [x, *params.values()])
+    return y.detach(), dict(zip(["x", *params], grads))
+
+
+@pytest.mark.parametrize("arch,variant", [("llama", {}), ("llama", {"use_dora": True}), ("opt", {"lora_bias": True})],
+                         ids=["llama-lora", "llama-dora", "opt-lora_bias"])
+def test_add_lora_autocast_adapter_dtype_false_matches_peft_on_bitsandbytes(checkpoints, tmp_path, arch, variant):
+    """qpeft.add_lora(..., autocast_adapter_dtype=False) on a bf16 model with bf16 compute: the adapters get PEFT
+    + bitsandbytes' dtypes (get_peft_model(..., autocast_adapter_dtype=False): bf16); the logits, and every LoRA
+    layer's output and gradients (x, A, B, magnitude, bias) on the same bf16 input and upstream gradient, are within
+    2x of PEFT + bitsandbytes on the same bytes against an fp64 oracle (PEFT on a float64 copy of the model holding
+    the dequantized weights). Gradients are compared per layer: through a whole bf16 model they carry the rounding
+    of every layer above (attention, ReLU sign flips), where qpeft's and PEFT's errors already differ by 2-5x either
+    way with fp32 adapters. Files: the adapter's dtype, as PEFT saves, loadable both ways."""
+    path = checkpoints[arch]
+    ours, bnb_model = bf16_bases(path)
+    oracle = oracle_base(path, bnb_model)
+    cfg = dict(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False, **variant)
+    qpeft.add_lora(ours, "all-linear", r=4, lora_alpha=8, init=False, autocast_adapter_dtype=False, **variant)
+    theirs = peft.get_peft_model(bnb_model, peft.LoraConfig(**cfg), autocast_adapter_dtype=False)
+    ref = peft.get_peft_model(oracle, peft.LoraConfig(**cfg))
+    assert adapter_dtypes(ours) == adapter_dtypes(theirs)
+    assert set(adapter_dtypes(ours).values()) == {torch.bfloat16} and len(adapter_dtypes(ours)) == \
+        {"llama": 28, "opt": 24}[arch] * (1 + 0.5 * bool(variant))
+    randomize(ours)
+    copy_adapters(ours, theirs, ref)
+    x = ids()
+    with torch.no_grad():
+        y1, y2, y0 = ours(x).logits, theirs(x).logits, ref(x).logits
+    assert y1.dtype == y2.dtype == torch.bfloat16
+    assert_close_2x(y1, y0, y2, what=f"{arch} {variant} logits")
+    layers = qpeft.lora_layers(ours)
+    assert len(layers) == {"llama": 14, "opt": 12}[arch]
+    g = torch.Generator().manual_seed(5)
+    for name, layer in layers.items():
+        xl = torch.randn(2, 7, layer.in_features, generator=g)
+        dy = torch.randn(2, 7, layer.out_features, generator=g, dtype=torch.float64)
+        o1, g1 = layer_out_and_grads(layer, xl, dy, torch.bfloat16)
+        o2, g2 = layer_out_and_grads(theirs.get_submodule(PREFIX + name), xl, dy, torch.bfloat16)
+        o0, g0 = layer_out_and_grads(ref.get_submodule(PREFIX + name), xl, dy, torch.float64)
+        assert_close_2x(o1, o0, o2, what=f"{name} output")
+        assert g1.keys() == g2.keys() == g0.keys() and len(g1) == 3 + bool(variant)
+        for k in g1:
+            assert g1[k].dtype == g2[k].dtype == torch.bfloat16
+            assert_close_2x(g1[k], g0[k], g2[k], eps=1e-8, what=f"{name} grad {k}")
+    qpeft.save_adapter(ours, tmp_path / "ours")
+    theirs.save_pretrained(tmp_path / "theirs")
+    from safetensors.torch import load_file
+
+    files = [load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("ours", "theirs")]
+    assert files[0].keys() == files[1].keys()
+    assert all(files[0][k].dtype == files[1][k].dtype == torch.bfloat16 for k in files[0])
+    x = ids(2)
+    with torch.no_grad():
+        y = ours(x).logits
+        peft_loaded = peft.PeftModel.from_pretrained(bf16_bases(path)[1], tmp_path / "ours",
+                                                     autocast_adapter_dtype=False)
+        assert set(adapter_dtypes(peft_loaded).values()) == {torch.bfloat16}
+        torch.testing.assert_close(peft_loaded(x).logits, theirs(x).logits, rtol=0, atol=0)
+        ours_loaded = qpeft.load_adapter(bf16_bases(path)[0], tmp_path / "theirs", autocast_adapter_dtype=False)
+        assert adapter_dtypes(ours_loaded) == adapter_dtypes(ours)
+        torch.testing.assert_close(ours_loaded(x).logits, y, rtol=0, atol=0)

@@ -6,6 +6,8 @@ Defaults and scaling follow PEFT's `LoraConfig`: r=8, lora_alpha=8, scaling alph
 rsLoRA), kaiming-uniform(a=sqrt(5)) A and zero B, so the layer equals its base at initialisation.
 Adapters are kept in fp32 whatever the base dtype, as PEFT does by default (autocast_adapter_dtype=True):
 their gradients and optimizer state then stay fp32, and the fused kernels read them at activation precision.
+autocast_adapter_dtype=False creates them in the base's compute dtype instead (QLinearNF4.compute_dtype, a dense
+base's weight dtype), where PEFT leaves them without its autocast (see `adapter_dtype`).
 DoRA (use_dora=True) adds `lora_magnitude_vector.<adapter>.weight` (out_features,), PEFT's name; lora_bias=True
 gives lora_B a bias (`lora_B.<adapter>.bias`), added as scaling * bias, as in PEFT.
 """
@@ -63,6 +65,29 @@ def _refuse_variants(names, use_dora: dict, lora_bias: dict, who: str) -> None:
             raise ValueError(f"{who}: adapter {n!r} has a lora_bias, which the fused blocks do not compute")
 
 
+_ADAPTER_FLOATS = (torch.float32, torch.float16, torch.bfloat16)  # what the fused ops take for A and B
+
+
+def check_autocast_adapter_dtype(value) -> bool:
+    """PEFT's flag is a bool; anything else (a dtype, a string, None) raises rather than being read as truthy."""
+    if not isinstance(value, bool):
+        raise ValueError(f"autocast_adapter_dtype must be True or False (PEFT's get_peft_model argument), "
+                         f"got {value!r}")
+    return value
+
+
+def adapter_dtype(layer: nn.Module, autocast_adapter_dtype: bool = True) -> torch.dtype:
+    """The dtype a new adapter on base `layer` is kept in. True (PEFT's default): fp32. False: where PEFT leaves
+    an adapter without its autocast, the base's compute dtype: a 4-bit layer's `compute_dtype` (None, i.e. x's
+    dtype: fp32, as PEFT + bitsandbytes leaves it), an nn.Linear's weight dtype (one the fused ops do not take,
+    e.g. float64: fp32)."""
+    check_autocast_adapter_dtype(autocast_adapter_dtype)
+    if autocast_adapter_dtype:
+        return torch.float32
+    dtype = getattr(layer, "compute_dtype", None) if is_nf4_layer(layer) else layer.weight.dtype
+    return dtype if dtype in _ADAPTER_FLOATS else torch.float32
+
+
 def dora_refusal(layer: nn.Module) -> str | None:
     """Why DoRA cannot run on this base layer, or None: it needs the dense weight of an nn.Linear or a 4-bit
     NF4/FP4 (out_features, in_features) weight with its QuantState (what qpeft::dora_weight_norm reads)."""
@@ -109,12 +134,17 @@ class LoraLinear(nn.Module):
         ||W + s B A||_row, y = m / ||W + s B A||_row * (x W^T + s x A^T B^T) + bias.
     lora_bias: a trainable bias on lora_B (zero-initialised by the kaiming/gaussian inits), added as s * bias; not
         with DoRA (PEFT's rule).
+    autocast_adapter_dtype: True (PEFT's default): A, B (and DoRA's magnitude, lora_B's bias) in fp32; False: in
+        the base's compute dtype (QLinearNF4.compute_dtype, the dense weight's dtype), as PEFT + bitsandbytes
+        leaves them with get_peft_model(..., autocast_adapter_dtype=False). Initialised in fp32 either way, then
+        rounded, so both give the same values up to that rounding.
     """
 
     def __init__(self, base_layer: nn.Module, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
                  init: str | bool = "kaiming", use_rslora: bool = False, adapter_name: str = "default",
-                 use_dora: bool = False, lora_bias: bool = False):
+                 use_dora: bool = False, lora_bias: bool = False, autocast_adapter_dtype: bool = True):
         super().__init__()
+        check_autocast_adapter_dtype(autocast_adapter_dtype)
         self.out_features, self.in_features = base_shape(base_layer)
         self.base_layer = base_layer
         for p in base_layer.parameters():
@@ -140,7 +170,8 @@ class LoraLinear(nn.Module):
         # disable_adapters() runs the original
         self._premerge: dict | None = None
         self._held: merge_state.Held | None = None
-        self.add_adapter(adapter_name, r, lora_alpha, lora_dropout, init, use_rslora, use_dora, lora_bias)
+        self.add_adapter(adapter_name, r, lora_alpha, lora_dropout, init, use_rslora, use_dora, lora_bias,
+                         autocast_adapter_dtype)
         self._active = [adapter_name]
 
     # ------------------------------------------------------------------ adapters
@@ -158,8 +189,10 @@ class LoraLinear(nn.Module):
 
     def add_adapter(self, adapter_name: str, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
                     init: str | bool = "kaiming", use_rslora: bool = False, use_dora: bool = False,
-                    lora_bias: bool = False) -> None:
-        """Add a new adapter (not activated unless it is the layer's first; see set_adapter)."""
+                    lora_bias: bool = False, autocast_adapter_dtype: bool = True) -> None:
+        """Add a new adapter (not activated unless it is the layer's first; see set_adapter), in fp32 or, with
+        autocast_adapter_dtype=False, in the base's compute dtype (see the class docstring)."""
+        dtype = adapter_dtype(self.base_layer, autocast_adapter_dtype)
         if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
             raise ValueError(f"adapter_name must be a non-empty string without '.', got {adapter_name!r}")
         if adapter_name in self.lora_A:
@@ -194,10 +227,14 @@ class LoraLinear(nn.Module):
         self.scaling[adapter_name] = lora_alpha / (math.sqrt(r) if use_rslora else r)
         self.init[adapter_name] = init
         self.reset_lora_parameters(adapter_name)
-        if use_dora:  # PEFT: m = ||W + s B A||_row of the initialised adapter (||W|| when B = 0)
+        # initialised in fp32 (the same draws whatever the dtype), then rounded once, as PEFT casts its fp32 init
+        if use_dora:  # PEFT: m = ||W + s B A||_row of the initialised adapter (||W|| when B = 0), here in fp32
             norm = dora_weight_norm(self.base_layer, self.lora_A[adapter_name].weight,
                                     self.lora_B[adapter_name].weight, self.scaling[adapter_name])
-            self.lora_magnitude_vector[adapter_name] = Magnitude(norm)
+            self.lora_magnitude_vector[adapter_name] = Magnitude(norm.to(dtype))
+        if dtype != torch.float32:
+            self.lora_A[adapter_name].to(dtype)
+            self.lora_B[adapter_name].to(dtype)
 
     def reset_lora_parameters(self, adapter_name: str) -> None:
         A = self.lora_A[adapter_name].weight
@@ -343,10 +380,10 @@ class LoraLinear(nn.Module):
         if any(self.use_dora[n] for n in names):
             y = self._dora_forward(xc, base, bias, names)
             return y if out_dtype is None or y.dtype == out_dtype else y.to(out_dtype)
-        for n in names:  # lora_bias: scaling * lora_B.bias joins the base bias (one epilogue add)
-            if self.lora_bias[n] and (len(names) == 1 or not dropping or n == names[0]):
-                b = self.lora_B[n].bias * self.scaling[n]
-                bias = b if bias is None else bias + b
+        for n in names:  # lora_bias: scaling * lora_B.bias joins the base bias (one epilogue add), summed in fp32
+            if self.lora_bias[n] and (len(names) == 1 or not dropping or n == names[0]):  # and rounded once
+                b = self.lora_B[n].bias.float() * self.scaling[n]
+                bias = b if bias is None else bias.float() + b
         if len(names) == 1 or not dropping:
             # one fused call: several adapters stack along the rank, scalings folded into B
             if len(names) == 1:
@@ -365,7 +402,7 @@ class LoraLinear(nn.Module):
             y = lora_linear(xc, base, self.lora_A[n0].weight, self.lora_B[n0].weight, self.scaling[n0], bias,
                             dropout_p=self.lora_dropout[n0], training=True)
             for n in names[1:]:
-                xd = nn.functional.dropout(xc.float(), self.lora_dropout[n], training=True)
+                xd = nn.functional.dropout(xc.to(self.lora_A[n].weight.dtype), self.lora_dropout[n], training=True)
                 y = y + (self.lora_B[n](self.lora_A[n](xd)) * self.scaling[n]).to(y.dtype)
         return y if out_dtype is None or y.dtype == out_dtype else y.to(out_dtype)
 

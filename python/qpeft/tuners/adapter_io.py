@@ -36,15 +36,17 @@ class AdapterMethod:
     adapter_names(model) -> list[str]: names of this method's adapters present in `model`.
     config(model, adapter_name) -> dict: the adapter_config.json content (must hold "peft_type").
     state_dict(model, adapter_name) -> dict[str, Tensor]: PEFT's keys (adapter name removed).
-    load(model, config, state_dict, adapter_name) -> None: validate everything, raise ValueError naming
-        modules and shapes on mismatch, and only then modify `model` (inject or fill the adapter).
+    load(model, config, state_dict, adapter_name, **options) -> None: validate everything, raise ValueError
+        naming modules and shapes on mismatch, and only then modify `model` (inject or fill the adapter).
+    load_options: the keyword options of `load_adapter` that `load` takes (e.g. "autocast_adapter_dtype").
     """
 
     peft_type: str
     adapter_names: Callable[[nn.Module], list]
     config: Callable[[nn.Module, str], dict]
     state_dict: Callable[[nn.Module, str], dict]
-    load: Callable[[nn.Module, dict, dict, str], None]
+    load: Callable[..., None]
+    load_options: tuple = ()
 
 
 _METHODS: dict[str, AdapterMethod] = {}
@@ -155,11 +157,17 @@ def read_adapter_files(path: str | os.PathLike) -> tuple[dict, dict[str, torch.T
     return config, tensors
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default") -> nn.Module:
+def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default",
+                 autocast_adapter_dtype: bool = True) -> nn.Module:
     """Load an adapter saved by PEFT or qpeft into `model` (injecting it if needed); returns the model.
 
     All shapes and names are checked before anything changes: on error the model is left as it was.
+    autocast_adapter_dtype (PEFT's PeftModel.from_pretrained / load_adapter argument): True (default) creates
+    LoRA adapters in fp32, False in their base's compute dtype (see qpeft.add_lora); an adapter the model has
+    already keeps its dtype. Other methods take only the default (False raises).
     """
+    if not isinstance(autocast_adapter_dtype, bool):
+        raise ValueError(f"load_adapter: autocast_adapter_dtype must be True or False, got {autocast_adapter_dtype!r}")
     config, tensors = read_adapter_files(path)
     _ensure_builtin_methods()
     peft_type = config["peft_type"]
@@ -167,5 +175,11 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     if method is None:
         raise ValueError(f"load_adapter: peft_type {peft_type!r} is not supported; "
                          f"supported: {sorted(_METHODS)}")
-    method.load(model, config, tensors, adapter_name)
+    if autocast_adapter_dtype:
+        method.load(model, config, tensors, adapter_name)
+    elif "autocast_adapter_dtype" in method.load_options:
+        method.load(model, config, tensors, adapter_name, autocast_adapter_dtype=False)
+    else:
+        raise ValueError(f"load_adapter: autocast_adapter_dtype=False is supported for LoRA adapters, not for "
+                         f"peft_type {peft_type!r}; nothing was changed")
     return model

@@ -16,8 +16,8 @@ import torch
 import torch.nn as nn
 
 from ...models.quantization import quantize_model
-from ...modules.lora_linear import (LoraLinear, LoraRankWarning, base_shape, check_rank, dora_refusal, is_nf4_layer,
-                                    warn_not_low_rank)
+from ...modules.lora_linear import (LoraLinear, LoraRankWarning, base_shape, check_autocast_adapter_dtype, check_rank,
+                                    dora_refusal, is_nf4_layer, warn_not_low_rank)
 from ..adapter_io import AdapterMethod, register_method
 from .mixed_batch import enable_adapter_names
 from .options import check_lora_options, init_rewrites_base
@@ -154,7 +154,8 @@ def _configs(model: nn.Module) -> dict:
 
 def add_lora(model: nn.Module, target_modules="all-linear", r: int = 8, lora_alpha: float = 8,
              lora_dropout: float = 0.0, adapter_name: str = "default", use_rslora: bool = False,
-             init: str | bool = "kaiming", use_dora: bool = False, lora_bias: bool = False) -> nn.Module:
+             init: str | bool = "kaiming", use_dora: bool = False, lora_bias: bool = False,
+             autocast_adapter_dtype: bool = True) -> nn.Module:
     """Inject LoRA adapter `adapter_name` into the matching layers, freeze everything else, return `model`.
 
     target_modules (PEFT's rules): a list of names, each matching a module path exactly or as a suffix on a
@@ -162,12 +163,16 @@ def add_lora(model: nn.Module, target_modules="all-linear", r: int = 8, lora_alp
     whole module path; or "all-linear", every nn.Linear / QLinearNF4 except the output layer (lm_head).
     Layers already wrapped get the adapter added (not activated; see set_lora_adapter).
     use_dora: DoRA (PEFT's LoraConfig(use_dora=True)); lora_bias: a bias on lora_B (PEFT's lora_bias=True).
+    autocast_adapter_dtype (PEFT's get_peft_model argument): True (default) keeps the new adapters in fp32; False
+    creates them in each base's compute dtype (QLinearNF4.compute_dtype, a dense layer's weight dtype), as PEFT +
+    bitsandbytes does.
     Raises ValueError, before changing anything, when a target matches nothing (naming available modules),
     when a match is not a Linear layer, or when r is not an int >= 1. As in PEFT, r above a layer's
     min(in_features, out_features) is accepted, with one LoraRankWarning naming those layers.
     """
     try:
         check_rank(r)
+        check_autocast_adapter_dtype(autocast_adapter_dtype)
     except ValueError as e:
         raise ValueError(f"add_lora: {e}") from None
     names = _match(model, target_modules)
@@ -197,10 +202,11 @@ def add_lora(model: nn.Module, target_modules="all-linear", r: int = 8, lora_alp
         for n in names:
             m = model.get_submodule(n)
             if isinstance(m, LoraLinear):
-                m.add_adapter(adapter_name, r, lora_alpha, lora_dropout, init, use_rslora, use_dora, lora_bias)
+                m.add_adapter(adapter_name, r, lora_alpha, lora_dropout, init, use_rslora, use_dora, lora_bias,
+                              autocast_adapter_dtype)
             else:
                 layer = LoraLinear(m, r, lora_alpha, lora_dropout, init, use_rslora, adapter_name, use_dora,
-                                   lora_bias)
+                                   lora_bias, autocast_adapter_dtype)
                 layer.train(m.training)
                 _set_module(model, n, layer)
     _freeze_non_lora(model)
@@ -223,15 +229,22 @@ def _target_modules_for_config(model: nn.Module, names: list[str]) -> list[str]:
 
 def prepare_for_qlora(model: nn.Module, r: int = 64, lora_alpha: float = 16, lora_dropout: float = 0.0,
                       adapter_name: str = "default", use_rslora: bool = False, init: str | bool = "kaiming",
-                      blocksize: int = 64, compute_dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+                      blocksize: int = 64, compute_dtype: torch.dtype = torch.bfloat16,
+                      autocast_adapter_dtype: bool = True) -> nn.Module:
     """QLoRA's recipe: every Linear but the output layer to NF4 (blocksize 64, double quant, bf16 compute)
     through `qpeft.quantize_model`, then `add_lora(model, "all-linear", ...)` (defaults r=64, alpha=16 as in
-    artidoro/qlora). Returns the model, frozen except the adapters."""
+    artidoro/qlora). Returns the model, frozen except the adapters. autocast_adapter_dtype: as for add_lora
+    (False: adapters in `compute_dtype`); checked before the model is quantized."""
+    try:
+        check_autocast_adapter_dtype(autocast_adapter_dtype)
+    except ValueError as e:
+        raise ValueError(f"prepare_for_qlora: {e}") from None
     skip = tuple(sorted(_output_layer_names(model))) or ("lm_head",)
     quantize_model(model, skip_modules=skip, quant_type="nf4", blocksize=blocksize, double_quant=True,
                    compute_dtype=compute_dtype)
     return add_lora(model, "all-linear", r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                    adapter_name=adapter_name, use_rslora=use_rslora, init=init)
+                    adapter_name=adapter_name, use_rslora=use_rslora, init=init,
+                    autocast_adapter_dtype=autocast_adapter_dtype)
 
 
 def set_lora_adapter(model: nn.Module, adapter_names: str | list[str]) -> None:
@@ -335,7 +348,11 @@ def _pattern_value(pattern: dict, name: str, default):
 _UNSUPPORTED = {"bias": ("none", None), "modules_to_save": (None, []), "layers_to_transform": (None, [])}
 
 
-def _load(model: nn.Module, config: dict, tensors: dict, adapter_name: str) -> None:
+def _load(model: nn.Module, config: dict, tensors: dict, adapter_name: str,
+          autocast_adapter_dtype: bool = True) -> None:
+    """autocast_adapter_dtype: the dtype of the adapters this load creates (see add_lora); the file's values are
+    rounded to it, as PEFT's load_adapter copies them. An adapter the model has already keeps its dtype."""
+    check_autocast_adapter_dtype(autocast_adapter_dtype)
     check_lora_options(config)  # DoRA, aLoRA and the other variants, ...: refused as on PEFT's path, model untouched
     errors = []
     for key, ok in _UNSUPPORTED.items():
@@ -432,9 +449,11 @@ def _load(model: nn.Module, config: dict, tensors: dict, adapter_name: str) -> N
         if isinstance(m, LoraLinear):
             layer = m
             if adapter_name not in layer.lora_A:
-                layer.add_adapter(adapter_name, r, alpha, dropout, "kaiming", rslora, use_dora, lora_bias)
+                layer.add_adapter(adapter_name, r, alpha, dropout, "kaiming", rslora, use_dora, lora_bias,
+                                  autocast_adapter_dtype)
         else:
-            layer = LoraLinear(m, r, alpha, dropout, "kaiming", rslora, adapter_name, use_dora, lora_bias)
+            layer = LoraLinear(m, r, alpha, dropout, "kaiming", rslora, adapter_name, use_dora, lora_bias,
+                               autocast_adapter_dtype)
             layer.train(m.training)
             _set_module(model, path, layer)
         with torch.no_grad():
@@ -454,4 +473,4 @@ def _load(model: nn.Module, config: dict, tensors: dict, adapter_name: str) -> N
 
 
 register_method(AdapterMethod(peft_type="LORA", adapter_names=_adapter_names, config=_config_for_save,
-                              state_dict=_state_dict, load=_load))
+                              state_dict=_state_dict, load=_load, load_options=("autocast_adapter_dtype",)))
