@@ -121,6 +121,14 @@ def test_an_experts_adapter_saved_with_qpeft_loads_with_stock_peft_on_a_dense_ba
         assert all(torch.equal(theirs[k].float(), saved[k]) for k in saved)
         with torch.no_grad():
             results[dtype] = dense(x).logits
+        # the file loses nothing: stock PEFT on the same dense base with the adapter built in memory (get_peft_model
+        # and the tensors copied from qpeft's model) gives the loaded model's logits bit for bit
+        built = peft.get_peft_model(_dense_of(_4bit("qwen3_moe"), dtype), _config())
+        _copy_lora(pm, built)
+        with torch.no_grad():
+            assert torch.equal(built(x).logits, results[dtype]), dtype
+    # qpeft's 4-bit model itself vs stock PEFT: the same function computed in another order (grouped LoRA
+    # shrink/expand beside x @ W_e^T, where PEFT's ParamWrapper runs x @ (W_e + s * B_e A_e)^T), so the 2x rule
     assert_close_2x(y, results[torch.float64], results[torch.float32], what="logits vs stock PEFT")
     # and back onto a 4-bit base with stock PEFT's loader: qpeft's wrappers, the same logits bit for bit
     again = peft.PeftModel.from_pretrained(_4bit("qwen3_moe"), tmp_path)
