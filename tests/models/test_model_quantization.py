@@ -158,3 +158,28 @@ def test_strict_load_refuses_a_checkpoint_bias_for_a_layer_without_one(tmp_path)
     assert all(torch.equal(before[k], v) for k, v in dst.state_dict().items())  # nothing loaded
     load_quantized_checkpoint(dst, tmp_path, strict=False)  # ignored, as nn.Module.load_state_dict(strict=False)
     assert torch.equal(dst[0].weight, src[0].weight) and dst[0].bias is None
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
+def test_a_non_finite_weight_leaves_the_whole_model_as_it_was(family):
+    """quantize_model converts in place: a NaN in the last linear (after every other linear and the MoE experts
+    would have been converted) raises naming that layer and changes nothing, as a failed load must."""
+    if family == "llama":
+        model = tiny_llama()
+    else:
+        pytest.importorskip("transformers")
+        from tiny_moe import tiny_moe
+
+        model = tiny_moe(family)
+    last = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not n.endswith("lm_head")][-1]
+    with torch.no_grad():
+        model.get_submodule(last).weight[1, 2] = float("nan")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    classes = {n: type(m) for n, m in model.named_modules()}
+    with pytest.raises(ValueError, match=last.replace(".", r"\.") + ".*non-finite"):
+        quantize_model(model, compute_dtype=torch.float32)
+    assert {n: type(m) for n, m in model.named_modules()} == classes
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before if not before[k].isnan().any())
+    assert all(torch.equal(after[k].isnan(), before[k].isnan()) for k in before)

@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from ..modules.qlinear_nf4 import QLinearNF4, parse_bnb_state
+from ..modules.qlinear_nf4 import QUANT_CHUNK, QLinearNF4, parse_bnb_state
 from .moe.convert import find_experts, quantize_model_experts
 
 __all__ = ["quantize_model", "QuantizeReport", "load_quantized_checkpoint"]
@@ -86,17 +86,22 @@ def quantize_model(model: nn.Module, target_modules=None, skip_modules=("lm_head
     if isinstance(target_modules, (list, tuple, set)) and not target_modules:
         raise ValueError("target_modules must be None, a regex or a non-empty list of module names")
     report = QuantizeReport(bytes_before=model_bytes(model))
+    linears = []
+    for name, m in model.named_modules():
+        if not isinstance(m, nn.Linear):
+            continue
+        if (target_modules is not None and not _matches(name, target_modules)) or _matches(name, skip_modules or ()):
+            report.skipped.append(name)
+        else:
+            _check_finite(m.weight, name)  # before anything changes: a bad weight leaves the whole model as it was
+            linears.append((name, m))
     if experts:  # first: all experts are quantized before any module changes (a failure leaves the model as it was)
         skipped = [t.name for t in find_experts(model) if (target_modules is not None and not _matches(
             t.name, target_modules)) or _matches(t.name, skip_modules or ())]
         report.skipped += skipped
         report.converted += quantize_model_experts(model, skipped, quant_type=quant_type, blocksize=blocksize,
                                                    double_quant=double_quant)
-    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     for name, linear in linears:
-        if (target_modules is not None and not _matches(name, target_modules)) or _matches(name, skip_modules or ()):
-            report.skipped.append(name)
-            continue
         q = QLinearNF4.from_linear(linear, compute_dtype=compute_dtype, quant_type=quant_type, blocksize=blocksize,
                                    double_quant=double_quant)
         parent_name, _, child = name.rpartition(".")
@@ -116,6 +121,21 @@ def quantize_model(model: nn.Module, target_modules=None, skip_modules=("lm_head
             observer(model, report.converted, quant_type, blocksize, double_quant, compute_dtype)
     report.bytes_after = model_bytes(model)
     return report
+
+
+@torch.no_grad()
+def _check_finite(w: torch.Tensor, name: str) -> None:
+    """Raise ValueError naming the layer when its weight holds inf/nan (QUANT_CHUNK elements at a time: the check
+    reads the weight once and never holds more than a chunk's mask, e.g. 16 MiB for 2^24 elements)."""
+    if w.device.type == "meta":
+        return
+    flat = w.detach().reshape(-1)
+    for start in range(0, flat.numel(), QUANT_CHUNK):
+        part = flat[start:start + QUANT_CHUNK]
+        if not bool(torch.isfinite(part).all()):
+            bad = start + int((~torch.isfinite(part)).nonzero()[0])
+            raise ValueError(f"{name}.weight has non-finite values (inf/nan), the first at flat index {bad}; "
+                             "cannot quantize (nothing was converted)")
 
 
 def _is_transformers_model(model: nn.Module) -> bool:
