@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .nf4_matmul import _add_rn, _mul_rn  # the pinned fp32 roundings of the double-quant scale
+
 __all__ = ["dora_weight_norm_triton"]
 
 NESTED_BLOCKSIZE = tl.constexpr(256)  # absmax values per second-level (double-quant) block, as bitsandbytes
@@ -42,8 +44,9 @@ def _weight_tile(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_cod
     block = e // BLOCKSIZE
     if NESTED:
         q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
-        scale = tl.load(nested_code_ptr + q) * tl.load(nested_absmax_ptr + block // NESTED_BLOCKSIZE, mask=mask,
-                                                        other=0.0) + offset
+        # two roundings, never one FFMA (see nf4_matmul._mul_rn): the scale bitsandbytes and the reference decode
+        scale = _add_rn(_mul_rn(tl.load(nested_code_ptr + q),
+                                tl.load(nested_absmax_ptr + block // NESTED_BLOCKSIZE, mask=mask, other=0.0)), offset)
     else:
         scale = tl.load(absmax_ptr + block, mask=mask, other=0.0)
     return tl.where(mask, value * scale, 0.0)

@@ -38,6 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .nf4_matmul import _add_rn, _mul_rn  # the pinned fp32 roundings of the double-quant scale
+
 __all__ = ["grouped_nf4_matmul_triton", "grouped_nf4_matmul_dx_triton", "grouped_lora_shrink_triton",
            "grouped_lora_grad_triton"]
 
@@ -64,7 +66,8 @@ def _block_scale(absmax_ptr, block, mask, nested_absmax_ptr, nested_code_ptr, of
     if NESTED:
         q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
         scale2 = tl.load(nested_absmax_ptr + block // NESTED_BLOCKSIZE, mask=mask, other=0.0)
-        return tl.load(nested_code_ptr + q) * scale2 + offset
+        # two roundings, never one FFMA (see nf4_matmul._mul_rn): the scale bitsandbytes and the reference decode
+        return _add_rn(_mul_rn(tl.load(nested_code_ptr + q), scale2), offset)
     else:
         return tl.load(absmax_ptr + block, mask=mask, other=0.0)
 

@@ -342,3 +342,53 @@ def test_every_kernel_is_compiled():
     uncalled = sorted(k for k in helpers if k.split(".")[-1] + "(" not in sources
                       and not any(k.split(".")[-1] + "(" in h.src for h in helpers.values() if h is not helpers[k]))
     assert not uncalled, f"@triton.jit helpers that no compiled kernel calls: {uncalled}"
+
+
+# ------------------------------------------------------------------------- the double-quant scale's rounding
+if has_triton() and not TRITON_INTERPRET:
+    import triton
+    import triton.language as tl
+
+    from qpeft.triton_kernels.dora import _weight_tile
+    from qpeft.triton_kernels.grouped_nf4 import _block_scale
+
+    @triton.jit
+    def _dora_tile_probe(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, out_ptr,
+                         N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr):
+        """The fp32 W tile of the DoRA norm kernel (its only other arithmetic is the norm's multiply-adds)."""
+        rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)[:, None]
+        cols = tl.arange(0, BLOCK_K).to(tl.int64)[None, :]
+        mask = (rows < N) & (cols < K)
+        w = _weight_tile(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, tl.load(offset_ptr),
+                         rows, cols, mask, K, BLOCKSIZE, True)
+        tl.store(out_ptr + rows * K + cols, w, mask=mask)
+
+    @triton.jit
+    def _grouped_scale_probe(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, out_ptr, n,
+                             BLOCK: tl.constexpr):
+        """The grouped NF4 kernels' per-block fp32 scale."""
+        block = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        s = _block_scale(absmax_ptr, block, block < n, nested_absmax_ptr, nested_code_ptr, tl.load(offset_ptr), True)
+        tl.store(out_ptr + block, s, mask=block < n)
+
+
+@pytest.mark.parametrize("probe", ["dora", "grouped_nf4"])
+def test_double_quant_scale_is_two_roundings_not_an_ffma(probe):
+    """The DoRA norm and grouped NF4 kernels decode a double-quantized absmax as code2[q] * absmax2 rounded to
+    fp32, then + offset rounded again (bitsandbytes, the reference, the CUDA kernels). Their launches leave FP
+    fusion on (Triton's default up to 3.9), which would contract a plain `a * b + c` into one FFMA and move the
+    scale, so every weight of its block, by up to 1 ulp: compiled for sm_90, the probe has FMUL + FADD, no FFMA."""
+    from benchmarks.sass_sm90 import parse_sass, sass_of_cubin
+    from benchmarks.sm90_compile import TritonLaunch
+
+    u8, f32 = torch.empty(64, dtype=torch.uint8), torch.empty(64)
+    if probe == "dora":
+        launch = TritonLaunch(_dora_tile_probe, (1,), (u8, u8, f32, f32, f32, f32, f32, 40, 256),
+                              dict(BLOCK_N=16, BLOCK_K=64, BLOCKSIZE=64, num_warps=4, enable_fp_fusion=True))
+    else:
+        launch = TritonLaunch(_grouped_scale_probe, (1,), (u8, f32, f32, f32, f32, 64),
+                              dict(BLOCK=64, num_warps=2, enable_fp_fusion=True))
+    sass, _ = sass_of_cubin(launch.compile().asm["cubin"])
+    (kern,) = parse_sass(sass).values()
+    ops = {i.base for i in kern.instrs}
+    assert "FFMA" not in ops and {"FMUL", "FADD"} <= ops, sorted(ops)
