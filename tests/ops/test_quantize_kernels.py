@@ -263,3 +263,30 @@ def test_triton_kernels_compile_for_sm90():
     assert "div.rn.f32" in ptx and "div.full" not in ptx
     _ptx_for_sm90(tk._dequantize_blockwise_kernel, {"q_ptr": "*u8", "absmax_ptr": "*fp32", "code_ptr": "*fp32",
                                                     "out_ptr": "*fp32", **sizes}, dict(BLOCKSIZE=4096, GROUP=1), [])
+
+
+@pytest.mark.parametrize("blocksize", [32, 64, 4096])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_the_cpu_path_quantizes_in_chunks_with_the_reference_bytes(monkeypatch, blocksize, quant_type):
+    """On the CPU the op feeds the reference at most REF_QUANT_CHUNK elements at a time (its temporaries are ~17
+    bytes per element: 140 MiB for one 4096 x 2048 projection of a 4-bit load otherwise) and gives the bytes of
+    one reference call: odd sizes, a partial last block, chunk edges inside the tensor."""
+    from qpeft.ops import quantize as qops
+
+    monkeypatch.setattr(qops, "REF_QUANT_CHUNK", 4096)
+    seen = []
+    whole = ref.quantize_4bit_ref
+
+    def spy(A, bs, qt):
+        seen.append(A.numel())
+        return whole(A, bs, qt)
+
+    monkeypatch.setattr(ref, "quantize_4bit_ref", spy)
+    g = torch.Generator().manual_seed(blocksize)
+    for n in (3 * 4096 + 4096 + 37, 4 * 8192 + 1, 4096 * 5):
+        A = torch.randn(n, generator=g) * 2
+        seen.clear()
+        packed, absmax = torch.ops.qpeft.quantize_4bit(A, blocksize, quant_type)
+        want_packed, want_absmax = whole(A, blocksize, quant_type)
+        assert max(seen) <= max(4096, blocksize) and len(seen) == -(-n // max(4096, blocksize)), (n, seen)
+        assert torch.equal(packed, want_packed) and torch.equal(absmax, want_absmax), n

@@ -32,6 +32,11 @@ __all__ = ["quantize_4bit", "dequantize_4bit", "quantize_blockwise", "dequantize
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 QUANT_TYPES = ("nf4", "fp4")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The reference quantizer (the CPU path) holds ~17 bytes per element in temporaries (an fp32 copy, |A|, the scaled
+# values, int32 bucket indices): 140 MiB for one 4096 x 2048 projection, measured in the peak of a Qwen3-30B-A3B-
+# width 4-bit load on the CPU, over its bound (final model + largest tensor + 10%; benchmarks/bench_load.py). Fed
+# chunks of whole blocks its results are the same (blocks are independent) and the transient ~17 MiB.
+REF_QUANT_CHUNK = 1 << 20
 
 
 def _numel(shape) -> int:
@@ -97,7 +102,23 @@ def quantize_4bit(A: torch.Tensor, blocksize: int, quant_type: str) -> tuple[tor
         from qpeft.triton_kernels.quantize import quantize_4bit_triton
 
         return quantize_4bit_triton(A, blocksize, quant_type)
-    return ref.quantize_4bit_ref(A, blocksize, quant_type)
+    return _quantize_4bit_ref_chunked(A, blocksize, quant_type)
+
+
+def _quantize_4bit_ref_chunked(A: torch.Tensor, blocksize: int, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """ref.quantize_4bit_ref, REF_QUANT_CHUNK elements (whole blocks: an even count, so no byte is split) at once."""
+    n = A.numel()
+    chunk = max(blocksize, REF_QUANT_CHUNK // blocksize * blocksize)
+    if n <= chunk:
+        return ref.quantize_4bit_ref(A, blocksize, quant_type)
+    flat = A.reshape(-1)
+    packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=A.device)
+    absmax = torch.empty((n + blocksize - 1) // blocksize, dtype=torch.float32, device=A.device)
+    for start in range(0, n, chunk):
+        p, a = ref.quantize_4bit_ref(flat[start:start + chunk], blocksize, quant_type)
+        packed[start // 2:start // 2 + p.numel()] = p
+        absmax[start // blocksize:start // blocksize + a.numel()] = a
+    return packed, absmax
 
 
 @register_fake("qpeft::quantize_4bit")
