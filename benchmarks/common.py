@@ -65,15 +65,35 @@ def env_info() -> dict:
     }
 
 
+def gpu_rep_ms() -> float:
+    """Milliseconds of GPU time each GPU measurement repeats its function for (warm-up: a quarter of it).
+    Default 100; QPEFT_BENCH_REP_MS overrides it: tests/run_gpu.sh quick sets 20 (do_bench_cudagraph's own
+    default), since at 100 a CUDA-graph measurement of a ~3 us decode kernel captures ~33,000 launches through
+    Python (~1-2 s each, 80 of them in the quick nf4_matmul suite alone) and the quick steps would not fit
+    their time bounds; 20 ms still takes thousands of samples of a microsecond kernel."""
+    v = os.environ.get("QPEFT_BENCH_REP_MS")
+    if v is None:
+        return 100.0
+    try:
+        rep = float(v)
+    except ValueError:
+        rep = -1.0
+    if not rep > 0:
+        raise ValueError(f"QPEFT_BENCH_REP_MS must be a positive number of milliseconds, got {v!r}")
+    return rep
+
+
 def bench(fn, *, warmup: int = 3, reps: int = 20, cuda_graph: bool = False) -> dict:
-    """Median / p20 / p80 time of fn() in milliseconds."""
+    """Median / p20 / p80 time of fn() in milliseconds (GPU: over gpu_rep_ms() of GPU time; CPU: `reps` runs
+    after `warmup`)."""
     if on_gpu():
         import triton.testing as tt
 
+        rep = gpu_rep_ms()
         if cuda_graph:
-            ms = tt.do_bench_cudagraph(fn, rep=100)
+            ms = tt.do_bench_cudagraph(fn, rep=rep)
             return {"ms": ms, "p20": ms, "p80": ms}
-        med, p20, p80 = tt.do_bench(fn, quantiles=[0.5, 0.2, 0.8], warmup=25, rep=100)
+        med, p20, p80 = tt.do_bench(fn, quantiles=[0.5, 0.2, 0.8], warmup=rep / 4, rep=rep)
         return {"ms": med, "p20": p20, "p80": p80}
     for _ in range(warmup):
         fn()

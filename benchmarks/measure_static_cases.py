@@ -76,7 +76,10 @@ def _case(K: int, N: int, ms: list[int], directions: tuple[str, ...], device: st
     return rows
 
 
-def run(shapes: str = "all", ms=MS, directions=("fwd", "dx")) -> list[dict]:
+def run(shapes: str = "all", ms=MS, directions=("fwd", "dx"), checkpoint=None) -> list[dict]:
+    """The rows of every layer shape; `checkpoint(rows so far)` after each shape (main writes the CSV there, so a
+    run stopped by tests/run_gpu.sh's time bound (SIGTERM: no Python cleanup runs) still leaves the shapes it
+    finished for `static_sm90 --calibrate`)."""
     if not on_gpu():
         raise SystemExit("measure_static_cases needs a CUDA GPU (the static model itself runs on the CPU)")
     rows = []
@@ -87,6 +90,8 @@ def run(shapes: str = "all", ms=MS, directions=("fwd", "dx")) -> list[dict]:
             for r in _case(K, N, list(ms), tuple(directions)):
                 rows.append({"model": model, "layer": layer, **r})
                 print(rows[-1], flush=True)
+            if checkpoint is not None:
+                checkpoint(rows)
     return rows
 
 
@@ -96,7 +101,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ms", default=",".join(map(str, MS)))
     ap.add_argument("--directions", default="fwd,dx")
     args = ap.parse_args(argv)
-    rows = run(args.shapes, [int(m) for m in args.ms.split(",")], tuple(args.directions.split(",")))
+    rows = run(args.shapes, [int(m) for m in args.ms.split(",")], tuple(args.directions.split(",")),
+               checkpoint=lambda rows: write_csv("static_cases", rows))  # atomic: never a half-written file
     print(env_info())
     print_table(rows)
     print("wrote", write_csv("static_cases", rows))

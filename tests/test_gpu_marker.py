@@ -44,3 +44,29 @@ def test_an_offline_sm90_compile_is_not_a_gpu_test():
     gpu, not_gpu = _collected(f, marker="gpu"), _collected(f, marker="not gpu")
     assert any("compile" in t or "sass" in t.lower() for t in not_gpu), sorted(not_gpu)
     assert not (gpu & not_gpu)
+
+
+def _requires_interpreter(test: ast.expr) -> bool:
+    """Whether an assert's condition is false without TRITON_INTERPRET: the name (or the variable's string) occurs
+    outside every `or` (an `or` with HAS_CUDA lets a GPU run pass)."""
+    def walk(node, in_or):
+        if isinstance(node, ast.BoolOp) and isinstance(node.op, ast.Or):
+            in_or = True
+        if not in_or and ((isinstance(node, ast.Name) and node.id == "TRITON_INTERPRET")
+                          or (isinstance(node, ast.Constant) and node.value == "TRITON_INTERPRET")):
+            return True
+        return any(walk(child, in_or) for child in ast.iter_child_nodes(node))
+
+    return walk(test, False)
+
+
+def test_no_test_asserts_the_triton_interpreter():
+    """On the GPU the `triton` tests run compiled, without TRITON_INTERPRET (tests/run_gpu.sh: QPEFT_BACKEND=triton
+    pytest -m triton): a test asserting the interpreter fails there whatever its kernel does (the rehearsal of
+    issue 25 found test_grouped_nf4.py::test_triton_experts_block_forward_backward doing it)."""
+    assert _requires_interpreter(ast.parse("assert backend == 'triton' and TRITON_INTERPRET").body[0].test)
+    assert not _requires_interpreter(ast.parse("assert b and (HAS_CUDA or TRITON_INTERPRET)").body[0].test)
+    offenders = [f"{path.relative_to(TESTS.parent)}:{node.lineno}" for path in sorted(TESTS.rglob("*.py"))
+                 for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Assert)
+                 and _requires_interpreter(node.test)]
+    assert not offenders, offenders
