@@ -304,6 +304,19 @@ def main(argv=None) -> None:
     print(env_info())
     print_table(rows, cols)
     print("wrote", write_csv(suite, rows))
+    failed = _all_failed(rows)
+    if failed:  # tests/run_gpu.sh reads the exit status: a sweep where nothing of ours ran is not a result
+        raise SystemExit(f"bench_linear_cross_entropy: {failed}")
+
+
+def _all_failed(rows: list[dict]) -> str | None:
+    """Why the run measured nothing worth keeping (every row an error, or every qpeft row), else None."""
+    if not any("error" not in r for r in rows):
+        return f"every one of the {len(rows)} rows failed" if rows else "no rows"
+    ours = [r for r in rows if str(r.get("provider", "")).startswith("qpeft")]
+    if ours and all("error" in r for r in ours):
+        return f"every qpeft row failed (first: {ours[0]['error']})"
+    return None
 
 
 if __name__ == "__main__":

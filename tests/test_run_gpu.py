@@ -80,3 +80,24 @@ def test_measure_static_cases_keeps_the_shapes_done_when_stopped(monkeypatch, tm
     rows = list(csv.DictReader(open(tmp_path / "NVIDIA_H100_80GB_HBM3" / "static_cases.csv")))
     assert [(r["layer"], r["M"], r["direction"]) for r in rows] == [
         ("q/o", "1", "fwd"), ("q/o", "1", "dx"), ("q/o", "256", "fwd"), ("q/o", "256", "dx")]
+
+
+def test_linear_cross_entropy_bench_exits_nonzero_when_nothing_of_ours_ran(monkeypatch, tmp_path):
+    """The quick stage's step status comes from the benchmark's exit code: a sweep whose every row (or every qpeft
+    row) is an error used to exit 0 and look like a result."""
+    from benchmarks import bench_linear_cross_entropy as lce
+
+    monkeypatch.setattr(lce, "write_csv", lambda suite, rows: str(tmp_path / f"{suite}.csv"))
+    cases = {
+        "all rows failed": [{"provider": "qpeft", "error": "RuntimeError: boom"},
+                            {"provider": "eager", "error": "out of memory"}],
+        "qpeft failed": [{"provider": "qpeft", "error": "RuntimeError: boom"}, {"provider": "eager", "ms": 1.0}],
+        "fine": [{"provider": "qpeft", "ms": 1.0}, {"provider": "liger", "error": "not installed"}],
+    }
+    for name, rows in cases.items():
+        monkeypatch.setattr(lce, "run", lambda *a, rows=rows, **k: rows)
+        if name == "fine":
+            lce.main(["--tokens", "8"])
+        else:
+            with pytest.raises(SystemExit, match="failed"):
+                lce.main(["--tokens", "8"])
