@@ -37,6 +37,7 @@ from ..models.moe import qpeft_experts_forward
 from ..models.moe.convert import experts_params
 from ..modules.nf4_experts import NF4ExpertsMixin, is_nf4_experts
 from ..quant.experts import quantize_experts
+from ._zero3_base import _zero3_register_base
 
 __all__ = ["ParamWrapper", "prepare_experts_config", "EXPERTS_INITS"]
 
@@ -197,23 +198,6 @@ def _check_experts_options(config) -> None:
     if init not in EXPERTS_INITS:
         raise ValueError(f"LoRA on 4-bit experts supports init_lora_weights in {EXPERTS_INITS} (PEFT's ParamWrapper "
                          f"inits that need no dense weight), got {init!r}")
-
-
-def _zero3_register_base(layer: nn.Module, args) -> None:
-    """DeepSpeed ZeRO-3: the wrapper runs the kernels on the 4-bit experts' Parameters without entering the experts
-    module's forward, so ZeRO-3's per-module fetch would not gather them; once partitioned (they carry `ds_id`) they
-    are registered as this layer's external parameters (qpeft.integrations.peft does the same for
-    QPeftLoraLinear)."""
-    if layer._zero3_registered:
-        return
-    params = list(layer.get_base_layer().parameters(recurse=False))
-    if not any(hasattr(p, "ds_id") for p in params):
-        return
-    import deepspeed
-
-    for p in params:
-        deepspeed.zero.register_external_parameter(layer, p)
-    layer._zero3_registered = True
 
 
 def _parameter_keys(model: nn.Module) -> list[str]:
