@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from ..modules.qlinear_nf4 import QUANT_CHUNK, QLinearNF4, parse_bnb_state
+from ..modules.qlinear_nf4 import QLinearNF4, check_finite_weight, parse_bnb_state
 from .moe.convert import find_experts, quantize_model_experts
 
 __all__ = ["quantize_model", "QuantizeReport", "load_quantized_checkpoint"]
@@ -93,7 +93,8 @@ def quantize_model(model: nn.Module, target_modules=None, skip_modules=("lm_head
         if (target_modules is not None and not _matches(name, target_modules)) or _matches(name, skip_modules or ()):
             report.skipped.append(name)
         else:
-            _check_finite(m.weight, name)  # before anything changes: a bad weight leaves the whole model as it was
+            # before anything changes: a bad weight leaves the whole model as it was
+            check_finite_weight(m.weight, f"{name}.weight")
             linears.append((name, m))
     if experts:  # first: all experts are quantized before any module changes (a failure leaves the model as it was)
         skipped = [t.name for t in find_experts(model) if (target_modules is not None and not _matches(
@@ -121,21 +122,6 @@ def quantize_model(model: nn.Module, target_modules=None, skip_modules=("lm_head
             observer(model, report.converted, quant_type, blocksize, double_quant, compute_dtype)
     report.bytes_after = model_bytes(model)
     return report
-
-
-@torch.no_grad()
-def _check_finite(w: torch.Tensor, name: str) -> None:
-    """Raise ValueError naming the layer when its weight holds inf/nan (QUANT_CHUNK elements at a time: the check
-    reads the weight once and never holds more than a chunk's mask, e.g. 16 MiB for 2^24 elements)."""
-    if w.device.type == "meta":
-        return
-    flat = w.detach().reshape(-1)
-    for start in range(0, flat.numel(), QUANT_CHUNK):
-        part = flat[start:start + QUANT_CHUNK]
-        if not bool(torch.isfinite(part).all()):
-            bad = start + int((~torch.isfinite(part)).nonzero()[0])
-            raise ValueError(f"{name}.weight has non-finite values (inf/nan), the first at flat index {bad}; "
-                             "cannot quantize (nothing was converted)")
 
 
 def _is_transformers_model(model: nn.Module) -> bool:

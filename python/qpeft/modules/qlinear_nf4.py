@@ -109,6 +109,20 @@ def _absmax_dtensor(absmax_bytes, double_quant: bool, dtensor):
                               shape=torch.Size([blocks]), stride=(1,))
 
 
+@torch.no_grad()
+def check_finite_weight(w: torch.Tensor, what: str = "weight", start: int = 0) -> None:
+    """Raise ValueError naming `what` when w holds inf/nan (its flat index + start in the message), QUANT_CHUNK
+    elements at a time: one read of w, never more than a chunk's mask (16 MiB for 2^24 elements) held."""
+    if w.device.type == "meta":
+        return
+    flat = w.detach().reshape(-1)
+    for s in range(0, flat.numel(), QUANT_CHUNK):
+        ok = torch.isfinite(flat[s:s + QUANT_CHUNK])
+        if not bool(ok.all()):
+            raise ValueError(f"{what} has non-finite values (inf/nan), the first at flat index "
+                             f"{start + s + int((~ok).nonzero()[0])}; cannot quantize")
+
+
 class QLinearNF4(nn.Module):
     """y = x @ W^T + bias with W (out_features, in_features) stored in 4 bits (NF4 or FP4, blocks of
     `blocksize`, optionally double-quantized absmax). x: (..., in_features), any float dtype; the matmul runs
@@ -164,9 +178,7 @@ class QLinearNF4(nn.Module):
         chunk = max(blocksize, QUANT_CHUNK // blocksize * blocksize)  # whole blocks, so bytes never split
         for start in range(0, n, chunk):
             part = flat[start:start + chunk]
-            if not torch.isfinite(part).all():
-                raise ValueError(f"weight has non-finite values (inf/nan) in elements "
-                                 f"{start}..{start + part.numel() - 1}; cannot quantize")
+            check_finite_weight(part, "weight", start)
             p, a = torch.ops.qpeft.quantize_4bit(part.contiguous(), blocksize, quant_type)
             packed[start // 2:start // 2 + p.numel()] = p.reshape(-1, 1)
             absmax[start // blocksize:start // blocksize + a.numel()] = a.reshape(-1)
