@@ -7,9 +7,7 @@ never change, the forward losses equal the reference bit for bit, the gradients 
 from __future__ import annotations
 
 import copy
-import json
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -19,6 +17,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fsdp2_moe_worker import experts_bytes, make_model  # noqa: E402
 from fsdp2_worker import STEPS, batches, reference_run, trainable  # noqa: E402
+from zero3_worker import finish_gloo_ranks, start_gloo_ranks  # noqa: E402
 
 from qpeft.distributed import prepare_zero3, zero3_config  # noqa: E402
 from qpeft.modules.nf4_experts import is_nf4_experts  # noqa: E402
@@ -29,17 +28,7 @@ def main():
     from deepspeed.utils import safe_get_full_grad
 
     out_dir = Path(sys.argv[1])
-    import faulthandler
-    faulthandler.dump_traceback_later(float(os.environ.get("QPEFT_TEST_DUMP_S", "280")), exit=True)
-    torch.set_num_threads(1)
-    # importlib, not `import deepspeed.comm.torch as ...`: that name resolves to the attribute `torch`
-    # of deepspeed.comm, which is PyTorch itself (the patch would never apply)
-    import importlib
-
-    ds_comm_torch = importlib.import_module("deepspeed.comm.torch")
-    assert hasattr(ds_comm_torch, "TorchBackend"), ds_comm_torch
-    ds_comm_torch.build_shm_op = lambda: None  # as zero3_worker.py: an op only inference all-reduce uses
-    deepspeed.init_distributed(dist_backend="gloo")
+    start_gloo_ranks()
     rank, ws = dist.get_rank(), dist.get_world_size()
     report = {"world_size": ws}
     init = make_model()
@@ -81,13 +70,7 @@ def main():
         after = experts_bytes(model)
     report["experts_bytes_unchanged"] = after.keys() == orig.keys() and all(torch.equal(after[k], orig[k])
                                                                            for k in orig)
-    if rank == 0:
-        (out_dir / "report.json").write_text(json.dumps(report, indent=1, default=str))
-    dist.barrier()
-    # Tear the group down here, as the fsdp2 workers do, not in interpreter finalization: left to it, rank 1 of
-    # test_zero3_moe aborted once in CI ('terminate called without an active exception', exit -6) after rank 0,
-    # the store's host, had passed the last barrier and exited (torch 2.15, deepspeed 0.19.8, 2 loaded cores)
-    dist.destroy_process_group()
+    finish_gloo_ranks(out_dir, rank, report)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,38 @@ def gathered_bytes(model):
         return quantized_bytes(model)
 
 
+def start_gloo_ranks() -> None:
+    """This rank's DeepSpeed setup on the CPU (zero3_worker and zero3_moe_worker): a traceback dump before the
+    spawn timeout, one thread, DeepSpeed's shm op skipped, the gloo group."""
+    import deepspeed
+
+    import faulthandler
+    faulthandler.dump_traceback_later(float(os.environ.get("QPEFT_TEST_DUMP_S", "280")), exit=True)
+    torch.set_num_threads(1)
+    # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op at init (first run: minutes on 2
+    # cores, past the spawn timeout) that only its inference all-reduce uses, and only with LOCAL_SIZE set;
+    # training collectives go through gloo. Skip the build.
+    # importlib, not `import deepspeed.comm.torch as ...`: that name resolves to the attribute `torch`
+    # of deepspeed.comm, which is PyTorch itself (the patch would never apply)
+    import importlib
+
+    ds_comm_torch = importlib.import_module("deepspeed.comm.torch")
+    assert hasattr(ds_comm_torch, "TorchBackend"), ds_comm_torch
+    ds_comm_torch.build_shm_op = lambda: None
+    deepspeed.init_distributed(dist_backend="gloo")
+
+
+def finish_gloo_ranks(out_dir: Path, rank: int, report: dict) -> None:
+    """Rank 0 writes the report; every rank passes the last barrier and destroys the group."""
+    if rank == 0:
+        (out_dir / "report.json").write_text(json.dumps(report, indent=1, default=str))
+    dist.barrier()
+    # Tear the group down here, as the fsdp2 workers do, not in interpreter finalization: left to it, rank 1 of
+    # test_zero3_moe aborted once in CI ('terminate called without an active exception', exit -6) after rank 0,
+    # the store's host, had passed the last barrier and exited (torch 2.15, deepspeed 0.19.8, 2 loaded cores)
+    dist.destroy_process_group()
+
+
 def engine_for(model, dtype):
     import deepspeed
 
@@ -56,20 +88,7 @@ def main():
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
 
     out_dir = Path(sys.argv[1])
-    import faulthandler
-    faulthandler.dump_traceback_later(float(os.environ.get("QPEFT_TEST_DUMP_S", "280")), exit=True)
-    torch.set_num_threads(1)
-    # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op at init (first run: minutes on 2
-    # cores, past the spawn timeout) that only its inference all-reduce uses, and only with LOCAL_SIZE set;
-    # training collectives go through gloo. Skip the build.
-    # importlib, not `import deepspeed.comm.torch as ...`: that name resolves to the attribute `torch`
-    # of deepspeed.comm, which is PyTorch itself (the patch would never apply)
-    import importlib
-
-    ds_comm_torch = importlib.import_module("deepspeed.comm.torch")
-    assert hasattr(ds_comm_torch, "TorchBackend"), ds_comm_torch
-    ds_comm_torch.build_shm_op = lambda: None
-    deepspeed.init_distributed(dist_backend="gloo")
+    start_gloo_ranks()
     rank, ws = dist.get_rank(), dist.get_world_size()
     report = {"world_size": ws, "torch": torch.__version__, "deepspeed": deepspeed.__version__}
     init = make_model()
@@ -174,13 +193,7 @@ def main():
                           forward_checks=sum(v for k, v in seen.items() if k != "lora_dtype"),
                           bytes_unchanged=all(torch.equal(a, b) for k in orig_bytes
                                               for a, b in zip(after[k], orig_bytes[k])))
-    if rank == 0:
-        (out_dir / "report.json").write_text(json.dumps(report, indent=1, default=str))
-    dist.barrier()
-    # Tear the group down here, as the fsdp2 workers do, not in interpreter finalization: left to it, rank 1 of
-    # test_zero3_moe aborted once in CI ('terminate called without an active exception', exit -6) after rank 0,
-    # the store's host, had passed the last barrier and exited (torch 2.15, deepspeed 0.19.8, 2 loaded cores)
-    dist.destroy_process_group()
+    finish_gloo_ranks(out_dir, rank, report)
 
 
 if __name__ == "__main__":
