@@ -202,7 +202,10 @@ def _h100_plan(direction: str, M: int, N: int, K: int, dtype):
     d.is_hopper_or_newer = lambda device: True
     try:
         try:
-            return d.default_plan(direction, M, torch.device("cuda", 0), K, dtype)
+            try:
+                return d.default_plan(direction, M, torch.device("cuda", 0), K, dtype, N)
+            except TypeError:  # a dispatcher from before the N rule
+                return d.default_plan(direction, M, torch.device("cuda", 0), K, dtype)
         except TypeError:  # a dispatcher from before the K / dtype rule (BEFORE runs of the model)
             return d.default_plan(direction, M, torch.device("cuda", 0))
     finally:

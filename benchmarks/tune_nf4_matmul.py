@@ -41,7 +41,8 @@ _FWD_GEMV_M1 = [(1, 8, 256, 4, None), (1, 16, 256, 4, None), (1, 8, 512, 4, None
                 (1, 8, 512, 8, None), (1, 16, 128, 4, None), (1, 4, 512, 4, None)]
 _FWD_DECODE = [(16, 16, 128, 4, None), (16, 32, 128, 4, None), (16, 16, 256, 8, None), (16, 32, 128, 8, None),
                (16, 32, 256, 8, None), (16, 64, 64, 4, None), (16, 32, 64, 4, None)]
-# M > 16: the default tile list (qpeft.triton_kernels.nf4_matmul._FWD/_DX_GEMM_TILES, all spill-free) plus these,
+# M > 16: the default tile lists (qpeft.triton_kernels.nf4_matmul._FWD/_DX_GEMM_TILES and the register code book's
+# _FWD/_DX_GEMM_TILES_BOOK, all spill-free) plus these,
 # keeping only tiles that pad M by less than 2x
 _FWD_GEMM_EXTRA = [(64, 128, 64, 8, 3), (64, 128, 64, 8, 4), (128, 128, 32, 8, 3), (128, 64, 64, 8, 4),
                    (64, 64, 128, 8, 3), (32, 128, 64, 8, 3), (32, 128, 32, 4, 4)]
@@ -59,8 +60,9 @@ def triton_candidates(direction: str, M: int, quick: bool) -> list[dict]:
     if M <= 16:
         pool = (_FWD_GEMV_M1 if M == 1 else _FWD_DECODE) if direction == "fwd" else _DX_DECODE
     else:
-        tiles = (list(k._FWD_GEMM_TILES) + _FWD_GEMM_EXTRA if direction == "fwd"
-                 else list(k._DX_GEMM_TILES) + _DX_GEMM_EXTRA)
+        tiles = (list(k._FWD_GEMM_TILES) + _FWD_GEMM_EXTRA + list(k._FWD_GEMM_TILES_BOOK) if direction == "fwd"
+                 else list(k._DX_GEMM_TILES) + _DX_GEMM_EXTRA + list(k._DX_GEMM_TILES_BOOK))
+        tiles = list(dict.fromkeys(tiles))  # the register code book's tiles (16-bit activations) once each
         pool = [t for t in tiles if t[0] == 16 or t[0] < 2 * M]
     configs = [k.tile_config(t) for t in pool]
     if quick:

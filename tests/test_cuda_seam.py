@@ -286,6 +286,25 @@ def test_triton_tiles_follow_the_gpus_sm_count(fake_cuda):
     assert tk._num_sms(DEV) == 20 and tile() == (128, 128)
 
 
+def test_triton_register_code_book_is_taken_on_sm80_and_newer_only(fake_cuda):
+    """The register code-book loader of the Triton NF4 GEMM is inline PTX with cvt.rn.bf16x2/f16x2 (sm_80+): on a
+    7.x GPU, for fp32 activations, K % blocksize != 0 or a packed weight not 4-byte aligned the launchers keep the
+    gather loader, and its larger tiles are chosen only with it."""
+    pytest.importorskip("triton")
+    from qpeft.triton_kernels import nf4_matmul as tk
+
+    if tk._INTERPRET:
+        pytest.skip("the interpreter never takes the register code book (inline PTX)")
+    packed, code = torch.zeros(4096 * 2048 + 4, dtype=torch.uint8), torch.zeros(16)
+    fits = lambda dtype=torch.bfloat16, K=4096, w=packed: tk._register_book_fits(K, 64, dtype, w, code)  # noqa: E731
+    assert fits() and fits(torch.float16)
+    assert not fits(torch.float32) and not fits(K=4000) and not fits(w=packed[1:])
+    assert tk._fwd_config(1024, 4096, 4096, DEV, register_book=True)["BLOCK_K"] == 64
+    assert tk._fwd_config(1024, 4096, 4096, DEV)["BLOCK_K"] == 32
+    fake_cuda.pretend(capability=(7, 5))
+    assert not fits() and not fits(torch.float16)
+
+
 # ------------------------------------------------------------------------------------------ device choices
 def test_transformers_default_device_map_is_the_current_gpu(fake_cuda):
     pytest.importorskip("transformers")

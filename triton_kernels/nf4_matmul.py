@@ -8,8 +8,11 @@ Layout (bitsandbytes): element e = n*K + k of the flattened W lives in byte e //
 even; its scale is absmax[e // BLOCKSIZE]. Working from the flat element index handles K % blocksize != 0
 (a block spanning two rows) and odd K (a row starting in the middle of a byte) with the same code.
 
-Tile loaders: when K % blocksize == 0 (every real model shape) `_dequant_tile_aligned` loads one byte per two
-weights and one absmax per block; otherwise `_dequant_tile` gathers per element (any K, odd K included).
+Tile loaders: when K % blocksize == 0 (every real model shape) and the activations are 16-bit on sm_80+,
+`_dequant_tile_words` reads W as 32-bit words of 8 codes and looks them up in a code book held in registers
+(_nf4_register_book.py: per (row, block) the 16 scaled values as byte planes, then PRMTs; no memory access per
+weight, bit-exact). Otherwise `_dequant_tile_aligned` loads one byte per two weights and one absmax per block and
+gathers the code book from memory per nibble, and `_dequant_tile` gathers per element (any K, odd K included).
 
 Configurations (one kernel per direction, picked by M in `_fwd_config` / `_dx_config`):
 - decode, M <= 16: a GEMV. BLOCK_M is 1 for one row (multiply-reduce, no padding to 16 rows); 2..16 rows
@@ -24,15 +27,11 @@ The auto dispatch (qpeft/ops/nf4_matmul_dispatch.py) may replace these defaults 
 on the GPU (qpeft/ops/nf4_matmul_tuned.py, written by benchmarks/tune_nf4_matmul.py).
 
 Compiled offline for sm_90 (triton.compile with GPUTarget("cuda", 90, 32), SASS read with cuobjdump; no GPU
-here), the 64- and 128-row GEMM tiles issue HGMMA (wgmma), 16/32-row tiles HMMA.16816 (mma.sync), and the
-M = 1 GEMV only FMAs. Every default tile compiles without register spills (tests check it). Register pressure
-is the constraint here: with 4 warps a 128-row tile spills 552-992 B per thread, because each thread holds
-its share of the dequantized tile and the 64-bit addresses of the code-book gathers. The tile sizes,
-num_warps/num_stages and the M crossover are unmeasured starting points. The GPU measurements that should
-set them are owed (this was written on a machine without a GPU and tested under TRITON_INTERPRET=1).
-Known headroom: the code book is gathered from global memory (L1), one load per nibble. At decode that is
-about one load-store-unit op per weight, near the LSU's 32 lanes/clock/SM when HBM delivers ~28 weights per
-clock per SM. A 256-entry byte -> (hi, lo) pair table would halve it; that is the first thing to try on a GPU.
+here), the 64-row and larger GEMM tiles issue HGMMA (wgmma), 16/32-row tiles HMMA.16816 (mma.sync), and the
+M = 1 GEMV only FMAs. Every default tile compiles without register spills (tests check it); register pressure is
+the constraint that picks the tiles. The static sm_90 model (benchmarks/static_sm90.py) ranks them; the GPU
+measurements that should set them are owed (written on a machine without a GPU, tested under TRITON_INTERPRET=1,
+the register code book's PTX through an emulator).
 """
 from __future__ import annotations
 
@@ -43,6 +42,7 @@ import triton
 import triton.language as tl
 
 from qpeft import _cuda
+from qpeft.triton_kernels._nf4_register_book import load_book, lookup_words
 
 __all__ = ["nf4_matmul_triton", "nf4_matmul_dx_triton"]
 
@@ -51,13 +51,14 @@ NESTED_BLOCKSIZE = tl.constexpr(256)  # absmax values per second-level (double-q
 DECODE_MAX_M = 16
 MAX_GRID_X = 2 ** 31 - 1  # programs on CUDA grid axis 0
 MAX_GRID_Y = 65535        # ... on axes 1 and 2
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 # Rounding of the double-quantized absmax, pinned: code2[q] * absmax2 rounded to fp32, then + offset rounded
 # again, as the reference and bitsandbytes compute it. A plain `a * b + c` is contracted into one FFMA when FP
 # fusion is on (Triton's default up to 3.9; 3.10 turns it off), which moves the scale by up to 1 ulp and every
 # weight of the block with it. mul.rn / add.rn (libdevice __nv_fmul_rn / __nv_fadd_rn) are never contracted.
 # The interpreter evaluates each operation separately (numpy), which is the same two roundings.
-if os.environ.get("TRITON_INTERPRET") == "1":
+if _INTERPRET:
     @triton.jit
     def _mul_rn(a, b):
         return a * b
@@ -98,6 +99,30 @@ def _dequant_tile(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_co
 
 
 @triton.jit
+def _block_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, offs_n, mask_n, k0, K,
+                  BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, EVEN: tl.constexpr):
+    """fp32 absmax [BLOCK_N, GROUPS] of the blocks of W[offs_n, k0:k0+BLOCK_K] (K % BLOCKSIZE == 0), the
+    double-quantized ones decoded with the rounding pinned."""
+    GROUPS: tl.constexpr = BLOCK_K // BLOCKSIZE if BLOCK_K >= BLOCKSIZE else 1
+    offs_g = tl.arange(0, GROUPS)
+    block = (offs_n[:, None] * K + k0) // BLOCKSIZE + offs_g[None, :]
+    gmask = mask_n[:, None] & (k0 + offs_g[None, :] * BLOCKSIZE < K)
+    if NESTED:
+        if EVEN:
+            q = tl.load(absmax_ptr + block).to(tl.int32)
+            scale2 = tl.load(nested_absmax_ptr + block // NESTED_BLOCKSIZE)
+        else:
+            q = tl.load(absmax_ptr + block, mask=gmask, other=0).to(tl.int32)
+            scale2 = tl.load(nested_absmax_ptr + block // NESTED_BLOCKSIZE, mask=gmask, other=0.0)
+        scale = _add_rn(_mul_rn(tl.load(nested_code_ptr + q), scale2), offset)
+    elif EVEN:
+        scale = tl.load(absmax_ptr + block)
+    else:
+        scale = tl.load(absmax_ptr + block, mask=gmask, other=0.0)
+    return scale
+
+
+@triton.jit
 def _dequant_tile_aligned(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset,
                           offs_n, mask_n, k0, K,
                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr,
@@ -118,26 +143,41 @@ def _dequant_tile_aligned(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, n
     lo = tl.load(code_ptr + (byte & 0xF))  # element 2j + 1
     values = tl.reshape(tl.join(hi, lo), (BLOCK_N, BLOCK_K))
     GROUPS: tl.constexpr = BLOCK_K // BLOCKSIZE if BLOCK_K >= BLOCKSIZE else 1
-    offs_g = tl.arange(0, GROUPS)
-    block = (offs_n[:, None] * K + k0) // BLOCKSIZE + offs_g[None, :]
-    gmask = mask_n[:, None] & (k0 + offs_g[None, :] * BLOCKSIZE < K)
-    if NESTED:
-        if EVEN:
-            q = tl.load(absmax_ptr + block).to(tl.int32)
-            scale2 = tl.load(nested_absmax_ptr + block // NESTED_BLOCKSIZE)
-        else:
-            q = tl.load(absmax_ptr + block, mask=gmask, other=0).to(tl.int32)
-            scale2 = tl.load(nested_absmax_ptr + block // NESTED_BLOCKSIZE, mask=gmask, other=0.0)
-        scale = _add_rn(_mul_rn(tl.load(nested_code_ptr + q), scale2), offset)
-    elif EVEN:
-        scale = tl.load(absmax_ptr + block)
-    else:
-        scale = tl.load(absmax_ptr + block, mask=gmask, other=0.0)
+    scale = _block_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, offs_n, mask_n, k0, K,
+                          BLOCK_K, BLOCKSIZE, NESTED, EVEN)
     if GROUPS == 1:
         w = values * scale
     else:
         w = values * tl.reshape(tl.broadcast_to(scale[:, :, None], (BLOCK_N, GROUPS, BLOCK_K // GROUPS)),
                                 (BLOCK_N, BLOCK_K))
+    if EVEN:
+        return w
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    return tl.where(mask_n[:, None] & (offs_k[None, :] < K), w, 0.0)
+
+
+@triton.jit
+def _dequant_tile_words(packed_ptr, absmax_ptr, book, nested_absmax_ptr, nested_code_ptr, offset,
+                        offs_n, mask_n, k0, K,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr,
+                        NESTED: tl.constexpr, EVEN: tl.constexpr, OUT_DTYPE: tl.constexpr):
+    """OUT_DTYPE W[offs_n, k0:k0+BLOCK_K] under the conditions of `_dequant_tile_aligned`, the packed weight
+    4-byte aligned, through the register code book (`code` [16] fp32, loaded once per program): one 32-bit load
+    per 8 weights and no memory access per weight (_nf4_register_book.py). Bit-exact with the fp32 loader's
+    tile rounded to OUT_DTYPE. Not under the interpreter (inline PTX)."""
+    WORDS: tl.constexpr = BLOCK_K // 8
+    GROUPS: tl.constexpr = BLOCK_K // BLOCKSIZE if BLOCK_K >= BLOCKSIZE else 1
+    row_words = K // 8
+    offs_w = (k0 // 8 + tl.arange(0, WORDS)).to(tl.int64)
+    word_ptr = packed_ptr.to(tl.pointer_type(tl.int32))
+    if EVEN:
+        words = tl.load(word_ptr + offs_n[:, None] * row_words + offs_w[None, :])
+    else:
+        words = tl.load(word_ptr + offs_n[:, None] * row_words + offs_w[None, :],
+                        mask=mask_n[:, None] & (offs_w[None, :] < row_words), other=0)
+    scale = _block_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, offs_n, mask_n, k0, K,
+                          BLOCK_K, BLOCKSIZE, NESTED, EVEN)
+    w = lookup_words(words, scale, book, BLOCK_N, WORDS, GROUPS, OUT_DTYPE)
     if EVEN:
         return w
     offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -157,6 +197,7 @@ def _nf4_matmul_kernel(
     R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGNED: tl.constexpr,
     ATOMIC_SPLIT: tl.constexpr = True, SWAP_AXES: tl.constexpr = False, EVEN_NK: tl.constexpr = False,
+    REG_BOOK: tl.constexpr = False,
 ):
     # M tiles on grid axis 0 and N tiles on axis 1, K splits on axis 2; more than 65,535 N tiles (axis 1's limit)
     # swap the two (SWAP_AXES, and the launcher then chunks M at 65,535 tiles). Only then: ptxas allocates the
@@ -175,34 +216,17 @@ def _nf4_matmul_kernel(
     offset = 0.0
     if NESTED:
         offset = tl.load(offset_ptr)
+    if REG_BOOK:
+        book = load_book(code_ptr)
 
     # each split owns a contiguous, BLOCK_K-aligned range of K
     k_span = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K
     k_begin = pid_k * k_span
     k_end = tl.minimum(k_begin + k_span, K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(k_begin, k_end, BLOCK_K):
-        offs_k = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
-        mask_k = offs_k < k_end
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        if ALIGNED:
-            w = _dequant_tile_aligned(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset,
-                                      offs_n, mask_n, k0, K, BLOCK_N, BLOCK_K, BLOCKSIZE, NESTED, EVEN_NK)
-        else:
-            w = _dequant_tile(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset,
-                              offs_n[:, None], offs_k[None, :], mask_n[:, None] & mask_k[None, :], K,
-                              BLOCKSIZE, NESTED)
-        if USE_DOT:
-            acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=DOT_PRECISION)
-        else:
-            acc += tl.sum(x.to(tl.float32)[:, None, :] * w[None, :, :], axis=2)
-
-    # bias and LoRA are added once, by the first K split
+    # bias and LoRA are added once, by the first K split. The LoRA product is the accumulator's initial value
+    # rather than a second (BLOCK_M, BLOCK_N) fp32 tile added after the loop: that tile cost the 256 x 128 x 64
+    # tile (16 warps, 128 registers per thread) 320 B of spills (sm_90, Triton 3.9).
     first = (pid_k == 0).to(tl.float32)
-    if HAS_BIAS:
-        b = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        acc += b[None, :] * first
     if HAS_LORA:
         offs_r = tl.arange(0, R_PAD)
         mask_r = offs_r < R
@@ -214,7 +238,33 @@ def _nf4_matmul_kernel(
             lora = tl.dot(xa, tl.trans(lb), input_precision=DOT_PRECISION)
         else:
             lora = tl.sum(xa.to(tl.float32)[:, None, :] * lb.to(tl.float32)[None, :, :], axis=2)
-        acc += (lora_scale * first) * lora
+        acc = (lora_scale * first) * lora
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        offs_k = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+        mask_k = offs_k < k_end
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        if REG_BOOK:
+            w = _dequant_tile_words(packed_ptr, absmax_ptr, book, nested_absmax_ptr, nested_code_ptr, offset,
+                                    offs_n, mask_n, k0, K, BLOCK_N, BLOCK_K, BLOCKSIZE, NESTED, EVEN_NK,
+                                    x_ptr.dtype.element_ty)
+        elif ALIGNED:
+            w = _dequant_tile_aligned(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset,
+                                      offs_n, mask_n, k0, K, BLOCK_N, BLOCK_K, BLOCKSIZE, NESTED, EVEN_NK)
+        else:
+            w = _dequant_tile(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset,
+                              offs_n[:, None], offs_k[None, :], mask_n[:, None] & mask_k[None, :], K,
+                              BLOCKSIZE, NESTED)
+        if USE_DOT:
+            acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=DOT_PRECISION)
+        else:
+            acc += tl.sum(x.to(tl.float32)[:, None, :] * w[None, :, :], axis=2)
+
+    if HAS_BIAS:
+        b = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        acc += b[None, :] * first
 
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
     out_mask = mask_m[:, None] & mask_n[None, :]
@@ -238,6 +288,7 @@ def _nf4_matmul_dx_kernel(
     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, HAS_LORA: tl.constexpr, R_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ALIGNED: tl.constexpr, EVEN_NK: tl.constexpr = False,  # not set by the launcher: see nf4_matmul_dx_triton
+    REG_BOOK: tl.constexpr = False,
 ):
     # M tiles on grid axis 0 (2^31 - 1), K tiles on axis 1 (<= 65,535: K up to 2M columns, checked by the launcher).
     # (Swapping the two axes puts the 128 x 64 x 128 tile over 255 registers: it spills.)
@@ -250,15 +301,30 @@ def _nf4_matmul_dx_kernel(
     offset = 0.0
     if NESTED:
         offset = tl.load(offset_ptr)
+    if REG_BOOK:
+        book = load_book(code_ptr)
 
-    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    if HAS_LORA:  # the accumulator's initial value, as in the forward (no second fp32 tile)
+        offs_r = tl.arange(0, R_PAD)
+        mask_r = offs_r < R
+        dyb = tl.load(dyb_ptr + offs_m[:, None] * stride_dybm + offs_r[None, :],
+                      mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+        la = tl.load(la_ptr + offs_r[:, None] * stride_lar + offs_k[None, :],
+                     mask=mask_r[:, None] & mask_k[None, :], other=0.0)
+        acc = lora_scale * tl.dot(dyb, la, input_precision=DOT_PRECISION)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         offs_n = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
         mask_n = offs_n < N
         dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :],
                      mask=mask_m[:, None] & mask_n[None, :], other=0.0)
         # transposed use of the same (BLOCK_N, BLOCK_K) weight tile: dx += dy @ W
-        if ALIGNED:
+        if REG_BOOK:
+            w = _dequant_tile_words(packed_ptr, absmax_ptr, book, nested_absmax_ptr, nested_code_ptr, offset,
+                                    offs_n, mask_n, pid_k * BLOCK_K, K, BLOCK_N, BLOCK_K, BLOCKSIZE, NESTED,
+                                    EVEN_NK, dy_ptr.dtype.element_ty)
+        elif ALIGNED:
             w = _dequant_tile_aligned(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset,
                                       offs_n, mask_n, pid_k * BLOCK_K, K, BLOCK_N, BLOCK_K, BLOCKSIZE, NESTED,
                                       EVEN_NK)
@@ -267,15 +333,6 @@ def _nf4_matmul_dx_kernel(
                               offs_n[:, None], offs_k[None, :], mask_n[:, None] & mask_k[None, :], K,
                               BLOCKSIZE, NESTED)
         acc += tl.dot(dy, w.to(dy.dtype), input_precision=DOT_PRECISION)
-
-    if HAS_LORA:
-        offs_r = tl.arange(0, R_PAD)
-        mask_r = offs_r < R
-        dyb = tl.load(dyb_ptr + offs_m[:, None] * stride_dybm + offs_r[None, :],
-                      mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-        la = tl.load(la_ptr + offs_r[:, None] * stride_lar + offs_k[None, :],
-                     mask=mask_r[:, None] & mask_k[None, :], other=0.0)
-        acc += lora_scale * tl.dot(dyb, la, input_precision=DOT_PRECISION)
 
     tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :], acc.to(dx_ptr.dtype.element_ty),
              mask=mask_m[:, None] & mask_k[None, :])
@@ -288,6 +345,14 @@ def _num_sms(device: torch.device) -> int:
     if rt.is_cuda(device):
         return rt.multi_processor_count(device.index if device.index is not None else rt.current_device())
     return 132  # interpreter: pretend H100 so tiles are chosen as on the GPU
+
+
+@_cuda.cached
+def _capability(device: torch.device) -> tuple[int, int]:
+    rt = _cuda.rt
+    if rt.is_cuda(device):
+        return rt.capability(device.index if device.index is not None else rt.current_device())
+    return (9, 0)  # recorded launches on CPU tensors (tests, the static sm_90 model): compiled as for an H100
 
 
 def _prev_pow2(n: int) -> int:
@@ -303,6 +368,25 @@ _FWD_GEMM_TILES = ((128, 128, 32, 8, 4), (128, 64, 64, 8, 3), (64, 128, 32, 8, 4
                    (32, 64, 64, 4, None), (32, 32, 128, 4, None), (16, 32, 128, 4, None))
 _DX_GEMM_TILES = ((128, 64, 128, 8, 3), (128, 64, 64, 8, 3), (64, 64, 128, 8, 3), (64, 64, 64, 8, 3),
                   (32, 64, 64, 4, None), (32, 64, 32, 4, None), (16, 64, 32, 4, None))
+# 16-bit activations with the register code book (`_register_book`): the loader holds no gather addresses, and
+# the tiles are re-picked with the static sm_90 model (benchmarks/static_sm90.py, bf16, Llama-3-8B shapes) among
+# those that compile without spills with bias and the LoRA epilogue, even without 16-divisible strides
+# (tests/ops/test_nf4_matmul.py): forward 128 x 128 x 64 predicts 0.44x bf16 cuBLAS at M = 1024 on (4096, 4096)
+# (the gather loader's 128 x 128 x 32: 0.30x), dx 128 x 64 x 128 0.37x (0.23x).
+_FWD_GEMM_TILES_BOOK = ((128, 128, 64, 8, 3), (128, 64, 64, 8, 3), (64, 64, 128, 8, 3), (32, 64, 64, 4, None),
+                        (16, 32, 128, 4, None))
+_DX_GEMM_TILES_BOOK = ((128, 64, 128, 8, 3), (64, 64, 128, 8, 3), (64, 64, 64, 8, 3), (32, 64, 64, 4, None),
+                       (16, 64, 32, 4, None))
+# ... and ahead of them, when the launch is "wide" (`_wide_launch`: every pointer 16-byte aligned, every stride and
+# the LoRA rank divisible by 16, so Triton vectorizes every load): 16-warp tiles, whose one CTA per SM hides the
+# latency the 8-warp ones cannot. Forward 256 x 128 x 64: 0.93x at M = 1024, dx 128 x 128 x 128: 0.76x (model).
+# They sit at the 128-register cap of 16 warps: without the 16-divisibility (e.g. LoRA rank 8) they spill
+# (8-500 B), hence the condition.
+_FWD_GEMM_TILES_BOOK_WIDE = ((256, 128, 64, 16, 3),) + _FWD_GEMM_TILES_BOOK
+_DX_GEMM_TILES_BOOK_WIDE = ((128, 128, 128, 16, 3),) + _DX_GEMM_TILES_BOOK
+# The register code book's tiles count 128 programs on 132 SMs as full (e.g. M = 128, N = 4096: 2 x 64 tiles of
+# 64 x 64), rather than dropping to a tile that re-decodes W for more M tiles.
+_BOOK_FILL = 31 / 32
 # fp32 activations use exact IEEE dots (FMA loops, operands in registers): the 16-bit tiles spill there (the
 # 32 x 32 x 128 forward tile 3240 B per thread, the 32 x 64 x 64 dx tile 256 B), these do not (sm_90, Triton
 # 3.6 and 3.9; tests/ops/test_triton_sm90.py).
@@ -320,7 +404,8 @@ def tile_config(tile: tuple) -> dict:
     return cfg
 
 
-def _gemm_tiles(tiles: tuple, M: int, out_cols: int, col_axis: int, device: torch.device) -> dict:
+def _gemm_tiles(tiles: tuple, M: int, out_cols: int, col_axis: int, device: torch.device,
+                fill: float = 1.0) -> dict:
     """The largest tile that still gives every SM a program and pads M by less than 2x; else the smallest.
     Filling the SMs matters most for M = 17..256, which is still weight-streaming: (128 x 128) tiles at M = 128,
     N = 4096 would be 32 programs for 132 SMs, (32 x 64) gives 256."""
@@ -328,7 +413,7 @@ def _gemm_tiles(tiles: tuple, M: int, out_cols: int, col_axis: int, device: torc
     for t in tiles:
         if t[0] > 16 and t[0] >= 2 * M:
             continue
-        if triton.cdiv(M, t[0]) * triton.cdiv(out_cols, t[col_axis]) >= sms:
+        if triton.cdiv(M, t[0]) * triton.cdiv(out_cols, t[col_axis]) >= int(sms * fill):
             break
     else:
         t = tiles[-1]
@@ -336,7 +421,7 @@ def _gemm_tiles(tiles: tuple, M: int, out_cols: int, col_axis: int, device: torc
 
 
 def _fwd_config(M: int, N: int, K: int, device: torch.device, dtype: torch.dtype = torch.bfloat16,
-                aligned: bool = True) -> dict:
+                aligned: bool = True, register_book: bool = False, wide: bool = False) -> dict:
     """Tile choice: unmeasured starting points (a GPU-measured table replaces them, see
     qpeft/ops/nf4_matmul_dispatch.py).
 
@@ -358,21 +443,26 @@ def _fwd_config(M: int, N: int, K: int, device: torch.device, dtype: torch.dtype
         if dtype == torch.float32 and tiles < sms:
             split = max(1, min(triton.cdiv(2 * sms, tiles), triton.cdiv(K, 4 * block_k)))
         return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, num_warps=4)
-    tiles = _FWD_GEMM_TILES_FP32 if dtype == torch.float32 else _FWD_GEMM_TILES
-    cfg = dict(_gemm_tiles(tiles, M, N, 1, device), SPLIT_K=1)
+    tiles = _FWD_GEMM_TILES_FP32 if dtype == torch.float32 else \
+        (_FWD_GEMM_TILES_BOOK_WIDE if wide else _FWD_GEMM_TILES_BOOK) if register_book else _FWD_GEMM_TILES
+    cfg = dict(_gemm_tiles(tiles, M, N, 1, device, _BOOK_FILL if register_book else 1.0), SPLIT_K=1)
     if not aligned:  # the per-element loader holds more per K step: 16 x 32 x 128 spills 48 B, x 64 does not
         cfg["BLOCK_K"] = min(cfg["BLOCK_K"], 64)
     return cfg
 
 
 def _dx_config(M: int, N: int, K: int, device: torch.device, dtype: torch.dtype = torch.bfloat16,
-               aligned: bool = True) -> dict:
+               aligned: bool = True, register_book: bool = False, wide: bool = False) -> dict:
     """dx tiles. Decode uses (16 x 32) output tiles so K = 4096 gives 128 programs; larger M: `_gemm_tiles`.
     K % blocksize != 0 (`aligned` False): BLOCK_K at most 64, as in the forward; the per-element loader's
     128 x 64 x 128 tile with 3 stages needs 256 KB of shared memory (sm_90 allows 227 KB per block)."""
     if M <= DECODE_MAX_M:
-        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, num_warps=4)
-    cfg = _gemm_tiles(_DX_GEMM_TILES_FP32 if dtype == torch.float32 else _DX_GEMM_TILES, M, K, 2, device)
+        # the register code book steps N by 128: its per-(row, block) tables then serve 8 words a thread, and the
+        # model predicts 0.43x / 1.40x cuBLAS at M = 16 on 8b q/o / 70b down against 0.23x / 0.77x with 64
+        return dict(BLOCK_M=16, BLOCK_N=128 if register_book else 64, BLOCK_K=32, num_warps=4)
+    tiles = _DX_GEMM_TILES_FP32 if dtype == torch.float32 else \
+        (_DX_GEMM_TILES_BOOK_WIDE if wide else _DX_GEMM_TILES_BOOK) if register_book else _DX_GEMM_TILES
+    cfg = _gemm_tiles(tiles, M, K, 2, device, _BOOK_FILL if register_book else 1.0)
     if not aligned:
         cfg["BLOCK_K"] = min(cfg["BLOCK_K"], 64)
         if dtype != torch.float32 and (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]) == (32, 64, 32):
@@ -387,6 +477,37 @@ def _aligned(K: int, blocksize: int, cfg: dict) -> bool:
     K is split on BLOCK_K boundaries and both are powers of two, so no tile straddles a block edge either.
     cfg["ALIGNED"] = False forces the generic per-element loader (tests use it)."""
     return cfg.pop("ALIGNED", True) and K % blocksize == 0
+
+
+def _register_book_fits(K: int, blocksize: int, dtype: torch.dtype, packed: torch.Tensor,
+                        code: torch.Tensor) -> bool:
+    """The register code-book loader (_nf4_register_book.py) can take this weight: 16-bit activations, the
+    aligned layout (K % blocksize == 0), the packed weight 4-byte aligned (it is read as 32-bit words), a 16-entry
+    code book, and not under the interpreter (inline PTX), on sm_80 or newer (cvt.rn.bf16x2/f16x2; the 7.x GPUs
+    keep the gather loader)."""
+    return bool(not _INTERPRET and K % blocksize == 0 and dtype in (torch.float16, torch.bfloat16)
+                and packed.data_ptr() % 4 == 0 and code.numel() == 16
+                and _capability(packed.device) >= (8, 0))
+
+
+def _wide_launch(*operands) -> bool:
+    """Every tensor's data pointer 16-byte aligned and every int (strides, sizes, the LoRA rank) divisible by 16:
+    what Triton specializes on (tt.divisibility 16). None (an absent operand) counts as aligned."""
+    for v in operands:
+        if v is None:
+            continue
+        if isinstance(v, torch.Tensor):
+            if v.data_ptr() % 16:
+                return False
+        elif int(v) % 16:
+            return False
+    return True
+
+
+def _register_book(cfg: dict, fits: bool, aligned: bool, use_dot: bool) -> bool:
+    """The launch uses it: the weight fits, the tile is on tl.dot with the aligned loader. cfg["REG_BOOK"] = False
+    keeps the gather loader (benchmarks compare the two)."""
+    return bool(cfg.pop("REG_BOOK", True) and fits and aligned and use_dot)
 
 
 def _stages(num_stages: int | None) -> dict:
@@ -419,12 +540,18 @@ def nf4_matmul_triton(x2d, packed, absmax, code, blocksize, N, nested_absmax=Non
     """(M, N) = x2d @ W^T (+ bias, + LoRA epilogue). Inputs are validated by the L2 op (contiguous).
     `config` overrides the tile choice (tests and benchmarks use it to force a path)."""
     M, K = x2d.shape
-    cfg = dict(config or _fwd_config(M, N, K, x2d.device, x2d.dtype, aligned=K % blocksize == 0))
+    fits = _register_book_fits(K, blocksize, x2d.dtype, packed, code)
+    wide = fits and _wide_launch(x2d, x2d.stride(0), N, K, packed, bias, lora_xa, lora_B,
+                                 *((lora_xa.stride(0), lora_B.stride(0), lora_xa.shape[1]) if lora_xa is not None
+                                   else ()))
+    cfg = dict(config or _fwd_config(M, N, K, x2d.device, x2d.dtype, aligned=K % blocksize == 0,
+                                     register_book=fits, wide=wide))
     cfg.setdefault("SPLIT_K", 1)
     num_warps = cfg.pop("num_warps", 4)
     num_stages = cfg.pop("num_stages", None)
     aligned = _aligned(K, blocksize, cfg)
     use_dot = cfg["BLOCK_M"] >= 16
+    reg_book = _register_book(cfg, fits, aligned, use_dot)
     split = cfg["SPLIT_K"]
     # split-K reduces across programs: fp32 atomics straight into the (zero-filled) fp32 output, or, under
     # torch.use_deterministic_algorithms(True), one fp32 slice per split summed in a fixed order afterwards
@@ -456,7 +583,7 @@ def nf4_matmul_triton(x2d, packed, absmax, code, blocksize, N, nested_absmax=Non
             BLOCKSIZE=blocksize, NESTED=nested, HAS_BIAS=bias is not None, HAS_LORA=has_lora,
             R_PAD=max(16, triton.next_power_of_2(max(r, 1))), USE_DOT=use_dot,
             DOT_PRECISION=_dot_precision(x2d.dtype), ALIGNED=aligned, ATOMIC_SPLIT=atomic, SWAP_AXES=swap,
-            EVEN_NK=aligned and N % cfg["BLOCK_N"] == 0 and K % cfg["BLOCK_K"] == 0,
+            EVEN_NK=aligned and N % cfg["BLOCK_N"] == 0 and K % cfg["BLOCK_K"] == 0, REG_BOOK=reg_book,
             num_warps=num_warps, enable_fp_fusion=True, **_stages(num_stages), **cfg)
     if split > 1 and not atomic:
         out = out.sum(0)
@@ -472,10 +599,16 @@ def nf4_matmul_dx_triton(dy2d, packed, absmax, code, blocksize, K, nested_absmax
     3.9: 360-848 B of stack for the 128 x 64 x 128 / 128 x 64 x 64 tiles with the LoRA epilogue, or without
     16-divisible strides), so it is not applied."""
     M, N = dy2d.shape
-    cfg = dict(config or _dx_config(M, N, K, dy2d.device, dy2d.dtype, aligned=K % blocksize == 0))
+    fits = _register_book_fits(K, blocksize, dy2d.dtype, packed, code)
+    wide = fits and _wide_launch(dy2d, dy2d.stride(0), N, K, packed, lora_dyb, lora_A,
+                                 *((lora_dyb.stride(0), lora_A.stride(0), lora_dyb.shape[1]) if lora_dyb is not None
+                                   else ()))
+    cfg = dict(config or _dx_config(M, N, K, dy2d.device, dy2d.dtype, aligned=K % blocksize == 0,
+                                    register_book=fits, wide=wide))
     num_warps = cfg.pop("num_warps", 4)
     num_stages = cfg.pop("num_stages", None)
     aligned = _aligned(K, blocksize, cfg)
+    reg_book = _register_book(cfg, fits, aligned, True)
     dx = torch.empty((M, K), dtype=dy2d.dtype, device=dy2d.device)
     nested = nested_absmax is not None
     has_lora = lora_dyb is not None
@@ -492,6 +625,7 @@ def nf4_matmul_dx_triton(dy2d, packed, absmax, code, blocksize, K, nested_absmax
         lora_dyb if has_lora else dummy, lora_A if has_lora else dummy, float(lora_scale), r,
         lora_dyb.stride(0) if has_lora else 0, lora_A.stride(0) if has_lora else 0,
         BLOCKSIZE=blocksize, NESTED=nested, HAS_LORA=has_lora, R_PAD=max(16, triton.next_power_of_2(max(r, 1))),
-        DOT_PRECISION=_dot_precision(dy2d.dtype), ALIGNED=aligned, num_warps=num_warps, enable_fp_fusion=True,
+        DOT_PRECISION=_dot_precision(dy2d.dtype), ALIGNED=aligned, REG_BOOK=reg_book, num_warps=num_warps,
+        enable_fp_fusion=True,
         **_stages(num_stages), **cfg)
     return dx

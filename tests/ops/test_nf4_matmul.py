@@ -567,6 +567,10 @@ def test_dispatch_default_rule_on_hopper(monkeypatch):
     assert [backend("fwd", M, 4096, torch.float32) for M in (16, 17)] == ["cuda", "triton"]
     assert backend("dx", 1, 4096) == "triton"
     assert d.default_plan("fwd", 24, dev).backend == "triton"  # K / dtype not given: the M <= 16 rule
+    # N >= 8192: M = 33..64 goes to Triton's register code-book GEMM (the static model: 0.78-1.36x against 0.27x)
+    wide = [d.default_plan("fwd", M, dev, 4096, bf16, N).backend for M, N in
+            ((32, 14336), (33, 14336), (64, 8192), (64, 8191), (65, 4096), (16, 28672))]
+    assert wide == ["cuda", "triton", "triton", "cuda", "triton", "cuda"]
 
 
 @pytest.mark.triton
@@ -642,7 +646,7 @@ def test_op_allocates_only_its_output_and_captures_in_a_cuda_graph(backend, dire
 
 
 # --- offline sm_90 compile of the default Triton tiles (no GPU needed) -----------------------------------------
-def _compile_sm90(direction: str, cfg: dict, has_lora: bool = True):
+def _compile_sm90(direction: str, cfg: dict, has_lora: bool = True, reg_book: bool = False, wide: bool = False):
     """(shared bytes, cuobjdump resource usage, SASS) of one kernel configuration compiled for sm_90, bf16,
     NF4 blocksize 64 with double quant, the aligned tile loader (every real model shape)."""
     import os
@@ -677,8 +681,12 @@ def _compile_sm90(direction: str, cfg: dict, has_lora: bool = True):
                **weight, "dyb_ptr": p16, "la_ptr": p16, "lora_scale": "fp32", "R": i32, "stride_dybm": i32,
                "stride_lar": i32}
         const = dict(EVEN_NK=False, **cfg)  # the dx launcher leaves it off (nf4_matmul_dx_triton)
-    const.update(BLOCKSIZE=64, NESTED=True, HAS_LORA=has_lora, R_PAD=16, DOT_PRECISION="tf32", ALIGNED=True)
-    compiled = compile_for_sm90(fn, sig, const, options=opts)
+    const.update(BLOCKSIZE=64, NESTED=True, HAS_LORA=has_lora, R_PAD=16, DOT_PRECISION="tf32", ALIGNED=True,
+                 REG_BOOK=reg_book)
+    # wide: compiled as the launcher issues the register code book's 16-warp tiles (`_wide_launch`): every pointer
+    # 16-byte aligned, every stride, N, K and the LoRA rank divisible by 16 (M is not assumed to be)
+    hints = [a for a, t in sig.items() if t.startswith("*") or a not in ("M", "lora_scale")] if wide else ()
+    compiled = compile_for_sm90(fn, sig, const, options=opts, aligned=hints)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
@@ -687,38 +695,56 @@ def _compile_sm90(direction: str, cfg: dict, has_lora: bool = True):
     return compiled.metadata.shared, usage, sass
 
 
+def _narrow_global_loads(sass: str) -> int:
+    """Global loads of 32 bits or less (LDG / LDGSTS without a .64 / .128 width) in a SASS listing."""
+    import re
+
+    return len(re.findall(r"\b(?:LDG|LDGSTS)\.E(?:\.U8|\.U16|\.S8|\.S16)?(?:\.\w+)?\s", sass)) - \
+        len(re.findall(r"\b(?:LDG|LDGSTS)\.E(?:\.\w+)*\.(?:64|128)\s", sass))
+
+
 def _default_gemm_tiles():
+    """[(direction, tile, register code book, with the LoRA epilogue too)]: the gather loader's tiles and the
+    register code book's; "wide": its 16-warp tiles, compiled with the 16-divisibility the launcher requires for
+    them."""
     from qpeft.triton_kernels import nf4_matmul as k
 
-    return k._FWD_GEMM_TILES, k._DX_GEMM_TILES
+    return ([("fwd", t, False, True) for t in k._FWD_GEMM_TILES] + [("dx", t, False, True) for t in k._DX_GEMM_TILES]
+            + [("fwd", t, True, True) for t in k._FWD_GEMM_TILES_BOOK]
+            + [("dx", t, True, True) for t in k._DX_GEMM_TILES_BOOK]
+            + [("fwd", t, "wide", True) for t in k._FWD_GEMM_TILES_BOOK_WIDE[:1]]
+            + [("dx", t, "wide", True) for t in k._DX_GEMM_TILES_BOOK_WIDE[:1]])
 
 
 @pytest.mark.skipif(TRITON_INTERPRET or not has_triton(), reason="compiles for sm_90 (not under the interpreter)")
-@pytest.mark.parametrize("direction,tile", [("fwd", t) for t in _default_gemm_tiles()[0]]
-                         + [("dx", t) for t in _default_gemm_tiles()[1]]
-                         + [("fwd", "M=1"), ("fwd", "M=8"), ("dx", "M=8")])
-def test_default_triton_tiles_compile_for_sm90_without_register_spills(direction, tile):
+@pytest.mark.parametrize("direction,tile,reg_book,lora", _default_gemm_tiles()
+                         + [("fwd", "M=1", False, True), ("fwd", "M=8", True, True), ("dx", "M=8", True, True)])
+def test_default_triton_tiles_compile_for_sm90_without_register_spills(direction, tile, reg_book, lora):
     """Every default tile (with bias and the LoRA epilogue: the most registers) must not spill to local memory
     and must fit in the 227 KB of shared memory a Hopper block may use; the 64- and 128-row GEMM tiles must
-    issue wgmma."""
+    issue wgmma. The register code book's tiles are compiled with it, and take no code-book loads."""
     from qpeft.triton_kernels.nf4_matmul import _dx_config, _fwd_config, tile_config
 
     if isinstance(tile, str):  # the decode configs, at the widest BLOCK_N (it grows with N)
         M, N, K = int(tile[2:]), 28672, 8192
-        cfg = (_fwd_config(M, N, K, torch.device("cpu"), torch.bfloat16) if direction == "fwd"
-               else _dx_config(M, N, K, torch.device("cpu")))
+        cfg = (_fwd_config(M, N, K, torch.device("cpu"), torch.bfloat16, register_book=reg_book)
+               if direction == "fwd" else _dx_config(M, N, K, torch.device("cpu"), register_book=reg_book))
     else:
         cfg = tile_config(tile)
         if direction == "fwd":
             cfg["SPLIT_K"] = 1
     # dx also without the LoRA epilogue (the inference / frozen-adapter case)
-    for has_lora in (True, False) if direction == "dx" else (True,):
-        shared, usage, sass = _compile_sm90(direction, cfg, has_lora)
-        what = f"{cfg}, LoRA epilogue {has_lora}"
+    for has_lora in ((True, False) if lora else (False,)) if direction == "dx" else (True,):
+        shared, usage, sass = _compile_sm90(direction, cfg, has_lora, bool(reg_book), reg_book == "wide")
+        what = f"{cfg}, LoRA epilogue {has_lora}, register code book {reg_book}"
         assert " STACK:0 " in usage and " LOCAL:0 " in usage, f"register spills for {what}: {usage.strip()}"
         assert shared <= 227 * 1024, f"{what} needs {shared} B of shared memory"
         if cfg["BLOCK_M"] >= 64:
             assert "HGMMA" in sass, f"{what}: no wgmma in the sm_90 SASS"
+        if reg_book:  # the lookup is PRMTs, and the per-nibble code-book gathers are gone (the whole kernel's
+            # narrow loads also count the epilogue's, e.g. 234 -> 118 / 145 for 128 x 128 x 64, Triton 3.9 / 3.6)
+            gather = _compile_sm90(direction, cfg, has_lora, False, reg_book == "wide")[2]
+            assert "PRMT" in sass and _narrow_global_loads(sass) < _narrow_global_loads(gather), what
 
 
 @pytest.mark.parametrize("M", [17, 40, 64, 65, 128, 256, 1024, 16384])
@@ -736,6 +762,43 @@ def test_default_gemm_tiles_fill_the_gpu_without_padding_m_twice(M, N, K):
         assert cfg["BLOCK_M"] < 2 * M or cfg["BLOCK_M"] == 16, cfg
         if M >= 4096:  # plenty of work: the largest tile
             assert (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]) == tiles[0][:3], cfg
+
+
+def test_register_book_wide_tiles_only_for_16_divisible_launches():
+    """The 16-warp tiles spill without Triton's 16-divisibility (e.g. LoRA rank 8: 8-32 B at 128 registers), so
+    the launchers take them only when every pointer is 16-byte aligned and every stride / size / rank divides by 16."""
+    pytest.importorskip("triton")
+    from qpeft.triton_kernels import nf4_matmul as k
+
+    cpu = torch.device("cpu")
+    x = torch.empty(1024, 4096, dtype=torch.bfloat16)
+    assert k._wide_launch(x, x.stride(0), 4096, 4096, None, torch.empty(16, 64), 16)
+    assert not k._wide_launch(x, x.stride(0), 4096, 4096, None, torch.empty(16, 8), 8)   # LoRA rank 8
+    assert not k._wide_launch(x.view(-1)[4:4 + 1000 * 4096].view(1000, 4096), 4096)       # 8 B off
+    assert not k._wide_launch(x, 4104)
+    for wide in (False, True):
+        f = k._fwd_config(1024, 4096, 4096, cpu, register_book=True, wide=wide)
+        d = k._dx_config(1024, 4096, 4096, cpu, register_book=True, wide=wide)
+        assert (f["num_warps"], d["num_warps"]) == ((16, 16) if wide else (8, 8)), (f, d)
+    assert k._fwd_config(1024, 4096, 4096, cpu, wide=True)["num_warps"] == 8  # the gather loader: never wide
+
+
+@pytest.mark.parametrize("M", [17, 64, 128, 256, 1024, 4096])
+@pytest.mark.parametrize("N,K", [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)])
+def test_register_book_tiles_fill_128_of_132_sms_without_padding_m_twice(M, N, K):
+    pytest.importorskip("triton")
+    from qpeft.triton_kernels import nf4_matmul as k
+
+    cpu = torch.device("cpu")  # pretends 132 SMs, as an H100
+    for cfg, cols, col_key, tiles in (
+            (k._fwd_config(M, N, K, cpu, register_book=True), N, "BLOCK_N", k._FWD_GEMM_TILES_BOOK),
+            (k._dx_config(M, N, K, cpu, register_book=True), K, "BLOCK_K", k._DX_GEMM_TILES_BOOK),
+            (k._fwd_config(M, N, K, cpu, register_book=True, wide=True), N, "BLOCK_N", k._FWD_GEMM_TILES_BOOK_WIDE),
+            (k._dx_config(M, N, K, cpu, register_book=True, wide=True), K, "BLOCK_K", k._DX_GEMM_TILES_BOOK_WIDE)):
+        programs = -(-M // cfg["BLOCK_M"]) * -(-cols // cfg[col_key])
+        assert (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_warps"]) in [t[:4] for t in tiles], cfg
+        assert programs >= 128 or (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]) == tiles[-1][:3], cfg
+        assert cfg["BLOCK_M"] < 2 * M or cfg["BLOCK_M"] == 16, cfg
 
 
 @pytest.mark.triton

@@ -16,26 +16,10 @@ import torch
 
 import qpeft
 from qpeft.reference import nf4_matmul as ref
+from ptx_emulator import prmt
 
 
 # ------------------------------------------------------------------------------------------ emulation
-def prmt(a: np.ndarray, b: np.ndarray, sel) -> np.ndarray:
-    """PTX prmt.b32 (generic mode), elementwise on uint32 arrays: result byte i = byte (s & 7) of {b, a}
-    (a = bytes 0-3), or that byte's sign bit replicated when s & 8, with s = nibble i of sel."""
-    a = np.asarray(a, dtype=np.uint64)
-    b = np.asarray(b, dtype=np.uint64)
-    sel = np.asarray(sel, dtype=np.uint64)
-    both = a | (b << np.uint64(32))
-    out = np.zeros(np.broadcast(a, b, sel).shape, dtype=np.uint64)
-    for i in range(4):
-        s = (sel >> np.uint64(4 * i)) & np.uint64(0xF)
-        byte = (both >> ((s & np.uint64(7)) * np.uint64(8))) & np.uint64(0xFF)
-        sign = np.where(byte & np.uint64(0x80), np.uint64(0xFF), np.uint64(0))
-        byte = np.where(s & np.uint64(8), sign, byte)
-        out |= byte << np.uint64(8 * i)
-    return out.astype(np.uint32)
-
-
 def bits16(v: torch.Tensor, dtype) -> np.ndarray:
     """fp32 -> dtype (round to nearest even, as cvt.rn) -> raw 16 bits."""
     return v.to(dtype).view(torch.int16).numpy().astype(np.uint32) & 0xFFFF

@@ -15,8 +15,9 @@ Two sources, in this order:
      one pass over W with 16-byte evict-first loads; the tensor-core one dequantizes into mma.sync fragments
      through a register code book (the static sm_90 model, benchmarks/static_sm90.py, Triton 3.9: 0.83-0.97 of
      the bandwidth floor for K, N >= 4096 at M <= 8, 0.55-0.89 at M = 9..16; 1.13-1.18x bf16 cuBLAS at M = 17 on
-     N >= 4096; 0.27x at M = 64 (x re-read through L2 per 8 rows; the 8-group kernel spills), about even with
-     Triton except k/v (Triton 0.07x) and gate/up (Triton 0.47x); predictions, docs/nf4_matmul_performance.md).
+     N >= 4096; 0.27x at M = 64 (x re-read through L2 per 8 rows; the 8-group kernel spills); predictions,
+     docs/nf4_matmul_performance.md). Except M = 33..64 on layers with N >= 8192: Triton (below), whose register
+     code-book GEMM the model puts at 0.78-1.36x there.
    - fwd above those M, and dx at every M, on sm_90+: Triton, whose tl.dot lowers to wgmma (HGMMA 64x64x16 in the
      offline sm_90 SASS), while the CUDA C++ tiles use mma.sync, which tops out around 75% of Hopper's
      tensor-core peak (fast-kernels.md section 0). Before sm_90: the CUDA C++ kernels.
@@ -41,6 +42,11 @@ __all__ = ["Plan", "plan", "default_plan", "lookup_tuned", "build_table", "rende
 DEFAULT_CUDA_GEMV_MAX_M = 16
 DEFAULT_CUDA_DECODE_MMA_MAX_M = 64
 DECODE_MMA_K_STEP = 256
+# M = 33..64 on layers with N >= 8192: Triton's register code-book GEMM (64 x 64 x 128 tiles) predicts 0.78-1.36x
+# bf16 cuBLAS against the decode kernel's 0.27x (static sm_90 model, Triton 3.9: 8b gate/up, 70b q/o / down /
+# gate/up at M = 64); at N = 4096 the two are even (0.23x / 0.27x) and at N = 1024 Triton is worse (0.11x)
+DEFAULT_CUDA_DECODE_MMA_WIDE_MAX_M = 32
+TRITON_WIDE_N = 8192
 TUNED_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -55,14 +61,17 @@ class Plan:
 
 
 def default_plan(direction: str, M: int, device: torch.device, K: int | None = None,
-                 dtype: torch.dtype | None = None) -> Plan:
+                 dtype: torch.dtype | None = None, N: int | None = None) -> Plan:
     """The reasoned rule (module docstring). K and dtype, when given, extend the CUDA decode range to the
-    tensor-core kernel's M <= 64 (fp16 / bf16, K % 256 == 0)."""
+    tensor-core kernel's M <= 64 (fp16 / bf16, K % 256 == 0); N, when given, hands M = 33..64 on wide layers
+    (N >= 8192) to Triton."""
     hopper = is_hopper_or_newer(device)
     if direction == "fwd":
         max_m = DEFAULT_CUDA_GEMV_MAX_M
         if K is not None and K % DECODE_MMA_K_STEP == 0 and dtype in (torch.float16, torch.bfloat16):
             max_m = DEFAULT_CUDA_DECODE_MMA_MAX_M
+            if N is not None and N >= TRITON_WIDE_N:
+                max_m = min(max_m, DEFAULT_CUDA_DECODE_MMA_WIDE_MAX_M)
         backend = "triton" if hopper and M > max_m else "cuda"
     else:
         backend = "triton" if hopper else "cuda"
@@ -105,7 +114,7 @@ def _plan_cached(direction: str, M: int, N: int, K: int, dtype: torch.dtype, dev
                              N, K)
         if tuned is not None:
             return tuned
-    return default_plan(direction, M, device, K, dtype)
+    return default_plan(direction, M, device, K, dtype, N)
 
 
 def plan(direction: str, M: int, N: int, K: int, dtype: torch.dtype, device: torch.device) -> Plan:
