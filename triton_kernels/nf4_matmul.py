@@ -42,6 +42,7 @@ import triton
 import triton.language as tl
 
 from qpeft import _cuda
+from qpeft._backend import device_capability
 from qpeft.triton_kernels._nf4_register_book import load_book, lookup_words
 
 __all__ = ["nf4_matmul_triton", "nf4_matmul_dx_triton"]
@@ -162,9 +163,9 @@ def _dequant_tile_words(packed_ptr, absmax_ptr, book, nested_absmax_ptr, nested_
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr,
                         NESTED: tl.constexpr, EVEN: tl.constexpr, OUT_DTYPE: tl.constexpr):
     """OUT_DTYPE W[offs_n, k0:k0+BLOCK_K] under the conditions of `_dequant_tile_aligned`, the packed weight
-    4-byte aligned, through the register code book (`code` [16] fp32, loaded once per program): one 32-bit load
-    per 8 weights and no memory access per weight (_nf4_register_book.py). Bit-exact with the fp32 loader's
-    tile rounded to OUT_DTYPE. Not under the interpreter (inline PTX)."""
+    4-byte aligned, through the register code book (`book`: its 16 fp32 values, loaded once per program): one
+    32-bit load per 8 weights and no memory access per weight (_nf4_register_book.py). Bit-exact with the fp32
+    loader's tile rounded to OUT_DTYPE. Not under the interpreter (inline PTX)."""
     WORDS: tl.constexpr = BLOCK_K // 8
     GROUPS: tl.constexpr = BLOCK_K // BLOCKSIZE if BLOCK_K >= BLOCKSIZE else 1
     row_words = K // 8
@@ -347,14 +348,6 @@ def _num_sms(device: torch.device) -> int:
     return 132  # interpreter: pretend H100 so tiles are chosen as on the GPU
 
 
-@_cuda.cached
-def _capability(device: torch.device) -> tuple[int, int]:
-    rt = _cuda.rt
-    if rt.is_cuda(device):
-        return rt.capability(device.index if device.index is not None else rt.current_device())
-    return (9, 0)  # recorded launches on CPU tensors (tests, the static sm_90 model): compiled as for an H100
-
-
 def _prev_pow2(n: int) -> int:
     return 1 << max(0, int(n).bit_length() - 1)
 
@@ -487,7 +480,8 @@ def _register_book_fits(K: int, blocksize: int, dtype: torch.dtype, packed: torc
     keep the gather loader)."""
     return bool(not _INTERPRET and K % blocksize == 0 and dtype in (torch.float16, torch.bfloat16)
                 and packed.data_ptr() % 4 == 0 and code.numel() == 16
-                and _capability(packed.device) >= (8, 0))
+                # CPU tensors: recorded launches (tests, the static sm_90 model), compiled as for an H100
+                and (device_capability(packed.device) or (9, 0)) >= (8, 0))
 
 
 def _wide_launch(*operands) -> bool:
@@ -541,9 +535,10 @@ def nf4_matmul_triton(x2d, packed, absmax, code, blocksize, N, nested_absmax=Non
     `config` overrides the tile choice (tests and benchmarks use it to force a path)."""
     M, K = x2d.shape
     fits = _register_book_fits(K, blocksize, x2d.dtype, packed, code)
-    wide = fits and _wide_launch(x2d, x2d.stride(0), N, K, packed, bias, lora_xa, lora_B,
-                                 *((lora_xa.stride(0), lora_B.stride(0), lora_xa.shape[1]) if lora_xa is not None
-                                   else ()))
+    # only the GEMM tile lists have wide tiles: not checked on the decode path or under a given config
+    wide = fits and config is None and M > DECODE_MAX_M and _wide_launch(
+        x2d, x2d.stride(0), N, K, packed, bias, lora_xa, lora_B,
+        *((lora_xa.stride(0), lora_B.stride(0), lora_xa.shape[1]) if lora_xa is not None else ()))
     cfg = dict(config or _fwd_config(M, N, K, x2d.device, x2d.dtype, aligned=K % blocksize == 0,
                                      register_book=fits, wide=wide))
     cfg.setdefault("SPLIT_K", 1)
@@ -600,9 +595,9 @@ def nf4_matmul_dx_triton(dy2d, packed, absmax, code, blocksize, K, nested_absmax
     16-divisible strides), so it is not applied."""
     M, N = dy2d.shape
     fits = _register_book_fits(K, blocksize, dy2d.dtype, packed, code)
-    wide = fits and _wide_launch(dy2d, dy2d.stride(0), N, K, packed, lora_dyb, lora_A,
-                                 *((lora_dyb.stride(0), lora_A.stride(0), lora_dyb.shape[1]) if lora_dyb is not None
-                                   else ()))
+    wide = fits and config is None and M > DECODE_MAX_M and _wide_launch(
+        dy2d, dy2d.stride(0), N, K, packed, lora_dyb, lora_A,
+        *((lora_dyb.stride(0), lora_A.stride(0), lora_dyb.shape[1]) if lora_dyb is not None else ()))
     cfg = dict(config or _dx_config(M, N, K, dy2d.device, dy2d.dtype, aligned=K % blocksize == 0,
                                     register_book=fits, wide=wide))
     num_warps = cfg.pop("num_warps", 4)
