@@ -42,7 +42,6 @@ import triton
 import triton.language as tl
 
 from qpeft import _cuda
-from qpeft._backend import device_capability
 from qpeft.triton_kernels._nf4_register_book import load_book, lookup_words
 
 __all__ = ["nf4_matmul_triton", "nf4_matmul_dx_triton"]
@@ -481,7 +480,7 @@ def _register_book_fits(K: int, blocksize: int, dtype: torch.dtype, packed: torc
     return bool(not _INTERPRET and K % blocksize == 0 and dtype in (torch.float16, torch.bfloat16)
                 and packed.data_ptr() % 4 == 0 and code.numel() == 16
                 # CPU tensors: recorded launches (tests, the static sm_90 model), compiled as for an H100
-                and (device_capability(packed.device) or (9, 0)) >= (8, 0))
+                and (_cuda.device_capability(packed.device) or (9, 0)) >= (8, 0))
 
 
 def _wide_launch(*operands) -> bool:

@@ -72,21 +72,9 @@ def _warn_once(msg: str) -> None:
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
-@_cuda.cached
-def _capability(index: int) -> tuple[int, int]:
-    return _cuda.rt.capability(index)
-
-
-def device_capability(device: torch.device) -> tuple[int, int] | None:
-    """(major, minor) of a CUDA device (memoised per index); None for any other device."""
-    if not _cuda.rt.is_cuda(device):
-        return None
-    return _capability(device.index if device.index is not None else _cuda.rt.current_device())
-
-
 def is_hopper_or_newer(device: torch.device) -> bool:
     """sm_90+: where Triton lowers tl.dot to wgmma, which our CUDA C++ tiles (mma.sync) do not use."""
-    capability = device_capability(device)
+    capability = _cuda.device_capability(device)
     return capability is not None and capability[0] >= 9
 
 

@@ -120,3 +120,16 @@ class CudaRuntime:
 
 
 rt = CudaRuntime()
+
+
+@cached
+def _capability(index: int) -> tuple[int, int]:
+    return rt.capability(index)
+
+
+def device_capability(device: torch.device) -> tuple[int, int] | None:
+    """(major, minor) of a CUDA device (memoised per index: dispatch asks on every call); None for any other
+    device. Here, below both _backend and the kernels' launchers, so each layer can gate on it."""
+    if not rt.is_cuda(device):
+        return None
+    return _capability(device.index if device.index is not None else rt.current_device())
