@@ -213,6 +213,27 @@ def test_load_builds_once_per_arch_into_its_own_cache_dir(fake_cuda, monkeypatch
     assert (out / "qpeft_C.so").exists() and (out80 / "qpeft_C.so").exists()
 
 
+def test_load_removes_the_baton_of_an_interrupted_build(fake_cuda, recwarn):
+    """torch's build guard is a plain `lock` file that only its owner removes: a build killed mid-way left one, and
+    the next build waited on it forever. qpeft builds under an flock (released by the kernel when a process dies),
+    so a `lock` it finds is stale: removed, with a warning, and the build runs."""
+    import fcntl
+
+    out = _jit.build_dir()
+    out.mkdir(parents=True)
+    (out / "lock").write_bytes(b"")  # what torch.utils.file_baton leaves when its build is killed
+    assert _jit.load() == out and len(fake_cuda.builds) == 1
+    assert not (out / "lock").exists()
+    assert any("left by a build that was interrupted" in str(w.message) for w in recwarn.list)
+    with open(out / "qpeft-build.flock") as f:  # released after the build
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_load_leaves_the_baton_alone_without_a_build_in_the_way(fake_cuda, recwarn):
+    out = _jit.load()
+    assert not (out / "lock").exists() and not any("interrupted" in str(w.message) for w in recwarn.list)
+
+
 def test_load_raises_the_reason_before_compiling(fake_cuda, monkeypatch, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -9,8 +9,10 @@ TORCH_CUDA_ARCH_LIST (e.g. "9.0"; default: the visible GPU), MAX_JOBS.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 from . import _cuda
@@ -107,6 +109,36 @@ def load() -> Path:
     os.environ["TORCH_CUDA_ARCH_LIST"] = arch
     out = build_dir()
     out.mkdir(parents=True, exist_ok=True)
+    with _build_lock(out):
+        _build(rt, out)
+    return out
+
+
+@contextlib.contextmanager
+def _build_lock(out: Path):
+    """Hold an flock on <out>/qpeft-build.flock for the build. torch's own guard is a plain file (<out>/lock,
+    torch.utils.file_baton) that only its owner removes: a build killed mid-way (Ctrl-C, a CI timeout) leaves it,
+    and every later build waits on it forever, silently. The kernel drops an flock with its process, so whoever
+    holds ours is the only builder there (every qpeft build takes it first), and a `lock` file it finds is stale."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: torch's baton alone
+        yield
+        return
+    with open(out / "qpeft-build.flock", "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            baton = out / "lock"
+            if baton.exists():
+                warnings.warn(f"qpeft: removing {baton}, left by a build that was interrupted (no build holds "
+                              f"{f.name}); building again", RuntimeWarning, stacklevel=4)
+                baton.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _build(rt, out: Path) -> None:
     rt.build_extension(
         os.environ["CUDA_HOME"],
         name="qpeft_C",
@@ -126,4 +158,3 @@ def load() -> Path:
         is_python_module=False,
         verbose=os.environ.get("QPEFT_VERBOSE_BUILD") == "1",
     )
-    return out
