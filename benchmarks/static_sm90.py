@@ -38,6 +38,10 @@ The model (every number an assumption until a GPU calibrates it; `--calibrate` r
   pass alone (sass_sm90.simulate: in-order issue, the scoreboard waits and stall counts of the SASS).
   Dequantization and MMA overlap (max, not sum) when an SM holds two or more warps per scheduler; the busiest
   SM's work includes the zero-padding of partial tiles.
+- Serial split-K (the Triton forward with 16-bit activations, SPLIT_K > 1): every split writes its fp32 partial
+  tile and the last one reads them all back (2 x SPLIT_K x M x N x 4 bytes through L2), and the per-tile counters
+  are zeroed by a separate small kernel before the launch, counted as `small_kernel_s` (1.5 us: a launch gap plus
+  a one-wave memset; an assumption for the GPU run to calibrate).
 - Floors: decode fraction = max(unique bytes / 3.02 TB/s, FLOPs / 700 TFLOP/s) / predicted time; cuBLAS time =
   max(bf16 bytes / 3.02 TB/s, FLOPs / 700 TFLOP/s) (its roofline at the measured ceilings, so ratios are
   conservative where cuBLAS falls short of it, e.g. 4096^2 decode, which it runs at 63% of that roofline).
@@ -83,6 +87,7 @@ class H100:
     max_ctas: int = 32
     nf4_bytes_per_weight: float = (4 + 8 / 64 + 32 / (64 * 256)) / 8
     lat: Latencies = field(default_factory=Latencies)
+    small_kernel_s: float = 1.5e-6        # a tiny helper kernel (the split-K counters' memset), launch gap included
 
     @property
     def mma_efficiency(self) -> float:
@@ -118,6 +123,7 @@ class Launch:
     useful_macs_per_pass: float  # multiply-accumulates of the real M rows per pass
     note: str = ""
     l2_reread: float = 0.0       # bytes re-read through L2 beyond the unique DRAM bytes (x per row tile, ...)
+    extra_s: float = 0.0         # helper kernels the launch needs first (split-K counters' memset)
     loop: LoopProfile | None = None
 
     def __post_init__(self):
@@ -262,11 +268,16 @@ def _triton_launch(rec, direction, M, N, K) -> Launch:
     m_tiles = math.ceil(M / bm)
     if rec.name == "_nf4_matmul_kernel":  # x once per N tile, W once per M tile
         reread = math.ceil(N / bn) * M * K * 2 + m_tiles * N * K * HW.nf4_bytes_per_weight
+        if c.get("SERIAL_SPLIT"):  # fp32 partials written by every split and read back by the last one
+            reread += 2 * c["SPLIT_K"] * M * N * 4
     else:                                 # dy once per K tile, W once per M tile
         reread = math.ceil(K / bk) * M * N * 2 + m_tiles * N * K * HW.nf4_bytes_per_weight
+    serial = rec.name == "_nf4_matmul_kernel" and bool(c.get("SERIAL_SPLIT"))
     return Launch("triton", kern, res, shared, ctas, warps, iters, weights, weights * min(rows, bm), l2_reread=reread,
+                  extra_s=HW.small_kernel_s if serial else 0.0,
                   note=f"{bm}x{bn}x{bk} w{warps}"
-                  + (f" s{rec.options()['num_stages']}" if "num_stages" in rec.options() else ""))
+                  + (f" s{rec.options()['num_stages']}" if "num_stages" in rec.options() else "")
+                  + (f" split{c['SPLIT_K']}" if serial else ""))
 
 
 def _cuda_kernel(tu: str, needle: str) -> tuple[Kernel, dict]:
@@ -371,7 +382,7 @@ def evaluate(path: str, launches: list[Launch], direction: str, M: int, N: int, 
         t_lat += t["latency"]
         t_both += t["both"]
     t_l2 = sum(l.l2_reread for l in launches) / HW.l2_bandwidth
-    total = max(t_both, dram, t_l2) + ramp * len(launches)
+    total = max(t_both, dram, t_l2) + ramp * len(launches) + sum(l.extra_s for l in launches)
     l0 = launches[0]
     lp = l0.loop
     decoded = sum(l.ctas * l.warps_per_cta * l.passes_per_warp * l.weights_per_pass for l in launches)

@@ -192,12 +192,14 @@ def _nf4_matmul_kernel(
     packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
     # epilogue: bias (N,), LoRA xa (M, R) @ lora_B (N, R)^T * lora_scale
     bias_ptr, xa_ptr, lb_ptr, lora_scale, R, stride_xam, stride_lbn,
+    # serial split-K (16-bit activations): fp32 partials (SPLIT_K, M, N) and one zeroed int32 counter per tile
+    ws_ptr, counter_ptr,
     # meta-parameters
     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
     R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGNED: tl.constexpr,
     ATOMIC_SPLIT: tl.constexpr = True, SWAP_AXES: tl.constexpr = False, EVEN_NK: tl.constexpr = False,
-    REG_BOOK: tl.constexpr = False,
+    REG_BOOK: tl.constexpr = False, SERIAL_SPLIT: tl.constexpr = False,
 ):
     # M tiles on grid axis 0 and N tiles on axis 1, K splits on axis 2; more than 65,535 N tiles (axis 1's limit)
     # swap the two (SWAP_AXES, and the launcher then chunks M at 65,535 tiles). Only then: ptxas allocates the
@@ -270,6 +272,21 @@ def _nf4_matmul_kernel(
     out_mask = mask_m[:, None] & mask_n[None, :]
     if SPLIT_K == 1:
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    elif SERIAL_SPLIT:
+        # 16-bit output: each split stores its fp32 partial tile, and the split that finishes last for this tile
+        # (its counter reads SPLIT_K - 1) sums all partials in split order, so the result does not depend on
+        # which program came last (deterministic), and writes the output. The barrier puts every thread's
+        # partial before the counter's release; the acquire (and .cg loads, past L1) makes the others' visible.
+        ws_ptrs = ws_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+        tl.store(ws_ptrs + pid_k * stride_split, acc, mask=out_mask)
+        tl.debug_barrier()
+        tile = pid_m * tl.cdiv(N, BLOCK_N) + pid_n
+        arrived = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:
+            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for s in range(SPLIT_K):  # a loop, not unrolled: 8 partial tiles in flight spilled 80 B
+                total += tl.load(ws_ptrs + s * stride_split, mask=out_mask, other=0.0, cache_modifier=".cg")
+            tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=out_mask)
     elif ATOMIC_SPLIT:
         tl.atomic_add(out_ptrs, acc, mask=out_mask)
     else:  # deterministic: each split's partial sums into its own slice, summed in a fixed order afterwards
@@ -379,6 +396,11 @@ _DX_GEMM_TILES_BOOK_WIDE = ((128, 128, 128, 16, 3),) + _DX_GEMM_TILES_BOOK
 # The register code book's tiles count 128 programs on 132 SMs as full (e.g. M = 128, N = 4096: 2 x 64 tiles of
 # 64 x 64), rather than dropping to a tile that re-decodes W for more M tiles.
 _BOOK_FILL = 31 / 32
+# Serial split-K tiles of the register code book's forward at M = 17..256 (`_split_k_config`).
+SPLIT_MAX_M = 256
+MAX_SPLIT_K = 8
+_SPLIT_TILE = (64, 64, 128, 8, 3)
+_SPLIT_TILE_WIDE = (128, 128, 128, 8, 3)
 # fp32 activations use exact IEEE dots (FMA loops, operands in registers): the 16-bit tiles spill there (the
 # 32 x 32 x 128 forward tile 3240 B per thread, the 32 x 64 x 64 dx tile 256 B), these do not (sm_90, Triton
 # 3.6 and 3.9; tests/ops/test_triton_sm90.py).
@@ -435,12 +457,44 @@ def _fwd_config(M: int, N: int, K: int, device: torch.device, dtype: torch.dtype
         if dtype == torch.float32 and tiles < sms:
             split = max(1, min(triton.cdiv(2 * sms, tiles), triton.cdiv(K, 4 * block_k)))
         return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, num_warps=4)
+    if register_book and dtype != torch.float32:
+        cfg = _split_k_config(M, N, K, device, wide)
+        if cfg is not None:
+            return cfg
     tiles = _FWD_GEMM_TILES_FP32 if dtype == torch.float32 else \
         (_FWD_GEMM_TILES_BOOK_WIDE if wide else _FWD_GEMM_TILES_BOOK) if register_book else _FWD_GEMM_TILES
     cfg = dict(_gemm_tiles(tiles, M, N, 1, device, _BOOK_FILL if register_book else 1.0), SPLIT_K=1)
     if not aligned:  # the per-element loader holds more per K step: 16 x 32 x 128 spills 48 B, x 64 does not
         cfg["BLOCK_K"] = min(cfg["BLOCK_K"], 64)
     return cfg
+
+
+def _split_k_config(M: int, N: int, K: int, device: torch.device, wide: bool) -> dict | None:
+    """The register code book's forward for M = 17..256, where N-parallel tiles leave SMs idle unless W is
+    decoded again for more M tiles: one M tile covers M (W decoded once, or twice at 64-row tiles), and K is split
+    across programs until they fill the SMs (SERIAL_SPLIT: the last split of a tile sums the fp32 partials in split
+    order). The static sm_90 model (bf16, counters' memset included) predicts, against the unsplit tiles before:
+    8b q/o (4096, 4096) M = 64 1.17x bf16 cuBLAS (0.39x), M = 128 1.07x (0.40x), M = 256 0.65x (0.25x); k/v
+    (4096, 1024) M = 64 / 128 0.53x / 0.51x (0.10x / 0.11x); gate/up (4096, 14336) M = 128 1.16x unsplit
+    128 x 128 x 128 (0.80x); 70b q/o / down M = 256 0.71x (0.44x). None: M > 256, or (without the wide
+    launch's 16-divisibility) enough tiles without a split: the GEMM tile lists.
+    64 x 64 x 128 (8 warps) takes 124 registers with the wide launch's 16-divisibility (2 CTAs per SM), 255 without
+    (1 per SM); 128 x 128 x 128 (8 warps) only compiles without spills with it (255 registers), so only there."""
+    if M > SPLIT_MAX_M:
+        return None
+    sms = _num_sms(device)
+    big = _FWD_GEMM_TILES_BOOK_WIDE[0]
+    if wide and M > 128 and 4 * triton.cdiv(N, big[1]) >= 3 * sms:
+        # N alone fills 3/4 of the SMs with the 16-warp 256 x 128 tile (which spills when split): 8b gate/up
+        # (4096, 14336) M = 256: 0.81x, where the fill rule's 128 x 128 x 64 gets 0.39x
+        return dict(tile_config(big), SPLIT_K=1)
+    tile = _SPLIT_TILE_WIDE if wide and M > 64 else _SPLIT_TILE
+    programs = sms * (2 if wide and tile == _SPLIT_TILE else 1)
+    tiles = triton.cdiv(M, tile[0]) * triton.cdiv(N, tile[1])
+    split = max(1, min(MAX_SPLIT_K, round(programs / tiles), K // (2 * tile[2])))  # >= 2 K steps per split
+    if split == 1 and not (M <= 64 or wide):
+        return None
+    return dict(tile_config(tile), SPLIT_K=split)
 
 
 def _dx_config(M: int, N: int, K: int, device: torch.device, dtype: torch.dtype = torch.bfloat16,
@@ -551,19 +605,24 @@ def nf4_matmul_triton(x2d, packed, absmax, code, blocksize, N, nested_absmax=Non
     # torch.use_deterministic_algorithms(True), one fp32 slice per split summed in a fixed order afterwards
     # (atomics add in whatever order the programs finish: the result can change in the last bit run to run)
     atomic = not torch.are_deterministic_algorithms_enabled()
-    if split == 1:
+    serial = split > 1 and x2d.dtype != torch.float32
+    if split < 1:
+        raise ValueError(f"config SPLIT_K must be >= 1, got SPLIT_K={split}")
+    n_tiles = _grid_cols(N, cfg["BLOCK_N"])
+    dummy = code
+    ws = counters = dummy
+    if split == 1 or serial:
         out = torch.empty((M, N), dtype=x2d.dtype, device=x2d.device)
-    elif x2d.dtype == torch.float32:
+        if serial:  # 16-bit output: `_nf4_matmul_kernel`'s SERIAL_SPLIT (deterministic, no second kernel)
+            ws = torch.empty((split, M, N), dtype=torch.float32, device=x2d.device)
+            counters = torch.zeros(triton.cdiv(M, cfg["BLOCK_M"]) * n_tiles, dtype=torch.int32,
+                                   device=x2d.device)
+    else:
         out = torch.zeros((M, N), dtype=torch.float32, device=x2d.device) if atomic else \
             torch.empty((split, M, N), dtype=torch.float32, device=x2d.device)
-    else:
-        raise ValueError(f"config SPLIT_K must be 1 for {x2d.dtype} activations (split-K accumulates with fp32 "
-                         f"atomics into the output, so it needs float32 x), got SPLIT_K={split}")
     nested = nested_absmax is not None
     has_lora = lora_xa is not None
     r = lora_xa.shape[1] if has_lora else 0
-    dummy = code
-    n_tiles = _grid_cols(N, cfg["BLOCK_N"])
     swap = n_tiles > MAX_GRID_Y
     for r0, r1 in (_row_chunks(M, cfg["BLOCK_M"]) if swap else [(0, M)]):
         m_tiles = _grid_cols(r1 - r0, cfg["BLOCK_M"])
@@ -574,12 +633,13 @@ def nf4_matmul_triton(x2d, packed, absmax, code, blocksize, N, nested_absmax=Non
             offset if nested else dummy,
             bias if bias is not None else dummy, xa, lora_B if has_lora else dummy,
             float(lora_scale), r, lora_xa.stride(0) if has_lora else 0, lora_B.stride(0) if has_lora else 0,
+            ws[:, r0:r1] if serial else dummy, counters[r0 // cfg["BLOCK_M"] * n_tiles:] if serial else dummy,
             BLOCKSIZE=blocksize, NESTED=nested, HAS_BIAS=bias is not None, HAS_LORA=has_lora,
             R_PAD=max(16, triton.next_power_of_2(max(r, 1))), USE_DOT=use_dot,
             DOT_PRECISION=_dot_precision(x2d.dtype), ALIGNED=aligned, ATOMIC_SPLIT=atomic, SWAP_AXES=swap,
             EVEN_NK=aligned and N % cfg["BLOCK_N"] == 0 and K % cfg["BLOCK_K"] == 0, REG_BOOK=reg_book,
-            num_warps=num_warps, enable_fp_fusion=True, **_stages(num_stages), **cfg)
-    if split > 1 and not atomic:
+            SERIAL_SPLIT=serial, num_warps=num_warps, enable_fp_fusion=True, **_stages(num_stages), **cfg)
+    if split > 1 and not serial and not atomic:
         out = out.sum(0)
     return out
 

@@ -247,18 +247,37 @@ def test_triton_forward_configs_with_lora(config, K, aligned, dtype):
 
 @pytest.mark.triton
 @requires_triton_runtime
-def test_triton_split_k_refused_for_half_activations():
-    """A 16-bit output cannot hold split-K partial sums; an fp32 scratch buffer would be a second allocation
-    (the op allocates only its output), so the launcher refuses instead of silently losing precision."""
-    from qpeft.triton_kernels.nf4_matmul import nf4_matmul_triton
+@pytest.mark.parametrize("dtype", [d for d in triton_dtypes() if d != torch.float32], ids=str)
+@pytest.mark.parametrize("M,K,split", [
+    (9, 320, 3),    # 10 K steps of 32 in spans of 4, 4, 2
+    (33, 160, 5),   # three M tiles (the last partial), one K step per split
+    (20, 64, 3),    # more splits than K steps: the last split's range is empty (it stores its zero partial)
+    (17, 352, 2),   # K % blocksize != 0 (the per-element loader)
+])
+def test_triton_serial_split_k_for_half_activations(dtype, M, K, split, monkeypatch):
+    """16-bit activations split K serially: each split stores an fp32 partial tile, and the split that arrives
+    last for its tile (per-tile counter) sums all partials in split order and writes the output. The result meets
+    the 2x rule with bias and the LoRA epilogue, repeats bit for bit, and the counters are zeroed per call."""
+    import qpeft.triton_kernels.nf4_matmul as tk
 
     dev = triton_device()
-    packed, state, _ = make_weight(32, 128, device=dev)
+    N, r, scale = 37, 6, 0.5
+    packed, state, W = make_weight(N, K, "nf4", 64, True, device=dev)
     p, a, c, bs, _, _, na, nc, off = weight_args(packed, state)
-    x = torch.randn(1, 128).to(dev, torch.float16)
-    with pytest.raises(ValueError, match="SPLIT_K must be 1 for torch.float16"):
-        nf4_matmul_triton(x, p, a, c, bs, 32, na, nc, off, config=dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=32,
-                                                                          SPLIT_K=2))
+    x, b, _, (xa, lB, _) = _inputs(M, N, K, dtype, device=dev, r=r)
+    seen = []
+    real_run = tk._nf4_matmul_kernel.run
+    monkeypatch.setattr(tk._nf4_matmul_kernel, "run", lambda *args, **kw: seen.append(
+        (kw["SERIAL_SPLIT"], kw["SPLIT_K"], kw["grid"])) or real_run(*args, **kw))
+    cfg = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, SPLIT_K=split, num_warps=4)
+    y1 = tk.nf4_matmul_triton(x, p, a, c, bs, N, na, nc, off, b, xa, lB, scale, config=cfg)
+    y2 = tk.nf4_matmul_triton(x, p, a, c, bs, N, na, nc, off, b, xa, lB, scale, config=cfg)
+    assert seen == [(True, split, (-(-M // 16), 3, split))] * 2
+    assert y1.dtype == dtype and y1.shape == (M, N) and torch.equal(y1, y2)
+    ref64 = x.double() @ W.double().t() + b.double() + scale * (xa.double() @ lB.double().t())
+    assert_close_2x(y1, ref64, x @ W.to(dtype).t() + b + scale * (xa @ lB.t()), what=f"serial split-K {split}")
+    with pytest.raises(ValueError, match="SPLIT_K must be >= 1"):
+        tk.nf4_matmul_triton(x, p, a, c, bs, N, na, nc, off, config={**cfg, "SPLIT_K": 0})
 
 
 @pytest.mark.triton
@@ -552,25 +571,24 @@ def test_dispatch_default_plan_and_argument_check():
 
 
 def test_dispatch_default_rule_on_hopper(monkeypatch):
-    """On sm_90 (reported by a stand-in): the CUDA decode kernels up to M = 16, and up to 64 where the tensor-core
-    one applies (fp16 / bf16, K % 256 == 0); Triton (wgmma) above, and for every dx."""
+    """On sm_90 (reported by a stand-in): the CUDA decode kernels up to M = 16; Triton (wgmma, serial split-K at
+    M = 17..256) above, whatever K, N and dtype, and for every dx. Before sm_90: CUDA C++ at every M."""
     from qpeft.ops import nf4_matmul_dispatch as d
 
     monkeypatch.setattr(d, "is_hopper_or_newer", lambda device: True)
     dev, bf16 = torch.device("cuda", 0), torch.bfloat16
 
-    def backend(direction, M, K, dtype=bf16):
-        return d.default_plan(direction, M, dev, K, dtype).backend
+    def backend(direction, M, K=4096, dtype=bf16, N=4096):
+        return d.default_plan(direction, M, dev, K, dtype, N).backend
 
-    assert [backend("fwd", M, 4096) for M in (1, 16, 17, 64, 65)] == ["cuda"] * 4 + ["triton"]
+    assert [backend("fwd", M) for M in (1, 16, 17, 32, 33, 64, 65, 256)] == ["cuda"] * 2 + ["triton"] * 6
+    assert [backend("fwd", M, N=N) for M, N in ((17, 1024), (64, 14336), (16, 28672))] == ["triton"] * 2 + ["cuda"]
     assert [backend("fwd", M, 4000) for M in (16, 17)] == ["cuda", "triton"]           # K % 256 != 0
-    assert [backend("fwd", M, 4096, torch.float32) for M in (16, 17)] == ["cuda", "triton"]
-    assert backend("dx", 1, 4096) == "triton"
-    assert d.default_plan("fwd", 24, dev).backend == "triton"  # K / dtype not given: the M <= 16 rule
-    # N >= 8192: M = 33..64 goes to Triton's register code-book GEMM (the static model: 0.78-1.36x against 0.27x)
-    wide = [d.default_plan("fwd", M, dev, 4096, bf16, N).backend for M, N in
-            ((32, 14336), (33, 14336), (64, 8192), (64, 8191), (65, 4096), (16, 28672))]
-    assert wide == ["cuda", "triton", "triton", "cuda", "triton", "cuda"]
+    assert [backend("fwd", M, dtype=torch.float32) for M in (16, 17)] == ["cuda", "triton"]
+    assert backend("dx", 1) == "triton"
+    assert d.default_plan("fwd", 24, dev).backend == "triton"  # K / dtype / N not given: the same rule
+    monkeypatch.setattr(d, "is_hopper_or_newer", lambda device: False)  # e.g. an A100: CUDA C++ throughout
+    assert {backend(direction, M) for direction in ("fwd", "dx") for M in (1, 17, 64, 4096)} == {"cuda"}
 
 
 @pytest.mark.triton
@@ -671,10 +689,11 @@ def _compile_sm90(direction: str, cfg: dict, has_lora: bool = True, reg_book: bo
         fn = k._nf4_matmul_kernel
         sig = {"x_ptr": p16, "out_ptr": p16, "M": i32, "N": i32, "K": i32, "stride_xm": i32, "stride_om": i32,
                "stride_split": i32, **weight, "bias_ptr": p16, "xa_ptr": p16, "lb_ptr": p16, "lora_scale": "fp32",
-               "R": i32, "stride_xam": i32, "stride_lbn": i32}
-        # EVEN_NK: whole tiles, as the launcher sets it for every real model shape (N, K multiples of the tile)
+               "R": i32, "stride_xam": i32, "stride_lbn": i32, "ws_ptr": f32, "counter_ptr": "*i32"}
+        # EVEN_NK: whole tiles, as the launcher sets it for every real model shape (N, K multiples of the tile);
+        # SPLIT_K > 1: the serial split-K of 16-bit activations, as the launcher issues it
         const = dict(HAS_BIAS=True, USE_DOT=cfg["BLOCK_M"] >= 16, ATOMIC_SPLIT=True, SWAP_AXES=False, EVEN_NK=True,
-                     **cfg)
+                     SERIAL_SPLIT=cfg.get("SPLIT_K", 1) > 1, **cfg)
     else:
         fn = k._nf4_matmul_dx_kernel
         sig = {"dy_ptr": p16, "dx_ptr": p16, "M": i32, "N": i32, "K": i32, "stride_dym": i32, "stride_dxm": i32,
@@ -713,7 +732,12 @@ def _default_gemm_tiles():
             + [("fwd", t, True, True) for t in k._FWD_GEMM_TILES_BOOK]
             + [("dx", t, True, True) for t in k._DX_GEMM_TILES_BOOK]
             + [("fwd", t, "wide", True) for t in k._FWD_GEMM_TILES_BOOK_WIDE[:1]]
-            + [("dx", t, "wide", True) for t in k._DX_GEMM_TILES_BOOK_WIDE[:1]])
+            + [("dx", t, "wide", True) for t in k._DX_GEMM_TILES_BOOK_WIDE[:1]]
+            # serial split-K (SPLIT_K appended to the tile): 64 x 64 x 128 with and without the 16-divisibility,
+            # 128 x 128 x 128 only with it (`_split_k_config`)
+            + [("fwd", k._SPLIT_TILE + (k.MAX_SPLIT_K,), True, True),
+               ("fwd", k._SPLIT_TILE + (k.MAX_SPLIT_K,), "wide", True),
+               ("fwd", k._SPLIT_TILE_WIDE + (k.MAX_SPLIT_K,), "wide", True)])
 
 
 @pytest.mark.skipif(TRITON_INTERPRET or not has_triton(), reason="compiles for sm_90 (not under the interpreter)")
@@ -730,9 +754,9 @@ def test_default_triton_tiles_compile_for_sm90_without_register_spills(direction
         cfg = (_fwd_config(M, N, K, torch.device("cpu"), torch.bfloat16, register_book=reg_book)
                if direction == "fwd" else _dx_config(M, N, K, torch.device("cpu"), register_book=reg_book))
     else:
-        cfg = tile_config(tile)
+        cfg = tile_config(tile[:5])
         if direction == "fwd":
-            cfg["SPLIT_K"] = 1
+            cfg["SPLIT_K"] = tile[5] if len(tile) > 5 else 1
     # dx also without the LoRA epilogue (the inference / frozen-adapter case)
     for has_lora in ((True, False) if lora else (False,)) if direction == "dx" else (True,):
         shared, usage, sass = _compile_sm90(direction, cfg, has_lora, bool(reg_book), reg_book == "wide")
@@ -790,10 +814,12 @@ def test_register_book_tiles_fill_128_of_132_sms_without_padding_m_twice(M, N, K
     from qpeft.triton_kernels import nf4_matmul as k
 
     cpu = torch.device("cpu")  # pretends 132 SMs, as an H100
+    fwd = M > k.SPLIT_MAX_M  # the forward at M <= 256 splits K instead (next test)
     for cfg, cols, col_key, tiles in (
-            (k._fwd_config(M, N, K, cpu, register_book=True), N, "BLOCK_N", k._FWD_GEMM_TILES_BOOK),
+            *(((k._fwd_config(M, N, K, cpu, register_book=True), N, "BLOCK_N", k._FWD_GEMM_TILES_BOOK),
+               (k._fwd_config(M, N, K, cpu, register_book=True, wide=True), N, "BLOCK_N",
+                k._FWD_GEMM_TILES_BOOK_WIDE)) if fwd else ()),
             (k._dx_config(M, N, K, cpu, register_book=True), K, "BLOCK_K", k._DX_GEMM_TILES_BOOK),
-            (k._fwd_config(M, N, K, cpu, register_book=True, wide=True), N, "BLOCK_N", k._FWD_GEMM_TILES_BOOK_WIDE),
             (k._dx_config(M, N, K, cpu, register_book=True, wide=True), K, "BLOCK_K", k._DX_GEMM_TILES_BOOK_WIDE)):
         programs = -(-M // cfg["BLOCK_M"]) * -(-cols // cfg[col_key])
         assert (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_warps"]) in [t[:4] for t in tiles], cfg
@@ -825,3 +851,36 @@ def test_tuner_measures_candidates_and_its_rows_build_a_table():
     for direction in ("fwd", "dx"):
         plan = lookup_tuned({"T": table}, "T", (9, 0), direction, 20, 96, 128)
         assert plan.backend in ("cuda", "triton")
+
+
+@pytest.mark.parametrize("M", [17, 40, 64, 65, 128, 200, 256])
+@pytest.mark.parametrize("N,K", [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (8192, 8192),
+                                 (28672, 8192), (1024, 320)])
+@pytest.mark.parametrize("wide", [False, True])
+def test_register_book_forward_splits_k_to_fill_the_gpu(M, N, K, wide):
+    """M = 17..256 (`_split_k_config`): one tile of 64 rows (or 128 with the wide launch's 16-divisibility above
+    M = 64) covers M, and K is split until the programs fill the 132 SMs (x2 where two CTAs fit), with at least two
+    K steps per split; the 16-warp 256 x 128 tile unsplit where N alone fills 3/4 of the SMs (wide, M > 128)."""
+    pytest.importorskip("triton")
+    from qpeft.triton_kernels import nf4_matmul as k
+
+    cpu = torch.device("cpu")  # pretends 132 SMs, as an H100
+    cfg = k._fwd_config(M, N, K, cpu, register_book=True, wide=wide)
+    tile = (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_warps"], cfg.get("num_stages"))
+    split = cfg["SPLIT_K"]
+    tiles = -(-M // tile[0]) * -(-N // tile[1])
+    if tile == k._FWD_GEMM_TILES_BOOK_WIDE[0]:
+        assert wide and M > 128 and split == 1 and 4 * -(-N // 128) >= 3 * 132, cfg
+    elif tile in (k._SPLIT_TILE, k._SPLIT_TILE_WIDE):
+        assert tile == (k._SPLIT_TILE_WIDE if wide and M > 64 else k._SPLIT_TILE), cfg
+        assert 1 <= split <= k.MAX_SPLIT_K and (split == 1 or K // (split * tile[2]) >= 2), cfg
+        target = 132 * (2 if wide and tile == k._SPLIT_TILE else 1)
+        # the split brings the programs nearest the target, unless capped (MAX_SPLIT_K, or too few K steps)
+        capped = split in (k.MAX_SPLIT_K, max(1, K // (2 * tile[2])))
+        assert capped or abs(tiles * split - target) <= abs(tiles * (split + 1) - target), cfg
+        assert split == 1 or abs(tiles * split - target) <= abs(tiles * (split - 1) - target), cfg
+    else:  # enough tiles without a split, no wide launch: the GEMM tile list
+        assert not wide and M > 64 and split == 1 and tile in k._FWD_GEMM_TILES_BOOK, cfg
+    for dtype in (torch.float32,):  # fp32 activations never split serially (their split-K is the fp32 output)
+        assert k._fwd_config(M, N, K, cpu, dtype, register_book=True, wide=wide)["SPLIT_K"] == 1
+

@@ -11,16 +11,17 @@ Two sources, in this order:
    measured shape nearest in log K + log N. Only 16-bit activations are tuned (the benchmark dtype);
    fp32 activations keep the default rule.
 2. The default rule, reasoned and NOT measured (no GPU was available when it was written):
-   - fwd, M <= 16, and M <= 64 for fp16 / bf16 with K % 256 == 0: the CUDA decode kernels (csrc/nf4_gemv.cu):
-     one pass over W with 16-byte evict-first loads; the tensor-core one dequantizes into mma.sync fragments
-     through a register code book (the static sm_90 model, benchmarks/static_sm90.py, Triton 3.9: 0.83-0.97 of
-     the bandwidth floor for K, N >= 4096 at M <= 8, 0.55-0.89 at M = 9..16; 1.13-1.18x bf16 cuBLAS at M = 17 on
-     N >= 4096; 0.27x at M = 64 (x re-read through L2 per 8 rows; the 8-group kernel spills); predictions,
-     docs/nf4_matmul_performance.md). Except M = 33..64 on layers with N >= 8192: Triton (below), whose register
-     code-book GEMM the model puts at 0.78-1.36x there.
-   - fwd above those M, and dx at every M, on sm_90+: Triton, whose tl.dot lowers to wgmma (HGMMA 64x64x16 in the
+   - fwd, M <= 16: the CUDA decode kernels (csrc/nf4_gemv.cu): one pass over W with 16-byte evict-first loads;
+     the tensor-core one dequantizes into mma.sync fragments through a register code book (the static sm_90
+     model, benchmarks/static_sm90.py, Triton 3.9: 0.83-0.97 of the bandwidth floor for K, N >= 4096 at M <= 8,
+     0.55-0.89 at M = 9..16; predictions, docs/nf4_matmul_performance.md). Before sm_90 also M = 17..64 for
+     fp16 / bf16 with K % 256 == 0 (the tensor-core decode kernel's range).
+   - fwd above M = 16, and dx at every M, on sm_90+: Triton, whose tl.dot lowers to wgmma (HGMMA 64x64x16 in the
      offline sm_90 SASS), while the CUDA C++ tiles use mma.sync, which tops out around 75% of Hopper's
-     tensor-core peak (fast-kernels.md section 0). Before sm_90: the CUDA C++ kernels.
+     tensor-core peak (fast-kernels.md section 0). At M = 17..256 its register code-book GEMM splits K across
+     programs (serial split-K): the model puts it at 1.2-1.5x bf16 cuBLAS at M = 17..64 on 8b q/o, gate/up and
+     down, against 1.13-1.18x (M = 17) and 0.27x (M = 64) for the tensor-core decode kernel, which re-reads x
+     through L2 per 8 rows and spills in its 8-group form; k/v (N = 1024) 0.50x against 0.54x at M = 17.
 
 The plan only sets a preference: QPEFT_BACKEND=cuda|triton still forces a backend (`_backend.select`), and a
 Triton run always uses the plan's tiles. Lookups are cached per (direction, M, N, K, dtype, device).
@@ -37,16 +38,10 @@ from .._backend import is_hopper_or_newer
 
 __all__ = ["Plan", "plan", "default_plan", "lookup_tuned", "build_table", "render_tables"]
 
-# fwd on CUDA C++ up to this M (the decode kernels' range, csrc/nf4_gemv.cu: the SIMT kernel's kGemvMaxM, and the
-# tensor-core kernel's kDecodeMmaMaxM for fp16 / bf16 with K % 256 == 0); see above
+# fwd on CUDA C++ up to this M on sm_90+ (the SIMT / tensor-core decode kernels, csrc/nf4_gemv.cu: kGemvMaxM);
+# Triton above (module docstring). Before sm_90 the CUDA C++ kernels take every M: the tensor-core decode kernel
+# (kDecodeMmaMaxM = 64, fp16 / bf16, K % 256 == 0), then the tile GEMM.
 DEFAULT_CUDA_GEMV_MAX_M = 16
-DEFAULT_CUDA_DECODE_MMA_MAX_M = 64
-DECODE_MMA_K_STEP = 256
-# M = 33..64 on layers with N >= 8192: Triton's register code-book GEMM (64 x 64 x 128 tiles) predicts 0.78-1.36x
-# bf16 cuBLAS against the decode kernel's 0.27x (static sm_90 model, Triton 3.9: 8b gate/up, 70b q/o / down /
-# gate/up at M = 64); at N = 4096 the two are even (0.23x / 0.27x) and at N = 1024 Triton is worse (0.11x)
-DEFAULT_CUDA_DECODE_MMA_WIDE_MAX_M = 32
-TRITON_WIDE_N = 8192
 TUNED_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -62,17 +57,11 @@ class Plan:
 
 def default_plan(direction: str, M: int, device: torch.device, K: int | None = None,
                  dtype: torch.dtype | None = None, N: int | None = None) -> Plan:
-    """The reasoned rule (module docstring). K and dtype, when given, extend the CUDA decode range to the
-    tensor-core kernel's M <= 64 (fp16 / bf16, K % 256 == 0); N, when given, hands M = 33..64 on wide layers
-    (N >= 8192) to Triton."""
+    """The reasoned rule (module docstring). K, dtype and N are the problem's other keys (the tuned tables' and the
+    static model's signature); the default rule does not depend on them."""
     hopper = is_hopper_or_newer(device)
     if direction == "fwd":
-        max_m = DEFAULT_CUDA_GEMV_MAX_M
-        if K is not None and K % DECODE_MMA_K_STEP == 0 and dtype in (torch.float16, torch.bfloat16):
-            max_m = DEFAULT_CUDA_DECODE_MMA_MAX_M
-            if N is not None and N >= TRITON_WIDE_N:
-                max_m = min(max_m, DEFAULT_CUDA_DECODE_MMA_WIDE_MAX_M)
-        backend = "triton" if hopper and M > max_m else "cuda"
+        backend = "triton" if hopper and M > DEFAULT_CUDA_GEMV_MAX_M else "cuda"
     else:
         backend = "triton" if hopper else "cuda"
     return Plan(backend, None, "default")
