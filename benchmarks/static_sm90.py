@@ -38,8 +38,9 @@ The model (every number an assumption until a GPU calibrates it; `--calibrate` r
   pass alone (sass_sm90.simulate: in-order issue, the scoreboard waits and stall counts of the SASS).
   Dequantization and MMA overlap (max, not sum) when an SM holds two or more warps per scheduler; the busiest
   SM's work includes the zero-padding of partial tiles.
-- Serial split-K (the Triton forward with 16-bit activations, SPLIT_K > 1): every split writes its fp32 partial
-  tile and the last one reads them all back (2 x SPLIT_K x M x N x 4 bytes through L2), and the per-tile counters
+- Serial split-K (the Triton forward with 16-bit activations, SPLIT_K > 1; dx: SPLIT_N > 1 splits its N reduction):
+  every split writes its fp32 partial tile and the last one reads them all back (2 x splits x the output's
+  elements x 4 bytes through L2), and the per-tile counters
   are zeroed by a separate small kernel before the launch, counted as `small_kernel_s` (1.5 us: a launch gap plus
   a one-wave memset; an assumption for the GPU run to calibrate).
 - Floors: decode fraction = max(unique bytes / 3.02 TB/s, FLOPs / 700 TFLOP/s) / predicted time; cuBLAS time =
@@ -260,7 +261,8 @@ def _triton_launch(rec, direction, M, N, K) -> Launch:
         iters = math.ceil(span / bk)
         rows = M / rec.grid[0]           # real rows per M tile, on average
     elif rec.name == "_nf4_matmul_dx_kernel":
-        iters = math.ceil(N / bn)
+        split = c.get("SPLIT_N", 1)
+        iters = math.ceil(N / (split * bn))
         rows = M / rec.grid[0]
     else:
         raise ValueError(rec.name)
@@ -272,12 +274,15 @@ def _triton_launch(rec, direction, M, N, K) -> Launch:
             reread += 2 * c["SPLIT_K"] * M * N * 4
     else:                                 # dy once per K tile, W once per M tile
         reread = math.ceil(K / bk) * M * N * 2 + m_tiles * N * K * HW.nf4_bytes_per_weight
-    serial = rec.name == "_nf4_matmul_kernel" and bool(c.get("SERIAL_SPLIT"))
+        if c.get("SPLIT_N", 1) > 1:  # serial split of N: fp32 partials written and read back
+            reread += 2 * c["SPLIT_N"] * M * K * 4
+    serial = bool(c.get("SERIAL_SPLIT")) or c.get("SPLIT_N", 1) > 1
+    n_split = c.get("SPLIT_K", 1) if rec.name == "_nf4_matmul_kernel" else c.get("SPLIT_N", 1)
     return Launch("triton", kern, res, shared, ctas, warps, iters, weights, weights * min(rows, bm), l2_reread=reread,
                   extra_s=HW.small_kernel_s if serial else 0.0,
                   note=f"{bm}x{bn}x{bk} w{warps}"
                   + (f" s{rec.options()['num_stages']}" if "num_stages" in rec.options() else "")
-                  + (f" split{c['SPLIT_K']}" if serial else ""))
+                  + (f" split{n_split}" if serial else ""))
 
 
 def _cuda_kernel(tu: str, needle: str) -> tuple[Kernel, dict]:

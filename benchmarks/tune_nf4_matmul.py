@@ -54,6 +54,9 @@ _DX_GEMM_EXTRA = [(128, 64, 128, 8, 4), (128, 128, 64, 8, 3), (128, 128, 32, 8, 
                   (64, 256, 64, 8, 3), (64, 128, 32, 4, 4), (32, 128, 64, 8, 3), (16, 128, 64, 4, 3)]
 
 
+_SPLITS = (2, 4, 8)
+
+
 def triton_candidates(direction: str, M: int, quick: bool) -> list[dict]:
     from qpeft.triton_kernels import nf4_matmul as k
 
@@ -65,11 +68,16 @@ def triton_candidates(direction: str, M: int, quick: bool) -> list[dict]:
         tiles = list(dict.fromkeys(tiles))  # the register code book's tiles (16-bit activations) once each
         pool = [t for t in tiles if t[0] == 16 or t[0] < 2 * M]
     configs = [k.tile_config(t) for t in pool]
+    key = "SPLIT_K" if direction == "fwd" else "SPLIT_N"
+    for c in configs:
+        c[key] = 1
+    if M <= k.SPLIT_MAX_M:  # the serial split of the reduction (16-bit activations; the launchers' M <= 256 plans)
+        split_tiles = ((k._SPLIT_TILE, k._SPLIT_TILE_WIDE) if direction == "fwd" else
+                       (k._DX_SPLIT_TILE_DECODE, k._DX_SPLIT_TILE, k._DX_SPLIT_TILE_WIDE))
+        configs += [dict(k.tile_config(t), **{key: split}) for t in split_tiles if t[0] == 16 or t[0] < 2 * M
+                    for split in _SPLITS]
     if quick:
         configs = configs[:2]
-    if direction == "fwd":
-        for c in configs:
-            c["SPLIT_K"] = 1
     return configs
 
 
@@ -77,7 +85,9 @@ def _name(cfg: dict | None) -> str:
     if cfg is None:
         return "triton:default"
     s = f"triton:{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']}w{cfg['num_warps']}"
-    return s + (f"s{cfg['num_stages']}" if "num_stages" in cfg else "")
+    s += f"s{cfg['num_stages']}" if "num_stages" in cfg else ""
+    split = cfg.get("SPLIT_K", cfg.get("SPLIT_N", 1))
+    return s + (f"k{split}" if split > 1 else "")
 
 
 def _time(fn) -> float:

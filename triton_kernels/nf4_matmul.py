@@ -185,6 +185,22 @@ def _dequant_tile_words(packed_ptr, absmax_ptr, book, nested_absmax_ptr, nested_
 
 
 @triton.jit
+def _serial_split_store(acc, out_ptrs, ws_ptrs, mask, stride_split, counter_ptr, tile, pid_s, SPLIT: tl.constexpr):
+    """Serial split-K epilogue (16-bit outputs): each split stores its fp32 partial tile, and the split that
+    finishes last for this tile (its counter reads SPLIT - 1) sums all partials in split order, so the result does
+    not depend on which program came last (deterministic), and writes the output. The barrier puts every thread's
+    partial before the counter's release; the acquire (and .cg loads, past L1) makes the others' visible."""
+    tl.store(ws_ptrs + pid_s * stride_split, acc, mask=mask)
+    tl.debug_barrier()
+    arrived = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel")
+    if arrived == SPLIT - 1:
+        total = tl.zeros(acc.shape, dtype=tl.float32)
+        for s in range(SPLIT):  # a loop, not unrolled: 8 partial tiles in flight spilled 80 B
+            total += tl.load(ws_ptrs + s * stride_split, mask=mask, other=0.0, cache_modifier=".cg")
+        tl.store(out_ptrs, total.to(out_ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _nf4_matmul_kernel(
     # activations (M, K) and output (M, N), row-major; split-K partials (deterministic mode) stride_split apart
     x_ptr, out_ptr, M, N, K, stride_xm, stride_om, stride_split,
@@ -272,21 +288,9 @@ def _nf4_matmul_kernel(
     out_mask = mask_m[:, None] & mask_n[None, :]
     if SPLIT_K == 1:
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
-    elif SERIAL_SPLIT:
-        # 16-bit output: each split stores its fp32 partial tile, and the split that finishes last for this tile
-        # (its counter reads SPLIT_K - 1) sums all partials in split order, so the result does not depend on
-        # which program came last (deterministic), and writes the output. The barrier puts every thread's
-        # partial before the counter's release; the acquire (and .cg loads, past L1) makes the others' visible.
-        ws_ptrs = ws_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
-        tl.store(ws_ptrs + pid_k * stride_split, acc, mask=out_mask)
-        tl.debug_barrier()
-        tile = pid_m * tl.cdiv(N, BLOCK_N) + pid_n
-        arrived = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel")
-        if arrived == SPLIT_K - 1:
-            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for s in range(SPLIT_K):  # a loop, not unrolled: 8 partial tiles in flight spilled 80 B
-                total += tl.load(ws_ptrs + s * stride_split, mask=out_mask, other=0.0, cache_modifier=".cg")
-            tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=out_mask)
+    elif SERIAL_SPLIT:  # 16-bit output: fp32 partials in ws, summed by the last split of the tile
+        _serial_split_store(acc, out_ptrs, ws_ptr + offs_m[:, None] * stride_om + offs_n[None, :], out_mask,
+                            stride_split, counter_ptr, pid_m * tl.cdiv(N, BLOCK_N) + pid_n, pid_k, SPLIT_K)
     elif ATOMIC_SPLIT:
         tl.atomic_add(out_ptrs, acc, mask=out_mask)
     else:  # deterministic: each split's partial sums into its own slice, summed in a fixed order afterwards
@@ -301,16 +305,19 @@ def _nf4_matmul_dx_kernel(
     packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
     # epilogue: LoRA dyb (M, R) @ lora_A (R, K) * lora_scale
     dyb_ptr, la_ptr, lora_scale, R, stride_dybm, stride_lar,
+    # serial split of the N reduction (SPLIT_N > 1): fp32 partials (SPLIT_N, M, K), one zeroed int32 counter per tile
+    ws_ptr, counter_ptr, stride_split,
     # meta-parameters
     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, HAS_LORA: tl.constexpr, R_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ALIGNED: tl.constexpr, EVEN_NK: tl.constexpr = False,  # not set by the launcher: see nf4_matmul_dx_triton
-    REG_BOOK: tl.constexpr = False,
+    REG_BOOK: tl.constexpr = False, SPLIT_N: tl.constexpr = 1,
 ):
-    # M tiles on grid axis 0 (2^31 - 1), K tiles on axis 1 (<= 65,535: K up to 2M columns, checked by the launcher).
-    # (Swapping the two axes puts the 128 x 64 x 128 tile over 255 registers: it spills.)
+    # M tiles on grid axis 0 (2^31 - 1), K tiles on axis 1 (<= 65,535: K up to 2M columns, checked by the launcher),
+    # N splits on axis 2. (Swapping the first two axes puts the 128 x 64 x 128 tile over 255 registers: it spills.)
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
+    pid_s = tl.program_id(2)
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_k = (pid_k * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
     mask_m = offs_m < M
@@ -328,10 +335,13 @@ def _nf4_matmul_dx_kernel(
                       mask=mask_m[:, None] & mask_r[None, :], other=0.0)
         la = tl.load(la_ptr + offs_r[:, None] * stride_lar + offs_k[None, :],
                      mask=mask_r[:, None] & mask_k[None, :], other=0.0)
-        acc = lora_scale * tl.dot(dyb, la, input_precision=DOT_PRECISION)
+        acc = (lora_scale * (pid_s == 0).to(tl.float32)) * tl.dot(dyb, la, input_precision=DOT_PRECISION)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_N):
+    # each split owns a contiguous, BLOCK_N-aligned range of N
+    n_span = tl.cdiv(N, SPLIT_N * BLOCK_N) * BLOCK_N
+    n_begin = pid_s * n_span
+    for n0 in range(n_begin, tl.minimum(n_begin + n_span, N), BLOCK_N):
         offs_n = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
         mask_n = offs_n < N
         dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :],
@@ -351,8 +361,13 @@ def _nf4_matmul_dx_kernel(
                               BLOCKSIZE, NESTED)
         acc += tl.dot(dy, w.to(dy.dtype), input_precision=DOT_PRECISION)
 
-    tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :], acc.to(dx_ptr.dtype.element_ty),
-             mask=mask_m[:, None] & mask_k[None, :])
+    dx_ptrs = dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :]
+    if SPLIT_N == 1:
+        tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
+    else:
+        _serial_split_store(acc, dx_ptrs, ws_ptr + offs_m[:, None] * K + offs_k[None, :],
+                            mask_m[:, None] & mask_k[None, :], stride_split, counter_ptr,
+                            pid_m * tl.num_programs(1) + pid_k, pid_s, SPLIT_N)
 
 
 @_cuda.cached
@@ -401,6 +416,11 @@ SPLIT_MAX_M = 256
 MAX_SPLIT_K = 8
 _SPLIT_TILE = (64, 64, 128, 8, 3)
 _SPLIT_TILE_WIDE = (128, 128, 128, 8, 3)
+# ... and of its dx at M <= 256 (`_dx_split_config`; dx tiles name BLOCK_M, the N step, BLOCK_K)
+_DX_SPLIT_TILE_DECODE = (16, 64, 64, 4, None)
+_DX_DECODE_TILE_BOOK = (16, 128, 32, 4, None)  # unsplit, when K alone gives 3 programs per SM
+_DX_SPLIT_TILE = (64, 64, 128, 8, 3)
+_DX_SPLIT_TILE_WIDE = (128, 128, 128, 16, 3)
 # fp32 activations use exact IEEE dots (FMA loops, operands in registers): the 16-bit tiles spill there (the
 # 32 x 32 x 128 forward tile 3240 B per thread, the 32 x 64 x 64 dx tile 256 B), these do not (sm_90, Triton
 # 3.6 and 3.9; tests/ops/test_triton_sm90.py).
@@ -497,15 +517,40 @@ def _split_k_config(M: int, N: int, K: int, device: torch.device, wide: bool) ->
     return dict(tile_config(tile), SPLIT_K=split)
 
 
+def _dx_split_config(M: int, N: int, K: int, device: torch.device, wide: bool) -> dict:
+    """The register code book's dx for M <= 256: few (M x K) output tiles, so the N reduction is split across
+    programs (SPLIT_N, the serial split of `_serial_split_store`) until they fill the SMs, at least two N steps per
+    split. Tiles (BLOCK_M, BLOCK_N = N step, BLOCK_K = dx columns) and programs aimed at: M <= 16 16 x 64 x 64,
+    4 warps, 4 per SM (96-135 registers); M <= 64 and launches without the 16-divisibility 64 x 64 x 128, 8 warps,
+    2 per SM (107-219 registers; no spills either way); M = 65..256 with it 128 x 128 x 128, 16 warps, one per SM
+    (it spills without). The static sm_90 model (bf16, counters' memset included) on 8b q/o (4096, 4096), against
+    the unsplit tiles before: M = 16 1.18x bf16 cuBLAS (0.43x), M = 64 1.19x (0.21x), M = 128 1.07x (0.21x),
+    M = 256 0.68x (0.20x); k/v (4096, 1024) 0.47-0.73x (0.21-0.41x)."""
+    sms = _num_sms(device)
+    if M <= DECODE_MAX_M and triton.cdiv(K, _DX_DECODE_TILE_BOOK[2]) >= 3 * sms:
+        # long K (down projections) fills the SMs unsplit with 16 x 128 x 32: 8b / 70b down at M = 16 1.30x / 1.40x,
+        # against 1.22x / 1.29x split
+        return dict(tile_config(_DX_DECODE_TILE_BOOK), SPLIT_N=1)
+    if M <= DECODE_MAX_M:
+        tile, programs = _DX_SPLIT_TILE_DECODE, 4 * sms
+    elif wide and M > 64:
+        tile, programs = _DX_SPLIT_TILE_WIDE, sms
+    else:
+        tile, programs = _DX_SPLIT_TILE, sms * (2 if M <= 64 else 1)
+    tiles = triton.cdiv(M, tile[0]) * triton.cdiv(K, tile[2])
+    split = max(1, min(MAX_SPLIT_K, round(programs / tiles), N // (2 * tile[1])))  # >= 2 N steps per split
+    return dict(tile_config(tile), SPLIT_N=split)
+
+
 def _dx_config(M: int, N: int, K: int, device: torch.device, dtype: torch.dtype = torch.bfloat16,
                aligned: bool = True, register_book: bool = False, wide: bool = False) -> dict:
     """dx tiles. Decode uses (16 x 32) output tiles so K = 4096 gives 128 programs; larger M: `_gemm_tiles`.
     K % blocksize != 0 (`aligned` False): BLOCK_K at most 64, as in the forward; the per-element loader's
     128 x 64 x 128 tile with 3 stages needs 256 KB of shared memory (sm_90 allows 227 KB per block)."""
+    if register_book and dtype != torch.float32 and M <= SPLIT_MAX_M:
+        return _dx_split_config(M, N, K, device, wide)
     if M <= DECODE_MAX_M:
-        # the register code book steps N by 128: its per-(row, block) tables then serve 8 words a thread, and the
-        # model predicts 0.43x / 1.40x cuBLAS at M = 16 on 8b q/o / 70b down against 0.23x / 0.77x with 64
-        return dict(BLOCK_M=16, BLOCK_N=128 if register_book else 64, BLOCK_K=32, num_warps=4)
+        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, num_warps=4)
     tiles = _DX_GEMM_TILES_FP32 if dtype == torch.float32 else \
         (_DX_GEMM_TILES_BOOK_WIDE if wide else _DX_GEMM_TILES_BOOK) if register_book else _DX_GEMM_TILES
     cfg = _gemm_tiles(tiles, M, K, 2, device, _BOOK_FILL if register_book else 1.0)
@@ -663,6 +708,9 @@ def nf4_matmul_dx_triton(dy2d, packed, absmax, code, blocksize, K, nested_absmax
     num_stages = cfg.pop("num_stages", None)
     aligned = _aligned(K, blocksize, cfg)
     reg_book = _register_book(cfg, fits, aligned, True)
+    split = int(cfg.setdefault("SPLIT_N", 1))
+    if split < 1:
+        raise ValueError(f"config SPLIT_N must be >= 1, got SPLIT_N={split}")
     dx = torch.empty((M, K), dtype=dy2d.dtype, device=dy2d.device)
     nested = nested_absmax is not None
     has_lora = lora_dyb is not None
@@ -672,12 +720,17 @@ def nf4_matmul_dx_triton(dy2d, packed, absmax, code, blocksize, K, nested_absmax
     if k_tiles > MAX_GRID_Y:
         raise ValueError(f"K={K} in tiles of {cfg['BLOCK_K']} is {k_tiles} programs on CUDA grid axis 1, more than "
                          f"its {MAX_GRID_Y}: use a larger BLOCK_K")
-    _nf4_matmul_dx_kernel[(_grid_cols(M, cfg["BLOCK_M"]), k_tiles)](
+    m_tiles = _grid_cols(M, cfg["BLOCK_M"])
+    ws = counters = dummy
+    if split > 1:  # fp32 partials and one counter per output tile (`_serial_split_store`)
+        ws = torch.empty((split, M, K), dtype=torch.float32, device=dy2d.device)
+        counters = torch.zeros(m_tiles * k_tiles, dtype=torch.int32, device=dy2d.device)
+    _nf4_matmul_dx_kernel[(m_tiles, k_tiles, split)](
         dy2d, dx, M, N, K, dy2d.stride(0), dx.stride(0),
         packed, absmax, code, nested_absmax if nested else dummy, nested_code if nested else dummy,
         offset if nested else dummy,
         lora_dyb if has_lora else dummy, lora_A if has_lora else dummy, float(lora_scale), r,
-        lora_dyb.stride(0) if has_lora else 0, lora_A.stride(0) if has_lora else 0,
+        lora_dyb.stride(0) if has_lora else 0, lora_A.stride(0) if has_lora else 0, ws, counters, M * K,
         BLOCKSIZE=blocksize, NESTED=nested, HAS_LORA=has_lora, R_PAD=max(16, triton.next_power_of_2(max(r, 1))),
         DOT_PRECISION=_dot_precision(dy2d.dtype), ALIGNED=aligned, REG_BOOK=reg_book, num_warps=num_warps,
         enable_fp_fusion=True,

@@ -282,6 +282,44 @@ def test_triton_serial_split_k_for_half_activations(dtype, M, K, split, monkeypa
 
 @pytest.mark.triton
 @requires_triton_runtime
+@pytest.mark.parametrize("dtype", triton_dtypes(), ids=str)
+@pytest.mark.parametrize("M,N,split", [
+    (9, 200, 3),    # 200 rows of W in N steps of 32: spans of 3, 3, 1 steps
+    (33, 96, 5),    # three M tiles; more splits than N steps: empty ranges store zero partials
+    (1, 37, 2),     # decode-sized, N not a multiple of the step
+])
+@pytest.mark.parametrize("K", [320, 352])  # K % blocksize != 0 too (the per-element loader)
+def test_triton_dx_serial_split_of_n(dtype, M, N, split, K, monkeypatch):
+    """dx splits its N reduction across programs (SPLIT_N): fp32 partials, summed in split order by the split that
+    arrives last for its tile. Meets the 2x rule with the LoRA epilogue (added once, by split 0) and repeats bit for
+    bit."""
+    import qpeft.triton_kernels.nf4_matmul as tk
+
+    dev = triton_device()
+    r, scale = 6, 0.5
+    packed, state, W = make_weight(N, K, "nf4", 64, True, device=dev)
+    p, a, c, bs, _, _, na, nc, off = weight_args(packed, state)
+    g = torch.Generator().manual_seed(M * 1000 + N)
+    dy = torch.randn(M, N, generator=g).to(dev, dtype)
+    dyb = (torch.randn(M, r, generator=g) / 4).to(dev, dtype)
+    lA = (torch.randn(r, K, generator=g) / 4).to(dev, dtype)
+    seen = []
+    real_run = tk._nf4_matmul_dx_kernel.run
+    monkeypatch.setattr(tk._nf4_matmul_dx_kernel, "run", lambda *args, **kw: seen.append(
+        (kw["SPLIT_N"], kw["grid"])) or real_run(*args, **kw))
+    cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SPLIT_N=split, num_warps=4)
+    d1 = tk.nf4_matmul_dx_triton(dy, p, a, c, bs, K, na, nc, off, dyb, lA, scale, config=cfg)
+    d2 = tk.nf4_matmul_dx_triton(dy, p, a, c, bs, K, na, nc, off, dyb, lA, scale, config=cfg)
+    assert seen == [(split, (-(-M // 16), -(-K // 32), split))] * 2
+    assert d1.dtype == dtype and d1.shape == (M, K) and torch.equal(d1, d2)
+    ref64 = dy.double() @ W.double() + scale * (dyb.double() @ lA.double())
+    assert_close_2x(d1, ref64, dy @ W.to(dtype) + scale * (dyb @ lA), what=f"dx serial split {split}")
+    with pytest.raises(ValueError, match="SPLIT_N must be >= 1"):
+        tk.nf4_matmul_dx_triton(dy, p, a, c, bs, K, na, nc, off, config={**cfg, "SPLIT_N": 0})
+
+
+@pytest.mark.triton
+@requires_triton_runtime
 def test_triton_split_k_deterministic_mode(monkeypatch):
     """Under torch.use_deterministic_algorithms(True) split-K writes one fp32 slice per split and sums them in a
     fixed order (no atomics, whose order varies run to run); the result meets the 2x rule and repeats bit for bit."""
@@ -698,7 +736,7 @@ def _compile_sm90(direction: str, cfg: dict, has_lora: bool = True, reg_book: bo
         fn = k._nf4_matmul_dx_kernel
         sig = {"dy_ptr": p16, "dx_ptr": p16, "M": i32, "N": i32, "K": i32, "stride_dym": i32, "stride_dxm": i32,
                **weight, "dyb_ptr": p16, "la_ptr": p16, "lora_scale": "fp32", "R": i32, "stride_dybm": i32,
-               "stride_lar": i32}
+               "stride_lar": i32, "ws_ptr": f32, "counter_ptr": "*i32", "stride_split": i32}
         const = dict(EVEN_NK=False, **cfg)  # the dx launcher leaves it off (nf4_matmul_dx_triton)
     const.update(BLOCKSIZE=64, NESTED=True, HAS_LORA=has_lora, R_PAD=16, DOT_PRECISION="tf32", ALIGNED=True,
                  REG_BOOK=reg_book)
@@ -737,7 +775,11 @@ def _default_gemm_tiles():
             # 128 x 128 x 128 only with it (`_split_k_config`)
             + [("fwd", k._SPLIT_TILE + (k.MAX_SPLIT_K,), True, True),
                ("fwd", k._SPLIT_TILE + (k.MAX_SPLIT_K,), "wide", True),
-               ("fwd", k._SPLIT_TILE_WIDE + (k.MAX_SPLIT_K,), "wide", True)])
+               ("fwd", k._SPLIT_TILE_WIDE + (k.MAX_SPLIT_K,), "wide", True)]
+            # ... and dx's serial split of N (SPLIT_N appended)
+            + [("dx", k._DX_SPLIT_TILE_DECODE + (k.MAX_SPLIT_K,), True, True),
+               ("dx", k._DX_SPLIT_TILE + (k.MAX_SPLIT_K,), True, True),
+               ("dx", k._DX_SPLIT_TILE_WIDE + (k.MAX_SPLIT_K,), "wide", True)])
 
 
 @pytest.mark.skipif(TRITON_INTERPRET or not has_triton(), reason="compiles for sm_90 (not under the interpreter)")
@@ -755,8 +797,7 @@ def test_default_triton_tiles_compile_for_sm90_without_register_spills(direction
                if direction == "fwd" else _dx_config(M, N, K, torch.device("cpu"), register_book=reg_book))
     else:
         cfg = tile_config(tile[:5])
-        if direction == "fwd":
-            cfg["SPLIT_K"] = tile[5] if len(tile) > 5 else 1
+        cfg["SPLIT_K" if direction == "fwd" else "SPLIT_N"] = tile[5] if len(tile) > 5 else 1
     # dx also without the LoRA epilogue (the inference / frozen-adapter case)
     for has_lora in ((True, False) if lora else (False,)) if direction == "dx" else (True,):
         shared, usage, sass = _compile_sm90(direction, cfg, has_lora, bool(reg_book), reg_book == "wide")
@@ -807,18 +848,17 @@ def test_register_book_wide_tiles_only_for_16_divisible_launches():
     assert k._fwd_config(1024, 4096, 4096, cpu, wide=True)["num_warps"] == 8  # the gather loader: never wide
 
 
-@pytest.mark.parametrize("M", [17, 64, 128, 256, 1024, 4096])
+@pytest.mark.parametrize("M", [257, 1024, 4096])
 @pytest.mark.parametrize("N,K", [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)])
 def test_register_book_tiles_fill_128_of_132_sms_without_padding_m_twice(M, N, K):
     pytest.importorskip("triton")
     from qpeft.triton_kernels import nf4_matmul as k
 
     cpu = torch.device("cpu")  # pretends 132 SMs, as an H100
-    fwd = M > k.SPLIT_MAX_M  # the forward at M <= 256 splits K instead (next test)
+    assert M > k.SPLIT_MAX_M  # M <= 256 splits the reduction instead (the split tests below)
     for cfg, cols, col_key, tiles in (
-            *(((k._fwd_config(M, N, K, cpu, register_book=True), N, "BLOCK_N", k._FWD_GEMM_TILES_BOOK),
-               (k._fwd_config(M, N, K, cpu, register_book=True, wide=True), N, "BLOCK_N",
-                k._FWD_GEMM_TILES_BOOK_WIDE)) if fwd else ()),
+            (k._fwd_config(M, N, K, cpu, register_book=True), N, "BLOCK_N", k._FWD_GEMM_TILES_BOOK),
+            (k._fwd_config(M, N, K, cpu, register_book=True, wide=True), N, "BLOCK_N", k._FWD_GEMM_TILES_BOOK_WIDE),
             (k._dx_config(M, N, K, cpu, register_book=True), K, "BLOCK_K", k._DX_GEMM_TILES_BOOK),
             (k._dx_config(M, N, K, cpu, register_book=True, wide=True), K, "BLOCK_K", k._DX_GEMM_TILES_BOOK_WIDE)):
         programs = -(-M // cfg["BLOCK_M"]) * -(-cols // cfg[col_key])
@@ -853,6 +893,28 @@ def test_tuner_measures_candidates_and_its_rows_build_a_table():
         assert plan.backend in ("cuda", "triton")
 
 
+def test_tuner_candidates_include_the_serial_splits():
+    """The tuner measures the launchers' split plans too (M <= 256: each split tile that pads M by less than 2x at
+    SPLIT_K / SPLIT_N 2, 4, 8), named apart, and no split above M = 256."""
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from benchmarks import tune_nf4_matmul as tune
+
+    for direction, key in (("fwd", "SPLIT_K"), ("dx", "SPLIT_N")):
+        # the forward's split tiles have 64 / 128 rows (not for M <= 16, the decode range); dx has a 16-row one
+        for M, splits in ((16, {1, 2, 4, 8} if direction == "dx" else {1}), (64, {1, 2, 4, 8}),
+                          (200, {1, 2, 4, 8}), (1024, {1})):
+            cands = tune.triton_candidates(direction, M, quick=False)
+            assert {c[key] for c in cands} == splits, (direction, M)
+            names = [tune._name(c) for c in cands]
+            assert len(names) == len(set(names)), (direction, M)
+    assert tune._name(dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_warps=8, num_stages=3, SPLIT_K=4)) == \
+        "triton:64x64x128w8s3k4"
+
+
 @pytest.mark.parametrize("M", [17, 40, 64, 65, 128, 200, 256])
 @pytest.mark.parametrize("N,K", [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (8192, 8192),
                                  (28672, 8192), (1024, 320)])
@@ -883,4 +945,37 @@ def test_register_book_forward_splits_k_to_fill_the_gpu(M, N, K, wide):
         assert not wide and M > 64 and split == 1 and tile in k._FWD_GEMM_TILES_BOOK, cfg
     for dtype in (torch.float32,):  # fp32 activations never split serially (their split-K is the fp32 output)
         assert k._fwd_config(M, N, K, cpu, dtype, register_book=True, wide=wide)["SPLIT_K"] == 1
+
+
+@pytest.mark.parametrize("M", [1, 9, 16, 17, 64, 65, 128, 256])
+@pytest.mark.parametrize("N,K", [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (8192, 8192),
+                                 (8192, 28672), (1024, 320)])
+@pytest.mark.parametrize("wide", [False, True])
+def test_register_book_dx_splits_n_to_fill_the_gpu(M, N, K, wide):
+    """dx at M <= 256 (`_dx_split_config`): 16-row tiles up to M = 16 (unsplit 16 x 128 x 32 when K alone gives
+    3 programs per SM), 64-row ones up to 64 and without the 16-divisibility, 128-row 16-warp ones above with it;
+    the N reduction split until the programs are nearest their target, at least two N steps per split."""
+    pytest.importorskip("triton")
+    from qpeft.triton_kernels import nf4_matmul as k
+
+    cpu = torch.device("cpu")  # pretends 132 SMs, as an H100
+    cfg = k._dx_config(M, N, K, cpu, register_book=True, wide=wide)
+    tile = (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_warps"], cfg.get("num_stages"))
+    split = cfg["SPLIT_N"]
+    if tile == k._DX_DECODE_TILE_BOOK:
+        assert M <= 16 and split == 1 and -(-K // 32) >= 3 * 132, cfg
+        return
+    if M <= 16:
+        want, target = k._DX_SPLIT_TILE_DECODE, 4 * 132
+    elif wide and M > 64:
+        want, target = k._DX_SPLIT_TILE_WIDE, 132
+    else:
+        want, target = k._DX_SPLIT_TILE, 132 * (2 if M <= 64 else 1)
+    assert tile == want, cfg
+    tiles = -(-M // tile[0]) * -(-K // tile[2])
+    assert 1 <= split <= k.MAX_SPLIT_K and (split == 1 or N // (split * tile[1]) >= 2), cfg
+    capped = split in (k.MAX_SPLIT_K, max(1, N // (2 * tile[1])))
+    assert capped or abs(tiles * split - target) <= abs(tiles * (split + 1) - target), cfg
+    assert split == 1 or abs(tiles * split - target) <= abs(tiles * (split - 1) - target), cfg
+    assert "SPLIT_N" not in k._dx_config(M, N, K, cpu, torch.float32, register_book=True, wide=wide)
 
