@@ -40,9 +40,8 @@ The model (every number an assumption until a GPU calibrates it; `--calibrate` r
   SM's work includes the zero-padding of partial tiles.
 - Serial split-K (the Triton forward with 16-bit activations, SPLIT_K > 1; dx: SPLIT_N > 1 splits its N reduction):
   every split writes its fp32 partial tile and the last one reads them all back (2 x splits x the output's
-  elements x 4 bytes through L2), and the per-tile counters
-  are zeroed by a separate small kernel before the launch, counted as `small_kernel_s` (1.5 us: a launch gap plus
-  a one-wave memset; an assumption for the GPU run to calibrate).
+  elements x 4 bytes through L2). Its per-tile counters need no memset kernel: the last split zeroes its counter
+  again and the buffer is cached per stream (triton_kernels/_split_counters.py).
 - Floors: decode fraction = max(unique bytes / 3.02 TB/s, FLOPs / 700 TFLOP/s) / predicted time; cuBLAS time =
   max(bf16 bytes / 3.02 TB/s, FLOPs / 700 TFLOP/s) (its roofline at the measured ceilings, so ratios are
   conservative where cuBLAS falls short of it, e.g. 4096^2 decode, which it runs at 63% of that roofline).
@@ -88,7 +87,6 @@ class H100:
     max_ctas: int = 32
     nf4_bytes_per_weight: float = (4 + 8 / 64 + 32 / (64 * 256)) / 8
     lat: Latencies = field(default_factory=Latencies)
-    small_kernel_s: float = 1.5e-6        # a tiny helper kernel (the split-K counters' memset), launch gap included
 
     @property
     def mma_efficiency(self) -> float:
@@ -124,7 +122,6 @@ class Launch:
     useful_macs_per_pass: float  # multiply-accumulates of the real M rows per pass
     note: str = ""
     l2_reread: float = 0.0       # bytes re-read through L2 beyond the unique DRAM bytes (x per row tile, ...)
-    extra_s: float = 0.0         # helper kernels the launch needs first (split-K counters' memset)
     loop: LoopProfile | None = None
 
     def __post_init__(self):
@@ -279,7 +276,6 @@ def _triton_launch(rec, direction, M, N, K) -> Launch:
     serial = bool(c.get("SERIAL_SPLIT")) or c.get("SPLIT_N", 1) > 1
     n_split = c.get("SPLIT_K", 1) if rec.name == "_nf4_matmul_kernel" else c.get("SPLIT_N", 1)
     return Launch("triton", kern, res, shared, ctas, warps, iters, weights, weights * min(rows, bm), l2_reread=reread,
-                  extra_s=HW.small_kernel_s if serial else 0.0,
                   note=f"{bm}x{bn}x{bk} w{warps}"
                   + (f" s{rec.options()['num_stages']}" if "num_stages" in rec.options() else "")
                   + (f" split{n_split}" if serial else ""))
@@ -387,7 +383,7 @@ def evaluate(path: str, launches: list[Launch], direction: str, M: int, N: int, 
         t_lat += t["latency"]
         t_both += t["both"]
     t_l2 = sum(l.l2_reread for l in launches) / HW.l2_bandwidth
-    total = max(t_both, dram, t_l2) + ramp * len(launches) + sum(l.extra_s for l in launches)
+    total = max(t_both, dram, t_l2) + ramp * len(launches)
     l0 = launches[0]
     lp = l0.loop
     decoded = sum(l.ctas * l.warps_per_cta * l.passes_per_warp * l.weights_per_pass for l in launches)

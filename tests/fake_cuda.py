@@ -81,6 +81,7 @@ class FakeCuda:
         self.present = present
         self.cuda_version = cuda_version
         self.capturing = False
+        self.stream = 0  # the current stream's key (tests switch it)
         self.build_error: str | None = None  # set: the next build_extension raises with it
         self.builds: list[dict] = []
         self.built = False
@@ -167,6 +168,10 @@ class FakeCuda:
     # ---- streams, graphs, events
     def is_capturing(self) -> bool:
         return self.capturing
+
+    def current_stream_key(self, device: torch.device) -> int:
+        assert self.is_cuda(device), device
+        return self.stream
 
     def synchronize(self, device: torch.device) -> None:
         if self.capturing:

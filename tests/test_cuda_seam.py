@@ -87,7 +87,7 @@ def test_the_real_runtime_calls_exist_in_this_torch():
     for api in (torch.cuda.memory.CUDAPluggableAllocator, torch.cuda.MemPool, torch.cuda.use_mem_pool,
                 torch.cuda.is_current_stream_capturing, torch.cuda.Event, torch.cuda.get_device_capability,
                 torch.cuda.get_device_name, torch.cuda.get_device_properties, torch.cuda.synchronize,
-                cpp_extension.load, cpp_extension.verify_ninja_availability):
+                torch.cuda.current_stream, cpp_extension.load, cpp_extension.verify_ninja_availability):
         assert callable(api)
     assert hasattr(cpp_extension, "CUDA_HOME")
     rt = _cuda.CudaRuntime()
@@ -266,9 +266,10 @@ def test_default_nf4_plan_per_gpu(fake_cuda, gpu):
     if gpu == "A100":
         fake_cuda.pretend(**A100)
     hopper = gpu == "H100"
-    # fwd: the CUDA decode kernels up to M = 16, and the tensor-core one up to M = 64 for 16-bit x and K % 256 == 0
-    for M, want_fwd in ((1, "cuda"), (16, "cuda"), (17, "cuda"), (64, "cuda"), (65, "triton" if hopper else "cuda"),
-                        (512, "triton" if hopper else "cuda")):
+    # fwd: the CUDA decode kernels up to M = 16; above, Triton on Hopper (serial split-K up to M = 256), CUDA C++
+    # before it (the tensor-core decode kernel up to M = 64 for 16-bit x and K % 256 == 0, then the tile GEMM)
+    for M, want_fwd in ((1, "cuda"), (16, "cuda"), (17, "triton" if hopper else "cuda"),
+                        (64, "triton" if hopper else "cuda"), (512, "triton" if hopper else "cuda")):
         p = dispatch.plan("fwd", M, 4096, 4096, torch.bfloat16, DEV)
         assert (p.backend, p.source) == (want_fwd, "default"), M
         assert dispatch.plan("dx", M, 4096, 4096, torch.bfloat16, DEV).backend == ("triton" if hopper else "cuda")
@@ -364,3 +365,29 @@ def test_demo_resolves_auto_to_the_gpu(fake_cuda):
     assert resolve_device("auto") == torch.device("cpu")
     with pytest.raises(DemoSetupError, match="no CUDA device"):
         resolve_device("cuda")
+
+
+def test_split_counters_are_cached_per_stream_and_fresh_under_capture(fake_cuda):
+    """The serial split launches' counters (triton_kernels/_split_counters.py): on a CUDA device one zeroed buffer
+    per (device, stream), reused (the kernels leave it zero) and grown when a launch needs more; another stream gets
+    its own; under graph capture a fresh buffer every time, never the cached one."""
+    pytest.importorskip("triton")
+    from qpeft.triton_kernels import _split_counters as sc
+
+    sc.clear()
+    a = sc.split_counters(100, DEV)
+    assert a.dtype == torch.int32 and a.shape == (100,) and not a.any()
+    b = sc.split_counters(60, DEV)
+    assert b.data_ptr() == a.data_ptr()  # the same buffer, no memset kernel
+    big = sc.split_counters(5000, DEV)
+    assert big.shape == (5000,) and not big.any() and big.data_ptr() != a.data_ptr()
+    assert sc.split_counters(10, DEV).data_ptr() == big.data_ptr()
+    fake_cuda.stream = 7
+    other = sc.split_counters(10, DEV)
+    assert other.data_ptr() != big.data_ptr() and sc.split_counters(10, DEV).data_ptr() == other.data_ptr()
+    with fake_cuda.capture():
+        c1, c2 = sc.split_counters(10, DEV), sc.split_counters(10, DEV)
+    assert len({c1.data_ptr(), c2.data_ptr(), other.data_ptr()}) == 3 and not c1.any()
+    sc.clear()
+    with fake_cuda.off():  # not a CUDA device: fresh zeros, nothing cached
+        assert not sc.split_counters(10, DEV).any() and not sc._BUFFERS

@@ -43,6 +43,7 @@ import triton.language as tl
 
 from qpeft import _cuda
 from qpeft.triton_kernels._nf4_register_book import load_book, lookup_words
+from qpeft.triton_kernels._split_counters import split_counters
 
 __all__ = ["nf4_matmul_triton", "nf4_matmul_dx_triton"]
 
@@ -186,10 +187,11 @@ def _dequant_tile_words(packed_ptr, absmax_ptr, book, nested_absmax_ptr, nested_
 
 @triton.jit
 def _serial_split_store(acc, out_ptrs, ws_ptrs, mask, stride_split, counter_ptr, tile, pid_s, SPLIT: tl.constexpr):
-    """Serial split-K epilogue (16-bit outputs): each split stores its fp32 partial tile, and the split that
-    finishes last for this tile (its counter reads SPLIT - 1) sums all partials in split order, so the result does
-    not depend on which program came last (deterministic), and writes the output. The barrier puts every thread's
-    partial before the counter's release; the acquire (and .cg loads, past L1) makes the others' visible."""
+    """Serial split epilogue: each split stores its fp32 partial tile, and the split that finishes last for this
+    tile (its counter reads SPLIT - 1) sums all partials in split order, so the result does not depend on which
+    program came last (deterministic), writes the output and sets the counter back to 0 (the buffer is reused by
+    the next launch on the stream, _split_counters.py). The barrier puts every thread's partial before the
+    counter's release; the acquire (and .cg loads, past L1) makes the others' visible."""
     tl.store(ws_ptrs + pid_s * stride_split, acc, mask=mask)
     tl.debug_barrier()
     arrived = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel")
@@ -198,6 +200,7 @@ def _serial_split_store(acc, out_ptrs, ws_ptrs, mask, stride_split, counter_ptr,
         for s in range(SPLIT):  # a loop, not unrolled: 8 partial tiles in flight spilled 80 B
             total += tl.load(ws_ptrs + s * stride_split, mask=mask, other=0.0, cache_modifier=".cg")
         tl.store(out_ptrs, total.to(out_ptrs.dtype.element_ty), mask=mask)
+        tl.atomic_xchg(counter_ptr + tile, 0)
 
 
 @triton.jit
@@ -209,6 +212,7 @@ def _nf4_matmul_kernel(
     # epilogue: bias (N,), LoRA xa (M, R) @ lora_B (N, R)^T * lora_scale
     bias_ptr, xa_ptr, lb_ptr, lora_scale, R, stride_xam, stride_lbn,
     # serial split-K (16-bit activations): fp32 partials (SPLIT_K, M, N) and one zeroed int32 counter per tile
+    # (`_serial_split_store` leaves it zero again)
     ws_ptr, counter_ptr,
     # meta-parameters
     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
@@ -493,10 +497,10 @@ def _split_k_config(M: int, N: int, K: int, device: torch.device, wide: bool) ->
     """The register code book's forward for M = 17..256, where N-parallel tiles leave SMs idle unless W is
     decoded again for more M tiles: one M tile covers M (W decoded once, or twice at 64-row tiles), and K is split
     across programs until they fill the SMs (SERIAL_SPLIT: the last split of a tile sums the fp32 partials in split
-    order). The static sm_90 model (bf16, counters' memset included) predicts, against the unsplit tiles before:
-    8b q/o (4096, 4096) M = 64 1.17x bf16 cuBLAS (0.39x), M = 128 1.07x (0.40x), M = 256 0.65x (0.25x); k/v
-    (4096, 1024) M = 64 / 128 0.53x / 0.51x (0.10x / 0.11x); gate/up (4096, 14336) M = 128 1.16x unsplit
-    128 x 128 x 128 (0.80x); 70b q/o / down M = 256 0.71x (0.44x). None: M > 256, or (without the wide
+    order). The static sm_90 model (bf16) predicts, against the unsplit tiles before: 8b q/o (4096, 4096) M = 64
+    1.38x bf16 cuBLAS (0.39x), M = 128 1.23x (0.40x), M = 256 0.71x (0.25x); k/v (4096, 1024) M = 64 / 128
+    0.73x / 0.67x (0.10x / 0.11x); gate/up (4096, 14336) M = 128 1.16x unsplit 128 x 128 x 128 (0.80x); 70b q/o /
+    down M = 256 0.71x (0.44x). None: M > 256, or (without the wide
     launch's 16-divisibility) enough tiles without a split: the GEMM tile lists.
     64 x 64 x 128 (8 warps) takes 124 registers with the wide launch's 16-divisibility (2 CTAs per SM), 255 without
     (1 per SM); 128 x 128 x 128 (8 warps) only compiles without spills with it (255 registers), so only there."""
@@ -523,9 +527,9 @@ def _dx_split_config(M: int, N: int, K: int, device: torch.device, wide: bool) -
     split. Tiles (BLOCK_M, BLOCK_N = N step, BLOCK_K = dx columns) and programs aimed at: M <= 16 16 x 64 x 64,
     4 warps, 4 per SM (96-135 registers); M <= 64 and launches without the 16-divisibility 64 x 64 x 128, 8 warps,
     2 per SM (107-219 registers; no spills either way); M = 65..256 with it 128 x 128 x 128, 16 warps, one per SM
-    (it spills without). The static sm_90 model (bf16, counters' memset included) on 8b q/o (4096, 4096), against
-    the unsplit tiles before: M = 16 1.18x bf16 cuBLAS (0.43x), M = 64 1.19x (0.21x), M = 128 1.07x (0.21x),
-    M = 256 0.68x (0.20x); k/v (4096, 1024) 0.47-0.73x (0.21-0.41x)."""
+    (it spills without). The static sm_90 model (bf16) on 8b q/o (4096, 4096), against the unsplit tiles before:
+    M = 16 1.40x bf16 cuBLAS (0.43x), M = 64 1.40x (0.21x), M = 128 1.23x (0.21x), M = 256 0.75x (0.20x); k/v
+    (4096, 1024) 0.58-1.18x (0.21-0.41x)."""
     sms = _num_sms(device)
     if M <= DECODE_MAX_M and triton.cdiv(K, _DX_DECODE_TILE_BOOK[2]) >= 3 * sms:
         # long K (down projections) fills the SMs unsplit with 16 x 128 x 32: 8b / 70b down at M = 16 1.30x / 1.40x,
@@ -660,8 +664,7 @@ def nf4_matmul_triton(x2d, packed, absmax, code, blocksize, N, nested_absmax=Non
         out = torch.empty((M, N), dtype=x2d.dtype, device=x2d.device)
         if serial:  # 16-bit output: `_nf4_matmul_kernel`'s SERIAL_SPLIT (deterministic, no second kernel)
             ws = torch.empty((split, M, N), dtype=torch.float32, device=x2d.device)
-            counters = torch.zeros(triton.cdiv(M, cfg["BLOCK_M"]) * n_tiles, dtype=torch.int32,
-                                   device=x2d.device)
+            counters = split_counters(triton.cdiv(M, cfg["BLOCK_M"]) * n_tiles, x2d.device)
     else:
         out = torch.zeros((M, N), dtype=torch.float32, device=x2d.device) if atomic else \
             torch.empty((split, M, N), dtype=torch.float32, device=x2d.device)
@@ -724,7 +727,7 @@ def nf4_matmul_dx_triton(dy2d, packed, absmax, code, blocksize, K, nested_absmax
     ws = counters = dummy
     if split > 1:  # fp32 partials and one counter per output tile (`_serial_split_store`)
         ws = torch.empty((split, M, K), dtype=torch.float32, device=dy2d.device)
-        counters = torch.zeros(m_tiles * k_tiles, dtype=torch.int32, device=dy2d.device)
+        counters = split_counters(m_tiles * k_tiles, dy2d.device)
     _nf4_matmul_dx_kernel[(m_tiles, k_tiles, split)](
         dy2d, dx, M, N, K, dy2d.stride(0), dx.stride(0),
         packed, absmax, code, nested_absmax if nested else dummy, nested_code if nested else dummy,

@@ -72,6 +72,10 @@ class CudaRuntime:
     def is_capturing(self) -> bool:
         return torch.cuda.is_current_stream_capturing()
 
+    def current_stream_key(self, device: torch.device) -> int:
+        """The current stream of `device`, as a key (its cudaStream_t handle)."""
+        return torch.cuda.current_stream(device).cuda_stream
+
     def synchronize(self, device: torch.device) -> None:
         torch.cuda.synchronize(device)
 

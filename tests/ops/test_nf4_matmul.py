@@ -320,6 +320,38 @@ def test_triton_dx_serial_split_of_n(dtype, M, N, split, K, monkeypatch):
 
 @pytest.mark.triton
 @requires_triton_runtime
+def test_serial_split_launches_leave_the_cached_counters_zero(fake_cuda):
+    """On a CUDA device the serial split launches share one cached counter buffer per stream, with no memset
+    (triton_kernels/_split_counters.py): the split that sums a tile sets its counter back to zero. Here on the
+    pretend GPU's stream, run by the interpreter: after every forward (SPLIT_K) and dx (SPLIT_N) launch the buffer
+    is all zero again, and the repeated launches give the same, right results."""
+    from qpeft.triton_kernels import _split_counters as sc
+    from qpeft.triton_kernels.nf4_matmul import nf4_matmul_dx_triton, nf4_matmul_triton
+
+    if triton_device() != "cpu":
+        pytest.skip("the pretend GPU's tensors are CPU tensors: the interpreter runs them")
+    sc.clear()
+    M, N, K, dtype = 20, 48, 320, torch.float16
+    packed, state, W = make_weight(N, K, "nf4", 64, True)
+    p, a, c, bs, _, _, na, nc, off = weight_args(packed, state)
+    x, b, dy, _ = _inputs(M, N, K, dtype)
+    outs = []
+    for _ in range(2):
+        outs.append(nf4_matmul_triton(x, p, a, c, bs, N, na, nc, off, b, config=dict(
+            BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, SPLIT_K=3, num_warps=4)))
+        (buf,) = sc._BUFFERS.values()
+        assert not buf.any(), "the forward left counters set"
+        outs.append(nf4_matmul_dx_triton(dy, p, a, c, bs, K, na, nc, off, config=dict(
+            BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, SPLIT_N=2, num_warps=4)))
+        assert list(sc._BUFFERS.values()) == [buf] and not buf.any(), "dx left counters set"
+    assert torch.equal(outs[0], outs[2]) and torch.equal(outs[1], outs[3])
+    assert_close_2x(outs[0], x.double() @ W.double().t() + b.double(), x @ W.to(dtype).t() + b, what="forward")
+    assert_close_2x(outs[1], dy.double() @ W.double(), dy @ W.to(dtype), what="dx")
+    sc.clear()
+
+
+@pytest.mark.triton
+@requires_triton_runtime
 def test_triton_split_k_deterministic_mode(monkeypatch):
     """Under torch.use_deterministic_algorithms(True) split-K writes one fp32 slice per split and sums them in a
     fixed order (no atomics, whose order varies run to run); the result meets the 2x rule and repeats bit for bit."""
