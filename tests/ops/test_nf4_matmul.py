@@ -350,6 +350,40 @@ def test_serial_split_launches_leave_the_cached_counters_zero(fake_cuda):
     sc.clear()
 
 
+@requires_cuda
+@pytest.mark.triton
+@requires_triton_runtime
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("M", [17, 64, 100, 256])
+@pytest.mark.parametrize("K,N,r", [(4096, 1024, 16), (1024, 4096, 8)])  # LoRA rank 16: the wide launch; 8: not
+def test_triton_default_split_plans_on_the_gpu(dtype, M, K, N, r, monkeypatch):
+    """On a GPU, the launchers' own plans at M = 17..256 (register code book, serial split of the reduction, real
+    atomics and memory ordering across SMs): 2x rule with bias and LoRA, bit-identical on a second call (the split
+    order is fixed), and the cached counters zero again afterwards."""
+    import qpeft.triton_kernels.nf4_matmul as tk
+    from qpeft.triton_kernels import _split_counters as sc
+
+    packed, state, W = make_weight(N, K, "nf4", 64, True, device="cuda")
+    p, a, c, bs, _, _, na, nc, off = weight_args(packed, state)
+    x, b, dy, (xa, lB, lA) = _inputs(M, N, K, dtype, device="cuda", r=r)
+    splits = []
+    for kern, key in ((tk._nf4_matmul_kernel, "SPLIT_K"), (tk._nf4_matmul_dx_kernel, "SPLIT_N")):
+        real_run = kern.run
+        monkeypatch.setattr(kern, "run",
+                            lambda *args, _r=real_run, _k=key, **kw: splits.append(kw[_k]) or _r(*args, **kw))
+    y1, y2 = (tk.nf4_matmul_triton(x, p, a, c, bs, N, na, nc, off, b, xa, lB, 0.5) for _ in range(2))
+    d1, d2 = (tk.nf4_matmul_dx_triton(dy, p, a, c, bs, K, na, nc, off, dy @ lB, lA, 0.5) for _ in range(2))
+    torch.cuda.synchronize()
+    assert max(splits) > 1, splits  # these shapes leave SMs idle unsplit
+    assert torch.equal(y1, y2) and torch.equal(d1, d2)
+    assert all(not buf.any() for buf in sc._BUFFERS.values())
+    ref = x.double() @ W.double().t() + b.double() + 0.5 * (xa.double() @ lB.double().t())
+    assert_close_2x(y1, ref, x @ W.to(dtype).t() + b + 0.5 * (xa @ lB.t()), what="forward")
+    dyb = dy @ lB
+    ref_dx = dy.double() @ W.double() + 0.5 * (dyb.double() @ lA.double())
+    assert_close_2x(d1, ref_dx, dy @ W.to(dtype) + 0.5 * (dyb @ lA), what="dx")
+
+
 @pytest.mark.triton
 @requires_triton_runtime
 def test_triton_split_k_deterministic_mode(monkeypatch):
