@@ -354,7 +354,7 @@ def test_serial_split_launches_leave_the_cached_counters_zero(fake_cuda):
 @pytest.mark.triton
 @requires_triton_runtime
 @pytest.mark.parametrize("dtype", [torch.bfloat16], ids=str)  # fp16: the same code (the tl.dot operand type)
-@pytest.mark.parametrize("M", [17, 100, 256])  # the 16-row-free plans: 64-row tiles, 128-row ones, M > 128
+@pytest.mark.parametrize("M", [17, 100, 256])  # 64-row split tiles; 128-row ones (wide launch) up to 256
 @pytest.mark.parametrize("K,N,r", [(4096, 1024, 16), (1024, 4096, 8)])  # LoRA rank 16: the wide launch; 8: not
 def test_triton_default_split_plans_on_the_gpu(dtype, M, K, N, r, monkeypatch):
     """On a GPU, the launchers' own plans at M = 17..256 (register code book, serial split of the reduction, real
