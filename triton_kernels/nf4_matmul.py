@@ -510,13 +510,17 @@ def _split_k_config(M: int, N: int, K: int, device: torch.device, wide: bool) ->
     1.38x bf16 cuBLAS (0.39x), M = 128 1.23x (0.40x), M = 256 0.71x (0.25x); k/v (4096, 1024) M = 64 / 128
     0.73x / 0.67x (0.10x / 0.11x); gate/up (4096, 14336) M = 128 1.16x unsplit 128 x 128 x 128 (0.80x); 70b q/o /
     down M = 256 0.71x (0.44x). None: M > 256, or (without the wide
-    launch's 16-divisibility) enough tiles without a split: the GEMM tile lists.
+    launch's 16-divisibility) enough tiles without a split: the GEMM tile lists. Above M = 256 only on wide launches
+    whose 256 x 128 tiles would not reach a quarter of the SMs.
     64 x 64 x 128 (8 warps) takes 124 registers with the wide launch's 16-divisibility (2 CTAs per SM), 255 without
     (1 per SM); 128 x 128 x 128 (8 warps) only compiles without spills with it (255 registers), so only there."""
-    if M > SPLIT_MAX_M:
-        return None
     sms = _num_sms(device)
     big = _FWD_GEMM_TILES_BOOK_WIDE[0]
+    if M > SPLIT_MAX_M and not (wide and 4 * triton.cdiv(M, big[0]) * triton.cdiv(N, big[1]) < sms):
+        # above M = 256 only where the 256 x 128 tiles would not reach a quarter of the SMs: k/v (N = 1024) at
+        # M = 1024, 32 tiles, where 128 x 128 x 128 split in 2 predicts 0.70x cuBLAS against 0.24x for the tile
+        # list's choice
+        return None
     if wide and M > 128 and 4 * triton.cdiv(N, big[1]) >= 3 * sms:
         # N alone fills 3/4 of the SMs with the 16-warp 256 x 128 tile (which spills when split): 8b gate/up
         # (4096, 14336) M = 256: 0.81x, where the fill rule's 128 x 128 x 64 gets 0.39x

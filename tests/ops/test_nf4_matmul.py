@@ -922,9 +922,10 @@ def test_register_book_tiles_fill_128_of_132_sms_without_padding_m_twice(M, N, K
 
     cpu = torch.device("cpu")  # pretends 132 SMs, as an H100
     assert M > k.SPLIT_MAX_M  # M <= 256 splits the reduction instead (the split tests below)
+    wide_fwd = k._fwd_config(M, N, K, cpu, register_book=True, wide=True)
     for cfg, cols, col_key, tiles in (
             (k._fwd_config(M, N, K, cpu, register_book=True), N, "BLOCK_N", k._FWD_GEMM_TILES_BOOK),
-            (k._fwd_config(M, N, K, cpu, register_book=True, wide=True), N, "BLOCK_N", k._FWD_GEMM_TILES_BOOK_WIDE),
+            *(((wide_fwd, N, "BLOCK_N", k._FWD_GEMM_TILES_BOOK_WIDE),) if wide_fwd["SPLIT_K"] == 1 else ()),
             (k._dx_config(M, N, K, cpu, register_book=True), K, "BLOCK_K", k._DX_GEMM_TILES_BOOK),
             (k._dx_config(M, N, K, cpu, register_book=True, wide=True), K, "BLOCK_K", k._DX_GEMM_TILES_BOOK_WIDE)):
         programs = -(-M // cfg["BLOCK_M"]) * -(-cols // cfg[col_key])
@@ -981,14 +982,15 @@ def test_tuner_candidates_include_the_serial_splits():
         "triton:64x64x128w8s3k4"
 
 
-@pytest.mark.parametrize("M", [17, 40, 64, 65, 128, 200, 256])
+@pytest.mark.parametrize("M", [17, 40, 64, 65, 128, 200, 256, 1024, 4096])
 @pytest.mark.parametrize("N,K", [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (8192, 8192),
                                  (28672, 8192), (1024, 320)])
 @pytest.mark.parametrize("wide", [False, True])
 def test_register_book_forward_splits_k_to_fill_the_gpu(M, N, K, wide):
     """M = 17..256 (`_split_k_config`): one tile of 64 rows (or 128 with the wide launch's 16-divisibility above
     M = 64) covers M, and K is split until the programs fill the 132 SMs (x2 where two CTAs fit), with at least two
-    K steps per split; the 16-warp 256 x 128 tile unsplit where N alone fills 3/4 of the SMs (wide, M > 128)."""
+    K steps per split; the 16-warp 256 x 128 tile unsplit where N alone fills 3/4 of the SMs (wide, M > 128). Above
+    M = 256 the split only where 256 x 128 tiles would not reach a quarter of the SMs (k/v at M = 1024)."""
     pytest.importorskip("triton")
     from qpeft.triton_kernels import nf4_matmul as k
 
@@ -997,7 +999,10 @@ def test_register_book_forward_splits_k_to_fill_the_gpu(M, N, K, wide):
     tile = (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_warps"], cfg.get("num_stages"))
     split = cfg["SPLIT_K"]
     tiles = -(-M // tile[0]) * -(-N // tile[1])
-    if tile == k._FWD_GEMM_TILES_BOOK_WIDE[0]:
+    few = wide and 4 * -(-M // 256) * -(-N // 128) < 132  # 256 x 128 tiles would not reach a quarter of the SMs
+    if M > k.SPLIT_MAX_M and not few:  # the GEMM tile lists (the test above)
+        assert split == 1 and tile in k._FWD_GEMM_TILES_BOOK_WIDE + k._FWD_GEMM_TILES_BOOK, cfg
+    elif tile == k._FWD_GEMM_TILES_BOOK_WIDE[0]:
         assert wide and M > 128 and split == 1 and 4 * -(-N // 128) >= 3 * 132, cfg
     elif tile in (k._SPLIT_TILE, k._SPLIT_TILE_WIDE):
         assert tile == (k._SPLIT_TILE_WIDE if wide and M > 64 else k._SPLIT_TILE), cfg
