@@ -15,14 +15,18 @@ weight, bit-exact). Otherwise `_dequant_tile_aligned` loads one byte per two wei
 gathers the code book from memory per nibble, and `_dequant_tile` gathers per element (any K, odd K included).
 
 Configurations (one kernel per direction, picked by M in `_fwd_config` / `_dx_config`):
-- decode, M <= 16: a GEMV. BLOCK_M is 1 for one row (multiply-reduce, no padding to 16 rows); 2..16 rows
+- forward decode, M <= 16: a GEMV. BLOCK_M is 1 for one row (multiply-reduce, no padding to 16 rows); 2..16 rows
   use tl.dot with BLOCK_M = 16. BLOCK_N shrinks until about 2 programs per SM stream the packed weight once
-  (N = 4096 on 132 SMs: BLOCK_N = 8 at M = 1, 16 with tl.dot, i.e. 512 / 256 programs), so no split-K and
-  no scratch buffer: the op allocates nothing but its output and is CUDA-graph capturable. Split-K
-  (SPLIT_K > 1, fp32 atomics) is kept for fp32 activations only, where the output itself is the fp32
-  accumulator (zero-filled); half-precision partial sums would need an fp32 scratch buffer.
-- prefill/training, M > 16: a tiled GEMM, tl.dot on dequantized tiles in the K loop, no split. The tile is
-  the largest of a spill-free list that still gives every SM a program (`_gemm_tiles`).
+  (N = 4096 on 132 SMs: BLOCK_N = 8 at M = 1, 16 with tl.dot, i.e. 512 / 256 programs), so no split-K and no
+  scratch buffer for 16-bit activations. For fp32 activations split-K (SPLIT_K > 1) adds fp32 partial sums with
+  atomics into the output itself (zero-filled; one slice per split under torch's deterministic mode).
+- M = 17..256 forward and every dx M <= 256, 16-bit activations with the register code book: the serial split of
+  the reduction (`_split_k_config`, `_dx_split_config`): one M tile covers M and K (forward) or N (dx) is split
+  across programs; each split stores an fp32 partial tile in a scratch buffer (splits x M x N floats, the one
+  allocation besides the output) and the last split of a tile sums them in split order (`_serial_split_store`:
+  deterministic, counters cached per stream by _split_counters.py, CUDA-graph capturable).
+- otherwise, M > 16: a tiled GEMM, tl.dot on dequantized tiles in the K loop, no split. The tile is the largest
+  of a spill-free list that still gives every SM a program (`_gemm_tiles`).
 The auto dispatch (qpeft/ops/nf4_matmul_dispatch.py) may replace these defaults with configurations measured
 on the GPU (qpeft/ops/nf4_matmul_tuned.py, written by benchmarks/tune_nf4_matmul.py).
 
@@ -509,9 +513,9 @@ def _split_k_config(M: int, N: int, K: int, device: torch.device, wide: bool) ->
     order). The static sm_90 model (bf16) predicts, against the unsplit tiles before: 8b q/o (4096, 4096) M = 64
     1.38x bf16 cuBLAS (0.39x), M = 128 1.23x (0.40x), M = 256 0.71x (0.25x); k/v (4096, 1024) M = 64 / 128
     0.73x / 0.67x (0.10x / 0.11x); gate/up (4096, 14336) M = 128 1.16x unsplit 128 x 128 x 128 (0.80x); 70b q/o /
-    down M = 256 0.71x (0.44x). None: M > 256, or (without the wide
-    launch's 16-divisibility) enough tiles without a split: the GEMM tile lists. Above M = 256 only on wide launches
-    whose 256 x 128 tiles would not reach a quarter of the SMs.
+    down M = 256 0.71x (0.44x). None (the GEMM tile lists): M > 256, except on wide launches whose 256 x 128
+    tiles would not reach a quarter of the SMs; or M > 64 without the wide launch's 16-divisibility where the
+    tiles need no split.
     64 x 64 x 128 (8 warps) takes 124 registers with the wide launch's 16-divisibility (2 CTAs per SM), 255 without
     (1 per SM); 128 x 128 x 128 (8 warps) only compiles without spills with it (255 registers), so only there."""
     sms = _num_sms(device)
@@ -663,9 +667,10 @@ def nf4_matmul_triton(x2d, packed, absmax, code, blocksize, N, nested_absmax=Non
     use_dot = cfg["BLOCK_M"] >= 16
     reg_book = _register_book(cfg, fits, aligned, use_dot)
     split = cfg["SPLIT_K"]
-    # split-K reduces across programs: fp32 atomics straight into the (zero-filled) fp32 output, or, under
+    # split-K reduces across programs. fp32 x: fp32 atomics straight into the (zero-filled) fp32 output, or, under
     # torch.use_deterministic_algorithms(True), one fp32 slice per split summed in a fixed order afterwards
-    # (atomics add in whatever order the programs finish: the result can change in the last bit run to run)
+    # (atomics add in whatever order the programs finish: the result can change in the last bit run to run).
+    # 16-bit x: the serial split (fp32 partials in a scratch buffer, summed in split order: always deterministic)
     atomic = not torch.are_deterministic_algorithms_enabled()
     serial = split > 1 and x2d.dtype != torch.float32
     if split < 1:
