@@ -433,6 +433,11 @@ SPLIT_MAX_M = 256
 MAX_SPLIT_K = 8
 _SPLIT_TILE = (64, 64, 128, 8, 3)
 _SPLIT_TILE_WIDE = (128, 128, 128, 8, 3)
+# M <= 64 on N <= 2048 (k/v of GQA models): 64 x 64 x 256, 8 warps (128-133 registers on 16-divisible launches,
+# 220-231 without): the model puts 8b / 70b k/v at M = 17 at 0.99x / 1.09x cuBLAS, M = 64 1.08x / 1.18x, against
+# 0.69x / 0.73x and 0.73x / 0.77x with 64 x 64 x 128
+SPLIT_NARROW_N = 2048
+_SPLIT_TILE_NARROW_N = (64, 64, 256, 8, 3)
 # ... and of its dx at M <= 256 (`_dx_split_config`; dx tiles name BLOCK_M, the N step, BLOCK_K)
 _DX_SPLIT_TILE_DECODE = (16, 64, 64, 4, None)
 _DX_DECODE_TILE_BOOK = (16, 128, 32, 4, None)  # unsplit, when K alone gives 3 programs per SM
@@ -517,7 +522,8 @@ def _split_k_config(M: int, N: int, K: int, device: torch.device, wide: bool) ->
     tiles would not reach a quarter of the SMs; or M > 64 without the wide launch's 16-divisibility where the
     tiles need no split.
     64 x 64 x 128 (8 warps) takes 124 registers with the wide launch's 16-divisibility (2 CTAs per SM), 255 without
-    (1 per SM); 128 x 128 x 128 (8 warps) only compiles without spills with it (255 registers), so only there."""
+    (1 per SM); 128 x 128 x 128 (8 warps) only compiles without spills with it (255 registers), so only there;
+    narrow layers (N <= 2048) at M <= 64 take 64 x 64 x 256 (`_SPLIT_TILE_NARROW_N`)."""
     sms = _num_sms(device)
     big = _FWD_GEMM_TILES_BOOK_WIDE[0]
     if M > SPLIT_MAX_M and not (wide and 4 * triton.cdiv(M, big[0]) * triton.cdiv(N, big[1]) < sms):
@@ -529,7 +535,10 @@ def _split_k_config(M: int, N: int, K: int, device: torch.device, wide: bool) ->
         # N alone fills 3/4 of the SMs with the 16-warp 256 x 128 tile (which spills when split): 8b gate/up
         # (4096, 14336) M = 256: 0.81x, where the fill rule's 128 x 128 x 64 gets 0.39x
         return dict(tile_config(big), SPLIT_K=1)
-    tile = _SPLIT_TILE_WIDE if wide and M > 64 else _SPLIT_TILE
+    if M > 64:
+        tile = _SPLIT_TILE_WIDE if wide else _SPLIT_TILE
+    else:  # narrow layers (GQA k/v, N = 1024): longer K steps, twice the bytes in flight per program
+        tile = _SPLIT_TILE_NARROW_N if N <= SPLIT_NARROW_N else _SPLIT_TILE
     programs = sms * (2 if wide and tile == _SPLIT_TILE else 1)
     tiles = triton.cdiv(M, tile[0]) * triton.cdiv(N, tile[1])
     split = max(1, min(MAX_SPLIT_K, round(programs / tiles), K // (2 * tile[2])))  # >= 2 K steps per split
