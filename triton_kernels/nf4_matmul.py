@@ -517,7 +517,7 @@ def _split_k_config(M: int, N: int, K: int, device: torch.device, wide: bool) ->
     across programs until they fill the SMs (SERIAL_SPLIT: the last split of a tile sums the fp32 partials in split
     order). The static sm_90 model (bf16) predicts, against the unsplit tiles before: 8b q/o (4096, 4096) M = 64
     1.38x bf16 cuBLAS (0.39x), M = 128 1.23x (0.40x), M = 256 0.71x (0.25x); k/v (4096, 1024) M = 64 / 128
-    0.73x / 0.67x (0.10x / 0.11x); gate/up (4096, 14336) M = 128 1.16x unsplit 128 x 128 x 128 (0.80x); 70b q/o /
+    1.08x / 0.67x (0.10x / 0.11x); gate/up (4096, 14336) M = 128 1.16x unsplit 128 x 128 x 128 (0.80x); 70b q/o /
     down M = 256 0.71x (0.44x). None (the GEMM tile lists): M > 256, except on wide launches whose 256 x 128
     tiles would not reach a quarter of the SMs; or M > 64 without the wide launch's 16-divisibility where the
     tiles need no split.

@@ -21,7 +21,7 @@ Two sources, in this order:
      tensor-core peak (fast-kernels.md section 0). At M = 17..256 its register code-book GEMM splits K across
      programs (serial split-K): the model puts it at 1.34-1.54x bf16 cuBLAS at M = 17..64 on 8b q/o, gate/up and
      down, against 1.13-1.18x (M = 17) and 0.27x (M = 64) for the tensor-core decode kernel, which re-reads x
-     through L2 per 8 rows and spills in its 8-group form; k/v (N = 1024) 0.69-0.73x against 0.54x / 0.28x.
+     through L2 per 8 rows and spills in its 8-group form; 8b k/v (N = 1024) 0.99x / 1.08x against 0.54x / 0.28x.
 
 The plan only sets a preference: QPEFT_BACKEND=cuda|triton still forces a backend (`_backend.select`), and a
 Triton run always uses the plan's tiles. Lookups are cached per (direction, M, N, K, dtype, device).
