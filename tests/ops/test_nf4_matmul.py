@@ -861,7 +861,9 @@ def _default_gemm_tiles():
                ("fwd", k._SPLIT_TILE_WIDE + (k.MAX_SPLIT_K,), "wide", True)]
             # ... and dx's serial split of N (SPLIT_N appended)
             + [("dx", k._DX_SPLIT_TILE_DECODE + (k.MAX_SPLIT_K,), True, True),
+               ("dx", k._DX_SPLIT_TILE_DECODE + (k.MAX_SPLIT_K,), "wide", True),
                ("dx", k._DX_SPLIT_TILE + (k.MAX_SPLIT_K,), True, True),
+               ("dx", k._DX_SPLIT_TILE + (k.MAX_SPLIT_K,), "wide", True),
                ("dx", k._DX_SPLIT_TILE_WIDE + (k.MAX_SPLIT_K,), "wide", True)])
 
 
