@@ -213,12 +213,13 @@ def test_load_builds_once_per_arch_into_its_own_cache_dir(fake_cuda, monkeypatch
     assert (out / "qpeft_C.so").exists() and (out80 / "qpeft_C.so").exists()
 
 
-def test_load_removes_the_baton_of_an_interrupted_build(fake_cuda, recwarn):
-    """torch's build guard is a plain `lock` file that only its owner removes: a build killed mid-way left one, and
-    the next build waited on it forever. qpeft builds under an flock (released by the kernel when a process dies),
-    so a `lock` it finds is stale: removed, with a warning, and the build runs."""
+def test_load_removes_the_baton_of_an_interrupted_build(fake_cuda, recwarn, monkeypatch):
+    """Where torch's build guard is a plain `lock` file that only its owner removes (torch.utils.file_baton), a
+    build killed mid-way left one, and the next build waited on it forever. qpeft builds under an flock (released
+    by the kernel when a process dies), so a baton it finds is stale: removed, with a warning, and the build runs."""
     import fcntl
 
+    monkeypatch.setattr(_jit, "_torch_guard_is_a_baton", lambda: True)
     out = _jit.build_dir()
     out.mkdir(parents=True)
     (out / "lock").write_bytes(b"")  # what torch.utils.file_baton leaves when its build is killed
@@ -229,9 +230,32 @@ def test_load_removes_the_baton_of_an_interrupted_build(fake_cuda, recwarn):
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
-def test_load_leaves_the_baton_alone_without_a_build_in_the_way(fake_cuda, recwarn):
-    out = _jit.load()
-    assert not (out / "lock").exists() and not any("interrupted" in str(w.message) for w in recwarn.list)
+def test_load_leaves_an_os_lock_file_alone(fake_cuda, recwarn, monkeypatch):
+    """Where torch holds an OS lock on <build dir>/lock (filelock: the file stays after every build, harmlessly),
+    qpeft neither removes it nor warns; without any file, no warning either."""
+    monkeypatch.setattr(_jit, "_torch_guard_is_a_baton", lambda: False)
+    out = _jit.build_dir()
+    out.mkdir(parents=True)
+    (out / "lock").write_bytes(b"")
+    assert _jit.load() == out and (out / "lock").exists()
+    monkeypatch.setattr(_jit, "_torch_guard_is_a_baton", lambda: True)
+    (out / "lock").unlink()
+    _cuda.clear_caches()
+    assert _jit.load() == out and len(fake_cuda.builds) == 2
+    assert not any("interrupted" in str(w.message) for w in recwarn.list)
+
+
+def test_torch_build_guard_detection_matches_this_torch():
+    """`_torch_guard_is_a_baton` reads what cpp_extension imports; check it against the guard its JIT build really
+    takes on <build dir>/lock (FileBaton before filelock: torch 2.11 in the image lane, FileLock in 2.15)."""
+    import inspect
+
+    from torch.utils import cpp_extension
+
+    src = inspect.getsource(cpp_extension._jit_compile)
+    uses_baton, uses_os_lock = "FileBaton(" in src, "FileLock(" in src
+    assert uses_baton != uses_os_lock, "torch's JIT build guard changed: revisit qpeft._jit._build_lock"
+    assert _jit._torch_guard_is_a_baton() == uses_baton
 
 
 def test_load_raises_the_reason_before_compiling(fake_cuda, monkeypatch, tmp_path):

@@ -114,22 +114,33 @@ def load() -> Path:
     return out
 
 
+def _torch_guard_is_a_baton() -> bool:
+    """How this torch guards a JIT build at <build dir>/lock. Up to 2.14 (at least): torch.utils.file_baton, a file
+    whose mere existence makes every other build wait, removed only by its owner. 2.15: an OS advisory lock on the
+    same path (filelock), released by the kernel when its holder dies; the file may stay and means nothing.
+    Detected by what torch.utils.cpp_extension imports, not by version."""
+    from torch.utils import cpp_extension
+
+    return hasattr(cpp_extension, "FileBaton") and not hasattr(cpp_extension, "FileLock")
+
+
 @contextlib.contextmanager
 def _build_lock(out: Path):
-    """Hold an flock on <out>/qpeft-build.flock for the build. torch's own guard is a plain file (<out>/lock,
-    torch.utils.file_baton) that only its owner removes: a build killed mid-way (Ctrl-C, a CI timeout) leaves it,
-    and every later build waits on it forever, silently. The kernel drops an flock with its process, so whoever
-    holds ours is the only builder there (every qpeft build takes it first), and a `lock` file it finds is stale."""
+    """Hold an flock on <out>/qpeft-build.flock for the build. Where torch's own guard is a baton file (<out>/lock,
+    `_torch_guard_is_a_baton`), a build killed mid-way (Ctrl-C, a CI timeout) leaves it and every later build
+    waits on it forever, silently. The kernel drops an flock with its process, so whoever holds ours is the only
+    builder there (every qpeft build takes it first), and a baton it finds is stale: removed, with a warning.
+    Where torch holds an OS lock on that path instead, its file is left alone."""
     try:
         import fcntl
-    except ImportError:  # not POSIX: torch's baton alone
+    except ImportError:  # not POSIX: torch's guard alone
         yield
         return
     with open(out / "qpeft-build.flock", "a+") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             baton = out / "lock"
-            if baton.exists():
+            if baton.exists() and _torch_guard_is_a_baton():
                 warnings.warn(f"qpeft: removing {baton}, left by a build that was interrupted (no build holds "
                               f"{f.name}); building again", RuntimeWarning, stacklevel=4)
                 baton.unlink(missing_ok=True)
