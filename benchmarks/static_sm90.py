@@ -267,18 +267,18 @@ def _triton_launch(rec, direction, M, N, K) -> Launch:
     m_tiles = math.ceil(M / bm)
     if rec.name == "_nf4_matmul_kernel":  # x once per N tile, W once per M tile
         reread = math.ceil(N / bn) * M * K * 2 + m_tiles * N * K * HW.nf4_bytes_per_weight
-        if c.get("SERIAL_SPLIT"):  # fp32 partials written by every split and read back by the last one
-            reread += 2 * c["SPLIT_K"] * M * N * 4
+        serial = bool(c.get("SERIAL_SPLIT"))
+        if serial:  # fp32 partials written by every split and read back by the last one
+            reread += 2 * split * M * N * 4
     else:                                 # dy once per K tile, W once per M tile
         reread = math.ceil(K / bk) * M * N * 2 + m_tiles * N * K * HW.nf4_bytes_per_weight
-        if c.get("SPLIT_N", 1) > 1:  # serial split of N: fp32 partials written and read back
-            reread += 2 * c["SPLIT_N"] * M * K * 4
-    serial = bool(c.get("SERIAL_SPLIT")) or c.get("SPLIT_N", 1) > 1
-    n_split = c.get("SPLIT_K", 1) if rec.name == "_nf4_matmul_kernel" else c.get("SPLIT_N", 1)
+        serial = split > 1
+        if serial:  # serial split of N: fp32 partials written and read back
+            reread += 2 * split * M * K * 4
     return Launch("triton", kern, res, shared, ctas, warps, iters, weights, weights * min(rows, bm), l2_reread=reread,
                   note=f"{bm}x{bn}x{bk} w{warps}"
                   + (f" s{rec.options()['num_stages']}" if "num_stages" in rec.options() else "")
-                  + (f" split{n_split}" if serial else ""))
+                  + (f" split{split}" if serial else ""))
 
 
 def _cuda_kernel(tu: str, needle: str) -> tuple[Kernel, dict]:

@@ -511,6 +511,18 @@ def _fwd_config(M: int, N: int, K: int, device: torch.device, dtype: torch.dtype
     return cfg
 
 
+def _split_count(programs: int, tiles: int, steps: int) -> int:
+    """Splits of the reduction that bring `tiles` output tiles nearest `programs` programs, at most MAX_SPLIT_K and
+    at least two of the reduction's `steps` (K or N steps of the tile) per split."""
+    return max(1, min(MAX_SPLIT_K, round(programs / tiles), steps // 2))
+
+
+def _split_scratch(split: int, M: int, cols: int, tiles: int, device: torch.device):
+    """(fp32 partials (split, M, cols), zeroed counters for `tiles` output tiles) of a serial split launch
+    (`_serial_split_store`)."""
+    return torch.empty((split, M, cols), dtype=torch.float32, device=device), split_counters(tiles, device)
+
+
 def _split_k_config(M: int, N: int, K: int, device: torch.device, wide: bool) -> dict | None:
     """The register code book's forward for M = 17..256, where N-parallel tiles leave SMs idle unless W is
     decoded again for more M tiles: one M tile covers M (W decoded once, or twice at 64-row tiles), and K is split
@@ -540,8 +552,7 @@ def _split_k_config(M: int, N: int, K: int, device: torch.device, wide: bool) ->
     else:  # narrow layers (GQA k/v, N = 1024): longer K steps, twice the bytes in flight per program
         tile = _SPLIT_TILE_NARROW_N if N <= SPLIT_NARROW_N else _SPLIT_TILE
     programs = sms * (2 if wide and tile == _SPLIT_TILE else 1)
-    tiles = triton.cdiv(M, tile[0]) * triton.cdiv(N, tile[1])
-    split = max(1, min(MAX_SPLIT_K, round(programs / tiles), K // (2 * tile[2])))  # >= 2 K steps per split
+    split = _split_count(programs, triton.cdiv(M, tile[0]) * triton.cdiv(N, tile[1]), K // tile[2])
     if split == 1 and not (M <= 64 or wide):
         return None
     return dict(tile_config(tile), SPLIT_K=split)
@@ -567,8 +578,7 @@ def _dx_split_config(M: int, N: int, K: int, device: torch.device, wide: bool) -
         tile, programs = _DX_SPLIT_TILE_WIDE, sms
     else:
         tile, programs = _DX_SPLIT_TILE, sms * (2 if M <= 64 else 1)
-    tiles = triton.cdiv(M, tile[0]) * triton.cdiv(K, tile[2])
-    split = max(1, min(MAX_SPLIT_K, round(programs / tiles), N // (2 * tile[1])))  # >= 2 N steps per split
+    split = _split_count(programs, triton.cdiv(M, tile[0]) * triton.cdiv(K, tile[2]), N // tile[1])
     return dict(tile_config(tile), SPLIT_N=split)
 
 
@@ -680,18 +690,17 @@ def nf4_matmul_triton(x2d, packed, absmax, code, blocksize, N, nested_absmax=Non
     # torch.use_deterministic_algorithms(True), one fp32 slice per split summed in a fixed order afterwards
     # (atomics add in whatever order the programs finish: the result can change in the last bit run to run).
     # 16-bit x: the serial split (fp32 partials in a scratch buffer, summed in split order: always deterministic)
-    atomic = not torch.are_deterministic_algorithms_enabled()
-    serial = split > 1 and x2d.dtype != torch.float32
     if split < 1:
         raise ValueError(f"config SPLIT_K must be >= 1, got SPLIT_K={split}")
+    atomic = not torch.are_deterministic_algorithms_enabled()
+    serial = split > 1 and x2d.dtype != torch.float32
     n_tiles = _grid_cols(N, cfg["BLOCK_N"])
     dummy = code
     ws = counters = dummy
     if split == 1 or serial:
         out = torch.empty((M, N), dtype=x2d.dtype, device=x2d.device)
         if serial:  # 16-bit output: `_nf4_matmul_kernel`'s SERIAL_SPLIT (deterministic, no second kernel)
-            ws = torch.empty((split, M, N), dtype=torch.float32, device=x2d.device)
-            counters = split_counters(triton.cdiv(M, cfg["BLOCK_M"]) * n_tiles, x2d.device)
+            ws, counters = _split_scratch(split, M, N, triton.cdiv(M, cfg["BLOCK_M"]) * n_tiles, x2d.device)
     else:
         out = torch.zeros((M, N), dtype=torch.float32, device=x2d.device) if atomic else \
             torch.empty((split, M, N), dtype=torch.float32, device=x2d.device)
@@ -752,9 +761,8 @@ def nf4_matmul_dx_triton(dy2d, packed, absmax, code, blocksize, K, nested_absmax
                          f"its {MAX_GRID_Y}: use a larger BLOCK_K")
     m_tiles = _grid_cols(M, cfg["BLOCK_M"])
     ws = counters = dummy
-    if split > 1:  # fp32 partials and one counter per output tile (`_serial_split_store`)
-        ws = torch.empty((split, M, K), dtype=torch.float32, device=dy2d.device)
-        counters = split_counters(m_tiles * k_tiles, dy2d.device)
+    if split > 1:
+        ws, counters = _split_scratch(split, M, K, m_tiles * k_tiles, dy2d.device)
     _nf4_matmul_dx_kernel[(m_tiles, k_tiles, split)](
         dy2d, dx, M, N, K, dy2d.stride(0), dx.stride(0),
         packed, absmax, code, nested_absmax if nested else dummy, nested_code if nested else dummy,
