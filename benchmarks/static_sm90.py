@@ -293,6 +293,16 @@ def _cuda_kernel(tu: str, needle: str) -> tuple[Kernel, dict]:
     return kernels[hits[0]], res[hits[0]]
 
 
+DEC_L1_BYTES = 192 * 1024  # kDecL1Bytes: the x of one CTA an SM's L1 keeps for its later CTAs
+
+
+def decode_row_groups(N: int, M: int, K: int, r8: int, warps: int, ctas_per_sm: int) -> int:
+    """decode_row_groups of csrc/nf4_gemv.cu: row groups of 8 r8 rows per CTA sharing each read of x."""
+    if M * K * 2 <= DEC_L1_BYTES or warps < 4 or warps % 2:
+        return 1
+    return 2 if math.ceil(N / (8 * r8 * 2)) >= HW.sms * ctas_per_sm * 31 // 32 else 1
+
+
 def cuda_launches(direction: str, M: int, N: int, K: int) -> list[Launch]:
     """The CUDA C++ launches of qpeft_C::nf4_matmul_out / nf4_matmul_dx_out for bf16 activations, mirroring the
     host code of csrc/nf4_matmul.cu and csrc/nf4_gemv.cu (keep the two in step)."""
@@ -308,20 +318,24 @@ def cuda_launches(direction: str, M: int, N: int, K: int) -> list[Launch]:
         while r8 > 1 and math.ceil(N / (8 * r8)) < HW.sms * 31 // 32:  # decode_row_tiles
             r8 //= 2
         passes = K // 256                  # kDecPassK: a warp pass = 8 r8 rows x 256 k
-        warps = min(8, passes)             # kDecMaxWarps: split-K across the warps of a CTA
-        per_warp = math.ceil(passes / warps)
-        ctas = math.ceil(N / (8 * r8))
+        warps = min(8, passes)             # kDecMaxWarps: split-K across the warps of a row group
+        rg = decode_row_groups(N, M, K, r8, warps, 2 if tg <= 2 else 1)  # __launch_bounds__' CTAs per SM
+        per_warp = math.ceil(passes / (warps // rg))
+        ctas = math.ceil(N / (8 * r8 * rg))
         # the loop body holds two passes (alternating load buffers); its SASS path decodes max_r8 tiles, so with
         # fewer (small N) the instructions per weight are overstated
         w_iter = 2 * 8 * r8 * 256
         l = Launch("cuda_decode", kern, res, res.get("SHARED", 0), ctas, warps, per_warp / 2, w_iter, w_iter * M,
-                   note=f"mma.sync {tg}x8 tokens, {r8}x8 rows, w{warps}")
-        # x through L2: every CTA reads its tokens' whole x (each CTA covers all of K). CTAs resident on an SM walk
-        # the same passes at the same time (one L2 read serves them through L1), and when an SM's x fits in L1
-        # (<= 192 KB) its later CTAs find it there too
-        per_sm = min(M, 8 * tg) * K * 2
-        share = math.ceil(ctas / HW.sms) if per_sm <= 192 * 1024 else max(1, min(occupancy(l), ctas // HW.sms))
-        l.l2_reread = ctas * per_sm / share
+                   note=f"mma.sync {tg}x8 tokens, {r8}x8 rows" + (f" x{rg} groups" if rg > 1 else "") + f", w{warps}")
+        # x through L2: every CTA reads its tokens' whole x (each row group covers all of K; the groups of a CTA
+        # read the same x at the same time). CTAs resident on an SM together walk the same passes at the same time
+        # (one L2 read serves them through L1): one read per SM and residency; when a CTA's x fits in L1
+        # (<= 192 KB) the SM's later CTAs find it there too: one read per SM
+        per_cta = M * K * 2
+        reads = min(ctas, HW.sms)
+        if per_cta > DEC_L1_BYTES:
+            reads = max(math.ceil(ctas / max(1, occupancy(l))), reads)
+        l.l2_reread = reads * per_cta
         out.append(l)
         return out
     if direction == "fwd" and M <= 16 and K % 32 == 0:  # the SIMT kernel (fp32 / blocksize 32 / K % 256 != 0)

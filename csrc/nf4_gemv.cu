@@ -217,7 +217,8 @@ template <int TG> __host__ __device__ constexpr int decode_max_r8() { return TG 
 // Register budget: (256) alone lets ptxas cap the kernel at 80 registers and spill; (256, 2) caps it at 128.
 template <typename T, int TG, bool NESTED>
 __global__ void __launch_bounds__(kDecMaxWarps * 32, TG <= 2 ? 2 : 1)
-nf4_decode_mma_kernel(const T* __restrict__ x, Weight4 w, int M, int r8, T* __restrict__ out, LoraEpilogue ep) {
+nf4_decode_mma_kernel(const T* __restrict__ x, Weight4 w, int M, int r8, int kw, T* __restrict__ out,
+                      LoraEpilogue ep) {
   constexpr int R8 = decode_max_r8<TG>();
   __shared__ float s_ncode[NESTED ? 256 : 1];
   // per warp, row tile, token group and lane: the 4 D values that hold real sums (c0, c1 of acc[r][2i], c2, c3 of
@@ -236,7 +237,13 @@ nf4_decode_mma_kernel(const T* __restrict__ x, Weight4 w, int M, int r8, T* __re
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int64_t N = w.rows, K = w.cols;
-  const int64_t n0 = int64_t(blockIdx.x) * 8 * r8;  // this CTA's rows: n0 .. n0 + 8 r8
+  // rg = warps / kw row groups of 8 r8 rows per CTA (kw divides warps): the kw warps of group warp / kw split K
+  // between them, and the warps of different groups that share a pass index read the same x at the same time
+  // (one L2 read through L1 serves all rg groups: x crosses L2 once per 8 r8 rg rows of W). kw is a kernel
+  // argument, not warps / rg, so that the loop's stride stays a uniform constant (a division here put it in
+  // per-thread registers and cost the M = 16 pass 6% of its simulated latency)
+  const int rg = warps / kw, kwi = warp % kw;
+  const int64_t n0 = (int64_t(blockIdx.x) * rg + warp / kw) * 8 * r8;  // this warp's rows: n0 .. n0 + 8 r8
   const uint32_t passes = static_cast<uint32_t>(K / kDecPassK);  // the host requires K % 256 == 0
   // Token rows of this lane's A operands, clamped into range: rows >= M only feed D rows that are never stored.
   const T* xr[TG];
@@ -259,7 +266,7 @@ nf4_decode_mma_kernel(const T* __restrict__ x, Weight4 w, int M, int r8, T* __re
 #pragma unroll
       for (int c = 0; c < 4; ++c) acc[r][a][c] = 0.f;
 
-  // passes p = warp, warp + warps, ... two per iteration on alternating load buffers (no register copies);
+  // passes p = kwi, kwi + kw, ... two per iteration on alternating load buffers (no register copies);
   // a pass's loads are issued one pass ahead
   auto load = [&](uint32_t p, PassLoads (&buf)[R8]) {
 #pragma unroll
@@ -267,19 +274,20 @@ nf4_decode_mma_kernel(const T* __restrict__ x, Weight4 w, int M, int r8, T* __re
       if (R8 == 1 || r < r8) load_pass<NESTED>(w, ls[r], p, buf[r]);
   };
   PassLoads bufA[R8], bufB[R8];
-  uint32_t p = warp;
+  uint32_t p = kwi;
   if (p < passes) load(p, bufA);
 #pragma unroll 1
-  for (; p < passes; p += 2 * warps) {
-    const uint32_t q = p + warps;
+  for (; p < passes; p += 2 * kw) {
+    const uint32_t q = p + kw;
     if (q < passes) load(q, bufB);
     decode_pass<T, TG, R8, NESTED>(bufA, r8, code, s_ncode, off, xr, p, acc);
     if (q >= passes) break;
-    if (q + warps < passes) load(q + warps, bufA);
+    if (q + kw < passes) load(q + kw, bufA);
     decode_pass<T, TG, R8, NESTED>(bufB, r8, code, s_ncode, off, xr, q, acc);
   }
 
-  // split-K reduction in warp order (deterministic), then bias / LoRA and one rounding per output
+  // split-K reduction in warp order within each row group (deterministic), then bias / LoRA and one rounding per
+  // output
 #pragma unroll
   for (int r = 0; r < R8; ++r)
 #pragma unroll
@@ -287,18 +295,20 @@ nf4_decode_mma_kernel(const T* __restrict__ x, Weight4 w, int M, int r8, T* __re
       s_red[warp][r * TG + i][lane] = make_float4(acc[r][2 * i][0], acc[r][2 * i][1], acc[r][2 * i + 1][2],
                                                   acc[r][2 * i + 1][3]);
   __syncthreads();
-  const int cols = 8 * r8;
+  const int group_cols = 8 * r8, cols = group_cols * rg;
+  const int64_t c0 = int64_t(blockIdx.x) * cols;  // the CTA's first row of W (output column)
   for (int o = threadIdx.x; o < M * cols; o += blockDim.x) {
-    // token m = 8 i + g' of row tile r, column ni: lane g' * 4 + ni / 2, components ni & 1 (first kind, D row g')
-    // and 2 + (ni & 1) (second kind, D row g' + 8)
-    const int m = o / cols, nn = o % cols, r = nn >> 3, ni = nn & 7, i = m >> 3;
+    // token m = 8 i + g' of row tile r of row group gi, column ni: lane g' * 4 + ni / 2, components ni & 1 (first
+    // kind, D row g') and 2 + (ni & 1) (second kind, D row g' + 8), summed over the group's warps
+    const int m = o / cols, nn = o % cols, gi = nn / group_cols, nr = nn % group_cols;
+    const int r = nr >> 3, ni = nr & 7, i = m >> 3;
     const int ln = (m & 7) * 4 + (ni >> 1);
     float v = 0.f;
-    for (int wi = 0; wi < warps; ++wi) {
+    for (int wi = gi * kw; wi < gi * kw + kw; ++wi) {
       const float4 s4 = s_red[wi][r * TG + i][ln];
       v += (ni & 1) ? s4.y + s4.w : s4.x + s4.z;
     }
-    const int64_t n = n0 + nn;
+    const int64_t n = c0 + nn;
     if (n < N) out[int64_t(m) * N + n] = Cvt<T>::from_f(apply_epilogue(ep, v, m, n));
   }
 }
@@ -418,27 +428,46 @@ void launch_gemv_t(const T* x, const Weight4& w, int64_t M, T* out, const LoraEp
   else launch_simt<T, 16, 2>(x, w, M, out, ep, stream);
 }
 
-// 8-row tiles per warp: as many as allowed (x is re-read once per 8 R8 rows of W) while the grid still gives
-// every SM a CTA (132 on an H100; N = 4096 takes 4 tiles: 128 CTAs, N = 1024 one: 128 CTAs).
-inline int decode_row_tiles(int64_t N, int max_r8) {
+inline int device_sms() {
   int dev = 0, sms = 132;  // two cheap host queries, no synchronization
   if (cudaGetDevice(&dev) == cudaSuccess) cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  return sms;
+}
+
+// 8-row tiles per warp: as many as allowed (x is re-read once per 8 R8 rows of W) while the grid still gives
+// every SM a CTA (132 on an H100; N = 4096 takes 4 tiles: 128 CTAs, N = 1024 one: 128 CTAs).
+inline int decode_row_tiles(int64_t N, int max_r8, int sms) {
   int r8 = max_r8;
   while (r8 > 1 && ceil_div(N, 8 * r8) < sms * 31 / 32) r8 /= 2;  // within 3% of every SM busy
   return r8;
+}
+
+// Row groups per CTA. A CTA reads its tokens' whole x (M x K x 2 B) through L2; the CTAs resident on an SM read it
+// together (one L2 read through L1). Up to kDecL1Bytes an SM's L1 also keeps it for the SM's later CTAs; past it,
+// x crosses L2 once per residency: at M = 16, 2 B per weight against W's 0.52 B (117 MB against 30 MB at
+// N = 4096, K = 14336: 0.55 of the bandwidth floor by the static model). Two row groups per CTA share each read
+// (0.87 there), where the grid still fills every SM with ctas_per_sm CTAs (__launch_bounds__). Four groups halve
+// the CTAs again: one per SM at N = 4096 (latency bound, 0.45) or a worse last wave (70b gate/up: 3.4 waves).
+constexpr int64_t kDecL1Bytes = 192 * 1024;
+inline int decode_row_groups(int64_t N, int64_t M, int64_t K, int r8, int warps, int ctas_per_sm, int sms) {
+  if (M * K * 2 <= kDecL1Bytes || warps < 4 || warps % 2) return 1;  // two groups of >= 2 warps of split-K
+  return ceil_div(N, 8 * r8 * 2) >= int64_t(sms) * ctas_per_sm * 31 / 32 ? 2 : 1;
 }
 
 template <typename T, int TG>
 void launch_decode_t(const T* x, const Weight4& w, int64_t M, T* out, const LoraEpilogue& ep, cudaStream_t stream) {
   const int64_t passes = ceil_div(w.cols, kDecPassK);
   const int warps = static_cast<int>(std::min<int64_t>(kDecMaxWarps, passes));
-  const int r8 = decode_row_tiles(w.rows, decode_max_r8<TG>());
-  const int64_t grid = ceil_div(w.rows, 8 * r8);
+  const int sms = device_sms();
+  const int r8 = decode_row_tiles(w.rows, decode_max_r8<TG>(), sms);
+  const int rg = decode_row_groups(w.rows, M, w.cols, r8, warps, TG <= 2 ? 2 : 1, sms);
+  const int64_t grid = ceil_div(w.rows, 8 * r8 * rg);
   TORCH_CHECK(grid <= 0x7fffffff, "N too large for the decode kernel: ", w.rows);
+  const int m = static_cast<int>(M);
   if (w.nested)
-    nf4_decode_mma_kernel<T, TG, true><<<grid, warps * 32, 0, stream>>>(x, w, static_cast<int>(M), r8, out, ep);
+    nf4_decode_mma_kernel<T, TG, true><<<grid, warps * 32, 0, stream>>>(x, w, m, r8, warps / rg, out, ep);
   else
-    nf4_decode_mma_kernel<T, TG, false><<<grid, warps * 32, 0, stream>>>(x, w, static_cast<int>(M), r8, out, ep);
+    nf4_decode_mma_kernel<T, TG, false><<<grid, warps * 32, 0, stream>>>(x, w, m, r8, warps / rg, out, ep);
 }
 
 bool nf4_decode_mma_applies(const at::Tensor& x, const Weight4& w) {

@@ -521,9 +521,12 @@ def test_cuda_forward_dx_lora(M, N, K, dtype, quant_type, blocksize, nested, mon
 # second one half past N), the SIMT kernel at M <= 16 otherwise (blocksize 32 below), the tiled GEMM above.
 # Shapes: one warp (K = 256), split-K over 8 warps with 1 and 2 passes each
 # (K = 2816 = 11 passes: warps 0-2 take two, the loop's early exit), N not a multiple of 8 (clamped rows),
-# blocksizes below, at and above the 256-k pass (a pass inside one block / the block spanning passes)
+# blocksizes below, at and above the 256-k pass (a pass inside one block / the block spanning passes), and two
+# row groups per CTA where one CTA's x outgrows L1 (M x K x 2 B > 192 KB: (12, 4104, 8448) and (8, 4100, 12544),
+# 257 CTAs of 16 rows on a 132-SM GPU, the last one's second group past N, 33 / 49 passes over 4 warps per group)
 DECODE_SHAPES = [(1, 37, 256), (3, 64, 2816), (8, 29, 512), (9, 40, 4096), (16, 33, 768), (17, 24, 512),
-                 (32, 19, 1280), (24, 2056, 256), (41, 1000, 512), (64, 72, 256)]
+                 (32, 19, 1280), (24, 2056, 256), (41, 1000, 512), (64, 72, 256), (12, 4104, 8448),
+                 (8, 4100, 12544)]
 
 
 @requires_cuda

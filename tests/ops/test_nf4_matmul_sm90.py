@@ -150,6 +150,87 @@ def test_decode_fragments_compute_x_times_w_transposed(M):
 
 
 # ------------------------------------------------------------------------------------------ Triton dequantization
+def decode_launch(M: int, N: int, K: int, tg: int, sms: int = 132) -> dict:
+    """csrc launch_decode_t's geometry: 8-row tiles per warp (decode_row_tiles), row groups per CTA
+    (decode_row_groups, mirrored by benchmarks/static_sm90.py), warps, grid."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from benchmarks import static_sm90
+
+    passes = K // 256
+    warps = min(8, passes)
+    r8 = 2 if tg == 4 else 1
+    while r8 > 1 and -(-N // (8 * r8)) < sms * 31 // 32:
+        r8 //= 2
+    rg = static_sm90.decode_row_groups(N, M, K, r8, warps, 2 if tg <= 2 else 1)
+    return dict(passes=passes, warps=warps, r8=r8, rg=rg, kw=warps // rg, grid=-(-N // (8 * r8 * rg)))
+
+
+def emulate_decode_work_split(x: np.ndarray, W: np.ndarray, geo: dict) -> tuple[np.ndarray, np.ndarray]:
+    """nf4_decode_mma_kernel's work split, emulated per CTA and warp: warp w of CTA b takes the rows
+    n0 = (b rg + w / kw) 8 r8 .. + 8 r8 (loads clamped to row N - 1) and the passes kwi, kwi + kw, ... (kwi = w % kw);
+    the epilogue maps output o of the CTA to (token m, column nn), row group gi = nn / (8 r8), and sums the
+    accumulators of warps gi kw .. gi kw + kw - 1 in warp order. Returns the output and how often each was stored."""
+    M, K = x.shape
+    N = W.shape[0]
+    r8, kw, rg, warps = geo["r8"], geo["kw"], geo["rg"], geo["warps"]
+    out = np.zeros((M, N))
+    stores = np.zeros((M, N), dtype=int)
+    for b in range(geo["grid"]):
+        acc = np.zeros((warps, 8 * r8, M))
+        for w in range(warps):
+            n0 = (b * rg + w // kw) * 8 * r8
+            rows = np.minimum(np.arange(n0, n0 + 8 * r8), N - 1)
+            for p in range(w % kw, geo["passes"], kw):
+                ks = slice(256 * p, 256 * p + 256)
+                acc[w] += W[rows, ks] @ x[:, ks].T
+        cols = 8 * r8 * rg
+        for o in range(M * cols):
+            m, nn = divmod(o, cols)
+            gi, nr = divmod(nn, 8 * r8)
+            v = sum(acc[wi, nr, m] for wi in range(gi * kw, gi * kw + kw))
+            n = b * cols + nn
+            if n < N:
+                out[m, n] = v
+                stores[m, n] += 1
+    return out, stores
+
+
+@pytest.mark.parametrize("M,N,K,tg", [(16, 4104, 8448, 2), (12, 4104, 8448, 2), (8, 4100, 12544, 1),
+                                      (64, 2040, 1536, 8), (16, 1000, 2816, 2), (3, 37, 256, 1),
+                                      (24, 2056, 512, 4)])
+def test_decode_work_split_stores_every_output_once(M, N, K, tg):
+    """The decode kernel's split of rows and passes over CTAs, row groups and warps, with the launch geometry of
+    the host: every output stored exactly once, and equal to x @ W^T (small integers: exact sums). Covers two row
+    groups per CTA with the last CTA's second group past N (N = 4104, 4100) and passes that do not divide among the
+    warps (33, 49, 11), six warps (K = 1536), one group (N = 1000), one warp (K = 256) and two 8-row tiles per
+    warp (tg = 4)."""
+    geo = decode_launch(M, N, K, tg)
+    g_ = np.random.default_rng(M * N + K)
+    x = g_.integers(-3, 4, (M, K)).astype(np.float64)
+    W = g_.integers(-3, 4, (N, K)).astype(np.float64)
+    out, stores = emulate_decode_work_split(x, W, geo)
+    assert (stores == 1).all()
+    np.testing.assert_array_equal(out, x @ W.T)
+
+
+def test_decode_row_groups_where_x_outgrows_l1():
+    """Two row groups per CTA exactly where one CTA's x passes the 192 KB of L1 and the grid still fills every SM
+    with its CTAs (two per SM at M <= 16); the GPU test shapes of tests/ops/test_nf4_matmul.py take this path."""
+    assert decode_launch(16, 4096, 14336, 2)["rg"] == 2      # Llama-3-8B down: 256 CTAs of 16 rows
+    assert decode_launch(16, 4096, 4096, 2)["rg"] == 1       # x is 128 KB: L1 serves the SM's later CTAs
+    assert decode_launch(16, 1024, 14336, 2)["rg"] == 1      # 64 CTAs would leave SMs idle
+    assert decode_launch(8, 28672, 8192, 1)["rg"] == 1       # 128 KB
+    assert decode_launch(16, 28672, 8192, 2)["rg"] == 2
+    assert decode_launch(12, 4104, 8448, 2)["rg"] == 2       # GPU test shapes
+    assert decode_launch(8, 4100, 12544, 1)["rg"] == 2
+    assert decode_launch(64, 8192, 1792, 8)["rg"] == 1       # 7 warps do not split in two (229 KB of x)
+    geo = decode_launch(16, 4104, 8448, 2)
+    assert (geo["kw"], geo["grid"]) == (4, 257)
+
+
 def _has_triton() -> bool:
     try:
         import triton  # noqa: F401
