@@ -438,6 +438,10 @@ _SPLIT_TILE_WIDE = (128, 128, 128, 8, 3)
 # 0.69x / 0.73x and 0.73x / 0.77x with 64 x 64 x 128
 SPLIT_NARROW_N = 2048
 _SPLIT_TILE_NARROW_N = (64, 64, 256, 8, 3)
+# ... and at M <= 32 32 x 64 x 256, 8 warps (165-169 registers on 16-divisible launches): 8b / 70b k/v at M = 17
+# 1.08x / 1.19x, M = 32 1.09x / 1.20x, against 0.99x / 1.09x and 1.04x / 1.14x with 64 x 64 x 256 (the 64-row
+# tile's padding rows cost its programs issue slots and shared memory: one CTA per SM either way)
+_SPLIT_TILE_NARROW_N_SMALL_M = (32, 64, 256, 8, 3)
 # ... and of its dx at M <= 256 (`_dx_split_config`; dx tiles name BLOCK_M, the N step, BLOCK_K)
 _DX_SPLIT_TILE_DECODE = (16, 64, 64, 4, None)
 _DX_DECODE_TILE_BOOK = (16, 128, 32, 4, None)  # unsplit, when K alone gives 3 programs per SM
@@ -535,7 +539,7 @@ def _split_k_config(M: int, N: int, K: int, device: torch.device, wide: bool) ->
     tiles need no split.
     64 x 64 x 128 (8 warps) takes 124 registers with the wide launch's 16-divisibility (2 CTAs per SM), 255 without
     (1 per SM); 128 x 128 x 128 (8 warps) only compiles without spills with it (255 registers), so only there;
-    narrow layers (N <= 2048) at M <= 64 take 64 x 64 x 256 (`_SPLIT_TILE_NARROW_N`)."""
+    narrow layers (N <= 2048) at M <= 64 take 64 x 64 x 256 (`_SPLIT_TILE_NARROW_N`), 32 x 64 x 256 at M <= 32."""
     sms = _num_sms(device)
     big = _FWD_GEMM_TILES_BOOK_WIDE[0]
     if M > SPLIT_MAX_M and not (wide and 4 * triton.cdiv(M, big[0]) * triton.cdiv(N, big[1]) < sms):
@@ -550,7 +554,8 @@ def _split_k_config(M: int, N: int, K: int, device: torch.device, wide: bool) ->
     if M > 64:
         tile = _SPLIT_TILE_WIDE if wide else _SPLIT_TILE
     else:  # narrow layers (GQA k/v, N = 1024): longer K steps, twice the bytes in flight per program
-        tile = _SPLIT_TILE_NARROW_N if N <= SPLIT_NARROW_N else _SPLIT_TILE
+        tile = (_SPLIT_TILE if N > SPLIT_NARROW_N else _SPLIT_TILE_NARROW_N_SMALL_M if M <= 32 else
+                _SPLIT_TILE_NARROW_N)
     programs = sms * (2 if wide and tile == _SPLIT_TILE else 1)
     split = _split_count(programs, triton.cdiv(M, tile[0]) * triton.cdiv(N, tile[1]), K // tile[2])
     if split == 1 and not (M <= 64 or wide):

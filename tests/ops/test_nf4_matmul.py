@@ -861,6 +861,8 @@ def _default_gemm_tiles():
                ("fwd", k._SPLIT_TILE + (k.MAX_SPLIT_K,), "wide", True),
                ("fwd", k._SPLIT_TILE_NARROW_N + (k.MAX_SPLIT_K,), True, True),
                ("fwd", k._SPLIT_TILE_NARROW_N + (k.MAX_SPLIT_K,), "wide", True),
+               ("fwd", k._SPLIT_TILE_NARROW_N_SMALL_M + (k.MAX_SPLIT_K,), True, True),
+               ("fwd", k._SPLIT_TILE_NARROW_N_SMALL_M + (k.MAX_SPLIT_K,), "wide", True),
                ("fwd", k._SPLIT_TILE_WIDE + (k.MAX_SPLIT_K,), "wide", True)]
             # ... and dx's serial split of N (SPLIT_N appended)
             + [("dx", k._DX_SPLIT_TILE_DECODE + (k.MAX_SPLIT_K,), True, True),
@@ -1026,11 +1028,13 @@ def test_register_book_forward_splits_k_to_fill_the_gpu(M, N, K, wide):
         assert split == 1 and tile in k._FWD_GEMM_TILES_BOOK_WIDE + k._FWD_GEMM_TILES_BOOK, cfg
     elif tile == k._FWD_GEMM_TILES_BOOK_WIDE[0]:
         assert wide and M > 128 and split == 1 and 4 * -(-N // 128) >= 3 * 132, cfg
-    elif tile in (k._SPLIT_TILE, k._SPLIT_TILE_WIDE, k._SPLIT_TILE_NARROW_N):
+    elif tile in (k._SPLIT_TILE, k._SPLIT_TILE_WIDE, k._SPLIT_TILE_NARROW_N, k._SPLIT_TILE_NARROW_N_SMALL_M):
         if M > 64:
             assert tile == (k._SPLIT_TILE_WIDE if wide else k._SPLIT_TILE), cfg
+        elif N > 2048:
+            assert tile == k._SPLIT_TILE, cfg
         else:
-            assert tile == (k._SPLIT_TILE_NARROW_N if N <= 2048 else k._SPLIT_TILE), cfg
+            assert tile == (k._SPLIT_TILE_NARROW_N_SMALL_M if M <= 32 else k._SPLIT_TILE_NARROW_N), cfg
         assert 1 <= split <= k.MAX_SPLIT_K and (split == 1 or K // (split * tile[2]) >= 2), cfg
         target = 132 * (2 if wide and tile == k._SPLIT_TILE else 1)
         # the split brings the programs nearest the target, unless capped (MAX_SPLIT_K, or too few K steps)
