@@ -432,7 +432,11 @@ _BOOK_FILL = 31 / 32
 SPLIT_MAX_M = 256
 MAX_SPLIT_K = 8
 _SPLIT_TILE = (64, 64, 128, 8, 3)
-_SPLIT_TILE_WIDE = (128, 128, 128, 8, 3)
+# 16 warps (two warpgroups of 64 rows: 114-128 registers, 16-divisible launches only: 128 + 344 B of stack without)
+# rather than 8 (193-222 registers): the same single CTA per SM with twice the warps to hide latency. The model:
+# 8b q/o / down M = 256 0.71x -> 0.78x / 0.84x cuBLAS, k/v M = 128 0.67x -> 0.78x, M = 65..128 1.13-1.33x ->
+# 1.35-1.56x
+_SPLIT_TILE_WIDE = (128, 128, 128, 16, 3)
 # M <= 64 on N <= 2048 (k/v of GQA models): 64 x 64 x 256, 8 warps (128-133 registers on 16-divisible launches,
 # 220-231 without): the model puts 8b / 70b k/v at M = 17 at 0.99x / 1.09x cuBLAS, M = 64 1.08x / 1.18x, against
 # 0.69x / 0.73x and 0.73x / 0.77x with 64 x 64 x 128
@@ -538,7 +542,7 @@ def _split_k_config(M: int, N: int, K: int, device: torch.device, wide: bool) ->
     tiles would not reach a quarter of the SMs; or M > 64 without the wide launch's 16-divisibility where the
     tiles need no split.
     64 x 64 x 128 (8 warps) takes 124 registers with the wide launch's 16-divisibility (2 CTAs per SM), 255 without
-    (1 per SM); 128 x 128 x 128 (8 warps) only compiles without spills with it (255 registers), so only there;
+    (1 per SM); 128 x 128 x 128 (16 warps) only compiles without spills with it (114-128 registers), so only there;
     narrow layers (N <= 2048) at M <= 64 take 64 x 64 x 256 (`_SPLIT_TILE_NARROW_N`), 32 x 64 x 256 at M <= 32."""
     sms = _num_sms(device)
     big = _FWD_GEMM_TILES_BOOK_WIDE[0]
