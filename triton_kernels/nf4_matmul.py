@@ -434,8 +434,8 @@ MAX_SPLIT_K = 8
 _SPLIT_TILE = (64, 64, 128, 8, 3)
 # 16 warps (two warpgroups of 64 rows: 114-128 registers, 16-divisible launches only: 128 + 344 B of stack without)
 # rather than 8 (193-222 registers): the same single CTA per SM with twice the warps to hide latency. The model:
-# 8b q/o / down M = 256 0.71x -> 0.78x / 0.84x cuBLAS, k/v M = 128 0.67x -> 0.78x, M = 65..128 1.13-1.33x ->
-# 1.35-1.56x
+# 8b q/o / down M = 256 0.71x -> 0.78x / 0.84x cuBLAS (70b 0.71x -> 0.84-0.85x), k/v M = 128 0.67x / 0.70x ->
+# 0.78x / 0.82x, gate/up / down / 70b q/o M = 128 1.15-1.33x -> 1.37-1.56x (8b q/o stays 1.23x: L2 bound)
 _SPLIT_TILE_WIDE = (128, 128, 128, 16, 3)
 # M <= 64 on N <= 2048 (k/v of GQA models): 64 x 64 x 256, 8 warps (128-133 registers on 16-divisible launches,
 # 220-231 without): the model puts 8b / 70b k/v at M = 17 at 0.99x / 1.09x cuBLAS, M = 64 1.08x / 1.18x, against
