@@ -158,6 +158,14 @@ def sm90_resource_usage(compiled) -> tuple[str, str]:
     return usage, sass
 
 
+def narrow_global_loads(sass: str) -> int:
+    """Global loads of 32 bits or less (LDG / LDGSTS without a .64 / .128 width) in a SASS listing."""
+    import re
+
+    return len(re.findall(r"\b(?:LDG|LDGSTS)\.E(?:\.U8|\.U16|\.S8|\.S16)?(?:\.\w+)?\s", sass)) - \
+        len(re.findall(r"\b(?:LDG|LDGSTS)\.E(?:\.\w+)*\.(?:64|128)\s", sass))
+
+
 def spill_instructions(sass: str) -> list[str]:
     """The local-memory loads/stores (LDL / STL) in a kernel's SASS: register spills. A stack frame alone is
     not one: Triton 3.6 calls the IEEE-division slow path as a subroutine, which reserves 16 B of stack

@@ -13,8 +13,8 @@ import torch
 import qpeft
 from qpeft.autograd.nf4_matmul import nf4_matmul, weight_args
 from qpeft.reference import nf4_matmul as ref
-from utils import (DTYPES, TRITON_INTERPRET, assert_close_2x, compile_for_sm90, has_triton, requires_cuda,
-                   requires_triton_runtime, triton_device, triton_dtypes)
+from utils import (DTYPES, TRITON_INTERPRET, assert_close_2x, compile_for_sm90, has_triton, narrow_global_loads,
+                   requires_cuda, requires_triton_runtime, triton_device, triton_dtypes)
 
 # (M, N, K): single row, odd everything, K % 64 != 0 (blocks span rows), odd K (rows start mid-byte)
 SHAPES = [(1, 33, 70), (5, 17, 131), (20, 48, 96), (3, 40, 128)]
@@ -836,14 +836,6 @@ def _compile_sm90(direction: str, cfg: dict, has_lora: bool = True, reg_book: bo
     return compiled.metadata.shared, usage, sass
 
 
-def _narrow_global_loads(sass: str) -> int:
-    """Global loads of 32 bits or less (LDG / LDGSTS without a .64 / .128 width) in a SASS listing."""
-    import re
-
-    return len(re.findall(r"\b(?:LDG|LDGSTS)\.E(?:\.U8|\.U16|\.S8|\.S16)?(?:\.\w+)?\s", sass)) - \
-        len(re.findall(r"\b(?:LDG|LDGSTS)\.E(?:\.\w+)*\.(?:64|128)\s", sass))
-
-
 def _default_gemm_tiles():
     """[(direction, tile, register code book, with the LoRA epilogue too)]: the gather loader's tiles and the
     register code book's; "wide": its 16-warp tiles, compiled with the 16-divisibility the launcher requires for
@@ -899,7 +891,7 @@ def test_default_triton_tiles_compile_for_sm90_without_register_spills(direction
         if reg_book:  # the lookup is PRMTs, and the per-nibble code-book gathers are gone (the whole kernel's
             # narrow loads also count the epilogue's, e.g. 234 -> 118 / 145 for 128 x 128 x 64, Triton 3.9 / 3.6)
             gather = _compile_sm90(direction, cfg, has_lora, False, reg_book == "wide")[2]
-            assert "PRMT" in sass and _narrow_global_loads(sass) < _narrow_global_loads(gather), what
+            assert "PRMT" in sass and narrow_global_loads(sass) < narrow_global_loads(gather), what
 
 
 @pytest.mark.parametrize("M", [17, 40, 64, 65, 128, 256, 1024, 16384])

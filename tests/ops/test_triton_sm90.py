@@ -204,7 +204,7 @@ def _linear_cross_entropy_cases():
 # ----------------------------------------------------------------------------------------------- grouped NF4 experts
 def _grouped_nf4_cases():
     from qpeft.quant.experts import quantize_experts
-    from qpeft.triton_kernels.grouped_nf4 import (grouped_lora_grad_triton, grouped_lora_shrink_triton,
+    from qpeft.triton_kernels.grouped_nf4 import (_gemm_config, grouped_lora_grad_triton, grouped_lora_shrink_triton,
                                                   grouped_nf4_matmul_dx_triton, grouped_nf4_matmul_triton)
 
     E, I, r = 8, 256, 16
@@ -229,6 +229,13 @@ def _grouped_nf4_cases():
                 grouped_nf4_matmul_triton(_randn(S, H, dtype=dtype), None, p, a, code, bs, N, tr, na, nc, off, seg,
                                           perm, None, None, None, 0.0)
                 grouped_nf4_matmul_dx_triton(dy, perm, p, a, code, bs, H, tr, na, nc, off, seg, perm, dyb, A, 0.5)
+                if H == 512 and dtype != torch.float32:  # 16-bit activations take the register code book where
+                    # it fits; the gather loader stays for GPUs before sm_80 and slices not 4-byte aligned
+                    gather = dict(_gemm_config(S, E, dtype), REG_BOOK=False)
+                    grouped_nf4_matmul_triton(x, token, p, a, code, bs, N, tr, na, nc, off, seg, None, None, xa, B,
+                                              0.5, config=gather)
+                    grouped_nf4_matmul_dx_triton(dy, perm, p, a, code, bs, H, tr, na, nc, off, seg, perm, dyb, A, 0.5,
+                                                 config=gather)
                 if full:
                     grouped_lora_shrink_triton(x, token, A, seg)
                     grouped_lora_shrink_triton(dy, perm, B.transpose(1, 2), seg)
