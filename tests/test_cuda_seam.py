@@ -351,6 +351,33 @@ def test_triton_register_code_book_is_taken_on_sm80_and_newer_only(fake_cuda):
     assert not fits() and not fits(torch.float16)
 
 
+def test_grouped_nf4_takes_the_register_code_book_on_sm80_and_newer_only(fake_cuda):
+    """The grouped experts' GEMM (MoE) takes nf4_matmul's register code book, and its 64-wide K steps at training
+    sizes, on the same condition: on a 7.x GPU it keeps the gather loader and its 32-wide K steps."""
+    pytest.importorskip("triton")
+    from qpeft.reference.grouped_nf4 import route_ref
+    from qpeft.triton_kernels import grouped_nf4 as tk
+    from utils import recorded_triton_launches
+
+    if tk._INTERPRET:
+        pytest.skip("the interpreter never takes the register code book (inline PTX)")
+    # 4 experts (out 192, in 256), NF4 blocksize 64, as quantize_experts lays them out (nothing runs: recorded)
+    packed, absmax, code = torch.zeros(4, 192 * 256 // 2, dtype=torch.uint8), torch.ones(4, 192 * 256 // 64), \
+        torch.zeros(16)
+    perm, token, seg = route_ref(torch.rand(512, 4).topk(2, dim=1).indices, 4)  # the op would ask the extension
+
+    def launch():
+        with recorded_triton_launches() as launches:
+            tk.grouped_nf4_matmul_triton(torch.randn(512, 256, dtype=torch.bfloat16), token, packed, absmax, code, 64,
+                                         192, False, None, None, None, seg, None, None, None, None, 0.0)
+        (one,) = launches
+        return one.kwargs["REG_BOOK"], one.kwargs["BLOCK_K"]
+
+    assert launch() == (True, 64)
+    fake_cuda.pretend(capability=(7, 5))
+    assert launch() == (False, 32)
+
+
 # ------------------------------------------------------------------------------------------ device choices
 def test_transformers_default_device_map_is_the_current_gpu(fake_cuda):
     pytest.importorskip("transformers")
