@@ -14,7 +14,6 @@ with plain `python` (one process) for the single-process reference.
 from __future__ import annotations
 
 import os
-import runpy
 import sys
 
 import torch
@@ -148,8 +147,10 @@ def _install_report(out_dir: str) -> None:
     transformers.Trainer.__init__ = __init__
 
 if __name__ == "__main__":
+    from rank_exit import run_then_exit  # the directory of this file is sys.path[0]
+
     if os.environ.get("QPEFT_ACCEL_REPORT"):
         _install_report(os.environ["QPEFT_ACCEL_REPORT"])
     script = sys.argv[1]
     sys.argv = sys.argv[1:]
-    runpy.run_path(script, run_name="__main__")
+    run_then_exit(script)  # os._exit(0) after a clean end: see rank_exit.py

@@ -33,10 +33,11 @@ def spawn(script: str, world_size: int, out_dir: Path, *args: str, env: dict | N
                  **(env or {}))
         log = open(out_dir / f"rank{rank}.log", "w+")
         logs.append(log)
-        # -X faulthandler: a rank that aborts (SIGABRT, e.g. the rare 'terminate called without an active
-        # exception' at shutdown under torch 2.15, cause still open) prints every thread's Python stack into its
-        # log, which the failure message below shows: a Python frame, or "<no Python frame>" at finalization
-        procs.append(subprocess.Popen([sys.executable, "-X", "faulthandler", str(HERE / script), str(out_dir), *args],
+        # -X faulthandler: a rank that aborts (SIGABRT) prints every thread's Python stack into its log, which the
+        # failure message below shows. rank_exit.py runs the worker and leaves through os._exit after a clean end:
+        # the rare 'terminate called without an active exception' came from finalization (see there)
+        procs.append(subprocess.Popen([sys.executable, "-X", "faulthandler", str(HERE / "rank_exit.py"),
+                                       str(HERE / script), str(out_dir), *args],
                                       env=e, stdout=log, stderr=subprocess.STDOUT))
     failed = []
     try:

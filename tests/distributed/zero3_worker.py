@@ -67,9 +67,9 @@ def finish_gloo_ranks(out_dir: Path, rank: int, report: dict) -> None:
     if rank == 0:
         (out_dir / "report.json").write_text(json.dumps(report, indent=1, default=str))
     dist.barrier()
-    # Tear the group down here, as the fsdp2 workers do, not in interpreter finalization. This did NOT cure the
-    # rare 'terminate called without an active exception' (exit -6) of a rank at shutdown in the latest lane
-    # (torch 2.15): load_worker, which destroys its group, aborted the same way in CI; cause still open.
+    # Tear the group down here, as the fsdp2 workers do, not in interpreter finalization. This alone did not cure
+    # the rare 'terminate called without an active exception' (exit -6) of a rank at shutdown; the ranks now also
+    # leave through os._exit (rank_exit.py, which launch.spawn runs them under).
     dist.destroy_process_group()
 
 
