@@ -800,8 +800,9 @@ def test_register_book_kernel_has_no_code_book_gathers_on_sm90(transposed):
 
 @requires_cuda
 @pytest.mark.skipif(not has_triton(), reason="needs triton")
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("transposed,nested,blocksize", [(False, True, 64), (True, False, 128), (False, False, 32)])
+@pytest.mark.parametrize("transposed,nested,blocksize,dtype", [(False, True, 64, torch.bfloat16),
+                                                              (True, False, 128, torch.float16),
+                                                              (False, False, 32, torch.float16)])
 def test_register_book_matches_the_gather_loader_bit_for_bit(transposed, nested, blocksize, dtype):
     """On a GPU: the register code book's tiles are the gather loader's rounded to the activations' dtype, so with
     the same tile both kernels (forward and dX, with bias and the LoRA epilogue) give the same bits."""
