@@ -303,6 +303,18 @@ def decode_row_groups(N: int, M: int, K: int, r8: int, warps: int, ctas_per_sm: 
     return 2 if math.ceil(N / (8 * r8 * 2)) >= HW.sms * ctas_per_sm * 31 // 32 else 1
 
 
+def decode_geometry(M: int, N: int, K: int, tg: int) -> dict:
+    """launch_decode_t of csrc/nf4_gemv.cu for tg groups of 8 tokens: 8-row tiles per warp (r8), row groups per CTA
+    (rg), warps per CTA and per row group (kw), passes of 256 k, CTAs."""
+    r8 = 2 if tg == 4 else 1   # decode_max_r8: 8-row tiles per warp
+    while r8 > 1 and math.ceil(N / (8 * r8)) < HW.sms * 31 // 32:  # decode_row_tiles
+        r8 //= 2
+    passes = K // 256                  # kDecPassK: a warp pass = 8 r8 rows x 256 k
+    warps = min(8, passes)             # kDecMaxWarps: split-K across the warps of a row group
+    rg = decode_row_groups(N, M, K, r8, warps, 2 if tg <= 2 else 1)  # __launch_bounds__' CTAs per SM
+    return dict(passes=passes, warps=warps, r8=r8, rg=rg, kw=warps // rg, ctas=math.ceil(N / (8 * r8 * rg)))
+
+
 def cuda_launches(direction: str, M: int, N: int, K: int) -> list[Launch]:
     """The CUDA C++ launches of qpeft_C::nf4_matmul_out / nf4_matmul_dx_out for bf16 activations, mirroring the
     host code of csrc/nf4_matmul.cu and csrc/nf4_gemv.cu (keep the two in step)."""
@@ -314,14 +326,9 @@ def cuda_launches(direction: str, M: int, N: int, K: int) -> list[Launch]:
     if direction == "fwd" and M <= 64 and K % 256 == 0:  # nf4_decode_mma_applies (bf16, blocksize 64)
         tg = 1 if M <= 8 else 2 if M <= 16 else 4 if M <= 32 else 8  # groups of 8 tokens
         kern, res = _cuda_kernel("nf4_gemv.cu", f"nf4_decode_mma_kernelI13__nv_bfloat16Li{tg}ELb1E")
-        r8 = 2 if tg == 4 else 1   # decode_max_r8: 8-row tiles per warp
-        while r8 > 1 and math.ceil(N / (8 * r8)) < HW.sms * 31 // 32:  # decode_row_tiles
-            r8 //= 2
-        passes = K // 256                  # kDecPassK: a warp pass = 8 r8 rows x 256 k
-        warps = min(8, passes)             # kDecMaxWarps: split-K across the warps of a row group
-        rg = decode_row_groups(N, M, K, r8, warps, 2 if tg <= 2 else 1)  # __launch_bounds__' CTAs per SM
-        per_warp = math.ceil(passes / (warps // rg))
-        ctas = math.ceil(N / (8 * r8 * rg))
+        geo = decode_geometry(M, N, K, tg)
+        r8, rg, warps, ctas = geo["r8"], geo["rg"], geo["warps"], geo["ctas"]
+        per_warp = math.ceil(geo["passes"] / geo["kw"])
         # the loop body holds two passes (alternating load buffers); its SASS path decodes max_r8 tiles, so with
         # fewer (small N) the instructions per weight are overstated
         w_iter = 2 * 8 * r8 * 256

@@ -150,22 +150,15 @@ def test_decode_fragments_compute_x_times_w_transposed(M):
 
 
 # ------------------------------------------------------------------------------------------ Triton dequantization
-def decode_launch(M: int, N: int, K: int, tg: int, sms: int = 132) -> dict:
-    """csrc launch_decode_t's geometry: 8-row tiles per warp (decode_row_tiles), row groups per CTA
-    (decode_row_groups, mirrored by benchmarks/static_sm90.py), warps, grid."""
+def decode_launch(M: int, N: int, K: int, tg: int) -> dict:
+    """csrc launch_decode_t's geometry on a 132-SM H100, as benchmarks/static_sm90.py mirrors it."""
     import sys
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from benchmarks import static_sm90
 
-    passes = K // 256
-    warps = min(8, passes)
-    r8 = 2 if tg == 4 else 1
-    while r8 > 1 and -(-N // (8 * r8)) < sms * 31 // 32:
-        r8 //= 2
-    rg = static_sm90.decode_row_groups(N, M, K, r8, warps, 2 if tg <= 2 else 1)
-    return dict(passes=passes, warps=warps, r8=r8, rg=rg, kw=warps // rg, grid=-(-N // (8 * r8 * rg)))
+    return static_sm90.decode_geometry(M, N, K, tg)
 
 
 def emulate_decode_work_split(x: np.ndarray, W: np.ndarray, geo: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -178,7 +171,7 @@ def emulate_decode_work_split(x: np.ndarray, W: np.ndarray, geo: dict) -> tuple[
     r8, kw, rg, warps = geo["r8"], geo["kw"], geo["rg"], geo["warps"]
     out = np.zeros((M, N))
     stores = np.zeros((M, N), dtype=int)
-    for b in range(geo["grid"]):
+    for b in range(geo["ctas"]):
         acc = np.zeros((warps, 8 * r8, M))
         for w in range(warps):
             n0 = (b * rg + w // kw) * 8 * r8
@@ -228,7 +221,7 @@ def test_decode_row_groups_where_x_outgrows_l1():
     assert decode_launch(8, 4100, 12544, 1)["rg"] == 2
     assert decode_launch(64, 8192, 1792, 8)["rg"] == 1       # 7 warps do not split in two (229 KB of x)
     geo = decode_launch(16, 4104, 8448, 2)
-    assert (geo["kw"], geo["grid"]) == (4, 257)
+    assert (geo["kw"], geo["ctas"]) == (4, 257)
 
 
 def _has_triton() -> bool:
