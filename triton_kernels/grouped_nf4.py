@@ -116,6 +116,21 @@ def _stored_tile(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_cod
 
 
 @triton.jit
+def _slice_tile(packed_ptr, absmax_ptr, code_ptr, book, nested_absmax_ptr, nested_code_ptr, offset, rows, row_ok, c0,
+                C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
+                ALIGNED: tl.constexpr, REG_BOOK: tl.constexpr, OUT_DTYPE: tl.constexpr):
+    """The tile S[rows, c0 : c0 + BLOCK_C] of one expert's slice, 0 outside it: through the register code book
+    (REG_BOOK, `book` its 16 values: OUT_DTYPE, the launcher's conditions of nf4_matmul's `_dequant_tile_words`),
+    else fp32 by `_stored_tile`."""
+    if REG_BOOK:
+        return _dequant_tile_words(packed_ptr, absmax_ptr, book, nested_absmax_ptr, nested_code_ptr, offset, rows,
+                                   row_ok, c0, C, BLOCK_R, BLOCK_C, BLOCKSIZE, NESTED, False, OUT_DTYPE)
+    else:
+        return _stored_tile(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset, rows,
+                            row_ok, c0, C, BLOCK_R, BLOCK_C, BLOCKSIZE, NESTED, ALIGNED)
+
+
+@triton.jit
 def _grouped_nf4_kernel(
     # activations (rows, RED) gathered through a_index, output (S, OUT) scattered through out_index
     a_ptr, a_index_ptr, stride_am, out_ptr, out_index_ptr, stride_om,
@@ -154,6 +169,7 @@ def _grouped_nf4_kernel(
             nested_e = nested_absmax_ptr + e64 * stride_ne
             offset = tl.load(offset_ptr + e)
 
+        book = 0  # the register code book's 16 values, loaded once per program where the launch takes it
         if REG_BOOK:
             book = load_book(code_ptr)
 
@@ -164,23 +180,14 @@ def _grouped_nf4_kernel(
             x = tl.load(a_ptr + a_rows[:, None] * stride_am + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :],
                         other=0.0)
             if OUT_ROWS:  # stored (OUT, RED): a (BLOCK_N, BLOCK_K) tile, used transposed
-                if REG_BOOK:
-                    w = _dequant_tile_words(packed_e, absmax_e, book, nested_e, nested_code_ptr, offset,
-                                            offs_n.to(tl.int64), n_ok, k0, C, BLOCK_N, BLOCK_K, BLOCKSIZE, NESTED,
-                                            False, a_ptr.dtype.element_ty)
-                else:
-                    w = _stored_tile(packed_e, absmax_e, code_ptr, nested_e, nested_code_ptr, offset,
-                                     offs_n.to(tl.int64), n_ok, k0, C, BLOCK_N, BLOCK_K, BLOCKSIZE, NESTED, ALIGNED)
+                w = _slice_tile(packed_e, absmax_e, code_ptr, book, nested_e, nested_code_ptr, offset,
+                                offs_n.to(tl.int64), n_ok, k0, C, BLOCK_N, BLOCK_K, BLOCKSIZE, NESTED, ALIGNED,
+                                REG_BOOK, a_ptr.dtype.element_ty)
                 acc = tl.dot(_as_dot(x, DOT_KIND), tl.trans(_as_dot(w, DOT_KIND)), acc, input_precision=PRECISION)
             else:  # stored (RED, OUT): a (BLOCK_K, BLOCK_N) tile, used as it is
-                if REG_BOOK:
-                    w = _dequant_tile_words(packed_e, absmax_e, book, nested_e, nested_code_ptr, offset,
-                                            offs_k.to(tl.int64), k_ok, pid_n * BLOCK_N, C, BLOCK_K, BLOCK_N,
-                                            BLOCKSIZE, NESTED, False, a_ptr.dtype.element_ty)
-                else:
-                    w = _stored_tile(packed_e, absmax_e, code_ptr, nested_e, nested_code_ptr, offset,
-                                     offs_k.to(tl.int64), k_ok, pid_n * BLOCK_N, C, BLOCK_K, BLOCK_N, BLOCKSIZE,
-                                     NESTED, ALIGNED)
+                w = _slice_tile(packed_e, absmax_e, code_ptr, book, nested_e, nested_code_ptr, offset,
+                                offs_k.to(tl.int64), k_ok, pid_n * BLOCK_N, C, BLOCK_K, BLOCK_N, BLOCKSIZE, NESTED,
+                                ALIGNED, REG_BOOK, a_ptr.dtype.element_ty)
                 acc = tl.dot(_as_dot(x, DOT_KIND), _as_dot(w, DOT_KIND), acc, input_precision=PRECISION)
 
         if HAS_BIAS:
