@@ -172,7 +172,11 @@ def _dequant_tile_words(packed_ptr, absmax_ptr, book, nested_absmax_ptr, nested_
     loader's tile rounded to OUT_DTYPE. Not under the interpreter (inline PTX)."""
     WORDS: tl.constexpr = BLOCK_K // 8
     GROUPS: tl.constexpr = BLOCK_K // BLOCKSIZE if BLOCK_K >= BLOCKSIZE else 1
-    row_words = K // 8
+    # K // 8, written so that Triton knows it as a multiple of 4 (K % 32 == 0: blocksize >= 32 divides K): rows of
+    # words start 16-byte aligned, so a thread loads 4 consecutive words (32 weights of one absmax block) in one
+    # 16-byte load and builds one table for them, not 8-byte loads from two rows with a table each (128 x 128 x 128
+    # on sm_90, Triton 3.9: forward 10.56 -> 9.31, dx 11.47 -> 10.06 main-loop instructions per weight)
+    row_words = (K // 32) * 4
     offs_w = (k0 // 8 + tl.arange(0, WORDS)).to(tl.int64)
     word_ptr = packed_ptr.to(tl.pointer_type(tl.int32))
     if EVEN:
@@ -423,8 +427,16 @@ _DX_GEMM_TILES_BOOK = ((128, 64, 128, 8, 3), (64, 64, 128, 8, 3), (64, 64, 64, 8
 # latency the 8-warp ones cannot. Forward 256 x 128 x 64: 0.93x at M = 1024, dx 128 x 128 x 128: 0.76x (model).
 # They sit at the 128-register cap of 16 warps: without the 16-divisibility (e.g. LoRA rank 8) they spill
 # (8-500 B), hence the condition.
-_FWD_GEMM_TILES_BOOK_WIDE = ((256, 128, 64, 16, 3),) + _FWD_GEMM_TILES_BOOK
-_DX_GEMM_TILES_BOOK_WIDE = ((128, 128, 128, 16, 3),) + _DX_GEMM_TILES_BOOK
+# dx's 256 x 64 x 128 (16 warps, 124-128 registers) became spill-free and the better tile once the dx weight tile
+# took unmasked whole-tile loads (EVEN_NK) and 16-byte word loads: 0.88x at M = 1024 against 0.82x for
+# 128 x 128 x 128 (model, Triton 3.9 and 3.6). The 16-warp 128 x 128 x 128 after the 256-row tiles takes over
+# where those leave the last wave a sixth empty (`_gemm_tiles`' wave rule): 8b gate/up forward and down dx at
+# M = 1024 (448 tiles on 132 SMs, 3.4 waves): 0.82x -> 0.88x and 0.78x -> 0.82x.
+_FWD_GEMM_TILES_BOOK_WIDE = ((256, 128, 64, 16, 3), (128, 128, 128, 16, 3)) + _FWD_GEMM_TILES_BOOK
+_DX_GEMM_TILES_BOOK_WIDE = ((256, 64, 128, 16, 3), (128, 128, 128, 16, 3)) + _DX_GEMM_TILES_BOOK
+# ... skipped for the next 16-warp tile of the list when that one fills its last wave this much better
+# (programs / (waves x SMs)): one CTA per SM, so a part-empty last wave idles whole SMs
+_WAVE_FILL_GAIN = 0.1
 # The register code book's tiles count 128 programs on 132 SMs as full (e.g. M = 128, N = 4096: 2 x 64 tiles of
 # 64 x 64), rather than dropping to a tile that re-decodes W for more M tiles.
 _BOOK_FILL = 31 / 32
@@ -474,11 +486,23 @@ def _gemm_tiles(tiles: tuple, M: int, out_cols: int, col_axis: int, device: torc
     Filling the SMs matters most for M = 17..256, which is still weight-streaming: (128 x 128) tiles at M = 128,
     N = 4096 would be 32 programs for 132 SMs, (32 x 64) gives 256."""
     sms = _num_sms(device)
-    for t in tiles:
-        if t[0] > 16 and t[0] >= 2 * M:
+
+    def programs(t):
+        return triton.cdiv(M, t[0]) * triton.cdiv(out_cols, t[col_axis])
+
+    def fits(t):
+        return not (t[0] > 16 and t[0] >= 2 * M) and programs(t) >= int(sms * fill)
+
+    def wave_fill(t):
+        return programs(t) / (triton.cdiv(programs(t), sms) * sms)
+
+    for i, t in enumerate(tiles):
+        if not fits(t):
             continue
-        if triton.cdiv(M, t[0]) * triton.cdiv(out_cols, t[col_axis]) >= int(sms * fill):
-            break
+        if t[3] == 16 and any(u[3] == 16 and fits(u) and wave_fill(u) > wave_fill(t) + _WAVE_FILL_GAIN
+                              for u in tiles[i + 1:]):
+            continue
+        break
     else:
         t = tiles[-1]
     return tile_config(t)
@@ -740,11 +764,11 @@ def nf4_matmul_triton(x2d, packed, absmax, code, blocksize, N, nested_absmax=Non
 def nf4_matmul_dx_triton(dy2d, packed, absmax, code, blocksize, K, nested_absmax=None, nested_code=None,
                          offset=None, lora_dyb=None, lora_A=None, lora_scale=0.0, config: dict | None = None):
     """(M, K) = dy2d (M, N) @ W (+ lora_scale * lora_dyb @ lora_A). Inputs validated by the L2 op.
-    EVEN_NK (unmasked whole tiles) stays off here: the 128 x 64 x 128 tile takes 134 registers with it. Without
-    it, 129 since the scale's rounding is pinned (mul.rn / add.rn), so one CTA per SM (the static sm_90 model:
-    0.46x cuBLAS at M >= 1024 before the pinning). A maxnreg=128 cap would give two CTAs but spills (sm_90, Triton
-    3.9: 360-848 B of stack for the 128 x 64 x 128 / 128 x 64 x 64 tiles with the LoRA epilogue, or without
-    16-divisible strides), so it is not applied."""
+    EVEN_NK (unmasked whole weight tiles) only with the register code book: its masked tile selected every 16-bit
+    value against the mask (a SEL and a PRMT per value pair: 13.75 -> 11.47 main-loop instructions per weight for
+    128 x 128 x 128 on sm_90, Triton 3.9). The gather loader keeps it off: its 128 x 64 x 128 tile takes 134
+    registers with it, 129 without (one CTA per SM either way); a maxnreg=128 cap would give two CTAs but spills
+    (sm_90, Triton 3.9: 360-848 B of stack with the LoRA epilogue, or without 16-divisible strides)."""
     M, N = dy2d.shape
     fits = _register_book_fits(K, blocksize, dy2d.dtype, packed, code)
     wide = fits and config is None and M > DECODE_MAX_M and _wide_launch(
@@ -779,7 +803,8 @@ def nf4_matmul_dx_triton(dy2d, packed, absmax, code, blocksize, K, nested_absmax
         lora_dyb if has_lora else dummy, lora_A if has_lora else dummy, float(lora_scale), r,
         lora_dyb.stride(0) if has_lora else 0, lora_A.stride(0) if has_lora else 0, ws, counters, M * K,
         BLOCKSIZE=blocksize, NESTED=nested, HAS_LORA=has_lora, R_PAD=max(16, triton.next_power_of_2(max(r, 1))),
-        DOT_PRECISION=_dot_precision(dy2d.dtype), ALIGNED=aligned, REG_BOOK=reg_book, num_warps=num_warps,
+        DOT_PRECISION=_dot_precision(dy2d.dtype), ALIGNED=aligned, REG_BOOK=reg_book,
+        EVEN_NK=reg_book and N % cfg["BLOCK_N"] == 0 and K % cfg["BLOCK_K"] == 0, num_warps=num_warps,
         enable_fp_fusion=True,
         **_stages(num_stages), **cfg)
     return dx

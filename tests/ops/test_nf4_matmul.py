@@ -384,6 +384,37 @@ def test_triton_default_split_plans_on_the_gpu(dtype, M, K, N, r, monkeypatch):
     assert_close_2x(d1, ref_dx, dy @ W.to(dtype) + 0.5 * (dyb @ lA), what="dx")
 
 
+@requires_cuda
+@pytest.mark.triton
+@requires_triton_runtime
+@pytest.mark.parametrize("M,N,K", [(1024, 4096, 4096), (1024, 14336, 4096), (1000, 1024, 4096), (1024, 512, 14336)])
+def test_triton_wide_gemm_plans_on_the_gpu(M, N, K, monkeypatch):
+    """On a GPU, the launchers' own 16-warp plans above M = 256 (wide launch: LoRA rank 16, 16-divisible strides):
+    forward 256 x 128 x 64, by the wave rule 128 x 128 x 128 (N = 14336), and the serial split of 128 x 128 x 128
+    where 256 x 128 tiles would not reach a quarter of the SMs (N = 1024, 512); dx 256 x 64 x 128 on whole weight
+    tiles (EVEN_NK) and by the wave rule 128 x 128 x 128 (K = 14336). M = 1000 pads the last M tile. 2x rule with
+    bias and LoRA."""
+    import qpeft.triton_kernels.nf4_matmul as tk
+
+    dtype = torch.bfloat16
+    packed, state, W = make_weight(N, K, "nf4", 64, True, device="cuda")
+    p, a, c, bs, _, _, na, nc, off = weight_args(packed, state)
+    x, b, dy, (xa, lB, lA) = _inputs(M, N, K, dtype, device="cuda", r=16)
+    plans = []
+    for kern in (tk._nf4_matmul_kernel, tk._nf4_matmul_dx_kernel):
+        real_run = kern.run
+        monkeypatch.setattr(kern, "run", lambda *args, _r=real_run, **kw: plans.append(
+            (kw["BLOCK_M"], kw["num_warps"], kw["REG_BOOK"], kw["EVEN_NK"])) or _r(*args, **kw))
+    y = tk.nf4_matmul_triton(x, p, a, c, bs, N, na, nc, off, b, xa, lB, 0.5)
+    dyb = dy @ lB
+    dx = tk.nf4_matmul_dx_triton(dy, p, a, c, bs, K, na, nc, off, dyb, lA, 0.5)
+    assert [pl[1:] for pl in plans] == [(16, True, True)] * 2, plans
+    assert_close_2x(y, x.double() @ W.double().t() + b.double() + 0.5 * (xa.double() @ lB.double().t()),
+                    x @ W.to(dtype).t() + b + 0.5 * (xa @ lB.t()), what="forward")
+    assert_close_2x(dx, dy.double() @ W.double() + 0.5 * (dyb.double() @ lA.double()),
+                    dy @ W.to(dtype) + 0.5 * (dyb @ lA), what="dx")
+
+
 @pytest.mark.triton
 @requires_triton_runtime
 def test_triton_split_k_deterministic_mode(monkeypatch):
@@ -821,7 +852,9 @@ def _compile_sm90(direction: str, cfg: dict, has_lora: bool = True, reg_book: bo
         sig = {"dy_ptr": p16, "dx_ptr": p16, "M": i32, "N": i32, "K": i32, "stride_dym": i32, "stride_dxm": i32,
                **weight, "dyb_ptr": p16, "la_ptr": p16, "lora_scale": "fp32", "R": i32, "stride_dybm": i32,
                "stride_lar": i32, "ws_ptr": f32, "counter_ptr": "*i32", "stride_split": i32}
-        const = dict(EVEN_NK=False, **cfg)  # the dx launcher leaves it off (nf4_matmul_dx_triton)
+        # EVEN_NK: the dx launcher sets it for the register code book on whole tiles (nf4_matmul_dx_triton), and
+        # leaves it off for the gather loader
+        const = dict(EVEN_NK=bool(reg_book), **cfg)
     const.update(BLOCKSIZE=64, NESTED=True, HAS_LORA=has_lora, R_PAD=16, DOT_PRECISION="tf32", ALIGNED=True,
                  REG_BOOK=reg_book)
     # wide: compiled as the launcher issues the register code book's 16-warp tiles (`_wide_launch`): every pointer
@@ -845,8 +878,8 @@ def _default_gemm_tiles():
     return ([("fwd", t, False, True) for t in k._FWD_GEMM_TILES] + [("dx", t, False, True) for t in k._DX_GEMM_TILES]
             + [("fwd", t, True, True) for t in k._FWD_GEMM_TILES_BOOK]
             + [("dx", t, True, True) for t in k._DX_GEMM_TILES_BOOK]
-            + [("fwd", t, "wide", True) for t in k._FWD_GEMM_TILES_BOOK_WIDE[:1]]
-            + [("dx", t, "wide", True) for t in k._DX_GEMM_TILES_BOOK_WIDE[:1]]
+            + [("fwd", t, "wide", True) for t in k._FWD_GEMM_TILES_BOOK_WIDE[:2]]
+            + [("dx", t, "wide", True) for t in k._DX_GEMM_TILES_BOOK_WIDE[:2]]
             # serial split-K (SPLIT_K appended to the tile): 64 x 64 x 128 with and without the 16-divisibility,
             # 128 x 128 x 128 only with it (`_split_k_config`)
             + [("fwd", k._SPLIT_TILE + (k.MAX_SPLIT_K,), True, True),
@@ -928,6 +961,36 @@ def test_register_book_wide_tiles_only_for_16_divisible_launches():
         d = k._dx_config(1024, 4096, 4096, cpu, register_book=True, wide=wide)
         assert (f["num_warps"], d["num_warps"]) == ((16, 16) if wide else (8, 8)), (f, d)
     assert k._fwd_config(1024, 4096, 4096, cpu, wide=True)["num_warps"] == 8  # the gather loader: never wide
+
+
+@pytest.mark.parametrize("direction,M,N,K,tile", [
+    ("fwd", 1024, 4096, 4096, (256, 128, 64)),    # 4 x 32 = 128 tiles: one wave
+    ("fwd", 4096, 14336, 4096, (256, 128, 64)),   # 1792 tiles, 13.6 waves: the last one's idle SMs hardly count
+    ("fwd", 1024, 14336, 4096, (128, 128, 128)),  # 448 tiles of 256 x 128, 3.4 waves; 896 of 128 x 128, 6.8
+    ("fwd", 1024, 28672, 8192, (256, 128, 64)),   # 896 tiles, 6.8 waves
+    ("dx", 1024, 4096, 4096, (256, 64, 128)),     # 4 x 32 = 128 tiles
+    ("dx", 1024, 4096, 14336, (128, 128, 128)),   # 4 x 112 = 448 tiles of 256 x 128; 896 of 128 x 128
+    ("dx", 512, 4096, 4096, (128, 128, 128)),     # 256 rows: 64 tiles, under the 128 that fill the SMs
+    ("dx", 4096, 4096, 14336, (256, 64, 128)),    # 1792 tiles
+])
+def test_register_book_wide_tiles_leave_no_sixth_of_the_last_wave_idle(direction, M, N, K, tile):
+    """Wide launches take the 256-row 16-warp tile unless the next 16-warp tile (128 x 128 x 128) fills its last wave
+    better by more than 10% of the SMs (`_WAVE_FILL_GAIN`): one CTA per SM, so a part-empty last wave idles whole SMs
+    (the static sm_90 model: 8b gate/up forward at M = 1024 0.82x -> 0.88x cuBLAS, down dx 0.78x -> 0.82x)."""
+    pytest.importorskip("triton")
+    from qpeft.triton_kernels import nf4_matmul as k
+
+    cpu = torch.device("cpu")  # pretends 132 SMs, as an H100
+    config = k._fwd_config if direction == "fwd" else k._dx_config
+    cfg = config(M, N, K, cpu, register_book=True, wide=True)
+    assert (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_warps"]) == (*tile, 16), cfg
+    # the rule itself: programs / (waves x SMs) of the 256-row tile against the 128-row one
+    tiles = k._FWD_GEMM_TILES_BOOK_WIDE if direction == "fwd" else k._DX_GEMM_TILES_BOOK_WIDE
+    cols, axis = (N, 1) if direction == "fwd" else (K, 2)
+    fill = [(-(-M // t[0]) * -(-cols // t[axis])) / (-(-(-(-M // t[0]) * -(-cols // t[axis])) // 132) * 132)
+            for t in tiles[:2]]
+    assert (tile == tiles[1][:3]) == (fill[1] > fill[0] + k._WAVE_FILL_GAIN or -(-M // 256) * -(-cols // tiles[0][axis])
+                                      < int(132 * k._BOOK_FILL)), fill
 
 
 @pytest.mark.parametrize("M", [257, 1024, 4096])
