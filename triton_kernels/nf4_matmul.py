@@ -104,22 +104,50 @@ def _dequant_tile(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_co
 
 
 @triton.jit
+def _absmax_codes(absmax_ptr, block, gmask, offs_n, k0, K, BLOCKSIZE: tl.constexpr, GROUPS: tl.constexpr,
+                  EVEN: tl.constexpr, WORDS: tl.constexpr):
+    """The double-quantized absmax codes (uint8) of `block` as int32. WORDS: read as the 32-bit words that hold
+    them (the launcher's `_absmax_words`: absmax 4-byte aligned and a whole number of words), which Triton's
+    pipeliner copies ahead into shared memory (cp.async takes 4 bytes or more) like the weight; a byte load stays
+    in registers and is waited on in the step that issues it."""
+    if WORDS:  # rows hold whole words of codes (K // BLOCKSIZE % 4 == 0): the byte of a block is the same in
+        # every row, a per-step constant, and the word index needs no 64-bit division
+        word_ptr = absmax_ptr.to(tl.pointer_type(tl.int32))
+        col = k0 // BLOCKSIZE + tl.arange(0, GROUPS)
+        word = offs_n[:, None] * (K // (4 * BLOCKSIZE)) + (col // 4)[None, :]
+        if EVEN:
+            w = tl.load(word_ptr + word)
+        else:
+            w = tl.load(word_ptr + word, mask=gmask, other=0)
+        return (w >> ((col % 4) * 8)[None, :]) & 0xFF
+    if EVEN:
+        return tl.load(absmax_ptr + block).to(tl.int32)
+    return tl.load(absmax_ptr + block, mask=gmask, other=0).to(tl.int32)
+
+
+@triton.jit
 def _block_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, offs_n, mask_n, k0, K,
-                  BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, EVEN: tl.constexpr):
+                  BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, EVEN: tl.constexpr,
+                  nested_table=None, WORDS: tl.constexpr = False):
     """fp32 absmax [BLOCK_N, GROUPS] of the blocks of W[offs_n, k0:k0+BLOCK_K] (K % BLOCKSIZE == 0), the
-    double-quantized ones decoded with the rounding pinned."""
+    double-quantized ones decoded with the rounding pinned. `nested_table`: the 256 values of the nested code book
+    as a register tensor (`_nested_code_table`), gathered through shared memory (tl.gather) instead of from global
+    memory at an address that waits on the absmax load; WORDS: see `_absmax_codes`."""
     GROUPS: tl.constexpr = BLOCK_K // BLOCKSIZE if BLOCK_K >= BLOCKSIZE else 1
     offs_g = tl.arange(0, GROUPS)
     block = (offs_n[:, None] * K + k0) // BLOCKSIZE + offs_g[None, :]
     gmask = mask_n[:, None] & (k0 + offs_g[None, :] * BLOCKSIZE < K)
     if NESTED:
+        q = _absmax_codes(absmax_ptr, block, gmask, offs_n, k0, K, BLOCKSIZE, GROUPS, EVEN, WORDS)
         if EVEN:
-            q = tl.load(absmax_ptr + block).to(tl.int32)
             scale2 = tl.load(nested_absmax_ptr + block // NESTED_BLOCKSIZE)
         else:
-            q = tl.load(absmax_ptr + block, mask=gmask, other=0).to(tl.int32)
             scale2 = tl.load(nested_absmax_ptr + block // NESTED_BLOCKSIZE, mask=gmask, other=0.0)
-        scale = _add_rn(_mul_rn(tl.load(nested_code_ptr + q), scale2), offset)
+        if nested_table is None:
+            code2 = tl.load(nested_code_ptr + q)
+        else:
+            code2 = tl.reshape(tl.gather(nested_table, tl.reshape(q, (q.numel,)), 0), q.shape)
+        scale = _add_rn(_mul_rn(code2, scale2), offset)
     elif EVEN:
         scale = tl.load(absmax_ptr + block)
     else:
@@ -165,11 +193,13 @@ def _dequant_tile_aligned(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, n
 def _dequant_tile_words(packed_ptr, absmax_ptr, book, nested_absmax_ptr, nested_code_ptr, offset,
                         offs_n, mask_n, k0, K,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr,
-                        NESTED: tl.constexpr, EVEN: tl.constexpr, OUT_DTYPE: tl.constexpr):
+                        NESTED: tl.constexpr, EVEN: tl.constexpr, OUT_DTYPE: tl.constexpr, nested_table=None,
+                        ABSMAX_WORDS: tl.constexpr = False):
     """OUT_DTYPE W[offs_n, k0:k0+BLOCK_K] under the conditions of `_dequant_tile_aligned`, the packed weight
     4-byte aligned, through the register code book (`book`: its 16 fp32 values, loaded once per program): one
     32-bit load per 8 weights and no memory access per weight (_nf4_register_book.py). Bit-exact with the fp32
-    loader's tile rounded to OUT_DTYPE. Not under the interpreter (inline PTX)."""
+    loader's tile rounded to OUT_DTYPE. Not under the interpreter (inline PTX). `nested_table`, ABSMAX_WORDS: how
+    the double-quantized absmax is read (`_block_scales`)."""
     WORDS: tl.constexpr = BLOCK_K // 8
     GROUPS: tl.constexpr = BLOCK_K // BLOCKSIZE if BLOCK_K >= BLOCKSIZE else 1
     # K // 8, written so that Triton knows it as a multiple of 4 (K % 32 == 0: blocksize >= 32 divides K): rows of
@@ -185,7 +215,7 @@ def _dequant_tile_words(packed_ptr, absmax_ptr, book, nested_absmax_ptr, nested_
         words = tl.load(word_ptr + offs_n[:, None] * row_words + offs_w[None, :],
                         mask=mask_n[:, None] & (offs_w[None, :] < row_words), other=0)
     scale = _block_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, offs_n, mask_n, k0, K,
-                          BLOCK_K, BLOCKSIZE, NESTED, EVEN)
+                          BLOCK_K, BLOCKSIZE, NESTED, EVEN, nested_table, ABSMAX_WORDS)
     w = lookup_words(words, scale, book, BLOCK_N, WORDS, GROUPS, OUT_DTYPE)
     if EVEN:
         return w
@@ -227,7 +257,8 @@ def _nf4_matmul_kernel(
     R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGNED: tl.constexpr,
     ATOMIC_SPLIT: tl.constexpr = True, SWAP_AXES: tl.constexpr = False, EVEN_NK: tl.constexpr = False,
-    REG_BOOK: tl.constexpr = False, SERIAL_SPLIT: tl.constexpr = False,
+    REG_BOOK: tl.constexpr = False, SERIAL_SPLIT: tl.constexpr = False, NESTED_TABLE: tl.constexpr = False,
+    ABSMAX_WORDS: tl.constexpr = False,
 ):
     # M tiles on grid axis 0 and N tiles on axis 1, K splits on axis 2; more than 65,535 N tiles (axis 1's limit)
     # swap the two (SWAP_AXES, and the launcher then chunks M at 65,535 tiles). Only then: ptxas allocates the
@@ -248,6 +279,13 @@ def _nf4_matmul_kernel(
         offset = tl.load(offset_ptr)
     if REG_BOOK:
         book = load_book(code_ptr)
+    # NESTED_TABLE: the nested (double-quant) code book's 256 fp32 values as a register tensor, gathered per K step
+    # through shared memory (a store, a barrier, a load) by `_block_scales`. It replaces a global load whose
+    # address is the absmax code just loaded: in the sm_90 SASS of the 256 x 128 x 64 tile that chain kept a warp
+    # waiting 857 of the 1437 cycles of its K step alone (static sm_90 model: 0.93x -> 0.96x cuBLAS at M = 1024)
+    nested_table = None
+    if NESTED_TABLE:
+        nested_table = tl.load(nested_code_ptr + tl.arange(0, 256))
 
     # each split owns a contiguous, BLOCK_K-aligned range of K
     k_span = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K
@@ -279,7 +317,7 @@ def _nf4_matmul_kernel(
         if REG_BOOK:
             w = _dequant_tile_words(packed_ptr, absmax_ptr, book, nested_absmax_ptr, nested_code_ptr, offset,
                                     offs_n, mask_n, k0, K, BLOCK_N, BLOCK_K, BLOCKSIZE, NESTED, EVEN_NK,
-                                    x_ptr.dtype.element_ty)
+                                    x_ptr.dtype.element_ty, nested_table, ABSMAX_WORDS)
         elif ALIGNED:
             w = _dequant_tile_aligned(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset,
                                       offs_n, mask_n, k0, K, BLOCK_N, BLOCK_K, BLOCKSIZE, NESTED, EVEN_NK)
@@ -323,7 +361,8 @@ def _nf4_matmul_dx_kernel(
     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, HAS_LORA: tl.constexpr, R_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ALIGNED: tl.constexpr, EVEN_NK: tl.constexpr = False,  # not set by the launcher: see nf4_matmul_dx_triton
-    REG_BOOK: tl.constexpr = False, SPLIT_N: tl.constexpr = 1,
+    REG_BOOK: tl.constexpr = False, SPLIT_N: tl.constexpr = 1, NESTED_TABLE: tl.constexpr = False,
+    ABSMAX_WORDS: tl.constexpr = False,
 ):
     # M tiles on grid axis 0 (2^31 - 1), K tiles on axis 1 (<= 65,535: K up to 2M columns, checked by the launcher),
     # N splits on axis 2. (Swapping the first two axes puts the 128 x 64 x 128 tile over 255 registers: it spills.)
@@ -339,6 +378,9 @@ def _nf4_matmul_dx_kernel(
         offset = tl.load(offset_ptr)
     if REG_BOOK:
         book = load_book(code_ptr)
+    nested_table = None
+    if NESTED_TABLE:  # as in the forward
+        nested_table = tl.load(nested_code_ptr + tl.arange(0, 256))
 
     if HAS_LORA:  # the accumulator's initial value, as in the forward (no second fp32 tile)
         offs_r = tl.arange(0, R_PAD)
@@ -371,7 +413,7 @@ def _nf4_matmul_dx_kernel(
         if REG_BOOK:
             w = _dequant_tile_words(packed_ptr, absmax_ptr, book, nested_absmax_ptr, nested_code_ptr, offset,
                                     offs_n, mask_n, pid_k * BLOCK_K, K, BLOCK_N, BLOCK_K, BLOCKSIZE, NESTED,
-                                    EVEN_NK, dy_ptr.dtype.element_ty)
+                                    EVEN_NK, dy_ptr.dtype.element_ty, nested_table, ABSMAX_WORDS)
         elif ALIGNED:
             w = _dequant_tile_aligned(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset,
                                       offs_n, mask_n, pid_k * BLOCK_K, K, BLOCK_N, BLOCK_K, BLOCKSIZE, NESTED,
@@ -432,8 +474,12 @@ _DX_GEMM_TILES_BOOK = ((128, 64, 128, 8, 3), (64, 64, 128, 8, 3), (64, 64, 64, 8
 # 128 x 128 x 128 (model, Triton 3.9 and 3.6). The 16-warp 128 x 128 x 128 after the 256-row tiles takes over
 # where those leave the last wave a sixth empty (`_gemm_tiles`' wave rule): 8b gate/up forward and down dx at
 # M = 1024 (448 tiles on 132 SMs, 3.4 waves): 0.82x -> 0.88x and 0.78x -> 0.82x.
-_FWD_GEMM_TILES_BOOK_WIDE = ((256, 128, 64, 16, 3), (128, 128, 128, 16, 3)) + _FWD_GEMM_TILES_BOOK
+_FWD_GEMM_TILES_BOOK_WIDE = ((256, 128, 64, 16, 4), (128, 128, 128, 16, 3)) + _FWD_GEMM_TILES_BOOK
 _DX_GEMM_TILES_BOOK_WIDE = ((256, 64, 128, 16, 3), (128, 128, 128, 16, 3)) + _DX_GEMM_TILES_BOOK
+# ... and the 256-row ones only up to this padded LoRA rank (R_PAD; 16 without LoRA): above it they spill 8 B under
+# Triton 3.9 (forward at rank 128, which main's 256 x 128 x 64 x 3 stages did too; dx at 64 and 128), where the
+# 128 x 128 x 128 tiles do not (ranks up to 256, Triton 3.6 and 3.9)
+_WIDE_TILE_MAX_R_PAD = {(256, 128, 64, 16, 4): 64, (256, 64, 128, 16, 3): 32}
 # ... skipped for the next 16-warp tile of the list when that one fills its last wave this much better
 # (programs / (waves x SMs)): one CTA per SM, so a part-empty last wave idles whole SMs
 _WAVE_FILL_GAIN = 0.1
@@ -480,8 +526,13 @@ def tile_config(tile: tuple) -> dict:
     return cfg
 
 
+def _r_pad(rank: int) -> int:
+    """The kernels' R_PAD: the LoRA rank padded to a power of two, at least 16 (tl.dot's minimum)."""
+    return max(16, triton.next_power_of_2(max(int(rank), 1)))
+
+
 def _gemm_tiles(tiles: tuple, M: int, out_cols: int, col_axis: int, device: torch.device,
-                fill: float = 1.0) -> dict:
+                fill: float = 1.0, r_pad: int = 16) -> dict:
     """The largest tile that still gives every SM a program and pads M by less than 2x; else the smallest.
     Filling the SMs matters most for M = 17..256, which is still weight-streaming: (128 x 128) tiles at M = 128,
     N = 4096 would be 32 programs for 132 SMs, (32 x 64) gives 256."""
@@ -491,7 +542,8 @@ def _gemm_tiles(tiles: tuple, M: int, out_cols: int, col_axis: int, device: torc
         return triton.cdiv(M, t[0]) * triton.cdiv(out_cols, t[col_axis])
 
     def fits(t):
-        return not (t[0] > 16 and t[0] >= 2 * M) and programs(t) >= int(sms * fill)
+        return (not (t[0] > 16 and t[0] >= 2 * M) and programs(t) >= int(sms * fill)
+                and r_pad <= _WIDE_TILE_MAX_R_PAD.get(t, r_pad))
 
     def wave_fill(t):
         return programs(t) / (triton.cdiv(programs(t), sms) * sms)
@@ -508,8 +560,15 @@ def _gemm_tiles(tiles: tuple, M: int, out_cols: int, col_axis: int, device: torc
     return tile_config(t)
 
 
+def _wide_split_tile(r_pad: int) -> tuple:
+    """The unsplit 16-warp tile `_split_k_config` takes where N alone fills the SMs: the 256-row one within its
+    LoRA rank, else 128 x 128 x 128."""
+    big = _FWD_GEMM_TILES_BOOK_WIDE[0]
+    return big if r_pad <= _WIDE_TILE_MAX_R_PAD.get(big, r_pad) else _FWD_GEMM_TILES_BOOK_WIDE[1]
+
+
 def _fwd_config(M: int, N: int, K: int, device: torch.device, dtype: torch.dtype = torch.bfloat16,
-                aligned: bool = True, register_book: bool = False, wide: bool = False) -> dict:
+                aligned: bool = True, register_book: bool = False, wide: bool = False, r_pad: int = 16) -> dict:
     """Tile choice: unmeasured starting points (a GPU-measured table replaces them, see
     qpeft/ops/nf4_matmul_dispatch.py).
 
@@ -532,12 +591,12 @@ def _fwd_config(M: int, N: int, K: int, device: torch.device, dtype: torch.dtype
             split = max(1, min(triton.cdiv(2 * sms, tiles), triton.cdiv(K, 4 * block_k)))
         return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, num_warps=4)
     if register_book and dtype != torch.float32:
-        cfg = _split_k_config(M, N, K, device, wide)
+        cfg = _split_k_config(M, N, K, device, wide, r_pad)
         if cfg is not None:
             return cfg
     tiles = _FWD_GEMM_TILES_FP32 if dtype == torch.float32 else \
         (_FWD_GEMM_TILES_BOOK_WIDE if wide else _FWD_GEMM_TILES_BOOK) if register_book else _FWD_GEMM_TILES
-    cfg = dict(_gemm_tiles(tiles, M, N, 1, device, _BOOK_FILL if register_book else 1.0), SPLIT_K=1)
+    cfg = dict(_gemm_tiles(tiles, M, N, 1, device, _BOOK_FILL if register_book else 1.0, r_pad), SPLIT_K=1)
     if not aligned:  # the per-element loader holds more per K step: 16 x 32 x 128 spills 48 B, x 64 does not
         cfg["BLOCK_K"] = min(cfg["BLOCK_K"], 64)
     return cfg
@@ -555,7 +614,7 @@ def _split_scratch(split: int, M: int, cols: int, tiles: int, device: torch.devi
     return torch.empty((split, M, cols), dtype=torch.float32, device=device), split_counters(tiles, device)
 
 
-def _split_k_config(M: int, N: int, K: int, device: torch.device, wide: bool) -> dict | None:
+def _split_k_config(M: int, N: int, K: int, device: torch.device, wide: bool, r_pad: int = 16) -> dict | None:
     """The register code book's forward for M = 17..256, where N-parallel tiles leave SMs idle unless W is
     decoded again for more M tiles: one M tile covers M (W decoded once, or twice at 64-row tiles), and K is split
     across programs until they fill the SMs (SERIAL_SPLIT: the last split of a tile sums the fp32 partials in split
@@ -578,7 +637,7 @@ def _split_k_config(M: int, N: int, K: int, device: torch.device, wide: bool) ->
     if wide and M > 128 and 4 * triton.cdiv(N, big[1]) >= 3 * sms:
         # N alone fills 3/4 of the SMs with the 16-warp 256 x 128 tile (which spills when split): 8b gate/up
         # (4096, 14336) M = 256: 0.81x, where the fill rule's 128 x 128 x 64 gets 0.39x
-        return dict(tile_config(big), SPLIT_K=1)
+        return dict(tile_config(_wide_split_tile(r_pad)), SPLIT_K=1)
     if M > 64:
         tile = _SPLIT_TILE_WIDE if wide else _SPLIT_TILE
     else:  # narrow layers (GQA k/v, N = 1024): longer K steps, twice the bytes in flight per program
@@ -616,7 +675,7 @@ def _dx_split_config(M: int, N: int, K: int, device: torch.device, wide: bool) -
 
 
 def _dx_config(M: int, N: int, K: int, device: torch.device, dtype: torch.dtype = torch.bfloat16,
-               aligned: bool = True, register_book: bool = False, wide: bool = False) -> dict:
+               aligned: bool = True, register_book: bool = False, wide: bool = False, r_pad: int = 16) -> dict:
     """dx tiles. Decode uses (16 x 32) output tiles so K = 4096 gives 128 programs; larger M: `_gemm_tiles`.
     K % blocksize != 0 (`aligned` False): BLOCK_K at most 64, as in the forward; the per-element loader's
     128 x 64 x 128 tile with 3 stages needs 256 KB of shared memory (sm_90 allows 227 KB per block)."""
@@ -626,7 +685,7 @@ def _dx_config(M: int, N: int, K: int, device: torch.device, dtype: torch.dtype 
         return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, num_warps=4)
     tiles = _DX_GEMM_TILES_FP32 if dtype == torch.float32 else \
         (_DX_GEMM_TILES_BOOK_WIDE if wide else _DX_GEMM_TILES_BOOK) if register_book else _DX_GEMM_TILES
-    cfg = _gemm_tiles(tiles, M, K, 2, device, _BOOK_FILL if register_book else 1.0)
+    cfg = _gemm_tiles(tiles, M, K, 2, device, _BOOK_FILL if register_book else 1.0, r_pad)
     if not aligned:
         cfg["BLOCK_K"] = min(cfg["BLOCK_K"], 64)
         if dtype != torch.float32 and (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]) == (32, 64, 32):
@@ -675,6 +734,15 @@ def _register_book(cfg: dict, fits: bool, aligned: bool, use_dot: bool) -> bool:
     return bool(cfg.pop("REG_BOOK", True) and fits and aligned and use_dot)
 
 
+def _nested_reads(reg_book: bool, absmax: torch.Tensor, nested_code: torch.Tensor | None, row_blocks: int) -> dict:
+    """How the register code book's launches read a double-quantized absmax: the nested code book as a register
+    table (NESTED_TABLE, its 256 entries: bitsandbytes' dynamic map) and the absmax codes as 32-bit words
+    (ABSMAX_WORDS: the uint8 absmax 4-byte aligned and a whole number of words, so no word reaches past it)."""
+    table = reg_book and nested_code is not None and nested_code.numel() == 256
+    return dict(NESTED_TABLE=table,
+                ABSMAX_WORDS=table and absmax.data_ptr() % 4 == 0 and row_blocks % 4 == 0)
+
+
 def _stages(num_stages: int | None) -> dict:
     """num_stages only when a (tuned) config names it; otherwise Triton's default software pipelining."""
     return {} if num_stages is None else {"num_stages": int(num_stages)}
@@ -711,7 +779,8 @@ def nf4_matmul_triton(x2d, packed, absmax, code, blocksize, N, nested_absmax=Non
         x2d, x2d.stride(0), N, K, packed, bias, lora_xa, lora_B,
         *((lora_xa.stride(0), lora_B.stride(0), lora_xa.shape[1]) if lora_xa is not None else ()))
     cfg = dict(config or _fwd_config(M, N, K, x2d.device, x2d.dtype, aligned=K % blocksize == 0,
-                                     register_book=fits, wide=wide))
+                                     register_book=fits, wide=wide,
+                                     r_pad=_r_pad(lora_xa.shape[1] if lora_xa is not None else 0)))
     cfg.setdefault("SPLIT_K", 1)
     num_warps = cfg.pop("num_warps", 4)
     num_stages = cfg.pop("num_stages", None)
@@ -752,10 +821,11 @@ def nf4_matmul_triton(x2d, packed, absmax, code, blocksize, N, nested_absmax=Non
             float(lora_scale), r, lora_xa.stride(0) if has_lora else 0, lora_B.stride(0) if has_lora else 0,
             ws[:, r0:r1] if serial else dummy, counters[r0 // cfg["BLOCK_M"] * n_tiles:] if serial else dummy,
             BLOCKSIZE=blocksize, NESTED=nested, HAS_BIAS=bias is not None, HAS_LORA=has_lora,
-            R_PAD=max(16, triton.next_power_of_2(max(r, 1))), USE_DOT=use_dot,
+            R_PAD=_r_pad(r), USE_DOT=use_dot,
             DOT_PRECISION=_dot_precision(x2d.dtype), ALIGNED=aligned, ATOMIC_SPLIT=atomic, SWAP_AXES=swap,
             EVEN_NK=aligned and N % cfg["BLOCK_N"] == 0 and K % cfg["BLOCK_K"] == 0, REG_BOOK=reg_book,
-            SERIAL_SPLIT=serial, num_warps=num_warps, enable_fp_fusion=True, **_stages(num_stages), **cfg)
+            SERIAL_SPLIT=serial, **_nested_reads(reg_book, absmax, nested_code if nested else None, K // blocksize),
+            num_warps=num_warps, enable_fp_fusion=True, **_stages(num_stages), **cfg)
     if split > 1 and not serial and not atomic:
         out = out.sum(0)
     return out
@@ -775,7 +845,8 @@ def nf4_matmul_dx_triton(dy2d, packed, absmax, code, blocksize, K, nested_absmax
         dy2d, dy2d.stride(0), N, K, packed, lora_dyb, lora_A,
         *((lora_dyb.stride(0), lora_A.stride(0), lora_dyb.shape[1]) if lora_dyb is not None else ()))
     cfg = dict(config or _dx_config(M, N, K, dy2d.device, dy2d.dtype, aligned=K % blocksize == 0,
-                                    register_book=fits, wide=wide))
+                                    register_book=fits, wide=wide,
+                                    r_pad=_r_pad(lora_dyb.shape[1] if lora_dyb is not None else 0)))
     num_warps = cfg.pop("num_warps", 4)
     num_stages = cfg.pop("num_stages", None)
     aligned = _aligned(K, blocksize, cfg)
@@ -802,9 +873,10 @@ def nf4_matmul_dx_triton(dy2d, packed, absmax, code, blocksize, K, nested_absmax
         offset if nested else dummy,
         lora_dyb if has_lora else dummy, lora_A if has_lora else dummy, float(lora_scale), r,
         lora_dyb.stride(0) if has_lora else 0, lora_A.stride(0) if has_lora else 0, ws, counters, M * K,
-        BLOCKSIZE=blocksize, NESTED=nested, HAS_LORA=has_lora, R_PAD=max(16, triton.next_power_of_2(max(r, 1))),
+        BLOCKSIZE=blocksize, NESTED=nested, HAS_LORA=has_lora, R_PAD=_r_pad(r),
         DOT_PRECISION=_dot_precision(dy2d.dtype), ALIGNED=aligned, REG_BOOK=reg_book,
-        EVEN_NK=reg_book and N % cfg["BLOCK_N"] == 0 and K % cfg["BLOCK_K"] == 0, num_warps=num_warps,
+        EVEN_NK=reg_book and N % cfg["BLOCK_N"] == 0 and K % cfg["BLOCK_K"] == 0,
+        **_nested_reads(reg_book, absmax, nested_code if nested else None, K // blocksize), num_warps=num_warps,
         enable_fp_fusion=True,
         **_stages(num_stages), **cfg)
     return dx

@@ -404,11 +404,12 @@ def test_triton_wide_gemm_plans_on_the_gpu(M, N, K, monkeypatch):
     for kern in (tk._nf4_matmul_kernel, tk._nf4_matmul_dx_kernel):
         real_run = kern.run
         monkeypatch.setattr(kern, "run", lambda *args, _r=real_run, **kw: plans.append(
-            (kw["BLOCK_M"], kw["num_warps"], kw["REG_BOOK"], kw["EVEN_NK"])) or _r(*args, **kw))
+            (kw["BLOCK_M"], kw["num_warps"], kw["REG_BOOK"], kw["EVEN_NK"], kw["NESTED_TABLE"], kw["ABSMAX_WORDS"]))
+            or _r(*args, **kw))
     y = tk.nf4_matmul_triton(x, p, a, c, bs, N, na, nc, off, b, xa, lB, 0.5)
     dyb = dy @ lB
     dx = tk.nf4_matmul_dx_triton(dy, p, a, c, bs, K, na, nc, off, dyb, lA, 0.5)
-    assert [pl[1:] for pl in plans] == [(16, True, True)] * 2, plans
+    assert [pl[1:] for pl in plans] == [(16, True, True, True, True)] * 2, plans
     assert_close_2x(y, x.double() @ W.double().t() + b.double() + 0.5 * (xa.double() @ lB.double().t()),
                     x @ W.to(dtype).t() + b + 0.5 * (xa @ lB.t()), what="forward")
     assert_close_2x(dx, dy.double() @ W.double() + 0.5 * (dyb.double() @ lA.double()),
@@ -817,9 +818,11 @@ def test_op_allocates_its_output_and_split_partials_and_captures_in_a_cuda_graph
 
 
 # --- offline sm_90 compile of the default Triton tiles (no GPU needed) -----------------------------------------
-def _compile_sm90(direction: str, cfg: dict, has_lora: bool = True, reg_book: bool = False, wide: bool = False):
+def _compile_sm90(direction: str, cfg: dict, has_lora: bool = True, reg_book: bool = False, wide: bool = False,
+                  r_pad: int = 16):
     """(shared bytes, cuobjdump resource usage, SASS) of one kernel configuration compiled for sm_90, bf16,
-    NF4 blocksize 64 with double quant, the aligned tile loader (every real model shape)."""
+    NF4 blocksize 64 with double quant, the aligned tile loader (every real model shape); LoRA ranks padded to
+    r_pad."""
     import os
     import subprocess
     import tempfile
@@ -855,8 +858,10 @@ def _compile_sm90(direction: str, cfg: dict, has_lora: bool = True, reg_book: bo
         # EVEN_NK: the dx launcher sets it for the register code book on whole tiles (nf4_matmul_dx_triton), and
         # leaves it off for the gather loader
         const = dict(EVEN_NK=bool(reg_book), **cfg)
-    const.update(BLOCKSIZE=64, NESTED=True, HAS_LORA=has_lora, R_PAD=16, DOT_PRECISION="tf32", ALIGNED=True,
-                 REG_BOOK=reg_book)
+    # the register code book's launches read the double-quantized absmax as the launcher does (`_nested_reads`):
+    # the nested code book as a register table, the absmax codes as 32-bit words (K = 4096 / 64: whole words)
+    const.update(BLOCKSIZE=64, NESTED=True, HAS_LORA=has_lora, R_PAD=r_pad, DOT_PRECISION="tf32", ALIGNED=True,
+                 REG_BOOK=reg_book, NESTED_TABLE=bool(reg_book), ABSMAX_WORDS=bool(reg_book))
     # wide: compiled as the launcher issues the register code book's 16-warp tiles (`_wide_launch`): every pointer
     # 16-byte aligned, every stride, N, K and the LoRA rank divisible by 16 (M is not assumed to be)
     hints = [a for a, t in sig.items() if t.startswith("*") or a not in ("M", "lora_scale")] if wide else ()
@@ -925,6 +930,57 @@ def test_default_triton_tiles_compile_for_sm90_without_register_spills(direction
             # narrow loads also count the epilogue's, e.g. 234 -> 118 / 145 for 128 x 128 x 64, Triton 3.9 / 3.6)
             gather = _compile_sm90(direction, cfg, has_lora, False, reg_book == "wide")[2]
             assert "PRMT" in sass and narrow_global_loads(sass) < narrow_global_loads(gather), what
+
+
+def _wide_tiles_by_rank():
+    """[(direction, 16-warp GEMM tile, padded LoRA rank)]: each wide tile at every R_PAD the launchers give it
+    (`_WIDE_TILE_MAX_R_PAD`; 256 for the 128-row ones, LoRA rank 256 being the largest PEFT users commonly set)."""
+    from qpeft.triton_kernels import nf4_matmul as k
+
+    return [(d, t, r) for d, tiles in (("fwd", k._FWD_GEMM_TILES_BOOK_WIDE), ("dx", k._DX_GEMM_TILES_BOOK_WIDE))
+            for t in tiles if t[3] == 16 for r in (32, 64, 128, 256) if r <= k._WIDE_TILE_MAX_R_PAD.get(t, 256)]
+
+
+@pytest.mark.skipif(TRITON_INTERPRET or not has_triton(), reason="compiles for sm_90 (not under the interpreter)")
+@pytest.mark.parametrize("direction,tile,r_pad", _wide_tiles_by_rank())
+def test_wide_tiles_compile_for_sm90_without_spills_up_to_their_lora_rank(direction, tile, r_pad):
+    """The 16-warp tiles sit at the 128-register cap, and the LoRA epilogue's operands grow with the rank: every
+    rank a launcher gives a tile (the 256-row tiles stop below the rank where they spill) compiles spill-free."""
+    from qpeft.triton_kernels.nf4_matmul import tile_config
+
+    cfg = dict(tile_config(tile), **{"SPLIT_K" if direction == "fwd" else "SPLIT_N": 1})
+    shared, usage, _ = _compile_sm90(direction, cfg, True, True, True, r_pad=r_pad)
+    assert " STACK:0 " in usage and " LOCAL:0 " in usage, f"register spills for {tile} at R_PAD {r_pad}: {usage}"
+    assert shared <= 227 * 1024
+
+
+def test_register_book_reads_the_nested_absmax_as_table_and_words_only_where_safe():
+    """`_nested_reads`: the nested code book as a register table with the register code book and a 256-entry nested
+    code; the absmax codes as 32-bit words only where no word reaches past a row's codes (K // blocksize % 4 == 0)
+    and the uint8 absmax is 4-byte aligned."""
+    pytest.importorskip("triton")
+    from qpeft.triton_kernels.nf4_matmul import _nested_reads
+
+    absmax, code2 = torch.empty(4096, dtype=torch.uint8), torch.empty(256)
+    assert _nested_reads(True, absmax, code2, 64) == dict(NESTED_TABLE=True, ABSMAX_WORDS=True)
+    assert _nested_reads(True, absmax, code2, 66) == dict(NESTED_TABLE=True, ABSMAX_WORDS=False)  # K = 66 blocks
+    assert _nested_reads(True, absmax[1:], code2, 64) == dict(NESTED_TABLE=True, ABSMAX_WORDS=False)  # 1 B off
+    assert _nested_reads(True, absmax, torch.empty(16), 64) == dict(NESTED_TABLE=False, ABSMAX_WORDS=False)
+    assert _nested_reads(True, torch.empty(64), None, 64) == dict(NESTED_TABLE=False, ABSMAX_WORDS=False)  # plain
+    assert _nested_reads(False, absmax, code2, 64) == dict(NESTED_TABLE=False, ABSMAX_WORDS=False)  # gather loader
+
+
+@pytest.mark.parametrize("direction,r_pad,tile", [("fwd", 64, (256, 128, 64)), ("fwd", 128, (128, 128, 128)),
+                                                  ("dx", 32, (256, 64, 128)), ("dx", 64, (128, 128, 128))])
+def test_wide_256_row_tiles_stop_at_their_lora_rank(direction, r_pad, tile):
+    """M = 4096 on (4096, 4096), wide launch: the 256-row tile up to its padded LoRA rank, 128 x 128 x 128 above."""
+    pytest.importorskip("triton")
+    from qpeft.triton_kernels import nf4_matmul as k
+
+    config = k._fwd_config if direction == "fwd" else k._dx_config
+    cfg = config(4096, 4096, 4096, torch.device("cpu"), register_book=True, wide=True, r_pad=r_pad)
+    assert (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_warps"]) == (*tile, 16), cfg
+    assert k._r_pad(0) == 16 and k._r_pad(8) == 16 and k._r_pad(64) == 64 and k._r_pad(65) == 128
 
 
 @pytest.mark.parametrize("M", [17, 40, 64, 65, 128, 256, 1024, 16384])

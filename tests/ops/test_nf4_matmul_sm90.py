@@ -236,7 +236,7 @@ if _has_triton():
     import triton
     import triton.language as tl
 
-    from qpeft.triton_kernels.nf4_matmul import _dequant_tile, _dequant_tile_aligned
+    from qpeft.triton_kernels.nf4_matmul import _block_scales, _dequant_tile, _dequant_tile_aligned
 
     @triton.jit
     def _dequant_probe(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, out_ptr,
@@ -260,8 +260,55 @@ if _has_triton():
         tl.store(out_ptr + offs_n[:, None] * K + offs_k[None, :], w, mask=mask)
 
 
+    @triton.jit
+    def _scales_probe(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, out_ptr, N, K,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr, EVEN: tl.constexpr,
+                      TABLE: tl.constexpr, WORDS: tl.constexpr):
+        """The fp32 absmax [rows, blocks of the K step] `_block_scales` gives the register code book's tiles, with
+        the double-quantized absmax read as the kernels' NESTED_TABLE / ABSMAX_WORDS say (or the byte gather)."""
+        GROUPS: tl.constexpr = BLOCK_K // BLOCKSIZE if BLOCK_K >= BLOCKSIZE else 1
+        offs_n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        k0 = tl.program_id(1) * BLOCK_K
+        offset = tl.load(offset_ptr)
+        table = None
+        if TABLE:
+            table = tl.load(nested_code_ptr + tl.arange(0, 256))
+        s = _block_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, offs_n, offs_n < N, k0, K,
+                          BLOCK_K, BLOCKSIZE, True, EVEN, table, WORDS)
+        g = k0 // BLOCKSIZE + tl.arange(0, GROUPS)
+        blocks = K // BLOCKSIZE
+        inside = (g[None, :] < blocks) & (k0 + tl.arange(0, GROUPS)[None, :] * BLOCKSIZE < K)
+        tl.store(out_ptr + offs_n[:, None] * blocks + g[None, :], s, mask=(offs_n[:, None] < N) & inside)
+
+
 _TRITON_AVAILABLE = _has_triton()
 _INTERPRET = __import__("os").environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(not _TRITON_AVAILABLE or not (torch.cuda.is_available() or _INTERPRET),
+                    reason="runs a Triton kernel (GPU, or CPU under TRITON_INTERPRET=1)")
+@pytest.mark.parametrize("table,words", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("N,K,bs,BN,BK", [(64, 1024, 64, 16, 64),     # whole tiles (EVEN), one block per step
+                                          (64, 1024, 32, 16, 128),    # four blocks per step: one whole word
+                                          (48, 2048, 256, 16, 128),   # half a block per step
+                                          (40, 768, 64, 16, 128)])    # rows and K steps past the weight (masked)
+def test_nested_absmax_read_as_table_and_words_is_exact(table, words, N, K, bs, BN, BK):
+    """The register code book's launches read the double-quantized absmax with the nested code book gathered from
+    a register table through shared memory (NESTED_TABLE) and the codes as 32-bit words (ABSMAX_WORDS, rows of
+    whole words: K // blocksize % 4 == 0), instead of a byte load and a global gather: exactly the reference's
+    scales either way, on whole tiles and on masked ones."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    W = torch.randn(N, K, generator=torch.Generator().manual_seed(5)) * 3
+    packed, state = qpeft.quantize_4bit(W, blocksize=bs, double_quant=True)
+    assert (K // bs) % 4 == 0 and state.absmax.dtype == torch.uint8 and state.state2.code.numel() == 256
+    want = ref.decode_absmax_ref(state.absmax, state.state2.absmax, state.state2.code, state.offset).view(N, K // bs)
+    out = torch.full((N, K // bs), float("nan"), device=dev)
+    even = N % BN == 0 and K % BK == 0
+    _scales_probe[(triton.cdiv(N, BN), triton.cdiv(K, BK))](
+        state.absmax.to(dev), state.state2.absmax.to(dev), state.state2.code.to(dev), state.offset.to(dev), out, N, K,
+        BLOCK_N=BN, BLOCK_K=BK, BLOCKSIZE=bs, EVEN=even, TABLE=table, WORDS=words)
+    assert torch.equal(out.cpu(), want)
 
 
 @pytest.mark.triton
