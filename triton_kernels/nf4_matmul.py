@@ -466,14 +466,13 @@ _DX_GEMM_TILES_BOOK = ((128, 64, 128, 8, 3), (64, 64, 128, 8, 3), (64, 64, 64, 8
                        (16, 64, 32, 4, None))
 # ... and ahead of them, when the launch is "wide" (`_wide_launch`: every pointer 16-byte aligned, every stride and
 # the LoRA rank divisible by 16, so Triton vectorizes every load): 16-warp tiles, whose one CTA per SM hides the
-# latency the 8-warp ones cannot. Forward 256 x 128 x 64: 0.93x at M = 1024, dx 128 x 128 x 128: 0.76x (model).
-# They sit at the 128-register cap of 16 warps: without the 16-divisibility (e.g. LoRA rank 8) they spill
-# (8-500 B), hence the condition.
-# dx's 256 x 64 x 128 (16 warps, 124-128 registers) became spill-free and the better tile once the dx weight tile
-# took unmasked whole-tile loads (EVEN_NK) and 16-byte word loads: 0.88x at M = 1024 against 0.82x for
-# 128 x 128 x 128 (model, Triton 3.9 and 3.6). The 16-warp 128 x 128 x 128 after the 256-row tiles takes over
-# where those leave the last wave a sixth empty (`_gemm_tiles`' wave rule): 8b gate/up forward and down dx at
-# M = 1024 (448 tiles on 132 SMs, 3.4 waves): 0.82x -> 0.88x and 0.78x -> 0.82x.
+# latency the 8-warp ones cannot. They sit at the 128-register cap of 16 warps: without the 16-divisibility (e.g.
+# LoRA rank 8) they spill (8-500 B), hence the condition. The static sm_90 model (8b q/o at M = 1024, Triton 3.9):
+# forward 256 x 128 x 64 in 4 stages 0.96x bf16 cuBLAS, dx 256 x 64 x 128 0.96x (128 x 128 x 128: 0.90x; it became
+# spill-free with the dx kernel's unmasked whole-tile loads, EVEN_NK, and 16-byte word loads). The 16-warp
+# 128 x 128 x 128 after the 256-row tiles takes over where those would leave more than a tenth of the last wave's
+# SMs idle (`_gemm_tiles`' wave rule): 8b gate/up forward and down dx at M = 1024 (448 tiles of 256 rows on 132
+# SMs, 3.4 waves): 0.85x -> 0.94x each.
 _FWD_GEMM_TILES_BOOK_WIDE = ((256, 128, 64, 16, 4), (128, 128, 128, 16, 3)) + _FWD_GEMM_TILES_BOOK
 _DX_GEMM_TILES_BOOK_WIDE = ((256, 64, 128, 16, 3), (128, 128, 128, 16, 3)) + _DX_GEMM_TILES_BOOK
 # ... and the 256-row ones only up to this padded LoRA rank (R_PAD; 16 without LoRA): above it they spill 8 B under
