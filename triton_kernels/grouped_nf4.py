@@ -43,7 +43,7 @@ import triton.language as tl
 
 from ._nf4_register_book import load_book
 # the pinned fp32 roundings of the double-quant scale; the register code book's tile loader and its conditions
-from .nf4_matmul import _add_rn, _dequant_tile_words, _mul_rn, _register_book_fits
+from .nf4_matmul import _add_rn, _dequant_tile_words, _mul_rn, _nested_reads, _register_book_fits
 
 __all__ = ["grouped_nf4_matmul_triton", "grouped_nf4_matmul_dx_triton", "grouped_lora_shrink_triton",
            "grouped_lora_grad_triton"]
@@ -118,13 +118,15 @@ def _stored_tile(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_cod
 @triton.jit
 def _slice_tile(packed_ptr, absmax_ptr, code_ptr, book, nested_absmax_ptr, nested_code_ptr, offset, rows, row_ok, c0,
                 C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
-                ALIGNED: tl.constexpr, REG_BOOK: tl.constexpr, OUT_DTYPE: tl.constexpr):
+                ALIGNED: tl.constexpr, REG_BOOK: tl.constexpr, OUT_DTYPE: tl.constexpr, nested_table,
+                ABSMAX_WORDS: tl.constexpr):
     """The tile S[rows, c0 : c0 + BLOCK_C] of one expert's slice, 0 outside it: through the register code book
     (REG_BOOK, `book` its 16 values: OUT_DTYPE, the launcher's conditions of nf4_matmul's `_dequant_tile_words`),
     else fp32 by `_stored_tile`."""
     if REG_BOOK:
         return _dequant_tile_words(packed_ptr, absmax_ptr, book, nested_absmax_ptr, nested_code_ptr, offset, rows,
-                                   row_ok, c0, C, BLOCK_R, BLOCK_C, BLOCKSIZE, NESTED, False, OUT_DTYPE)
+                                   row_ok, c0, C, BLOCK_R, BLOCK_C, BLOCKSIZE, NESTED, False, OUT_DTYPE,
+                                   nested_table, ABSMAX_WORDS)
     else:
         return _stored_tile(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset, rows,
                             row_ok, c0, C, BLOCK_R, BLOCK_C, BLOCKSIZE, NESTED, ALIGNED)
@@ -145,6 +147,7 @@ def _grouped_nf4_kernel(
     HAS_OUT_INDEX: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, ALIGNED: tl.constexpr,
     DOT_KIND: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, REG_BOOK: tl.constexpr = False,
+    NESTED_TABLE: tl.constexpr = False, ABSMAX_WORDS: tl.constexpr = False,
 ):
     t = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -172,6 +175,11 @@ def _grouped_nf4_kernel(
         book = 0  # the register code book's 16 values, loaded once per program where the launch takes it
         if REG_BOOK:
             book = load_book(code_ptr)
+        # the double-quantized absmax as nf4_matmul's register code book launches read it (`_block_scales`): the
+        # nested code book gathered from a register table, the codes as 32-bit words where the launcher allows
+        nested_table = None
+        if NESTED_TABLE:
+            nested_table = tl.load(nested_code_ptr + tl.arange(0, 256))
 
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, RED, BLOCK_K):
@@ -182,12 +190,12 @@ def _grouped_nf4_kernel(
             if OUT_ROWS:  # stored (OUT, RED): a (BLOCK_N, BLOCK_K) tile, used transposed
                 w = _slice_tile(packed_e, absmax_e, code_ptr, book, nested_e, nested_code_ptr, offset,
                                 offs_n.to(tl.int64), n_ok, k0, C, BLOCK_N, BLOCK_K, BLOCKSIZE, NESTED, ALIGNED,
-                                REG_BOOK, a_ptr.dtype.element_ty)
+                                REG_BOOK, a_ptr.dtype.element_ty, nested_table, ABSMAX_WORDS)
                 acc = tl.dot(_as_dot(x, DOT_KIND), tl.trans(_as_dot(w, DOT_KIND)), acc, input_precision=PRECISION)
             else:  # stored (RED, OUT): a (BLOCK_K, BLOCK_N) tile, used as it is
                 w = _slice_tile(packed_e, absmax_e, code_ptr, book, nested_e, nested_code_ptr, offset,
                                 offs_k.to(tl.int64), k_ok, pid_n * BLOCK_N, C, BLOCK_K, BLOCK_N, BLOCKSIZE, NESTED,
-                                ALIGNED, REG_BOOK, a_ptr.dtype.element_ty)
+                                ALIGNED, REG_BOOK, a_ptr.dtype.element_ty, nested_table, ABSMAX_WORDS)
                 acc = tl.dot(_as_dot(x, DOT_KIND), _as_dot(w, DOT_KIND), acc, input_precision=PRECISION)
 
         if HAS_BIAS:
@@ -335,6 +343,14 @@ def _gemm_config(S: int, E: int, dtype: torch.dtype, register_book: bool = False
     return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, num_warps=8)
 
 
+def _expert_nested_reads(reg_book, absmax, nested_code, row_blocks) -> dict:
+    """nf4_matmul's `_nested_reads` for a stack of experts: the absmax codes as 32-bit words also need every expert's
+    absmax to start on a word (its stride a multiple of 4 bytes)."""
+    reads = _nested_reads(reg_book, absmax, nested_code, row_blocks)
+    reads["ABSMAX_WORDS"] = reads["ABSMAX_WORDS"] and absmax.stride(0) % 4 == 0
+    return reads
+
+
 def _launch_gemm(a, a_index, out, out_index, seg_start, out_features, red, out_rows, C, packed, absmax, code,
                  blocksize, nested_absmax, nested_code, offset, bias, p, q, q_strides, lora_scale, config):
     S = out.shape[0]
@@ -370,6 +386,7 @@ def _launch_gemm(a, a_index, out, out_index, seg_start, out_features, red, out_r
         BLOCKSIZE=blocksize, NESTED=nested, OUT_ROWS=out_rows, HAS_A_INDEX=a_index is not None,
         HAS_OUT_INDEX=out_index is not None, HAS_BIAS=bias is not None, HAS_LORA=has_lora, ALIGNED=aligned,
         DOT_KIND=_DOT_KIND[a.dtype], PRECISION=_precision(a.dtype), REG_BOOK=reg_book,
+        **_expert_nested_reads(reg_book, absmax, nested_code if nested else None, C // blocksize),
         BLOCK_R=_pow2(R, 16, 16 if _INTERPRET else 32), num_warps=num_warps,
         **({} if num_stages is None else {"num_stages": num_stages}), **cfg)
     return out

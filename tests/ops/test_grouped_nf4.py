@@ -757,8 +757,9 @@ def _recorded_gemm(gu, dtype, T, dx=False, config=None, packed=None, seed=1):
 @pytest.mark.skipif(not has_triton(), reason="needs triton")
 def test_register_book_where_it_fits():
     """16-bit activations on slices whose rows start on an absmax block take the register code book of nf4_matmul
-    (REG_BOOK), and 64-wide K steps at training-batch sizes; fp32, other slice widths, a slice stack off 4 bytes,
-    config REG_BOOK=False and the interpreter (inline PTX) keep the gather loader."""
+    (REG_BOOK, with its reads of the double-quantized absmax: NESTED_TABLE, ABSMAX_WORDS), and 64-wide K steps at
+    training-batch sizes; fp32, other slice widths, a slice stack off 4 bytes, config REG_BOOK=False and the
+    interpreter (inline PTX) keep the gather loader."""
     on = not TRITON_INTERPRET
     gu = quantize_experts(torch.randn(4, 192, 256, generator=_gen(0)))           # (out, in): rows of 256 = 4 blocks
     gt = quantize_experts(torch.randn(4, 256, 192, generator=_gen(0)), transposed=True)  # (in, out): rows of 192
@@ -767,8 +768,12 @@ def test_register_book_where_it_fits():
         for dx in (False, True):
             big = _recorded_gemm(w, torch.bfloat16, 512, dx).kwargs
             assert big["REG_BOOK"] is on and (big["BLOCK_M"], big["BLOCK_K"]) == ((64, 64) if on else (16, 32))
+            # and reads the double-quantized absmax as nf4_matmul's launches do: the nested code book as a register
+            # table, the codes as words where a slice row holds whole words of them (256 / 64 = 4 blocks; not 3)
+            assert big["NESTED_TABLE"] is on and big["ABSMAX_WORDS"] is (on and w is gu), big
             assert _recorded_gemm(w, torch.float16, 4, dx).kwargs["REG_BOOK"] is on
-            assert _recorded_gemm(w, torch.float32, 512, dx).kwargs["REG_BOOK"] is False
+            f32 = _recorded_gemm(w, torch.float32, 512, dx).kwargs
+            assert f32["REG_BOOK"] is False and f32["NESTED_TABLE"] is False and f32["ABSMAX_WORDS"] is False
     assert _recorded_gemm(odd, torch.bfloat16, 512).kwargs["REG_BOOK"] is False
     p = gu.op_args()[0]
     off_by_one = torch.empty(p.numel() + 4, dtype=torch.uint8)[1:p.numel() + 1].view(p.shape)
