@@ -19,7 +19,8 @@ Kernels:
   The 4-bit tile is dequantized in registers (code book lookup x absmax, the double-quant absmax decoded
   in-kernel) and fed to tl.dot; with 16-bit activations on sm_80+ through the register code book of
   nf4_matmul (REG_BOOK: one 32-bit load per 8 weights, PRMT lookups, no code-book gather per weight; the
-  slice's rows must start on an absmax block and every slice on 4 bytes), else by a gather per nibble
+  slice's rows must start on an absmax block and every slice on 4 bytes; a double-quantized absmax read as
+  nf4_matmul's launches read it: NESTED_TABLE, ABSMAX_WORDS), else by a gather per nibble
   (fp32, odd slice widths, the interpreter); fp32 accumulation; input rows gathered through i(s) (e.g. the token of slot
   s, so the (S, H) copy of the hidden states is never written) and output rows scattered through o(s) (back
   to (token, k) order). The LoRA expand is an epilogue (p = xa (S, r) fp32, Q_e = B_e; in dX p = dy B,
