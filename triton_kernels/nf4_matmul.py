@@ -107,7 +107,7 @@ def _dequant_tile(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_co
 def _absmax_codes(absmax_ptr, block, gmask, offs_n, k0, K, BLOCKSIZE: tl.constexpr, GROUPS: tl.constexpr,
                   EVEN: tl.constexpr, WORDS: tl.constexpr):
     """The double-quantized absmax codes (uint8) of `block` as int32. WORDS: read as the 32-bit words that hold
-    them (the launcher's `_absmax_words`: absmax 4-byte aligned and a whole number of words), which Triton's
+    them (the launcher's `_nested_reads`: absmax 4-byte aligned, rows of whole words), which Triton's
     pipeliner copies ahead into shared memory (cp.async takes 4 bytes or more) like the weight; a byte load stays
     in registers and is waited on in the step that issues it."""
     if WORDS:  # rows hold whole words of codes (K // BLOCKSIZE % 4 == 0): the byte of a block is the same in
@@ -131,7 +131,7 @@ def _block_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, offs_n
                   nested_table=None, WORDS: tl.constexpr = False):
     """fp32 absmax [BLOCK_N, GROUPS] of the blocks of W[offs_n, k0:k0+BLOCK_K] (K % BLOCKSIZE == 0), the
     double-quantized ones decoded with the rounding pinned. `nested_table`: the 256 values of the nested code book
-    as a register tensor (`_nested_code_table`), gathered through shared memory (tl.gather) instead of from global
+    as a register tensor (the kernels' NESTED_TABLE), gathered through shared memory (tl.gather) instead of global
     memory at an address that waits on the absmax load; WORDS: see `_absmax_codes`."""
     GROUPS: tl.constexpr = BLOCK_K // BLOCKSIZE if BLOCK_K >= BLOCKSIZE else 1
     offs_g = tl.arange(0, GROUPS)
@@ -360,7 +360,7 @@ def _nf4_matmul_dx_kernel(
     # meta-parameters
     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, HAS_LORA: tl.constexpr, R_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    ALIGNED: tl.constexpr, EVEN_NK: tl.constexpr = False,  # not set by the launcher: see nf4_matmul_dx_triton
+    ALIGNED: tl.constexpr, EVEN_NK: tl.constexpr = False,  # the register code book's only: see nf4_matmul_dx_triton
     REG_BOOK: tl.constexpr = False, SPLIT_N: tl.constexpr = 1, NESTED_TABLE: tl.constexpr = False,
     ABSMAX_WORDS: tl.constexpr = False,
 ):
@@ -534,7 +534,8 @@ def _gemm_tiles(tiles: tuple, M: int, out_cols: int, col_axis: int, device: torc
                 fill: float = 1.0, r_pad: int = 16) -> dict:
     """The largest tile that still gives every SM a program and pads M by less than 2x; else the smallest.
     Filling the SMs matters most for M = 17..256, which is still weight-streaming: (128 x 128) tiles at M = 128,
-    N = 4096 would be 32 programs for 132 SMs, (32 x 64) gives 256."""
+    N = 4096 would be 32 programs for 132 SMs, (32 x 64) gives 256. A 16-warp tile is also skipped above its LoRA
+    rank (`_WIDE_TILE_MAX_R_PAD`) and where the next 16-warp tile fills its last wave better (`_WAVE_FILL_GAIN`)."""
     sms = _num_sms(device)
 
     def programs(t):
