@@ -44,7 +44,8 @@ import triton.language as tl
 
 from ._nf4_register_book import load_book
 # the pinned fp32 roundings of the double-quant scale; the register code book's tile loader and its conditions
-from .nf4_matmul import _add_rn, _dequant_tile_words, _mul_rn, _nested_reads, _register_book_fits
+from .nf4_matmul import (NESTED_CODE_ENTRIES, _add_rn, _dequant_tile_words, _mul_rn, _nested_reads,
+                         _register_book_fits)
 
 __all__ = ["grouped_nf4_matmul_triton", "grouped_nf4_matmul_dx_triton", "grouped_lora_shrink_triton",
            "grouped_lora_grad_triton"]
@@ -180,7 +181,7 @@ def _grouped_nf4_kernel(
         # nested code book gathered from a register table, the codes as 32-bit words where the launcher allows
         nested_table = None
         if NESTED_TABLE:
-            nested_table = tl.load(nested_code_ptr + tl.arange(0, 256))
+            nested_table = tl.load(nested_code_ptr + tl.arange(0, NESTED_CODE_ENTRIES))
 
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, RED, BLOCK_K):
@@ -344,14 +345,6 @@ def _gemm_config(S: int, E: int, dtype: torch.dtype, register_book: bool = False
     return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, num_warps=8)
 
 
-def _expert_nested_reads(reg_book, absmax, nested_code, row_blocks) -> dict:
-    """nf4_matmul's `_nested_reads` for a stack of experts: the absmax codes as 32-bit words also need every expert's
-    absmax to start on a word (its stride a multiple of 4 bytes)."""
-    reads = _nested_reads(reg_book, absmax, nested_code, row_blocks)
-    reads["ABSMAX_WORDS"] = reads["ABSMAX_WORDS"] and absmax.stride(0) % 4 == 0
-    return reads
-
-
 def _launch_gemm(a, a_index, out, out_index, seg_start, out_features, red, out_rows, C, packed, absmax, code,
                  blocksize, nested_absmax, nested_code, offset, bias, p, q, q_strides, lora_scale, config):
     S = out.shape[0]
@@ -387,7 +380,7 @@ def _launch_gemm(a, a_index, out, out_index, seg_start, out_features, red, out_r
         BLOCKSIZE=blocksize, NESTED=nested, OUT_ROWS=out_rows, HAS_A_INDEX=a_index is not None,
         HAS_OUT_INDEX=out_index is not None, HAS_BIAS=bias is not None, HAS_LORA=has_lora, ALIGNED=aligned,
         DOT_KIND=_DOT_KIND[a.dtype], PRECISION=_precision(a.dtype), REG_BOOK=reg_book,
-        **_expert_nested_reads(reg_book, absmax, nested_code if nested else None, C // blocksize),
+        **_nested_reads(reg_book, absmax, nested_code if nested else None, C // blocksize),
         BLOCK_R=_pow2(R, 16, 16 if _INTERPRET else 32), num_warps=num_warps,
         **({} if num_stages is None else {"num_stages": num_stages}), **cfg)
     return out

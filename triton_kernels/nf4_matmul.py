@@ -53,6 +53,7 @@ __all__ = ["nf4_matmul_triton", "nf4_matmul_dx_triton"]
 
 # compiled kernels may only read globals declared constexpr
 NESTED_BLOCKSIZE = tl.constexpr(256)  # absmax values per second-level (double-quant) block, as bitsandbytes
+NESTED_CODE_ENTRIES = tl.constexpr(256)  # the nested code book (bitsandbytes' dynamic map): NESTED_TABLE's tensor
 DECODE_MAX_M = 16
 MAX_GRID_X = 2 ** 31 - 1  # programs on CUDA grid axis 0
 MAX_GRID_Y = 65535        # ... on axes 1 and 2
@@ -285,7 +286,7 @@ def _nf4_matmul_kernel(
     # waiting 857 of the 1437 cycles of its K step alone (static sm_90 model: 0.93x -> 0.96x cuBLAS at M = 1024)
     nested_table = None
     if NESTED_TABLE:
-        nested_table = tl.load(nested_code_ptr + tl.arange(0, 256))
+        nested_table = tl.load(nested_code_ptr + tl.arange(0, NESTED_CODE_ENTRIES))
 
     # each split owns a contiguous, BLOCK_K-aligned range of K
     k_span = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K
@@ -380,7 +381,7 @@ def _nf4_matmul_dx_kernel(
         book = load_book(code_ptr)
     nested_table = None
     if NESTED_TABLE:  # as in the forward
-        nested_table = tl.load(nested_code_ptr + tl.arange(0, 256))
+        nested_table = tl.load(nested_code_ptr + tl.arange(0, NESTED_CODE_ENTRIES))
 
     if HAS_LORA:  # the accumulator's initial value, as in the forward (no second fp32 tile)
         offs_r = tl.arange(0, R_PAD)
@@ -530,6 +531,11 @@ def _r_pad(rank: int) -> int:
     return max(16, triton.next_power_of_2(max(int(rank), 1)))
 
 
+def _rank_fits(tile: tuple, r_pad: int) -> bool:
+    """The tile compiles without spills at this padded LoRA rank (`_WIDE_TILE_MAX_R_PAD`; uncapped tiles: any)."""
+    return r_pad <= _WIDE_TILE_MAX_R_PAD.get(tile, r_pad)
+
+
 def _gemm_tiles(tiles: tuple, M: int, out_cols: int, col_axis: int, device: torch.device,
                 fill: float = 1.0, r_pad: int = 16) -> dict:
     """The largest tile that still gives every SM a program and pads M by less than 2x; else the smallest.
@@ -542,8 +548,7 @@ def _gemm_tiles(tiles: tuple, M: int, out_cols: int, col_axis: int, device: torc
         return triton.cdiv(M, t[0]) * triton.cdiv(out_cols, t[col_axis])
 
     def fits(t):
-        return (not (t[0] > 16 and t[0] >= 2 * M) and programs(t) >= int(sms * fill)
-                and r_pad <= _WIDE_TILE_MAX_R_PAD.get(t, r_pad))
+        return not (t[0] > 16 and t[0] >= 2 * M) and programs(t) >= int(sms * fill) and _rank_fits(t, r_pad)
 
     def wave_fill(t):
         return programs(t) / (triton.cdiv(programs(t), sms) * sms)
@@ -564,7 +569,7 @@ def _wide_split_tile(r_pad: int) -> tuple:
     """The unsplit 16-warp tile `_split_k_config` takes where N alone fills the SMs: the 256-row one within its
     LoRA rank, else 128 x 128 x 128."""
     big = _FWD_GEMM_TILES_BOOK_WIDE[0]
-    return big if r_pad <= _WIDE_TILE_MAX_R_PAD.get(big, r_pad) else _FWD_GEMM_TILES_BOOK_WIDE[1]
+    return big if _rank_fits(big, r_pad) else _FWD_GEMM_TILES_BOOK_WIDE[1]
 
 
 def _fwd_config(M: int, N: int, K: int, device: torch.device, dtype: torch.dtype = torch.bfloat16,
@@ -736,11 +741,12 @@ def _register_book(cfg: dict, fits: bool, aligned: bool, use_dot: bool) -> bool:
 
 def _nested_reads(reg_book: bool, absmax: torch.Tensor, nested_code: torch.Tensor | None, row_blocks: int) -> dict:
     """How the register code book's launches read a double-quantized absmax: the nested code book as a register
-    table (NESTED_TABLE, its 256 entries: bitsandbytes' dynamic map) and the absmax codes as 32-bit words
-    (ABSMAX_WORDS: the uint8 absmax 4-byte aligned and a whole number of words, so no word reaches past it)."""
-    table = reg_book and nested_code is not None and nested_code.numel() == 256
-    return dict(NESTED_TABLE=table,
-                ABSMAX_WORDS=table and absmax.data_ptr() % 4 == 0 and row_blocks % 4 == 0)
+    table (NESTED_TABLE, its NESTED_CODE_ENTRIES entries: bitsandbytes' dynamic map) and the absmax codes as 32-bit
+    words (ABSMAX_WORDS: the uint8 absmax 4-byte aligned, every outer stride too (a stack of experts' absmax starts
+    each expert on a word), and rows of whole words, so no word reaches past a row)."""
+    table = reg_book and nested_code is not None and nested_code.numel() == NESTED_CODE_ENTRIES.value
+    words = absmax.data_ptr() % 4 == 0 and all(st % 4 == 0 for st in absmax.stride()[:-1]) and row_blocks % 4 == 0
+    return dict(NESTED_TABLE=table, ABSMAX_WORDS=table and words)
 
 
 def _stages(num_stages: int | None) -> dict:
@@ -778,9 +784,10 @@ def nf4_matmul_triton(x2d, packed, absmax, code, blocksize, N, nested_absmax=Non
     wide = fits and config is None and M > DECODE_MAX_M and _wide_launch(
         x2d, x2d.stride(0), N, K, packed, bias, lora_xa, lora_B,
         *((lora_xa.stride(0), lora_B.stride(0), lora_xa.shape[1]) if lora_xa is not None else ()))
+    has_lora = lora_xa is not None
+    r = lora_xa.shape[1] if has_lora else 0
     cfg = dict(config or _fwd_config(M, N, K, x2d.device, x2d.dtype, aligned=K % blocksize == 0,
-                                     register_book=fits, wide=wide,
-                                     r_pad=_r_pad(lora_xa.shape[1] if lora_xa is not None else 0)))
+                                     register_book=fits, wide=wide, r_pad=_r_pad(r)))
     cfg.setdefault("SPLIT_K", 1)
     num_warps = cfg.pop("num_warps", 4)
     num_stages = cfg.pop("num_stages", None)
@@ -807,8 +814,6 @@ def nf4_matmul_triton(x2d, packed, absmax, code, blocksize, N, nested_absmax=Non
         out = torch.zeros((M, N), dtype=torch.float32, device=x2d.device) if atomic else \
             torch.empty((split, M, N), dtype=torch.float32, device=x2d.device)
     nested = nested_absmax is not None
-    has_lora = lora_xa is not None
-    r = lora_xa.shape[1] if has_lora else 0
     swap = n_tiles > MAX_GRID_Y
     for r0, r1 in (_row_chunks(M, cfg["BLOCK_M"]) if swap else [(0, M)]):
         m_tiles = _grid_cols(r1 - r0, cfg["BLOCK_M"])
@@ -844,9 +849,10 @@ def nf4_matmul_dx_triton(dy2d, packed, absmax, code, blocksize, K, nested_absmax
     wide = fits and config is None and M > DECODE_MAX_M and _wide_launch(
         dy2d, dy2d.stride(0), N, K, packed, lora_dyb, lora_A,
         *((lora_dyb.stride(0), lora_A.stride(0), lora_dyb.shape[1]) if lora_dyb is not None else ()))
+    has_lora = lora_dyb is not None
+    r = lora_dyb.shape[1] if has_lora else 0
     cfg = dict(config or _dx_config(M, N, K, dy2d.device, dy2d.dtype, aligned=K % blocksize == 0,
-                                    register_book=fits, wide=wide,
-                                    r_pad=_r_pad(lora_dyb.shape[1] if lora_dyb is not None else 0)))
+                                    register_book=fits, wide=wide, r_pad=_r_pad(r)))
     num_warps = cfg.pop("num_warps", 4)
     num_stages = cfg.pop("num_stages", None)
     aligned = _aligned(K, blocksize, cfg)
@@ -856,8 +862,6 @@ def nf4_matmul_dx_triton(dy2d, packed, absmax, code, blocksize, K, nested_absmax
         raise ValueError(f"config SPLIT_N must be >= 1, got SPLIT_N={split}")
     dx = torch.empty((M, K), dtype=dy2d.dtype, device=dy2d.device)
     nested = nested_absmax is not None
-    has_lora = lora_dyb is not None
-    r = lora_dyb.shape[1] if has_lora else 0
     dummy = code
     k_tiles = triton.cdiv(K, cfg["BLOCK_K"])
     if k_tiles > MAX_GRID_Y:

@@ -938,7 +938,7 @@ def _wide_tiles_by_rank():
     from qpeft.triton_kernels import nf4_matmul as k
 
     return [(d, t, r) for d, tiles in (("fwd", k._FWD_GEMM_TILES_BOOK_WIDE), ("dx", k._DX_GEMM_TILES_BOOK_WIDE))
-            for t in tiles if t[3] == 16 for r in (32, 64, 128, 256) if r <= k._WIDE_TILE_MAX_R_PAD.get(t, 256)]
+            for t in tiles if t[3] == 16 for r in (32, 64, 128, 256) if k._rank_fits(t, r)]
 
 
 @pytest.mark.skipif(TRITON_INTERPRET or not has_triton(), reason="compiles for sm_90 (not under the interpreter)")
@@ -957,7 +957,7 @@ def test_wide_tiles_compile_for_sm90_without_spills_up_to_their_lora_rank(direct
 def test_register_book_reads_the_nested_absmax_as_table_and_words_only_where_safe():
     """`_nested_reads`: the nested code book as a register table with the register code book and a 256-entry nested
     code; the absmax codes as 32-bit words only where no word reaches past a row's codes (K // blocksize % 4 == 0)
-    and the uint8 absmax is 4-byte aligned."""
+    and the uint8 absmax is 4-byte aligned, each expert's of a stack included."""
     pytest.importorskip("triton")
     from qpeft.triton_kernels.nf4_matmul import _nested_reads
 
@@ -968,6 +968,10 @@ def test_register_book_reads_the_nested_absmax_as_table_and_words_only_where_saf
     assert _nested_reads(True, absmax, torch.empty(16), 64) == dict(NESTED_TABLE=False, ABSMAX_WORDS=False)
     assert _nested_reads(True, torch.empty(64), None, 64) == dict(NESTED_TABLE=False, ABSMAX_WORDS=False)  # plain
     assert _nested_reads(False, absmax, code2, 64) == dict(NESTED_TABLE=False, ABSMAX_WORDS=False)  # gather loader
+    # a stack of experts' absmax (grouped NF4): each expert's codes must start on a word too
+    experts = torch.empty(4, 66, dtype=torch.uint8)
+    assert _nested_reads(True, experts.view(4, 66)[:, :64], code2, 16)["ABSMAX_WORDS"] is False  # stride 66
+    assert _nested_reads(True, torch.empty(4, 64, dtype=torch.uint8), code2, 16)["ABSMAX_WORDS"] is True
 
 
 @pytest.mark.parametrize("direction,r_pad,tile", [("fwd", 64, (256, 128, 64)), ("fwd", 128, (128, 128, 128)),
