@@ -658,12 +658,13 @@ def _split_k_config(M: int, N: int, K: int, device: torch.device, wide: bool, r_
 def _dx_split_config(M: int, N: int, K: int, device: torch.device, wide: bool) -> dict:
     """The register code book's dx for M <= 256: few (M x K) output tiles, so the N reduction is split across
     programs (SPLIT_N, the serial split of `_serial_split_store`) until they fill the SMs, at least two N steps per
-    split. Tiles (BLOCK_M, BLOCK_N = N step, BLOCK_K = dx columns) and programs aimed at: M <= 16 16 x 64 x 64,
-    4 warps, 4 per SM (96-135 registers); M <= 64 and launches without the 16-divisibility 64 x 64 x 128, 8 warps,
-    2 per SM (107-219 registers; no spills either way); M = 65..256 with it 128 x 128 x 128, 16 warps, one per SM
-    (it spills without). The static sm_90 model (bf16) on 8b q/o (4096, 4096), against the unsplit tiles before:
-    M = 16 1.40x bf16 cuBLAS (0.43x), M = 64 1.40x (0.21x), M = 128 1.23x (0.21x), M = 256 0.75x (0.20x); k/v
-    (4096, 1024) 0.58-1.18x (0.21-0.41x)."""
+    split, at most `_dx_partials_cap`. Tiles (BLOCK_M, BLOCK_N = N step, BLOCK_K = dx columns) and programs aimed
+    at: M <= 16 16 x 64 x 64, 4 warps, 4 per SM (96-135 registers); M <= 64 and launches without the
+    16-divisibility 64 x 64 x 128, 8 warps, 2 per SM (107-219 registers; no spills either way); M = 65..256 with it
+    128 x 128 x 128, 16 warps, one per SM (it spills without). The static sm_90 model (bf16) on 8b q/o
+    (4096, 4096), against the unsplit tiles before: M = 16 1.40x bf16 cuBLAS (0.43x), M = 64 1.40x (0.21x),
+    M = 128 1.23x (0.21x), M = 256 0.75x (0.20x); k/v (4096, 1024) 0.58-1.18x (0.21-0.41x). (Numbers of the commit
+    that introduced the split; the current ones are in docs/nf4_matmul_performance.md.)"""
     sms = _num_sms(device)
     if M <= DECODE_MAX_M and triton.cdiv(K, _DX_DECODE_TILE_BOOK[2]) >= 3 * sms:
         # long K (down projections) fills the SMs unsplit with 16 x 128 x 32: 8b / 70b down at M = 16 1.30x / 1.40x,
@@ -676,7 +677,18 @@ def _dx_split_config(M: int, N: int, K: int, device: torch.device, wide: bool) -
     else:
         tile, programs = _DX_SPLIT_TILE, sms * (2 if M <= 64 else 1)
     split = _split_count(programs, triton.cdiv(M, tile[0]) * triton.cdiv(K, tile[2]), N // tile[1])
-    return dict(tile_config(tile), SPLIT_N=split)
+    return dict(tile_config(tile), SPLIT_N=min(split, _dx_partials_cap(M, N)))
+
+
+def _dx_partials_cap(M: int, N: int) -> int:
+    """The most N splits whose fp32 partials stay within 4x the packed weight's bytes through L2: each split
+    writes its (M x K) tile and the last reads them all back, 8 bytes per element per split, against half a byte
+    per weight (N x K), so split <= N / (4 M); a power of two (the N steps then divide evenly), never below 2.
+    Only narrow reductions reach it: k/v (N = 1024) dx, where the fill rule's splits made the partials the L2
+    traffic that bounds the launch. The static sm_90 model (bf16, 8b k/v (4096, 1024)): M = 64 8 -> 4 splits
+    0.74x -> 1.08x cuBLAS, M = 96 4 -> 2 0.83x -> 0.84x, M = 128 4 -> 2 0.68x -> 0.87x; one split at M = 256
+    would lose (0.53x against 0.58x with 2), where the reduction then runs on 64 programs for 132 SMs."""
+    return max(2, _prev_pow2(max(1, N // (4 * M))))
 
 
 def _dx_config(M: int, N: int, K: int, device: torch.device, dtype: torch.dtype = torch.bfloat16,

@@ -1162,14 +1162,15 @@ def test_register_book_forward_splits_k_to_fill_the_gpu(M, N, K, wide):
         assert k._fwd_config(M, N, K, cpu, dtype, register_book=True, wide=wide)["SPLIT_K"] == 1
 
 
-@pytest.mark.parametrize("M", [1, 9, 16, 17, 64, 65, 128, 256])
+@pytest.mark.parametrize("M", [1, 9, 16, 17, 48, 64, 65, 96, 128, 256])
 @pytest.mark.parametrize("N,K", [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (8192, 8192),
-                                 (8192, 28672), (1024, 320)])
+                                 (8192, 28672), (1024, 320), (1024, 8192)])
 @pytest.mark.parametrize("wide", [False, True])
 def test_register_book_dx_splits_n_to_fill_the_gpu(M, N, K, wide):
     """dx at M <= 256 (`_dx_split_config`): 16-row tiles up to M = 16 (unsplit 16 x 128 x 32 when K alone gives
     3 programs per SM), 64-row ones up to 64 and without the 16-divisibility, 128-row 16-warp ones above with it;
-    the N reduction split until the programs are nearest their target, at least two N steps per split."""
+    the N reduction split until the programs are nearest their target, at least two N steps per split, and no
+    further than keeps the fp32 partials within 4x the weight's bytes (k/v, N = 1024: M = 64 4 splits, M = 128 2)."""
     pytest.importorskip("triton")
     from qpeft.triton_kernels import nf4_matmul as k
 
@@ -1189,7 +1190,12 @@ def test_register_book_dx_splits_n_to_fill_the_gpu(M, N, K, wide):
     assert tile == want, cfg
     tiles = -(-M // tile[0]) * -(-K // tile[2])
     assert 1 <= split <= k.MAX_SPLIT_K and (split == 1 or N // (split * tile[1]) >= 2), cfg
-    capped = split in (k.MAX_SPLIT_K, max(1, N // (2 * tile[1])))
+    # the partials' cap: 8 bytes per output element per split within 4x the weight's half byte per weight
+    partials_cap = max(2, 1 << (max(1, N // (4 * M)).bit_length() - 1))
+    assert split <= partials_cap and (split <= 2 or 8 * split * M * K <= 4 * N * K / 2), cfg
+    if (N, K) == (1024, 4096) and M in (64, 128):  # 8b k/v: the fill rule's 8 / 4 splits, capped
+        assert split == {64: 4, 128: 2}[M], cfg
+    capped = split in (k.MAX_SPLIT_K, max(1, N // (2 * tile[1])), partials_cap)
     assert capped or abs(tiles * split - target) <= abs(tiles * (split + 1) - target), cfg
     assert split == 1 or abs(tiles * split - target) <= abs(tiles * (split - 1) - target), cfg
     assert "SPLIT_N" not in k._dx_config(M, N, K, cpu, torch.float32, register_book=True, wide=wide)
