@@ -347,13 +347,29 @@ def test_triton_register_code_book_is_taken_on_sm80_and_newer_only(fake_cuda):
     assert not fits(torch.float32) and not fits(K=4000) and not fits(w=packed[1:])
     assert tk._fwd_config(1024, 4096, 4096, DEV, register_book=True)["BLOCK_K"] == 64
     assert tk._fwd_config(1024, 4096, 4096, DEV)["BLOCK_K"] == 32
+    # a double-quantized weight's absmax is read from the register table and as words only with the register book
+    from utils import recorded_triton_launches
+
+    N, K = 256, 512
+    w, a = torch.zeros(N * K // 2, dtype=torch.uint8), torch.randint(0, 256, (N * K // 64,), dtype=torch.uint8)
+    nested = (torch.rand(N * K // 64 // 256), torch.randn(256), torch.tensor(0.25))
+
+    def nested_reads():
+        with recorded_triton_launches() as launches:
+            tk.nf4_matmul_triton(torch.randn(512, K, dtype=torch.bfloat16), w, a, code, 64, N, *nested)
+            tk.nf4_matmul_dx_triton(torch.randn(512, N, dtype=torch.bfloat16), w, a, code, 64, K, *nested)
+        return [(one.kwargs["REG_BOOK"], one.kwargs["NESTED_TABLE"], one.kwargs["ABSMAX_WORDS"]) for one in launches]
+
+    assert nested_reads() == [(True, True, True)] * 2
     fake_cuda.pretend(capability=(7, 5))
     assert not fits() and not fits(torch.float16)
+    assert nested_reads() == [(False, False, False)] * 2
 
 
 def test_grouped_nf4_takes_the_register_code_book_on_sm80_and_newer_only(fake_cuda):
     """The grouped experts' GEMM (MoE) takes nf4_matmul's register code book, and its 64-wide K steps at training
-    sizes, on the same condition: on a 7.x GPU it keeps the gather loader and its 32-wide K steps."""
+    sizes, on the same condition: on a 7.x GPU it keeps the gather loader and its 32-wide K steps, and with it the
+    double-quantized absmax's gathers (no NESTED_TABLE, no ABSMAX_WORDS: both belong to the register code book)."""
     pytest.importorskip("triton")
     from qpeft.reference.grouped_nf4 import route_ref
     from qpeft.triton_kernels import grouped_nf4 as tk
@@ -364,18 +380,30 @@ def test_grouped_nf4_takes_the_register_code_book_on_sm80_and_newer_only(fake_cu
     # 4 experts (out 192, in 256), NF4 blocksize 64, as quantize_experts lays them out (nothing runs: recorded)
     packed, absmax, code = torch.zeros(4, 192 * 256 // 2, dtype=torch.uint8), torch.ones(4, 192 * 256 // 64), \
         torch.zeros(16)
+    # ... double-quantized as bitsandbytes lays it out: absmax codes (uint8) with a 256-entry nested code book, an
+    # fp32 absmax per 256 codes and an offset; rows of 256 = 4 blocks, so the codes are read as whole words
+    n_absmax = torch.randint(0, 256, (4, 192 * 256 // 64), dtype=torch.uint8)
+    n_nested_absmax, n_nested_code, n_offset = torch.rand(4 * 192 * 256 // 64 // 256), torch.randn(256), \
+        torch.tensor(0.25)
     perm, token, seg = route_ref(torch.rand(512, 4).topk(2, dim=1).indices, 4)  # the op would ask the extension
 
-    def launch():
+    def launch(double_quant=False):
+        x = torch.randn(512, 256, dtype=torch.bfloat16)
         with recorded_triton_launches() as launches:
-            tk.grouped_nf4_matmul_triton(torch.randn(512, 256, dtype=torch.bfloat16), token, packed, absmax, code, 64,
-                                         192, False, None, None, None, seg, None, None, None, None, 0.0)
+            if double_quant:
+                tk.grouped_nf4_matmul_triton(x, token, packed, n_absmax, code, 64, 192, False, n_nested_absmax,
+                                             n_nested_code, n_offset, seg, None, None, None, None, 0.0)
+            else:
+                tk.grouped_nf4_matmul_triton(x, token, packed, absmax, code, 64, 192, False, None, None, None, seg,
+                                             None, None, None, None, 0.0)
         (one,) = launches
-        return one.kwargs["REG_BOOK"], one.kwargs["BLOCK_K"]
+        return tuple(one.kwargs[k] for k in ("REG_BOOK", "BLOCK_K", "NESTED_TABLE", "ABSMAX_WORDS"))
 
-    assert launch() == (True, 64)
+    assert launch() == (True, 64, False, False)
+    assert launch(double_quant=True) == (True, 64, True, True)
     fake_cuda.pretend(capability=(7, 5))
-    assert launch() == (False, 32)
+    assert launch() == (False, 32, False, False)
+    assert launch(double_quant=True) == (False, 32, False, False)
 
 
 # ------------------------------------------------------------------------------------------ device choices
