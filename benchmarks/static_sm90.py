@@ -265,6 +265,11 @@ def _triton_launch(rec, direction, M, N, K) -> Launch:
         raise ValueError(rec.name)
     weights = bn * bk / warps
     m_tiles = math.ceil(M / bm)
+    # a launch over a span of the output's columns (the launcher's LEAD spans): its own N (forward) or K (dx)
+    if rec.name == "_nf4_matmul_kernel":
+        N = min(N - c.get("N_TILE_START", 0) * bn, rec.grid[0 if c.get("SWAP_AXES") else 1] * bn)
+    else:
+        K = min(K - c.get("K_TILE_START", 0) * bk, rec.grid[1] * bk)
     if rec.name == "_nf4_matmul_kernel":  # x once per N tile, W once per M tile
         reread = math.ceil(N / bn) * M * K * 2 + m_tiles * N * K * HW.nf4_bytes_per_weight
         serial = bool(c.get("SERIAL_SPLIT"))

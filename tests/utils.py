@@ -50,8 +50,8 @@ _LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg", "enable_fp_
 class TritonLaunch:
     """One kernel launch as a launcher issued it: the JITFunction, its arguments and launch options."""
 
-    def __init__(self, fn, args: tuple, kwargs: dict):
-        self.fn, self.args, self.kwargs = fn, args, kwargs
+    def __init__(self, fn, args: tuple, kwargs: dict, grid=None):
+        self.fn, self.args, self.kwargs, self.grid = fn, args, kwargs, grid
 
     @property
     def name(self) -> str:
@@ -118,7 +118,7 @@ def recorded_triton_launches():
     launches: list[TritonLaunch] = []
 
     def run_jit(self, *args, grid, warmup, **kwargs):
-        launches.append(TritonLaunch(self, args, kwargs))
+        launches.append(TritonLaunch(self, args, kwargs, grid))
 
     def run_autotuned(self, *args, **kwargs):
         kwargs.pop("grid", None)

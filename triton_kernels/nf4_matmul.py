@@ -260,6 +260,9 @@ def _nf4_matmul_kernel(
     ATOMIC_SPLIT: tl.constexpr = True, SWAP_AXES: tl.constexpr = False, EVEN_NK: tl.constexpr = False,
     REG_BOOK: tl.constexpr = False, SERIAL_SPLIT: tl.constexpr = False, NESTED_TABLE: tl.constexpr = False,
     ABSMAX_WORDS: tl.constexpr = False,
+    # the launch's first output column tile (of BLOCK_N): a column span of the launcher's (`_lead_span`). A
+    # constexpr: as a runtime argument it cost the dx kernel's 256 x 64 x 128 tile 8 B of spills (sm_90, 3.9)
+    N_TILE_START: tl.constexpr = 0,
 ):
     # M tiles on grid axis 0 and N tiles on axis 1, K splits on axis 2; more than 65,535 N tiles (axis 1's limit)
     # swap the two (SWAP_AXES, and the launcher then chunks M at 65,535 tiles). Only then: ptxas allocates the
@@ -272,7 +275,7 @@ def _nf4_matmul_kernel(
         pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    offs_n = ((N_TILE_START + pid_n) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     mask_m = offs_m < M
     mask_n = offs_n < N
     offset = 0.0
@@ -340,8 +343,10 @@ def _nf4_matmul_kernel(
     if SPLIT_K == 1:
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
     elif SERIAL_SPLIT:  # 16-bit output: fp32 partials in ws, summed by the last split of the tile
+        # the launch's own tile index: a column span's launch (`_lead_span`) has fewer N tiles than N
+        tile = pid_m * tl.num_programs(0 if SWAP_AXES else 1) + pid_n
         _serial_split_store(acc, out_ptrs, ws_ptr + offs_m[:, None] * stride_om + offs_n[None, :], out_mask,
-                            stride_split, counter_ptr, pid_m * tl.cdiv(N, BLOCK_N) + pid_n, pid_k, SPLIT_K)
+                            stride_split, counter_ptr, tile, pid_k, SPLIT_K)
     elif ATOMIC_SPLIT:
         tl.atomic_add(out_ptrs, acc, mask=out_mask)
     else:  # deterministic: each split's partial sums into its own slice, summed in a fixed order afterwards
@@ -364,6 +369,7 @@ def _nf4_matmul_dx_kernel(
     ALIGNED: tl.constexpr, EVEN_NK: tl.constexpr = False,  # the register code book's only: see nf4_matmul_dx_triton
     REG_BOOK: tl.constexpr = False, SPLIT_N: tl.constexpr = 1, NESTED_TABLE: tl.constexpr = False,
     ABSMAX_WORDS: tl.constexpr = False,
+    K_TILE_START: tl.constexpr = 0,  # the launch's first dx column tile (of BLOCK_K), as the forward's N_TILE_START
 ):
     # M tiles on grid axis 0 (2^31 - 1), K tiles on axis 1 (<= 65,535: K up to 2M columns, checked by the launcher),
     # N splits on axis 2. (Swapping the first two axes puts the 128 x 64 x 128 tile over 255 registers: it spills.)
@@ -371,7 +377,8 @@ def _nf4_matmul_dx_kernel(
     pid_k = tl.program_id(1)
     pid_s = tl.program_id(2)
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    offs_k = (pid_k * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
+    k_first = (K_TILE_START + pid_k) * BLOCK_K
+    offs_k = (k_first + tl.arange(0, BLOCK_K)).to(tl.int64)
     mask_m = offs_m < M
     mask_k = offs_k < K
     offset = 0.0
@@ -413,11 +420,11 @@ def _nf4_matmul_dx_kernel(
         # transposed use of the same (BLOCK_N, BLOCK_K) weight tile: dx += dy @ W
         if REG_BOOK:
             w = _dequant_tile_words(packed_ptr, absmax_ptr, book, nested_absmax_ptr, nested_code_ptr, offset,
-                                    offs_n, mask_n, pid_k * BLOCK_K, K, BLOCK_N, BLOCK_K, BLOCKSIZE, NESTED,
+                                    offs_n, mask_n, k_first, K, BLOCK_N, BLOCK_K, BLOCKSIZE, NESTED,
                                     EVEN_NK, dy_ptr.dtype.element_ty, nested_table, ABSMAX_WORDS)
         elif ALIGNED:
             w = _dequant_tile_aligned(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset,
-                                      offs_n, mask_n, pid_k * BLOCK_K, K, BLOCK_N, BLOCK_K, BLOCKSIZE, NESTED,
+                                      offs_n, mask_n, k_first, K, BLOCK_N, BLOCK_K, BLOCKSIZE, NESTED,
                                       EVEN_NK)
         else:
             w = _dequant_tile(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset,
@@ -553,16 +560,40 @@ def _gemm_tiles(tiles: tuple, M: int, out_cols: int, col_axis: int, device: torc
     def wave_fill(t):
         return programs(t) / (triton.cdiv(programs(t), sms) * sms)
 
+    passed_over = None  # the 16-warp tile the wave rule skipped
     for i, t in enumerate(tiles):
         if not fits(t):
             continue
         if t[3] == 16 and any(u[3] == 16 and fits(u) and wave_fill(u) > wave_fill(t) + _WAVE_FILL_GAIN
                               for u in tiles[i + 1:]):
+            passed_over = passed_over or t
             continue
         break
     else:
         t = tiles[-1]
-    return tile_config(t)
+    cfg = tile_config(t)
+    if passed_over is not None:
+        lead = _lead_span(passed_over, t, M, out_cols, col_axis, sms)
+        if lead is not None:
+            cfg["LEAD"] = lead
+    return cfg
+
+
+def _lead_span(big: tuple, small: tuple, M: int, cols: int, col_axis: int, sms: int) -> tuple | None:
+    """(columns, tile): where the wave rule passed over the 256-row tile `big` for `small`, the leading output
+    columns that fill whole waves of `big` (one launch), the rest left to `small` (a second launch, at most one wave
+    of it); None where `big` has no whole wave or the rest would not fit one wave of `small`. The 256-row tile
+    decodes W once per 256 rows and reads x half as often per output: 8b gate/up forward (4096 -> 14336) at
+    M = 1024, 448 tiles of 256 x 128 (3.39 waves on 132 SMs): 3 waves of them over 12,672 columns and 104 tiles
+    of 128 x 128 over the last 1,664; static sm_90 model 0.94x -> 0.96x cuBLAS (8b down dx the same shape)."""
+    m_tiles = triton.cdiv(M, big[0])
+    waves = m_tiles * triton.cdiv(cols, big[col_axis]) // sms
+    lead = waves * sms // m_tiles * big[col_axis]
+    if waves < 1 or not 0 < lead < cols or lead % small[col_axis]:
+        return None
+    if triton.cdiv(M, small[0]) * triton.cdiv(cols - lead, small[col_axis]) > sms:
+        return None
+    return lead, big
 
 
 def _wide_split_tile(r_pad: int) -> tuple:
@@ -789,17 +820,50 @@ def _dot_precision(dtype: torch.dtype) -> str:
 def nf4_matmul_triton(x2d, packed, absmax, code, blocksize, N, nested_absmax=None, nested_code=None, offset=None,
                       bias=None, lora_xa=None, lora_B=None, lora_scale=0.0, config: dict | None = None):
     """(M, N) = x2d @ W^T (+ bias, + LoRA epilogue). Inputs are validated by the L2 op (contiguous).
-    `config` overrides the tile choice (tests and benchmarks use it to force a path)."""
+    `config` overrides the tile choice (tests and benchmarks use it to force a path); its LEAD = (columns, tile)
+    runs the first `columns` output columns as a launch of `tile` (`_lead_span`), the rest with the config."""
     M, K = x2d.shape
     fits = _register_book_fits(K, blocksize, x2d.dtype, packed, code)
     # only the GEMM tile lists have wide tiles: not checked on the decode path or under a given config
     wide = fits and config is None and M > DECODE_MAX_M and _wide_launch(
         x2d, x2d.stride(0), N, K, packed, bias, lora_xa, lora_B,
         *((lora_xa.stride(0), lora_B.stride(0), lora_xa.shape[1]) if lora_xa is not None else ()))
-    has_lora = lora_xa is not None
-    r = lora_xa.shape[1] if has_lora else 0
+    r = lora_xa.shape[1] if lora_xa is not None else 0
     cfg = dict(config or _fwd_config(M, N, K, x2d.device, x2d.dtype, aligned=K % blocksize == 0,
                                      register_book=fits, wide=wide, r_pad=_r_pad(r)))
+    args = (x2d, packed, absmax, code, blocksize, N, nested_absmax, nested_code, offset, bias, lora_xa, lora_B,
+            lora_scale, fits)
+    spans = _column_spans(cfg, N, "BLOCK_N", "SPLIT_K")
+    out = None
+    for c0, c1, span_cfg in spans:
+        out = _fwd_launch(*args, span_cfg, c0, c1, out)
+    return out
+
+
+def _column_spans(cfg: dict, cols: int, block: str, split: str) -> list:
+    """[(first column, end column, tile config)] of a launcher's launches: one over all `cols` output columns, or
+    with the config's LEAD = (columns, tile) (`_lead_span`) the leading columns as a launch of that tile, unsplit,
+    and the rest with the config. The leading span holds whole tiles of both (no column is computed twice)."""
+    lead = cfg.pop("LEAD", None)
+    if lead is None:
+        return [(0, cols, cfg)]
+    lead_cols, tile = lead
+    lead_cfg = dict({k: cfg[k] for k in ("REG_BOOK", "ALIGNED") if k in cfg}, **tile_config(tile), **{split: 1})
+    if not 0 < lead_cols < cols or lead_cols % lead_cfg[block] or lead_cols % cfg[block]:
+        raise ValueError(f"config LEAD columns must be in (0, {cols}) and a multiple of both tiles' {block} "
+                         f"({lead_cfg[block]}, {cfg[block]}), got {lead_cols}")
+    if cfg.get(split, 1) != 1:
+        raise ValueError(f"config LEAD needs {split}=1 (unsplit column spans), got {split}={cfg[split]}")
+    return [(0, lead_cols, lead_cfg), (lead_cols, cols, cfg)]
+
+
+def _fwd_launch(x2d, packed, absmax, code, blocksize, N, nested_absmax, nested_code, offset, bias, lora_xa, lora_B,
+                lora_scale, fits, cfg: dict, c0: int, c1: int, out):
+    """The forward's launches for output columns [c0, c1) into `out` ((M, N), allocated here when None)."""
+    M, K = x2d.shape
+    has_lora = lora_xa is not None
+    r = lora_xa.shape[1] if has_lora else 0
+    cfg = dict(cfg)
     cfg.setdefault("SPLIT_K", 1)
     num_warps = cfg.pop("num_warps", 4)
     num_stages = cfg.pop("num_stages", None)
@@ -815,14 +879,15 @@ def nf4_matmul_triton(x2d, packed, absmax, code, blocksize, N, nested_absmax=Non
         raise ValueError(f"config SPLIT_K must be >= 1, got SPLIT_K={split}")
     atomic = not torch.are_deterministic_algorithms_enabled()
     serial = split > 1 and x2d.dtype != torch.float32
-    n_tiles = _grid_cols(N, cfg["BLOCK_N"])
+    n_tiles = _grid_cols(c1 - c0, cfg["BLOCK_N"])
     dummy = code
     ws = counters = dummy
     if split == 1 or serial:
-        out = torch.empty((M, N), dtype=x2d.dtype, device=x2d.device)
+        if out is None:
+            out = torch.empty((M, N), dtype=x2d.dtype, device=x2d.device)
         if serial:  # 16-bit output: `_nf4_matmul_kernel`'s SERIAL_SPLIT (deterministic, no second kernel)
             ws, counters = _split_scratch(split, M, N, triton.cdiv(M, cfg["BLOCK_M"]) * n_tiles, x2d.device)
-    else:
+    else:  # one span (`_column_spans`: LEAD launches are unsplit)
         out = torch.zeros((M, N), dtype=torch.float32, device=x2d.device) if atomic else \
             torch.empty((split, M, N), dtype=torch.float32, device=x2d.device)
     nested = nested_absmax is not None
@@ -840,8 +905,9 @@ def nf4_matmul_triton(x2d, packed, absmax, code, blocksize, N, nested_absmax=Non
             BLOCKSIZE=blocksize, NESTED=nested, HAS_BIAS=bias is not None, HAS_LORA=has_lora,
             R_PAD=_r_pad(r), USE_DOT=use_dot,
             DOT_PRECISION=_dot_precision(x2d.dtype), ALIGNED=aligned, ATOMIC_SPLIT=atomic, SWAP_AXES=swap,
-            EVEN_NK=aligned and N % cfg["BLOCK_N"] == 0 and K % cfg["BLOCK_K"] == 0, REG_BOOK=reg_book,
-            SERIAL_SPLIT=serial, **_nested_reads(reg_book, absmax, nested_code if nested else None, K // blocksize),
+            EVEN_NK=aligned and N % cfg["BLOCK_N"] == 0 and K % cfg["BLOCK_K"] == 0,
+            REG_BOOK=reg_book, SERIAL_SPLIT=serial, N_TILE_START=c0 // cfg["BLOCK_N"],
+            **_nested_reads(reg_book, absmax, nested_code if nested else None, K // blocksize),
             num_warps=num_warps, enable_fp_fusion=True, **_stages(num_stages), **cfg)
     if split > 1 and not serial and not atomic:
         out = out.sum(0)
@@ -861,10 +927,24 @@ def nf4_matmul_dx_triton(dy2d, packed, absmax, code, blocksize, K, nested_absmax
     wide = fits and config is None and M > DECODE_MAX_M and _wide_launch(
         dy2d, dy2d.stride(0), N, K, packed, lora_dyb, lora_A,
         *((lora_dyb.stride(0), lora_A.stride(0), lora_dyb.shape[1]) if lora_dyb is not None else ()))
-    has_lora = lora_dyb is not None
-    r = lora_dyb.shape[1] if has_lora else 0
+    r = lora_dyb.shape[1] if lora_dyb is not None else 0
     cfg = dict(config or _dx_config(M, N, K, dy2d.device, dy2d.dtype, aligned=K % blocksize == 0,
                                     register_book=fits, wide=wide, r_pad=_r_pad(r)))
+    dx = torch.empty((M, K), dtype=dy2d.dtype, device=dy2d.device)
+    for c0, c1, span_cfg in _column_spans(cfg, K, "BLOCK_K", "SPLIT_N"):
+        _dx_launch(dy2d, dx, packed, absmax, code, blocksize, nested_absmax, nested_code, offset, lora_dyb, lora_A,
+                   lora_scale, fits, span_cfg, c0, c1)
+    return dx
+
+
+def _dx_launch(dy2d, dx, packed, absmax, code, blocksize, nested_absmax, nested_code, offset, lora_dyb, lora_A,
+               lora_scale, fits, cfg: dict, c0: int, c1: int) -> None:
+    """The dx launch for dx columns [c0, c1)."""
+    M, N = dy2d.shape
+    K = dx.shape[1]
+    has_lora = lora_dyb is not None
+    r = lora_dyb.shape[1] if has_lora else 0
+    cfg = dict(cfg)
     num_warps = cfg.pop("num_warps", 4)
     num_stages = cfg.pop("num_stages", None)
     aligned = _aligned(K, blocksize, cfg)
@@ -872,10 +952,9 @@ def nf4_matmul_dx_triton(dy2d, packed, absmax, code, blocksize, K, nested_absmax
     split = int(cfg.setdefault("SPLIT_N", 1))
     if split < 1:
         raise ValueError(f"config SPLIT_N must be >= 1, got SPLIT_N={split}")
-    dx = torch.empty((M, K), dtype=dy2d.dtype, device=dy2d.device)
     nested = nested_absmax is not None
     dummy = code
-    k_tiles = triton.cdiv(K, cfg["BLOCK_K"])
+    k_tiles = triton.cdiv(c1 - c0, cfg["BLOCK_K"])
     if k_tiles > MAX_GRID_Y:
         raise ValueError(f"K={K} in tiles of {cfg['BLOCK_K']} is {k_tiles} programs on CUDA grid axis 1, more than "
                          f"its {MAX_GRID_Y}: use a larger BLOCK_K")
@@ -890,9 +969,8 @@ def nf4_matmul_dx_triton(dy2d, packed, absmax, code, blocksize, K, nested_absmax
         lora_dyb if has_lora else dummy, lora_A if has_lora else dummy, float(lora_scale), r,
         lora_dyb.stride(0) if has_lora else 0, lora_A.stride(0) if has_lora else 0, ws, counters, M * K,
         BLOCKSIZE=blocksize, NESTED=nested, HAS_LORA=has_lora, R_PAD=_r_pad(r),
-        DOT_PRECISION=_dot_precision(dy2d.dtype), ALIGNED=aligned, REG_BOOK=reg_book,
+        DOT_PRECISION=_dot_precision(dy2d.dtype), ALIGNED=aligned, REG_BOOK=reg_book, K_TILE_START=c0 // cfg["BLOCK_K"],
         EVEN_NK=reg_book and N % cfg["BLOCK_N"] == 0 and K % cfg["BLOCK_K"] == 0,
         **_nested_reads(reg_book, absmax, nested_code if nested else None, K // blocksize), num_warps=num_warps,
         enable_fp_fusion=True,
         **_stages(num_stages), **cfg)
-    return dx

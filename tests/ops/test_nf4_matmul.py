@@ -320,6 +320,57 @@ def test_triton_dx_serial_split_of_n(dtype, M, N, split, K, monkeypatch):
 
 @pytest.mark.triton
 @requires_triton_runtime
+@pytest.mark.parametrize("dtype", triton_dtypes(), ids=str)
+def test_column_spans_compute_every_column_once(dtype, monkeypatch):
+    """A config's LEAD = (columns, tile) runs the leading output columns (forward) / dx columns as a launch of that
+    tile and the rest as a second launch (`_column_spans`, the launchers' plan where the wave rule passes over a
+    256-row tile): the same tile for both spans gives bit for bit the one-launch result, a different one the 2x
+    rule, with bias, LoRA, double quant, a padded last M tile and a last column tile cut short; the launches start
+    on their span (N_TILE_START / K_TILE_START) and cover it."""
+    import qpeft.triton_kernels.nf4_matmul as tk
+
+    dev = triton_device()
+    M, N, K, r = 37, 80, 192, 4  # N = 80 and K = 192 leave the last 32-wide tile half full
+    packed, state, W = make_weight(N, K, "nf4", 64, True, device=dev)
+    p, a, c, bs, _, _, na, nc, off = weight_args(packed, state)
+    x, b, dy, (xa, lB, lA) = _inputs(M, N, K, dtype, device=dev, r=r)
+    dyb = dy @ lB
+    starts = []
+    for kern, key in ((tk._nf4_matmul_kernel, "N_TILE_START"), (tk._nf4_matmul_dx_kernel, "K_TILE_START")):
+        real_run = kern.run
+        monkeypatch.setattr(kern, "run", lambda *args, _r=real_run, _k=key, **kw: starts.append(
+            (_k, kw[_k], kw["grid"][1], kw["BLOCK_M"])) or _r(*args, **kw))
+    tile = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=4)
+    small, big = (16, 32, 32, 4, None), (32, 32, 32, 4, None)
+
+    def both(cfg):
+        y = tk.nf4_matmul_triton(x, p, a, c, bs, N, na, nc, off, b, xa, lB, 0.5, config=dict(cfg, SPLIT_K=1))
+        d = tk.nf4_matmul_dx_triton(dy, p, a, c, bs, K, na, nc, off, dyb, lA, 0.5, config=dict(cfg))
+        return y, d
+
+    y1, d1 = both(tile)
+    starts.clear()
+    y2, d2 = both(dict(tile, LEAD=(32, small)))
+    assert starts == [("N_TILE_START", 0, 1, 16), ("N_TILE_START", 1, 2, 16),   # columns [0, 32), [32, 80)
+                      ("K_TILE_START", 0, 1, 16), ("K_TILE_START", 1, 5, 16)]   # columns [0, 32), [32, 192)
+    assert torch.equal(y1, y2) and torch.equal(d1, d2)
+    starts.clear()
+    y3, d3 = both(dict(tile, LEAD=(64, big)))
+    assert [s[1:] for s in starts] == [(0, 2, 32), (2, 1, 16), (0, 2, 32), (2, 4, 16)]
+    assert_close_2x(y3, x.double() @ W.double().t() + b.double() + 0.5 * (xa.double() @ lB.double().t()),
+                    x @ W.to(dtype).t() + b + 0.5 * (xa @ lB.t()), what="forward")
+    assert_close_2x(d3, dy.double() @ W.double() + 0.5 * (dyb.double() @ lA.double()),
+                    dy @ W.to(dtype) + 0.5 * (dyb @ lA), what="dx")
+    for lead, match in (((80, small), "LEAD columns must be in"), ((48, small), "multiple of both tiles"),
+                        ((0, small), "LEAD columns must be in")):
+        with pytest.raises(ValueError, match=match):
+            tk.nf4_matmul_triton(x, p, a, c, bs, N, na, nc, off, config=dict(tile, LEAD=lead))
+    with pytest.raises(ValueError, match="LEAD needs SPLIT_N=1"):
+        tk.nf4_matmul_dx_triton(dy, p, a, c, bs, K, na, nc, off, config=dict(tile, LEAD=(32, small), SPLIT_N=2))
+
+
+@pytest.mark.triton
+@requires_triton_runtime
 def test_serial_split_launches_leave_the_cached_counters_zero(fake_cuda):
     """On a CUDA device the serial split launches share one cached counter buffer per stream, with no memset
     (triton_kernels/_split_counters.py): the split that sums a tile sets its counter back to zero. Here on the
@@ -390,10 +441,10 @@ def test_triton_default_split_plans_on_the_gpu(dtype, M, K, N, r, monkeypatch):
 @pytest.mark.parametrize("M,N,K", [(1024, 4096, 4096), (1024, 14336, 4096), (1000, 1024, 4096), (1024, 512, 14336)])
 def test_triton_wide_gemm_plans_on_the_gpu(M, N, K, monkeypatch):
     """On a GPU, the launchers' own 16-warp plans above M = 256 (wide launch: LoRA rank 16, 16-divisible strides):
-    forward 256 x 128 x 64, by the wave rule 128 x 128 x 128 (N = 14336), and the serial split of 128 x 128 x 128
-    where 256 x 128 tiles would not reach a quarter of the SMs (N = 1024, 512); dx 256 x 64 x 128 on whole weight
-    tiles (EVEN_NK) and by the wave rule 128 x 128 x 128 (K = 14336). M = 1000 pads the last M tile. 2x rule with
-    bias and LoRA."""
+    forward 256 x 128 x 64, by the wave rule 128 x 128 x 128 after whole waves of 256 x 128 x 64 (N = 14336), and
+    the serial split of 128 x 128 x 128 where 256 x 128 tiles would not reach a quarter of the SMs (N = 1024, 512);
+    dx 256 x 64 x 128 on whole weight tiles (EVEN_NK) and by the wave rule the same two-launch plan (K = 14336).
+    M = 1000 pads the last M tile. 2x rule with bias and LoRA."""
     import qpeft.triton_kernels.nf4_matmul as tk
 
     dtype = torch.bfloat16
@@ -409,7 +460,11 @@ def test_triton_wide_gemm_plans_on_the_gpu(M, N, K, monkeypatch):
     y = tk.nf4_matmul_triton(x, p, a, c, bs, N, na, nc, off, b, xa, lB, 0.5)
     dyb = dy @ lB
     dx = tk.nf4_matmul_dx_triton(dy, p, a, c, bs, K, na, nc, off, dyb, lA, 0.5)
-    assert [pl[1:] for pl in plans] == [(16, True, True, True, True)] * 2, plans
+    # where the wave rule passes over the 256-row tile, its whole waves still run it over the leading columns
+    # (`_lead_span`): a second launch of the same direction (forward N = 14336, dx K = 14336)
+    leads = sum("LEAD" in f(M, N, K, x.device, register_book=True, wide=True) for f in (tk._fwd_config, tk._dx_config))
+    assert leads == (N == 14336) + (K == 14336)
+    assert [pl[1:] for pl in plans] == [(16, True, True, True, True)] * (2 + leads), plans
     assert_close_2x(y, x.double() @ W.double().t() + b.double() + 0.5 * (xa.double() @ lB.double().t()),
                     x @ W.to(dtype).t() + b + 0.5 * (xa @ lB.t()), what="forward")
     assert_close_2x(dx, dy.double() @ W.double() + 0.5 * (dyb.double() @ lA.double()),
@@ -862,6 +917,7 @@ def _compile_sm90(direction: str, cfg: dict, has_lora: bool = True, reg_book: bo
     # the nested code book as a register table, the absmax codes as 32-bit words (K = 4096 / 64: whole words)
     const.update(BLOCKSIZE=64, NESTED=True, HAS_LORA=has_lora, R_PAD=r_pad, DOT_PRECISION="tf32", ALIGNED=True,
                  REG_BOOK=reg_book, NESTED_TABLE=bool(reg_book), ABSMAX_WORDS=bool(reg_book))
+    const.setdefault("N_TILE_START" if direction == "fwd" else "K_TILE_START", 0)  # a launch from the first tile
     # wide: compiled as the launcher issues the register code book's 16-warp tiles (`_wide_launch`): every pointer
     # 16-byte aligned, every stride, N, K and the LoRA rank divisible by 16 (M is not assumed to be)
     hints = [a for a, t in sig.items() if t.startswith("*") or a not in ("M", "lora_scale")] if wide else ()
@@ -954,6 +1010,23 @@ def test_wide_tiles_compile_for_sm90_without_spills_up_to_their_lora_rank(direct
     assert shared <= 227 * 1024
 
 
+@pytest.mark.skipif(TRITON_INTERPRET or not has_triton(), reason="compiles for sm_90 (not under the interpreter)")
+@pytest.mark.parametrize("direction", ["fwd", "dx"])
+@pytest.mark.parametrize("r_pad", [16, 256])
+def test_column_span_tiles_compile_for_sm90_without_spills(direction, r_pad):
+    """The second launch of a wave-rule plan (`_lead_span`): the 128-row 16-warp tile starting at a column tile
+    other than 0 (N_TILE_START / K_TILE_START, constexprs: 99 for the 8b gate/up forward and down dx at M = 1024)
+    compiles spill-free at every LoRA rank it takes. (The leading launch starts at 0: the tiles' own test.)"""
+    from qpeft.triton_kernels import nf4_matmul as k
+
+    tile = (k._FWD_GEMM_TILES_BOOK_WIDE if direction == "fwd" else k._DX_GEMM_TILES_BOOK_WIDE)[1]
+    start = "N_TILE_START" if direction == "fwd" else "K_TILE_START"
+    cfg = dict(k.tile_config(tile), **{"SPLIT_K" if direction == "fwd" else "SPLIT_N": 1, start: 99})
+    shared, usage, _ = _compile_sm90(direction, cfg, True, True, True, r_pad=r_pad)
+    assert " STACK:0 " in usage and " LOCAL:0 " in usage, f"register spills for {tile} from tile 99: {usage}"
+    assert shared <= 227 * 1024
+
+
 def test_register_book_reads_the_nested_absmax_as_table_and_words_only_where_safe():
     """`_nested_reads`: the nested code book as a register table with the register code book and a 256-entry nested
     code; the absmax codes as 32-bit words only where no word reaches past a row's codes (K // blocksize % 4 == 0)
@@ -1036,7 +1109,8 @@ def test_register_book_wide_tiles_only_for_16_divisible_launches():
 def test_register_book_wide_tiles_follow_the_wave_rule(direction, M, N, K, tile):
     """Wide launches take the 256-row 16-warp tile unless the next 16-warp tile (128 x 128 x 128) fills its last wave
     better by more than 10% of the SMs (`_WAVE_FILL_GAIN`): one CTA per SM, so a part-empty last wave idles whole SMs
-    (the static sm_90 model: 8b gate/up forward and down dx at M = 1024 0.85x -> 0.94x cuBLAS)."""
+    (the static sm_90 model: 8b gate/up forward and down dx at M = 1024 0.85x -> 0.94x cuBLAS); then the 256-row
+    tile's whole waves still run it, over the leading columns (LEAD: 0.94x -> 0.96x)."""
     pytest.importorskip("triton")
     from qpeft.triton_kernels import nf4_matmul as k
 
@@ -1051,6 +1125,41 @@ def test_register_book_wide_tiles_follow_the_wave_rule(direction, M, N, K, tile)
             for t in tiles[:2]]
     assert (tile == tiles[1][:3]) == (fill[1] > fill[0] + k._WAVE_FILL_GAIN or -(-M // 256) * -(-cols // tiles[0][axis])
                                       < int(132 * k._BOOK_FILL)), fill
+    # where the rule passed over the 256-row tile for its fill: its whole waves still run it, over the leading
+    # columns (LEAD), and the 128-row tile takes the rest in at most one wave
+    lead = cfg.get("LEAD")
+    m_tiles = -(-M // 256)
+    if fill[1] > fill[0] + k._WAVE_FILL_GAIN and m_tiles * -(-cols // tiles[0][axis]) >= 132:
+        lead_cols, lead_tile = lead
+        assert lead_tile == tiles[0] and lead_cols % tiles[0][axis] == 0 and lead_cols % tiles[1][axis] == 0, lead
+        assert m_tiles * lead_cols // tiles[0][axis] == 132 * (m_tiles * -(-cols // tiles[0][axis]) // 132), lead
+        assert -(-M // 128) * -(-(cols - lead_cols) // tiles[1][axis]) <= 132, lead
+    else:
+        assert lead is None, cfg
+
+
+@pytest.mark.parametrize("direction,M,N,K", [("fwd", 1024, 14336, 4096), ("dx", 1024, 4096, 14336)])
+def test_wave_rule_plans_launch_whole_waves_of_the_256_row_tile(direction, M, N, K):
+    """8b gate/up forward and down dx at M = 1024 (wide launch, LoRA rank 16): 448 tiles of 256 rows would be
+    3.39 waves on 132 SMs, so the launcher runs 3 waves of them over the first 12,672 columns and 104 tiles of
+    128 x 128 over the last 1,664, each launch starting at its span; recorded, not run."""
+    pytest.importorskip("triton")
+    from qpeft.triton_kernels import nf4_matmul as k
+    from utils import recorded_triton_launches
+
+    packed, state, _ = make_weight(N, K)
+    p, a, c, bs, _, _, na, nc, off = weight_args(packed, state)
+    x, b, dy, (xa, lB, lA) = _inputs(M, N, K, torch.bfloat16, r=16)
+    with recorded_triton_launches() as launches:
+        if direction == "fwd":
+            k.nf4_matmul_triton(x, p, a, c, bs, N, na, nc, off, b, xa, lB, 0.5)
+        else:
+            k.nf4_matmul_dx_triton(dy, p, a, c, bs, K, na, nc, off, dy @ lB, lA, 0.5)
+    start = "N_TILE_START" if direction == "fwd" else "K_TILE_START"
+    got = [(one.grid, one.kwargs["BLOCK_M"], one.kwargs["BLOCK_N"], one.kwargs["BLOCK_K"], one.kwargs[start],
+            one.kwargs["REG_BOOK"], one.kwargs["EVEN_NK"]) for one in launches]
+    lead = (256, 128, 64) if direction == "fwd" else (256, 64, 128)
+    assert got == [((4, 99, 1), *lead, 0, True, True), ((8, 13, 1), 128, 128, 128, 99, True, True)], got
 
 
 @pytest.mark.parametrize("M", [257, 1024, 4096])
