@@ -72,7 +72,8 @@ def triton_candidates(direction: str, M: int, quick: bool) -> list[dict]:
     for c in configs:
         c[key] = 1
     if M <= k.SPLIT_MAX_M:  # the serial split of the reduction (16-bit activations; the launchers' M <= 256 plans)
-        split_tiles = ((k._SPLIT_TILE, k._SPLIT_TILE_WIDE, k._SPLIT_TILE_NARROW_N, k._SPLIT_TILE_NARROW_N_SMALL_M)
+        split_tiles = ((k._SPLIT_TILE, k._SPLIT_TILE_WIDE, k._SPLIT_TILE_WIDE_NARROW_N, k._SPLIT_TILE_NARROW_N,
+                        k._SPLIT_TILE_NARROW_N_SMALL_M)
                        if direction == "fwd" else
                        (k._DX_SPLIT_TILE_DECODE, k._DX_SPLIT_TILE, k._DX_SPLIT_TILE_WIDE))
         configs += [dict(k.tile_config(t), **{key: split}) for t in split_tiles if t[0] == 16 or t[0] < 2 * M

@@ -502,6 +502,11 @@ _SPLIT_TILE = (64, 64, 128, 8, 3)
 # 8b q/o / down M = 256 0.71x -> 0.78x / 0.84x cuBLAS (70b 0.71x -> 0.84-0.85x), k/v M = 128 0.67x / 0.70x ->
 # 0.78x / 0.82x, gate/up / down / 70b q/o M = 128 1.15-1.33x -> 1.37-1.56x (8b q/o stays 1.23x: L2 bound)
 _SPLIT_TILE_WIDE = (128, 128, 128, 16, 3)
+# ... but 64 x 128 x 128, 8 warps (164-193 registers: one CTA per SM, spill-free to LoRA rank 256 under Triton 3.6
+# and 3.9), where 128-row tiles split the most MAX_SPLIT_K allows still reach at most half the SMs (k/v, N = 1024, at
+# M = 65..128: 8 tiles x 8 splits = 64 programs): W decoded twice, on twice the programs. The model: 70b k/v M = 128
+# 0.93x -> 1.11x cuBLAS, M = 96 0.90x -> 1.22x, 8b k/v M = 96 0.84x -> 1.00x; 8b M = 128 0.87x -> 0.85x
+_SPLIT_TILE_WIDE_NARROW_N = (64, 128, 128, 8, 3)
 # M <= 64 on N <= 2048 (k/v of GQA models): 64 x 64 x 256, 8 warps (128-133 registers on 16-divisible launches,
 # 220-231 without): the model puts 8b / 70b k/v at M = 17 at 0.99x / 1.09x cuBLAS, M = 64 1.08x / 1.18x, against
 # 0.69x / 0.73x and 0.73x / 0.77x with 64 x 64 x 128
@@ -676,6 +681,8 @@ def _split_k_config(M: int, N: int, K: int, device: torch.device, wide: bool, r_
         return dict(tile_config(_wide_split_tile(r_pad)), SPLIT_K=1)
     if M > 64:
         tile = _SPLIT_TILE_WIDE if wide else _SPLIT_TILE
+        if wide and 2 * triton.cdiv(M, tile[0]) * triton.cdiv(N, tile[1]) * MAX_SPLIT_K <= sms:
+            tile = _SPLIT_TILE_WIDE_NARROW_N
     else:  # narrow layers (GQA k/v, N = 1024): longer K steps, twice the bytes in flight per program
         tile = (_SPLIT_TILE if N > SPLIT_NARROW_N else _SPLIT_TILE_NARROW_N_SMALL_M if M <= 32 else
                 _SPLIT_TILE_NARROW_N)

@@ -949,7 +949,8 @@ def _default_gemm_tiles():
                ("fwd", k._SPLIT_TILE_NARROW_N + (k.MAX_SPLIT_K,), "wide", True),
                ("fwd", k._SPLIT_TILE_NARROW_N_SMALL_M + (k.MAX_SPLIT_K,), True, True),
                ("fwd", k._SPLIT_TILE_NARROW_N_SMALL_M + (k.MAX_SPLIT_K,), "wide", True),
-               ("fwd", k._SPLIT_TILE_WIDE + (k.MAX_SPLIT_K,), "wide", True)]
+               ("fwd", k._SPLIT_TILE_WIDE + (k.MAX_SPLIT_K,), "wide", True),
+               ("fwd", k._SPLIT_TILE_WIDE_NARROW_N + (k.MAX_SPLIT_K,), "wide", True)]
             # ... and dx's serial split of N (SPLIT_N appended)
             + [("dx", k._DX_SPLIT_TILE_DECODE + (k.MAX_SPLIT_K,), True, True),
                ("dx", k._DX_SPLIT_TILE_DECODE + (k.MAX_SPLIT_K,), "wide", True),
@@ -990,11 +991,13 @@ def test_default_triton_tiles_compile_for_sm90_without_register_spills(direction
 
 def _wide_tiles_by_rank():
     """[(direction, 16-warp GEMM tile, padded LoRA rank)]: each wide tile at every R_PAD the launchers give it
-    (`_WIDE_TILE_MAX_R_PAD`; 256 for the 128-row ones, LoRA rank 256 being the largest PEFT users commonly set)."""
+    (`_WIDE_TILE_MAX_R_PAD`; 256 for the 128-row ones, LoRA rank 256 being the largest PEFT users commonly set);
+    and the 8-warp 64 x 128 x 128 split tile of wide launches (164-193 registers), split as launched."""
     from qpeft.triton_kernels import nf4_matmul as k
 
     return [(d, t, r) for d, tiles in (("fwd", k._FWD_GEMM_TILES_BOOK_WIDE), ("dx", k._DX_GEMM_TILES_BOOK_WIDE))
-            for t in tiles if t[3] == 16 for r in (32, 64, 128, 256) if k._rank_fits(t, r)]
+            for t in tiles if t[3] == 16 for r in (32, 64, 128, 256) if k._rank_fits(t, r)] \
+        + [("fwd", k._SPLIT_TILE_WIDE_NARROW_N + (k.MAX_SPLIT_K,), r) for r in (32, 64, 128, 256)]
 
 
 @pytest.mark.skipif(TRITON_INTERPRET or not has_triton(), reason="compiles for sm_90 (not under the interpreter)")
@@ -1004,7 +1007,8 @@ def test_wide_tiles_compile_for_sm90_without_spills_up_to_their_lora_rank(direct
     rank a launcher gives a tile (the 256-row tiles stop below the rank where they spill) compiles spill-free."""
     from qpeft.triton_kernels.nf4_matmul import tile_config
 
-    cfg = dict(tile_config(tile), **{"SPLIT_K" if direction == "fwd" else "SPLIT_N": 1})
+    split = tile[5] if len(tile) > 5 else 1
+    cfg = dict(tile_config(tile[:5]), **{"SPLIT_K" if direction == "fwd" else "SPLIT_N": split})
     shared, usage, _ = _compile_sm90(direction, cfg, True, True, True, r_pad=r_pad)
     assert " STACK:0 " in usage and " LOCAL:0 " in usage, f"register spills for {tile} at R_PAD {r_pad}: {usage}"
     assert shared <= 227 * 1024
@@ -1237,7 +1241,8 @@ def test_tuner_candidates_include_the_serial_splits():
 def test_register_book_forward_splits_k_to_fill_the_gpu(M, N, K, wide):
     """M = 17..256 (`_split_k_config`): one tile of 64 rows (or 128 with the wide launch's 16-divisibility above
     M = 64) covers M, and K is split until the programs fill the 132 SMs (x2 where two CTAs fit), with at least two
-    K steps per split; the 16-warp 256 x 128 tile unsplit where N alone fills 3/4 of the SMs (wide, M > 128). Above
+    K steps per split (wide, where 128-row tiles would reach at most half the SMs split 8 ways, 64 x 128 x 128:
+    k/v at M = 65..128); the 16-warp 256 x 128 tile unsplit where N alone fills 3/4 of the SMs (wide, M > 128). Above
     M = 256 the split only where 256 x 128 tiles would not reach a quarter of the SMs (k/v at M = 1024)."""
     pytest.importorskip("triton")
     from qpeft.triton_kernels import nf4_matmul as k
@@ -1252,9 +1257,13 @@ def test_register_book_forward_splits_k_to_fill_the_gpu(M, N, K, wide):
         assert split == 1 and tile in k._FWD_GEMM_TILES_BOOK_WIDE + k._FWD_GEMM_TILES_BOOK, cfg
     elif tile == k._FWD_GEMM_TILES_BOOK_WIDE[0]:
         assert wide and M > 128 and split == 1 and 4 * -(-N // 128) >= 3 * 132, cfg
-    elif tile in (k._SPLIT_TILE, k._SPLIT_TILE_WIDE, k._SPLIT_TILE_NARROW_N, k._SPLIT_TILE_NARROW_N_SMALL_M):
+    elif tile in (k._SPLIT_TILE, k._SPLIT_TILE_WIDE, k._SPLIT_TILE_WIDE_NARROW_N, k._SPLIT_TILE_NARROW_N,
+                  k._SPLIT_TILE_NARROW_N_SMALL_M):
+        # wide: 128-row tiles, unless split the most they can be they reach at most half the SMs (then 64 x 128)
+        half = 2 * -(-M // 128) * -(-N // 128) * k.MAX_SPLIT_K <= 132
         if M > 64:
-            assert tile == (k._SPLIT_TILE_WIDE if wide else k._SPLIT_TILE), cfg
+            assert tile == ((k._SPLIT_TILE_WIDE_NARROW_N if half else k._SPLIT_TILE_WIDE) if wide else
+                            k._SPLIT_TILE), cfg
         elif N > 2048:
             assert tile == k._SPLIT_TILE, cfg
         else:
