@@ -75,7 +75,8 @@ def triton_candidates(direction: str, M: int, quick: bool) -> list[dict]:
         split_tiles = ((k._SPLIT_TILE, k._SPLIT_TILE_WIDE, k._SPLIT_TILE_WIDE_NARROW_N, k._SPLIT_TILE_NARROW_N,
                         k._SPLIT_TILE_NARROW_N_SMALL_M)
                        if direction == "fwd" else
-                       (k._DX_SPLIT_TILE_DECODE, k._DX_SPLIT_TILE, k._DX_SPLIT_TILE_WIDE))
+                       (k._DX_SPLIT_TILE_DECODE, k._DX_SPLIT_TILE, k._DX_SPLIT_TILE_WIDE,
+                        k._DX_SPLIT_TILE_WIDE_NARROW_N))
         configs += [dict(k.tile_config(t), **{key: split}) for t in split_tiles if t[0] == 16 or t[0] < 2 * M
                     for split in _SPLITS]
     if quick:

@@ -956,7 +956,8 @@ def _default_gemm_tiles():
                ("dx", k._DX_SPLIT_TILE_DECODE + (k.MAX_SPLIT_K,), "wide", True),
                ("dx", k._DX_SPLIT_TILE + (k.MAX_SPLIT_K,), True, True),
                ("dx", k._DX_SPLIT_TILE + (k.MAX_SPLIT_K,), "wide", True),
-               ("dx", k._DX_SPLIT_TILE_WIDE + (k.MAX_SPLIT_K,), "wide", True)])
+               ("dx", k._DX_SPLIT_TILE_WIDE + (k.MAX_SPLIT_K,), "wide", True),
+               ("dx", k._DX_SPLIT_TILE_WIDE_NARROW_N, "wide", True)])
 
 
 @pytest.mark.skipif(TRITON_INTERPRET or not has_triton(), reason="compiles for sm_90 (not under the interpreter)")
@@ -992,12 +993,14 @@ def test_default_triton_tiles_compile_for_sm90_without_register_spills(direction
 def _wide_tiles_by_rank():
     """[(direction, 16-warp GEMM tile, padded LoRA rank)]: each wide tile at every R_PAD the launchers give it
     (`_WIDE_TILE_MAX_R_PAD`; 256 for the 128-row ones, LoRA rank 256 being the largest PEFT users commonly set);
-    and the 8-warp 64 x 128 x 128 split tile of wide launches (164-193 registers), split as launched."""
+    and the 8-warp 64 x 128 x 128 tiles of wide launches (forward split, 164-193 registers; dx unsplit, 125-127),
+    as launched."""
     from qpeft.triton_kernels import nf4_matmul as k
 
     return [(d, t, r) for d, tiles in (("fwd", k._FWD_GEMM_TILES_BOOK_WIDE), ("dx", k._DX_GEMM_TILES_BOOK_WIDE))
             for t in tiles if t[3] == 16 for r in (32, 64, 128, 256) if k._rank_fits(t, r)] \
-        + [("fwd", k._SPLIT_TILE_WIDE_NARROW_N + (k.MAX_SPLIT_K,), r) for r in (32, 64, 128, 256)]
+        + [("fwd", k._SPLIT_TILE_WIDE_NARROW_N + (k.MAX_SPLIT_K,), r) for r in (32, 64, 128, 256)] \
+        + [("dx", k._DX_SPLIT_TILE_WIDE_NARROW_N, r) for r in (32, 64, 128, 256)]
 
 
 @pytest.mark.skipif(TRITON_INTERPRET or not has_triton(), reason="compiles for sm_90 (not under the interpreter)")
@@ -1303,6 +1306,13 @@ def test_register_book_dx_splits_n_to_fill_the_gpu(M, N, K, wide):
         want, target = k._DX_SPLIT_TILE_DECODE, 4 * 132
     elif wide and M > 64:
         want, target = k._DX_SPLIT_TILE_WIDE, 132
+        if tile == k._DX_SPLIT_TILE_WIDE_NARROW_N:  # 64-row tiles unsplit, where the 128-row split's partials
+            # would reach 4x the weight's bytes (8 bytes per element per split against half a byte per weight)
+            s128 = min(k._split_count(132, -(-M // 128) * -(-K // 128), N // 128), k._dx_partials_cap(M, N))
+            assert split == 1 and s128 > 1 and 8 * s128 * M * K >= 4 * N * K / 2, cfg
+            assert -(-M // 64) * -(-K // 128) >= 128, cfg  # ... and the 64-row tiles alone fill the SMs
+            return
+        assert (N, K, M) != (1024, 8192, 128), cfg  # 70b k/v at M = 128 takes the 64-row tiles
     else:
         want, target = k._DX_SPLIT_TILE, 132 * (2 if M <= 64 else 1)
     assert tile == want, cfg
