@@ -505,7 +505,7 @@ _SPLIT_TILE_WIDE = (128, 128, 128, 16, 3)
 # ... but 64 x 128 x 128, 8 warps (164-193 registers: one CTA per SM, spill-free to LoRA rank 256 under Triton 3.6
 # and 3.9), where 128-row tiles split the most MAX_SPLIT_K allows still reach at most half the SMs (k/v, N = 1024, at
 # M = 65..128: 8 tiles x 8 splits = 64 programs): W decoded twice, on twice the programs. The model: 70b k/v M = 128
-# 0.93x -> 1.11x cuBLAS, M = 96 0.90x -> 1.22x, 8b k/v M = 96 0.84x -> 1.00x; 8b M = 128 0.87x -> 0.85x
+# 0.93x -> 1.11x cuBLAS, M = 96 0.90x -> 1.22x, 8b k/v M = 96 0.84x -> 0.996x; 8b M = 128 0.87x -> 0.85x
 _SPLIT_TILE_WIDE_NARROW_N = (64, 128, 128, 8, 3)
 # M <= 64 on N <= 2048 (k/v of GQA models): 64 x 64 x 256, 8 warps (128-133 registers on 16-divisible launches,
 # 220-231 without): the model puts 8b / 70b k/v at M = 17 at 0.99x / 1.09x cuBLAS, M = 64 1.08x / 1.18x, against
@@ -672,7 +672,9 @@ def _split_k_config(M: int, N: int, K: int, device: torch.device, wide: bool, r_
     tiles need no split.
     64 x 64 x 128 (8 warps) takes 124 registers with the wide launch's 16-divisibility (2 CTAs per SM), 255 without
     (1 per SM); 128 x 128 x 128 (16 warps) only compiles without spills with it (114-128 registers), so only there;
-    narrow layers (N <= 2048) at M <= 64 take 64 x 64 x 256 (`_SPLIT_TILE_NARROW_N`), 32 x 64 x 256 at M <= 32."""
+    narrow layers (N <= 2048) at M <= 64 take 64 x 64 x 256 (`_SPLIT_TILE_NARROW_N`), 32 x 64 x 256 at M <= 32, and
+    on wide launches at M = 65..128 64 x 128 x 128 where the 128-row tiles would leave half the SMs idle
+    (`_SPLIT_TILE_WIDE_NARROW_N`)."""
     sms = _num_sms(device)
     big = _FWD_GEMM_TILES_BOOK_WIDE[0]
     if M > SPLIT_MAX_M and not (wide and 4 * triton.cdiv(M, big[0]) * triton.cdiv(N, big[1]) < sms):
