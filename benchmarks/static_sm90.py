@@ -243,6 +243,26 @@ def triton_launches(direction: str, M: int, N: int, K: int, config: dict | None 
     return rec
 
 
+def triton_l2_reread(name: str, c: dict, grid: tuple, M: int, N: int, K: int) -> tuple[float, bool]:
+    """(bytes re-read through L2, serial split) of one Triton NF4 launch of an (M, N, K) problem with constexprs
+    `c` on `grid`: x (dy) once per N (K) tile, W once per M tile, the serial split's fp32 partials written by every
+    split and read back by the last. A launch over a span of the output's columns (the launcher's LEAD spans,
+    N_TILE_START / K_TILE_START) counts its own N (forward) or K (dx) columns."""
+    bm, bn, bk = c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"]
+    m_tiles = math.ceil(M / bm)
+    if name == "_nf4_matmul_kernel":
+        N = min(N - c.get("N_TILE_START", 0) * bn, grid[0 if c.get("SWAP_AXES") else 1] * bn)
+        reread = math.ceil(N / bn) * M * K * 2 + m_tiles * N * K * HW.nf4_bytes_per_weight
+        split, serial = c.get("SPLIT_K", 1), bool(c.get("SERIAL_SPLIT"))
+        return reread + (2 * split * M * N * 4 if serial else 0), serial
+    if name == "_nf4_matmul_dx_kernel":
+        K = min(K - c.get("K_TILE_START", 0) * bk, grid[1] * bk)
+        reread = math.ceil(K / bk) * M * N * 2 + m_tiles * N * K * HW.nf4_bytes_per_weight
+        split = c.get("SPLIT_N", 1)
+        return reread + (2 * split * M * K * 4 if split > 1 else 0), split > 1
+    raise ValueError(name)
+
+
 def _triton_launch(rec, direction, M, N, K) -> Launch:
     sass, usage, shared = rec.sass()
     kernels = parse_sass(sass)
@@ -264,22 +284,7 @@ def _triton_launch(rec, direction, M, N, K) -> Launch:
     else:
         raise ValueError(rec.name)
     weights = bn * bk / warps
-    m_tiles = math.ceil(M / bm)
-    # a launch over a span of the output's columns (the launcher's LEAD spans): its own N (forward) or K (dx)
-    if rec.name == "_nf4_matmul_kernel":
-        N = min(N - c.get("N_TILE_START", 0) * bn, rec.grid[0 if c.get("SWAP_AXES") else 1] * bn)
-    else:
-        K = min(K - c.get("K_TILE_START", 0) * bk, rec.grid[1] * bk)
-    if rec.name == "_nf4_matmul_kernel":  # x once per N tile, W once per M tile
-        reread = math.ceil(N / bn) * M * K * 2 + m_tiles * N * K * HW.nf4_bytes_per_weight
-        serial = bool(c.get("SERIAL_SPLIT"))
-        if serial:  # fp32 partials written by every split and read back by the last one
-            reread += 2 * split * M * N * 4
-    else:                                 # dy once per K tile, W once per M tile
-        reread = math.ceil(K / bk) * M * N * 2 + m_tiles * N * K * HW.nf4_bytes_per_weight
-        serial = split > 1
-        if serial:  # serial split of N: fp32 partials written and read back
-            reread += 2 * split * M * K * 4
+    reread, serial = triton_l2_reread(rec.name, c, rec.grid, M, N, K)
     return Launch("triton", kern, res, shared, ctas, warps, iters, weights, weights * min(rows, bm), l2_reread=reread,
                   note=f"{bm}x{bn}x{bk} w{warps}"
                   + (f" s{rec.options()['num_stages']}" if "num_stages" in rec.options() else "")

@@ -430,6 +430,30 @@ def test_static_model_calibration_joins_measured_and_predicted(tmp_path):
     assert csv_p.name == "calibration_NVIDIA_H100_80GB_HBM3.csv" and "| cuda_decode | 1 | 0.62 |" in md_p.read_text()
 
 
+@pytest.mark.parametrize("direction", ["fwd", "dx"])
+def test_static_model_counts_each_column_span_once(direction):
+    """The model's L2 bytes of a two-launch plan (the launchers' LEAD spans, 8b gate/up forward / down dx at
+    M = 1024): each launch counts its own columns, so x (dy) is re-read once per column tile of either launch and W
+    once per M tile of the launch that covers its columns. Recorded, not compiled."""
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from benchmarks import static_sm90
+
+    M, N, K = (1024, 14336, 4096) if direction == "fwd" else (1024, 4096, 14336)
+    launches = static_sm90.triton_launches(direction, M, N, K)
+    got = [static_sm90.triton_l2_reread(r.name, r.constexprs(), r.grid, M, N, K) for r in launches]
+    w = static_sm90.HW.nf4_bytes_per_weight
+    lead, rest = 12672, 1664  # 99 tiles of 128 columns (256-row tiles), 13 tiles of 128 (128-row tiles)
+    if direction == "fwd":  # x re-read per 128-column N tile; W (columns x K) per M tile
+        want = [99 * M * K * 2 + 4 * lead * K * w, 13 * M * K * 2 + 8 * rest * K * w]
+    else:  # dy re-read per 128-column dx tile; W (N x columns) per M tile
+        want = [99 * M * N * 2 + 4 * N * lead * w, 13 * M * N * 2 + 8 * N * rest * w]
+    assert got == [(pytest.approx(b), False) for b in want], got
+
+
 def test_measure_static_cases_rows_calibrate_the_model(tmp_path):
     """benchmarks/measure_static_cases.py (GPU only in use) run through its CPU seam on a tiny shape: both
     directions, a decode M (CUDA-graph columns) and a GEMM M, with the columns `static_sm90 --calibrate` reads."""
