@@ -388,14 +388,10 @@ def test_grouped_nf4_takes_the_register_code_book_on_sm80_and_newer_only(fake_cu
     perm, token, seg = route_ref(torch.rand(512, 4).topk(2, dim=1).indices, 4)  # the op would ask the extension
 
     def launch(double_quant=False):
-        x = torch.randn(512, 256, dtype=torch.bfloat16)
+        scales = (n_absmax, n_nested_absmax, n_nested_code, n_offset) if double_quant else (absmax, None, None, None)
         with recorded_triton_launches() as launches:
-            if double_quant:
-                tk.grouped_nf4_matmul_triton(x, token, packed, n_absmax, code, 64, 192, False, n_nested_absmax,
-                                             n_nested_code, n_offset, seg, None, None, None, None, 0.0)
-            else:
-                tk.grouped_nf4_matmul_triton(x, token, packed, absmax, code, 64, 192, False, None, None, None, seg,
-                                             None, None, None, None, 0.0)
+            tk.grouped_nf4_matmul_triton(torch.randn(512, 256, dtype=torch.bfloat16), token, packed, scales[0], code,
+                                         64, 192, False, *scales[1:], seg, None, None, None, None, 0.0)
         (one,) = launches
         return tuple(one.kwargs[k] for k in ("REG_BOOK", "BLOCK_K", "NESTED_TABLE", "ABSMAX_WORDS"))
 

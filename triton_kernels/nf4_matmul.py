@@ -599,7 +599,7 @@ def _lead_span(big: tuple, small: tuple, M: int, cols: int, col_axis: int, sms: 
     m_tiles = triton.cdiv(M, big[0])
     waves = m_tiles * triton.cdiv(cols, big[col_axis]) // sms
     lead = waves * sms // m_tiles * big[col_axis]
-    if waves < 1 or not 0 < lead < cols or lead % small[col_axis]:
+    if not 0 < lead < cols or lead % small[col_axis]:  # lead is 0 without a whole wave
         return None
     if triton.cdiv(M, small[0]) * triton.cdiv(cols - lead, small[col_axis]) > sms:
         return None
@@ -724,22 +724,28 @@ def _dx_split_config(M: int, N: int, K: int, device: torch.device, wide: bool) -
     split = min(_split_count(programs, triton.cdiv(M, tile[0]) * triton.cdiv(K, tile[2]), N // tile[1]),
                 _dx_partials_cap(M, N))
     narrow = _DX_SPLIT_TILE_WIDE_NARROW_N
-    if tile == _DX_SPLIT_TILE_WIDE and split > 1 and 4 * M * split >= N and \
+    if tile == _DX_SPLIT_TILE_WIDE and split > 1 and split >= _dx_partials_bound(M, N) and \
             triton.cdiv(M, narrow[0]) * triton.cdiv(K, narrow[2]) >= int(sms * _BOOK_FILL):
         # the partials would reach 4x the weight's bytes, and 64-row tiles fill the SMs without a split
         return dict(tile_config(narrow), SPLIT_N=1)
     return dict(tile_config(tile), SPLIT_N=split)
 
 
+def _dx_partials_bound(M: int, N: int) -> float:
+    """The N splits at which dx's fp32 partials reach 4x the packed weight's bytes through L2: each split writes
+    its (M x K) tile and the last reads them all back, 8 bytes per element per split, against half a byte per
+    weight (N x K), so N / (4 M)."""
+    return N / (4 * M)
+
+
 def _dx_partials_cap(M: int, N: int) -> int:
-    """The most N splits whose fp32 partials stay within 4x the packed weight's bytes through L2: each split
-    writes its (M x K) tile and the last reads them all back, 8 bytes per element per split, against half a byte
-    per weight (N x K), so split <= N / (4 M); a power of two (the N steps then divide evenly), never below 2.
-    Only narrow reductions reach it: k/v (N = 1024) dx, where the fill rule's splits made the partials the L2
-    traffic that bounds the launch. The static sm_90 model (bf16, 8b k/v (4096, 1024)): M = 64 8 -> 4 splits
-    0.74x -> 1.08x cuBLAS, M = 96 4 -> 2 0.83x -> 0.84x, M = 128 4 -> 2 0.68x -> 0.87x; one split at M = 256
-    would lose (0.53x against 0.58x with 2), where the reduction then runs on 64 programs for 132 SMs."""
-    return max(2, _prev_pow2(max(1, N // (4 * M))))
+    """The most N splits whose fp32 partials stay within `_dx_partials_bound`: a power of two (the N steps then
+    divide evenly), never below 2. Only narrow reductions reach it: k/v (N = 1024) dx, where the fill rule's splits
+    made the partials the L2 traffic that bounds the launch. The static sm_90 model (bf16, 8b k/v (4096, 1024)):
+    M = 64 8 -> 4 splits 0.74x -> 1.08x cuBLAS, M = 96 4 -> 2 0.83x -> 0.84x, M = 128 4 -> 2 0.68x -> 0.87x; one
+    split at M = 256 would lose (0.53x against 0.58x with 2), where the reduction then runs on 64 programs for 132
+    SMs."""
+    return max(2, _prev_pow2(max(1, int(_dx_partials_bound(M, N)))))
 
 
 def _dx_config(M: int, N: int, K: int, device: torch.device, dtype: torch.dtype = torch.bfloat16,

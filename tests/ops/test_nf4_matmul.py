@@ -991,46 +991,35 @@ def test_default_triton_tiles_compile_for_sm90_without_register_spills(direction
 
 
 def _wide_tiles_by_rank():
-    """[(direction, 16-warp GEMM tile, padded LoRA rank)]: each wide tile at every R_PAD the launchers give it
-    (`_WIDE_TILE_MAX_R_PAD`; 256 for the 128-row ones, LoRA rank 256 being the largest PEFT users commonly set);
-    and the 8-warp 64 x 128 x 128 tiles of wide launches (forward split, 164-193 registers; dx unsplit, 125-127),
-    as launched."""
+    """[(direction, 16-warp GEMM tile, padded LoRA rank, first column tile)]: each wide tile at every R_PAD the
+    launchers give it (`_WIDE_TILE_MAX_R_PAD`; 256 for the 128-row ones, LoRA rank 256 being the largest PEFT users
+    commonly set); the 8-warp 64 x 128 x 128 tiles of wide launches (forward split, 164-193 registers; dx unsplit,
+    125-127), as launched; and the second launch of a wave-rule plan (`_lead_span`): the 128-row 16-warp tile from
+    column tile 99 (N_TILE_START / K_TILE_START, constexprs: the 8b gate/up forward and down dx at M = 1024)."""
     from qpeft.triton_kernels import nf4_matmul as k
 
-    return [(d, t, r) for d, tiles in (("fwd", k._FWD_GEMM_TILES_BOOK_WIDE), ("dx", k._DX_GEMM_TILES_BOOK_WIDE))
-            for t in tiles if t[3] == 16 for r in (32, 64, 128, 256) if k._rank_fits(t, r)] \
-        + [("fwd", k._SPLIT_TILE_WIDE_NARROW_N + (k.MAX_SPLIT_K,), r) for r in (32, 64, 128, 256)] \
-        + [("dx", k._DX_SPLIT_TILE_WIDE_NARROW_N, r) for r in (32, 64, 128, 256)]
+    wide = (("fwd", k._FWD_GEMM_TILES_BOOK_WIDE), ("dx", k._DX_GEMM_TILES_BOOK_WIDE))
+    return [(d, t, r, 0) for d, tiles in wide for t in tiles if t[3] == 16 for r in (32, 64, 128, 256)
+            if k._rank_fits(t, r)] \
+        + [("fwd", k._SPLIT_TILE_WIDE_NARROW_N + (k.MAX_SPLIT_K,), r, 0) for r in (32, 64, 128, 256)] \
+        + [("dx", k._DX_SPLIT_TILE_WIDE_NARROW_N, r, 0) for r in (32, 64, 128, 256)] \
+        + [(d, tiles[1], r, 99) for d, tiles in wide for r in (16, 256)]
 
 
 @pytest.mark.skipif(TRITON_INTERPRET or not has_triton(), reason="compiles for sm_90 (not under the interpreter)")
-@pytest.mark.parametrize("direction,tile,r_pad", _wide_tiles_by_rank())
-def test_wide_tiles_compile_for_sm90_without_spills_up_to_their_lora_rank(direction, tile, r_pad):
+@pytest.mark.parametrize("direction,tile,r_pad,start", _wide_tiles_by_rank())
+def test_wide_tiles_compile_for_sm90_without_spills_up_to_their_lora_rank(direction, tile, r_pad, start):
     """The 16-warp tiles sit at the 128-register cap, and the LoRA epilogue's operands grow with the rank: every
-    rank a launcher gives a tile (the 256-row tiles stop below the rank where they spill) compiles spill-free."""
+    rank a launcher gives a tile (the 256-row tiles stop below the rank where they spill) compiles spill-free, from
+    the first column tile and from a later one (a column span's launch)."""
     from qpeft.triton_kernels.nf4_matmul import tile_config
 
     split = tile[5] if len(tile) > 5 else 1
-    cfg = dict(tile_config(tile[:5]), **{"SPLIT_K" if direction == "fwd" else "SPLIT_N": split})
+    cfg = dict(tile_config(tile[:5]), **{"SPLIT_K" if direction == "fwd" else "SPLIT_N": split,
+                                         "N_TILE_START" if direction == "fwd" else "K_TILE_START": start})
     shared, usage, _ = _compile_sm90(direction, cfg, True, True, True, r_pad=r_pad)
-    assert " STACK:0 " in usage and " LOCAL:0 " in usage, f"register spills for {tile} at R_PAD {r_pad}: {usage}"
-    assert shared <= 227 * 1024
-
-
-@pytest.mark.skipif(TRITON_INTERPRET or not has_triton(), reason="compiles for sm_90 (not under the interpreter)")
-@pytest.mark.parametrize("direction", ["fwd", "dx"])
-@pytest.mark.parametrize("r_pad", [16, 256])
-def test_column_span_tiles_compile_for_sm90_without_spills(direction, r_pad):
-    """The second launch of a wave-rule plan (`_lead_span`): the 128-row 16-warp tile starting at a column tile
-    other than 0 (N_TILE_START / K_TILE_START, constexprs: 99 for the 8b gate/up forward and down dx at M = 1024)
-    compiles spill-free at every LoRA rank it takes. (The leading launch starts at 0: the tiles' own test.)"""
-    from qpeft.triton_kernels import nf4_matmul as k
-
-    tile = (k._FWD_GEMM_TILES_BOOK_WIDE if direction == "fwd" else k._DX_GEMM_TILES_BOOK_WIDE)[1]
-    start = "N_TILE_START" if direction == "fwd" else "K_TILE_START"
-    cfg = dict(k.tile_config(tile), **{"SPLIT_K" if direction == "fwd" else "SPLIT_N": 1, start: 99})
-    shared, usage, _ = _compile_sm90(direction, cfg, True, True, True, r_pad=r_pad)
-    assert " STACK:0 " in usage and " LOCAL:0 " in usage, f"register spills for {tile} from tile 99: {usage}"
+    assert " STACK:0 " in usage and " LOCAL:0 " in usage, \
+        f"register spills for {tile} at R_PAD {r_pad} from column tile {start}: {usage}"
     assert shared <= 227 * 1024
 
 
