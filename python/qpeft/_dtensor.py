@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-__all__ = ["is_sharded", "gather_full"]
+__all__ = ["is_sharded", "local_shard", "gather_full"]
 
 
 def _dtensor_type():
@@ -18,6 +18,12 @@ def is_sharded(t: torch.Tensor) -> bool:
     """A DTensor (FSDP2) or a ZeRO-3 partitioned Parameter (DeepSpeed sets `ds_id` on those)."""
     dtensor = _dtensor_type()
     return (dtensor is not None and isinstance(t, dtensor)) or hasattr(t, "ds_id")
+
+
+def local_shard(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (a plain tensor; no collective); any other tensor as it is."""
+    dtensor = _dtensor_type()
+    return t.to_local() if dtensor is not None and isinstance(t, dtensor) else t
 
 
 def gather_full(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], bool]:

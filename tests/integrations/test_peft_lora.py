@@ -536,8 +536,8 @@ def test_add_adapter_transformers_integration(tmp_path, plain):
     kw = dict(r=4, lora_alpha=8, init_lora_weights=False, target_modules="all-linear")
     config = peft.LoraConfig(**kw) if plain else qpeft.lora_config(model=model, **kw)
     if not transformers_peft_integration_works():
-        # transformers 5.24's PEFT integration (add_adapter, set_adapter, load_adapter, ...) demands peft >= 0.22.0,
-        # newer than any release (0.21.2): it refuses before looking at the model or the config
+        # transformers 5.24's PEFT integration (add_adapter, set_adapter, load_adapter, ...) demands peft >= 0.22.0
+        # (the image lane has 0.21.2): it refuses before looking at the model or the config
         with pytest.raises(ValueError, match=f"version >= {MIN_PEFT_FOR_TRANSFORMERS}"):
             model.add_adapter(config)
         return

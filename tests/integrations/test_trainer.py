@@ -236,7 +236,7 @@ def test_trainer_on_add_adapter_model(tmp_path):
     qpeft.quantize_model(model, compute_dtype=None)
     config = qpeft.lora_config(model=model, r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
     if Version(peft.__version__) < Version(hf_peft.MIN_PEFT_VERSION):
-        # transformers 5.24 demands peft >= 0.22.0 (unreleased; 0.21.2 is the newest) for add_adapter & co.
+        # transformers 5.24 demands peft >= 0.22.0 for add_adapter & co. (the image lane has 0.21.2)
         with pytest.raises(ValueError, match=f"version >= {hf_peft.MIN_PEFT_VERSION}"):
             model.add_adapter(config)
         return

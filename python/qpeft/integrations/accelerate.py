@@ -44,7 +44,7 @@ import os
 import torch
 import torch.nn as nn
 
-from .._dtensor import gather_full
+from .._dtensor import gather_full, local_shard
 from .._versions import check_fsdp2_supported
 from ..modules.lora_linear import is_nf4_layer
 
@@ -116,16 +116,21 @@ def gather_adapters(model: nn.Module) -> dict:
     whole dict (`get_peft_model_state_dict`: "the adapter weights are not stored with the adapter name") and
     writes the *other* adapter's tensors under its name. The keys are exactly those PEFT selects from the
     model's own (local, sharded) state dict for each adapter, matched by identity, so modules_to_save and saved
-    embeddings travel too."""
+    embeddings travel too.
+
+    PEFT only selects here; qpeft gathers. PEFT >= 0.22 also gathers the DTensors it selects (full_tensor(), a
+    new CPU copy per call, per adapter), which would break the identity match and gather each tensor once per
+    adapter: it is handed each DTensor's local shard instead (a plain tensor, which PEFT passes through as is)."""
     from peft import get_peft_model_state_dict
 
     local = model.state_dict()  # FSDP2: the local DTensor shards, no collective
-    key_of = {id(v): k for k, v in local.items()}
+    plain = {k: local_shard(v) for k, v in local.items()}
+    key_of = {id(v): k for k, v in plain.items()}
     keys: set[str] = set()
     for name in model.peft_config:
         # get_peft_model_state_dict drops the adapter name from the keys; _save -> save_pretrained(state_dict=...)
         # filters a *model* state dict, so hand it the model's own names (the same tensor objects)
-        for k, v in get_peft_model_state_dict(model, state_dict=local, adapter_name=name).items():
+        for k, v in get_peft_model_state_dict(model, state_dict=plain, adapter_name=name).items():
             if id(v) not in key_of:
                 raise RuntimeError(f"qpeft: PEFT's state dict of adapter {name!r} holds {k!r}, which is not one of "
                                    f"the model's own tensors; cannot gather it under FSDP")

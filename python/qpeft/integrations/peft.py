@@ -517,9 +517,10 @@ def all_linear(model: nn.Module) -> list[str]:
 PEFT_SEES_NF4 = issubclass(QLinearNF4, nn.Linear)
 
 # The PEFT releases whose LoraModel._prepare_model / inject_adapter the hook below was written against and is tested
-# with (tests/integrations/test_peft_lora.py, in both CI lanes). 0.21.2 is both the oldest release qpeft supports
-# and the newest on PyPI (2026-12): add a release here once the latest lane has passed on it.
-HOOK_TESTED_PEFT = ("0.21.2",)
+# with (tests/integrations/test_peft_lora.py, in both CI lanes): 0.21.2, the oldest release qpeft supports (the
+# image lane), and 0.22.0, the newest on PyPI (2026-12, the latest lane). Add a release here once the latest lane
+# has passed on it.
+HOOK_TESTED_PEFT = ("0.21.2", "0.22.0")
 
 
 def _is_lora(config) -> bool:
