@@ -4,13 +4,15 @@ For each NF4 path (the CUDA C++ kernels of csrc/ and the Triton kernels), each L
 M in MS, forward (y = x W^T) and input gradient (dx = dy W), it compiles for sm_90 exactly the kernels the path
 launches (nvcc -cubin for csrc/, triton.compile of the recorded launches for Triton), reads their SASS and reports
 per launch: main-loop instructions per decoded weight (by issue pipe), load widths, where the code book is read,
-the MMA kind, registers, shared memory, occupancy, waves; then the issue-bound and latency-bound ceilings and the
+the MMA kind, registers, shared memory, occupancy, waves; then the issue-bound and latency-bound ceilings, the
 predicted time as a fraction of the bandwidth floor (M <= 16) or as a speed ratio to bf16 cuBLAS (M >= 17 and
-every dx). `dispatched` marks the path the auto dispatch picks on an H100 (qpeft/ops/nf4_matmul_dispatch.py with
-the device reported as sm_90).
+every dx), and what bounds it (L2, DRAM, SM issue or SM latency). `dispatched` marks the path the auto dispatch
+picks on an H100 (qpeft/ops/nf4_matmul_dispatch.py with the device reported as sm_90).
 
     python -m benchmarks.static_sm90 [--shapes 8b|70b|all] [--paths dispatched|all] [--out DIR]
     python -m benchmarks.static_sm90 --calibrate measured.csv   # compare with a GPU run (tests/run_gpu.sh quick)
+    python -m benchmarks.static_sm90 --sweep-l2 5.5,6.5,8,10,12  # targets met at each assumed L2 bandwidth (TB/s)
+    python -m benchmarks.static_sm90 --l2-bandwidth 8 --tag l2-8  # the whole model at a calibrated L2 bandwidth
 
 Results: benchmarks/results/sm90-static/static_sm90_triton<ver>.csv and .md (one pair per Triton version: run it
 in both test lanes).
@@ -56,7 +58,7 @@ import math
 import os
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 if __package__ in (None, ""):  # `python benchmarks/static_sm90.py`
@@ -98,6 +100,13 @@ class H100:
 
 
 HW = H100()
+
+
+def set_l2_bandwidth(bytes_per_s: float) -> None:
+    """The model's L2 bandwidth from here on (`--l2-bandwidth`; the calibration's lever: measurements on H100 range
+    5.5 to ~12 TB/s)."""
+    global HW
+    HW = replace(HW, l2_bandwidth=bytes_per_s)
 
 # (K, N) per layer: y = x W^T, W (N, K)
 SHAPES = {
@@ -401,6 +410,18 @@ def _bytes(direction, M, N, K, nf4=True) -> float:
     return w + 2 * (M * K + M * N)
 
 
+def _bound(t_sm: float, t_issue: float, t_lat: float, dram: float, t_l2: float) -> str:
+    """Which term of max(SMs, DRAM, L2) sets a prediction: "L2" (re-reads, partials), "DRAM" (unique bytes), or the
+    SMs' work, "SM issue" or "SM latency" by whichever of the two views is slower (the SM time takes the lower
+    rate of the two per wave). A row bound by L2 moves with the assumed L2 bandwidth (`--l2-bandwidth`); the
+    others do not."""
+    if t_l2 >= max(t_sm, dram):
+        return "L2"
+    if dram >= t_sm:
+        return "DRAM"
+    return "SM issue" if t_issue >= t_lat else "SM latency"
+
+
 def evaluate(path: str, launches: list[Launch], direction: str, M: int, N: int, K: int) -> dict:
     flops = 2 * M * N * K
     floor = max(_bytes(direction, M, N, K) / HW.bandwidth, flops / HW.cublas_flops)
@@ -415,6 +436,7 @@ def evaluate(path: str, launches: list[Launch], direction: str, M: int, N: int, 
         t_both += t["both"]
     t_l2 = sum(l.l2_reread for l in launches) / HW.l2_bandwidth
     total = max(t_both, dram, t_l2) + ramp * len(launches)
+    bound = _bound(t_both, t_issue, t_lat, dram, t_l2)
     l0 = launches[0]
     lp = l0.loop
     decoded = sum(l.ctas * l.warps_per_cta * l.passes_per_warp * l.weights_per_pass for l in launches)
@@ -444,7 +466,7 @@ def evaluate(path: str, launches: list[Launch], direction: str, M: int, N: int, 
         "inflight_B_per_warp": lp.inflight_bytes, "pass_cycles_alone": round(launch_times(l0)["alone_cycles"]),
         "l2_reread_MB": round(sum(l.l2_reread for l in launches) / 1e6, 2), "l2_us": round(t_l2 * 1e6, 3),
         "floor_us": round(floor * 1e6, 3), "cublas_us": round(cublas * 1e6, 3),
-        "predicted_us": round(total * 1e6, 3),
+        "predicted_us": round(total * 1e6, 3), "bound": bound,
     }
     if decode:
         row["issue_ceiling"] = round(min(1.0, floor / max(t_issue, 1e-30)), 3)
@@ -514,10 +536,11 @@ def write(rows: list[dict], out: Path, tag: str) -> tuple[Path, Path]:
     lines = [f"# Static sm_90 model ({tag}): predictions, not measurements", "",
              "Dispatched path per problem (bf16, NF4 blocksize 64, double quant). instr/w: main-loop thread-"
              "instructions per decoded weight; ceilings and prediction as a fraction of the bandwidth floor "
-             "(fwd M <= 16) or x bf16 cuBLAS (otherwise). See benchmarks/static_sm90.py for the model.", "",
+             "(fwd M <= 16) or x bf16 cuBLAS (otherwise); bound: the term that sets the prediction (L2 at "
+             f"{HW.l2_bandwidth / 1e12:g} TB/s). See benchmarks/static_sm90.py for the model.", "",
              "| model | layer (K, N) | dir | M | path | kernel config | instr/w | code book | MMA | regs | occ | "
-             "issue | latency | predicted | target |",
-             "|---|---|---|---:|---|---|---:|---|---|---:|---:|---:|---:|---:|---|"]
+             "issue | latency | predicted | bound | target |",
+             "|---|---|---|---:|---|---|---:|---|---|---:|---:|---:|---:|---:|---|---|"]
     for r in rows:
         if not r["dispatched"]:
             continue
@@ -526,7 +549,7 @@ def write(rows: list[dict], out: Path, tag: str) -> tuple[Path, Path]:
                      f"{r['path']} | {r['config']} | {r['instr_per_weight']:.2f} | {r['codebook']} | {r['mma']} | "
                      f"{r['regs']} | {r['occupancy']} | {r['issue_ceiling']:.2f} | {r['latency_ceiling']:.2f} | "
                      f"{r['predicted']:.2f} {'floor' if r['metric'].startswith('fraction') else 'x cuBLAS'} | "
-                     f"{target} |")
+                     f"{r['bound']} | {target} |")
     tmp = md_p.with_suffix(".tmp")
     tmp.write_text("\n".join(lines) + "\n")
     os.replace(tmp, md_p)
@@ -607,6 +630,35 @@ def compare(before_csv: Path, after_csv: Path, model: str = "8b") -> str:
     return "\n".join(lines) + "\n"
 
 
+def sweep_l2(bandwidths: list[float], shapes: str = "all", ms=MS, directions=("fwd", "dx")) -> str:
+    """Markdown: the dispatched rows with a target that the model meets at each assumed L2 bandwidth (TB/s), and
+    the rows still missed at the highest one with what bounds them there. What a GPU calibration of the L2
+    bandwidth can and cannot flip."""
+    saved = HW.l2_bandwidth
+    results = {}
+    try:
+        for bw in bandwidths:
+            set_l2_bandwidth(bw * 1e12)
+            rows = [r for r in run(shapes, "dispatched", ms, directions, verbose=False)
+                    if r["dispatched"] and r["target"] is not None]
+            results[bw] = rows
+    finally:
+        set_l2_bandwidth(saved)
+
+    def key(r):
+        return f"{r['model']} {r['layer']} {r['direction']} M = {r['M']}"
+
+    lines = ["| L2 TB/s | met | missed, bound by L2 | missed, bound by the SMs or DRAM |", "|---:|---:|---:|---:|"]
+    for bw, rows in results.items():
+        missed = [r for r in rows if not r["meets"]]
+        by_l2 = sum(r["bound"] == "L2" for r in missed)
+        lines.append(f"| {bw:g} | {len(rows) - len(missed)} of {len(rows)} | {by_l2} | {len(missed) - by_l2} |")
+    top = max(results)
+    lines += ["", f"Missed at {top:g} TB/s:", "", "| row | predicted | bound |", "|---|---:|---|"]
+    lines += [f"| {key(r)} | {r['predicted']:.2f} | {r['bound']} |" for r in results[top] if not r["meets"]]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", default="all", choices=["all", "8b", "70b"])
@@ -617,6 +669,11 @@ def main(argv=None) -> int:
     ap.add_argument("--tag", default=None, help="file name tag (default: triton<version>)")
     ap.add_argument("--compare", nargs=2, metavar=("BEFORE_CSV", "AFTER_CSV"),
                     help="markdown table of two model runs (dispatched paths of --shapes, default 8b)")
+    ap.add_argument("--l2-bandwidth", type=float, default=None, metavar="TB/s",
+                    help=f"L2 bandwidth for re-read operands (default {HW.l2_bandwidth / 1e12:g}, an assumption: "
+                         f"a GPU run calibrates it); give --tag too, the results name the Triton version only")
+    ap.add_argument("--sweep-l2", default=None, metavar="TB/s,...",
+                    help="markdown: targets met at each of these L2 bandwidths, and what bounds the rest")
     ap.add_argument("--calibrate", default=None, metavar="MEASURED_CSV",
                     help="compare a GPU run of benchmarks.measure_static_cases with this model's predictions")
     args = ap.parse_args(argv)
@@ -625,12 +682,24 @@ def main(argv=None) -> int:
     if args.compare:
         print(compare(Path(args.compare[0]), Path(args.compare[1]), args.shapes if args.shapes != "all" else "8b"))
         return 0
+    if args.sweep_l2:
+        bws = [float(v) for v in args.sweep_l2.split(",")]
+        if not all(b > 0 for b in bws):
+            raise SystemExit(f"--sweep-l2: expected TB/s > 0, got {args.sweep_l2}")
+        print(sweep_l2(bws, args.shapes, [int(m) for m in args.ms.split(",")], tuple(args.directions.split(","))))
+        return 0
     if args.calibrate:
         predicted = Path(args.out) / f"static_sm90_{args.tag or 'triton' + triton_version()}.csv"
         for p in calibrate(Path(args.calibrate), predicted, Path(args.out)):
             print(f"wrote {p}")
         return 0
 
+    if args.l2_bandwidth is not None:
+        if not args.l2_bandwidth > 0:
+            raise SystemExit(f"--l2-bandwidth: expected TB/s > 0, got {args.l2_bandwidth}")
+        if args.tag is None:
+            raise SystemExit("--l2-bandwidth: give --tag as well (the default results file is the 6.5 TB/s model's)")
+        set_l2_bandwidth(args.l2_bandwidth * 1e12)
     rows = run(args.shapes, args.paths, [int(m) for m in args.ms.split(",")], tuple(args.directions.split(",")))
     tag = args.tag or f"triton{triton_version()}"
     for p in write(rows, Path(args.out), tag):

@@ -10,6 +10,8 @@
 """
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -389,6 +391,43 @@ def test_cuda_decode_kernel_sass(M):
     alu_per_w = lp.counts["alu"] * per_w
     floor_rate = static_sm90.HW.floor_weights_per_clk
     assert 64 / alu_per_w >= 0.8 * floor_rate, f"{alu_per_w:.2f} ALU ops per weight"
+
+
+@pytest.mark.skipif(not _nvcc(), reason="needs nvcc (compiles csrc/nf4_gemv.cu for sm_90)")
+def test_static_model_names_the_bound_and_moves_with_the_l2_bandwidth():
+    """Each prediction names the term that sets it; one bound by L2 re-reads takes exactly their bytes over the
+    assumed L2 bandwidth (plus the launch ramp), and stops being L2 bound once that bandwidth is high enough. The
+    decode launch (compiled as in the test above) with its L2 bytes raised to 100 MB."""
+    import dataclasses
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from benchmarks import static_sm90
+
+    M, N, K = 16, 4096, 4096
+    launch, = static_sm90.cuda_launches("fwd", M, N, K)
+    as_built = static_sm90.evaluate("cuda", [launch], "fwd", M, N, K)
+    assert as_built["bound"] in ("DRAM", "SM issue", "SM latency")  # 1 MB of x re-reads: not L2
+    heavy = dataclasses.replace(launch, l2_reread=100e6)
+    saved = static_sm90.HW.l2_bandwidth
+    ramp_us = static_sm90.HW.lat.dram / static_sm90.HW.clock_hz * 1e6
+    try:
+        row = static_sm90.evaluate("cuda", [heavy], "fwd", M, N, K)
+        assert row["bound"] == "L2"
+        assert row["predicted_us"] == pytest.approx(100e6 / saved * 1e6 + ramp_us, abs=1e-3)
+        static_sm90.set_l2_bandwidth(2 * saved)
+        row2 = static_sm90.evaluate("cuda", [heavy], "fwd", M, N, K)
+        assert row2["predicted_us"] == pytest.approx(100e6 / (2 * saved) * 1e6 + ramp_us, abs=1e-3)
+        static_sm90.set_l2_bandwidth(1e18)
+        assert static_sm90.evaluate("cuda", [heavy], "fwd", M, N, K)["bound"] == as_built["bound"]
+    finally:
+        static_sm90.set_l2_bandwidth(saved)
+    assert static_sm90.HW.l2_bandwidth == saved
+    for argv, what in ((["--l2-bandwidth", "0", "--tag", "x"], "TB/s > 0"), (["--l2-bandwidth", "8"], "--tag"),
+                       (["--sweep-l2", "8,-1"], "TB/s > 0")):
+        with pytest.raises(SystemExit, match=re.escape(what)):
+            static_sm90.main(argv)
 
 
 def test_static_model_calibration_joins_measured_and_predicted(tmp_path):
