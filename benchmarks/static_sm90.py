@@ -560,8 +560,13 @@ def calibrate(measured_csv: Path, predicted_csv: Path, out: Path) -> tuple[Path,
     """Measured (benchmarks/measure_static_cases.py on a GPU) next to predicted (this model's CSV for the same
     Triton version), per dispatched case: the measured fraction of the floor (M <= 16 forward: CUDA-graph time
     when measured) or speed vs the cuBLAS measured in the same run, the prediction, and measured / predicted. The
-    median of that ratio per path says how far to trust the model on that path."""
+    median of that ratio per path says how far to trust the model on that path.
+    Rows the model has bound by L2 also give the L2 bandwidth the measurement implies: their L2 bytes over the
+    measured time less the launch ramp (a lower bound: on the GPU such a row may be bound by something else). The
+    median is the value to rerun the model with (`--l2-bandwidth`), the model's least certain number."""
     import statistics
+
+    ramp_us = HW.lat.dram / HW.clock_hz * 1e6
 
     with open(predicted_csv) as f:
         pred = {(r["model"], r["layer"], r["direction"], int(r["M"])): r for r in csv.DictReader(f)
@@ -579,10 +584,14 @@ def calibrate(measured_csv: Path, predicted_csv: Path, out: Path) -> tuple[Path,
             else:
                 measured = float(m.get("cublas_graph_ms") or m["cublas_ms"]) / ours
             predicted = float(p["predicted"])
+            bound = p.get("bound") or ""  # CSVs of the model before its bound column have none
+            busy_us = ours * 1e3 - ramp_us * int(p.get("launches") or 1)
+            implied = (float(p["l2_reread_MB"]) / busy_us if bound == "L2" and busy_us > 0 else None)  # MB/us=TB/s
             rows.append({"model": key[0], "layer": key[1], "direction": key[2], "M": key[3], "path": p["path"],
                          "metric": p["metric"], "predicted": predicted, "measured": round(measured, 3),
                          "measured_over_predicted": round(measured / predicted, 3) if predicted else None,
                          "measured_us": round(ours * 1e3, 3), "predicted_us": float(p["predicted_us"]),
+                         "bound": bound, "implied_l2_TBps": None if implied is None else round(implied, 2),
                          "device": m.get("device", "")})
     out.mkdir(parents=True, exist_ok=True)
     device = re.sub(r"[^A-Za-z0-9_.-]+", "_", rows[0]["device"] if rows else "unknown")
@@ -598,10 +607,16 @@ def calibrate(measured_csv: Path, predicted_csv: Path, out: Path) -> tuple[Path,
         if ratios:
             lines.append(f"| {path} | {len(ratios)} | {statistics.median(ratios):.2f} | {min(ratios):.2f} | "
                          f"{max(ratios):.2f} |")
-    lines += ["", "| model | layer | dir | M | path | predicted | measured | metric |",
-              "|---|---|---|---:|---|---:|---:|---|"]
+    implied = [r["implied_l2_TBps"] for r in rows if r["implied_l2_TBps"] is not None]
+    if implied:
+        lines += ["", f"L2 bandwidth implied by the {len(implied)} rows the model has bound by L2: median "
+                      f"{statistics.median(implied):.2f} TB/s (min {min(implied):.2f}, max {max(implied):.2f}; "
+                      f"assumed {HW.l2_bandwidth / 1e12:g}). A lower bound where a row is bound by something else "
+                      f"on the GPU; rerun the model with `--l2-bandwidth {statistics.median(implied):.2f}`."]
+    lines += ["", "| model | layer | dir | M | path | predicted | measured | metric | bound |",
+              "|---|---|---|---:|---|---:|---:|---|---|"]
     lines += [f"| {r['model']} | {r['layer']} | {r['direction']} | {r['M']} | {r['path']} | {r['predicted']:.2f} | "
-              f"{r['measured']:.2f} | {r['metric']} |" for r in rows]
+              f"{r['measured']:.2f} | {r['metric']} | {r['bound']} |" for r in rows]
     md_p.write_text("\n".join(lines) + "\n")
     return csv_p, md_p
 
@@ -690,8 +705,9 @@ def main(argv=None) -> int:
         return 0
     if args.calibrate:
         predicted = Path(args.out) / f"static_sm90_{args.tag or 'triton' + triton_version()}.csv"
-        for p in calibrate(Path(args.calibrate), predicted, Path(args.out)):
-            print(f"wrote {p}")
+        csv_p, md_p = calibrate(Path(args.calibrate), predicted, Path(args.out))
+        print(md_p.read_text())  # into the GPU run's log: the per-path ratios and the implied L2 bandwidth
+        print(f"wrote {csv_p}\nwrote {md_p}")
         return 0
 
     if args.l2_bandwidth is not None:

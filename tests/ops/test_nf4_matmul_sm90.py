@@ -430,10 +430,11 @@ def test_static_model_names_the_bound_and_moves_with_the_l2_bandwidth():
             static_sm90.main(argv)
 
 
-def test_static_model_calibration_joins_measured_and_predicted(tmp_path):
+def test_static_model_calibration_joins_measured_and_predicted(tmp_path, capsys):
     """`static_sm90 --calibrate`: a GPU run of the model's cases (benchmarks/measure_static_cases.py) next to the
     predictions: decode rows as a fraction of the floor (CUDA-graph time when measured), the others vs the cuBLAS
-    of the same run, and measured / predicted per case and per path."""
+    of the same run, and measured / predicted per case and per path; the rows the model has bound by L2 give the
+    L2 bandwidth the measurement implies (their L2 bytes over the measured time less one launch ramp each)."""
     import csv
     import sys
     from pathlib import Path
@@ -444,14 +445,18 @@ def test_static_model_calibration_joins_measured_and_predicted(tmp_path):
     pred = tmp_path / "pred.csv"
     with open(pred, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["model", "layer", "direction", "M", "dispatched", "path", "metric",
-                                          "predicted", "floor_us", "predicted_us"])
+                                          "predicted", "floor_us", "predicted_us", "bound", "l2_reread_MB",
+                                          "launches"])
         w.writeheader()
         w.writerow(dict(model="8b", layer="q/o", direction="fwd", M=1, dispatched=True, path="cuda_decode",
-                        metric="fraction of floor", predicted=0.8, floor_us=2.0, predicted_us=2.5))
+                        metric="fraction of floor", predicted=0.8, floor_us=2.0, predicted_us=2.5, bound="DRAM",
+                        l2_reread_MB=1.0, launches=1))
         w.writerow(dict(model="8b", layer="q/o", direction="dx", M=1024, dispatched=True, path="triton",
-                        metric="x bf16 cuBLAS", predicted=0.5, floor_us=50.0, predicted_us=100.0))
+                        metric="x bf16 cuBLAS", predicted=0.5, floor_us=50.0, predicted_us=100.0, bound="L2",
+                        l2_reread_MB=500.0, launches=2))
         w.writerow(dict(model="8b", layer="q/o", direction="dx", M=1024, dispatched=False, path="cuda_tile",
-                        metric="x bf16 cuBLAS", predicted=0.1, floor_us=50.0, predicted_us=500.0))
+                        metric="x bf16 cuBLAS", predicted=0.1, floor_us=50.0, predicted_us=500.0, bound="L2",
+                        l2_reread_MB=9.0, launches=1))
     meas = tmp_path / "static_cases.csv"
     with open(meas, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["model", "layer", "direction", "M", "qpeft_ms", "qpeft_graph_ms",
@@ -467,6 +472,24 @@ def test_static_model_calibration_joins_measured_and_predicted(tmp_path):
         ("cuda_decode", 0.5, 0.625),  # 2.0 us floor / 4.0 us under the graph
         ("triton", 0.6, 1.2)]         # 0.06 ms cuBLAS / 0.1 ms
     assert csv_p.name == "calibration_NVIDIA_H100_80GB_HBM3.csv" and "| cuda_decode | 1 | 0.62 |" in md_p.read_text()
+    from benchmarks.static_sm90 import HW
+
+    ramp_us = HW.lat.dram / HW.clock_hz * 1e6
+    assert rows[0]["implied_l2_TBps"] == ""  # DRAM bound: implies nothing about L2
+    want = 500.0 / (100.0 - 2 * ramp_us)    # 500 MB in 100 us less two ramps, MB/us = TB/s
+    assert float(rows[1]["implied_l2_TBps"]) == pytest.approx(want, abs=0.005)
+    assert f"median {want:.2f} TB/s" in md_p.read_text() and f"--l2-bandwidth {want:.2f}" in md_p.read_text()
+    # the CLI (tests/run_gpu.sh quick): the predictions of --out / --tag, the table printed into the run's log
+    import shutil
+
+    from benchmarks.static_sm90 import main
+
+    (tmp_path / "cli").mkdir()
+    shutil.copy(pred, tmp_path / "cli" / "static_sm90_t.csv")
+    capsys.readouterr()
+    assert main(["--calibrate", str(meas), "--out", str(tmp_path / "cli"), "--tag", "t"]) == 0
+    printed = capsys.readouterr().out
+    assert f"median {want:.2f} TB/s" in printed and printed.rstrip().endswith("calibration_NVIDIA_H100_80GB_HBM3.md")
 
 
 @pytest.mark.parametrize("direction", ["fwd", "dx"])
