@@ -410,6 +410,11 @@ def _bytes(direction, M, N, K, nf4=True) -> float:
     return w + 2 * (M * K + M * N)
 
 
+def launch_ramp_s() -> float:
+    """Seconds of one launch's ramp: one HBM latency before its first loads return (the model adds it per launch)."""
+    return HW.lat.dram / HW.clock_hz
+
+
 def _bound(t_sm: float, t_issue: float, t_lat: float, dram: float, t_l2: float) -> str:
     """Which term of max(SMs, DRAM, L2) sets a prediction: "L2" (re-reads, partials), "DRAM" (unique bytes), or the
     SMs' work, "SM issue" or "SM latency" by whichever of the two views is slower (the SM time takes the lower
@@ -427,7 +432,7 @@ def evaluate(path: str, launches: list[Launch], direction: str, M: int, N: int, 
     floor = max(_bytes(direction, M, N, K) / HW.bandwidth, flops / HW.cublas_flops)
     cublas = max(_bytes(direction, M, N, K, nf4=False) / HW.bandwidth, flops / HW.cublas_flops)
     dram = _bytes(direction, M, N, K) / HW.bandwidth
-    ramp = HW.lat.dram / HW.clock_hz
+    ramp = launch_ramp_s()
     t_issue = t_lat = t_both = 0.0
     for l in launches:
         t = launch_times(l)
@@ -566,7 +571,7 @@ def calibrate(measured_csv: Path, predicted_csv: Path, out: Path) -> tuple[Path,
     median is the value to rerun the model with (`--l2-bandwidth`), the model's least certain number."""
     import statistics
 
-    ramp_us = HW.lat.dram / HW.clock_hz * 1e6
+    ramp_us = launch_ramp_s() * 1e6
 
     with open(predicted_csv) as f:
         pred = {(r["model"], r["layer"], r["direction"], int(r["M"])): r for r in csv.DictReader(f)
@@ -654,9 +659,8 @@ def sweep_l2(bandwidths: list[float], shapes: str = "all", ms=MS, directions=("f
     try:
         for bw in bandwidths:
             set_l2_bandwidth(bw * 1e12)
-            rows = [r for r in run(shapes, "dispatched", ms, directions, verbose=False)
-                    if r["dispatched"] and r["target"] is not None]
-            results[bw] = rows
+            results[bw] = [r for r in run(shapes, "dispatched", ms, directions, verbose=False)
+                           if r["target"] is not None]
     finally:
         set_l2_bandwidth(saved)
 

@@ -411,7 +411,7 @@ def test_static_model_names_the_bound_and_moves_with_the_l2_bandwidth():
     assert as_built["bound"] in ("DRAM", "SM issue", "SM latency")  # 1 MB of x re-reads: not L2
     heavy = dataclasses.replace(launch, l2_reread=100e6)
     saved = static_sm90.HW.l2_bandwidth
-    ramp_us = static_sm90.HW.lat.dram / static_sm90.HW.clock_hz * 1e6
+    ramp_us = static_sm90.launch_ramp_s() * 1e6
     try:
         row = static_sm90.evaluate("cuda", [heavy], "fwd", M, N, K)
         assert row["bound"] == "L2"
@@ -472,9 +472,9 @@ def test_static_model_calibration_joins_measured_and_predicted(tmp_path, capsys)
         ("cuda_decode", 0.5, 0.625),  # 2.0 us floor / 4.0 us under the graph
         ("triton", 0.6, 1.2)]         # 0.06 ms cuBLAS / 0.1 ms
     assert csv_p.name == "calibration_NVIDIA_H100_80GB_HBM3.csv" and "| cuda_decode | 1 | 0.62 |" in md_p.read_text()
-    from benchmarks.static_sm90 import HW
+    from benchmarks.static_sm90 import launch_ramp_s
 
-    ramp_us = HW.lat.dram / HW.clock_hz * 1e6
+    ramp_us = launch_ramp_s() * 1e6
     assert rows[0]["implied_l2_TBps"] == ""  # DRAM bound: implies nothing about L2
     want = 500.0 / (100.0 - 2 * ramp_us)    # 500 MB in 100 us less two ramps, MB/us = TB/s
     assert float(rows[1]["implied_l2_TBps"]) == pytest.approx(want, abs=0.005)
