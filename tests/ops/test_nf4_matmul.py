@@ -1226,7 +1226,7 @@ def test_tuner_candidates_include_the_serial_splits():
         "triton:64x64x128w8s3k4"
 
 
-@pytest.mark.parametrize("M", [17, 40, 64, 65, 128, 200, 256, 1024, 4096])
+@pytest.mark.parametrize("M", [17, 40, 64, 65, 128, 200, 256, 768, 1024, 4096])
 @pytest.mark.parametrize("N,K", [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (8192, 8192),
                                  (28672, 8192), (1024, 320)])
 @pytest.mark.parametrize("wide", [False, True])
@@ -1262,10 +1262,13 @@ def test_register_book_forward_splits_k_to_fill_the_gpu(M, N, K, wide):
             assert tile == (k._SPLIT_TILE_NARROW_N_SMALL_M if M <= 32 else k._SPLIT_TILE_NARROW_N), cfg
         assert 1 <= split <= k.MAX_SPLIT_K and (split == 1 or K // (split * tile[2]) >= 2), cfg
         target = 132 * (2 if wide and tile == k._SPLIT_TILE else 1)
-        # the split brings the programs nearest the target, unless capped (MAX_SPLIT_K, or too few K steps)
+        # the split brings the programs up to the target and never past it (a program past the SMs is a second
+        # wave), unless capped (MAX_SPLIT_K, or too few K steps)
         capped = split in (k.MAX_SPLIT_K, max(1, K // (2 * tile[2])))
-        assert capped or abs(tiles * split - target) <= abs(tiles * (split + 1) - target), cfg
-        assert split == 1 or abs(tiles * split - target) <= abs(tiles * (split - 1) - target), cfg
+        assert capped or tiles * (split + 1) > target, cfg
+        assert split == 1 or tiles * split <= target, cfg
+        if (M, N, K, wide) == (768, 1024, 4096, True):  # 48 tiles: 96 programs, not 144 (1.09 waves)
+            assert (tile, split) == (k._SPLIT_TILE_WIDE, 2), cfg
     else:  # enough tiles without a split, no wide launch: the GEMM tile list
         assert not wide and M > 64 and split == 1 and tile in k._FWD_GEMM_TILES_BOOK, cfg
     for dtype in (torch.float32,):  # fp32 activations never split serially (their split-K is the fp32 output)
@@ -1313,7 +1316,7 @@ def test_register_book_dx_splits_n_to_fill_the_gpu(M, N, K, wide):
     if (N, K) == (1024, 4096) and M in (64, 128):  # 8b k/v: the fill rule's 8 / 4 splits, capped
         assert split == {64: 4, 128: 2}[M], cfg
     capped = split in (k.MAX_SPLIT_K, max(1, N // (2 * tile[1])), partials_cap)
-    assert capped or abs(tiles * split - target) <= abs(tiles * (split + 1) - target), cfg
-    assert split == 1 or abs(tiles * split - target) <= abs(tiles * (split - 1) - target), cfg
+    assert capped or tiles * (split + 1) > target, cfg
+    assert split == 1 or tiles * split <= target, cfg
     assert "SPLIT_N" not in k._dx_config(M, N, K, cpu, torch.float32, register_book=True, wide=wide)
 
