@@ -430,6 +430,45 @@ def test_static_model_names_the_bound_and_moves_with_the_l2_bandwidth():
             static_sm90.main(argv)
 
 
+@pytest.mark.skipif(not _nvcc(), reason="needs nvcc (compiles csrc/nf4_gemv.cu for sm_90)")
+def test_static_model_ceiling_ramp_and_measured_cublas(tmp_path):
+    """GEMM rows: cuBLAS pays the launch ramp every launch of ours pays; `ceiling` is the most a one-launch kernel
+    at the NF4 floor gets (1.00x where the bf16 roofline is bound by FLOPs: 8b gate/up at M = 256; above 1 where it
+    is bound by bytes: M = 64); the forward rows of performance.md's anchor shapes are also read against the
+    measured cuBLAS time, and no other row is. A compiled launch stands in for the kernel (its time is not the
+    point here)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from benchmarks import static_sm90 as S
+
+    launch, = S.cuda_launches("fwd", 16, 4096, 4096)
+    ramp = S.launch_ramp_s()
+    rows = {}
+    for direction, M, N, K in (("fwd", 256, 14336, 4096), ("fwd", 64, 4096, 4096), ("dx", 256, 14336, 4096),
+                               ("fwd", 256, 1024, 4096)):
+        row = S.evaluate("cuda", [launch], direction, M, N, K)
+        flops, bf16 = 2 * M * N * K, N * K * 2 + 2 * (M * K + M * N)
+        cublas = max(bf16 / S.HW.bandwidth, flops / S.HW.cublas_flops) + ramp
+        assert row["cublas_us"] == pytest.approx(cublas * 1e6, abs=1e-3)
+        assert row["predicted"] == pytest.approx(cublas / (row["predicted_us"] * 1e-6), abs=1e-3)
+        assert row["ceiling"] == pytest.approx(cublas / (row["floor_us"] * 1e-6 + ramp), abs=1e-3)
+        rows[direction, M, N] = row
+    compute_bound, byte_bound = rows["fwd", 256, 14336], rows["fwd", 64, 4096]
+    assert compute_bound["ceiling"] == 1.0 and S._target_at_ceiling(compute_bound)
+    assert byte_bound["ceiling"] > 2 and not S._target_at_ceiling(byte_bound)
+    assert compute_bound["cublas_measured_us"] == 53.7 and byte_bound["cublas_measured_us"] == 17.0
+    assert compute_bound["vs_measured_cublas"] == pytest.approx(53.7 / compute_bound["predicted_us"], abs=1e-3)
+    for key in (("dx", 256, 14336), ("fwd", 256, 1024)):  # dx, and a shape without an anchor
+        assert rows[key]["cublas_measured_us"] is None and rows[key]["vs_measured_cublas"] is None
+    row = {"model": "8b", "layer": "gate/up", "dispatched": True, **compute_bound}
+    _, md = S.write([row], tmp_path, "t")
+    line = md.read_text().splitlines()[-1]
+    assert f"| {compute_bound['bound']}" in line and "| 1.00 | " in line
+    assert f"| {compute_bound['vs_measured_cublas']:.2f} | 1.00 " in line
+
+
 def test_static_model_calibration_joins_measured_and_predicted(tmp_path, capsys):
     """`static_sm90 --calibrate`: a GPU run of the model's cases (benchmarks/measure_static_cases.py) next to the
     predictions: decode rows as a fraction of the floor (CUDA-graph time when measured), the others vs the cuBLAS
