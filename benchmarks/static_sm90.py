@@ -46,7 +46,7 @@ The model (every number an assumption until a GPU calibrates it; `--calibrate` r
   again and the buffer is cached per stream (triton_kernels/_split_counters.py).
 - Floors: decode fraction = max(unique bytes / 3.02 TB/s, FLOPs / 700 TFLOP/s) / predicted time; cuBLAS time =
   max(bf16 bytes / 3.02 TB/s, FLOPs / 700 TFLOP/s) plus one launch ramp (its roofline at the measured ceilings,
-  so ratios are conservative where cuBLAS falls short of it, e.g. 4096 x 4096, which it runs at 60-65% of
+  so ratios are conservative where cuBLAS falls short of it, e.g. 4096 x 4096, which it runs at 63-70% of
   that roofline at M = 1..256: `CUBLAS_MEASURED_US`, reported beside it as `vs_measured_cublas`). `ceiling`:
   the most any one-launch kernel gets, at the NF4 floor plus the ramp. Where the bf16 roofline is bound by
   FLOPs (M = 256 on every layer but k/v) that is 1.00x: the tensor pipe runs at most at cuBLAS's efficiency
