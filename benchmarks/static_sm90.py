@@ -42,8 +42,9 @@ The model (every number an assumption until a GPU calibrates it; `--calibrate` r
   SM's work includes the zero-padding of partial tiles.
 - Serial split-K (the Triton forward with 16-bit activations, SPLIT_K > 1; dx: SPLIT_N > 1 splits its N reduction):
   every split writes its fp32 partial tile and the last one reads them all back (2 x splits x the output's
-  elements x 4 bytes through L2). Its per-tile counters need no memset kernel: the last split zeroes its counter
-  again and the buffer is cached per stream (triton_kernels/_split_counters.py).
+  elements x 4 bytes through L2; with 2 splits it reads only the other's: 3 x). Its per-tile counters need no
+  memset kernel: the last split zeroes its counter again and the buffer is cached per stream
+  (triton_kernels/_split_counters.py).
 - Floors: decode fraction = max(unique bytes / 3.02 TB/s, FLOPs / 700 TFLOP/s) / predicted time; cuBLAS time =
   max(bf16 bytes / 3.02 TB/s, FLOPs / 700 TFLOP/s) plus one launch ramp (its roofline at the measured ceilings,
   so ratios are conservative where cuBLAS falls short of it, e.g. 4096 x 4096, which it runs at 63-70% of
@@ -267,10 +268,17 @@ def triton_launches(direction: str, M: int, N: int, K: int, config: dict | None 
     return rec
 
 
+def split_partial_tiles(split: int) -> int:
+    """fp32 partial tiles one output tile of a serial split moves through L2 (`_serial_split_store`): every split
+    writes its own, and the last reads back all of them, or with two splits only the other's (it adds it to the
+    accumulator it holds)."""
+    return split + (1 if split == 2 else split)
+
+
 def triton_l2_reread(name: str, c: dict, grid: tuple, M: int, N: int, K: int) -> tuple[float, bool]:
     """(bytes re-read through L2, serial split) of one Triton NF4 launch of an (M, N, K) problem with constexprs
-    `c` on `grid`: x (dy) once per N (K) tile, W once per M tile, the serial split's fp32 partials written by every
-    split and read back by the last. A launch over a span of the output's columns (the launcher's LEAD spans,
+    `c` on `grid`: x (dy) once per N (K) tile, W once per M tile, the serial split's fp32 partials
+    (`split_partial_tiles`). A launch over a span of the output's columns (the launcher's LEAD spans,
     N_TILE_START / K_TILE_START) counts its own N (forward) or K (dx) columns."""
     bm, bn, bk = c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"]
     m_tiles = math.ceil(M / bm)
@@ -278,12 +286,12 @@ def triton_l2_reread(name: str, c: dict, grid: tuple, M: int, N: int, K: int) ->
         N = min(N - c.get("N_TILE_START", 0) * bn, grid[0 if c.get("SWAP_AXES") else 1] * bn)
         reread = math.ceil(N / bn) * M * K * 2 + m_tiles * N * K * HW.nf4_bytes_per_weight
         split, serial = c.get("SPLIT_K", 1), bool(c.get("SERIAL_SPLIT"))
-        return reread + (2 * split * M * N * 4 if serial else 0), serial
+        return reread + (split_partial_tiles(split) * M * N * 4 if serial else 0), serial
     if name == "_nf4_matmul_dx_kernel":
         K = min(K - c.get("K_TILE_START", 0) * bk, grid[1] * bk)
         reread = math.ceil(K / bk) * M * N * 2 + m_tiles * N * K * HW.nf4_bytes_per_weight
         split = c.get("SPLIT_N", 1)
-        return reread + (2 * split * M * K * 4 if split > 1 else 0), split > 1
+        return reread + (split_partial_tiles(split) * M * K * 4 if split > 1 else 0), split > 1
     raise ValueError(name)
 
 

@@ -994,8 +994,10 @@ def _wide_tiles_by_rank():
     """[(direction, 16-warp GEMM tile, padded LoRA rank, first column tile)]: each wide tile at every R_PAD the
     launchers give it (`_WIDE_TILE_MAX_R_PAD`; 256 for the 128-row ones, LoRA rank 256 being the largest PEFT users
     commonly set); the 8-warp 64 x 128 x 128 tiles of wide launches (forward split, 164-193 registers; dx unsplit,
-    125-127), as launched; and the second launch of a wave-rule plan (`_lead_span`): the 128-row 16-warp tile from
-    column tile 99 (N_TILE_START / K_TILE_START, constexprs: the 8b gate/up forward and down dx at M = 1024)."""
+    125-127), as launched; the second launch of a wave-rule plan (`_lead_span`): the 128-row 16-warp tile from
+    column tile 99 (N_TILE_START / K_TILE_START, constexprs: the 8b gate/up forward and down dx at M = 1024); and
+    the 16-warp split tiles in 2 splits (`_serial_split_store` adds the other split's partial to its accumulator
+    there: a code path of its own)."""
     from qpeft.triton_kernels import nf4_matmul as k
 
     wide = (("fwd", k._FWD_GEMM_TILES_BOOK_WIDE), ("dx", k._DX_GEMM_TILES_BOOK_WIDE))
@@ -1003,7 +1005,9 @@ def _wide_tiles_by_rank():
             if k._rank_fits(t, r)] \
         + [("fwd", k._SPLIT_TILE_WIDE_NARROW_N + (k.MAX_SPLIT_K,), r, 0) for r in (32, 64, 128, 256)] \
         + [("dx", k._DX_SPLIT_TILE_WIDE_NARROW_N, r, 0) for r in (32, 64, 128, 256)] \
-        + [(d, tiles[1], r, 99) for d, tiles in wide for r in (16, 256)]
+        + [(d, tiles[1], r, 99) for d, tiles in wide for r in (16, 256)] \
+        + [(d, t + (2,), r, 0) for d, t in (("fwd", k._SPLIT_TILE_WIDE), ("dx", k._DX_SPLIT_TILE_WIDE))
+           for r in (16, 32, 64, 128, 256)]
 
 
 @pytest.mark.skipif(TRITON_INTERPRET or not has_triton(), reason="compiles for sm_90 (not under the interpreter)")

@@ -555,6 +555,28 @@ def test_static_model_counts_each_column_span_once(direction):
     assert got == [(pytest.approx(b), False) for b in want], got
 
 
+def test_static_model_counts_the_serial_splits_partials():
+    """The model's L2 bytes of a serial split launch: x re-read per N tile, W per M tile, and the fp32 partials:
+    every split writes its own and the last reads back the others' (2 splits: 3 partial tiles; it adds the other's
+    to its accumulator) or all of them (more splits: 2 x splits). 8b q/o forward at M = 256 (2 splits of 128 x 128
+    x 128) and k/v at M = 256 (8 splits). Recorded, not compiled."""
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from benchmarks import static_sm90
+
+    w = static_sm90.HW.nf4_bytes_per_weight
+    for (M, N, K), split, partials in (((256, 4096, 4096), 2, 3), ((256, 1024, 4096), 8, 16)):
+        rec, = static_sm90.triton_launches("fwd", M, N, K)
+        c = rec.constexprs()
+        assert (c["BLOCK_M"], c["BLOCK_N"], c["SPLIT_K"], c["SERIAL_SPLIT"]) == (128, 128, split, True), c
+        assert static_sm90.split_partial_tiles(split) == partials
+        want = N // 128 * M * K * 2 + M // 128 * N * K * w + partials * M * N * 4
+        assert static_sm90.triton_l2_reread(rec.name, c, rec.grid, M, N, K) == (pytest.approx(want), True)
+
+
 def test_measure_static_cases_rows_calibrate_the_model(tmp_path):
     """benchmarks/measure_static_cases.py (GPU only in use) run through its CPU seam on a tiny shape: both
     directions, a decode M (CUDA-graph columns) and a GEMM M, with the columns `static_sm90 --calibrate` reads."""
