@@ -744,7 +744,8 @@ def _dx_split_config(M: int, N: int, K: int, device: torch.device, wide: bool) -
 def _dx_partials_bound(M: int, N: int) -> float:
     """The N splits at which dx's fp32 partials reach 4x the packed weight's bytes through L2: each split writes
     its (M x K) tile and the last reads them all back, 8 bytes per element per split, against half a byte per
-    weight (N x K), so N / (4 M)."""
+    weight (N x K), so N / (4 M). (With 2 splits the last reads only the other's, 6 bytes per element per split;
+    the bound keeps the 8 of every other count.)"""
     return N / (4 * M)
 
 
