@@ -458,12 +458,10 @@ def evaluate(path: str, launches: list[Launch], direction: str, M: int, N: int, 
     # where one ramp is 0.03% of the time)
     cublas = max(_bytes(direction, M, N, K, nf4=False) / HW.bandwidth, flops / HW.cublas_flops) + ramp
     dram = _bytes(direction, M, N, K) / HW.bandwidth
-    t_issue = t_lat = t_both = 0.0
-    for l in launches:
-        t = launch_times(l)
-        t_issue += t["issue"]
-        t_lat += t["latency"]
-        t_both += t["both"]
+    times = [launch_times(l) for l in launches]
+    t_issue = sum(t["issue"] for t in times)
+    t_lat = sum(t["latency"] for t in times)
+    t_both = sum(t["both"] for t in times)
     t_l2 = sum(l.l2_reread for l in launches) / HW.l2_bandwidth
     total = max(t_both, dram, t_l2) + ramp * len(launches)
     bound = _bound(t_both, t_issue, t_lat, dram, t_l2)
@@ -495,7 +493,7 @@ def evaluate(path: str, launches: list[Launch], direction: str, M: int, N: int, 
         "instr_per_weight": round(instr_per_w, 2), "W_decodes": round(decoded / (N * K), 2),
         **{f"{p}_per_w": round(v, 3) for p, v in per_w.items()},
         "loads": lp.load_widths(), "codebook": book, "mma": lp.kinds(),
-        "inflight_B_per_warp": lp.inflight_bytes, "pass_cycles_alone": round(launch_times(l0)["alone_cycles"]),
+        "inflight_B_per_warp": lp.inflight_bytes, "pass_cycles_alone": round(times[0]["alone_cycles"]),
         "l2_reread_MB": round(sum(l.l2_reread for l in launches) / 1e6, 2), "l2_us": round(t_l2 * 1e6, 3),
         "floor_us": round(floor * 1e6, 3), "cublas_us": round(cublas * 1e6, 3),
         "predicted_us": round(total * 1e6, 3), "bound": bound, "sm_pipe": sm_pipe,
@@ -561,6 +559,16 @@ def run(shapes: str = "all", which: str = "all", ms=MS, directions=("fwd", "dx")
     return rows
 
 
+def _bound_label(row: dict) -> str:
+    """A row's `bound` for the tables, an SM bound with the pipe that bounds its issue view: "SM issue (tensor)"."""
+    return f"{row['bound']} ({row['sm_pipe']})" if row["bound"].startswith("SM") else row["bound"]
+
+
+def _cell(value) -> str:
+    """A ratio for the tables: two decimals, "-" where the row has none."""
+    return "-" if value is None else f"{value:.2f}"
+
+
 def write(rows: list[dict], out: Path, tag: str) -> tuple[Path, Path]:
     out.mkdir(parents=True, exist_ok=True)
     csv_p, md_p = out / f"static_sm90_{tag}.csv", out / f"static_sm90_{tag}.md"
@@ -588,14 +596,12 @@ def write(rows: list[dict], out: Path, tag: str) -> tuple[Path, Path]:
         if not r["dispatched"]:
             continue
         target = "-" if r["target"] is None else f"{r['target']:.2f} {'met' if r['meets'] else 'MISSED'}"
-        bound = f"{r['bound']} ({r['sm_pipe']})" if r["bound"].startswith("SM") else r["bound"]
-        ceiling = "-" if r.get("ceiling") is None else f"{r['ceiling']:.2f}"
-        measured = "-" if r.get("vs_measured_cublas") is None else f"{r['vs_measured_cublas']:.2f}"
         lines.append(f"| {r['model']} | {r['layer']} ({r['K']}, {r['N']}) | {r['direction']} | {r['M']} | "
                      f"{r['path']} | {r['config']} | {r['instr_per_weight']:.2f} | {r['codebook']} | {r['mma']} | "
                      f"{r['regs']} | {r['occupancy']} | {r['issue_ceiling']:.2f} | {r['latency_ceiling']:.2f} | "
                      f"{r['predicted']:.2f} {'floor' if r['metric'].startswith('fraction') else 'x cuBLAS'} | "
-                     f"{bound} | {ceiling} | {measured} | {target} |")
+                     f"{_bound_label(r)} | {_cell(r.get('ceiling'))} | {_cell(r.get('vs_measured_cublas'))} | "
+                     f"{target} |")
     tmp = md_p.with_suffix(".tmp")
     tmp.write_text("\n".join(lines) + "\n")
     os.replace(tmp, md_p)
@@ -718,11 +724,8 @@ def sweep_l2(bandwidths: list[float], shapes: str = "all", ms=MS, directions=("f
     top = max(results)
     lines += ["", f"Missed at {top:g} TB/s:", "", "| row | predicted | bound | ceiling | vs measured cuBLAS |",
               "|---|---:|---|---:|---:|"]
-    lines += [f"| {key(r)} | {r['predicted']:.2f} | "
-              f"{r['bound'] + (' (' + r['sm_pipe'] + ')' if r['bound'].startswith('SM') else '')} | "
-              f"{'-' if r.get('ceiling') is None else format(r['ceiling'], '.2f')} | "
-              f"{'-' if r.get('vs_measured_cublas') is None else format(r['vs_measured_cublas'], '.2f')} |"
-              for r in results[top] if not r["meets"]]
+    lines += [f"| {key(r)} | {r['predicted']:.2f} | {_bound_label(r)} | {_cell(r.get('ceiling'))} | "
+              f"{_cell(r.get('vs_measured_cublas'))} |" for r in results[top] if not r["meets"]]
     return "\n".join(lines) + "\n"
 
 
