@@ -268,11 +268,11 @@ def triton_launches(direction: str, M: int, N: int, K: int, config: dict | None 
     return rec
 
 
-def split_partial_tiles(split: int) -> int:
+def split_partial_tiles(split: int, keeps_own: bool = False) -> int:
     """fp32 partial tiles one output tile of a serial split moves through L2 (`_serial_split_store`): every split
-    writes its own, and the last reads back all of them, or with two splits only the other's (it adds it to the
-    accumulator it holds)."""
-    return split + (1 if split == 2 else split)
+    writes its own, and the last reads back the others' (two splits, or KEEP_OWN_PARTIAL: it takes its own from the
+    accumulator it holds) or all of them."""
+    return split + (split - 1 if split == 2 or keeps_own else split)
 
 
 def triton_l2_reread(name: str, c: dict, grid: tuple, M: int, N: int, K: int) -> tuple[float, bool]:
@@ -286,12 +286,14 @@ def triton_l2_reread(name: str, c: dict, grid: tuple, M: int, N: int, K: int) ->
         N = min(N - c.get("N_TILE_START", 0) * bn, grid[0 if c.get("SWAP_AXES") else 1] * bn)
         reread = math.ceil(N / bn) * M * K * 2 + m_tiles * N * K * HW.nf4_bytes_per_weight
         split, serial = c.get("SPLIT_K", 1), bool(c.get("SERIAL_SPLIT"))
-        return reread + (split_partial_tiles(split) * M * N * 4 if serial else 0), serial
+        partials = split_partial_tiles(split, bool(c.get("KEEP_OWN_PARTIAL")))
+        return reread + (partials * M * N * 4 if serial else 0), serial
     if name == "_nf4_matmul_dx_kernel":
         K = min(K - c.get("K_TILE_START", 0) * bk, grid[1] * bk)
         reread = math.ceil(K / bk) * M * N * 2 + m_tiles * N * K * HW.nf4_bytes_per_weight
         split = c.get("SPLIT_N", 1)
-        return reread + (split_partial_tiles(split) * M * K * 4 if split > 1 else 0), split > 1
+        partials = split_partial_tiles(split, bool(c.get("KEEP_OWN_PARTIAL")))
+        return reread + (partials * M * K * 4 if split > 1 else 0), split > 1
     raise ValueError(name)
 
 

@@ -225,7 +225,8 @@ def _dequant_tile_words(packed_ptr, absmax_ptr, book, nested_absmax_ptr, nested_
 
 
 @triton.jit
-def _serial_split_store(acc, out_ptrs, ws_ptrs, mask, stride_split, counter_ptr, tile, pid_s, SPLIT: tl.constexpr):
+def _serial_split_store(acc, out_ptrs, ws_ptrs, mask, stride_split, counter_ptr, tile, pid_s, SPLIT: tl.constexpr,
+                        KEEP_OWN_PARTIAL: tl.constexpr):
     """Serial split epilogue: each split stores its fp32 partial tile, and the split that finishes last for this
     tile (its counter reads SPLIT - 1) sums all partials in split order, so the result does not depend on which
     program came last (deterministic), writes the output and sets the counter back to 0 (the buffer is reused by
@@ -233,8 +234,10 @@ def _serial_split_store(acc, out_ptrs, ws_ptrs, mask, stride_split, counter_ptr,
     counter's release; the acquire (and .cg loads, past L1) makes the others' visible.
     Two splits: the last adds the other's partial to its own accumulator (fp32 addition commutes, so p0 + p1 is
     the same sum whichever split came last), reading one partial tile back instead of two: the split's L2 traffic
-    is 3 tiles, not 4 (8b q/o at M = 256: 101 -> 97 MB). More splits keep the loop: holding the accumulator beside
-    a running sum in order spilled the 16-warp 128 x 128 x 128 tile (24 B, Triton 3.8)."""
+    is 3 tiles, not 4 (8b q/o at M = 256: 101 -> 97 MB). More splits sum in split order, and with KEEP_OWN_PARTIAL
+    take their own partial from the accumulator (the same fp32 values they stored) instead of reading it back:
+    SPLIT + SPLIT - 1 partial tiles, not 2 * SPLIT (8b k/v forward at M = 128, 8 splits: 21.1 -> 20.6 MB). The
+    forward's split config sets it for the tiles it speeds up (`_keeps_own_partial`)."""
     tl.store(ws_ptrs + pid_s * stride_split, acc, mask=mask)
     tl.debug_barrier()
     arrived = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel")
@@ -244,7 +247,13 @@ def _serial_split_store(acc, out_ptrs, ws_ptrs, mask, stride_split, counter_ptr,
         else:
             total = tl.zeros(acc.shape, dtype=tl.float32)
             for s in range(SPLIT):  # a loop, not unrolled: 8 partial tiles in flight spilled 80 B
-                total += tl.load(ws_ptrs + s * stride_split, mask=mask, other=0.0, cache_modifier=".cg")
+                if KEEP_OWN_PARTIAL:  # the own split's load is masked off: no bytes move. (A select, not
+                    # `mask & (s != pid_s)`: Triton 3.9's interpreter types that mask int64 and refuses it)
+                    part = tl.load(ws_ptrs + s * stride_split, mask=tl.where(s != pid_s, mask, False), other=0.0,
+                                   cache_modifier=".cg")
+                    total += tl.where(s == pid_s, acc, part)
+                else:
+                    total += tl.load(ws_ptrs + s * stride_split, mask=mask, other=0.0, cache_modifier=".cg")
         tl.store(out_ptrs, total.to(out_ptrs.dtype.element_ty), mask=mask)
         tl.atomic_xchg(counter_ptr + tile, 0)
 
@@ -266,7 +275,7 @@ def _nf4_matmul_kernel(
     SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGNED: tl.constexpr,
     ATOMIC_SPLIT: tl.constexpr = True, SWAP_AXES: tl.constexpr = False, EVEN_NK: tl.constexpr = False,
     REG_BOOK: tl.constexpr = False, SERIAL_SPLIT: tl.constexpr = False, NESTED_TABLE: tl.constexpr = False,
-    ABSMAX_WORDS: tl.constexpr = False,
+    ABSMAX_WORDS: tl.constexpr = False, KEEP_OWN_PARTIAL: tl.constexpr = False,
     # the launch's first output column tile (of BLOCK_N): a column span of the launcher's (`_lead_span`). A
     # constexpr: as a runtime argument it cost the dx kernel's 256 x 64 x 128 tile 8 B of spills (sm_90, 3.9)
     N_TILE_START: tl.constexpr = 0,
@@ -353,7 +362,7 @@ def _nf4_matmul_kernel(
         # the launch's own tile index: a column span's launch (`_lead_span`) has fewer N tiles than N
         tile = pid_m * tl.num_programs(0 if SWAP_AXES else 1) + pid_n
         _serial_split_store(acc, out_ptrs, ws_ptr + offs_m[:, None] * stride_om + offs_n[None, :], out_mask,
-                            stride_split, counter_ptr, tile, pid_k, SPLIT_K)
+                            stride_split, counter_ptr, tile, pid_k, SPLIT_K, KEEP_OWN_PARTIAL)
     elif ATOMIC_SPLIT:
         tl.atomic_add(out_ptrs, acc, mask=out_mask)
     else:  # deterministic: each split's partial sums into its own slice, summed in a fixed order afterwards
@@ -375,7 +384,7 @@ def _nf4_matmul_dx_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ALIGNED: tl.constexpr, EVEN_NK: tl.constexpr = False,  # the register code book's only: see nf4_matmul_dx_triton
     REG_BOOK: tl.constexpr = False, SPLIT_N: tl.constexpr = 1, NESTED_TABLE: tl.constexpr = False,
-    ABSMAX_WORDS: tl.constexpr = False,
+    ABSMAX_WORDS: tl.constexpr = False, KEEP_OWN_PARTIAL: tl.constexpr = False,
     K_TILE_START: tl.constexpr = 0,  # the launch's first dx column tile (of BLOCK_K), as the forward's N_TILE_START
 ):
     # M tiles on grid axis 0 (2^31 - 1), K tiles on axis 1 (<= 65,535: K up to 2M columns, checked by the launcher),
@@ -445,7 +454,7 @@ def _nf4_matmul_dx_kernel(
     else:
         _serial_split_store(acc, dx_ptrs, ws_ptr + offs_m[:, None] * K + offs_k[None, :],
                             mask_m[:, None] & mask_k[None, :], stride_split, counter_ptr,
-                            pid_m * tl.num_programs(1) + pid_k, pid_s, SPLIT_N)
+                            pid_m * tl.num_programs(1) + pid_k, pid_s, SPLIT_N, KEEP_OWN_PARTIAL)
 
 
 @_cuda.cached
@@ -512,7 +521,10 @@ _SPLIT_TILE_WIDE = (128, 128, 128, 16, 3)
 # ... but 64 x 128 x 128, 8 warps (164-193 registers: one CTA per SM, spill-free to LoRA rank 256 under Triton 3.6
 # and 3.9), where 128-row tiles split the most MAX_SPLIT_K allows still reach at most half the SMs (k/v, N = 1024, at
 # M = 65..128: 8 tiles x 8 splits = 64 programs): W decoded twice, on twice the programs. The model: 70b k/v M = 128
-# 0.93x -> 1.11x cuBLAS, M = 96 0.90x -> 1.22x, 8b k/v M = 96 0.84x -> 0.996x; 8b M = 128 0.87x -> 0.85x
+# 0.93x -> 1.11x cuBLAS, M = 96 0.90x -> 1.22x, 8b k/v M = 96 0.84x -> 0.996x; 8b M = 128 0.87x -> 0.85x. And where
+# it moves at least 1/8 fewer bytes through L2 (`_split_l2_bytes`: half the split's partials against W read
+# twice): 8b k/v at M = 256, 38 -> 33 MB, 0.66x -> 0.75x (the crossover is ~8.5 TB/s of L2: above it the 128-row
+# tile is the faster, 0.97x against 0.84x at 10)
 _SPLIT_TILE_WIDE_NARROW_N = (64, 128, 128, 8, 3)
 # M <= 64 on N <= 2048 (k/v of GQA models): 64 x 64 x 256, 8 warps (128-133 registers on 16-divisible launches,
 # 220-231 without): the model puts 8b / 70b k/v at M = 17 at 0.99x / 1.09x cuBLAS, M = 64 1.08x / 1.18x, against
@@ -683,8 +695,8 @@ def _split_k_config(M: int, N: int, K: int, device: torch.device, wide: bool, r_
     64 x 64 x 128 (8 warps) takes 124 registers with the wide launch's 16-divisibility (2 CTAs per SM), 255 without
     (1 per SM); 128 x 128 x 128 (16 warps) only compiles without spills with it (114-128 registers), so only there;
     narrow layers (N <= 2048) at M <= 64 take 64 x 64 x 256 (`_SPLIT_TILE_NARROW_N`), 32 x 64 x 256 at M <= 32, and
-    on wide launches at M = 65..128 64 x 128 x 128 where the 128-row tiles would leave half the SMs idle
-    (`_SPLIT_TILE_WIDE_NARROW_N`)."""
+    on wide launches above M = 64 64 x 128 x 128 where the 128-row tiles would leave half the SMs idle or move 1/8
+    more bytes through L2 (`_SPLIT_TILE_WIDE_NARROW_N`, `_split_l2_bytes`)."""
     sms = _num_sms(device)
     big = _FWD_GEMM_TILES_BOOK_WIDE[0]
     if M > SPLIT_MAX_M and not (wide and 4 * triton.cdiv(M, big[0]) * triton.cdiv(N, big[1]) < sms):
@@ -698,8 +710,13 @@ def _split_k_config(M: int, N: int, K: int, device: torch.device, wide: bool, r_
         return dict(tile_config(_wide_split_tile(r_pad)), SPLIT_K=1)
     if M > 64:
         tile = _SPLIT_TILE_WIDE if wide else _SPLIT_TILE
-        if wide and 2 * triton.cdiv(M, tile[0]) * triton.cdiv(N, tile[1]) * MAX_SPLIT_K <= sms:
-            tile = _SPLIT_TILE_WIDE_NARROW_N
+        narrow = _SPLIT_TILE_WIDE_NARROW_N
+        # ... or by at least 1/8 fewer L2 bytes: its SMs cap it lower (one 8-warp CTA each; the model on k/v at
+        # M = 256: 0.84x against 1.13x), so a near tie goes to the 128-row tile, the faster one should L2 prove
+        # faster than the model's 6.5 TB/s (70b k/v at M = 256, 1% fewer bytes: 0.97x against 0.82x at 8 TB/s)
+        if wide and (2 * triton.cdiv(M, tile[0]) * triton.cdiv(N, tile[1]) * MAX_SPLIT_K <= sms or
+                     8 * _split_l2_bytes(M, N, K, narrow, sms) < 7 * _split_l2_bytes(M, N, K, tile, sms)):
+            tile = narrow
     else:  # narrow layers (GQA k/v, N = 1024): longer K steps, twice the bytes in flight per program
         tile = (_SPLIT_TILE if N > SPLIT_NARROW_N else _SPLIT_TILE_NARROW_N_SMALL_M if M <= 32 else
                 _SPLIT_TILE_NARROW_N)
@@ -707,7 +724,30 @@ def _split_k_config(M: int, N: int, K: int, device: torch.device, wide: bool, r_
     split = _split_count(programs, triton.cdiv(M, tile[0]) * triton.cdiv(N, tile[1]), K // tile[2])
     if split == 1 and not (M <= 64 or wide):
         return None
-    return dict(tile_config(tile), SPLIT_K=split)
+    return dict(tile_config(tile), SPLIT_K=split, **({"KEEP_OWN_PARTIAL": True} if _keeps_own_partial(tile) else {}))
+
+
+def _split_l2_bytes(M: int, N: int, K: int, tile: tuple, sms: int) -> float:
+    """Bytes a serial split launch of `tile` (split to fill `sms` programs) moves through L2 beyond the output: x
+    re-read per N tile (2 B per element), W decoded per M tile (~0.52 B per weight with the absmax), the fp32
+    partials (`_serial_split_store`: each split writes its tile, the last reads back the others', or all).
+    Between 128 x 128 x 128 and 64 x 128 x 128 (half the rows, so half the split: half the partials, twice W's
+    reads), on k/v (4096 -> 1024) at M = 256: 38 -> 33 MB, the static sm_90 model 0.66x -> 0.75x bf16 cuBLAS."""
+    m_tiles, n_tiles = triton.cdiv(M, tile[0]), triton.cdiv(N, tile[1])
+    split = _split_count(sms, m_tiles * n_tiles, K // tile[2])
+    partials = 0 if split == 1 else split + (split - 1 if split == 2 or _keeps_own_partial(tile) else split)
+    return n_tiles * M * K * 2 + m_tiles * N * K * 0.52 + partials * M * N * 4
+
+
+def _keeps_own_partial(tile: tuple) -> bool:
+    """Whether the forward's split `tile` takes the last split's own partial from its accumulator
+    (`_serial_split_store`'s KEEP_OWN_PARTIAL): the narrow-N tiles of 8 warps that run one CTA per SM either way,
+    64 x 128 x 128 (164 -> 166-170 registers) and 64 x 64 x 256 (128 -> 124), 8 splits: 1 of 16 partial tiles
+    saved, the static sm_90 model (Triton 3.6 and 3.9) 8b / 70b k/v at M = 128 0.99x / 1.20x -> 1.01x / 1.22x, M = 64
+    1.26x / 1.47x -> 1.28x / 1.48x. Not the others: the 16-warp 128 x 128 x 128 spills (24-40 B at its 128-register
+    cap); dx's 64 x 64 x 128 goes 120-128 -> 142 registers, two CTAs per SM -> one (8b gate/up dx at M = 17 2.14x ->
+    1.38x); 64 x 64 x 128 forward and 32 x 64 x 256 gain or lose 0.01-0.08x by Triton version and M."""
+    return tile in (_SPLIT_TILE_WIDE_NARROW_N, _SPLIT_TILE_NARROW_N)
 
 
 def _dx_split_config(M: int, N: int, K: int, device: torch.device, wide: bool) -> dict:

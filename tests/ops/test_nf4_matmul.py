@@ -257,7 +257,9 @@ def test_triton_forward_configs_with_lora(config, K, aligned, dtype):
 def test_triton_serial_split_k_for_half_activations(dtype, M, K, split, monkeypatch):
     """16-bit activations split K serially: each split stores an fp32 partial tile, and the split that arrives
     last for its tile (per-tile counter) sums all partials in split order and writes the output. The result meets
-    the 2x rule with bias and the LoRA epilogue, repeats bit for bit, and the counters are zeroed per call."""
+    the 2x rule with bias and the LoRA epilogue, repeats bit for bit, and the counters are zeroed per call. The
+    last split reading its own partial back or taking it from its accumulator (KEEP_OWN_PARTIAL): the same sum,
+    bit for bit."""
     import qpeft.triton_kernels.nf4_matmul as tk
 
     dev = triton_device()
@@ -268,12 +270,15 @@ def test_triton_serial_split_k_for_half_activations(dtype, M, K, split, monkeypa
     seen = []
     real_run = tk._nf4_matmul_kernel.run
     monkeypatch.setattr(tk._nf4_matmul_kernel, "run", lambda *args, **kw: seen.append(
-        (kw["SERIAL_SPLIT"], kw["SPLIT_K"], kw["grid"])) or real_run(*args, **kw))
+        (kw["SERIAL_SPLIT"], kw["SPLIT_K"], kw["grid"], kw.get("KEEP_OWN_PARTIAL", False))) or real_run(*args, **kw))
     cfg = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, SPLIT_K=split, num_warps=4)
     y1 = tk.nf4_matmul_triton(x, p, a, c, bs, N, na, nc, off, b, xa, lB, scale, config=cfg)
     y2 = tk.nf4_matmul_triton(x, p, a, c, bs, N, na, nc, off, b, xa, lB, scale, config=cfg)
-    assert seen == [(True, split, (-(-M // 16), 3, split))] * 2
-    assert y1.dtype == dtype and y1.shape == (M, N) and torch.equal(y1, y2)
+    own = tk.nf4_matmul_triton(x, p, a, c, bs, N, na, nc, off, b, xa, lB, scale,
+                               config=dict(cfg, KEEP_OWN_PARTIAL=True))
+    grid = (-(-M // 16), 3, split)
+    assert seen == [(True, split, grid, False)] * 2 + [(True, split, grid, True)]
+    assert y1.dtype == dtype and y1.shape == (M, N) and torch.equal(y1, y2) and torch.equal(y1, own)
     ref64 = x.double() @ W.double().t() + b.double() + scale * (xa.double() @ lB.double().t())
     assert_close_2x(y1, ref64, x @ W.to(dtype).t() + b + scale * (xa @ lB.t()), what=f"serial split-K {split}")
     with pytest.raises(ValueError, match="SPLIT_K must be >= 1"):
@@ -292,7 +297,7 @@ def test_triton_serial_split_k_for_half_activations(dtype, M, K, split, monkeypa
 def test_triton_dx_serial_split_of_n(dtype, M, N, split, K, monkeypatch):
     """dx splits its N reduction across programs (SPLIT_N): fp32 partials, summed in split order by the split that
     arrives last for its tile. Meets the 2x rule with the LoRA epilogue (added once, by split 0) and repeats bit for
-    bit."""
+    bit, with the own partial read back or taken from the accumulator (KEEP_OWN_PARTIAL)."""
     import qpeft.triton_kernels.nf4_matmul as tk
 
     dev = triton_device()
@@ -306,12 +311,15 @@ def test_triton_dx_serial_split_of_n(dtype, M, N, split, K, monkeypatch):
     seen = []
     real_run = tk._nf4_matmul_dx_kernel.run
     monkeypatch.setattr(tk._nf4_matmul_dx_kernel, "run", lambda *args, **kw: seen.append(
-        (kw["SPLIT_N"], kw["grid"])) or real_run(*args, **kw))
+        (kw["SPLIT_N"], kw["grid"], kw.get("KEEP_OWN_PARTIAL", False))) or real_run(*args, **kw))
     cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SPLIT_N=split, num_warps=4)
     d1 = tk.nf4_matmul_dx_triton(dy, p, a, c, bs, K, na, nc, off, dyb, lA, scale, config=cfg)
     d2 = tk.nf4_matmul_dx_triton(dy, p, a, c, bs, K, na, nc, off, dyb, lA, scale, config=cfg)
-    assert seen == [(split, (-(-M // 16), -(-K // 32), split))] * 2
-    assert d1.dtype == dtype and d1.shape == (M, K) and torch.equal(d1, d2)
+    own = tk.nf4_matmul_dx_triton(dy, p, a, c, bs, K, na, nc, off, dyb, lA, scale,
+                                  config=dict(cfg, KEEP_OWN_PARTIAL=True))
+    grid = (-(-M // 16), -(-K // 32), split)
+    assert seen == [(split, grid, False)] * 2 + [(split, grid, True)]
+    assert d1.dtype == dtype and d1.shape == (M, K) and torch.equal(d1, d2) and torch.equal(d1, own)
     ref64 = dy.double() @ W.double() + scale * (dyb.double() @ lA.double())
     assert_close_2x(d1, ref64, dy @ W.to(dtype) + scale * (dyb @ lA), what=f"dx serial split {split}")
     with pytest.raises(ValueError, match="SPLIT_N must be >= 1"):
@@ -918,6 +926,10 @@ def _compile_sm90(direction: str, cfg: dict, has_lora: bool = True, reg_book: bo
     const.update(BLOCKSIZE=64, NESTED=True, HAS_LORA=has_lora, R_PAD=r_pad, DOT_PRECISION="tf32", ALIGNED=True,
                  REG_BOOK=reg_book, NESTED_TABLE=bool(reg_book), ABSMAX_WORDS=bool(reg_book))
     const.setdefault("N_TILE_START" if direction == "fwd" else "K_TILE_START", 0)  # a launch from the first tile
+    # as the forward's split config sets it for its tile (dx: never). Named even where False: Triton 3.9's sm_90
+    # compile of a source with a constexpr left to its default fails ("NoneType ... _unflatten_ir")
+    tile = (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], opts["num_warps"], opts.get("num_stages"))
+    const.setdefault("KEEP_OWN_PARTIAL", direction == "fwd" and k._keeps_own_partial(tile))
     # wide: compiled as the launcher issues the register code book's 16-warp tiles (`_wide_launch`): every pointer
     # 16-byte aligned, every stride, N, K and the LoRA rank divisible by 16 (M is not assumed to be)
     hints = [a for a, t in sig.items() if t.startswith("*") or a not in ("M", "lora_scale")] if wide else ()
@@ -996,8 +1008,8 @@ def _wide_tiles_by_rank():
     commonly set); the 8-warp 64 x 128 x 128 tiles of wide launches (forward split, 164-193 registers; dx unsplit,
     125-127), as launched; the second launch of a wave-rule plan (`_lead_span`): the 128-row 16-warp tile from
     column tile 99 (N_TILE_START / K_TILE_START, constexprs: the 8b gate/up forward and down dx at M = 1024); and
-    the 16-warp split tiles in 2 splits (`_serial_split_store` adds the other split's partial to its accumulator
-    there: a code path of its own)."""
+    the split tiles in 2 splits (`_serial_split_store` adds the other split's partial to its accumulator there: a
+    code path of its own; 64 x 128 x 128 takes 2 splits on q/o at M = 128)."""
     from qpeft.triton_kernels import nf4_matmul as k
 
     wide = (("fwd", k._FWD_GEMM_TILES_BOOK_WIDE), ("dx", k._DX_GEMM_TILES_BOOK_WIDE))
@@ -1006,7 +1018,8 @@ def _wide_tiles_by_rank():
         + [("fwd", k._SPLIT_TILE_WIDE_NARROW_N + (k.MAX_SPLIT_K,), r, 0) for r in (32, 64, 128, 256)] \
         + [("dx", k._DX_SPLIT_TILE_WIDE_NARROW_N, r, 0) for r in (32, 64, 128, 256)] \
         + [(d, tiles[1], r, 99) for d, tiles in wide for r in (16, 256)] \
-        + [(d, t + (2,), r, 0) for d, t in (("fwd", k._SPLIT_TILE_WIDE), ("dx", k._DX_SPLIT_TILE_WIDE))
+        + [(d, t + (2,), r, 0) for d, t in (("fwd", k._SPLIT_TILE_WIDE), ("dx", k._DX_SPLIT_TILE_WIDE),
+                                            ("fwd", k._SPLIT_TILE_WIDE_NARROW_N))
            for r in (16, 32, 64, 128, 256)]
 
 
@@ -1226,19 +1239,24 @@ def test_tuner_candidates_include_the_serial_splits():
             assert {c[key] for c in cands} == splits, (direction, M)
             names = [tune._name(c) for c in cands]
             assert len(names) == len(set(names)), (direction, M)
+            # the forward's narrow-N split tiles as launched: the last split keeps its own partial
+            keeps = {(c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"]) for c in cands if c.get("KEEP_OWN_PARTIAL")}
+            assert keeps == ({(64, 128, 128), (64, 64, 256)} if direction == "fwd" and M in (64, 200) else set()), \
+                (direction, M, keeps)
     assert tune._name(dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_warps=8, num_stages=3, SPLIT_K=4)) == \
         "triton:64x64x128w8s3k4"
 
 
 @pytest.mark.parametrize("M", [17, 40, 64, 65, 128, 200, 256, 768, 1024, 4096])
 @pytest.mark.parametrize("N,K", [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (8192, 8192),
-                                 (28672, 8192), (1024, 320)])
+                                 (28672, 8192), (1024, 320), (1024, 8192)])
 @pytest.mark.parametrize("wide", [False, True])
 def test_register_book_forward_splits_k_to_fill_the_gpu(M, N, K, wide):
     """M = 17..256 (`_split_k_config`): one tile of 64 rows (or 128 with the wide launch's 16-divisibility above
     M = 64) covers M, and K is split until the programs fill the 132 SMs (x2 where two CTAs fit), with at least two
     K steps per split (wide, where 128-row tiles would reach at most half the SMs split 8 ways, 64 x 128 x 128:
-    k/v at M = 65..128); the 16-warp 256 x 128 tile unsplit where N alone fills 3/4 of the SMs (wide, M > 128). Above
+    k/v at M = 65..128; and where 64 x 128 x 128 moves at least 1/8 fewer bytes through L2, `_split_l2_bytes`: 8b
+    k/v at M = 256); the 16-warp 256 x 128 tile unsplit where N alone fills 3/4 of the SMs (wide, M > 128). Above
     M = 256 the split only where 256 x 128 tiles would not reach a quarter of the SMs (k/v at M = 1024)."""
     pytest.importorskip("triton")
     from qpeft.triton_kernels import nf4_matmul as k
@@ -1257,9 +1275,12 @@ def test_register_book_forward_splits_k_to_fill_the_gpu(M, N, K, wide):
                   k._SPLIT_TILE_NARROW_N_SMALL_M):
         # wide: 128-row tiles, unless split the most they can be they reach at most half the SMs (then 64 x 128)
         half = 2 * -(-M // 128) * -(-N // 128) * k.MAX_SPLIT_K <= 132
-        if M > 64:
-            assert tile == ((k._SPLIT_TILE_WIDE_NARROW_N if half else k._SPLIT_TILE_WIDE) if wide else
-                            k._SPLIT_TILE), cfg
+        if M > 64 and wide:
+            fewer = k._split_l2_bytes(M, N, K, k._SPLIT_TILE_WIDE_NARROW_N, 132) < \
+                7 / 8 * k._split_l2_bytes(M, N, K, k._SPLIT_TILE_WIDE, 132)
+            assert tile == (k._SPLIT_TILE_WIDE_NARROW_N if half or fewer else k._SPLIT_TILE_WIDE), cfg
+        elif M > 64:
+            assert tile == k._SPLIT_TILE, cfg
         elif N > 2048:
             assert tile == k._SPLIT_TILE, cfg
         else:
@@ -1273,10 +1294,35 @@ def test_register_book_forward_splits_k_to_fill_the_gpu(M, N, K, wide):
         assert split == 1 or tiles * split <= target, cfg
         if (M, N, K, wide) == (768, 1024, 4096, True):  # 48 tiles: 96 programs, not 144 (1.09 waves)
             assert (tile, split) == (k._SPLIT_TILE_WIDE, 2), cfg
+        # by L2 bytes: 8b k/v at M = 256 takes the 64-row tile (half the split, 13% fewer bytes); q/o at M = 128
+        # (3% fewer) and 70b k/v at M = 256 (1%) keep the 128-row one, as q/o at M = 256 (more bytes)
+        narrow, big = k._SPLIT_TILE_WIDE_NARROW_N, k._SPLIT_TILE_WIDE
+        want = {(256, 1024, 4096): (narrow, 4), (128, 4096, 4096): (big, 4), (256, 4096, 4096): (big, 2),
+                (256, 4096, 14336): (big, 2), (256, 1024, 8192): (big, 8)}
+        if wide and (M, N, K) in want:
+            assert (tile, split) == want[M, N, K], cfg
     else:  # enough tiles without a split, no wide launch: the GEMM tile list
         assert not wide and M > 64 and split == 1 and tile in k._FWD_GEMM_TILES_BOOK, cfg
     for dtype in (torch.float32,):  # fp32 activations never split serially (their split-K is the fp32 output)
         assert k._fwd_config(M, N, K, cpu, dtype, register_book=True, wide=wide)["SPLIT_K"] == 1
+
+
+def test_split_l2_bytes_counts_rereads_and_partials():
+    """`_split_l2_bytes`, by hand on k/v (4096 -> 1024) at M = 256: 128 x 128 x 128 is 16 tiles split 8 (x re-read
+    by 8 column tiles, W by 2 row tiles, 16 partial tiles); 64 x 128 x 128 is 32 tiles split 4 (W by 4 row tiles,
+    7 partial tiles: it keeps its own). q/o (4096, 4096) at M = 256 on 128 x 128 x 128: 64 tiles split 2, 3 partial
+    tiles. Unsplit: no partials."""
+    pytest.importorskip("triton")
+    from qpeft.triton_kernels import nf4_matmul as k
+
+    M, N, K = 256, 1024, 4096
+    x, w, out = M * K * 2, N * K * 0.52, M * N * 4
+    assert k._split_l2_bytes(M, N, K, k._SPLIT_TILE_WIDE, 132) == pytest.approx(8 * x + 2 * w + 16 * out)
+    assert k._split_l2_bytes(M, N, K, k._SPLIT_TILE_WIDE_NARROW_N, 132) == pytest.approx(8 * x + 4 * w + 7 * out)
+    N = 4096
+    x, w, out = M * K * 2, N * K * 0.52, M * N * 4
+    assert k._split_l2_bytes(M, N, K, k._SPLIT_TILE_WIDE, 132) == pytest.approx(32 * x + 2 * w + 3 * out)
+    assert k._split_l2_bytes(M, N, K, k._SPLIT_TILE_WIDE, 8) == pytest.approx(32 * x + 2 * w)  # 64 tiles: unsplit
 
 
 @pytest.mark.parametrize("M", [1, 9, 16, 17, 48, 64, 65, 96, 128, 256])

@@ -558,8 +558,9 @@ def test_static_model_counts_each_column_span_once(direction):
 def test_static_model_counts_the_serial_splits_partials():
     """The model's L2 bytes of a serial split launch: x re-read per N tile, W per M tile, and the fp32 partials:
     every split writes its own and the last reads back the others' (2 splits: 3 partial tiles; it adds the other's
-    to its accumulator) or all of them (more splits: 2 x splits). 8b q/o forward at M = 256 (2 splits of 128 x 128
-    x 128) and k/v at M = 256 (8 splits). Recorded, not compiled."""
+    to its accumulator; more splits with KEEP_OWN_PARTIAL: 2 x splits - 1, it takes its own from its accumulator)
+    or all of them (2 x splits). 8b q/o forward at M = 256 (2 splits of 128 x 128 x 128), k/v at M = 128 (8
+    splits of 64 x 128 x 128, which keeps its own) and M = 256 (4 splits of it). Recorded, not compiled."""
     import sys
     from pathlib import Path
 
@@ -568,13 +569,17 @@ def test_static_model_counts_the_serial_splits_partials():
     from benchmarks import static_sm90
 
     w = static_sm90.HW.nf4_bytes_per_weight
-    for (M, N, K), split, partials in (((256, 4096, 4096), 2, 3), ((256, 1024, 4096), 8, 16)):
+    for (M, N, K), bm, split, keeps_own, partials in (((256, 4096, 4096), 128, 2, False, 3),
+                                                       ((128, 1024, 4096), 64, 8, True, 15),
+                                                       ((256, 1024, 4096), 64, 4, True, 7)):
         rec, = static_sm90.triton_launches("fwd", M, N, K)
         c = rec.constexprs()
-        assert (c["BLOCK_M"], c["BLOCK_N"], c["SPLIT_K"], c["SERIAL_SPLIT"]) == (128, 128, split, True), c
-        assert static_sm90.split_partial_tiles(split) == partials
-        want = N // 128 * M * K * 2 + M // 128 * N * K * w + partials * M * N * 4
+        assert (c["BLOCK_M"], c["BLOCK_N"], c["SPLIT_K"], c["SERIAL_SPLIT"]) == (bm, 128, split, True), c
+        assert c.get("KEEP_OWN_PARTIAL", False) is keeps_own
+        assert static_sm90.split_partial_tiles(split, keeps_own) == partials
+        want = N // 128 * M * K * 2 + M // bm * N * K * w + partials * M * N * 4
         assert static_sm90.triton_l2_reread(rec.name, c, rec.grid, M, N, K) == (pytest.approx(want), True)
+    assert static_sm90.split_partial_tiles(8) == 16 and static_sm90.split_partial_tiles(4) == 8  # all read back
 
 
 def test_measure_static_cases_rows_calibrate_the_model(tmp_path):
