@@ -268,18 +268,13 @@ def triton_launches(direction: str, M: int, N: int, K: int, config: dict | None 
     return rec
 
 
-def split_partial_tiles(split: int, keeps_own: bool = False) -> int:
-    """fp32 partial tiles one output tile of a serial split moves through L2 (`_serial_split_store`): every split
-    writes its own, and the last reads back the others' (two splits, or KEEP_OWN_PARTIAL: it takes its own from the
-    accumulator it holds) or all of them."""
-    return split + (split - 1 if split == 2 or keeps_own else split)
-
-
 def triton_l2_reread(name: str, c: dict, grid: tuple, M: int, N: int, K: int) -> tuple[float, bool]:
     """(bytes re-read through L2, serial split) of one Triton NF4 launch of an (M, N, K) problem with constexprs
-    `c` on `grid`: x (dy) once per N (K) tile, W once per M tile, the serial split's fp32 partials
-    (`split_partial_tiles`). A launch over a span of the output's columns (the launcher's LEAD spans,
-    N_TILE_START / K_TILE_START) counts its own N (forward) or K (dx) columns."""
+    `c` on `grid`: x (dy) once per N (K) tile, W once per M tile, the serial split's fp32 partials (the kernel's
+    own count, `split_partial_tiles` in triton_kernels/nf4_matmul.py). A launch over a span of the output's columns
+    (the launcher's LEAD spans, N_TILE_START / K_TILE_START) counts its own N (forward) or K (dx) columns."""
+    from qpeft.triton_kernels.nf4_matmul import split_partial_tiles
+
     bm, bn, bk = c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"]
     m_tiles = math.ceil(M / bm)
     if name == "_nf4_matmul_kernel":
@@ -293,7 +288,7 @@ def triton_l2_reread(name: str, c: dict, grid: tuple, M: int, N: int, K: int) ->
         reread = math.ceil(K / bk) * M * N * 2 + m_tiles * N * K * HW.nf4_bytes_per_weight
         split = c.get("SPLIT_N", 1)
         partials = split_partial_tiles(split, bool(c.get("KEEP_OWN_PARTIAL")))
-        return reread + (partials * M * K * 4 if split > 1 else 0), split > 1
+        return reread + partials * M * K * 4, split > 1
     raise ValueError(name)
 
 

@@ -77,10 +77,9 @@ def triton_candidates(direction: str, M: int, quick: bool) -> list[dict]:
                        if direction == "fwd" else
                        (k._DX_SPLIT_TILE_DECODE, k._DX_SPLIT_TILE, k._DX_SPLIT_TILE_WIDE,
                         k._DX_SPLIT_TILE_WIDE_NARROW_N))
-        # as the forward's split config launches them: its narrow-N tiles keep the last split's own partial
-        own = {"KEEP_OWN_PARTIAL": True}
-        configs += [dict(k.tile_config(t), **{key: split}, **(own if direction == "fwd" and k._keeps_own_partial(t)
-                                                             else {}))
+        # as the launchers issue them (the forward's: `fwd_split_config`, its narrow-N tiles keep the last split's
+        # own partial)
+        configs += [k.fwd_split_config(t, split) if direction == "fwd" else dict(k.tile_config(t), SPLIT_N=split)
                     for t in split_tiles if t[0] == 16 or t[0] < 2 * M for split in _SPLITS]
     if quick:
         configs = configs[:2]

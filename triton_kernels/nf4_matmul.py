@@ -724,18 +724,36 @@ def _split_k_config(M: int, N: int, K: int, device: torch.device, wide: bool, r_
     split = _split_count(programs, triton.cdiv(M, tile[0]) * triton.cdiv(N, tile[1]), K // tile[2])
     if split == 1 and not (M <= 64 or wide):
         return None
-    return dict(tile_config(tile), SPLIT_K=split, **({"KEEP_OWN_PARTIAL": True} if _keeps_own_partial(tile) else {}))
+    return fwd_split_config(tile, split)
+
+
+def fwd_split_config(tile: tuple, split: int) -> dict:
+    """The forward's launch config of split `tile` in `split` serial splits, as `_split_k_config` issues it (and the
+    tuner measures it): with KEEP_OWN_PARTIAL where the tile keeps the last split's own partial."""
+    cfg = dict(tile_config(tile), SPLIT_K=split)
+    if _keeps_own_partial(tile):
+        cfg["KEEP_OWN_PARTIAL"] = True
+    return cfg
+
+
+def split_partial_tiles(split: int, keeps_own: bool = False) -> int:
+    """fp32 partial tiles one output tile of a serial split moves through L2 (`_serial_split_store`): every split
+    writes its own, and the last reads back the others' (two splits, or KEEP_OWN_PARTIAL: it takes its own from the
+    accumulator it holds) or all of them; none unsplit."""
+    if split == 1:
+        return 0
+    return split + (split - 1 if split == 2 or keeps_own else split)
 
 
 def _split_l2_bytes(M: int, N: int, K: int, tile: tuple, sms: int) -> float:
     """Bytes a serial split launch of `tile` (split to fill `sms` programs) moves through L2 beyond the output: x
     re-read per N tile (2 B per element), W decoded per M tile (~0.52 B per weight with the absmax), the fp32
-    partials (`_serial_split_store`: each split writes its tile, the last reads back the others', or all).
+    partials (`split_partial_tiles`).
     Between 128 x 128 x 128 and 64 x 128 x 128 (half the rows, so half the split: half the partials, twice W's
     reads), on k/v (4096 -> 1024) at M = 256: 38 -> 33 MB, the static sm_90 model 0.66x -> 0.75x bf16 cuBLAS."""
     m_tiles, n_tiles = triton.cdiv(M, tile[0]), triton.cdiv(N, tile[1])
     split = _split_count(sms, m_tiles * n_tiles, K // tile[2])
-    partials = 0 if split == 1 else split + (split - 1 if split == 2 or _keeps_own_partial(tile) else split)
+    partials = split_partial_tiles(split, _keeps_own_partial(tile))
     return n_tiles * M * K * 2 + m_tiles * N * K * 0.52 + partials * M * N * 4
 
 

@@ -567,6 +567,7 @@ def test_static_model_counts_the_serial_splits_partials():
     pytest.importorskip("triton")
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from benchmarks import static_sm90
+    from qpeft.triton_kernels.nf4_matmul import split_partial_tiles
 
     w = static_sm90.HW.nf4_bytes_per_weight
     for (M, N, K), bm, split, keeps_own, partials in (((256, 4096, 4096), 128, 2, False, 3),
@@ -576,10 +577,10 @@ def test_static_model_counts_the_serial_splits_partials():
         c = rec.constexprs()
         assert (c["BLOCK_M"], c["BLOCK_N"], c["SPLIT_K"], c["SERIAL_SPLIT"]) == (bm, 128, split, True), c
         assert c.get("KEEP_OWN_PARTIAL", False) is keeps_own
-        assert static_sm90.split_partial_tiles(split, keeps_own) == partials
+        assert split_partial_tiles(split, keeps_own) == partials
         want = N // 128 * M * K * 2 + M // bm * N * K * w + partials * M * N * 4
         assert static_sm90.triton_l2_reread(rec.name, c, rec.grid, M, N, K) == (pytest.approx(want), True)
-    assert static_sm90.split_partial_tiles(8) == 16 and static_sm90.split_partial_tiles(4) == 8  # all read back
+    assert split_partial_tiles(8) == 16 and split_partial_tiles(4) == 8 and split_partial_tiles(1) == 0
 
 
 def test_measure_static_cases_rows_calibrate_the_model(tmp_path):
