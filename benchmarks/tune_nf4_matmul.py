@@ -55,6 +55,12 @@ _DX_GEMM_EXTRA = [(128, 64, 128, 8, 4), (128, 128, 64, 8, 3), (128, 128, 32, 8, 
 
 
 _SPLITS = (2, 4, 8)
+# ... and this forward split tile, measured but not dispatched: 64 x 256 x 128, 8 warps (213-249 registers,
+# spill-free to LoRA rank 256 under Triton 3.6, 3.8 and 3.9) reads x half as often as the 128-column tiles. The
+# static sm_90 model puts 70b k/v (8192 -> 1024) at M = 256 at 0.92x bf16 cuBLAS with it in 8 splits against 0.80x
+# for 128 x 128 x 128, at its assumed 6.5 TB/s of L2; but its SMs cap it at 0.99x while the 128-row tile meets
+# 1.0x from ~8.3 TB/s, so the default keeps the tile that can meet the target and a GPU run decides
+_FWD_SPLIT_EXTRA = ((64, 256, 128, 8, 3),)
 
 
 def triton_candidates(direction: str, M: int, quick: bool) -> list[dict]:
@@ -73,14 +79,16 @@ def triton_candidates(direction: str, M: int, quick: bool) -> list[dict]:
         c[key] = 1
     if M <= k.SPLIT_MAX_M:  # the serial split of the reduction (16-bit activations; the launchers' M <= 256 plans)
         split_tiles = ((k._SPLIT_TILE, k._SPLIT_TILE_WIDE, k._SPLIT_TILE_WIDE_NARROW_N, k._SPLIT_TILE_NARROW_N,
-                        k._SPLIT_TILE_NARROW_N_SMALL_M)
+                        k._SPLIT_TILE_NARROW_N_SMALL_M) + _FWD_SPLIT_EXTRA
                        if direction == "fwd" else
                        (k._DX_SPLIT_TILE_DECODE, k._DX_SPLIT_TILE, k._DX_SPLIT_TILE_WIDE,
-                        k._DX_SPLIT_TILE_WIDE_NARROW_N))
+                        k._DX_SPLIT_TILE_WIDE_NARROW_N, k._DX_SPLIT_TILE_WIDE_NARROW_N_SHORT))
         # as the launchers issue them (the forward's: `fwd_split_config`, its narrow-N tiles keep the last split's
         # own partial)
         configs += [k.fwd_split_config(t, split) if direction == "fwd" else dict(k.tile_config(t), SPLIT_N=split)
                     for t in split_tiles if t[0] == 16 or t[0] < 2 * M for split in _SPLITS]
+        if direction == "dx":  # ... and unsplit, dx's 64-row tiles for narrow reductions (`_dx_narrow_tile`)
+            configs += [dict(k.tile_config(t), SPLIT_N=1) for t in split_tiles[-2:] if t[0] < 2 * M]
     if quick:
         configs = configs[:2]
     return configs

@@ -540,11 +540,15 @@ _DX_SPLIT_TILE_DECODE = (16, 64, 64, 4, None)
 _DX_DECODE_TILE_BOOK = (16, 128, 32, 4, None)  # unsplit, when K alone gives 3 programs per SM
 _DX_SPLIT_TILE = (64, 64, 128, 8, 3)
 _DX_SPLIT_TILE_WIDE = (128, 128, 128, 16, 3)
-# ... and 64 x 128 x 128 unsplit, 8 warps (125-127 registers: two CTAs per SM, spill-free to LoRA rank 256 under
-# Triton 3.6 and 3.9) where the 128-row tile's split partials reach 4x the weight's bytes (`_dx_partials_cap`) and
-# the 64-row tiles alone fill the SMs: 70b k/v (8192, 1024) at M = 128 0.999x -> 1.27x cuBLAS, 8b k/v at M = 256
-# 0.58x -> 0.73x (static sm_90 model)
-_DX_SPLIT_TILE_WIDE_NARROW_N = (64, 128, 128, 8, 3)
+# ... and 64-row tiles unsplit, 8 warps, where the 128-row tile's split partials reach 4x the weight's bytes
+# (`_dx_partials_cap`) and the 64-row tiles alone fill the SMs: 64 x 256 x 128 where N is whole 256-row steps
+# (169-214 registers, one CTA per SM, 200 KB of shared memory; spill-free to LoRA rank 256 under Triton 3.6, 3.8
+# and 3.9), else 64 x 128 x 128 (125-127 registers). Both run one CTA per SM there (128 tiles on 132 SMs), so the
+# longer N step halves the steps a CTA waits on: 8b k/v (4096, 1024) at M = 256 0.83x -> 0.93x bf16 cuBLAS (the
+# 128-row split 0.58x), 70b k/v (8192, 1024) at M = 128 1.37x -> 1.52x (static sm_90 model, Triton 3.9; 3.6: 0.84x ->
+# 0.94x, 1.38x -> 1.55x)
+_DX_SPLIT_TILE_WIDE_NARROW_N = (64, 256, 128, 8, 3)
+_DX_SPLIT_TILE_WIDE_NARROW_N_SHORT = (64, 128, 128, 8, 3)
 # fp32 activations use exact IEEE dots (FMA loops, operands in registers): the 16-bit tiles spill there (the
 # 32 x 32 x 128 forward tile 3240 B per thread, the 32 x 64 x 64 dx tile 256 B), these do not (sm_90, Triton
 # 3.6 and 3.9; tests/ops/test_triton_sm90.py).
@@ -791,12 +795,19 @@ def _dx_split_config(M: int, N: int, K: int, device: torch.device, wide: bool) -
         tile, programs = _DX_SPLIT_TILE, sms * (2 if M <= 64 else 1)
     split = min(_split_count(programs, triton.cdiv(M, tile[0]) * triton.cdiv(K, tile[2]), N // tile[1]),
                 _dx_partials_cap(M, N))
-    narrow = _DX_SPLIT_TILE_WIDE_NARROW_N
+    narrow = _dx_narrow_tile(N)
     if tile == _DX_SPLIT_TILE_WIDE and split > 1 and split >= _dx_partials_bound(M, N) and \
             triton.cdiv(M, narrow[0]) * triton.cdiv(K, narrow[2]) >= int(sms * _BOOK_FILL):
         # the partials would reach 4x the weight's bytes, and 64-row tiles fill the SMs without a split
         return dict(tile_config(narrow), SPLIT_N=1)
     return dict(tile_config(tile), SPLIT_N=split)
+
+
+def _dx_narrow_tile(N: int) -> tuple:
+    """dx's unsplit 64-row tile for a reduction over N: the 256-row N step where N is whole steps of it (the
+    launcher's unmasked EVEN_NK tiles), else the 128-row one."""
+    long = _DX_SPLIT_TILE_WIDE_NARROW_N
+    return long if N % long[1] == 0 else _DX_SPLIT_TILE_WIDE_NARROW_N_SHORT
 
 
 def _dx_partials_bound(M: int, N: int) -> float:

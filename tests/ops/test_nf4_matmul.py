@@ -592,6 +592,28 @@ def test_triton_dx_with_lora(dtype, K):
     assert_close_2x(dx, ref32, dy @ W.to(dtype) + scale * (dyb @ lA), what="dx + lora")
 
 
+@pytest.mark.triton
+@requires_triton_runtime
+@pytest.mark.parametrize("N", [512, 384])  # whole 256-row N steps (EVEN_NK) or not
+def test_triton_dx_narrow_unsplit_tiles(N):
+    """dx's unsplit 64-row tiles (`_dx_narrow_tile`: 64 x 256 x 128 on whole 256-row N steps, else 64 x 128 x 128)
+    as the launcher issues them, with the LoRA epilogue; M = 70 pads the second M tile. 2x rule."""
+    from qpeft.triton_kernels import nf4_matmul as tk
+
+    tile = tk._dx_narrow_tile(N)
+    assert tile[:3] == ((64, 256, 128) if N == 512 else (64, 128, 128))
+    M, K, r = 70, 256, 16
+    dtype = next(d for d in triton_dtypes() if d != torch.float32)  # the register code book's 16-bit path
+    dev = triton_device()
+    packed, state, W = make_weight(N, K, "nf4", 64, True, device=dev)
+    p, a, c, bs, _, _, na, nc, off = weight_args(packed, state)
+    _, _, dy, (dyb, _, lA) = _inputs(M, N, K, dtype, device=dev, r=r)
+    dx = tk.nf4_matmul_dx_triton(dy, p, a, c, bs, K, na, nc, off, dyb, lA, 0.5,
+                                 config=dict(tk.tile_config(tile), SPLIT_N=1))
+    ref = dy.double() @ W.double() + 0.5 * (dyb.double() @ lA.double())
+    assert_close_2x(dx, ref, dy @ W.to(dtype) + 0.5 * (dyb @ lA), what="dx")
+
+
 # --- CUDA C++ extension (GPU only): the raw qpeft_C ops behind the same L2 op ---------------------------------
 @requires_cuda
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -969,7 +991,20 @@ def _default_gemm_tiles():
                ("dx", k._DX_SPLIT_TILE + (k.MAX_SPLIT_K,), True, True),
                ("dx", k._DX_SPLIT_TILE + (k.MAX_SPLIT_K,), "wide", True),
                ("dx", k._DX_SPLIT_TILE_WIDE + (k.MAX_SPLIT_K,), "wide", True),
-               ("dx", k._DX_SPLIT_TILE_WIDE_NARROW_N, "wide", True)])
+               ("dx", k._DX_SPLIT_TILE_WIDE_NARROW_N, "wide", True),
+               ("dx", k._DX_SPLIT_TILE_WIDE_NARROW_N_SHORT, "wide", True)]
+            # ... and the tuner's forward split tile (a measured table may dispatch it)
+            + [("fwd", t + (k.MAX_SPLIT_K,), "wide", True) for t in _tuner_split_extra()])
+
+
+def _tuner_split_extra() -> tuple:
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from benchmarks.tune_nf4_matmul import _FWD_SPLIT_EXTRA
+
+    return _FWD_SPLIT_EXTRA
 
 
 @pytest.mark.skipif(TRITON_INTERPRET or not has_triton(), reason="compiles for sm_90 (not under the interpreter)")
@@ -1005,21 +1040,25 @@ def test_default_triton_tiles_compile_for_sm90_without_register_spills(direction
 def _wide_tiles_by_rank():
     """[(direction, 16-warp GEMM tile, padded LoRA rank, first column tile)]: each wide tile at every R_PAD the
     launchers give it (`_WIDE_TILE_MAX_R_PAD`; 256 for the 128-row ones, LoRA rank 256 being the largest PEFT users
-    commonly set); the 8-warp 64 x 128 x 128 tiles of wide launches (forward split, 164-193 registers; dx unsplit,
-    125-127), as launched; the second launch of a wave-rule plan (`_lead_span`): the 128-row 16-warp tile from
-    column tile 99 (N_TILE_START / K_TILE_START, constexprs: the 8b gate/up forward and down dx at M = 1024); and
-    the split tiles in 2 splits (`_serial_split_store` adds the other split's partial to its accumulator there: a
-    code path of its own; 64 x 128 x 128 takes 2 splits on q/o at M = 128)."""
+    commonly set); the 8-warp 64-row tiles of wide launches (forward split 64 x 128 x 128, 164-193 registers; dx
+    unsplit 64 x 256 x 128, 169-214, and 64 x 128 x 128, 125-127), as launched; the tuner's forward split
+    64 x 256 x 128 (213-249 registers) in 2 and 8 splits; the second launch of a wave-rule plan (`_lead_span`):
+    the 128-row 16-warp tile from column tile 99 (N_TILE_START / K_TILE_START, constexprs: the 8b gate/up forward
+    and down dx at M = 1024); and the split tiles in 2 splits (`_serial_split_store` adds the other split's partial
+    to its accumulator there: a code path of its own; 64 x 128 x 128 takes 2 splits on q/o at M = 128)."""
     from qpeft.triton_kernels import nf4_matmul as k
 
     wide = (("fwd", k._FWD_GEMM_TILES_BOOK_WIDE), ("dx", k._DX_GEMM_TILES_BOOK_WIDE))
     return [(d, t, r, 0) for d, tiles in wide for t in tiles if t[3] == 16 for r in (32, 64, 128, 256)
             if k._rank_fits(t, r)] \
         + [("fwd", k._SPLIT_TILE_WIDE_NARROW_N + (k.MAX_SPLIT_K,), r, 0) for r in (32, 64, 128, 256)] \
-        + [("dx", k._DX_SPLIT_TILE_WIDE_NARROW_N, r, 0) for r in (32, 64, 128, 256)] \
+        + [("dx", t, r, 0) for t in (k._DX_SPLIT_TILE_WIDE_NARROW_N, k._DX_SPLIT_TILE_WIDE_NARROW_N_SHORT)
+           for r in (32, 64, 128, 256)] \
         + [(d, tiles[1], r, 99) for d, tiles in wide for r in (16, 256)] \
         + [(d, t + (2,), r, 0) for d, t in (("fwd", k._SPLIT_TILE_WIDE), ("dx", k._DX_SPLIT_TILE_WIDE),
                                             ("fwd", k._SPLIT_TILE_WIDE_NARROW_N))
+           for r in (16, 32, 64, 128, 256)] \
+        + [("fwd", t + (split,), r, 0) for t in _tuner_split_extra() for split in (2, k.MAX_SPLIT_K)
            for r in (16, 32, 64, 128, 256)]
 
 
@@ -1223,7 +1262,8 @@ def test_tuner_measures_candidates_and_its_rows_build_a_table():
 
 def test_tuner_candidates_include_the_serial_splits():
     """The tuner measures the launchers' split plans too (M <= 256: each split tile that pads M by less than 2x at
-    SPLIT_K / SPLIT_N 2, 4, 8), named apart, and no split above M = 256."""
+    SPLIT_K / SPLIT_N 2, 4, 8, dx's narrow-reduction tiles unsplit as well), named apart, and no split above
+    M = 256."""
     import sys
     from pathlib import Path
 
@@ -1243,6 +1283,11 @@ def test_tuner_candidates_include_the_serial_splits():
             keeps = {(c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"]) for c in cands if c.get("KEEP_OWN_PARTIAL")}
             assert keeps == ({(64, 128, 128), (64, 64, 256)} if direction == "fwd" and M in (64, 200) else set()), \
                 (direction, M, keeps)
+            # the forward's 64 x 256 x 128 split (measured, not dispatched), dx's unsplit 64-row narrow tiles
+            tiles = {(c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], c[key]) for c in cands}
+            if M == 200:
+                assert ({(64, 256, 128, s) for s in (2, 4, 8)} if direction == "fwd" else
+                        {(64, 256, 128, 1), (64, 128, 128, 1)}) <= tiles, (direction, tiles)
     assert tune._name(dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_warps=8, num_stages=3, SPLIT_K=4)) == \
         "triton:64x64x128w8s3k4"
 
@@ -1348,8 +1393,11 @@ def test_register_book_dx_splits_n_to_fill_the_gpu(M, N, K, wide):
         want, target = k._DX_SPLIT_TILE_DECODE, 4 * 132
     elif wide and M > 64:
         want, target = k._DX_SPLIT_TILE_WIDE, 132
-        if tile == k._DX_SPLIT_TILE_WIDE_NARROW_N:  # 64-row tiles unsplit, where the 128-row split's partials
-            # would reach 4x the weight's bytes (8 bytes per element per split against half a byte per weight)
+        if tile[0] == 64:  # 64-row tiles unsplit, where the 128-row split's partials would reach 4x the weight's
+            # bytes (8 bytes per element per split against half a byte per weight); 256-row N steps where N is
+            # whole steps of them
+            assert tile == (k._DX_SPLIT_TILE_WIDE_NARROW_N if N % 256 == 0 else
+                            k._DX_SPLIT_TILE_WIDE_NARROW_N_SHORT), cfg
             s128 = min(k._split_count(132, -(-M // 128) * -(-K // 128), N // 128), k._dx_partials_cap(M, N))
             assert split == 1 and s128 > 1 and 8 * s128 * M * K >= 4 * N * K / 2, cfg
             assert -(-M // 64) * -(-K // 128) >= 128, cfg  # ... and the 64-row tiles alone fill the SMs
