@@ -7,16 +7,21 @@ table that `qpeft/ops/nf4_matmul_dispatch.py` reads.
     python -m benchmarks.tune_nf4_matmul --quick    # tiny shapes, two candidates per regime (CPU: the Triton
                                                     # interpreter, to exercise the plumbing; no --write there)
 
-GPU: the shapes and M of bench_nf4_matmul (Llama-style (K, N) up to 8192 x 28672, M = 1..16384), bf16, NF4,
-blocksize 64, double-quantized absmax (the QLoRA default). Each time is triton.testing.do_bench's median,
-which flushes the L2 between runs (a 256 MB write), so the weight is read from HBM as in a real model. Each
-candidate allocates its output as the op does. Dense cuBLAS is timed alongside for context (not a candidate).
+GPU: the shapes and M of bench_nf4_matmul (Llama-style (K, N) up to 8192 x 28672, M = 1..16384) and the k/v
+projection of GQA models (4096 -> 1024: the dispatch uses a measured shape only within 2x of the weight's, see
+qpeft/ops/nf4_matmul_dispatch.py), bf16, NF4, blocksize 64, double-quantized absmax (the QLoRA default). The sweep
+stops starting new shapes after --budget-s seconds (default 480: `bash tests/run_gpu.sh tune` is one 10-minute
+device call, build and JIT compiles included), so a slow machine still writes the shapes it measured whole.
+Each time is triton.testing.do_bench's median, which flushes the L2 between runs (a 256 MB write), so the weight
+is read from HBM as in a real model. Each candidate allocates its output as the op does. Dense cuBLAS is timed
+alongside for context (not a candidate).
 """
 from __future__ import annotations
 
 import argparse
 import math
 import sys
+import time
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -28,6 +33,8 @@ from benchmarks.bench_nf4_matmul import GPU_M, GPU_SHAPES, _dx_args, _fwd_args, 
 from benchmarks.common import bench, env_info, on_gpu, print_table, write_csv
 
 QUICK_SHAPES = [(128, 96)]
+TUNE_SHAPES = GPU_SHAPES + [(4096, 1024)]
+BUDGET_S = 480.0
 QUICK_M = [1, 4, 32]
 
 # Triton tile candidates (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Decode keeps whole-K programs
@@ -105,7 +112,8 @@ def _name(cfg: dict | None) -> str:
 
 def _time(fn) -> float:
     """Median ms. GPU: do_bench (L2 flushed before every run) with a shorter budget than the benchmark
-    suites' (warmup 10 ms, 40 ms of runs), so ~900 candidate timings fit in one 10-minute job."""
+    suites' (warmup 10 ms, 40 ms of runs): ~2,200 timings (with dense cuBLAS, the CUDA kernel and the default) are
+    about 2 minutes of runs, the rest of the call is the JIT compiles, hence --budget-s."""
     if on_gpu():
         import triton.testing as tt
 
@@ -113,7 +121,11 @@ def _time(fn) -> float:
     return bench(fn, warmup=1, reps=3)["ms"]
 
 
-def measure(shapes, ms_list, dtype, device, quick: bool) -> list[dict]:
+def measure(shapes, ms_list, dtype, device, quick: bool, budget_s: float | None = None,
+            clock=time.monotonic) -> list[dict]:
+    """Rows of every candidate's time per (direction, shape, M). With budget_s, no shape starts after that many
+    seconds (a shape is measured whole or not at all: its M buckets end at the largest M measured, and a table cut
+    inside a shape would give the larger M the split tiles of M <= 256); the skipped shapes are printed."""
     import qpeft
     from qpeft import _backend
     from qpeft.autograd.nf4_matmul import weight_args
@@ -121,7 +133,12 @@ def measure(shapes, ms_list, dtype, device, quick: bool) -> list[dict]:
 
     has_cuda_ext = device == "cuda" and _backend.cuda_ext_status()[0]
     rows = []
-    for K, N in shapes:
+    start = clock()
+    for i, (K, N) in enumerate(shapes):
+        if budget_s is not None and clock() - start > budget_s:
+            print(f"tune budget of {budget_s:g} s spent: shapes {shapes[i:]} not measured (the default rule keeps "
+                  f"them unless a measured shape is near)")
+            break
         W = torch.randn(N, K, device=device, dtype=dtype) / math.sqrt(K)
         args = weight_args(*qpeft.quantize_4bit(W, blocksize=64, quant_type="nf4", double_quant=True))
         for M in ms_list:
@@ -183,15 +200,19 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny shapes, two Triton candidates per regime")
     ap.add_argument("--write", action="store_true", help="regenerate python/qpeft/ops/nf4_matmul_tuned.py")
+    ap.add_argument("--budget-s", type=float, default=BUDGET_S,
+                    help=f"start no new shape after this many seconds (default {BUDGET_S:g})")
     args = ap.parse_args(argv)
+    if not args.budget_s > 0:
+        ap.error(f"--budget-s: expected seconds > 0, got {args.budget_s}")
     gpu = on_gpu()
     if args.write and (not gpu or args.quick):
         ap.error("--write needs a GPU and the full sweep (a table measured on tiny shapes would mislead dispatch)")
     quick = args.quick or not gpu
     device = "cuda" if gpu else "cpu"
     dtype = torch.bfloat16 if gpu else torch.float16  # the Triton interpreter has no bf16 arithmetic
-    shapes, ms_list = (QUICK_SHAPES, QUICK_M) if quick else (GPU_SHAPES, GPU_M)
-    rows = measure(shapes, ms_list, dtype, device, quick)
+    shapes, ms_list = (QUICK_SHAPES, QUICK_M) if quick else (TUNE_SHAPES, GPU_M)
+    rows = measure(shapes, ms_list, dtype, device, quick, args.budget_s)
     print(env_info())
     table = summary(rows)
     print_table(table)

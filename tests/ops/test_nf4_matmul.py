@@ -779,6 +779,10 @@ def test_dispatch_lookup_buckets_nearest_shape_and_device_fallback():
     assert [backend(M, 4096, 4096) for M in (1, 7, 16, 17, 64, 5000)] == ["cuda"] * 3 + ["triton"] * 3
     assert backend(40, 14336, 8192) == "cuda"     # nearest measured shape: (8192, 28672), cuda up to M = 64
     assert backend(40, 4096, 3072) == "triton"    # nearest: (4096, 4096)
+    # no measured shape within 2x (log distance 1): the default rule, not another shape's tiles and split count
+    assert backend(40, 1024, 4096) is None        # k/v (4096 -> 1024): 2 from (4096, 4096)
+    assert backend(40, 8192, 8192) is None        # 70b q/o: 2 from (4096, 4096), 1.81 from (8192, 28672)
+    assert backend(40, 8192, 4096) == "triton"    # 1 from (4096, 4096): still near
     assert backend(40, 4096, 4096, name="GPU B") == "triton"  # unknown name, same capability: that table
     assert backend(40, 4096, 4096, name="GPU B", cap=(8, 0)) is None  # no table for this arch: default rule
     assert lookup_tuned(tables, "GPU A", (9, 0), "dx", 40, 4096, 4096) is None  # direction not measured
@@ -1236,9 +1240,10 @@ def test_register_book_tiles_fill_128_of_132_sms_without_padding_m_twice(M, N, K
 
 @pytest.mark.triton
 @requires_triton_runtime
-def test_tuner_measures_candidates_and_its_rows_build_a_table():
+def test_tuner_measures_candidates_and_its_rows_build_a_table(capsys):
     """benchmarks/tune_nf4_matmul.py end to end on one tiny shape (CPU: the interpreter; its times mean
-    nothing, the plumbing does): every candidate runs, and the rows give a table the dispatch can read."""
+    nothing, the plumbing does): every candidate runs, and the rows give a table the dispatch can read. A second
+    shape, due after the time budget is spent (a stand-in clock), is not started."""
     import sys
     from pathlib import Path
 
@@ -1247,7 +1252,11 @@ def test_tuner_measures_candidates_and_its_rows_build_a_table():
     from qpeft.ops.nf4_matmul_dispatch import build_table, lookup_tuned
 
     dtype = torch.bfloat16 if triton_device() == "cuda" else torch.float16
-    rows = tune.measure([(128, 96)], [1, 20], dtype, triton_device(), quick=True)
+    ticks = iter([0.0, 0.0, 600.0])  # the start, before shape 1, before shape 2
+    rows = tune.measure([(128, 96), (256, 64)], [1, 20], dtype, triton_device(), quick=True, budget_s=480,
+                        clock=lambda: next(ticks))
+    assert {(r["K"], r["N"]) for r in rows} == {(128, 96)}
+    assert "shapes [(256, 64)] not measured" in capsys.readouterr().out
     names = {(r["dir"], r["M"], r["candidate"]) for r in rows}
     for direction in ("fwd", "dx"):
         for M in (1, 20):
@@ -1258,6 +1267,23 @@ def test_tuner_measures_candidates_and_its_rows_build_a_table():
     for direction in ("fwd", "dx"):
         plan = lookup_tuned({"T": table}, "T", (9, 0), direction, 20, 96, 128)
         assert plan.backend in ("cuda", "triton")
+
+
+def test_tuner_shapes_and_budget_argument(capsys):
+    """The tuner measures the k/v projection too (the dispatch uses a measured shape only within 2x of the
+    weight's: no bench shape is near (4096, 1024)); its --budget-s must be a positive number of seconds."""
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from benchmarks import tune_nf4_matmul as tune
+
+    assert (4096, 1024) in tune.TUNE_SHAPES and set(tune.GPU_SHAPES) <= set(tune.TUNE_SHAPES)
+    for bad in ("0", "-5", "nan"):
+        with pytest.raises(SystemExit):
+            tune.main(["--budget-s", bad])
+        assert "--budget-s: expected seconds > 0" in capsys.readouterr().err
 
 
 def test_tuner_candidates_include_the_serial_splits():

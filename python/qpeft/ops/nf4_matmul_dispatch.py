@@ -8,8 +8,9 @@ Two sources, in this order:
    more bandwidth). Per measured weight shape (K, N), per direction, it lists M buckets: the fastest backend
    at that M and, when Triton, the fastest of the candidate tile configurations, with the median ms of every
    candidate kept next to the choice (the measurements behind it). A weight of another shape uses the
-   measured shape nearest in log K + log N. Only 16-bit activations are tuned (the benchmark dtype);
-   fp32 activations keep the default rule.
+   measured shape nearest in log K + log N, if K and N together are within 2x of it (`NEAR_SHAPE_LOG2`); a
+   shape further from every measured one keeps the default rule. Only 16-bit activations are tuned (the
+   benchmark dtype); fp32 activations keep the default rule.
 2. The default rule, reasoned and NOT measured (no GPU was available when it was written):
    - fwd, M <= 16: the CUDA decode kernels (csrc/nf4_gemv.cu): one pass over W with 16-byte evict-first loads;
      the tensor-core one dequantizes into mma.sync fragments through a register code book (the static sm_90
@@ -43,6 +44,11 @@ __all__ = ["Plan", "plan", "default_plan", "lookup_tuned", "build_table", "rende
 # (kDecodeMmaMaxM = 64, fp16 / bf16, K % 256 == 0), then the tile GEMM.
 DEFAULT_CUDA_GEMV_MAX_M = 16
 TUNED_DTYPES = (torch.float16, torch.bfloat16)
+# A measured shape stands in for a weight whose |log2 K ratio| + |log2 N ratio| is at most this. A tuned Triton
+# config carries the tiles and the split count measured on its own shape: applied much further away it misleads,
+# e.g. q/o (4096 -> 4096) at M = 256, 128 x 128 x 128 in 2 splits (64 tiles: 128 programs), on k/v (4096 -> 1024)
+# is 16 tiles, 32 programs for 132 SMs, where the default rule plans 128 programs (log distance 2)
+NEAR_SHAPE_LOG2 = 1.0
 
 
 @dataclass(frozen=True)
@@ -78,7 +84,8 @@ def _table_for(tables: dict, name: str, capability: tuple[int, int]) -> tuple[st
 
 def lookup_tuned(tables: dict, name: str, capability: tuple[int, int], direction: str, M: int, N: int,
                  K: int) -> Plan | None:
-    """The measured choice for this problem, or None when no table covers this GPU / direction."""
+    """The measured choice for this problem, or None when no table covers this GPU / direction, or no measured
+    shape is within `NEAR_SHAPE_LOG2` of (K, N)."""
     found = _table_for(tables, name, capability)
     if found is None:
         return None
@@ -86,7 +93,13 @@ def lookup_tuned(tables: dict, name: str, capability: tuple[int, int], direction
     shapes = table.get(direction)
     if not shapes:
         return None
-    near = min(shapes, key=lambda kn: abs(math.log2(kn[0] / K)) + abs(math.log2(kn[1] / N)))
+
+    def distance(kn):
+        return abs(math.log2(kn[0] / K)) + abs(math.log2(kn[1] / N))
+
+    near = min(shapes, key=distance)
+    if distance(near) > NEAR_SHAPE_LOG2:
+        return None
     buckets = shapes[near]
     entry = next((b for b in buckets if M <= b["max_m"]), buckets[-1])
     return Plan(entry["backend"], entry.get("config"), f"tuned:{key} K={near[0]} N={near[1]} M<={entry['max_m']}")
