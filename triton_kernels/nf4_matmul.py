@@ -506,6 +506,9 @@ _WIDE_TILE_MAX_R_PAD = {(256, 128, 64, 16, 4): 64, (256, 64, 128, 16, 3): 32}
 # ... skipped for the next 16-warp tile of the list when that one fills its last wave this much better
 # (programs / (waves x SMs)): one CTA per SM, so a part-empty last wave idles whole SMs
 _WAVE_FILL_GAIN = 0.1
+# The 16-warp tile whose serial split compiles spill-free (forward and dx: the split tiles of M <= 256), which
+# `_split_tail` may split over a last part-filled wave's columns
+_SPLIT_TAIL_TILE = (128, 128, 128, 16, 3)
 # The register code book's tiles count 128 programs on 132 SMs as full (e.g. M = 128, N = 4096: 2 x 64 tiles of
 # 64 x 64), rather than dropping to a tile that re-decodes W for more M tiles.
 _BOOK_FILL = 31 / 32
@@ -577,11 +580,13 @@ def _rank_fits(tile: tuple, r_pad: int) -> bool:
 
 
 def _gemm_tiles(tiles: tuple, M: int, out_cols: int, col_axis: int, device: torch.device,
-                fill: float = 1.0, r_pad: int = 16) -> dict:
+                fill: float = 1.0, r_pad: int = 16, split_tail: tuple | None = None) -> dict:
     """The largest tile that still gives every SM a program and pads M by less than 2x; else the smallest.
     Filling the SMs matters most for M = 17..256, which is still weight-streaming: (128 x 128) tiles at M = 128,
     N = 4096 would be 32 programs for 132 SMs, (32 x 64) gives 256. A 16-warp tile is also skipped above its LoRA
-    rank (`_WIDE_TILE_MAX_R_PAD`) and where the next 16-warp tile fills its last wave better (`_WAVE_FILL_GAIN`)."""
+    rank (`_WIDE_TILE_MAX_R_PAD`) and where the next 16-warp tile fills its last wave better (`_WAVE_FILL_GAIN`).
+    split_tail = (split key, reduction length, reduction axis of the tile): the serial split of a last part-filled
+    wave's columns may apply (`_split_tail`, 16-bit activations with the register code book)."""
     sms = _num_sms(device)
 
     def programs(t):
@@ -609,6 +614,10 @@ def _gemm_tiles(tiles: tuple, M: int, out_cols: int, col_axis: int, device: torc
         lead = _lead_span(passed_over, t, M, out_cols, col_axis, sms)
         if lead is not None:
             cfg["LEAD"] = lead
+    if "LEAD" not in cfg and split_tail is not None and t == _SPLIT_TAIL_TILE:
+        tail = _split_tail(t, M, out_cols, col_axis, split_tail[1] // t[split_tail[2]], sms)
+        if tail is not None:
+            cfg["LEAD"], cfg[split_tail[0]] = tail
     return cfg
 
 
@@ -627,6 +636,30 @@ def _lead_span(big: tuple, small: tuple, M: int, cols: int, col_axis: int, sms: 
     if triton.cdiv(M, small[0]) * triton.cdiv(cols - lead, small[col_axis]) > sms:
         return None
     return lead, big
+
+
+def _split_tail(tile: tuple, M: int, cols: int, col_axis: int, steps: int, sms: int) -> tuple | None:
+    """((lead columns, tile), splits): where `tile` (one CTA per SM) leaves its last wave part-filled, its whole
+    waves over the leading output columns (one launch, unsplit) and the remaining columns' tiles in a second launch
+    whose reduction is split (serially, `_serial_split_store`) so that its programs still fit one wave: the last
+    wave then costs 1 / splits of a tile instead of a whole one. None where that is not at least 1/8 less time in
+    waves, or the reduction has fewer than 2 of the tile's `steps` per split. The static sm_90 model (bf16):
+    Llama-3.2-3B's (3072, 3072) forward and dx at M = 1024, 192 tiles of 128 x 128 (1.45 waves on 132 SMs): 128
+    tiles over the first 2,048 columns, then 64 in 2 splits, 0.73x -> 0.87x bf16 cuBLAS; its down projection
+    (8192 -> 3072) forward and gate/up dx 0.73x -> 0.92x."""
+    m_tiles = triton.cdiv(M, tile[0])
+    col_tiles = triton.cdiv(cols, tile[col_axis])
+    waves = m_tiles * col_tiles // sms
+    lead_tiles = waves * sms // m_tiles       # whole columns of tiles in the whole waves
+    tail_tiles = m_tiles * (col_tiles - lead_tiles)
+    if lead_tiles == 0 or tail_tiles == 0:
+        return None
+    split = max(1, min(MAX_SPLIT_K, sms // tail_tiles, steps // 2))
+    before = triton.cdiv(m_tiles * col_tiles, sms)
+    after = triton.cdiv(m_tiles * lead_tiles, sms) + 1 / split
+    if split < 2 or 8 * after > 7 * before:
+        return None
+    return (lead_tiles * tile[col_axis], tile), split
 
 
 def _wide_split_tile(r_pad: int) -> tuple:
@@ -665,7 +698,9 @@ def _fwd_config(M: int, N: int, K: int, device: torch.device, dtype: torch.dtype
             return cfg
     tiles = _FWD_GEMM_TILES_FP32 if dtype == torch.float32 else \
         (_FWD_GEMM_TILES_BOOK_WIDE if wide else _FWD_GEMM_TILES_BOOK) if register_book else _FWD_GEMM_TILES
-    cfg = dict(_gemm_tiles(tiles, M, N, 1, device, _BOOK_FILL if register_book else 1.0, r_pad), SPLIT_K=1)
+    tail = ("SPLIT_K", K, 2) if register_book and dtype != torch.float32 and aligned else None
+    cfg = _gemm_tiles(tiles, M, N, 1, device, _BOOK_FILL if register_book else 1.0, r_pad, tail)
+    cfg.setdefault("SPLIT_K", 1)
     if not aligned:  # the per-element loader holds more per K step: 16 x 32 x 128 spills 48 B, x 64 does not
         cfg["BLOCK_K"] = min(cfg["BLOCK_K"], 64)
     return cfg
@@ -839,7 +874,8 @@ def _dx_config(M: int, N: int, K: int, device: torch.device, dtype: torch.dtype 
         return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, num_warps=4)
     tiles = _DX_GEMM_TILES_FP32 if dtype == torch.float32 else \
         (_DX_GEMM_TILES_BOOK_WIDE if wide else _DX_GEMM_TILES_BOOK) if register_book else _DX_GEMM_TILES
-    cfg = _gemm_tiles(tiles, M, K, 2, device, _BOOK_FILL if register_book else 1.0, r_pad)
+    tail = ("SPLIT_N", N, 1) if register_book and dtype != torch.float32 and aligned else None
+    cfg = _gemm_tiles(tiles, M, K, 2, device, _BOOK_FILL if register_book else 1.0, r_pad, tail)
     if not aligned:
         cfg["BLOCK_K"] = min(cfg["BLOCK_K"], 64)
         if dtype != torch.float32 and (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]) == (32, 64, 32):
@@ -939,17 +975,19 @@ def nf4_matmul_triton(x2d, packed, absmax, code, blocksize, N, nested_absmax=Non
                                      register_book=fits, wide=wide, r_pad=_r_pad(r)))
     args = (x2d, packed, absmax, code, blocksize, N, nested_absmax, nested_code, offset, bias, lora_xa, lora_B,
             lora_scale, fits)
-    spans = _column_spans(cfg, N, "BLOCK_N", "SPLIT_K")
+    spans = _column_spans(cfg, N, "BLOCK_N", "SPLIT_K", serial=x2d.dtype != torch.float32)
     out = None
     for c0, c1, span_cfg in spans:
         out = _fwd_launch(*args, span_cfg, c0, c1, out)
     return out
 
 
-def _column_spans(cfg: dict, cols: int, block: str, split: str) -> list:
+def _column_spans(cfg: dict, cols: int, block: str, split: str, serial: bool = False) -> list:
     """[(first column, end column, tile config)] of a launcher's launches: one over all `cols` output columns, or
-    with the config's LEAD = (columns, tile) (`_lead_span`) the leading columns as a launch of that tile, unsplit,
-    and the rest with the config. The leading span holds whole tiles of both (no column is computed twice)."""
+    with the config's LEAD = (columns, tile) (`_lead_span`, `_split_tail`) the leading columns as a launch of that
+    tile, unsplit, and the rest with the config. The leading span holds whole tiles of both (no column is computed
+    twice). The rest may be split only where the launcher's split is serial (fp32 partials in a scratch buffer,
+    the output written once by the last split): fp32 activations' forward splits into its fp32 output instead."""
     lead = cfg.pop("LEAD", None)
     if lead is None:
         return [(0, cols, cfg)]
@@ -958,8 +996,9 @@ def _column_spans(cfg: dict, cols: int, block: str, split: str) -> list:
     if not 0 < lead_cols < cols or lead_cols % lead_cfg[block] or lead_cols % cfg[block]:
         raise ValueError(f"config LEAD columns must be in (0, {cols}) and a multiple of both tiles' {block} "
                          f"({lead_cfg[block]}, {cfg[block]}), got {lead_cols}")
-    if cfg.get(split, 1) != 1:
-        raise ValueError(f"config LEAD needs {split}=1 (unsplit column spans), got {split}={cfg[split]}")
+    if cfg.get(split, 1) != 1 and not serial:
+        raise ValueError(f"config LEAD needs {split}=1 here (a split after a leading span must be the serial one "
+                         f"of 16-bit activations), got {split}={cfg[split]}")
     return [(0, lead_cols, lead_cfg), (lead_cols, cols, cfg)]
 
 
@@ -1037,7 +1076,7 @@ def nf4_matmul_dx_triton(dy2d, packed, absmax, code, blocksize, K, nested_absmax
     cfg = dict(config or _dx_config(M, N, K, dy2d.device, dy2d.dtype, aligned=K % blocksize == 0,
                                     register_book=fits, wide=wide, r_pad=_r_pad(r)))
     dx = torch.empty((M, K), dtype=dy2d.dtype, device=dy2d.device)
-    for c0, c1, span_cfg in _column_spans(cfg, K, "BLOCK_K", "SPLIT_N"):
+    for c0, c1, span_cfg in _column_spans(cfg, K, "BLOCK_K", "SPLIT_N", serial=True):
         _dx_launch(dy2d, dx, packed, absmax, code, blocksize, nested_absmax, nested_code, offset, lora_dyb, lora_A,
                    lora_scale, fits, span_cfg, c0, c1)
     return dx

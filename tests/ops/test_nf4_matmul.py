@@ -373,8 +373,27 @@ def test_column_spans_compute_every_column_once(dtype, monkeypatch):
                         ((0, small), "LEAD columns must be in")):
         with pytest.raises(ValueError, match=match):
             tk.nf4_matmul_triton(x, p, a, c, bs, N, na, nc, off, config=dict(tile, LEAD=lead))
-    with pytest.raises(ValueError, match="LEAD needs SPLIT_N=1"):
-        tk.nf4_matmul_dx_triton(dy, p, a, c, bs, K, na, nc, off, config=dict(tile, LEAD=(32, small), SPLIT_N=2))
+    # the rest split (`_split_tail`): serial splits only (dx always; the forward with 16-bit activations), the
+    # same bits on a second call, the counters zero again
+    from qpeft.triton_kernels import _split_counters as sc
+
+    starts.clear()
+    d4, d5 = (tk.nf4_matmul_dx_triton(dy, p, a, c, bs, K, na, nc, off, dyb, lA, 0.5,
+                                      config=dict(tile, LEAD=(64, big), SPLIT_N=2)) for _ in range(2))
+    assert [s[1:] for s in starts] == [(0, 2, 32), (2, 4, 16)] * 2 and torch.equal(d4, d5)
+    assert_close_2x(d4, dy.double() @ W.double() + 0.5 * (dyb.double() @ lA.double()),
+                    dy @ W.to(dtype) + 0.5 * (dyb @ lA), what="dx, split tail")
+    assert all(not buf.any() for buf in sc._BUFFERS.values())
+    split_fwd = dict(tile, LEAD=(32, big), SPLIT_K=3)
+    if dtype == torch.float32:  # its split sums into the fp32 output: not after a leading span
+        with pytest.raises(ValueError, match="LEAD needs SPLIT_K=1 here"):
+            tk.nf4_matmul_triton(x, p, a, c, bs, N, na, nc, off, config=split_fwd)
+    else:
+        y4, y5 = (tk.nf4_matmul_triton(x, p, a, c, bs, N, na, nc, off, b, xa, lB, 0.5, config=dict(split_fwd))
+                  for _ in range(2))
+        assert torch.equal(y4, y5) and all(not buf.any() for buf in sc._BUFFERS.values())
+        assert_close_2x(y4, x.double() @ W.double().t() + b.double() + 0.5 * (xa.double() @ lB.double().t()),
+                        x @ W.to(dtype).t() + b + 0.5 * (xa @ lB.t()), what="forward, split tail")
 
 
 @pytest.mark.triton
@@ -1046,7 +1065,8 @@ def _wide_tiles_by_rank():
     launchers give it (`_WIDE_TILE_MAX_R_PAD`; 256 for the 128-row ones, LoRA rank 256 being the largest PEFT users
     commonly set); the 8-warp 64-row tiles of wide launches (forward split 64 x 128 x 128, 164-193 registers; dx
     unsplit 64 x 256 x 128, 169-214, and 64 x 128 x 128, 125-127), as launched; the tuner's forward split
-    64 x 256 x 128 (213-249 registers) in 2 and 8 splits; the second launch of a wave-rule plan (`_lead_span`):
+    64 x 256 x 128 (213-249 registers) in 2 and 8 splits; the split rest of a `_split_tail` plan (128 x 128 x 128 in
+    2 splits from column tile 16); the second launch of a wave-rule plan (`_lead_span`):
     the 128-row 16-warp tile from column tile 99 (N_TILE_START / K_TILE_START, constexprs: the 8b gate/up forward
     and down dx at M = 1024); and the split tiles in 2 splits (`_serial_split_store` adds the other split's partial
     to its accumulator there: a code path of its own; 64 x 128 x 128 takes 2 splits on q/o at M = 128)."""
@@ -1063,7 +1083,8 @@ def _wide_tiles_by_rank():
                                             ("fwd", k._SPLIT_TILE_WIDE_NARROW_N))
            for r in (16, 32, 64, 128, 256)] \
         + [("fwd", t + (split,), r, 0) for t in _tuner_split_extra() for split in (2, k.MAX_SPLIT_K)
-           for r in (16, 32, 64, 128, 256)]
+           for r in (16, 32, 64, 128, 256)] \
+        + [(d, k._SPLIT_TAIL_TILE + (2,), r, 16) for d in ("fwd", "dx") for r in (16, 256)]
 
 
 @pytest.mark.skipif(TRITON_INTERPRET or not has_triton(), reason="compiles for sm_90 (not under the interpreter)")
@@ -1218,6 +1239,53 @@ def test_wave_rule_plans_launch_whole_waves_of_the_256_row_tile(direction, M, N,
     assert got == [((4, 99, 1), *lead, 0, True, True), ((8, 13, 1), 128, 128, 128, 99, True, True)], got
 
 
+def test_split_tail_splits_a_part_filled_last_wave():
+    """`_split_tail`: 128 x 128 tiles at 1.45 waves (192 on 132 SMs: Llama-3.2-3B's (3072, 3072) at M = 1024, 8b
+    q/o at M = 768) run one whole wave over the leading columns and the rest (64 tiles) in 2 splits; not where the
+    rest cannot split to fit a wave (224 tiles: 96 left), where the waves are whole, or where no whole wave exists,
+    or with fewer than 2 reduction steps per split."""
+    pytest.importorskip("triton")
+    from qpeft.triton_kernels import nf4_matmul as k
+
+    t = k._SPLIT_TAIL_TILE
+    assert k._split_tail(t, 1024, 3072, 1, 3072 // 128, 132) == ((2048, t), 2)   # 8 x 16 tiles, then 8 x 8 split 2
+    assert k._split_tail(t, 768, 4096, 1, 4096 // 128, 132) == ((2816, t), 2)    # 6 x 22, then 6 x 10 split 2
+    assert k._split_tail(t, 1024, 3584, 1, 28, 132) is None    # 8 x 28: 96 tiles left, no split fits one wave
+    assert k._split_tail(t, 1024, 4224, 1, 32, 132) is None    # 8 x 33 = 264: whole waves
+    assert k._split_tail(t, 512, 4096, 1, 32, 132) is None     # 128 tiles: under one wave
+    assert k._split_tail(t, 1024, 3072, 1, 3, 132) is None     # 3 reduction steps: not 2 per split
+    cpu = torch.device("cpu")
+    for config, split in ((k._fwd_config, "SPLIT_K"), (k._dx_config, "SPLIT_N")):
+        cfg = config(1024, 3072, 3072, cpu, register_book=True, wide=True)
+        assert (cfg["LEAD"], cfg[split]) == ((2048, t), 2) and tuple(cfg[n] for n in ("BLOCK_M", "BLOCK_N")) == (
+            128, 128), cfg
+        # the gather loader, fp32 activations and launches without the 16-divisibility keep one launch
+        for kw in (dict(), dict(register_book=True), dict(register_book=True, wide=True, dtype=torch.float32)):
+            assert "LEAD" not in config(1024, 3072, 3072, cpu, **kw), kw
+
+
+def test_split_tail_plans_launch_a_whole_wave_then_the_split_rest():
+    """Llama-3.2-3B's (3072, 3072) forward and dx at M = 1024 (wide launch, LoRA rank 16), recorded, not run: 8 x 16
+    tiles of 128 x 128 x 128 over the first 2,048 columns, then 8 x 8 in 2 serial splits from column tile 16."""
+    pytest.importorskip("triton")
+    from qpeft.triton_kernels import nf4_matmul as k
+    from utils import recorded_triton_launches
+
+    M, N, K = 1024, 3072, 3072
+    packed, state, _ = make_weight(N, K)
+    p, a, c, bs, _, _, na, nc, off = weight_args(packed, state)
+    x, b, dy, (xa, lB, lA) = _inputs(M, N, K, torch.bfloat16, r=16)
+    for direction, start, split in (("fwd", "N_TILE_START", "SPLIT_K"), ("dx", "K_TILE_START", "SPLIT_N")):
+        with recorded_triton_launches() as launches:
+            if direction == "fwd":
+                k.nf4_matmul_triton(x, p, a, c, bs, N, na, nc, off, b, xa, lB, 0.5)
+            else:
+                k.nf4_matmul_dx_triton(dy, p, a, c, bs, K, na, nc, off, dy @ lB, lA, 0.5)
+        got = [(one.grid, one.kwargs["BLOCK_M"], one.kwargs["BLOCK_N"], one.kwargs["BLOCK_K"], one.kwargs[start],
+                one.kwargs[split]) for one in launches]
+        assert got == [((8, 16, 1), 128, 128, 128, 0, 1), ((8, 8, 2), 128, 128, 128, 16, 2)], (direction, got)
+
+
 @pytest.mark.parametrize("M", [257, 1024, 4096])
 @pytest.mark.parametrize("N,K", [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)])
 def test_register_book_tiles_fill_128_of_132_sms_without_padding_m_twice(M, N, K):
@@ -1339,7 +1407,10 @@ def test_register_book_forward_splits_k_to_fill_the_gpu(M, N, K, wide):
     tiles = -(-M // tile[0]) * -(-N // tile[1])
     few = wide and 4 * -(-M // 256) * -(-N // 128) < 132  # 256 x 128 tiles would not reach a quarter of the SMs
     if M > k.SPLIT_MAX_M and not few:  # the GEMM tile lists (the test above)
-        assert split == 1 and tile in k._FWD_GEMM_TILES_BOOK_WIDE + k._FWD_GEMM_TILES_BOOK, cfg
+        assert tile in k._FWD_GEMM_TILES_BOOK_WIDE + k._FWD_GEMM_TILES_BOOK, cfg
+        if split > 1:  # a last part-filled wave's columns split, after whole waves of the same tile (`_split_tail`)
+            assert wide and tile == k._SPLIT_TAIL_TILE and cfg["LEAD"][1] == tile, cfg
+            assert (cfg["LEAD"], split) == k._split_tail(tile, M, N, 1, K // tile[2], 132), cfg
     elif tile == k._FWD_GEMM_TILES_BOOK_WIDE[0]:
         assert wide and M > 128 and split == 1 and 4 * -(-N // 128) >= 3 * 132, cfg
     elif tile in (k._SPLIT_TILE, k._SPLIT_TILE_WIDE, k._SPLIT_TILE_WIDE_NARROW_N, k._SPLIT_TILE_NARROW_N,
