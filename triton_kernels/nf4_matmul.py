@@ -507,7 +507,7 @@ _WIDE_TILE_MAX_R_PAD = {(256, 128, 64, 16, 4): 64, (256, 64, 128, 16, 3): 32}
 # (programs / (waves x SMs)): one CTA per SM, so a part-empty last wave idles whole SMs
 _WAVE_FILL_GAIN = 0.1
 # The 16-warp tile whose serial split compiles spill-free (forward and dx: the split tiles of M <= 256), which
-# `_split_tail` may split over a last part-filled wave's columns
+# `_split_tail` runs, split, over the columns a 16-warp tile's last part-filled wave would cover
 _SPLIT_TAIL_TILE = (128, 128, 128, 16, 3)
 # The register code book's tiles count 128 programs on 132 SMs as full (e.g. M = 128, N = 4096: 2 x 64 tiles of
 # 64 x 64), rather than dropping to a tile that re-decodes W for more M tiles.
@@ -614,10 +614,10 @@ def _gemm_tiles(tiles: tuple, M: int, out_cols: int, col_axis: int, device: torc
         lead = _lead_span(passed_over, t, M, out_cols, col_axis, sms)
         if lead is not None:
             cfg["LEAD"] = lead
-    if "LEAD" not in cfg and split_tail is not None and t == _SPLIT_TAIL_TILE:
-        tail = _split_tail(t, M, out_cols, col_axis, split_tail[1] // t[split_tail[2]], sms)
+    if "LEAD" not in cfg and split_tail is not None and t[3] == 16:
+        tail = _split_tail(t, M, out_cols, col_axis, split_tail[1] // _SPLIT_TAIL_TILE[split_tail[2]], sms)
         if tail is not None:
-            cfg["LEAD"], cfg[split_tail[0]] = tail
+            cfg = dict(tile_config(_SPLIT_TAIL_TILE), LEAD=tail[0], **{split_tail[0]: tail[1]})
     return cfg
 
 
@@ -638,28 +638,32 @@ def _lead_span(big: tuple, small: tuple, M: int, cols: int, col_axis: int, sms: 
     return lead, big
 
 
-def _split_tail(tile: tuple, M: int, cols: int, col_axis: int, steps: int, sms: int) -> tuple | None:
-    """((lead columns, tile), splits): where `tile` (one CTA per SM) leaves its last wave part-filled, its whole
-    waves over the leading output columns (one launch, unsplit) and the remaining columns' tiles in a second launch
-    whose reduction is split (serially, `_serial_split_store`) so that its programs still fit one wave: the last
-    wave then costs 1 / splits of a tile instead of a whole one. None where that is not at least 1/8 less time in
-    waves, or the reduction has fewer than 2 of the tile's `steps` per split. The static sm_90 model (bf16):
+def _split_tail(lead: tuple, M: int, cols: int, col_axis: int, steps: int, sms: int) -> tuple | None:
+    """((lead columns, lead), splits): where the 16-warp tile `lead` (one CTA per SM) leaves its last wave
+    part-filled, its whole waves over the leading output columns (one launch, unsplit) and the remaining columns
+    as `_SPLIT_TAIL_TILE` tiles in a second launch whose reduction (`steps` of that tile) is split serially
+    (`_serial_split_store`) so its programs still fit one wave: the last wave costs a fraction of a tile instead of
+    a whole one. None where that is not at least 1/8 less time in waves (a tail tile's time taken as its share of
+    the lead tile's area), or a split would get fewer than 2 reduction steps. The static sm_90 model (bf16):
     Llama-3.2-3B's (3072, 3072) forward and dx at M = 1024, 192 tiles of 128 x 128 (1.45 waves on 132 SMs): 128
-    tiles over the first 2,048 columns, then 64 in 2 splits, 0.73x -> 0.87x bf16 cuBLAS; its down projection
-    (8192 -> 3072) forward and gate/up dx 0.73x -> 0.92x."""
-    m_tiles = triton.cdiv(M, tile[0])
-    col_tiles = triton.cdiv(cols, tile[col_axis])
-    waves = m_tiles * col_tiles // sms
-    lead_tiles = waves * sms // m_tiles       # whole columns of tiles in the whole waves
-    tail_tiles = m_tiles * (col_tiles - lead_tiles)
-    if lead_tiles == 0 or tail_tiles == 0:
+    over the first 2,048 columns, then 64 in 2 splits, 0.73x -> 0.87x bf16 cuBLAS; Qwen2.5-7B's gate/up
+    (3584 -> 18944) at M = 256, 148 tiles of 256 x 128 (1.12 waves): 132 of them, then 32 tiles of 128 x 128 in 4
+    splits, 0.56x -> 0.98x."""
+    tail = _SPLIT_TAIL_TILE
+    m_tiles = triton.cdiv(M, lead[0])
+    col_tiles = triton.cdiv(cols, lead[col_axis])
+    lead_col_tiles = m_tiles * col_tiles // sms * sms // m_tiles  # whole columns of tiles in the whole waves
+    lead_cols = lead_col_tiles * lead[col_axis]
+    if lead_col_tiles == 0 or lead_cols >= cols or lead_cols % tail[col_axis]:
         return None
+    tail_tiles = triton.cdiv(M, tail[0]) * triton.cdiv(cols - lead_cols, tail[col_axis])
     split = max(1, min(MAX_SPLIT_K, sms // tail_tiles, steps // 2))
+    share = tail[0] * tail[col_axis] / (lead[0] * lead[col_axis])
     before = triton.cdiv(m_tiles * col_tiles, sms)
-    after = triton.cdiv(m_tiles * lead_tiles, sms) + 1 / split
+    after = triton.cdiv(m_tiles * lead_col_tiles, sms) + share * triton.cdiv(tail_tiles * split, sms) / split
     if split < 2 or 8 * after > 7 * before:
         return None
-    return (lead_tiles * tile[col_axis], tile), split
+    return (lead_cols, lead), split
 
 
 def _wide_split_tile(r_pad: int) -> tuple:
@@ -745,8 +749,13 @@ def _split_k_config(M: int, N: int, K: int, device: torch.device, wide: bool, r_
         return None
     if wide and M > 128 and 4 * triton.cdiv(N, big[1]) >= 3 * sms:
         # N alone fills 3/4 of the SMs with the 16-warp 256 x 128 tile (which spills when split): 8b gate/up
-        # (4096, 14336) M = 256: 0.81x, where the fill rule's 128 x 128 x 64 gets 0.39x
-        return dict(tile_config(_wide_split_tile(r_pad)), SPLIT_K=1)
+        # (4096, 14336) M = 256: 0.81x, where the fill rule's 128 x 128 x 64 gets 0.39x; past one wave, the rest
+        # of its columns split (`_split_tail`)
+        lead = _wide_split_tile(r_pad)
+        tail = _split_tail(lead, M, N, 1, K // _SPLIT_TAIL_TILE[2], sms)
+        if tail is not None:
+            return dict(tile_config(_SPLIT_TAIL_TILE), LEAD=tail[0], SPLIT_K=tail[1])
+        return dict(tile_config(lead), SPLIT_K=1)
     if M > 64:
         tile = _SPLIT_TILE_WIDE if wide else _SPLIT_TILE
         narrow = _SPLIT_TILE_WIDE_NARROW_N
@@ -763,6 +772,11 @@ def _split_k_config(M: int, N: int, K: int, device: torch.device, wide: bool, r_
     split = _split_count(programs, triton.cdiv(M, tile[0]) * triton.cdiv(N, tile[1]), K // tile[2])
     if split == 1 and not (M <= 64 or wide):
         return None
+    if split == 1 and tile == _SPLIT_TAIL_TILE:  # more tiles than SMs: a part-filled last wave, its columns split
+        # (Qwen3-8B's gate/up, 4096 -> 12288, at M = 256: 192 tiles, 0.73x -> 0.93x in the static sm_90 model)
+        tail = _split_tail(tile, M, N, 1, K // tile[2], sms)
+        if tail is not None:
+            return dict(tile_config(tile), LEAD=tail[0], SPLIT_K=tail[1])
     return fwd_split_config(tile, split)
 
 
@@ -835,6 +849,10 @@ def _dx_split_config(M: int, N: int, K: int, device: torch.device, wide: bool) -
             triton.cdiv(M, narrow[0]) * triton.cdiv(K, narrow[2]) >= int(sms * _BOOK_FILL):
         # the partials would reach 4x the weight's bytes, and 64-row tiles fill the SMs without a split
         return dict(tile_config(narrow), SPLIT_N=1)
+    if split == 1 and tile == _SPLIT_TAIL_TILE:  # more tiles than SMs: a part-filled last wave, its columns split
+        tail = _split_tail(tile, M, K, 2, N // tile[1], sms)
+        if tail is not None:
+            return dict(tile_config(tile), LEAD=tail[0], SPLIT_N=tail[1])
     return dict(tile_config(tile), SPLIT_N=split)
 
 
@@ -1032,7 +1050,7 @@ def _fwd_launch(x2d, packed, absmax, code, blocksize, N, nested_absmax, nested_c
             out = torch.empty((M, N), dtype=x2d.dtype, device=x2d.device)
         if serial:  # 16-bit output: `_nf4_matmul_kernel`'s SERIAL_SPLIT (deterministic, no second kernel)
             ws, counters = _split_scratch(split, M, N, triton.cdiv(M, cfg["BLOCK_M"]) * n_tiles, x2d.device)
-    else:  # one span (`_column_spans`: LEAD launches are unsplit)
+    else:  # one span (`_column_spans`: only a serial split follows a leading span)
         out = torch.zeros((M, N), dtype=torch.float32, device=x2d.device) if atomic else \
             torch.empty((split, M, N), dtype=torch.float32, device=x2d.device)
     nested = nested_absmax is not None

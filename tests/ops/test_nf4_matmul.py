@@ -1066,7 +1066,7 @@ def _wide_tiles_by_rank():
     commonly set); the 8-warp 64-row tiles of wide launches (forward split 64 x 128 x 128, 164-193 registers; dx
     unsplit 64 x 256 x 128, 169-214, and 64 x 128 x 128, 125-127), as launched; the tuner's forward split
     64 x 256 x 128 (213-249 registers) in 2 and 8 splits; the split rest of a `_split_tail` plan (128 x 128 x 128 in
-    2 splits from column tile 16); the second launch of a wave-rule plan (`_lead_span`):
+    2 splits from column tile 16, in 4 from 132); the second launch of a wave-rule plan (`_lead_span`):
     the 128-row 16-warp tile from column tile 99 (N_TILE_START / K_TILE_START, constexprs: the 8b gate/up forward
     and down dx at M = 1024); and the split tiles in 2 splits (`_serial_split_store` adds the other split's partial
     to its accumulator there: a code path of its own; 64 x 128 x 128 takes 2 splits on q/o at M = 128)."""
@@ -1084,7 +1084,8 @@ def _wide_tiles_by_rank():
            for r in (16, 32, 64, 128, 256)] \
         + [("fwd", t + (split,), r, 0) for t in _tuner_split_extra() for split in (2, k.MAX_SPLIT_K)
            for r in (16, 32, 64, 128, 256)] \
-        + [(d, k._SPLIT_TAIL_TILE + (2,), r, 16) for d in ("fwd", "dx") for r in (16, 256)]
+        + [(d, k._SPLIT_TAIL_TILE + (2,), r, 16) for d in ("fwd", "dx") for r in (16, 256)] \
+        + [(d, k._SPLIT_TAIL_TILE + (4,), r, 132) for d in ("fwd", "dx") for r in (16, 256)]
 
 
 @pytest.mark.skipif(TRITON_INTERPRET or not has_triton(), reason="compiles for sm_90 (not under the interpreter)")
@@ -1241,13 +1242,26 @@ def test_wave_rule_plans_launch_whole_waves_of_the_256_row_tile(direction, M, N,
 
 def test_split_tail_splits_a_part_filled_last_wave():
     """`_split_tail`: 128 x 128 tiles at 1.45 waves (192 on 132 SMs: Llama-3.2-3B's (3072, 3072) at M = 1024, 8b
-    q/o at M = 768) run one whole wave over the leading columns and the rest (64 tiles) in 2 splits; not where the
-    rest cannot split to fit a wave (224 tiles: 96 left), where the waves are whole, or where no whole wave exists,
-    or with fewer than 2 reduction steps per split."""
+    q/o at M = 768) run one whole wave over the leading columns and the rest (64 tiles) in 2 splits; 256 x 128 tiles
+    at 1.12 waves (Qwen2.5-7B's gate/up, 18944 columns, at M = 256: 148 tiles) one wave of them, then the last 2,048
+    columns as 32 tiles of 128 x 128 in 4 splits; not where the rest cannot split to fit a wave (224 tiles: 96
+    left), where the waves are whole, where no whole wave exists, or with fewer than 2 reduction steps per split."""
     pytest.importorskip("triton")
     from qpeft.triton_kernels import nf4_matmul as k
 
     t = k._SPLIT_TAIL_TILE
+    big = k._FWD_GEMM_TILES_BOOK_WIDE[0]
+    assert k._split_tail(big, 256, 18944, 1, 3584 // 128, 132) == ((132 * 128, big), 4)
+    assert k._split_tail(big, 256, 28672, 1, 8192 // 128, 132) is None  # 70b gate/up: 92 of 224 left, 184 tiles
+    assert k._split_tail(big, 256, 14336, 1, 4096 // 128, 132) is None  # 8b gate/up: 112 tiles, no whole wave
+    cfg = k._fwd_config(256, 18944, 3584, torch.device("cpu"), register_book=True, wide=True)
+    assert (cfg["LEAD"], cfg["SPLIT_K"], cfg["BLOCK_M"]) == ((16896, big), 4, 128), cfg
+    # M = 65..256, where the 128-row split tile has more tiles than SMs unsplit: Qwen3-8B's gate/up forward (192
+    # tiles) and the 70b down projection's dx (28672 dx columns: 448 tiles, 3.39 waves)
+    cfg = k._fwd_config(256, 12288, 4096, torch.device("cpu"), register_book=True, wide=True)
+    assert (cfg["LEAD"], cfg["SPLIT_K"]) == ((66 * 128, t), 2), cfg
+    cfg = k._dx_config(256, 8192, 28672, torch.device("cpu"), register_book=True, wide=True)
+    assert (cfg["LEAD"], cfg["SPLIT_N"]) == ((198 * 128, t), 2), cfg
     assert k._split_tail(t, 1024, 3072, 1, 3072 // 128, 132) == ((2048, t), 2)   # 8 x 16 tiles, then 8 x 8 split 2
     assert k._split_tail(t, 768, 4096, 1, 4096 // 128, 132) == ((2816, t), 2)    # 6 x 22, then 6 x 10 split 2
     assert k._split_tail(t, 1024, 3584, 1, 28, 132) is None    # 8 x 28: 96 tiles left, no split fits one wave
@@ -1408,9 +1422,10 @@ def test_register_book_forward_splits_k_to_fill_the_gpu(M, N, K, wide):
     few = wide and 4 * -(-M // 256) * -(-N // 128) < 132  # 256 x 128 tiles would not reach a quarter of the SMs
     if M > k.SPLIT_MAX_M and not few:  # the GEMM tile lists (the test above)
         assert tile in k._FWD_GEMM_TILES_BOOK_WIDE + k._FWD_GEMM_TILES_BOOK, cfg
-        if split > 1:  # a last part-filled wave's columns split, after whole waves of the same tile (`_split_tail`)
-            assert wide and tile == k._SPLIT_TAIL_TILE and cfg["LEAD"][1] == tile, cfg
-            assert (cfg["LEAD"], split) == k._split_tail(tile, M, N, 1, K // tile[2], 132), cfg
+        if split > 1:  # a last part-filled wave's columns split, after whole waves of a 16-warp tile (`_split_tail`)
+            lead = cfg["LEAD"][1]
+            assert wide and tile == k._SPLIT_TAIL_TILE and lead in k._FWD_GEMM_TILES_BOOK_WIDE, cfg
+            assert (cfg["LEAD"], split) == k._split_tail(lead, M, N, 1, K // tile[2], 132), cfg
     elif tile == k._FWD_GEMM_TILES_BOOK_WIDE[0]:
         assert wide and M > 128 and split == 1 and 4 * -(-N // 128) >= 3 * 132, cfg
     elif tile in (k._SPLIT_TILE, k._SPLIT_TILE_WIDE, k._SPLIT_TILE_WIDE_NARROW_N, k._SPLIT_TILE_NARROW_N,
@@ -1483,6 +1498,10 @@ def test_register_book_dx_splits_n_to_fill_the_gpu(M, N, K, wide):
     cfg = k._dx_config(M, N, K, cpu, register_book=True, wide=wide)
     tile = (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_warps"], cfg.get("num_stages"))
     split = cfg["SPLIT_N"]
+    if "LEAD" in cfg:  # more 128-row tiles than SMs unsplit: whole waves, then the rest split (`_split_tail`)
+        assert wide and tile == k._SPLIT_TAIL_TILE and split > 1, cfg
+        assert (cfg["LEAD"], split) == k._split_tail(tile, M, K, 2, N // 128, 132), cfg
+        return
     if tile == k._DX_DECODE_TILE_BOOK:
         assert M <= 16 and split == 1 and -(-K // 32) >= 3 * 132, cfg
         return
