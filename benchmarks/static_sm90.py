@@ -129,6 +129,17 @@ SHAPES = {
     "8b": [("q/o", 4096, 4096), ("k/v", 4096, 1024), ("gate/up", 4096, 14336), ("down", 14336, 4096)],
     "70b": [("q/o", 8192, 8192), ("k/v", 8192, 1024), ("gate/up", 8192, 28672), ("down", 28672, 8192)],
 }
+# ... and other models users fine-tune, outside issue 27's Llama-3 table and outside "all": `--shapes others`
+# (results tagged others-triton<version>). Their widths are not multiples of 4096, so waves of 128-column tiles
+# fill the 132 SMs differently (Llama-3.2-3B's 3072: 192 tiles of 128 x 128 at M = 1024, 1.45 waves)
+OTHER_SHAPES = {
+    "qwen2.5-7b": [("q/o", 3584, 3584), ("k/v", 3584, 512), ("gate/up", 3584, 18944), ("down", 18944, 3584)],
+    "qwen3-8b": [("q/o", 4096, 4096), ("k/v", 4096, 1024), ("gate/up", 4096, 12288), ("down", 12288, 4096)],
+    "gemma2-9b": [("q", 3584, 4096), ("o", 4096, 3584), ("k/v", 3584, 2048), ("gate/up", 3584, 14336),
+                  ("down", 14336, 3584)],
+    "llama3.2-3b": [("q/o", 3072, 3072), ("k/v", 3072, 1024), ("gate/up", 3072, 8192), ("down", 8192, 3072)],
+    "llama3.2-1b": [("q/o", 2048, 2048), ("k/v", 2048, 512), ("gate/up", 2048, 8192), ("down", 8192, 2048)],
+}
 MS = [1, 4, 8, 16, 17, 64, 128, 256, 1024, 4096]
 
 
@@ -538,8 +549,8 @@ def paths_for(direction: str, M: int, N: int, K: int, which: str) -> list[tuple[
 
 def run(shapes: str = "all", which: str = "all", ms=MS, directions=("fwd", "dx"), verbose=True) -> list[dict]:
     rows = []
-    for model, layers in SHAPES.items():
-        if shapes not in ("all", model):
+    for model, layers in (OTHER_SHAPES if shapes == "others" else SHAPES).items():
+        if shapes not in ("all", "others", model):
             continue
         for layer, K, N in layers:
             for direction in directions:
@@ -734,7 +745,9 @@ def _target_at_ceiling(row: dict) -> bool:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shapes", default="all", choices=["all", "8b", "70b"])
+    ap.add_argument("--shapes", default="all", choices=["all", "8b", "70b", "others"],
+                    help="all: Llama-3 8B and 70B (issue 27's table); others: Qwen2.5-7B, Qwen3-8B, Gemma-2-9B, "
+                         "Llama-3.2-3B / 1B (results tagged others-triton<version>)")
     ap.add_argument("--paths", default="all", choices=["all", "dispatched"])
     ap.add_argument("--ms", default=",".join(map(str, MS)))
     ap.add_argument("--directions", default="fwd,dx")
@@ -775,7 +788,7 @@ def main(argv=None) -> int:
             raise SystemExit("--l2-bandwidth: give --tag as well (the default results file is the 6.5 TB/s model's)")
         set_l2_bandwidth(args.l2_bandwidth * 1e12)
     rows = run(args.shapes, args.paths, [int(m) for m in args.ms.split(",")], tuple(args.directions.split(",")))
-    tag = args.tag or f"triton{triton_version()}"
+    tag = args.tag or f"{'others-' if args.shapes == 'others' else ''}triton{triton_version()}"
     for p in write(rows, Path(args.out), tag):
         print(f"wrote {p}")
     return 0

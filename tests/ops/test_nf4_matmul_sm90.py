@@ -619,3 +619,28 @@ def test_measure_static_cases_rows_calibrate_the_model(tmp_path):
     for g, r in zip(got, rows):  # the CPU timings themselves are noise: only that they are carried through
         assert float(g["measured_us"]) == round(r.get("qpeft_graph_ms", r["qpeft_ms"]) * 1e3, 3)
         assert float(g["measured"]) >= 0 and float(g["predicted"]) == 0.5
+
+
+def test_static_model_other_models_run_apart_from_the_llama3_table(monkeypatch, tmp_path):
+    """`--shapes others` models the other models' layers (Qwen2.5-7B, Qwen3-8B, Gemma-2-9B, Llama-3.2-3B / 1B), which
+    "all" (issue 27's Llama-3 8B / 70B table) leaves out, and tags their results apart (others-triton<version>).
+    The paths and their evaluation are stand-ins: this checks which problems run and where they are written."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from benchmarks import static_sm90 as s
+    from benchmarks.sm90_compile import triton_version
+
+    monkeypatch.setattr(s, "paths_for", lambda d, M, N, K, which: [("triton", True, lambda: None)])
+    monkeypatch.setattr(s, "evaluate", lambda name, launches, d, M, N, K: dict(
+        K=K, N=N, M=M, instr_per_weight=1.0, issue_ceiling=1.0, latency_ceiling=1.0, predicted=1.0, metric="x"))
+    others = s.run("others", "dispatched", [17], ("fwd",), verbose=False)
+    assert {(r["model"], r["layer"], r["K"], r["N"]) for r in others} == {
+        (m, layer, K, N) for m, layers in s.OTHER_SHAPES.items() for layer, K, N in layers}
+    assert ("llama3.2-3b", "q/o", 3072, 3072) in {(r["model"], r["layer"], r["K"], r["N"]) for r in others}
+    assert {r["model"] for r in s.run("all", "dispatched", [17], ("fwd",), verbose=False)} == {"8b", "70b"}
+    written = []
+    monkeypatch.setattr(s, "write", lambda rows, out, tag: written.append((len(rows), tag)) or ())
+    s.main(["--shapes", "others", "--ms", "17", "--directions", "fwd", "--out", str(tmp_path)])
+    assert written == [(len(others), f"others-triton{triton_version()}")]
