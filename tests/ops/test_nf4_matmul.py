@@ -465,6 +465,46 @@ def test_triton_default_split_plans_on_the_gpu(dtype, M, K, N, r, monkeypatch):
 @requires_cuda
 @pytest.mark.triton
 @requires_triton_runtime
+@pytest.mark.parametrize("M,N,K", [(1024, 3072, 3072), (1000, 3072, 3072), (256, 18944, 3584), (256, 12288, 4096)])
+def test_triton_split_tail_plans_on_the_gpu(M, N, K, monkeypatch):
+    """On a GPU, the launchers' `_split_tail` plans (wide launch: LoRA rank 16): whole waves of a 16-warp tile over
+    the leading columns, then the rest as 128 x 128 x 128 in serial splits from a later column tile (Llama-3.2-3B's
+    (3072, 3072) at M = 1024 forward and dx, M = 1000 padding the last M tile; Qwen2.5-7B's gate/up forward at
+    M = 256 behind 256 x 128 tiles; Qwen3-8B's at M = 256). 2x rule with bias and LoRA, the same bits on a second
+    call, the split counters zero again. The plan follows the GPU's SM count; the test asks that one exists."""
+    import qpeft.triton_kernels.nf4_matmul as tk
+    from qpeft.triton_kernels import _split_counters as sc
+
+    dtype = torch.bfloat16
+    packed, state, W = make_weight(N, K, "nf4", 64, True, device="cuda")
+    p, a, c, bs, _, _, na, nc, off = weight_args(packed, state)
+    x, b, dy, (xa, lB, lA) = _inputs(M, N, K, dtype, device="cuda", r=16)
+    leads = [f(M, N, K, x.device, register_book=True, wide=True) for f in (tk._fwd_config, tk._dx_config)]
+    if not any("LEAD" in cfg for cfg in leads):
+        pytest.skip(f"no split-rest plan for ({M}, {N}, {K}) on {tk._num_sms(x.device)} SMs")
+    starts = []
+    for kern, key, split in ((tk._nf4_matmul_kernel, "N_TILE_START", "SPLIT_K"),
+                             (tk._nf4_matmul_dx_kernel, "K_TILE_START", "SPLIT_N")):
+        real_run = kern.run
+        monkeypatch.setattr(kern, "run", lambda *args, _r=real_run, _k=key, _s=split, **kw: starts.append(
+            (kw[_k], kw[_s])) or _r(*args, **kw))
+    dyb = dy @ lB
+    y1, y2 = (tk.nf4_matmul_triton(x, p, a, c, bs, N, na, nc, off, b, xa, lB, 0.5) for _ in range(2))
+    d1, d2 = (tk.nf4_matmul_dx_triton(dy, p, a, c, bs, K, na, nc, off, dyb, lA, 0.5) for _ in range(2))
+    torch.cuda.synchronize()
+    assert len(starts) == 2 * sum(2 if "LEAD" in cfg else 1 for cfg in leads), starts
+    assert any(start > 0 and split > 1 for start, split in starts), starts  # a split rest after a leading span
+    assert torch.equal(y1, y2) and torch.equal(d1, d2)
+    assert all(not buf.any() for buf in sc._BUFFERS.values())
+    assert_close_2x(y1, x.double() @ W.double().t() + b.double() + 0.5 * (xa.double() @ lB.double().t()),
+                    x @ W.to(dtype).t() + b + 0.5 * (xa @ lB.t()), what="forward")
+    assert_close_2x(d1, dy.double() @ W.double() + 0.5 * (dyb.double() @ lA.double()),
+                    dy @ W.to(dtype) + 0.5 * (dyb @ lA), what="dx")
+
+
+@requires_cuda
+@pytest.mark.triton
+@requires_triton_runtime
 @pytest.mark.parametrize("M,N,K", [(1024, 4096, 4096), (1024, 14336, 4096), (1000, 1024, 4096), (1024, 512, 14336)])
 def test_triton_wide_gemm_plans_on_the_gpu(M, N, K, monkeypatch):
     """On a GPU, the launchers' own 16-warp plans above M = 256 (wide launch: LoRA rank 16, 16-divisible strides):
