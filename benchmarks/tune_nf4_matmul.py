@@ -95,7 +95,8 @@ def triton_candidates(direction: str, M: int, quick: bool) -> list[dict]:
         configs += [k.fwd_split_config(t, split) if direction == "fwd" else dict(k.tile_config(t), SPLIT_N=split)
                     for t in split_tiles if t[0] == 16 or t[0] < 2 * M for split in _SPLITS]
         if direction == "dx":  # ... and unsplit, dx's 64-row tiles for narrow reductions (`_dx_narrow_tile`)
-            configs += [dict(k.tile_config(t), SPLIT_N=1) for t in split_tiles[-2:] if t[0] < 2 * M]
+            configs += [dict(k.tile_config(t), SPLIT_N=1)
+                        for t in (k._DX_SPLIT_TILE_WIDE_NARROW_N, k._DX_SPLIT_TILE_WIDE_NARROW_N_SHORT) if t[0] < 2 * M]
     if quick:
         configs = configs[:2]
     return configs

@@ -580,13 +580,13 @@ def _rank_fits(tile: tuple, r_pad: int) -> bool:
 
 
 def _gemm_tiles(tiles: tuple, M: int, out_cols: int, col_axis: int, device: torch.device,
-                fill: float = 1.0, r_pad: int = 16, split_tail: tuple | None = None) -> dict:
+                fill: float = 1.0, r_pad: int = 16, reduce_len: int | None = None) -> dict:
     """The largest tile that still gives every SM a program and pads M by less than 2x; else the smallest.
     Filling the SMs matters most for M = 17..256, which is still weight-streaming: (128 x 128) tiles at M = 128,
     N = 4096 would be 32 programs for 132 SMs, (32 x 64) gives 256. A 16-warp tile is also skipped above its LoRA
     rank (`_WIDE_TILE_MAX_R_PAD`) and where the next 16-warp tile fills its last wave better (`_WAVE_FILL_GAIN`).
-    split_tail = (split key, reduction length, reduction axis of the tile): the serial split of a last part-filled
-    wave's columns may apply (`_split_tail`, 16-bit activations with the register code book)."""
+    reduce_len (K forward, N dx): the serial split of a last part-filled wave's columns may apply
+    (`_split_tail_config`; given for 16-bit activations with the register code book)."""
     sms = _num_sms(device)
 
     def programs(t):
@@ -614,10 +614,8 @@ def _gemm_tiles(tiles: tuple, M: int, out_cols: int, col_axis: int, device: torc
         lead = _lead_span(passed_over, t, M, out_cols, col_axis, sms)
         if lead is not None:
             cfg["LEAD"] = lead
-    if "LEAD" not in cfg and split_tail is not None and t[3] == 16:
-        tail = _split_tail(t, M, out_cols, col_axis, split_tail[1] // _SPLIT_TAIL_TILE[split_tail[2]], sms)
-        if tail is not None:
-            cfg = dict(tile_config(_SPLIT_TAIL_TILE), LEAD=tail[0], **{split_tail[0]: tail[1]})
+    if "LEAD" not in cfg and reduce_len is not None and t[3] == 16:
+        cfg = _split_tail_config(t, M, out_cols, col_axis, reduce_len, sms) or cfg
     return cfg
 
 
@@ -666,6 +664,15 @@ def _split_tail(lead: tuple, M: int, cols: int, col_axis: int, steps: int, sms: 
     return (lead_cols, lead), split
 
 
+def _split_tail_config(lead: tuple, M: int, cols: int, col_axis: int, reduce_len: int, sms: int) -> dict | None:
+    """`_split_tail`'s plan as a launch config (the rest's tile, split over the reduction of `reduce_len`, behind
+    LEAD = (columns, lead)), or None. The forward's output columns are its tiles' axis 1 and its reduction axis 2
+    (SPLIT_K); dx's columns axis 2 and its reduction axis 1 (SPLIT_N)."""
+    reduce_axis, key = (2, "SPLIT_K") if col_axis == 1 else (1, "SPLIT_N")
+    tail = _split_tail(lead, M, cols, col_axis, reduce_len // _SPLIT_TAIL_TILE[reduce_axis], sms)
+    return None if tail is None else dict(tile_config(_SPLIT_TAIL_TILE), LEAD=tail[0], **{key: tail[1]})
+
+
 def _wide_split_tile(r_pad: int) -> tuple:
     """The unsplit 16-warp tile `_split_k_config` takes where N alone fills the SMs: the 256-row one within its
     LoRA rank, else 128 x 128 x 128."""
@@ -702,8 +709,8 @@ def _fwd_config(M: int, N: int, K: int, device: torch.device, dtype: torch.dtype
             return cfg
     tiles = _FWD_GEMM_TILES_FP32 if dtype == torch.float32 else \
         (_FWD_GEMM_TILES_BOOK_WIDE if wide else _FWD_GEMM_TILES_BOOK) if register_book else _FWD_GEMM_TILES
-    tail = ("SPLIT_K", K, 2) if register_book and dtype != torch.float32 and aligned else None
-    cfg = _gemm_tiles(tiles, M, N, 1, device, _BOOK_FILL if register_book else 1.0, r_pad, tail)
+    reduce_len = K if register_book and dtype != torch.float32 and aligned else None  # `_split_tail_config`
+    cfg = _gemm_tiles(tiles, M, N, 1, device, _BOOK_FILL if register_book else 1.0, r_pad, reduce_len)
     cfg.setdefault("SPLIT_K", 1)
     if not aligned:  # the per-element loader holds more per K step: 16 x 32 x 128 spills 48 B, x 64 does not
         cfg["BLOCK_K"] = min(cfg["BLOCK_K"], 64)
@@ -752,10 +759,7 @@ def _split_k_config(M: int, N: int, K: int, device: torch.device, wide: bool, r_
         # (4096, 14336) M = 256: 0.81x, where the fill rule's 128 x 128 x 64 gets 0.39x; past one wave, the rest
         # of its columns split (`_split_tail`)
         lead = _wide_split_tile(r_pad)
-        tail = _split_tail(lead, M, N, 1, K // _SPLIT_TAIL_TILE[2], sms)
-        if tail is not None:
-            return dict(tile_config(_SPLIT_TAIL_TILE), LEAD=tail[0], SPLIT_K=tail[1])
-        return dict(tile_config(lead), SPLIT_K=1)
+        return _split_tail_config(lead, M, N, 1, K, sms) or dict(tile_config(lead), SPLIT_K=1)
     if M > 64:
         tile = _SPLIT_TILE_WIDE if wide else _SPLIT_TILE
         narrow = _SPLIT_TILE_WIDE_NARROW_N
@@ -773,10 +777,10 @@ def _split_k_config(M: int, N: int, K: int, device: torch.device, wide: bool, r_
     if split == 1 and not (M <= 64 or wide):
         return None
     if split == 1 and tile == _SPLIT_TAIL_TILE:  # more tiles than SMs: a part-filled last wave, its columns split
-        # (Qwen3-8B's gate/up, 4096 -> 12288, at M = 256: 192 tiles, 0.73x -> 0.93x in the static sm_90 model)
-        tail = _split_tail(tile, M, N, 1, K // tile[2], sms)
+        # (Qwen3-8B's gate/up, 4096 -> 12288, at M = 256: 192 tiles, 0.73x -> 0.89x in the static sm_90 model)
+        tail = _split_tail_config(tile, M, N, 1, K, sms)
         if tail is not None:
-            return dict(tile_config(tile), LEAD=tail[0], SPLIT_K=tail[1])
+            return tail
     return fwd_split_config(tile, split)
 
 
@@ -850,9 +854,9 @@ def _dx_split_config(M: int, N: int, K: int, device: torch.device, wide: bool) -
         # the partials would reach 4x the weight's bytes, and 64-row tiles fill the SMs without a split
         return dict(tile_config(narrow), SPLIT_N=1)
     if split == 1 and tile == _SPLIT_TAIL_TILE:  # more tiles than SMs: a part-filled last wave, its columns split
-        tail = _split_tail(tile, M, K, 2, N // tile[1], sms)
+        tail = _split_tail_config(tile, M, K, 2, N, sms)
         if tail is not None:
-            return dict(tile_config(tile), LEAD=tail[0], SPLIT_N=tail[1])
+            return tail
     return dict(tile_config(tile), SPLIT_N=split)
 
 
@@ -892,8 +896,8 @@ def _dx_config(M: int, N: int, K: int, device: torch.device, dtype: torch.dtype 
         return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, num_warps=4)
     tiles = _DX_GEMM_TILES_FP32 if dtype == torch.float32 else \
         (_DX_GEMM_TILES_BOOK_WIDE if wide else _DX_GEMM_TILES_BOOK) if register_book else _DX_GEMM_TILES
-    tail = ("SPLIT_N", N, 1) if register_book and dtype != torch.float32 and aligned else None
-    cfg = _gemm_tiles(tiles, M, K, 2, device, _BOOK_FILL if register_book else 1.0, r_pad, tail)
+    reduce_len = N if register_book and dtype != torch.float32 and aligned else None  # `_split_tail_config`
+    cfg = _gemm_tiles(tiles, M, K, 2, device, _BOOK_FILL if register_book else 1.0, r_pad, reduce_len)
     if not aligned:
         cfg["BLOCK_K"] = min(cfg["BLOCK_K"], 64)
         if dtype != torch.float32 and (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]) == (32, 64, 32):
